@@ -1,0 +1,95 @@
+//! The gRPC edge: thin handlers that convert the request, call the Store, and map the result.
+//! No session rule lives here.
+
+pub mod convert;
+pub mod status;
+
+use tonic::{Request, Response, Status};
+
+use crate::store::Store;
+
+/// The generated protobuf types and service stubs.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("sessiond.v1");
+}
+
+/// The encoded descriptor set of the public API, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/sessiond_descriptor.bin"));
+
+/// The `sessiond.v1.SessionStore` service.
+#[derive(Clone)]
+pub struct SessionStoreService {
+    store: Store,
+}
+
+impl SessionStoreService {
+    /// Serves `store`.
+    pub fn new(store: Store) -> Self {
+        SessionStoreService { store }
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl pb::session_store_server::SessionStore for SessionStoreService {
+    async fn create(&self, req: Request<pb::CreateRequest>) -> Reply<pb::Session> {
+        let new = convert::new_session(req.into_inner())?;
+        let s = self.store.create(new)?;
+        Ok(Response::new(convert::session(s)))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::Session> {
+        let r = req.into_inner();
+        let s = self.store.get(&r.id, r.peek)?;
+        Ok(Response::new(convert::session(s)))
+    }
+
+    async fn touch(&self, req: Request<pb::TouchRequest>) -> Reply<pb::TouchResponse> {
+        let expires_at = self.store.touch(&req.into_inner().id)?;
+        Ok(Response::new(pb::TouchResponse {
+            expires_at: Some(convert::timestamp(expires_at)),
+        }))
+    }
+
+    async fn update(&self, req: Request<pb::UpdateRequest>) -> Reply<pb::Session> {
+        let mut r = req.into_inner();
+        let id = std::mem::take(&mut r.id);
+        let s = self.store.update(&id, convert::change(r))?;
+        Ok(Response::new(convert::session(s)))
+    }
+
+    async fn regenerate(&self, req: Request<pb::RegenerateRequest>) -> Reply<pb::Session> {
+        let r = req.into_inner();
+        let s = self.store.regenerate(&r.id, convert::rotation(&r))?;
+        Ok(Response::new(convert::session(s)))
+    }
+
+    async fn destroy(&self, req: Request<pb::DestroyRequest>) -> Reply<pb::DestroyResponse> {
+        let existed = self.store.destroy(&req.into_inner().id)?;
+        Ok(Response::new(pb::DestroyResponse { existed }))
+    }
+
+    async fn list_user_sessions(
+        &self,
+        req: Request<pb::ListUserSessionsRequest>,
+    ) -> Reply<pb::ListUserSessionsResponse> {
+        let r = req.into_inner();
+        let sessions = self.store.list_user(&r.user_id, r.include_attributes)?;
+        Ok(Response::new(pb::ListUserSessionsResponse {
+            sessions: sessions.into_iter().map(convert::session).collect(),
+        }))
+    }
+
+    async fn destroy_user_sessions(
+        &self,
+        req: Request<pb::DestroyUserSessionsRequest>,
+    ) -> Reply<pb::DestroyUserSessionsResponse> {
+        let r = req.into_inner();
+        let except = (!r.except_id.is_empty()).then_some(r.except_id.as_str());
+        let destroyed = self.store.destroy_user(&r.user_id, except)?;
+        Ok(Response::new(pb::DestroyUserSessionsResponse { destroyed }))
+    }
+}

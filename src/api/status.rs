@@ -1,0 +1,24 @@
+//! The one mapping from Store errors to gRPC statuses.
+
+use tonic::{Code, Status};
+
+use crate::store::StoreError;
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        let code = match &e {
+            StoreError::BadId(_) | StoreError::Invalid(_) => Code::InvalidArgument,
+            StoreError::NotFound => Code::NotFound,
+            StoreError::VersionMismatch { .. } => Code::Aborted,
+            StoreError::Exhausted { .. } => Code::ResourceExhausted,
+        };
+        // Store messages never hold a session ID or an attribute value, so they are safe to
+        // hand back verbatim.
+        Status::new(code, e.to_string())
+    }
+}
+
+/// A malformed request field the Store never saw (a negative duration, say).
+pub(crate) fn invalid(field: &str, why: &str) -> Status {
+    Status::invalid_argument(format!("{field} {why}"))
+}

@@ -1,0 +1,318 @@
+//! One `Config`, layered: built-in defaults < config file < environment (`SESSIOND_*`) < flags.
+//!
+//! `config/sessiond.toml` lists every setting with its default; a unit test keeps the two in
+//! step. Durations are written the human way (`30m`, `24h`, `500ms`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::{Figment, Provider};
+use serde::{Deserialize, Serialize};
+
+use crate::store::Limits;
+
+/// The config file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "config/sessiond.toml";
+
+/// Prefix of the environment variables that override the file.
+pub const ENV_PREFIX: &str = "SESSIOND_";
+
+/// Every setting of the daemon. Field names are the config-file keys; the environment variable
+/// is the name upper-cased behind `SESSIOND_`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address. Loopback by default: expose it deliberately.
+    pub listen: SocketAddr,
+    /// HTTP listen address for /metrics, /healthz and /readyz.
+    pub admin_listen: SocketAddr,
+    /// Directory for the durable log and snapshots.
+    pub data_dir: PathBuf,
+    /// `text` for people, `json` for log pipelines.
+    pub log_format: LogFormat,
+
+    /// Map shards. More shards mean less lock contention; a power of two.
+    pub shards: usize,
+    /// Idle timeout for sessions created without one.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Absolute timeout for sessions created without one.
+    #[serde(with = "humantime_serde")]
+    pub absolute_timeout: Duration,
+    /// The longest idle timeout a client may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_idle_timeout: Duration,
+    /// The longest absolute timeout a client may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_absolute_timeout: Duration,
+
+    /// Attributes per session.
+    pub max_attributes: usize,
+    /// Bytes in one attribute key.
+    pub max_key_bytes: usize,
+    /// Bytes in one attribute value.
+    pub max_value_bytes: usize,
+    /// Approximate bytes of one whole session, overhead included.
+    pub max_session_bytes: usize,
+    /// Bytes in a user ID.
+    pub max_user_id_bytes: usize,
+    /// Bytes of client info (IP plus user agent) per session.
+    pub max_client_info_bytes: usize,
+    /// Live sessions one user may hold; past it, Create and login Regenerate fail.
+    pub max_sessions_per_user: usize,
+    /// Live sessions in the whole store; the memory bound.
+    pub max_sessions: usize,
+
+    /// Largest gRPC message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+    /// Concurrent HTTP/2 streams (in-flight RPCs) per connection.
+    pub max_concurrent_streams: u32,
+    /// A request that takes longer is cancelled with DEADLINE_EXCEEDED.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings to idle clients.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// A client that does not answer a keepalive ping within this is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+
+    /// How often the reaper wakes to free expired sessions.
+    #[serde(with = "humantime_serde")]
+    pub reaper_interval: Duration,
+    /// Sessions the reaper handles before yielding to requests.
+    pub reaper_batch: usize,
+    /// How long shutdown keeps serving while it reports not-ready, so load balancers stop
+    /// sending traffic first. A second signal skips the wait.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
+    /// How long shutdown waits for in-flight RPCs before it gives up on them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7420)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7421)),
+            data_dir: PathBuf::from("./data"),
+            log_format: LogFormat::Text,
+            shards: 64,
+            idle_timeout: limits.default_idle_timeout,
+            absolute_timeout: limits.default_absolute_timeout,
+            max_idle_timeout: limits.max_idle_timeout,
+            max_absolute_timeout: limits.max_absolute_timeout,
+            max_attributes: limits.max_attributes,
+            max_key_bytes: limits.max_key_bytes,
+            max_value_bytes: limits.max_value_bytes,
+            max_session_bytes: limits.max_session_bytes,
+            max_user_id_bytes: limits.max_user_id_bytes,
+            max_client_info_bytes: limits.max_client_info_bytes,
+            max_sessions_per_user: limits.max_sessions_per_user,
+            max_sessions: limits.max_sessions,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_concurrent_streams: 1024,
+            request_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            reaper_interval: Duration::from_secs(1),
+            reaper_batch: 1000,
+            shutdown_delay: Duration::ZERO,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A setting that failed to load or validate; the message names it.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Loads the layers. `file` is `--config`; without it, [`DEFAULT_CONFIG_FILE`] is read if
+    /// present. `flags` holds the command-line overrides (serialised, `None`s skipped).
+    pub fn load(file: Option<&Path>, flags: impl Serialize) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) if !path.exists() => {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )))
+            }
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None => figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE)),
+        }
+        // Only our own settings: other SESSIOND_* variables (sessionctl's SESSIOND_ADDR) are
+        // not typos in the daemon's config.
+        let known = Self::keys();
+        let env = Env::prefixed(ENV_PREFIX).filter(move |k| known.iter().any(|n| k == n.as_str()));
+        let config: Config = figment
+            .merge(env)
+            .merge(Serialized::defaults(flags))
+            .extract()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The names of all settings.
+    pub fn keys() -> Vec<String> {
+        Serialized::defaults(Config::default())
+            .data()
+            .ok()
+            .and_then(|mut d| d.remove(&figment::Profile::Default))
+            .map(|d| d.into_keys().collect())
+            .unwrap_or_default()
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |setting: &str, why: String| Err(ConfigError(format!("{setting} {why}")));
+        if !self.shards.is_power_of_two() || self.shards > 4096 {
+            return bad(
+                "shards",
+                format!("must be a power of two up to 4096, got {}", self.shards),
+            );
+        }
+        for (name, d) in [
+            ("idle_timeout", self.idle_timeout),
+            ("absolute_timeout", self.absolute_timeout),
+            ("reaper_interval", self.reaper_interval),
+            ("request_timeout", self.request_timeout),
+            ("keepalive_interval", self.keepalive_interval),
+            ("keepalive_timeout", self.keepalive_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(name, "must be longer than zero".into());
+            }
+        }
+        if self.idle_timeout > self.max_idle_timeout {
+            return bad("idle_timeout", "must not exceed max_idle_timeout".into());
+        }
+        if self.absolute_timeout > self.max_absolute_timeout {
+            return bad(
+                "absolute_timeout",
+                "must not exceed max_absolute_timeout".into(),
+            );
+        }
+        for (name, n) in [
+            ("max_attributes", self.max_attributes),
+            ("max_key_bytes", self.max_key_bytes),
+            ("max_value_bytes", self.max_value_bytes),
+            ("max_session_bytes", self.max_session_bytes),
+            ("max_user_id_bytes", self.max_user_id_bytes),
+            ("max_sessions_per_user", self.max_sessions_per_user),
+            ("max_sessions", self.max_sessions),
+            ("max_message_bytes", self.max_message_bytes),
+            ("reaper_batch", self.reaper_batch),
+            (
+                "max_concurrent_streams",
+                self.max_concurrent_streams as usize,
+            ),
+        ] {
+            if n == 0 {
+                return bad(name, "must be at least 1".into());
+            }
+        }
+        if self.max_message_bytes < 1024 {
+            return bad("max_message_bytes", "must be at least 1024".into());
+        }
+        Ok(())
+    }
+
+    /// The Store's share of the settings.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            default_idle_timeout: self.idle_timeout,
+            default_absolute_timeout: self.absolute_timeout,
+            max_idle_timeout: self.max_idle_timeout,
+            max_absolute_timeout: self.max_absolute_timeout,
+            max_attributes: self.max_attributes,
+            max_key_bytes: self.max_key_bytes,
+            max_value_bytes: self.max_value_bytes,
+            max_session_bytes: self.max_session_bytes,
+            max_user_id_bytes: self.max_user_id_bytes,
+            max_client_info_bytes: self.max_client_info_bytes,
+            max_sessions_per_user: self.max_sessions_per_user,
+            max_sessions: self.max_sessions,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Default)]
+    struct NoFlags {}
+
+    #[test]
+    fn shipped_config_file_matches_the_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_FILE);
+        let from_file: Config = Figment::from(Toml::file_exact(&path)).extract().unwrap();
+        assert_eq!(from_file, Config::default());
+        // And it mentions every setting, so it stays the complete reference.
+        let text = std::fs::read_to_string(&path).unwrap();
+        for key in Config::keys() {
+            assert!(
+                text.contains(&format!("\n{key} = ")),
+                "{key} missing from {DEFAULT_CONFIG_FILE}"
+            );
+        }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API, not ours
+    fn layers_override_in_order_and_errors_name_the_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "s.toml",
+                "idle_timeout = \"5m\"\nshards = 16\nmax_attributes = 7",
+            )?;
+            jail.set_env("SESSIOND_SHARDS", "32");
+            jail.set_env("SESSIOND_ADDR", "127.0.0.1:1"); // sessionctl's, ignored here
+            #[derive(Serialize)]
+            struct Flags {
+                max_attributes: usize,
+            }
+            let c = Config::load(Some(Path::new("s.toml")), Flags { max_attributes: 9 }).unwrap();
+            assert_eq!(c.idle_timeout, Duration::from_secs(300));
+            assert_eq!(c.shards, 32);
+            assert_eq!(c.max_attributes, 9);
+
+            jail.set_env("SESSIOND_IDLE_TIMEOUT", "soon");
+            let err = Config::load(Some(Path::new("s.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("SESSIOND_"), "{err}");
+            assert!(err.to_string().contains("IDLE_TIMEOUT"), "{err}");
+
+            jail.set_env("SESSIOND_IDLE_TIMEOUT", "1m");
+            jail.set_env("SESSIOND_SHARDS", "3");
+            let err = Config::load(Some(Path::new("s.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("shards"), "{err}");
+
+            jail.set_env("SESSIOND_SHARDS", "4");
+            jail.create_file("typo.toml", "idel_timeout = \"5m\"")?;
+            let err = Config::load(Some(Path::new("typo.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("idel_timeout"), "{err}");
+
+            let err = Config::load(Some(Path::new("missing.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("missing.toml"), "{err}");
+            Ok(())
+        });
+    }
+}

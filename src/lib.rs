@@ -1,0 +1,23 @@
+//! sessiond: a dedicated session-store daemon.
+//!
+//! # Layout
+//!
+//! - [`session`]: session IDs and session data; pure values and their invariants.
+//! - [`clock`]: the one source of time; tests drive a manual clock instead of sleeping.
+//! - [`store`]: the Store, where every session rule lives: the sharded map, the user index,
+//!   the expiry wheel, the reaper and the event stream.
+//! - [`api`]: the gRPC edge; thin handlers, the proto <-> domain mapping, and the one
+//!   `StoreError -> Status` mapping.
+//! - [`observe`]: every metric name, the Prometheus rendering, the gRPC metrics layer.
+//! - [`admin`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
+//! - [`config`]: one `Config`, layered from defaults, file, environment and flags.
+//! - [`server`]: wiring and the ordered shutdown, shared by `main` and the tests.
+
+pub mod admin;
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod observe;
+pub mod server;
+pub mod session;
+pub mod store;

@@ -1,0 +1,115 @@
+//! `sessiond`: config -> store -> reaper -> servers -> graceful shutdown.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use serde::Serialize;
+use sessiond::clock::Clock;
+use sessiond::config::{Config, LogFormat};
+use sessiond::server::Daemon;
+
+/// The session-store daemon. Every flag overrides the config file and the environment.
+#[derive(Parser, Serialize)]
+#[command(version, about)]
+struct Flags {
+    /// Config file [default: config/sessiond.toml, if it exists]
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// gRPC listen address [env: SESSIOND_LISTEN] [default: 127.0.0.1:7420]
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+    /// Admin HTTP listen address [env: SESSIOND_ADMIN_LISTEN] [default: 127.0.0.1:7421]
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_listen: Option<String>,
+    /// Data directory [env: SESSIOND_DATA_DIR] [default: ./data]
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// Log format [env: SESSIOND_LOG_FORMAT] [default: text]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<LogFormat>,
+    /// Default idle timeout, e.g. 30m [env: SESSIOND_IDLE_TIMEOUT]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_timeout: Option<String>,
+    /// Default absolute timeout, e.g. 24h [env: SESSIOND_ABSOLUTE_TIMEOUT]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    absolute_timeout: Option<String>,
+    /// Map shards, a power of two [env: SESSIOND_SHARDS] [default: 64]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shards: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    let config = match Config::load(flags.config.as_deref(), &flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sessiond: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sessiond: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("sessiond: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let daemon = Daemon::start(config, Clock::system()).await?;
+    let handle = daemon.shutdown_handle();
+    tokio::spawn(async move {
+        // Every SIGINT or SIGTERM is forwarded: the first starts the shutdown, the second
+        // skips the shutdown delay.
+        loop {
+            if shutdown_signal().await.is_err() {
+                tracing::error!("cannot listen for shutdown signals");
+                return;
+            }
+            if handle.send(()).await.is_err() {
+                return;
+            }
+        }
+    });
+    daemon.wait().await
+}
+
+async fn shutdown_signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

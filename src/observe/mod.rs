@@ -1,0 +1,289 @@
+//! Everything an operator watches: every metric name (declared here and nowhere else), the
+//! Prometheus rendering, and the event and reaper hooks that keep the numbers moving.
+//!
+//! Counters are registered once, at start-up, into handles that are plain atomics, so
+//! updating one on the hot path takes no lock and allocates nothing. Gauges that mirror the
+//! Store's own counters (sessions, bytes, users) are read from it at scrape time instead.
+
+pub mod grpc;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::session::Millis;
+use crate::store::events::{EndCause, Event, EventSink};
+use crate::store::reaper::ReaperObserver;
+use crate::store::{Reaped, Store};
+
+/// Metric names, with their help text and unit. The one list: code refers to these consts.
+pub mod names {
+    /// Live sessions in memory.
+    pub const SESSIONS_ACTIVE: &str = "sessiond_sessions_active";
+    /// Sessions created.
+    pub const SESSIONS_CREATED: &str = "sessiond_sessions_created_total";
+    /// Sessions ended by Destroy or DestroyUserSessions.
+    pub const SESSIONS_DESTROYED: &str = "sessiond_sessions_destroyed_total";
+    /// Sessions that reached their deadline.
+    pub const SESSIONS_EXPIRED: &str = "sessiond_sessions_expired_total";
+    /// Sessions moved to a fresh ID.
+    pub const SESSIONS_REGENERATED: &str = "sessiond_sessions_regenerated_total";
+    /// Sessions pushed out to make room.
+    pub const SESSIONS_EVICTED: &str = "sessiond_sessions_evicted_total";
+    /// Sessions updated.
+    pub const SESSIONS_UPDATED: &str = "sessiond_sessions_updated_total";
+    /// How long sessions lived, recorded when they end.
+    pub const SESSION_LIFETIME: &str = "sessiond_session_lifetime_seconds";
+    /// Approximate bytes held by sessions.
+    pub const SESSION_BYTES: &str = "sessiond_session_bytes";
+    /// Users with at least one session.
+    pub const USERS: &str = "sessiond_users_with_sessions";
+    /// gRPC requests by method and status code.
+    pub const GRPC_REQUESTS: &str = "sessiond_grpc_requests_total";
+    /// gRPC request latency by method.
+    pub const GRPC_DURATION: &str = "sessiond_grpc_request_duration_seconds";
+    /// Reaper batches run.
+    pub const REAPER_RUNS: &str = "sessiond_reaper_runs_total";
+    /// How late the oldest due session was when the reaper reached it.
+    pub const REAPER_LAG: &str = "sessiond_reaper_lag_seconds";
+    /// Time one reaper batch took.
+    pub const REAPER_BATCH: &str = "sessiond_reaper_batch_seconds";
+    /// Seconds since start.
+    pub const UPTIME: &str = "sessiond_uptime_seconds";
+    /// Always 1; the labels carry the build.
+    pub const BUILD_INFO: &str = "sessiond_build_info";
+    /// Prefix of the process metrics (RSS, open fds, CPU seconds, ...).
+    pub const PROCESS_PREFIX: &str = "sessiond_";
+}
+
+use names::*;
+
+/// Latency buckets for gRPC requests and reaper batches: 50 µs to 5 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+];
+
+/// Session lifetime buckets: 1 s to 30 days.
+const LIFETIME_BUCKETS: &[f64] = &[
+    1.0,
+    10.0,
+    60.0,
+    300.0,
+    900.0,
+    1800.0,
+    3600.0,
+    4.0 * 3600.0,
+    12.0 * 3600.0,
+    86400.0,
+    7.0 * 86400.0,
+    30.0 * 86400.0,
+];
+
+/// The metrics registry of one daemon. Not global: tests run several daemons in one process.
+#[derive(Clone)]
+pub struct Telemetry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    process: metrics_process::Collector,
+    started: Instant,
+    active: Gauge,
+    bytes: Gauge,
+    users: Gauge,
+    uptime: Gauge,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    /// A fresh registry with every metric described.
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(GRPC_DURATION.into()), LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(REAPER_BATCH.into()), LATENCY_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(SESSION_LIFETIME.into()), LIFETIME_BUCKETS)
+            })
+            .expect("bucket lists are non-empty constants")
+            .build_recorder();
+        let handle = recorder.handle();
+        let process = metrics_process::Collector::new(PROCESS_PREFIX);
+        let (active, bytes, users, uptime) = metrics::with_local_recorder(&recorder, || {
+            describe();
+            process.describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            (
+                metrics::gauge!(SESSIONS_ACTIVE),
+                metrics::gauge!(SESSION_BYTES),
+                metrics::gauge!(USERS),
+                metrics::gauge!(UPTIME),
+            )
+        });
+        Telemetry {
+            inner: Arc::new(Inner {
+                recorder,
+                handle,
+                process,
+                started: Instant::now(),
+                active,
+                bytes,
+                users,
+                uptime,
+            }),
+        }
+    }
+
+    /// Registers metrics inside `f` with this registry (handles outlive the call).
+    pub fn register<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.inner.recorder, f)
+    }
+
+    /// The Prometheus text exposition, with scrape-time gauges refreshed from `store`.
+    pub fn render(&self, store: &Store) -> String {
+        let i = &self.inner;
+        let stats = store.stats();
+        i.active.set(stats.sessions as f64);
+        i.bytes.set(stats.bytes as f64);
+        i.users.set(stats.users as f64);
+        i.uptime.set(i.started.elapsed().as_secs_f64());
+        self.register(|| i.process.collect());
+        i.handle.run_upkeep();
+        i.handle.render()
+    }
+
+    /// The event sink that counts sessions created, ended and regenerated.
+    pub fn session_sink(&self) -> SessionMetrics {
+        self.register(|| SessionMetrics {
+            created: metrics::counter!(SESSIONS_CREATED),
+            updated: metrics::counter!(SESSIONS_UPDATED),
+            destroyed: metrics::counter!(SESSIONS_DESTROYED),
+            expired: metrics::counter!(SESSIONS_EXPIRED),
+            evicted: metrics::counter!(SESSIONS_EVICTED),
+            regenerated: metrics::counter!(SESSIONS_REGENERATED),
+            lifetime: metrics::histogram!(SESSION_LIFETIME),
+        })
+    }
+
+    /// The reaper's observer.
+    pub fn reaper_observer(&self) -> ReaperMetrics {
+        self.register(|| ReaperMetrics {
+            runs: metrics::counter!(REAPER_RUNS),
+            lag: metrics::gauge!(REAPER_LAG),
+            batch: metrics::histogram!(REAPER_BATCH),
+        })
+    }
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        SESSIONS_ACTIVE,
+        "Sessions in memory (refreshed at scrape time)."
+    );
+    describe_counter!(SESSIONS_CREATED, "Sessions created.");
+    describe_counter!(SESSIONS_UPDATED, "Successful Update calls.");
+    describe_counter!(
+        SESSIONS_DESTROYED,
+        "Sessions ended by Destroy or DestroyUserSessions."
+    );
+    describe_counter!(
+        SESSIONS_EXPIRED,
+        "Sessions that reached their idle or absolute deadline."
+    );
+    describe_counter!(SESSIONS_REGENERATED, "Sessions moved to a fresh ID.");
+    describe_counter!(
+        SESSIONS_EVICTED,
+        "Sessions pushed out by a per-user or memory limit."
+    );
+    describe_histogram!(
+        SESSION_LIFETIME,
+        Unit::Seconds,
+        "How long sessions lived, recorded when they end."
+    );
+    describe_gauge!(
+        SESSION_BYTES,
+        Unit::Bytes,
+        "Approximate bytes held by sessions."
+    );
+    describe_gauge!(USERS, "Users with at least one session.");
+    describe_counter!(GRPC_REQUESTS, "gRPC requests by method and status code.");
+    describe_histogram!(
+        GRPC_DURATION,
+        Unit::Seconds,
+        "gRPC request latency by method."
+    );
+    describe_counter!(REAPER_RUNS, "Reaper batches run.");
+    describe_gauge!(
+        REAPER_LAG,
+        Unit::Seconds,
+        "How late the oldest due session was when the reaper last reached it."
+    );
+    describe_histogram!(REAPER_BATCH, Unit::Seconds, "Time one reaper batch took.");
+    describe_gauge!(UPTIME, Unit::Seconds, "Seconds since the daemon started.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+}
+
+/// Counts sessions as they change. Plain atomic handles: no lock, no allocation.
+pub struct SessionMetrics {
+    created: Counter,
+    updated: Counter,
+    destroyed: Counter,
+    expired: Counter,
+    evicted: Counter,
+    regenerated: Counter,
+    lifetime: Histogram,
+}
+
+impl EventSink for SessionMetrics {
+    fn record(&self, event: &Event<'_>) {
+        match event {
+            Event::Created { .. } => self.created.increment(1),
+            Event::Updated { .. } => self.updated.increment(1),
+            Event::Touched { .. } => {}
+            Event::Regenerated { .. } => self.regenerated.increment(1),
+            Event::Ended {
+                cause, lifetime, ..
+            } => {
+                match cause {
+                    EndCause::Destroyed => self.destroyed.increment(1),
+                    EndCause::Expired => self.expired.increment(1),
+                    EndCause::Evicted => self.evicted.increment(1),
+                }
+                self.lifetime.record(seconds(*lifetime));
+            }
+        }
+    }
+}
+
+/// Records each reaper batch.
+pub struct ReaperMetrics {
+    runs: Counter,
+    lag: Gauge,
+    batch: Histogram,
+}
+
+impl ReaperObserver for ReaperMetrics {
+    fn batch(&self, reaped: &Reaped, took: Duration) {
+        self.runs.increment(1);
+        self.batch.record(took.as_secs_f64());
+        self.lag.set(reaped.lag.map_or(0.0, seconds));
+    }
+}
+
+fn seconds(ms: Millis) -> f64 {
+    ms as f64 / 1000.0
+}

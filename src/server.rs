@@ -1,0 +1,203 @@
+//! Wiring and lifecycle: store -> reaper -> servers -> ordered shutdown.
+//!
+//! `main` and the tests start the daemon the same way, through [`Daemon::start`], so the
+//! tests exercise exactly what runs in production.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::api::pb::session_store_server::SessionStoreServer;
+use crate::api::{SessionStoreService, FILE_DESCRIPTOR_SET};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::observe::Telemetry;
+use crate::store::events::Fanout;
+use crate::store::{reaper, Store};
+
+/// The gRPC service name, as health checks and reflection know it.
+pub const SERVICE_NAME: &str = "sessiond.v1.SessionStore";
+
+/// A running daemon.
+pub struct Daemon {
+    /// Where gRPC listens (the real port when the config asked for port 0).
+    pub grpc_addr: SocketAddr,
+    /// Where the admin HTTP endpoint listens.
+    pub admin_addr: SocketAddr,
+    /// The store, for tests that drive the reaper or read stats directly.
+    pub store: Store,
+    signals: mpsc::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    /// Binds both listeners, builds the store and starts serving.
+    pub async fn start(config: Config, clock: Clock) -> anyhow::Result<Daemon> {
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (setting listen)", config.listen))?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (setting admin_listen)",
+                    config.admin_listen
+                )
+            })?;
+        let grpc_addr = grpc.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+        let telemetry = Telemetry::new();
+        let store = Store::new(
+            config.limits(),
+            config.shards,
+            clock,
+            Box::new(Fanout(vec![Box::new(telemetry.session_sink())])),
+        );
+        let (signals, rx) = mpsc::channel(4);
+        let task = tokio::spawn(run(grpc, admin, store.clone(), telemetry, config, rx));
+        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "sessiond serving");
+        Ok(Daemon {
+            grpc_addr,
+            admin_addr,
+            store,
+            signals,
+            task,
+        })
+    }
+
+    /// A handle that starts the shutdown (a second call skips `shutdown_delay`).
+    pub fn shutdown_handle(&self) -> mpsc::Sender<()> {
+        self.signals.clone()
+    }
+
+    /// Waits until the daemon has shut down (after a signal through the handle).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        drop(self.signals);
+        self.task.await.context("the server task failed")?
+    }
+
+    /// Signals shutdown and waits for it to finish.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.signals.send(()).await;
+        self.wait().await
+    }
+}
+
+/// Serves until the first message (or the closing) of `signals`, then shuts down in order:
+/// not-ready, `shutdown_delay`, stop accepting and drain within `shutdown_grace`, stop the
+/// reaper, stop the admin endpoint.
+pub async fn run(
+    grpc: TcpListener,
+    admin: TcpListener,
+    store: Store,
+    telemetry: Telemetry,
+    config: Config,
+    mut signals: mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    let ready = Arc::new(AtomicBool::new(true));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+
+    let (stop_serving, serving) = watch::channel(false);
+    let (stop_admin, admin_running) = watch::channel(false);
+    let reaper = tokio::spawn(reaper::run(
+        store.clone(),
+        config.reaper_interval,
+        config.reaper_batch,
+        telemetry.reaper_observer(),
+        serving.clone(),
+    ));
+    let admin = tokio::spawn(crate::admin::serve(
+        admin,
+        telemetry.clone(),
+        store.clone(),
+        ready.clone(),
+        admin_running,
+    ));
+
+    let service = SessionStoreServer::new(SessionStoreService::new(store))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let mut drained = serving.clone();
+    let mut grpc_server = tokio::spawn(
+        Server::builder()
+            .tcp_nodelay(true)
+            .timeout(config.request_timeout)
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .http2_keepalive_interval(Some(config.keepalive_interval))
+            .http2_keepalive_timeout(Some(config.keepalive_timeout))
+            .layer(telemetry.grpc_layer())
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpIncoming::from(grpc), async move {
+                let _ = drained.wait_for(|s| *s).await;
+            }),
+    );
+
+    tokio::select! {
+        _ = signals.recv() => {}
+        // The server only ends by itself on a fatal error: report it.
+        result = &mut grpc_server => {
+            let _ = stop_serving.send(true);
+            let _ = stop_admin.send(true);
+            return match result {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the gRPC server stopped unexpectedly")),
+                Ok(Err(e)) => Err(e).context("the gRPC server failed"),
+                Err(e) => Err(e).context("the gRPC server task failed"),
+            };
+        }
+    }
+
+    tracing::info!("shutdown: reporting NOT_SERVING on health and /readyz");
+    ready.store(false, Ordering::Release);
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    if !config.shutdown_delay.is_zero() {
+        tracing::info!(delay = ?config.shutdown_delay, "shutdown: still serving while load balancers catch up");
+        let _ = tokio::time::timeout(config.shutdown_delay, signals.recv()).await;
+    }
+
+    tracing::info!(grace = ?config.shutdown_grace, "shutdown: draining in-flight requests");
+    let _ = stop_serving.send(true);
+    match tokio::time::timeout(config.shutdown_grace, &mut grpc_server).await {
+        Ok(Ok(Ok(()))) => tracing::info!("shutdown: gRPC drained"),
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "shutdown: gRPC server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "shutdown: gRPC server task failed"),
+        Err(_) => {
+            grpc_server.abort();
+            tracing::warn!("shutdown: drain deadline passed; cutting remaining connections");
+        }
+    }
+    if let Err(e) = reaper.await {
+        tracing::warn!(error = %e, "shutdown: reaper task failed");
+    }
+    tracing::info!("shutdown: reaper stopped");
+    let _ = stop_admin.send(true);
+    match admin.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "shutdown: admin endpoint failed"),
+        Err(e) => tracing::warn!(error = %e, "shutdown: admin task failed"),
+    }
+    tracing::info!("shutdown: complete");
+    Ok(())
+}
