@@ -37,8 +37,6 @@ const METHODS: &[&str] = &[
     "Destroy",
     "ListUserSessions",
     "DestroyUserSessions",
-    "GetMany",
-    "Pipeline",
     "other",
 ];
 
