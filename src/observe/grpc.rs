@@ -195,9 +195,11 @@ where
         let pending = this.pending.take();
         Poll::Ready(result.map(|resp| {
             let mut pending = pending;
-            if let (Some(code), Some(p)) = (status_of(resp.headers()), pending.take()) {
+            if let Some(code) = status_of(resp.headers()) {
                 // Trailers-only response: an error returned before any message.
-                p.finish(code);
+                if let Some(p) = pending.take() {
+                    p.finish(code);
+                }
             }
             resp.map(|inner| MeteredBody { inner, pending })
         }))

@@ -1,0 +1,673 @@
+//! Black-box tests of the gRPC API: a real server on an ephemeral port, the generated client,
+//! and a manual clock for expiry.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{attrs, TestServer, T0};
+use sessiond::api::pb;
+use tonic::Code;
+
+const MIN: Duration = Duration::from_secs(60);
+
+fn create_req(user: &str, pairs: &[(&str, &str)]) -> pb::CreateRequest {
+    pb::CreateRequest {
+        user_id: user.into(),
+        attributes: attrs(pairs),
+        client: Some(pb::ClientInfo {
+            ip: "203.0.113.7".into(),
+            user_agent: "test-agent/1.0".into(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn get(id: &str, peek: bool) -> pb::GetRequest {
+    pb::GetRequest {
+        id: id.into(),
+        peek,
+    }
+}
+
+fn set(id: &str, pairs: &[(&str, &str)]) -> pb::UpdateRequest {
+    pb::UpdateRequest {
+        id: id.into(),
+        set: attrs(pairs),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn every_rpc_round_trips() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client().await;
+
+    let s = c
+        .create(create_req("", &[("cart", "apple")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.id.len(), 43);
+    assert_eq!(s.version, 1);
+    assert_eq!(s.user_id, "");
+    assert_eq!(s.created_at.unwrap().seconds, (T0 / 1000) as i64);
+    assert_eq!(s.expires_at.unwrap().seconds, (T0 / 1000) as i64 + 30 * 60);
+    assert_eq!(
+        s.absolute_expires_at.unwrap().seconds,
+        (T0 / 1000) as i64 + 24 * 3600
+    );
+    assert_eq!(s.idle_timeout.unwrap().seconds, 30 * 60);
+    assert_eq!(s.client.as_ref().unwrap().user_agent, "test-agent/1.0");
+
+    let got = c.get(get(&s.id, false)).await.unwrap().into_inner();
+    assert_eq!(got.attributes["cart"], "apple".as_bytes());
+
+    srv.advance(MIN);
+    let t = c
+        .touch(pb::TouchRequest { id: s.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.expires_at.unwrap().seconds, (T0 / 1000) as i64 + 31 * 60);
+
+    let u = c
+        .update(pb::UpdateRequest {
+            id: s.id.clone(),
+            set: attrs(&[("theme", "dark")]),
+            remove: vec!["cart".into()],
+            expected_version: Some(1),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(u.version, 2);
+    assert_eq!(u.attributes.len(), 1);
+
+    let r = c
+        .regenerate(pb::RegenerateRequest {
+            id: s.id.clone(),
+            user_id: Some("alice".into()),
+            drop_attributes: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(r.id, s.id);
+    assert_eq!(r.user_id, "alice");
+    assert_eq!(r.version, 3);
+    assert_eq!(r.attributes["theme"], "dark".as_bytes());
+    let err = c.get(get(&s.id, true)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let listed = c
+        .list_user_sessions(pb::ListUserSessionsRequest {
+            user_id: "alice".into(),
+            include_attributes: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, r.id);
+    assert!(listed[0].attributes.is_empty());
+
+    let d = c
+        .destroy(pb::DestroyRequest { id: r.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(d.existed);
+    let d = c
+        .destroy(pb::DestroyRequest { id: r.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!d.existed);
+    let n = c
+        .destroy_user_sessions(pb::DestroyUserSessionsRequest {
+            user_id: "alice".into(),
+            except_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.destroyed, 0);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn idle_and_absolute_expiry_follow_the_test_clock() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client().await;
+    let s = c.create(create_req("", &[])).await.unwrap().into_inner();
+
+    // Peek does not slide: 20 + 11 minutes after the last sliding access, it is dead.
+    srv.advance(20 * MIN);
+    c.get(get(&s.id, true)).await.unwrap();
+    srv.advance(11 * MIN);
+    assert_eq!(
+        c.get(get(&s.id, false)).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        c.touch(pb::TouchRequest { id: s.id.clone() })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+
+    // Sliding keeps it alive, but never past the absolute deadline.
+    let s = c
+        .create(pb::CreateRequest {
+            idle_timeout: Some(prost_types::Duration {
+                seconds: 600,
+                nanos: 0,
+            }),
+            absolute_timeout: Some(prost_types::Duration {
+                seconds: 1500,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
+        srv.advance(9 * MIN);
+        c.update(set(&s.id, &[("k", "v")])).await.unwrap();
+    }
+    let live = c.get(get(&s.id, false)).await.unwrap().into_inner();
+    assert_eq!(live.expires_at, live.absolute_expires_at);
+    srv.advance(7 * MIN);
+    assert_eq!(
+        c.get(get(&s.id, false)).await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    // The reaper frees what reads already refuse.
+    assert_eq!(srv.daemon.store.stats().sessions, 2);
+    srv.daemon.store.reap(100);
+    assert_eq!(srv.daemon.store.stats().sessions, 0);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_partial_writes_never_lose_each_other() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client().await;
+    let s = c.create(create_req("", &[])).await.unwrap().into_inner();
+    let mut tasks = Vec::new();
+    for t in 0..10 {
+        let mut c = c.clone();
+        let id = s.id.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                let key = format!("item-{t}-{i}");
+                c.update(set(&id, &[(&key, "1")])).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let end = c.get(get(&s.id, true)).await.unwrap().into_inner();
+    assert_eq!(end.attributes.len(), 200);
+    assert_eq!(end.version, 201);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_cas_counter_raced_by_many_tasks_ends_exact() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client().await;
+    let s = c
+        .create(create_req("", &[("n", "0")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let conflicts = Arc::new(Mutex::new(0u32));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (mut c, id, conflicts) = (c.clone(), s.id.clone(), conflicts.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                loop {
+                    let cur = c.get(get(&id, true)).await.unwrap().into_inner();
+                    let n: u32 = std::str::from_utf8(&cur.attributes["n"])
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    let next = (n + 1).to_string();
+                    let req = pb::UpdateRequest {
+                        expected_version: Some(cur.version),
+                        ..set(&id, &[("n", &next)])
+                    };
+                    match c.update(req).await {
+                        Ok(_) => break,
+                        Err(e) if e.code() == Code::Aborted => {
+                            assert!(e.message().contains("version mismatch"));
+                            *conflicts.lock().unwrap() += 1;
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let end = c.get(get(&s.id, true)).await.unwrap().into_inner();
+    assert_eq!(end.attributes["n"], "200".as_bytes());
+    assert_eq!(end.version, 201);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn regenerate_raced_by_writers_keeps_every_acknowledged_write() {
+    let mut config = common::test_config();
+    config.max_attributes = 100_000;
+    config.max_session_bytes = 64 * 1024 * 1024;
+    let srv = TestServer::with_config(config).await;
+    let mut c = srv.client().await;
+    let s = c
+        .create(create_req("bob", &[("cart", "x")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut writers = Vec::new();
+    for t in 0..6 {
+        let (mut c, id, acked) = (c.clone(), s.id.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let key = format!("w{t}-{i}");
+                match c.update(set(&id, &[(&key, "1")])).await {
+                    Ok(_) => acked.lock().unwrap().push(key),
+                    Err(e) if e.code() == Code::NotFound => return,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }));
+    }
+    // Regenerate once the writers are demonstrably mid-flight.
+    while acked.lock().unwrap().len() < 50 {
+        tokio::task::yield_now().await;
+    }
+    let r = c
+        .regenerate(pb::RegenerateRequest {
+            id: s.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let after = c.get(get(&r.id, true)).await.unwrap().into_inner();
+    let acked = acked.lock().unwrap().clone();
+    for key in &acked {
+        assert!(
+            after.attributes.contains_key(key),
+            "lost acknowledged write {key}"
+        );
+    }
+    assert_eq!(after.attributes.len(), acked.len() + 1);
+    assert_eq!(after.absolute_expires_at, s.absolute_expires_at);
+    assert_eq!(
+        c.get(get(&s.id, true)).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn logout_everywhere_spares_only_the_callers_session() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(
+            c.create(create_req("carol", &[("secret", "s")]))
+                .await
+                .unwrap()
+                .into_inner()
+                .id,
+        );
+    }
+    let other = c
+        .create(create_req("dave", &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = c
+        .list_user_sessions(pb::ListUserSessionsRequest {
+            user_id: "carol".into(),
+            include_attributes: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(
+        listed.iter().map(|s| s.id.clone()).collect::<HashSet<_>>(),
+        ids.iter().cloned().collect::<HashSet<_>>()
+    );
+    assert!(listed
+        .iter()
+        .all(|s| s.attributes["secret"] == "s".as_bytes()));
+
+    let n = c
+        .destroy_user_sessions(pb::DestroyUserSessionsRequest {
+            user_id: "carol".into(),
+            except_id: ids[0].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .destroyed;
+    assert_eq!(n, 3);
+    c.get(get(&ids[0], true)).await.unwrap();
+    for id in &ids[1..] {
+        assert_eq!(
+            c.get(get(id, true)).await.unwrap_err().code(),
+            Code::NotFound
+        );
+    }
+    c.get(get(&other.id, true)).await.unwrap();
+    let listed = c
+        .list_user_sessions(pb::ListUserSessionsRequest {
+            user_id: "carol".into(),
+            include_attributes: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(listed.len(), 1);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_ids_are_invalid_argument_and_never_echoed() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client().await;
+    let good = c.create(create_req("", &[])).await.unwrap().into_inner().id;
+    let huge = "A".repeat(1 << 20);
+    let wrong_alphabet = format!("{}+", &good[..42]);
+    let non_ascii = format!("{}é", &good[..41]);
+    for bad in ["", "short", huge.as_str(), &wrong_alphabet, &non_ascii] {
+        let e = c.get(get(bad, false)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:.20}");
+        assert!(e.message().contains("session id"), "{}", e.message());
+        if bad.len() > 8 {
+            assert!(!e.message().contains(&bad[..8]), "message echoes the id");
+        }
+        let e = c
+            .destroy(pb::DestroyRequest { id: bad.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+    }
+    // A well-formed but unknown ID is NOT_FOUND, and says nothing more than a dead one does.
+    let unknown = "A".repeat(43);
+    let e1 = c.get(get(&unknown, false)).await.unwrap_err();
+    c.destroy(pb::DestroyRequest { id: good.clone() })
+        .await
+        .unwrap();
+    let e2 = c.get(get(&good, false)).await.unwrap_err();
+    assert_eq!((e1.code(), e1.message()), (e2.code(), e2.message()));
+    let e = c
+        .destroy_user_sessions(pb::DestroyUserSessionsRequest {
+            user_id: "x".into(),
+            except_id: "bad".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn limits_are_named_and_nothing_is_half_applied() {
+    let mut config = common::test_config();
+    config.max_value_bytes = 1024;
+    config.max_attributes = 4;
+    config.max_sessions_per_user = 2;
+    config.max_message_bytes = 64 * 1024;
+    let srv = TestServer::with_config(config).await;
+    let mut c = srv.client().await;
+    let s = c
+        .create(create_req("erin", &[("a", "1")]))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let big = "x".repeat(2000);
+    let e = c
+        .update(pb::UpdateRequest {
+            remove: vec!["a".into()],
+            ..set(&s.id, &[("b", "2"), ("c", &big)])
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("max_value_bytes"), "{}", e.message());
+    let e = c
+        .update(set(
+            &s.id,
+            &[("b", "2"), ("c", "3"), ("d", "4"), ("e", "5")],
+        ))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("max_attributes"), "{}", e.message());
+    let now = c.get(get(&s.id, true)).await.unwrap().into_inner();
+    assert_eq!(now.version, 1);
+    assert_eq!(now.attributes.keys().collect::<Vec<_>>(), vec!["a"]);
+
+    c.create(create_req("erin", &[])).await.unwrap();
+    let e = c.create(create_req("erin", &[])).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains("max_sessions_per_user"),
+        "{}",
+        e.message()
+    );
+
+    let e = c
+        .create(pb::CreateRequest {
+            idle_timeout: Some(prost_types::Duration {
+                seconds: -5,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("idle_timeout"), "{}", e.message());
+
+    // A message over max_message_bytes is refused without taking the server down.
+    let huge = "y".repeat(200 * 1024);
+    let e = c.update(set(&s.id, &[("z", &huge)])).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{e:?}"
+    );
+    c.get(get(&s.id, true)).await.unwrap();
+    let mut fresh = srv.client().await;
+    fresh.get(get(&s.id, true)).await.unwrap();
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let srv = TestServer::start().await;
+    let mut h = HealthClient::new(srv.channel().await);
+    for service in ["", "sessiond.v1.SessionStore"] {
+        let r = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status(), ServingStatus::Serving);
+    }
+
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut r = ServerReflectionClient::new(srv.channel().await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = r
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = stream.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"sessiond.v1.SessionStore".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+    drop(stream);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_move_with_sessions() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client().await;
+    let a = c.create(create_req("m", &[])).await.unwrap().into_inner();
+    let b = c.create(create_req("", &[])).await.unwrap().into_inner();
+    c.create(create_req("", &[])).await.unwrap();
+    assert_eq!(srv.metric("sessiond_sessions_created_total").await, 3.0);
+    assert_eq!(srv.metric("sessiond_sessions_active").await, 3.0);
+    assert_eq!(srv.metric("sessiond_users_with_sessions").await, 1.0);
+    assert!(srv.metric("sessiond_session_bytes").await > 0.0);
+
+    c.regenerate(pb::RegenerateRequest {
+        id: b.id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.destroy(pb::DestroyRequest { id: a.id.clone() })
+        .await
+        .unwrap();
+    let _ = c.get(get(&a.id, false)).await.unwrap_err();
+    assert_eq!(srv.metric("sessiond_sessions_regenerated_total").await, 1.0);
+    assert_eq!(srv.metric("sessiond_sessions_destroyed_total").await, 1.0);
+    assert_eq!(srv.metric("sessiond_sessions_active").await, 2.0);
+    assert_eq!(srv.metric("sessiond_users_with_sessions").await, 0.0);
+    assert_eq!(
+        srv.metric(r#"sessiond_grpc_requests_total{method="Get",code="NotFound"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        srv.metric(r#"sessiond_grpc_requests_total{method="Create",code="OK"}"#)
+            .await,
+        3.0
+    );
+    assert_eq!(
+        srv.metric(r#"sessiond_grpc_request_duration_seconds_count{method="Create"}"#)
+            .await,
+        3.0
+    );
+
+    srv.advance(31 * MIN);
+    srv.daemon.store.reap(100);
+    assert_eq!(srv.metric("sessiond_sessions_expired_total").await, 2.0);
+    assert_eq!(srv.metric("sessiond_sessions_active").await, 0.0);
+    assert_eq!(srv.metric("sessiond_session_bytes").await, 0.0);
+    assert_eq!(
+        srv.metric("sessiond_session_lifetime_seconds_count").await,
+        3.0
+    );
+    let (_, body) = srv.admin_get("/metrics").await;
+    for name in [
+        "sessiond_build_info{version=",
+        "sessiond_process_resident_memory_bytes",
+        "sessiond_process_open_fds",
+        "sessiond_uptime_seconds",
+        "sessiond_reaper_runs_total",
+        "sessiond_reaper_lag_seconds",
+        "# HELP sessiond_sessions_active",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics");
+    }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_flips_at_shutdown_while_requests_still_drain() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let mut config = common::test_config();
+    config.shutdown_delay = Duration::from_secs(3600);
+    let srv = TestServer::with_config(config).await;
+    let mut c = srv.client().await;
+    let mut h = HealthClient::new(srv.channel().await);
+    let s = c.create(create_req("", &[])).await.unwrap().into_inner();
+    assert_eq!(srv.admin_get("/readyz").await.0, 200);
+    assert_eq!(srv.admin_get("/healthz").await.0, 200);
+
+    let signal = srv.daemon.shutdown_handle();
+    signal.send(()).await.unwrap();
+    // Wait for the flip: a condition, not a sleep.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while srv.admin_get("/readyz").await.0 != 503 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never flipped"
+        );
+        tokio::task::yield_now().await;
+    }
+    let status = h
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::NotServing);
+    // Still serving during the delay, so in-flight traffic drains cleanly.
+    c.get(get(&s.id, true)).await.unwrap();
+    assert_eq!(srv.admin_get("/healthz").await.0, 200);
+
+    // The second signal skips the delay, and the daemon exits cleanly.
+    signal.send(()).await.unwrap();
+    let addr = srv.daemon.grpc_addr;
+    tokio::time::timeout(Duration::from_secs(30), srv.daemon.wait())
+        .await
+        .expect("shutdown hung")
+        .unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}

@@ -1,0 +1,113 @@
+//! Shared test harness: a real sessiond on an ephemeral loopback port, driven by a manual
+//! clock, and a client for it.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use sessiond::api::pb::session_store_client::SessionStoreClient;
+use sessiond::clock::Clock;
+use sessiond::config::Config;
+use sessiond::server::Daemon;
+use tonic::transport::Channel;
+
+/// Start of the manual clock: an arbitrary fixed wall-clock time.
+pub const T0: u64 = 1_750_000_000_000;
+
+/// A config for tests: ephemeral ports, everything else default.
+pub fn test_config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    }
+}
+
+/// A running daemon on a manual clock.
+pub struct TestServer {
+    pub daemon: Daemon,
+    pub clock: Clock,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::with_config(test_config()).await
+    }
+
+    pub async fn with_config(config: Config) -> Self {
+        let clock = Clock::manual(T0);
+        let daemon = Daemon::start(config, clock.clone()).await.unwrap();
+        TestServer { daemon, clock }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.daemon.grpc_addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn client(&self) -> SessionStoreClient<Channel> {
+        SessionStoreClient::new(self.channel().await)
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+
+    /// GETs a path on the admin endpoint: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.daemon.admin_addr, path).await
+    }
+
+    /// The value of one unlabelled sample in /metrics.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics").await;
+        metric_value(&body, name).unwrap_or_else(|| panic!("{name} not in /metrics"))
+    }
+
+    pub async fn stop(self) {
+        self.daemon.stop().await.unwrap();
+    }
+}
+
+/// Finds `name` (with labels, if given, as written in the exposition) and parses its value.
+pub fn metric_value(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A minimal HTTP/1.0 GET over a plain socket: enough for the admin endpoint in tests.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Attribute map from string pairs.
+pub fn attrs(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, bytes::Bytes> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), bytes::Bytes::copy_from_slice(v.as_bytes())))
+        .collect()
+}
