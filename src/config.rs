@@ -155,7 +155,10 @@ impl Config {
                 )))
             }
             Some(path) => figment = figment.merge(Toml::file_exact(path)),
-            None => figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE)),
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
+            }
+            None => {}
         }
         // Only our own settings: other SESSIOND_* variables (sessionctl's SESSIOND_ADDR) are
         // not typos in the daemon's config.
