@@ -162,8 +162,9 @@ pub type Millis = u64;
 /// Attribute map of a session. `Bytes` values are shared, not copied, on reads.
 pub type Attributes = HashMap<String, Bytes>;
 
-/// A snapshot of one session, as the Store hands it out.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A snapshot of one session, as the Store hands it out. Its `Debug` shows attribute keys
+/// but never their values.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Session {
     /// The session's key.
     pub key: SessionKey,
@@ -183,6 +184,23 @@ pub struct Session {
     pub absolute_expires_at: Millis,
     /// Where it was created from.
     pub client: ClientInfo,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut keys: Vec<&str> = self.attributes.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        f.debug_struct("Session")
+            .field("key", &self.key)
+            .field("user", &self.user)
+            .field("attribute_keys", &keys)
+            .field("version", &self.version)
+            .field("created_at", &self.created_at)
+            .field("last_access_at", &self.last_access_at)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("absolute_expires_at", &self.absolute_expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Session {

@@ -417,7 +417,11 @@ impl Store {
                 }
             }
         }
-        for k in &change.remove {
+        for (i, k) in change.remove.iter().enumerate() {
+            // A key listed twice is removed once.
+            if change.remove[..i].contains(k) {
+                continue;
+            }
             if let Some(old) = entry.attrs.get(k) {
                 count -= 1;
                 bytes -= attribute_bytes(k, old);

@@ -203,6 +203,27 @@ fn update_is_partial_and_versioned() {
 }
 
 #[test]
+fn removing_a_key_twice_removes_it_once() {
+    let st = store();
+    let s = create(&st, None);
+    let before = st.stats().bytes;
+    let u = st
+        .update(
+            &id(&s),
+            Change {
+                remove: vec!["cart".into(), "cart".into()],
+                ..Change::default()
+            },
+        )
+        .unwrap();
+    assert!(u.attributes.is_empty());
+    assert_eq!(
+        st.stats().bytes,
+        before - ("cart".len() + "apple".len() + ATTRIBUTE_OVERHEAD_BYTES)
+    );
+}
+
+#[test]
 fn limit_failures_change_nothing_and_name_the_limit() {
     let st = store_with(Limits {
         max_attributes: 2,
