@@ -33,6 +33,19 @@ pub struct Config {
     /// `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
 
+    /// PEM certificate chain for the gRPC port; empty = no TLS.
+    pub tls_cert: PathBuf,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: PathBuf,
+    /// PEM CA bundle that client certificates must chain to; set = mutual TLS.
+    pub tls_client_ca: PathBuf,
+    /// How often the TLS files are checked for changes (SIGHUP reloads at once).
+    #[serde(with = "humantime_serde")]
+    pub tls_watch_interval: Duration,
+    /// Allow a non-loopback `listen` without TLS. Only for networks where every host that can
+    /// reach the port is trusted with every session.
+    pub insecure_listen: bool,
+
     /// Map shards. More shards mean less lock contention; a power of two.
     pub shards: usize,
     /// Idle timeout for sessions created without one.
@@ -111,6 +124,11 @@ impl Default for Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7421)),
             data_dir: PathBuf::from("./data"),
             log_format: LogFormat::Text,
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            tls_client_ca: PathBuf::new(),
+            tls_watch_interval: Duration::from_secs(10),
+            insecure_listen: false,
             shards: 64,
             idle_timeout: limits.default_idle_timeout,
             absolute_timeout: limits.default_absolute_timeout,
@@ -196,6 +214,7 @@ impl Config {
             ("idle_timeout", self.idle_timeout),
             ("absolute_timeout", self.absolute_timeout),
             ("reaper_interval", self.reaper_interval),
+            ("tls_watch_interval", self.tls_watch_interval),
             ("request_timeout", self.request_timeout),
             ("keepalive_interval", self.keepalive_interval),
             ("keepalive_timeout", self.keepalive_timeout),
@@ -203,6 +222,24 @@ impl Config {
             if d.is_zero() {
                 return bad(name, "must be longer than zero".into());
             }
+        }
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        if set(&self.tls_cert) != set(&self.tls_key) {
+            return bad("tls_cert", "and tls_key must be set together".into());
+        }
+        if set(&self.tls_client_ca) && !set(&self.tls_cert) {
+            return bad(
+                "tls_client_ca",
+                "needs tls_cert and tls_key (mutual TLS is TLS first)".into(),
+            );
+        }
+        if !self.listen.ip().is_loopback() && !set(&self.tls_cert) && !self.insecure_listen {
+            return Err(ConfigError(format!(
+                "refusing to listen on {} without TLS: anyone who can reach that address could read \
+                 and forge every session. Set tls_cert and tls_key, or set insecure_listen = true \
+                 (--insecure-listen) if every host on that network is trusted.",
+                self.listen
+            )));
         }
         if self.idle_timeout > self.max_idle_timeout {
             return bad("idle_timeout", "must not exceed max_idle_timeout".into());
@@ -236,6 +273,19 @@ impl Config {
             return bad("max_message_bytes", "must be at least 1024".into());
         }
         Ok(())
+    }
+
+    /// The TLS files, if TLS is on.
+    pub fn tls(&self) -> Option<crate::tls::TlsFiles> {
+        if self.tls_cert.as_os_str().is_empty() {
+            return None;
+        }
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            client_ca: (!self.tls_client_ca.as_os_str().is_empty())
+                .then(|| self.tls_client_ca.clone()),
+        })
     }
 
     /// The Store's share of the settings.
@@ -277,6 +327,40 @@ mod tests {
                 "{key} missing from {DEFAULT_CONFIG_FILE}"
             );
         }
+    }
+
+    #[test]
+    fn protected_mode_refuses_a_public_plaintext_listener() {
+        let public = Config {
+            listen: "0.0.0.0:7420".parse().unwrap(),
+            ..Config::default()
+        };
+        let err = public.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("refusing to listen on 0.0.0.0:7420 without TLS"),
+            "{err}"
+        );
+        assert!(err.contains("insecure_listen"), "{err}");
+        Config {
+            insecure_listen: true,
+            ..public.clone()
+        }
+        .validate()
+        .unwrap();
+        Config {
+            tls_cert: "cert.pem".into(),
+            tls_key: "key.pem".into(),
+            ..public.clone()
+        }
+        .validate()
+        .unwrap();
+        let err = Config {
+            tls_cert: "cert.pem".into(),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("tls_key"), "{err}");
     }
 
     #[test]

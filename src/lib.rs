@@ -12,6 +12,7 @@
 //! - [`admin`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`config`]: one `Config`, layered from defaults, file, environment and flags.
 //! - [`server`]: wiring and the ordered shutdown, shared by `main` and the tests.
+//! - [`tls`]: TLS and mutual TLS for the gRPC port, reloadable without a restart.
 
 pub mod admin;
 pub mod api;
@@ -21,3 +22,4 @@ pub mod observe;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tls;

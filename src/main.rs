@@ -41,6 +41,22 @@ struct Flags {
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     absolute_timeout: Option<String>,
+    /// PEM certificate chain for TLS on the gRPC port [env: SESSIOND_TLS_CERT]
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert [env: SESSIOND_TLS_KEY]
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle for client certificates: turns on mutual TLS [env: SESSIOND_TLS_CLIENT_CA]
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_client_ca: Option<PathBuf>,
+    /// Allow a non-loopback --listen without TLS (trusted networks only) [env: SESSIOND_INSECURE_LISTEN]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    insecure_listen: bool,
     /// Map shards, a power of two [env: SESSIOND_SHARDS] [default: 64]
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,6 +106,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
             if handle.send(()).await.is_err() {
                 return;
+            }
+        }
+    });
+    let tls = daemon.tls_handle();
+    tokio::spawn(async move {
+        let Some(tls) = tls else { return };
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::error!("cannot listen for SIGHUP; TLS files reload on change only");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS files reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: cannot reload TLS files; keeping the previous certificate")
+                }
             }
         }
     });

@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::observe::Telemetry;
 use crate::store::events::Fanout;
 use crate::store::{reaper, Store};
+use crate::tls::{ReloadableTls, TlsError};
 
 /// The gRPC service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "sessiond.v1.SessionStore";
@@ -35,12 +36,19 @@ pub struct Daemon {
     /// The store, for tests that drive the reaper or read stats directly.
     pub store: Store,
     signals: mpsc::Sender<()>,
+    tls: Option<Arc<ReloadableTls>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Daemon {
     /// Binds both listeners, builds the store and starts serving.
     pub async fn start(config: Config, clock: Clock) -> anyhow::Result<Daemon> {
+        config.validate()?;
+        let tls = config
+            .tls()
+            .map(ReloadableTls::load)
+            .transpose()?
+            .map(Arc::new);
         let grpc = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (setting listen)", config.listen))?;
@@ -62,15 +70,37 @@ impl Daemon {
             Box::new(Fanout(vec![Box::new(telemetry.session_sink())])),
         );
         let (signals, rx) = mpsc::channel(4);
-        let task = tokio::spawn(run(grpc, admin, store.clone(), telemetry, config, rx));
-        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "sessiond serving");
+        let task = tokio::spawn(run(
+            grpc,
+            admin,
+            store.clone(),
+            telemetry,
+            config,
+            tls.clone(),
+            rx,
+        ));
+        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, tls = tls.is_some(), "sessiond serving");
         Ok(Daemon {
             grpc_addr,
             admin_addr,
             store,
             signals,
+            tls,
             task,
         })
+    }
+
+    /// The live TLS configuration, for a SIGHUP handler; `None` without TLS.
+    pub fn tls_handle(&self) -> Option<Arc<ReloadableTls>> {
+        self.tls.clone()
+    }
+
+    /// Reloads the TLS certificate files now (what SIGHUP does). Without TLS, does nothing.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
     }
 
     /// A handle that starts the shutdown (a second call skips `shutdown_delay`).
@@ -100,6 +130,7 @@ pub async fn run(
     store: Store,
     telemetry: Telemetry,
     config: Config,
+    tls: Option<Arc<ReloadableTls>>,
     mut signals: mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -134,21 +165,35 @@ pub async fn run(
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let mut drained = serving.clone();
-    let mut grpc_server = tokio::spawn(
-        Server::builder()
-            .tcp_nodelay(true)
-            .timeout(config.request_timeout)
-            .max_concurrent_streams(config.max_concurrent_streams)
-            .http2_keepalive_interval(Some(config.keepalive_interval))
-            .http2_keepalive_timeout(Some(config.keepalive_timeout))
-            .layer(telemetry.grpc_layer())
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(service)
-            .serve_with_incoming_shutdown(TcpIncoming::from(grpc), async move {
-                let _ = drained.wait_for(|s| *s).await;
-            }),
-    );
+    let until_drained = async move {
+        let _ = drained.wait_for(|s| *s).await;
+    };
+    let router = Server::builder()
+        .timeout(config.request_timeout)
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .layer(telemetry.grpc_layer())
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service);
+    let mut grpc_server = match &tls {
+        Some(tls) => {
+            tokio::spawn(watch_tls(
+                tls.clone(),
+                config.tls_watch_interval,
+                serving.clone(),
+            ));
+            tokio::spawn(router.serve_with_incoming_shutdown(
+                crate::tls::incoming(grpc, tls.clone()),
+                until_drained,
+            ))
+        }
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            until_drained,
+        )),
+    };
 
     tokio::select! {
         _ = signals.recv() => {}
@@ -200,4 +245,27 @@ pub async fn run(
     }
     tracing::info!("shutdown: complete");
     Ok(())
+}
+
+/// Reloads the TLS files when they change, until `stop` turns true.
+async fn watch_tls(
+    tls: Arc<ReloadableTls>,
+    every: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match tls.reload_if_changed() {
+            Some(Ok(())) => tracing::info!("TLS files changed: reloaded"),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "TLS files changed but cannot be loaded; keeping the previous certificate")
+            }
+            None => {}
+        }
+    }
 }

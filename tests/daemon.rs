@@ -108,6 +108,12 @@ fn a_bad_setting_exits_non_zero_naming_it() {
         ("SESSIOND_SHARDS", "3", "shards"),
         ("SESSIOND_IDLE_TIMEOUT", "forever", "IDLE_TIMEOUT"),
         ("SESSIOND_MAX_ATTRIBUTES", "0", "max_attributes"),
+        // Protected mode: a public plaintext listener needs an explicit opt-in.
+        (
+            "SESSIOND_LISTEN",
+            "0.0.0.0:0",
+            "refusing to listen on 0.0.0.0:0 without TLS",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))

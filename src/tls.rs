@@ -1,0 +1,219 @@
+//! TLS and mutual TLS for the gRPC port, with certificates that can be replaced while the
+//! daemon runs.
+//!
+//! The current rustls `ServerConfig` sits behind a lock that is read once per accepted
+//! connection. A reload (SIGHUP, or a changed file seen by the watcher) builds a complete new
+//! config from the files and swaps it in; if the new files are bad, the old config stays and
+//! the error is logged, so a botched certificate rotation never takes the daemon down.
+//! Established connections keep the config they were accepted with.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// A handshake that takes longer than this is dropped: a slow client cannot hold a task.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepted connections waiting for the server to pick them up.
+const ACCEPT_BACKLOG: usize = 128;
+
+/// Where the certificate material lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle for client certificates; `Some` turns on mutual TLS.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Why certificate material could not be loaded. Names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("cannot read {setting} {}: {source}", path.display())]
+    Read {
+        /// The config setting that names the file.
+        setting: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file held no usable PEM item.
+    #[error("{setting} {} holds no {what}", path.display())]
+    Empty {
+        /// The config setting that names the file.
+        setting: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What was expected.
+        what: &'static str,
+    },
+    /// rustls refused the material (key does not match the certificate, bad CA, ...).
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(String),
+}
+
+/// The live TLS configuration.
+pub struct ReloadableTls {
+    files: TlsFiles,
+    current: RwLock<Arc<ServerConfig>>,
+    stamp: RwLock<Vec<Option<SystemTime>>>,
+}
+
+impl ReloadableTls {
+    /// Loads the files; fails with a message naming the bad one.
+    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        let config = build(&files)?;
+        let stamp = stamps(&files);
+        Ok(ReloadableTls {
+            files,
+            current: RwLock::new(Arc::new(config)),
+            stamp: RwLock::new(stamp),
+        })
+    }
+
+    /// Rebuilds from the files and swaps the result in. On error the old config stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let config = build(&self.files)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = stamps(&self.files);
+        Ok(())
+    }
+
+    /// Reloads if any file's modification time changed since the last load.
+    pub fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
+        let now = stamps(&self.files);
+        let changed = *self.stamp.read().unwrap_or_else(|p| p.into_inner()) != now;
+        changed.then(|| self.reload())
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+fn stamps(files: &TlsFiles) -> Vec<Option<SystemTime>> {
+    [
+        Some(&files.cert),
+        Some(&files.key),
+        files.client_ca.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+    .collect()
+}
+
+fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        setting,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(setting, path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            setting,
+            path: path.to_owned(),
+            what: "PEM certificate",
+        });
+    }
+    Ok(certs)
+}
+
+fn build(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+    let chain = certs("tls_cert", &files.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(&read("tls_key", &files.key)?).map_err(|_| {
+        TlsError::Empty {
+            setting: "tls_key",
+            path: files.key.clone(),
+            what: "PEM private key",
+        }
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in certs("tls_client_ca", ca)? {
+                roots.add(cert).map_err(|e| {
+                    TlsError::Rustls(format!("tls_client_ca {}: {e}", ca.display()))
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::Rustls(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Rustls(format!("tls_cert and tls_key: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Accepts TCP connections and completes TLS handshakes off the accept loop, yielding
+/// finished TLS streams to the gRPC server. Ends when the server drops the stream.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<ReloadableTls>,
+) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of fds and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (tls.acceptor(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}

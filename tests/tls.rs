@@ -1,0 +1,186 @@
+//! TLS and mutual TLS over real connections, with certificates made in the test by rcgen.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use sessiond::api::pb;
+use sessiond::api::pb::session_store_client::SessionStoreClient;
+use sessiond::config::Config;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// A throwaway certificate authority.
+struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca {
+            pem,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// (certificate PEM, key PEM) for `name`, signed by this CA.
+    fn issue(&self, name: &str) -> (String, String) {
+        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+async fn channel(
+    addr: std::net::SocketAddr,
+    ca: &Ca,
+    identity: Option<&(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca.pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await
+}
+
+/// Creates a session over `channel`; the error if the connection or call fails.
+async fn create(channel: Result<Channel, tonic::transport::Error>) -> Result<String, String> {
+    let channel = channel.map_err(|e| format!("connect: {e}"))?;
+    SessionStoreClient::new(channel)
+        .create(pb::CreateRequest::default())
+        .await
+        .map(|r| r.into_inner().id)
+        .map_err(|e| format!("call: {e}"))
+}
+
+fn tls_config(dir: &Path, ca: &Ca, client_ca: Option<&Ca>) -> Config {
+    let (cert, key) = ca.issue("localhost");
+    Config {
+        tls_cert: write(dir, "server.pem", &cert),
+        tls_key: write(dir, "server.key", &key),
+        tls_client_ca: client_ca
+            .map(|c| write(dir, "clients.pem", &c.pem))
+            .unwrap_or_default(),
+        ..common::test_config()
+    }
+}
+
+#[tokio::test]
+async fn tls_serves_only_clients_that_speak_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("server ca");
+    let srv = common::TestServer::with_config(tls_config(dir.path(), &ca, None)).await;
+    let addr = srv.daemon.grpc_addr;
+
+    create(channel(addr, &ca, None).await).await.unwrap();
+    // A plaintext client gets nowhere.
+    let plain = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await;
+    assert!(create(plain).await.is_err());
+    // A client that trusts another CA refuses the server.
+    assert!(create(channel(addr, &Ca::new("other"), None).await)
+        .await
+        .is_err());
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn mutual_tls_refuses_missing_and_foreign_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server ca");
+    let client_ca = Ca::new("client ca");
+    let srv =
+        common::TestServer::with_config(tls_config(dir.path(), &server_ca, Some(&client_ca))).await;
+    let addr = srv.daemon.grpc_addr;
+
+    let good = client_ca.issue("app-server-1");
+    create(channel(addr, &server_ca, Some(&good)).await)
+        .await
+        .unwrap();
+    assert!(create(channel(addr, &server_ca, None).await).await.is_err());
+    let rogue = Ca::new("rogue").issue("app-server-1");
+    assert!(create(channel(addr, &server_ca, Some(&rogue)).await)
+        .await
+        .is_err());
+    // The refused handshakes did not hurt anyone else.
+    create(channel(addr, &server_ca, Some(&good)).await)
+        .await
+        .unwrap();
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn certificates_reload_without_dropping_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_ca = Ca::new("old ca");
+    let config = tls_config(dir.path(), &old_ca, None);
+    let (cert_path, key_path) = (config.tls_cert.clone(), config.tls_key.clone());
+    let srv = common::TestServer::with_config(config).await;
+    let addr = srv.daemon.grpc_addr;
+    let id = create(channel(addr, &old_ca, None).await).await.unwrap();
+
+    // A broken rotation is refused and the old certificate stays in service.
+    std::fs::write(&key_path, "not a key").unwrap();
+    let err = srv.daemon.reload_tls().unwrap_err();
+    assert!(err.to_string().contains("tls_key"), "{err}");
+    create(channel(addr, &old_ca, None).await).await.unwrap();
+
+    let new_ca = Ca::new("new ca");
+    let (cert, key) = new_ca.issue("localhost");
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    srv.daemon.reload_tls().unwrap();
+
+    let fresh = channel(addr, &new_ca, None).await.unwrap();
+    let got = SessionStoreClient::new(fresh)
+        .get(pb::GetRequest {
+            id: id.clone(),
+            peek: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.id, id, "the session survived the reload");
+    assert!(create(channel(addr, &old_ca, None).await).await.is_err());
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn unreadable_certificate_files_stop_start_up_naming_the_file() {
+    let config = Config {
+        tls_cert: "/nonexistent/cert.pem".into(),
+        tls_key: "/nonexistent/key.pem".into(),
+        ..common::test_config()
+    };
+    let err = sessiond::server::Daemon::start(config, sessiond::clock::Clock::system())
+        .await
+        .err()
+        .expect("start-up should fail");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("tls_cert") && msg.contains("/nonexistent/cert.pem"),
+        "{msg}"
+    );
+}
