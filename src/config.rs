@@ -82,6 +82,11 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Concurrent HTTP/2 streams (in-flight RPCs) per connection.
     pub max_concurrent_streams: u32,
+    /// RPCs in flight across all connections. Past it, new RPCs are refused at once with
+    /// RESOURCE_EXHAUSTED instead of queueing.
+    pub max_concurrent_requests: usize,
+    /// Bytes of request headers (gRPC metadata) per request.
+    pub max_header_list_bytes: u32,
     /// A request that takes longer is cancelled with DEADLINE_EXCEEDED.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -144,6 +149,8 @@ impl Default for Config {
             max_sessions: limits.max_sessions,
             max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_streams: 1024,
+            max_concurrent_requests: 4096,
+            max_header_list_bytes: 16 * 1024,
             request_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),

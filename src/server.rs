@@ -170,10 +170,17 @@ pub async fn run(
     };
     let router = Server::builder()
         .timeout(config.request_timeout)
+        .load_shed(true)
         .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_max_header_list_size(config.max_header_list_bytes)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .layer(telemetry.grpc_layer())
+        // One budget for the whole daemon; with load shedding above, a full budget answers
+        // RESOURCE_EXHAUSTED at once instead of queueing.
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            config.max_concurrent_requests,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service);

@@ -671,3 +671,38 @@ async fn readiness_flips_at_shutdown_while_requests_still_drain() {
         .unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_flood_is_shed_fast_and_the_server_stays_up() {
+    let mut config = common::test_config();
+    config.max_concurrent_requests = 2;
+    let srv = TestServer::with_config(config).await;
+    let mut c = srv.client().await;
+    let s = c
+        .create(create_req("", &[("k", "v")]))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let c = srv.client().await;
+        for _ in 0..50 {
+            let (mut c, id) = (c.clone(), s.id.clone());
+            calls.push(tokio::spawn(async move { c.get(get(&id, true)).await }));
+        }
+    }
+    let (mut ok, mut shed) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) if e.code() == Code::ResourceExhausted => shed += 1,
+            Err(e) => panic!("a flooded server answered {e:?}"),
+        }
+    }
+    assert_eq!(ok + shed, 400);
+    assert!(ok > 0);
+    // Whatever was shed, the server still serves a newcomer.
+    let mut fresh = srv.client().await;
+    fresh.get(get(&s.id, true)).await.unwrap();
+    srv.stop().await;
+}
