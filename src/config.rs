@@ -97,6 +97,13 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
 
+    /// Lookups of unknown session IDs from one peer within `guess_window` that get it logged
+    /// as a possible ID-guessing or stolen-cookie source.
+    pub guess_threshold: u32,
+    /// The window `guess_threshold` counts over.
+    #[serde(with = "humantime_serde")]
+    pub guess_window: Duration,
+
     /// How often the reaper wakes to free expired sessions.
     #[serde(with = "humantime_serde")]
     pub reaper_interval: Duration,
@@ -154,6 +161,8 @@ impl Default for Config {
             request_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            guess_threshold: 100,
+            guess_window: Duration::from_secs(60),
             reaper_interval: Duration::from_secs(1),
             reaper_batch: 1000,
             shutdown_delay: Duration::ZERO,
@@ -222,6 +231,7 @@ impl Config {
             ("absolute_timeout", self.absolute_timeout),
             ("reaper_interval", self.reaper_interval),
             ("tls_watch_interval", self.tls_watch_interval),
+            ("guess_window", self.guess_window),
             ("request_timeout", self.request_timeout),
             ("keepalive_interval", self.keepalive_interval),
             ("keepalive_timeout", self.keepalive_timeout),

@@ -161,7 +161,8 @@ pub async fn run(
         admin_running,
     ));
 
-    let service = SessionStoreServer::new(SessionStoreService::new(store))
+    let guesses = Arc::new(telemetry.guess_watch(config.guess_threshold, config.guess_window));
+    let service = SessionStoreServer::new(SessionStoreService::new(store, guesses))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let mut drained = serving.clone();

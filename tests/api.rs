@@ -706,3 +706,34 @@ async fn a_request_flood_is_shed_fast_and_the_server_stays_up() {
     fresh.get(get(&s.id, true)).await.unwrap();
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn lookups_of_unknown_ids_are_counted_and_a_guessing_peer_is_flagged() {
+    let mut config = common::test_config();
+    config.guess_threshold = 5;
+    let srv = TestServer::with_config(config).await;
+    let mut c = srv.client().await;
+    for i in 0..7 {
+        let unknown = format!("{}{}", "B".repeat(42), ["A", "Q", "g", "w"][i % 4]);
+        assert_eq!(
+            c.get(get(&unknown, false)).await.unwrap_err().code(),
+            Code::NotFound
+        );
+    }
+    // Malformed IDs are rejected before lookup and are not misses.
+    let _ = c.get(get("junk", false)).await.unwrap_err();
+    let d = c
+        .destroy(pb::DestroyRequest {
+            id: format!("{}A", "C".repeat(42)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!d.existed);
+    assert_eq!(srv.metric("sessiond_session_id_misses_total").await, 8.0);
+    assert_eq!(
+        srv.metric("sessiond_guessing_peers_flagged_total").await,
+        1.0
+    );
+    srv.stop().await;
+}

@@ -2,11 +2,16 @@
 //! No session rule lives here.
 
 pub mod convert;
+pub mod guessing;
 pub mod status;
+
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::store::Store;
+use self::guessing::GuessWatch;
+use crate::store::{Store, StoreError};
 
 /// The generated protobuf types and service stubs.
 #[allow(missing_docs, clippy::all)]
@@ -22,13 +27,26 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 #[derive(Clone)]
 pub struct SessionStoreService {
     store: Store,
+    guesses: Arc<GuessWatch>,
 }
 
 impl SessionStoreService {
-    /// Serves `store`.
-    pub fn new(store: Store) -> Self {
-        SessionStoreService { store }
+    /// Serves `store`, reporting lookups of unknown IDs to `guesses`.
+    pub fn new(store: Store, guesses: Arc<GuessWatch>) -> Self {
+        SessionStoreService { store, guesses }
     }
+
+    /// Maps a Store result for an ID lookup, counting a miss against the peer.
+    fn lookup<T>(&self, peer: Option<IpAddr>, result: Result<T, StoreError>) -> Result<T, Status> {
+        if matches!(result, Err(StoreError::NotFound)) {
+            self.guesses.miss(peer);
+        }
+        result.map_err(Status::from)
+    }
+}
+
+fn peer<T>(req: &Request<T>) -> Option<IpAddr> {
+    req.remote_addr().map(|a| a.ip())
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -42,33 +60,41 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::Session> {
+        let peer = peer(&req);
         let r = req.into_inner();
-        let s = self.store.get(&r.id, r.peek)?;
+        let s = self.lookup(peer, self.store.get(&r.id, r.peek))?;
         Ok(Response::new(convert::session(s)))
     }
 
     async fn touch(&self, req: Request<pb::TouchRequest>) -> Reply<pb::TouchResponse> {
-        let expires_at = self.store.touch(&req.into_inner().id)?;
+        let peer = peer(&req);
+        let expires_at = self.lookup(peer, self.store.touch(&req.into_inner().id))?;
         Ok(Response::new(pb::TouchResponse {
             expires_at: Some(convert::timestamp(expires_at)),
         }))
     }
 
     async fn update(&self, req: Request<pb::UpdateRequest>) -> Reply<pb::Session> {
+        let peer = peer(&req);
         let mut r = req.into_inner();
         let id = std::mem::take(&mut r.id);
-        let s = self.store.update(&id, convert::change(r))?;
+        let s = self.lookup(peer, self.store.update(&id, convert::change(r)))?;
         Ok(Response::new(convert::session(s)))
     }
 
     async fn regenerate(&self, req: Request<pb::RegenerateRequest>) -> Reply<pb::Session> {
+        let peer = peer(&req);
         let r = req.into_inner();
-        let s = self.store.regenerate(&r.id, convert::rotation(&r))?;
+        let s = self.lookup(peer, self.store.regenerate(&r.id, convert::rotation(&r)))?;
         Ok(Response::new(convert::session(s)))
     }
 
     async fn destroy(&self, req: Request<pb::DestroyRequest>) -> Reply<pb::DestroyResponse> {
+        let peer = peer(&req);
         let existed = self.store.destroy(&req.into_inner().id)?;
+        if !existed {
+            self.guesses.miss(peer);
+        }
         Ok(Response::new(pb::DestroyResponse { existed }))
     }
 

@@ -15,6 +15,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
+use crate::api::guessing::GuessWatch;
 use crate::session::Millis;
 use crate::store::events::{EndCause, Event, EventSink};
 use crate::store::reaper::ReaperObserver;
@@ -52,6 +53,10 @@ pub mod names {
     pub const REAPER_LAG: &str = "sessiond_reaper_lag_seconds";
     /// Time one reaper batch took.
     pub const REAPER_BATCH: &str = "sessiond_reaper_batch_seconds";
+    /// Lookups of well-formed session IDs that matched no live session.
+    pub const SESSION_ID_MISSES: &str = "sessiond_session_id_misses_total";
+    /// Times a peer crossed `guess_threshold` misses within `guess_window`.
+    pub const GUESSING_PEERS: &str = "sessiond_guessing_peers_flagged_total";
     /// Seconds since start.
     pub const UPTIME: &str = "sessiond_uptime_seconds";
     /// Always 1; the labels carry the build.
@@ -178,6 +183,18 @@ impl Telemetry {
         })
     }
 
+    /// The per-peer watch on lookups of unknown session IDs.
+    pub fn guess_watch(&self, threshold: u32, window: Duration) -> GuessWatch {
+        self.register(|| {
+            GuessWatch::new(
+                threshold,
+                window,
+                metrics::counter!(SESSION_ID_MISSES),
+                metrics::counter!(GUESSING_PEERS),
+            )
+        })
+    }
+
     /// The reaper's observer.
     pub fn reaper_observer(&self) -> ReaperMetrics {
         self.register(|| ReaperMetrics {
@@ -233,6 +250,14 @@ fn describe() {
         "How late the oldest due session was when the reaper last reached it."
     );
     describe_histogram!(REAPER_BATCH, Unit::Seconds, "Time one reaper batch took.");
+    describe_counter!(
+        SESSION_ID_MISSES,
+        "Lookups of well-formed session IDs that matched no live session."
+    );
+    describe_counter!(
+        GUESSING_PEERS,
+        "Times a peer crossed guess_threshold misses within guess_window."
+    );
     describe_gauge!(UPTIME, Unit::Seconds, "Seconds since the daemon started.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
 }
