@@ -11,7 +11,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::{Figment, Provider};
 use serde::{Deserialize, Serialize};
 
-use crate::store::Limits;
+use crate::store::{Limits, PerUserPolicy};
 
 /// The config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "config/sessiond.toml";
@@ -73,8 +73,11 @@ pub struct Config {
     pub max_user_id_bytes: usize,
     /// Bytes of client info (IP plus user agent) per session.
     pub max_client_info_bytes: usize,
-    /// Live sessions one user may hold; past it, Create and login Regenerate fail.
+    /// Live sessions one user may hold.
     pub max_sessions_per_user: usize,
+    /// At `max_sessions_per_user`: `deny` refuses the new session, `evict-oldest` ends the
+    /// user's oldest session to make room.
+    pub per_user_policy: PerUserPolicy,
     /// Live sessions in the whole store; the memory bound.
     pub max_sessions: usize,
 
@@ -153,6 +156,7 @@ impl Default for Config {
             max_user_id_bytes: limits.max_user_id_bytes,
             max_client_info_bytes: limits.max_client_info_bytes,
             max_sessions_per_user: limits.max_sessions_per_user,
+            per_user_policy: limits.per_user_policy,
             max_sessions: limits.max_sessions,
             max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_streams: 1024,
@@ -319,6 +323,7 @@ impl Config {
             max_user_id_bytes: self.max_user_id_bytes,
             max_client_info_bytes: self.max_client_info_bytes,
             max_sessions_per_user: self.max_sessions_per_user,
+            per_user_policy: self.per_user_policy,
             max_sessions: self.max_sessions,
         }
     }

@@ -64,6 +64,8 @@ pub struct Limits {
     pub max_client_info_bytes: usize,
     /// Live sessions bound to one user.
     pub max_sessions_per_user: usize,
+    /// What a new session of a user at `max_sessions_per_user` does.
+    pub per_user_policy: PerUserPolicy,
     /// Live sessions in the whole store.
     pub max_sessions: usize,
 }
@@ -82,9 +84,21 @@ impl Default for Limits {
             max_user_id_bytes: 256,
             max_client_info_bytes: 1024,
             max_sessions_per_user: 100,
+            per_user_policy: PerUserPolicy::Deny,
             max_sessions: 10_000_000,
         }
     }
+}
+
+/// What happens when a user at `max_sessions_per_user` starts another session
+/// (OWASP ASVS 5.0 7.1.2: the application limits concurrent sessions per account).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PerUserPolicy {
+    /// Refuse the new session with RESOURCE_EXHAUSTED.
+    Deny,
+    /// End the user's oldest session to make room.
+    EvictOldest,
 }
 
 /// What a Create asks for. Unset timeouts take the server defaults.
@@ -662,12 +676,34 @@ impl Store {
         if keys.len() >= max {
             keys.retain(|k| self.inner.sessions.get(k).is_some_and(|e| e.is_live(now)));
         }
-        if keys.len() >= max {
-            return Err(StoreError::Exhausted {
-                limit: "max_sessions_per_user",
-                max: max as u64,
-                hint: "; destroy one of the user's sessions first",
-            });
+        match self.inner.limits.per_user_policy {
+            _ if keys.len() < max => {}
+            PerUserPolicy::Deny => {
+                return Err(StoreError::Exhausted {
+                    limit: "max_sessions_per_user",
+                    max: max as u64,
+                    hint: "; destroy one of the user's sessions first",
+                })
+            }
+            PerUserPolicy::EvictOldest => {
+                // Oldest by creation (login) time: the device the user is least likely to be
+                // sitting at. Every key left after the prune is live, so each has a time.
+                while keys.len() >= max {
+                    let oldest = keys
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, k)| self.inner.sessions.get(k).map_or(0, |e| e.created_at))
+                        .map(|(i, _)| i);
+                    let Some(i) = oldest else { break };
+                    let key = keys.swap_remove(i);
+                    if self
+                        .remove_entry(key, now, EndCause::Evicted, |_| true)
+                        .is_some()
+                    {
+                        tracing::info!(session = %key, "evicted a user's oldest session at max_sessions_per_user");
+                    }
+                }
+            }
         }
         Ok(())
     }

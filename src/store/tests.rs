@@ -415,6 +415,43 @@ fn per_user_limit_denies_and_ignores_dead_sessions() {
 }
 
 #[test]
+fn per_user_limit_can_evict_the_oldest_session_instead() {
+    let st = store_with(Limits {
+        max_sessions_per_user: 2,
+        per_user_policy: PerUserPolicy::EvictOldest,
+        ..Limits::default()
+    });
+    let first = create(&st, Some("gil"));
+    st.clock().advance(MIN);
+    let second = create(&st, Some("gil"));
+    st.clock().advance(MIN);
+    // The oldest is evicted even though it was used most recently.
+    st.touch(&id(&first)).unwrap();
+    let third = create(&st, Some("gil"));
+    assert_eq!(st.get(&id(&first), true), Err(StoreError::NotFound));
+    let listed: Vec<_> = st
+        .list_user("gil", false)
+        .unwrap()
+        .iter()
+        .map(|s| s.key)
+        .collect();
+    assert_eq!(listed, vec![second.key, third.key]);
+    // A login into a full account evicts too.
+    let anon = create(&st, None);
+    st.regenerate(
+        &id(&anon),
+        Rotation {
+            user: Some("gil".into()),
+            drop_attributes: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(st.get(&id(&second), true), Err(StoreError::NotFound));
+    assert_eq!(st.list_user("gil", false).unwrap().len(), 2);
+    assert_eq!(st.stats().sessions, 2);
+}
+
+#[test]
 fn total_session_limit_is_exact() {
     let st = store_with(Limits {
         max_sessions: 3,
