@@ -78,8 +78,11 @@ pub struct Config {
     /// At `max_sessions_per_user`: `deny` refuses the new session, `evict-oldest` ends the
     /// user's oldest session to make room.
     pub per_user_policy: PerUserPolicy,
-    /// Live sessions in the whole store; the memory bound.
+    /// Live sessions in the whole store.
     pub max_sessions: usize,
+    /// Approximate bytes of all sessions together (the `sessiond_session_bytes` figure, not
+    /// RSS). Past it, sessions are evicted: anonymous first, the longest idle first.
+    pub max_memory_bytes: usize,
 
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
@@ -158,6 +161,7 @@ impl Default for Config {
             max_sessions_per_user: limits.max_sessions_per_user,
             per_user_policy: limits.per_user_policy,
             max_sessions: limits.max_sessions,
+            max_memory_bytes: limits.max_memory_bytes,
             max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_streams: 1024,
             max_concurrent_requests: 4096,
@@ -279,6 +283,7 @@ impl Config {
             ("max_user_id_bytes", self.max_user_id_bytes),
             ("max_sessions_per_user", self.max_sessions_per_user),
             ("max_sessions", self.max_sessions),
+            ("max_memory_bytes", self.max_memory_bytes),
             ("max_message_bytes", self.max_message_bytes),
             ("reaper_batch", self.reaper_batch),
             (
@@ -325,6 +330,7 @@ impl Config {
             max_sessions_per_user: self.max_sessions_per_user,
             per_user_policy: self.per_user_policy,
             max_sessions: self.max_sessions,
+            max_memory_bytes: self.max_memory_bytes,
         }
     }
 }

@@ -68,6 +68,9 @@ pub struct Limits {
     pub per_user_policy: PerUserPolicy,
     /// Live sessions in the whole store.
     pub max_sessions: usize,
+    /// Approximate bytes of all sessions together. Past it, sessions are evicted: anonymous
+    /// before authenticated, the longest idle first.
+    pub max_memory_bytes: usize,
 }
 
 impl Default for Limits {
@@ -86,6 +89,7 @@ impl Default for Limits {
             max_sessions_per_user: 100,
             per_user_policy: PerUserPolicy::Deny,
             max_sessions: 10_000_000,
+            max_memory_bytes: 2 << 30,
         }
     }
 }
@@ -249,8 +253,16 @@ struct Inner {
     count: AtomicUsize,
     /// Sum of `Entry::bytes`.
     bytes: AtomicUsize,
+    /// Rotates the wheel part eviction samples start from.
+    evict_from: AtomicUsize,
     sink: Box<dyn EventSink>,
 }
+
+/// Sessions looked at per eviction round under `max_memory_bytes`.
+const EVICTION_SAMPLE: usize = 64;
+
+/// Eviction rounds one call may run before it gives up with RESOURCE_EXHAUSTED.
+const EVICTION_ROUNDS: usize = 8;
 
 /// Granularity of the expiry wheel. Reads are exact regardless; this only sets how soon after
 /// its deadline a dead session's memory is freed.
@@ -272,6 +284,7 @@ impl Store {
                 limits,
                 count: AtomicUsize::new(0),
                 bytes: AtomicUsize::new(0),
+                evict_from: AtomicUsize::new(0),
                 sink,
             }),
         }
@@ -319,6 +332,7 @@ impl Store {
         self.check_shape(attrs.len(), bytes)?;
 
         let now = self.now();
+        self.make_room(bytes, now)?;
         let session = Session {
             key: SessionKey::generate(),
             user,
@@ -396,6 +410,10 @@ impl Store {
             }
         }
         let now = self.now();
+        // Room for the worst case (every key new), made before this session's lock is taken:
+        // eviction locks other sessions.
+        let growth = change.set.iter().map(|(k, v)| attribute_bytes(k, v)).sum();
+        self.make_room(growth, now)?;
         let mut entry = self
             .inner
             .sessions
@@ -621,6 +639,74 @@ impl Store {
         self.inner.wheel.file(session.key, session.expires_at());
         self.add_bytes(bytes as isize);
         self.inner.sink.record(&Event::Created { session, bytes });
+    }
+
+    /// Evicts until `need` more bytes fit under `max_memory_bytes`. Candidates are the
+    /// earliest-filed sessions in the expiry wheel (a sample of the longest idle); within a
+    /// sample, dead sessions go first, then anonymous ones, then authenticated ones, each by
+    /// deadline. Bounded work: gives up with RESOURCE_EXHAUSTED after a few samples.
+    fn make_room(&self, need: usize, now: Millis) -> Result<(), StoreError> {
+        let cap = self.inner.limits.max_memory_bytes;
+        let fits = || {
+            self.inner
+                .bytes
+                .load(Ordering::Relaxed)
+                .saturating_add(need)
+                <= cap
+        };
+        if fits() {
+            return Ok(());
+        }
+        let exhausted = StoreError::Exhausted {
+            limit: "max_memory_bytes",
+            max: cap as u64,
+            hint: "",
+        };
+        if need > cap {
+            // Could never fit: evicting everyone else would not help.
+            return Err(exhausted);
+        }
+        let mut sample = Vec::with_capacity(EVICTION_SAMPLE);
+        for _ in 0..EVICTION_ROUNDS {
+            let from = self.inner.evict_from.fetch_add(1, Ordering::Relaxed);
+            sample.clear();
+            self.inner
+                .wheel
+                .take_earliest(from, EVICTION_SAMPLE, &mut sample);
+            if sample.is_empty() {
+                break;
+            }
+            let mut ranked: Vec<(bool, bool, Millis, SessionKey)> = sample
+                .iter()
+                .filter_map(|k| {
+                    let e = self.inner.sessions.get(k)?;
+                    Some((e.is_live(now), e.user.is_some(), e.expires_at(), *k))
+                })
+                .collect();
+            ranked.sort_unstable_by_key(|&(live, auth, expires, _)| (live, auth, expires));
+            for (live, _, expires, key) in ranked {
+                if fits() {
+                    self.inner.wheel.file(key, expires);
+                    continue;
+                }
+                let cause = if live {
+                    EndCause::Evicted
+                } else {
+                    EndCause::Expired
+                };
+                if self.end(key, now, cause, |e| e.is_live(now) == live) {
+                    if live {
+                        tracing::warn!(session = %key, "evicted at max_memory_bytes");
+                    }
+                } else if self.inner.sessions.contains_key(&key) {
+                    self.inner.wheel.file(key, expires);
+                }
+            }
+            if fits() {
+                return Ok(());
+            }
+        }
+        Err(exhausted)
     }
 
     /// Claims one of `max_sessions`; the caller gives it back if the insert does not happen.

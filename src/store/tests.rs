@@ -452,6 +452,57 @@ fn per_user_limit_can_evict_the_oldest_session_instead() {
 }
 
 #[test]
+fn memory_cap_evicts_anonymous_sessions_first_then_the_longest_idle() {
+    const CAP: usize = 3 * 1024;
+    let st = store_with(Limits {
+        max_memory_bytes: CAP,
+        ..Limits::default()
+    });
+    let value = "v".repeat(500);
+    // About 750 bytes each by the store's accounting: four fit under the cap, five do not.
+    let big = |user: Option<&str>| NewSession {
+        user: user.map(str::to_owned),
+        attributes: attrs(&[("blob", value.as_str())]),
+        ..NewSession::default()
+    };
+    let mut made = Vec::new();
+    for user in [Some("alice"), None, Some("bob"), None] {
+        made.push(st.create(big(user)).unwrap());
+        st.clock().advance(MIN);
+    }
+    let [alice, anon_old, bob, anon_new] = <[Session; 4]>::try_from(made).unwrap();
+    let gone = |s: &Session| st.get(&id(s), true) == Err(StoreError::NotFound);
+
+    // Anonymous first, the longest idle of them first.
+    let carol = st.create(big(Some("carol"))).unwrap();
+    assert!(gone(&anon_old));
+    assert!(!gone(&anon_new) && !gone(&alice) && !gone(&bob) && !gone(&carol));
+    st.clock().advance(MIN);
+    let dave = st.create(big(Some("dave"))).unwrap();
+    assert!(gone(&anon_new));
+    // No anonymous session left: the longest-idle authenticated one goes, even though it
+    // was created first only if it is also idle longest; touch alice so bob is older.
+    st.touch(&id(&alice)).unwrap();
+    st.clock().advance(MIN);
+    st.create(big(Some("erin"))).unwrap();
+    assert!(gone(&bob));
+    assert!(!gone(&alice) && !gone(&carol) && !gone(&dave));
+    assert!(st.stats().bytes <= CAP);
+
+    let err = st
+        .create(NewSession {
+            attributes: attrs(&[("blob", &"w".repeat(5000))]),
+            ..NewSession::default()
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("max_memory_bytes"), "{err}");
+    assert!(
+        !gone(&alice) && !gone(&carol) && !gone(&dave),
+        "a hopeless request evicted nobody"
+    );
+}
+
+#[test]
 fn total_session_limit_is_exact() {
     let st = store_with(Limits {
         max_sessions: 3,

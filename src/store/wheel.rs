@@ -74,6 +74,31 @@ impl Wheel {
         oldest.map(|slot| slot * self.granularity)
     }
 
+    /// Takes up to `max` keys with the earliest slots, due or not, starting at part `from`
+    /// (callers rotate it so no part is drained first every time): eviction candidates.
+    pub fn take_earliest(&self, from: usize, max: usize, out: &mut Vec<SessionKey>) {
+        let n = self.parts.len();
+        for i in 0..n {
+            let mut slots = lock(&self.parts[(from + i) % n]);
+            while out.len() < max {
+                let Some(mut entry) = slots.first_entry() else {
+                    break;
+                };
+                let keys = entry.get_mut();
+                let room = max - out.len();
+                if keys.len() <= room {
+                    out.append(&mut entry.remove());
+                } else {
+                    let tail = keys.len() - room;
+                    out.extend(keys.drain(tail..));
+                }
+            }
+            if out.len() >= max {
+                return;
+            }
+        }
+    }
+
     /// How many keys are filed, live or not. For tests and diagnostics; takes every lock.
     pub fn len(&self) -> usize {
         self.parts
