@@ -1,0 +1,557 @@
+//! `sessionctl`: the command-line client of sessiond, the way redis-cli is Redis's.
+//!
+//! Human output by default, `--json` for scripts. The exit code is the gRPC status code of
+//! the failed call (NOT_FOUND = 5, INVALID_ARGUMENT = 3, UNAVAILABLE = 14, ...), 0 on
+//! success, and 2 for a command line clap cannot parse.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use sessiond::api::pb;
+use sessiond::api::pb::session_store_client::SessionStoreClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Command-line client for sessiond.
+///
+/// Exit codes: 0 on success; otherwise the gRPC status code of the failed call (3
+/// INVALID_ARGUMENT, 5 NOT_FOUND, 8 RESOURCE_EXHAUSTED, 10 ABORTED, 14 UNAVAILABLE when
+/// sessiond cannot be reached, ...); 2 for a malformed command line.
+///
+/// Attribute values print as UTF-8 text when they are valid UTF-8, otherwise as
+/// `base64:<standard base64>`; `--set k=base64:...` accepts the same form.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// sessiond's gRPC address (host:port or http://host:port).
+    #[arg(
+        long,
+        env = "SESSIOND_ADDR",
+        default_value = "127.0.0.1:7420",
+        global = true
+    )]
+    addr: String,
+    /// sessiond's admin HTTP address, for `stats`.
+    #[arg(
+        long,
+        env = "SESSIOND_ADMIN_ADDR",
+        default_value = "127.0.0.1:7421",
+        global = true
+    )]
+    admin_addr: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Give up on a call after this long.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a session and print it.
+    Create {
+        /// Bind the session to this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Idle timeout, e.g. 30m (default: the server's).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Absolute timeout, e.g. 24h (default: the server's).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        absolute: Option<Duration>,
+        /// An attribute, key=value; repeat for more.
+        #[arg(long = "set", value_name = "K=V", value_parser = parse_pair)]
+        set: Vec<(String, Bytes)>,
+    },
+    /// Read a session (slides its idle deadline unless --peek).
+    Get {
+        id: String,
+        /// Read without sliding the idle deadline.
+        #[arg(long)]
+        peek: bool,
+    },
+    /// Set attributes: `set ID k=v...`.
+    Set {
+        id: String,
+        #[arg(required = true, value_name = "K=V", value_parser = parse_pair)]
+        pairs: Vec<(String, Bytes)>,
+        /// Apply only if the session is at this version (compare-and-set).
+        #[arg(long)]
+        expect_version: Option<u64>,
+    },
+    /// Remove attributes: `unset ID k...`.
+    Unset {
+        id: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+        /// Apply only if the session is at this version (compare-and-set).
+        #[arg(long)]
+        expect_version: Option<u64>,
+    },
+    /// Slide the idle deadline.
+    Touch { id: String },
+    /// Move the session to a fresh ID (bind --user on login).
+    Regenerate {
+        id: String,
+        /// Bind the new ID to this user ("" for anonymous).
+        #[arg(long)]
+        user: Option<String>,
+        /// Start the new ID without attributes.
+        #[arg(long)]
+        drop_attributes: bool,
+    },
+    /// End one session.
+    Destroy { id: String },
+    /// List a user's live sessions.
+    Ls {
+        #[arg(long)]
+        user: String,
+        /// Include each session's attributes.
+        #[arg(long)]
+        attributes: bool,
+    },
+    /// End all of a user's sessions.
+    Kill {
+        #[arg(long)]
+        user: String,
+        /// Spare this session.
+        #[arg(long)]
+        except: Option<String>,
+    },
+    /// A readable summary of the daemon's metrics.
+    Stats,
+    /// Check that sessiond is up and serving.
+    Ping,
+    /// Load generator (see sessiond-bench).
+    Bench,
+}
+
+/// A failure, with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<Status> for Failure {
+    fn from(s: Status) -> Self {
+        Failure {
+            code: s.code() as u8,
+            message: format!("{}: {}", code_name(s.code()), s.message()),
+        }
+    }
+}
+
+fn code_name(code: Code) -> String {
+    // The canonical upper-case names, as in the gRPC spec: NotFound -> NOT_FOUND.
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    if out == "OK" || out == "O_K" {
+        "OK".into()
+    } else {
+        out
+    }
+}
+
+fn parse_pair(s: &str) -> Result<(String, Bytes), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))?;
+    let value = match v.strip_prefix("base64:") {
+        Some(b64) => STANDARD
+            .decode(b64)
+            .map_err(|e| format!("bad base64 for {k:?}: {e}"))?,
+        None => v.as_bytes().to_vec(),
+    };
+    Ok((k.to_string(), Bytes::from(value)))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sessionctl: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&cli)) {
+        Ok(out) => {
+            if cli.json {
+                println!("{out}");
+            } else {
+                print!("{}", human(&out));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            eprintln!("sessionctl: {}", f.message);
+            ExitCode::from(f.code.max(1))
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<SessionStoreClient<Channel>, Failure> {
+    let channel = channel(cli).await?;
+    Ok(SessionStoreClient::new(channel))
+}
+
+async fn channel(cli: &Cli) -> Result<Channel, Failure> {
+    let url = if cli.addr.contains("://") {
+        cli.addr.clone()
+    } else {
+        format!("http://{}", cli.addr)
+    };
+    let unavailable = |why: String| Failure {
+        code: Code::Unavailable as u8,
+        message: format!("UNAVAILABLE: cannot reach sessiond at {}: {why}", cli.addr),
+    };
+    Endpoint::from_shared(url)
+        .map_err(|e| unavailable(e.to_string()))?
+        .connect_timeout(cli.timeout)
+        .timeout(cli.timeout)
+        .connect()
+        .await
+        .map_err(|e| unavailable(e.to_string()))
+}
+
+async fn run(cli: &Cli) -> Result<Value, Failure> {
+    match &cli.command {
+        Command::Create {
+            user,
+            ttl,
+            absolute,
+            set,
+        } => {
+            let req = pb::CreateRequest {
+                user_id: user.clone().unwrap_or_default(),
+                attributes: set.iter().cloned().collect(),
+                idle_timeout: ttl.map(proto_duration),
+                absolute_timeout: absolute.map(proto_duration),
+                client: None,
+            };
+            let s = connect(cli).await?.create(req).await?.into_inner();
+            Ok(session_json(&s))
+        }
+        Command::Get { id, peek } => {
+            let req = pb::GetRequest {
+                id: id.clone(),
+                peek: *peek,
+            };
+            Ok(session_json(
+                &connect(cli).await?.get(req).await?.into_inner(),
+            ))
+        }
+        Command::Set {
+            id,
+            pairs,
+            expect_version,
+        } => {
+            let req = pb::UpdateRequest {
+                id: id.clone(),
+                set: pairs.iter().cloned().collect(),
+                remove: vec![],
+                expected_version: *expect_version,
+            };
+            Ok(session_json(
+                &connect(cli).await?.update(req).await?.into_inner(),
+            ))
+        }
+        Command::Unset {
+            id,
+            keys,
+            expect_version,
+        } => {
+            let req = pb::UpdateRequest {
+                id: id.clone(),
+                set: Default::default(),
+                remove: keys.clone(),
+                expected_version: *expect_version,
+            };
+            Ok(session_json(
+                &connect(cli).await?.update(req).await?.into_inner(),
+            ))
+        }
+        Command::Touch { id } => {
+            let r = connect(cli)
+                .await?
+                .touch(pb::TouchRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            Ok(json!({ "expires_at": timestamp(r.expires_at) }))
+        }
+        Command::Regenerate {
+            id,
+            user,
+            drop_attributes,
+        } => {
+            let req = pb::RegenerateRequest {
+                id: id.clone(),
+                user_id: user.clone(),
+                drop_attributes: *drop_attributes,
+            };
+            Ok(session_json(
+                &connect(cli).await?.regenerate(req).await?.into_inner(),
+            ))
+        }
+        Command::Destroy { id } => {
+            let r = connect(cli)
+                .await?
+                .destroy(pb::DestroyRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            Ok(json!({ "existed": r.existed }))
+        }
+        Command::Ls { user, attributes } => {
+            let req = pb::ListUserSessionsRequest {
+                user_id: user.clone(),
+                include_attributes: *attributes,
+            };
+            let r = connect(cli)
+                .await?
+                .list_user_sessions(req)
+                .await?
+                .into_inner();
+            Ok(json!({ "sessions": r.sessions.iter().map(session_json).collect::<Vec<_>>() }))
+        }
+        Command::Kill { user, except } => {
+            let req = pb::DestroyUserSessionsRequest {
+                user_id: user.clone(),
+                except_id: except.clone().unwrap_or_default(),
+            };
+            let r = connect(cli)
+                .await?
+                .destroy_user_sessions(req)
+                .await?
+                .into_inner();
+            Ok(json!({ "destroyed": r.destroyed }))
+        }
+        Command::Ping => ping(cli).await,
+        Command::Stats => stats(cli).await,
+        Command::Bench => Err(Failure {
+            code: 2,
+            message: "bench: the load generator is not built yet".into(),
+        }),
+    }
+}
+
+async fn ping(cli: &Cli) -> Result<Value, Failure> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let started = std::time::Instant::now();
+    let status = HealthClient::new(channel(cli).await?)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status();
+    if status != ServingStatus::Serving {
+        return Err(Failure {
+            code: Code::Unavailable as u8,
+            message: format!(
+                "UNAVAILABLE: sessiond at {} is {}",
+                cli.addr,
+                status.as_str_name()
+            ),
+        });
+    }
+    Ok(json!({
+        "status": status.as_str_name(),
+        "rtt_ms": started.elapsed().as_secs_f64() * 1000.0,
+    }))
+}
+
+/// The metrics `stats` shows, in order: (label, metric, unit).
+const STATS: &[(&str, &str, &str)] = &[
+    ("sessions", "sessiond_sessions_active", ""),
+    ("users", "sessiond_users_with_sessions", ""),
+    ("session_bytes", "sessiond_session_bytes", "bytes"),
+    ("created", "sessiond_sessions_created_total", ""),
+    ("updated", "sessiond_sessions_updated_total", ""),
+    ("destroyed", "sessiond_sessions_destroyed_total", ""),
+    ("expired", "sessiond_sessions_expired_total", ""),
+    ("regenerated", "sessiond_sessions_regenerated_total", ""),
+    ("evicted", "sessiond_sessions_evicted_total", ""),
+    ("id_misses", "sessiond_session_id_misses_total", ""),
+    ("rss", "sessiond_process_resident_memory_bytes", "bytes"),
+    ("open_fds", "sessiond_process_open_fds", ""),
+    ("cpu_seconds", "sessiond_process_cpu_seconds_total", "s"),
+    ("uptime_seconds", "sessiond_uptime_seconds", "s"),
+];
+
+async fn stats(cli: &Cli) -> Result<Value, Failure> {
+    let body = http_get(&cli.admin_addr, "/metrics", cli.timeout).await?;
+    let mut samples: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut requests = 0.0;
+    let mut errors = 0.0;
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        if let Some(labels) = name.strip_prefix("sessiond_grpc_requests_total{") {
+            requests += value;
+            if !labels.contains("code=\"OK\"") && !labels.contains("code=\"NotFound\"") {
+                errors += value;
+            }
+        } else if let Some((label, _, _)) = STATS.iter().find(|(_, m, _)| *m == name) {
+            samples.insert(label, value);
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for (label, _, _) in STATS {
+        if let Some(v) = samples.get(label) {
+            out.insert((*label).into(), json!(v));
+        }
+    }
+    out.insert("grpc_requests".into(), json!(requests));
+    out.insert("grpc_errors".into(), json!(errors));
+    Ok(Value::Object(out))
+}
+
+/// One GET over HTTP/1.1 with hyper's client; returns the body of a 200.
+async fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String, Failure> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let base = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let fail = |why: String| Failure {
+        code: Code::Unavailable as u8,
+        message: format!("UNAVAILABLE: cannot read metrics from {addr}: {why}"),
+    };
+    let uri: http::Uri = format!("{base}{path}")
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| fail(e.to_string()))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let fetch = async {
+        let resp = client.get(uri).await.map_err(|e| fail(e.to_string()))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(fail(format!("HTTP {status}")));
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| fail("timed out".into()))?
+}
+
+fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn timestamp(t: Option<prost_types::Timestamp>) -> Value {
+    let Some(t) = t else { return Value::Null };
+    let at = UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
+    json!(humantime::format_rfc3339_seconds(at).to_string())
+}
+
+fn value_text(v: &[u8]) -> String {
+    match std::str::from_utf8(v) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("base64:{}", STANDARD.encode(v)),
+    }
+}
+
+fn session_json(s: &pb::Session) -> Value {
+    let attributes: BTreeMap<&str, String> = s
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.as_str(), value_text(v)))
+        .collect();
+    let client = s.client.clone().unwrap_or_default();
+    json!({
+        "id": s.id,
+        "user_id": s.user_id,
+        "version": s.version,
+        "attributes": attributes,
+        "created_at": timestamp(s.created_at),
+        "last_access_at": timestamp(s.last_access_at),
+        "expires_at": timestamp(s.expires_at),
+        "absolute_expires_at": timestamp(s.absolute_expires_at),
+        "idle_timeout_seconds": s.idle_timeout.map_or(0, |d| d.seconds),
+        "client": { "ip": client.ip, "user_agent": client.user_agent },
+    })
+}
+
+/// Text form: one `key: value` line per field, nested objects indented, lists numbered.
+fn human(v: &Value) -> String {
+    let mut out = String::new();
+    write_human(&mut out, v, 0);
+    out
+}
+
+fn write_human(out: &mut String, v: &Value, indent: usize) {
+    let pad = "  ".repeat(indent);
+    match v {
+        Value::Object(map) => {
+            let width = map.keys().map(String::len).max().unwrap_or(0);
+            for (k, v) in map {
+                match v {
+                    Value::Object(m) if m.is_empty() => out.push_str(&format!("{pad}{k}: -\n")),
+                    Value::Object(_) | Value::Array(_) => {
+                        out.push_str(&format!("{pad}{k}:\n"));
+                        write_human(out, v, indent + 1);
+                    }
+                    _ => out.push_str(&format!("{pad}{k:width$}  {}\n", scalar(v))),
+                }
+            }
+        }
+        Value::Array(items) => {
+            if items.is_empty() {
+                out.push_str(&format!("{pad}(none)\n"));
+            }
+            for (i, item) in items.iter().enumerate() {
+                out.push_str(&format!("{pad}[{}]\n", i + 1));
+                write_human(out, item, indent + 1);
+            }
+        }
+        other => out.push_str(&format!("{pad}{}\n", scalar(other))),
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+            Some(f) => format!("{f:.3}"),
+            None => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
