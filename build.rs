@@ -5,14 +5,21 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/sessiond/v1/session_store.proto";
+    let api = "proto/sessiond/v1/session_store.proto";
+    let persist = "proto/sessiond/persist/v1/persist.proto";
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile([proto], ["proto"])?;
+    let fds = protox::compile([api], ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // The encoded descriptor set feeds gRPC reflection, so grpcurl works without the proto.
     std::fs::write(out.join("sessiond_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .bytes(".sessiond.v1")
         .compile_fds(fds)?;
+    // The storage records: messages only, no service, and not served by reflection.
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_client(false)
+        .bytes(".sessiond.persist.v1")
+        .compile_fds(protox::compile([persist], ["proto"])?)?;
     Ok(())
 }

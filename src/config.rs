@@ -11,6 +11,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::{Figment, Provider};
 use serde::{Deserialize, Serialize};
 
+use crate::persist::log::FsyncPolicy;
 use crate::store::{Limits, PerUserPolicy};
 
 /// The config file read when `--config` is not given, if it exists.
@@ -30,6 +31,16 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// Directory for the durable log and snapshots.
     pub data_dir: PathBuf,
+    /// Keep sessions across restarts (the log and snapshots under `data_dir`). Off: a pure
+    /// in-memory cache.
+    pub persist: bool,
+    /// When the log is fsynced: `always` (before every reply), `everysec`, or `no`.
+    pub fsync: FsyncPolicy,
+    /// Snapshot once the current log segment is this large.
+    pub snapshot_log_bytes: u64,
+    /// Snapshot at least this often while anything changes.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
     /// `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
 
@@ -141,6 +152,10 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7420)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7421)),
             data_dir: PathBuf::from("./data"),
+            persist: true,
+            fsync: FsyncPolicy::Everysec,
+            snapshot_log_bytes: 64 * 1024 * 1024,
+            snapshot_interval: Duration::from_secs(3600),
             log_format: LogFormat::Text,
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
@@ -239,6 +254,7 @@ impl Config {
             ("absolute_timeout", self.absolute_timeout),
             ("reaper_interval", self.reaper_interval),
             ("tls_watch_interval", self.tls_watch_interval),
+            ("snapshot_interval", self.snapshot_interval),
             ("guess_window", self.guess_window),
             ("request_timeout", self.request_timeout),
             ("keepalive_interval", self.keepalive_interval),
@@ -284,6 +300,7 @@ impl Config {
             ("max_sessions_per_user", self.max_sessions_per_user),
             ("max_sessions", self.max_sessions),
             ("max_memory_bytes", self.max_memory_bytes),
+            ("snapshot_log_bytes", self.snapshot_log_bytes as usize),
             ("max_message_bytes", self.max_message_bytes),
             ("reaper_batch", self.reaper_batch),
             (

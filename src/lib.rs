@@ -12,6 +12,7 @@
 //! - [`admin`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`config`]: one `Config`, layered from defaults, file, environment and flags.
 //! - [`server`]: wiring and the ordered shutdown, shared by `main` and the tests.
+//! - [`persist`]: the durable log, snapshots and recovery.
 //! - [`tls`]: TLS and mutual TLS for the gRPC port, reloadable without a restart.
 
 pub mod admin;
@@ -19,6 +20,7 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod observe;
+pub mod persist;
 pub mod server;
 pub mod session;
 pub mod store;

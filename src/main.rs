@@ -7,6 +7,7 @@ use clap::Parser;
 use serde::Serialize;
 use sessiond::clock::Clock;
 use sessiond::config::{Config, LogFormat};
+use sessiond::persist::log::FsyncPolicy;
 use sessiond::server::Daemon;
 
 /// The session-store daemon. Every flag overrides the config file and the environment.
@@ -29,6 +30,19 @@ struct Flags {
     #[arg(long, value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     data_dir: Option<PathBuf>,
+    /// Keep nothing on disk: a pure in-memory cache [env: SESSIOND_PERSIST=false]
+    #[arg(long = "no-persist", action = clap::ArgAction::SetFalse)]
+    #[serde(skip_serializing_if = "is_true")]
+    persist: bool,
+    /// When the log is fsynced [env: SESSIOND_FSYNC] [default: everysec]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fsync: Option<FsyncPolicy>,
+    /// Check the data directory, cut a damaged log at the damage (saying how many records it
+    /// drops), and exit without serving
+    #[arg(long)]
+    #[serde(skip)]
+    repair: bool,
     /// Log format [env: SESSIOND_LOG_FORMAT] [default: text]
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -63,6 +77,11 @@ struct Flags {
     shards: Option<usize>,
 }
 
+/// Serialise `persist` only when `--no-persist` turned it off.
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 fn main() -> ExitCode {
     let flags = Flags::parse();
     let config = match Config::load(flags.config.as_deref(), &flags) {
@@ -73,6 +92,9 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
+    if flags.repair {
+        return repair(&config);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -88,6 +110,26 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("sessiond: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--repair`: recovery with permission to truncate, then exit.
+fn repair(config: &Config) -> ExitCode {
+    let now = Clock::system().now();
+    match sessiond::persist::recover(&config.data_dir, now, true) {
+        Ok(r) => {
+            println!(
+                "sessiond --repair: {} is consistent: {} live session(s), {} record(s) replayed",
+                config.data_dir.display(),
+                r.sessions.len(),
+                r.records
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sessiond --repair: {e}");
             ExitCode::FAILURE
         }
     }

@@ -20,7 +20,9 @@ use crate::api::{SessionStoreService, FILE_DESCRIPTOR_SET};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::observe::Telemetry;
-use crate::store::events::Fanout;
+use crate::persist::log::Log;
+use crate::persist::Persistence;
+use crate::store::events::{EventSink, Fanout};
 use crate::store::{reaper, Store};
 use crate::tls::{ReloadableTls, TlsError};
 
@@ -63,20 +65,49 @@ impl Daemon {
         let grpc_addr = grpc.local_addr()?;
         let admin_addr = admin.local_addr()?;
         let telemetry = Telemetry::new();
+        let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(telemetry.session_sink())];
+        let (persistence, recovered) = if config.persist {
+            let (p, r) = Persistence::open(
+                &config.data_dir,
+                clock.now(),
+                config.fsync,
+                telemetry.log_metrics(),
+            )?;
+            sinks.push(Box::new(p.log.clone()));
+            (Some(p), Some(r))
+        } else {
+            (None, None)
+        };
         let store = Store::new(
             config.limits(),
             config.shards,
             clock,
-            Box::new(Fanout(vec![Box::new(telemetry.session_sink())])),
+            Box::new(Fanout(sinks)),
         );
+        if let Some(r) = recovered {
+            let sessions = r.sessions.len();
+            store.restore(r.sessions);
+            telemetry.recovered(sessions);
+            tracing::info!(
+                sessions,
+                from_snapshot = r.from_snapshot,
+                records_replayed = r.records,
+                took_ms = r.took.as_millis() as u64,
+                data_dir = %config.data_dir.display(),
+                "recovered"
+            );
+        }
         let (signals, rx) = mpsc::channel(4);
         let task = tokio::spawn(run(
-            grpc,
-            admin,
-            store.clone(),
-            telemetry,
-            config,
-            tls.clone(),
+            Serving {
+                grpc,
+                admin,
+                store: store.clone(),
+                telemetry,
+                config,
+                tls: tls.clone(),
+                persistence,
+            },
             rx,
         ));
         tracing::info!(grpc = %grpc_addr, admin = %admin_addr, tls = tls.is_some(), "sessiond serving");
@@ -121,18 +152,30 @@ impl Daemon {
     }
 }
 
-/// Serves until the first message (or the closing) of `signals`, then shuts down in order:
-/// not-ready, `shutdown_delay`, stop accepting and drain within `shutdown_grace`, stop the
-/// reaper, stop the admin endpoint.
-pub async fn run(
+/// Everything `run` serves.
+struct Serving {
     grpc: TcpListener,
     admin: TcpListener,
     store: Store,
     telemetry: Telemetry,
     config: Config,
     tls: Option<Arc<ReloadableTls>>,
-    mut signals: mpsc::Receiver<()>,
-) -> anyhow::Result<()> {
+    persistence: Option<Persistence>,
+}
+
+/// Serves until the first message (or the closing) of `signals`, then shuts down in order:
+/// not-ready, `shutdown_delay`, stop accepting and drain within `shutdown_grace`, stop the
+/// reaper, stop the admin endpoint.
+async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Result<()> {
+    let Serving {
+        grpc,
+        admin,
+        store,
+        telemetry,
+        config,
+        tls,
+        persistence,
+    } = serving;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(SERVICE_NAME, ServingStatus::Serving)
@@ -162,7 +205,19 @@ pub async fn run(
     ));
 
     let guesses = Arc::new(telemetry.guess_watch(config.guess_threshold, config.guess_window));
-    let service = SessionStoreServer::new(SessionStoreService::new(store, guesses))
+    let log = persistence.as_ref().map(|p| p.log.clone());
+    let snapshots = persistence.as_ref().map(|p| {
+        tokio::spawn(snapshot_loop(
+            p.dir.clone(),
+            p.log.clone(),
+            store.clone(),
+            config.snapshot_log_bytes,
+            config.snapshot_interval,
+            telemetry.snapshot_metrics(),
+            serving.clone(),
+        ))
+    });
+    let service = SessionStoreServer::new(SessionStoreService::new(store, guesses, log))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let mut drained = serving.clone();
@@ -245,6 +300,14 @@ pub async fn run(
         tracing::warn!(error = %e, "shutdown: reaper task failed");
     }
     tracing::info!("shutdown: reaper stopped");
+    if let Some(task) = snapshots {
+        let _ = task.await;
+    }
+    if let Some(p) = &persistence {
+        let log = p.log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        tracing::info!("shutdown: log flushed and synced");
+    }
     let _ = stop_admin.send(true);
     match admin.await {
         Ok(Ok(())) => {}
@@ -274,6 +337,56 @@ async fn watch_tls(
                 tracing::error!(error = %e, "TLS files changed but cannot be loaded; keeping the previous certificate")
             }
             None => {}
+        }
+    }
+}
+
+/// Takes a snapshot when the log segment reaches `max_bytes` or `every` has passed with
+/// changes, one at a time, off the async threads; stops when `stop` turns true.
+async fn snapshot_loop(
+    dir: std::path::PathBuf,
+    log: Arc<Log>,
+    store: Store,
+    max_bytes: u64,
+    every: std::time::Duration,
+    (written, age): (metrics::Counter, metrics::Gauge),
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = std::time::Instant::now();
+    let mut appended_at_last = log.appended();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        age.set(last.elapsed().as_secs_f64());
+        let changed = log.appended() != appended_at_last;
+        if !(log.segment_bytes() >= max_bytes || (changed && last.elapsed() >= every)) {
+            continue;
+        }
+        let (dir, log2, store) = (dir.clone(), log.clone(), store.clone());
+        let started = std::time::Instant::now();
+        appended_at_last = log.appended();
+        match tokio::task::spawn_blocking(move || crate::persist::snapshot(&dir, &log2, &store))
+            .await
+        {
+            Ok(Ok(s)) => {
+                written.increment(1);
+                last = std::time::Instant::now();
+                tracing::info!(
+                    seq = s.seq,
+                    sessions = s.sessions,
+                    bytes = s.bytes,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "snapshot written"
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "snapshot failed; the log keeps growing until one succeeds")
+            }
+            Err(e) => tracing::error!(error = %e, "snapshot task failed"),
         }
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use self::guessing::GuessWatch;
+use crate::persist::log::{FsyncPolicy, Log};
 use crate::store::{Store, StoreError};
 
 /// The generated protobuf types and service stubs.
@@ -28,12 +29,27 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 pub struct SessionStoreService {
     store: Store,
     guesses: Arc<GuessWatch>,
+    log: Option<Arc<Log>>,
 }
 
 impl SessionStoreService {
-    /// Serves `store`, reporting lookups of unknown IDs to `guesses`.
-    pub fn new(store: Store, guesses: Arc<GuessWatch>) -> Self {
-        SessionStoreService { store, guesses }
+    /// Serves `store`, reporting lookups of unknown IDs to `guesses`. With a `log` under
+    /// `fsync = always`, mutations reply only once their record is on disk.
+    pub fn new(store: Store, guesses: Arc<GuessWatch>, log: Option<Arc<Log>>) -> Self {
+        let log = log.filter(|l| l.policy() == FsyncPolicy::Always);
+        SessionStoreService {
+            store,
+            guesses,
+            log,
+        }
+    }
+
+    /// Waits until every change made so far, this call's included, is durable.
+    async fn durable(&self) -> Result<(), Status> {
+        match &self.log {
+            Some(log) => Ok(log.wait_durable(log.appended()).await?),
+            None => Ok(()),
+        }
     }
 
     /// Maps a Store result for an ID lookup, counting a miss against the peer.
@@ -56,6 +72,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Reply<pb::Session> {
         let new = convert::new_session(req.into_inner())?;
         let s = self.store.create(new)?;
+        self.durable().await?;
         Ok(Response::new(convert::session(s)))
     }
 
@@ -79,6 +96,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         let mut r = req.into_inner();
         let id = std::mem::take(&mut r.id);
         let s = self.lookup(peer, self.store.update(&id, convert::change(r)))?;
+        self.durable().await?;
         Ok(Response::new(convert::session(s)))
     }
 
@@ -86,6 +104,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         let peer = peer(&req);
         let r = req.into_inner();
         let s = self.lookup(peer, self.store.regenerate(&r.id, convert::rotation(&r)))?;
+        self.durable().await?;
         Ok(Response::new(convert::session(s)))
     }
 
@@ -95,6 +114,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         if !existed {
             self.guesses.miss(peer);
         }
+        self.durable().await?;
         Ok(Response::new(pb::DestroyResponse { existed }))
     }
 
@@ -116,6 +136,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         let r = req.into_inner();
         let except = (!r.except_id.is_empty()).then_some(r.except_id.as_str());
         let destroyed = self.store.destroy_user(&r.user_id, except)?;
+        self.durable().await?;
         Ok(Response::new(pb::DestroyUserSessionsResponse { destroyed }))
     }
 }

@@ -18,6 +18,12 @@ impl From<StoreError> for Status {
     }
 }
 
+impl From<crate::persist::log::LogFailed> for Status {
+    fn from(e: crate::persist::log::LogFailed) -> Self {
+        Status::unavailable(e.to_string())
+    }
+}
+
 /// A malformed request field the Store never saw (a negative duration, say).
 pub(crate) fn invalid(field: &str, why: &str) -> Status {
     Status::invalid_argument(format!("{field} {why}"))

@@ -16,6 +16,7 @@ use metrics_exporter_prometheus::{
 };
 
 use crate::api::guessing::GuessWatch;
+use crate::persist::log::LogMetrics;
 use crate::session::Millis;
 use crate::store::events::{EndCause, Event, EventSink};
 use crate::store::reaper::ReaperObserver;
@@ -57,6 +58,16 @@ pub mod names {
     pub const SESSION_ID_MISSES: &str = "sessiond_session_id_misses_total";
     /// Times a peer crossed `guess_threshold` misses within `guess_window`.
     pub const GUESSING_PEERS: &str = "sessiond_guessing_peers_flagged_total";
+    /// Bytes in the current log segment.
+    pub const LOG_BYTES: &str = "sessiond_log_bytes";
+    /// Log fsync latency.
+    pub const FSYNC: &str = "sessiond_fsync_seconds";
+    /// Snapshots written.
+    pub const SNAPSHOTS: &str = "sessiond_snapshots_total";
+    /// Seconds since the last snapshot (or since start, before the first).
+    pub const SNAPSHOT_AGE: &str = "sessiond_snapshot_age_seconds";
+    /// Sessions loaded by recovery at start-up.
+    pub const RECOVERED: &str = "sessiond_recovered_sessions";
     /// Seconds since start.
     pub const UPTIME: &str = "sessiond_uptime_seconds";
     /// Always 1; the labels carry the build.
@@ -120,6 +131,7 @@ impl Telemetry {
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(REAPER_BATCH.into()), LATENCY_BUCKETS)
             })
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FSYNC.into()), LATENCY_BUCKETS))
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(SESSION_LIFETIME.into()), LIFETIME_BUCKETS)
             })
@@ -181,6 +193,24 @@ impl Telemetry {
             regenerated: metrics::counter!(SESSIONS_REGENERATED),
             lifetime: metrics::histogram!(SESSION_LIFETIME),
         })
+    }
+
+    /// The durable log's metrics.
+    pub fn log_metrics(&self) -> LogMetrics {
+        self.register(|| LogMetrics {
+            segment_bytes: metrics::gauge!(LOG_BYTES),
+            fsync: metrics::histogram!(FSYNC),
+        })
+    }
+
+    /// The snapshot loop's metrics: (snapshots written, seconds since the last).
+    pub fn snapshot_metrics(&self) -> (Counter, Gauge) {
+        self.register(|| (metrics::counter!(SNAPSHOTS), metrics::gauge!(SNAPSHOT_AGE)))
+    }
+
+    /// Records how many sessions recovery loaded.
+    pub fn recovered(&self, sessions: usize) {
+        self.register(|| metrics::gauge!(RECOVERED).set(sessions as f64));
     }
 
     /// The per-peer watch on lookups of unknown session IDs.
@@ -258,6 +288,19 @@ fn describe() {
         GUESSING_PEERS,
         "Times a peer crossed guess_threshold misses within guess_window."
     );
+    describe_gauge!(
+        LOG_BYTES,
+        Unit::Bytes,
+        "Bytes in the current durable log segment."
+    );
+    describe_histogram!(FSYNC, Unit::Seconds, "Durable log fsync latency.");
+    describe_counter!(SNAPSHOTS, "Snapshots written.");
+    describe_gauge!(
+        SNAPSHOT_AGE,
+        Unit::Seconds,
+        "Seconds since the last snapshot (or since start, before the first)."
+    );
+    describe_gauge!(RECOVERED, "Sessions loaded by recovery at start-up.");
     describe_gauge!(UPTIME, Unit::Seconds, "Seconds since the daemon started.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
 }

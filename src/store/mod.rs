@@ -172,6 +172,8 @@ struct Entry {
     version: u64,
     created_at: Millis,
     last_access: AtomicU64,
+    /// The last access reported as a `Touched` event (see [`Entry::slide`]).
+    reported_access: AtomicU64,
     idle_timeout: Millis,
     absolute: Millis,
     client: ClientInfo,
@@ -194,6 +196,20 @@ impl Entry {
     /// Slides the idle deadline to `now`. `fetch_max`, so racing readers never move it back.
     fn slide(&self, now: Millis) {
         self.last_access.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Slides, and says whether this touch is worth an event: only once the deadline has
+    /// moved by a quarter of the idle window since the last reported one, so the durable log
+    /// gets a record per session every few minutes of activity, not one per read. Losing
+    /// the unreported touches in a crash only shortens an idle deadline by that much.
+    fn slide_and_report(&self, now: Millis) -> bool {
+        self.slide(now);
+        let reported = self.reported_access.load(Ordering::Relaxed);
+        now.saturating_sub(reported) >= self.idle_timeout / TOUCH_REPORT_FRACTION
+            && self
+                .reported_access
+                .compare_exchange(reported, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     fn snapshot(&self, key: SessionKey, with_attributes: bool) -> Session {
@@ -221,6 +237,7 @@ impl Entry {
             version: s.version,
             created_at: s.created_at,
             last_access: AtomicU64::new(s.last_access_at),
+            reported_access: AtomicU64::new(s.last_access_at),
             idle_timeout: s.idle_timeout,
             absolute: s.absolute_expires_at,
             client: s.client.clone(),
@@ -257,6 +274,10 @@ struct Inner {
     evict_from: AtomicUsize,
     sink: Box<dyn EventSink>,
 }
+
+/// A touch is reported as an event once the idle deadline has moved by `1 / this` of the
+/// idle window since the last reported touch.
+pub const TOUCH_REPORT_FRACTION: u64 = 4;
 
 /// Sessions looked at per eviction round under `max_memory_bytes`.
 const EVICTION_SAMPLE: usize = 64;
@@ -368,8 +389,7 @@ impl Store {
         if !entry.is_live(now) {
             return Err(StoreError::NotFound);
         }
-        if !peek {
-            entry.slide(now);
+        if !peek && entry.slide_and_report(now) {
             self.inner.sink.record(&Event::Touched { key, at: now });
         }
         Ok(entry.snapshot(key, true))
@@ -383,8 +403,9 @@ impl Store {
         if !entry.is_live(now) {
             return Err(StoreError::NotFound);
         }
-        entry.slide(now);
-        self.inner.sink.record(&Event::Touched { key, at: now });
+        if entry.slide_and_report(now) {
+            self.inner.sink.record(&Event::Touched { key, at: now });
+        }
         Ok(entry.expires_at())
     }
 
@@ -612,6 +633,41 @@ impl Store {
             }
         }
         out
+    }
+
+    /// Calls `f` with every session in memory (live or awaiting the reaper), one shard at a
+    /// time under its read lock: writers to other shards never wait. For snapshots.
+    pub fn for_each_session(&self, mut f: impl FnMut(&Session)) {
+        for e in self.inner.sessions.iter() {
+            f(&e.snapshot(*e.key(), true));
+        }
+    }
+
+    /// Loads recovered sessions, emitting no events (they are already durable). Limits are
+    /// not applied: what was accepted before a restart stays.
+    pub fn restore(&self, sessions: impl IntoIterator<Item = Session>) {
+        for s in sessions {
+            let bytes = base_bytes(s.user.as_deref(), &s.client)
+                + s.attributes
+                    .iter()
+                    .map(|(k, v)| attribute_bytes(k, v))
+                    .sum::<usize>();
+            if let Some(u) = &s.user {
+                self.inner.users.entry(u.clone()).or_default().push(s.key);
+            }
+            let old = self
+                .inner
+                .sessions
+                .insert(s.key, Entry::from_session(&s, bytes));
+            if let Some(old) = old {
+                // Recovery hands each key over once; if not, keep the accounting right.
+                self.add_bytes(-(old.bytes as isize));
+                self.inner.count.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.inner.wheel.file(s.key, s.expires_at());
+            self.inner.count.fetch_add(1, Ordering::Relaxed);
+            self.add_bytes(bytes as isize);
+        }
     }
 
     /// Current counters.

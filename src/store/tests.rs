@@ -676,6 +676,12 @@ fn every_change_emits_one_event() {
     );
     let s = create(&st, Some("hal"));
     st.get(&id(&s), true).unwrap();
+    // Touches are reported once the deadline has moved a quarter of the idle window.
+    st.get(&id(&s), false).unwrap();
+    st.clock().advance(7 * MIN);
+    st.touch(&id(&s)).unwrap();
+    st.clock().advance(MIN);
+    st.get(&id(&s), false).unwrap();
     st.get(&id(&s), false).unwrap();
     st.update(&id(&s), Change::default()).unwrap();
     let r = st.regenerate(&id(&s), Rotation::default()).unwrap();

@@ -19,6 +19,7 @@ pub fn test_config() -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
+        persist: false,
         ..Config::default()
     }
 }

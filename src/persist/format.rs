@@ -1,0 +1,271 @@
+//! The file format shared by log segments and snapshots.
+//!
+//! A file is an 8-byte header (6 bytes of magic naming the kind, then a little-endian u16
+//! format version) followed by frames. A frame is a little-endian u32 payload length, the
+//! CRC32C of the payload as a little-endian u32, and the payload: one protobuf message.
+//! Readers refuse a version newer than theirs, so a future format can change anything after
+//! the header while old files stay readable by new code.
+
+use std::fs::File;
+use std::io::{self, BufReader, ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// The format version this build writes and the newest it reads.
+pub const FORMAT_VERSION: u16 = 1;
+
+/// Magic of a log segment.
+pub const LOG_MAGIC: &[u8; 6] = b"SDLOG\0";
+
+/// Magic of a snapshot.
+pub const SNAPSHOT_MAGIC: &[u8; 6] = b"SDSNP\0";
+
+/// Bytes before the first frame.
+pub const HEADER_BYTES: u64 = 8;
+
+/// Bytes of a frame's length and checksum.
+pub const FRAME_HEADER_BYTES: u64 = 8;
+
+/// No record is this large (a session is capped far below); a bigger length is damage.
+pub const MAX_FRAME_BYTES: u32 = 256 * 1024 * 1024;
+
+/// A file that cannot be read as far as it should be. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// An I/O error.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Not one of our files, or not the kind expected.
+    #[error("{}: not a sessiond {kind} file (bad magic)", path.display())]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// What it should have been.
+        kind: &'static str,
+    },
+    /// Written by a newer sessiond.
+    #[error("{}: format version {found} is newer than this sessiond reads ({FORMAT_VERSION}); run a newer sessiond or restore a backup", path.display())]
+    TooNew {
+        /// The file.
+        path: PathBuf,
+        /// The version in the file.
+        found: u16,
+    },
+    /// A complete frame whose checksum or content is wrong: damage, not a torn write.
+    #[error("{}: corrupt record at byte offset {offset}; `sessiond --repair` truncates the log there", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Where the bad frame starts.
+        offset: u64,
+    },
+}
+
+/// Writes the header of a new file.
+pub fn write_header(w: &mut impl Write, magic: &[u8; 6]) -> io::Result<()> {
+    w.write_all(magic)?;
+    w.write_all(&FORMAT_VERSION.to_le_bytes())
+}
+
+/// Appends one frame around `payload` to `out`.
+pub fn frame(payload: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// How a scan of a file ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Every byte was a good frame.
+    Clean,
+    /// The file ends inside a frame (a write cut short by a crash): everything from
+    /// `offset` on is an incomplete last record.
+    Torn {
+        /// Where the incomplete frame starts.
+        offset: u64,
+    },
+    /// A complete frame is damaged at `offset`, with `after` more bytes behind it.
+    Corrupt {
+        /// Where the bad frame starts.
+        offset: u64,
+        /// Frames that follow it (counted by their length fields, as far as they go).
+        frames_after: u64,
+    },
+}
+
+/// Reads a file's frames in order, handing each payload to `each`, and says how it ended.
+/// Only an unreadable file or a bad header is an error here; damage is reported in `End`.
+pub fn scan(
+    path: &Path,
+    magic: &[u8; 6],
+    kind: &'static str,
+    mut each: impl FnMut(&[u8]) -> Result<(), FormatError>,
+) -> Result<End, FormatError> {
+    let io_err = |source| FormatError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    let len = file.metadata().map_err(io_err)?.len();
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; HEADER_BYTES as usize];
+    match r.read_exact(&mut header) {
+        Ok(()) => {}
+        // A file cut off inside its header holds no record: a torn creation.
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(End::Torn { offset: 0 }),
+        Err(e) => return Err(io_err(e)),
+    }
+    if &header[..6] != magic {
+        return Err(FormatError::BadMagic {
+            path: path.to_owned(),
+            kind,
+        });
+    }
+    let found = u16::from_le_bytes([header[6], header[7]]);
+    if found > FORMAT_VERSION {
+        return Err(FormatError::TooNew {
+            path: path.to_owned(),
+            found,
+        });
+    }
+    let mut offset = HEADER_BYTES;
+    let mut payload = Vec::new();
+    loop {
+        if offset == len {
+            return Ok(End::Clean);
+        }
+        if offset + FRAME_HEADER_BYTES > len {
+            return Ok(End::Torn { offset });
+        }
+        let mut fh = [0u8; FRAME_HEADER_BYTES as usize];
+        r.read_exact(&mut fh).map_err(io_err)?;
+        let n = u32::from_le_bytes([fh[0], fh[1], fh[2], fh[3]]);
+        let crc = u32::from_le_bytes([fh[4], fh[5], fh[6], fh[7]]);
+        let end = offset + FRAME_HEADER_BYTES + u64::from(n);
+        if n > MAX_FRAME_BYTES || end > len {
+            // A length running past the end: the tail of a write cut short.
+            return Ok(End::Torn { offset });
+        }
+        payload.resize(n as usize, 0);
+        r.read_exact(&mut payload).map_err(io_err)?;
+        let good = crc32c::crc32c(&payload) == crc;
+        if good {
+            match each(&payload) {
+                Ok(()) => {}
+                Err(FormatError::Corrupt { .. }) => {
+                    return Ok(damaged(&mut r, offset, end, len));
+                }
+                Err(e) => return Err(e),
+            }
+        } else if end == len {
+            // The very last frame is complete in length but not in content: the crash hit
+            // while its bytes were reaching the disk.
+            return Ok(End::Torn { offset });
+        } else {
+            return Ok(damaged(&mut r, offset, end, len));
+        }
+        offset = end;
+    }
+}
+
+/// Counts the frames behind a damaged one, by their length fields, for `--repair`'s report.
+fn damaged(r: &mut impl Read, offset: u64, mut at: u64, len: u64) -> End {
+    let mut frames_after = 0;
+    let mut fh = [0u8; FRAME_HEADER_BYTES as usize];
+    while at + FRAME_HEADER_BYTES <= len && r.read_exact(&mut fh).is_ok() {
+        let n = u64::from(u32::from_le_bytes([fh[0], fh[1], fh[2], fh[3]]));
+        if at + FRAME_HEADER_BYTES + n > len || io::copy(&mut r.take(n), &mut io::sink()).is_err() {
+            break;
+        }
+        at += FRAME_HEADER_BYTES + n;
+        frames_after += 1;
+    }
+    End::Corrupt {
+        offset,
+        frames_after,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with(frames: &[&[u8]]) -> (tempfile::TempDir, PathBuf, Vec<u64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut bytes = Vec::new();
+        write_header(&mut bytes, LOG_MAGIC).unwrap();
+        let mut offsets = Vec::new();
+        for f in frames {
+            offsets.push(bytes.len() as u64);
+            frame(f, &mut bytes);
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        (dir, path, offsets)
+    }
+
+    fn read_all(path: &Path) -> (Vec<Vec<u8>>, End) {
+        let mut got = Vec::new();
+        let end = scan(path, LOG_MAGIC, "log", |p| {
+            got.push(p.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        (got, end)
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let (_d, path, _) = file_with(&[b"one", b"", b"three"]);
+        let (got, end) = read_all(&path);
+        assert_eq!(got, vec![b"one".to_vec(), vec![], b"three".to_vec()]);
+        assert_eq!(end, End::Clean);
+    }
+
+    #[test]
+    fn every_cut_inside_the_last_frame_is_a_torn_tail() {
+        let (_d, path, offsets) = file_with(&[b"first", b"second record"]);
+        let full = std::fs::read(&path).unwrap();
+        for cut in offsets[1] + 1..full.len() as u64 {
+            std::fs::write(&path, &full[..cut as usize]).unwrap();
+            let (got, end) = read_all(&path);
+            assert_eq!(got, vec![b"first".to_vec()], "cut at {cut}");
+            assert_eq!(end, End::Torn { offset: offsets[1] }, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_bit_flip_mid_file_is_corruption_with_its_offset() {
+        let (_d, path, offsets) = file_with(&[b"first", b"second", b"third", b"fourth"]);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[offsets[1] as usize + 9] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        let (got, end) = read_all(&path);
+        assert_eq!(got, vec![b"first".to_vec()]);
+        assert_eq!(
+            end,
+            End::Corrupt {
+                offset: offsets[1],
+                frames_after: 2
+            }
+        );
+    }
+
+    #[test]
+    fn newer_versions_and_foreign_files_are_refused() {
+        let (_d, path, _) = file_with(&[b"x"]);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[6] = 9;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = scan(&path, LOG_MAGIC, "log", |_| Ok(())).unwrap_err();
+        assert!(matches!(err, FormatError::TooNew { found: 9, .. }), "{err}");
+        assert!(err.to_string().contains("version 9"));
+        let err = scan(&path, SNAPSHOT_MAGIC, "snapshot", |_| Ok(())).unwrap_err();
+        assert!(matches!(err, FormatError::BadMagic { .. }), "{err}");
+    }
+}

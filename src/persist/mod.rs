@@ -1,0 +1,332 @@
+//! Durability: an append-only log of every change and periodic snapshots, under `data_dir`.
+//!
+//! - [`format`]: the framed, checksummed, versioned file format.
+//! - [`records`]: records <-> domain, and the idempotent replay.
+//! - [`log`]: the log writer, its flusher thread and the fsync policies.
+//! - this module: recovery at start-up, `--repair`, and snapshots.
+//!
+//! Files in `data_dir`: `log-N.sdl` segments and `snapshot-N.sds`, where snapshot N holds
+//! every change logged in segments before N (and perhaps some of N's). Recovery loads the
+//! newest snapshot and replays segments N, N+1, ... over it.
+
+pub mod format;
+pub mod log;
+pub mod records;
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+
+use self::format::{frame, scan, write_header, End, FormatError, SNAPSHOT_MAGIC};
+use self::log::{segment_name, sync_dir, Log};
+use self::records::Replay;
+use crate::session::{Millis, Session};
+use crate::store::Store;
+
+/// The generated storage records.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("sessiond.persist.v1");
+}
+
+/// The lock file that keeps two daemons off one data directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// The file name of snapshot `seq`.
+pub fn snapshot_name(seq: u64) -> String {
+    format!("snapshot-{seq:016}.sds")
+}
+
+/// Why recovery could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    /// A file is unreadable, foreign, too new or damaged.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The data directory itself is the problem.
+    #[error("data_dir {}: {source}", path.display())]
+    Dir {
+        /// The directory or file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Another sessiond holds the directory.
+    #[error("data_dir {} is in use by another sessiond (it holds {LOCK_FILE})", path.display())]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+    },
+}
+
+/// What recovery found.
+pub struct Recovered {
+    /// The live sessions to load into the Store.
+    pub sessions: Vec<Session>,
+    /// Sessions the snapshot held.
+    pub from_snapshot: usize,
+    /// Log records replayed.
+    pub records: u64,
+    /// The segment number the new log starts at.
+    pub next_segment: u64,
+    /// The lock on the directory; hold it for the daemon's life.
+    pub lock: Option<File>,
+    /// How long it took.
+    pub took: Duration,
+}
+
+/// The data directory's files, by number.
+struct Listing {
+    snapshots: Vec<u64>,
+    segments: Vec<u64>,
+}
+
+fn list(dir: &Path) -> Result<Listing, RecoveryError> {
+    let dir_err = |source| RecoveryError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut snapshots = Vec::new();
+    let mut segments = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(dir_err)? {
+        let name = entry.map_err(dir_err)?.file_name();
+        let name = name.to_string_lossy();
+        let number = |prefix: &str, suffix: &str| {
+            name.strip_prefix(prefix)?
+                .strip_suffix(suffix)?
+                .parse::<u64>()
+                .ok()
+        };
+        if let Some(n) = number("snapshot-", ".sds") {
+            snapshots.push(n);
+        } else if let Some(n) = number("log-", ".sdl") {
+            segments.push(n);
+        } else if name.ends_with(".tmp") {
+            // A snapshot that was being written when the daemon stopped: never complete.
+            let _ = std::fs::remove_file(dir.join(&*name));
+        }
+    }
+    snapshots.sort_unstable();
+    segments.sort_unstable();
+    Ok(Listing {
+        snapshots,
+        segments,
+    })
+}
+
+/// Opens `dir` (creating it), takes its lock, and rebuilds the sessions alive at `now`.
+///
+/// A torn tail in the last segment (a crash mid-write) is cut off with a warning. Any other
+/// damage stops recovery with an error naming the file and offset, unless `repair`, which
+/// truncates at the damage, removes later segments, and says what it dropped.
+pub fn recover(dir: &Path, now: Millis, repair: bool) -> Result<Recovered, RecoveryError> {
+    let started = Instant::now();
+    let dir_err = |source| RecoveryError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(dir_err)?;
+    let lock = File::create(dir.join(LOCK_FILE)).map_err(dir_err)?;
+    if lock.try_lock().is_err() {
+        return Err(RecoveryError::Locked {
+            path: dir.to_owned(),
+        });
+    }
+    let listing = list(dir)?;
+    let mut replay = Replay::default();
+    let base = listing.snapshots.last().copied().unwrap_or(0);
+    if listing.snapshots.last().is_some() {
+        let path = dir.join(snapshot_name(base));
+        let end = scan(&path, SNAPSHOT_MAGIC, "snapshot", |p| {
+            replay.load_snapshot_entry(p, &path)
+        })?;
+        // Snapshots are renamed into place only when complete, so any damage is corruption.
+        match end {
+            End::Clean => {}
+            End::Torn { offset } | End::Corrupt { offset, .. } => {
+                return Err(FormatError::Corrupt { path, offset }.into())
+            }
+        }
+    }
+    let from_snapshot = replay.sessions.len();
+    let segments: Vec<u64> = listing
+        .segments
+        .iter()
+        .copied()
+        .filter(|&n| n >= base)
+        .collect();
+    for (i, &n) in segments.iter().enumerate() {
+        let path = dir.join(segment_name(n));
+        let last = i + 1 == segments.len();
+        let end = scan(&path, format::LOG_MAGIC, "log", |p| replay.apply(p, &path))?;
+        let damage = match end {
+            End::Clean => continue,
+            End::Torn { offset } if last => {
+                tracing::warn!(file = %path.display(), offset, "log ends in a torn record (a crash mid-write); truncating there");
+                truncate(&path, offset)?;
+                continue;
+            }
+            End::Torn { offset } => (offset, 0),
+            End::Corrupt {
+                offset,
+                frames_after,
+            } => (offset, frames_after),
+        };
+        let (offset, frames_after) = damage;
+        if !repair {
+            return Err(FormatError::Corrupt { path, offset }.into());
+        }
+        let mut dropped = frames_after + 1;
+        for &later in &segments[i + 1..] {
+            let later_path = dir.join(segment_name(later));
+            let mut count = 0u64;
+            let _ = scan(&later_path, format::LOG_MAGIC, "log", |_| {
+                count += 1;
+                Ok(())
+            });
+            dropped += count;
+            std::fs::remove_file(&later_path).map_err(dir_err)?;
+        }
+        eprintln!(
+            "sessiond --repair: {}: truncating at byte offset {offset}, dropping {dropped} record(s) from there on ({} later segment(s) removed)",
+            path.display(),
+            segments.len() - i - 1
+        );
+        truncate(&path, offset)?;
+        break;
+    }
+    let records = replay.records;
+    let next_segment = listing
+        .segments
+        .last()
+        .map_or(base.max(1), |&n| n + 1)
+        .max(base);
+    Ok(Recovered {
+        sessions: replay.live(now),
+        from_snapshot,
+        records,
+        next_segment,
+        lock: Some(lock),
+        took: started.elapsed(),
+    })
+}
+
+fn truncate(path: &Path, offset: u64) -> Result<(), RecoveryError> {
+    let err = |source| RecoveryError::Dir {
+        path: path.to_owned(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(err)?;
+    f.set_len(offset.max(format::HEADER_BYTES)).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+/// What one snapshot wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotStats {
+    /// Its number: segments before it are now deleted.
+    pub seq: u64,
+    /// Sessions written.
+    pub sessions: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Writes a point-in-time snapshot of `store` without stopping writes, then deletes the
+/// segments and snapshots it replaces.
+///
+/// The log is rotated first, so every change in the older segments is already in the map
+/// when the snapshot reads it; changes that land while it runs are in the new segment too,
+/// and replaying them over the snapshot is idempotent.
+pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStats> {
+    let seq = log.rotate()?;
+    let tmp = dir.join(format!("{}.tmp", snapshot_name(seq)));
+    let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    write_header(&mut w, SNAPSHOT_MAGIC)?;
+    let mut sessions = 0u64;
+    let mut bytes = format::HEADER_BYTES;
+    let mut buf = Vec::new();
+    let mut failed = None;
+    store.for_each_session(|s| {
+        if failed.is_some() {
+            return;
+        }
+        buf.clear();
+        let payload = records::stored(s).encode_to_vec();
+        frame(&payload, &mut buf);
+        bytes += buf.len() as u64;
+        sessions += 1;
+        if let Err(e) = w.write_all(&buf) {
+            failed = Some(e);
+        }
+    });
+    if let Some(e) = failed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let file = w.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join(snapshot_name(seq)))?;
+    sync_dir(dir)?;
+    // Only now is everything before `seq` redundant.
+    if let Ok(listing) = list(dir) {
+        for n in listing.snapshots.into_iter().filter(|&n| n < seq) {
+            let _ = std::fs::remove_file(dir.join(snapshot_name(n)));
+        }
+        for n in listing.segments.into_iter().filter(|&n| n < seq) {
+            let _ = std::fs::remove_file(dir.join(segment_name(n)));
+        }
+        let _ = sync_dir(dir);
+    }
+    Ok(SnapshotStats {
+        seq,
+        sessions,
+        bytes,
+    })
+}
+
+/// A started log with what recovery loaded, ready to hang off the Store.
+pub struct Persistence {
+    /// The log writer.
+    pub log: Arc<Log>,
+    /// The data directory.
+    pub dir: PathBuf,
+    _lock: Option<File>,
+}
+
+impl Persistence {
+    /// Recovers `dir` into `store` and starts a fresh log segment.
+    pub fn open(
+        dir: &Path,
+        store_now: Millis,
+        policy: log::FsyncPolicy,
+        metrics: log::LogMetrics,
+    ) -> Result<(Persistence, Recovered), anyhow::Error> {
+        let mut recovered = recover(dir, store_now, false)?;
+        let log = Log::start(dir, recovered.next_segment, policy, metrics).map_err(|e| {
+            RecoveryError::Dir {
+                path: dir.to_owned(),
+                source: e,
+            }
+        })?;
+        let lock = recovered.lock.take();
+        Ok((
+            Persistence {
+                log: Arc::new(log),
+                dir: dir.to_owned(),
+                _lock: lock,
+            },
+            recovered,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;
