@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod proc;
+
 use std::time::Duration;
 
 use sessiond::api::pb::session_store_client::SessionStoreClient;
