@@ -246,6 +246,13 @@ impl Entry {
     }
 }
 
+/// A value the store can keep: its own allocation of exactly its size. Values decoded from a
+/// request are slices of the whole request buffer; keeping the slice would pin that buffer
+/// (often several kilobytes) for the session's life.
+fn own(value: Bytes) -> Bytes {
+    Bytes::copy_from_slice(&value)
+}
+
 fn attribute_bytes(key: &str, value: &Bytes) -> usize {
     key.len() + value.len() + ATTRIBUTE_OVERHEAD_BYTES
 }
@@ -348,7 +355,7 @@ impl Store {
                 bytes -= attribute_bytes(&k, old);
             }
             bytes += attribute_bytes(&k, &v);
-            attrs.insert(k, v);
+            attrs.insert(k, own(v));
         }
         self.check_shape(attrs.len(), bytes)?;
 
@@ -486,7 +493,7 @@ impl Store {
             entry.attrs.remove(k);
         }
         for (k, v) in &change.set {
-            entry.attrs.insert(k.clone(), v.clone());
+            entry.attrs.insert(k.clone(), own(v.clone()));
         }
         let delta = bytes as isize - entry.bytes as isize;
         entry.bytes = bytes;

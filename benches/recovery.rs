@@ -1,0 +1,94 @@
+//! Recovery time at 1M sessions: load the snapshot, replay the log tail, rebuild the Store.
+//!
+//! Run: `cargo bench --bench recovery`. `SESSIOND_BENCH_SESSIONS` changes the population;
+//! `SESSIOND_BENCH_VALUE_BYTES` the size of each session's one attribute (default 200).
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use sessiond::clock::Clock;
+use sessiond::persist::log::{FsyncPolicy, LogMetrics};
+use sessiond::persist::{recover, snapshot, Persistence};
+use sessiond::store::events::Discard;
+use sessiond::store::{Change, Limits, NewSession, Store};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn metrics() -> LogMetrics {
+    LogMetrics {
+        segment_bytes: metrics::Gauge::noop(),
+        fsync: metrics::Histogram::noop(),
+    }
+}
+
+fn recovery(c: &mut Criterion) {
+    let n = env("SESSIOND_BENCH_SESSIONS", 1_000_000);
+    let value = Bytes::from(vec![b'x'; env("SESSIOND_BENCH_VALUE_BYTES", 200)]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Clock::system();
+    {
+        let (p, _) =
+            Persistence::open(dir.path(), clock.now(), FsyncPolicy::No, metrics()).expect("open");
+        let store = Store::new(
+            Limits::default(),
+            64,
+            clock.clone(),
+            Box::new(p.log.clone()),
+        );
+        let started = Instant::now();
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let s = store
+                .create(NewSession {
+                    user: (i % 4 == 0).then(|| format!("user{i}")),
+                    attributes: vec![("cart".into(), value.clone())],
+                    ..NewSession::default()
+                })
+                .expect("create");
+            ids.push(s.key.encode());
+        }
+        let s = snapshot(dir.path(), &p.log, &store).expect("snapshot");
+        // A log tail after the snapshot: 10% of sessions updated.
+        for id in ids.iter().step_by(10) {
+            store
+                .update(
+                    id,
+                    Change {
+                        set: vec![("theme".into(), Bytes::from_static(b"dark"))],
+                        ..Change::default()
+                    },
+                )
+                .expect("update");
+        }
+        p.log.close();
+        println!(
+            "setup: {n} sessions, snapshot {} MB, built in {:.1} s",
+            s.bytes / 1_000_000,
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    let mut group = c.benchmark_group("recovery");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(20));
+    group.bench_function(format!("{n}_sessions_snapshot_plus_tail"), |b| {
+        // Dropping a million sessions is not part of recovery: keep it out of the timing.
+        b.iter_with_large_drop(|| {
+            let r = recover(dir.path(), clock.now(), false).expect("recover");
+            let store = Store::new(Limits::default(), 64, clock.clone(), Box::new(Discard));
+            store.restore(r.sessions);
+            assert_eq!(store.stats().sessions, n);
+            store
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, recovery);
+criterion_main!(benches);
