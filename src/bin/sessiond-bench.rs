@@ -771,7 +771,7 @@ async fn run(args: Args) -> Result<(), String> {
     for (_, name) in OPS {
         let h = &merged.hist[name];
         all.add(h).expect("same bounds");
-        if h.len() > 0 {
+        if !h.is_empty() {
             per_op.insert(name.into(), summary(h, secs));
         }
     }
@@ -860,7 +860,8 @@ mod tests {
         assert_eq!(pick(&mix, 0), Op::Get);
         assert_eq!(pick(&mix, 79), Op::Get);
         assert_eq!(pick(&mix, 80), Op::Update);
-        assert_eq!(pick(&mix, 95), Op::Destroy);
+        assert_eq!(pick(&mix, 95), Op::Create);
+        assert_eq!(pick(&mix, 96), Op::Destroy);
         assert_eq!(pick(&mix, 99), Op::List);
         let mut counts = HashMap::new();
         for roll in 0..total {
