@@ -40,14 +40,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# N distinct free loopback ports (all held open while choosing, so none repeats).
+free_ports() {
+  python3 -c 'import socket,sys
+socks=[socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks: s.bind(("127.0.0.1",0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
+}
 
 wait_port() {
   for _ in $(seq 1 200); do
     python3 -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('127.0.0.1',$1)))" && return 0
     sleep 0.05
   done
-  echo "compare.sh: nothing listens on port $1" >&2; return 1
+  echo "compare.sh: nothing listens on port $1; server output:" >&2
+  cat "$WORK"/*.log >&2 || true
+  return 1
 }
 
 stop_last() { kill "${PIDS[-1]}" 2>/dev/null || true; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'; }
@@ -55,7 +63,7 @@ stop_last() { kill "${PIDS[-1]}" 2>/dev/null || true; wait "${PIDS[-1]}" 2>/dev/
 # run_sessiond FSYNC MIX OUT
 run_sessiond() {
   local gp ap dir
-  gp=$(free_port); ap=$(free_port); dir="$WORK/sd-$RANDOM"
+  read -r gp ap < <(free_ports 2); dir="$WORK/sd-$RANDOM"
   "$BIN/sessiond" --listen "127.0.0.1:$gp" --admin-listen "127.0.0.1:$ap" \
     --data-dir "$dir" --fsync "$1" >"$WORK/sessiond.log" 2>&1 &
   PIDS+=($!)
@@ -69,7 +77,7 @@ run_sessiond() {
 # run_redis APPENDFSYNC MIX OUT
 run_redis() {
   local rp dir
-  rp=$(free_port); dir="$WORK/redis-$RANDOM"; mkdir -p "$dir"
+  rp=$(free_ports 1); dir="$WORK/redis-$RANDOM"; mkdir -p "$dir"
   if [ "$1" = "off" ]; then aof=(--appendonly no); else aof=(--appendonly yes --appendfsync "$1"); fi
   redis-server --port "$rp" --bind 127.0.0.1 --dir "$dir" --save '' "${aof[@]}" \
     --daemonize no --protected-mode yes >"$WORK/redis.log" 2>&1 &

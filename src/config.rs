@@ -97,6 +97,8 @@ pub struct Config {
 
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
+    /// Session IDs in one GetMany call.
+    pub max_batch_ids: usize,
     /// Concurrent HTTP/2 streams (in-flight RPCs) per connection.
     pub max_concurrent_streams: u32,
     /// RPCs in flight across all connections. Past it, new RPCs are refused at once with
@@ -178,6 +180,7 @@ impl Default for Config {
             max_sessions: limits.max_sessions,
             max_memory_bytes: limits.max_memory_bytes,
             max_message_bytes: 4 * 1024 * 1024,
+            max_batch_ids: 1000,
             max_concurrent_streams: 1024,
             max_concurrent_requests: 4096,
             max_header_list_bytes: 16 * 1024,
@@ -302,6 +305,7 @@ impl Config {
             ("max_memory_bytes", self.max_memory_bytes),
             ("snapshot_log_bytes", self.snapshot_log_bytes as usize),
             ("max_message_bytes", self.max_message_bytes),
+            ("max_batch_ids", self.max_batch_ids),
             ("reaper_batch", self.reaper_batch),
             (
                 "max_concurrent_streams",

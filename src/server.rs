@@ -217,9 +217,14 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
             serving.clone(),
         ))
     });
-    let service = SessionStoreServer::new(SessionStoreService::new(store, guesses, log))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
+    let service = SessionStoreServer::new(SessionStoreService::new(
+        store,
+        guesses,
+        log,
+        config.max_batch_ids,
+    ))
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
     let mut drained = serving.clone();
     let until_drained = async move {
         let _ = drained.wait_for(|s| *s).await;

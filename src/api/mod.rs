@@ -8,6 +8,8 @@ pub mod status;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use self::guessing::GuessWatch;
@@ -30,17 +32,24 @@ pub struct SessionStoreService {
     store: Store,
     guesses: Arc<GuessWatch>,
     log: Option<Arc<Log>>,
+    max_batch_ids: usize,
 }
 
 impl SessionStoreService {
     /// Serves `store`, reporting lookups of unknown IDs to `guesses`. With a `log` under
     /// `fsync = always`, mutations reply only once their record is on disk.
-    pub fn new(store: Store, guesses: Arc<GuessWatch>, log: Option<Arc<Log>>) -> Self {
+    pub fn new(
+        store: Store,
+        guesses: Arc<GuessWatch>,
+        log: Option<Arc<Log>>,
+        max_batch_ids: usize,
+    ) -> Self {
         let log = log.filter(|l| l.policy() == FsyncPolicy::Always);
         SessionStoreService {
             store,
             guesses,
             log,
+            max_batch_ids,
         }
     }
 
@@ -59,7 +68,95 @@ impl SessionStoreService {
         }
         result.map_err(Status::from)
     }
+
+    /// Runs one operation against the Store: the body of every RPC, unary or pipelined.
+    /// Says whether it changed anything (and so must be durable before the reply).
+    fn apply(&self, peer: Option<IpAddr>, op: Op) -> (Result<Outcome, Status>, bool) {
+        let store = &self.store;
+        match op {
+            Op::Create(r) => (
+                convert::new_session(r)
+                    .and_then(|new| Ok(store.create(new)?))
+                    .map(|s| Outcome::Session(convert::session(s))),
+                true,
+            ),
+            Op::Get(r) => (
+                self.lookup(peer, store.get(&r.id, r.peek))
+                    .map(|s| Outcome::Session(convert::session(s))),
+                false,
+            ),
+            Op::Touch(r) => (
+                self.lookup(peer, store.touch(&r.id)).map(|at| {
+                    Outcome::Touch(pb::TouchResponse {
+                        expires_at: Some(convert::timestamp(at)),
+                    })
+                }),
+                false,
+            ),
+            Op::Update(mut r) => {
+                let id = std::mem::take(&mut r.id);
+                (
+                    self.lookup(peer, store.update(&id, convert::change(r)))
+                        .map(|s| Outcome::Session(convert::session(s))),
+                    true,
+                )
+            }
+            Op::Regenerate(r) => (
+                self.lookup(peer, store.regenerate(&r.id, convert::rotation(&r)))
+                    .map(|s| Outcome::Session(convert::session(s))),
+                true,
+            ),
+            Op::Destroy(r) => {
+                let result = store.destroy(&r.id).map_err(Status::from);
+                if let Ok(false) = result {
+                    self.guesses.miss(peer);
+                }
+                (
+                    result.map(|existed| Outcome::Destroy(pb::DestroyResponse { existed })),
+                    true,
+                )
+            }
+            Op::ListUserSessions(r) => (
+                store
+                    .list_user(&r.user_id, r.include_attributes)
+                    .map_err(Status::from)
+                    .map(|sessions| {
+                        Outcome::ListUserSessions(pb::ListUserSessionsResponse {
+                            sessions: sessions.into_iter().map(convert::session).collect(),
+                        })
+                    }),
+                false,
+            ),
+            Op::DestroyUserSessions(r) => {
+                let except = (!r.except_id.is_empty()).then_some(r.except_id.as_str());
+                (
+                    store
+                        .destroy_user(&r.user_id, except)
+                        .map_err(Status::from)
+                        .map(|destroyed| {
+                            Outcome::DestroyUserSessions(pb::DestroyUserSessionsResponse {
+                                destroyed,
+                            })
+                        }),
+                    true,
+                )
+            }
+        }
+    }
+
+    /// `apply`, then the durability wait a mutation owes before its reply.
+    async fn call(&self, peer: Option<IpAddr>, op: Op) -> Result<Outcome, Status> {
+        let (result, mutated) = self.apply(peer, op);
+        let outcome = result?;
+        if mutated {
+            self.durable().await?;
+        }
+        Ok(outcome)
+    }
 }
+
+use pb::pipeline_request::Op;
+use pb::pipeline_response::Result as Outcome;
 
 fn peer<T>(req: &Request<T>) -> Option<IpAddr> {
     req.remote_addr().map(|a| a.ip())
@@ -67,76 +164,156 @@ fn peer<T>(req: &Request<T>) -> Option<IpAddr> {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// Responses a pipeline may have ready before the client reads them; past it, the server
+/// stops reading requests from that stream (backpressure instead of an unbounded queue).
+pub const PIPELINE_WINDOW: usize = 256;
+
+/// Unwraps the outcome a unary RPC expects; any other is a bug in `apply`.
+macro_rules! expect {
+    ($outcome:expr, $variant:ident) => {
+        match $outcome? {
+            Outcome::$variant(v) => Ok(Response::new(v)),
+            _ => Err(Status::internal(concat!(
+                "unexpected result for ",
+                stringify!($variant)
+            ))),
+        }
+    };
+}
+
 #[tonic::async_trait]
 impl pb::session_store_server::SessionStore for SessionStoreService {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Reply<pb::Session> {
-        let new = convert::new_session(req.into_inner())?;
-        let s = self.store.create(new)?;
-        self.durable().await?;
-        Ok(Response::new(convert::session(s)))
+        expect!(
+            self.call(peer(&req), Op::Create(req.into_inner())).await,
+            Session
+        )
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::Session> {
-        let peer = peer(&req);
-        let r = req.into_inner();
-        let s = self.lookup(peer, self.store.get(&r.id, r.peek))?;
-        Ok(Response::new(convert::session(s)))
+        expect!(
+            self.call(peer(&req), Op::Get(req.into_inner())).await,
+            Session
+        )
     }
 
     async fn touch(&self, req: Request<pb::TouchRequest>) -> Reply<pb::TouchResponse> {
-        let peer = peer(&req);
-        let expires_at = self.lookup(peer, self.store.touch(&req.into_inner().id))?;
-        Ok(Response::new(pb::TouchResponse {
-            expires_at: Some(convert::timestamp(expires_at)),
-        }))
+        expect!(
+            self.call(peer(&req), Op::Touch(req.into_inner())).await,
+            Touch
+        )
     }
 
     async fn update(&self, req: Request<pb::UpdateRequest>) -> Reply<pb::Session> {
-        let peer = peer(&req);
-        let mut r = req.into_inner();
-        let id = std::mem::take(&mut r.id);
-        let s = self.lookup(peer, self.store.update(&id, convert::change(r)))?;
-        self.durable().await?;
-        Ok(Response::new(convert::session(s)))
+        expect!(
+            self.call(peer(&req), Op::Update(req.into_inner())).await,
+            Session
+        )
     }
 
     async fn regenerate(&self, req: Request<pb::RegenerateRequest>) -> Reply<pb::Session> {
-        let peer = peer(&req);
-        let r = req.into_inner();
-        let s = self.lookup(peer, self.store.regenerate(&r.id, convert::rotation(&r)))?;
-        self.durable().await?;
-        Ok(Response::new(convert::session(s)))
+        expect!(
+            self.call(peer(&req), Op::Regenerate(req.into_inner()))
+                .await,
+            Session
+        )
     }
 
     async fn destroy(&self, req: Request<pb::DestroyRequest>) -> Reply<pb::DestroyResponse> {
-        let peer = peer(&req);
-        let existed = self.store.destroy(&req.into_inner().id)?;
-        if !existed {
-            self.guesses.miss(peer);
-        }
-        self.durable().await?;
-        Ok(Response::new(pb::DestroyResponse { existed }))
+        expect!(
+            self.call(peer(&req), Op::Destroy(req.into_inner())).await,
+            Destroy
+        )
     }
 
     async fn list_user_sessions(
         &self,
         req: Request<pb::ListUserSessionsRequest>,
     ) -> Reply<pb::ListUserSessionsResponse> {
-        let r = req.into_inner();
-        let sessions = self.store.list_user(&r.user_id, r.include_attributes)?;
-        Ok(Response::new(pb::ListUserSessionsResponse {
-            sessions: sessions.into_iter().map(convert::session).collect(),
-        }))
+        let op = Op::ListUserSessions(req.into_inner());
+        expect!(self.call(None, op).await, ListUserSessions)
     }
 
     async fn destroy_user_sessions(
         &self,
         req: Request<pb::DestroyUserSessionsRequest>,
     ) -> Reply<pb::DestroyUserSessionsResponse> {
+        let op = Op::DestroyUserSessions(req.into_inner());
+        expect!(self.call(None, op).await, DestroyUserSessions)
+    }
+
+    async fn get_many(&self, req: Request<pb::GetManyRequest>) -> Reply<pb::GetManyResponse> {
+        let peer = peer(&req);
         let r = req.into_inner();
-        let except = (!r.except_id.is_empty()).then_some(r.except_id.as_str());
-        let destroyed = self.store.destroy_user(&r.user_id, except)?;
-        self.durable().await?;
-        Ok(Response::new(pb::DestroyUserSessionsResponse { destroyed }))
+        if r.ids.len() > self.max_batch_ids {
+            return Err(status::invalid(
+                "ids",
+                &format!(
+                    "has {} entries, over max_batch_ids ({})",
+                    r.ids.len(),
+                    self.max_batch_ids
+                ),
+            ));
+        }
+        let results = r
+            .ids
+            .into_iter()
+            .map(|id| {
+                let result = match self
+                    .apply(peer, Op::Get(pb::GetRequest { id, peek: r.peek }))
+                    .0
+                {
+                    Ok(Outcome::Session(s)) => pb::get_result::Result::Session(s),
+                    Ok(_) => pb::get_result::Result::Error(status::error(&Status::internal(
+                        "unexpected result",
+                    ))),
+                    Err(e) => pb::get_result::Result::Error(status::error(&e)),
+                };
+                pb::GetResult {
+                    result: Some(result),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::GetManyResponse { results }))
+    }
+
+    type PipelineStream = ReceiverStream<Result<pb::PipelineResponse, Status>>;
+
+    async fn pipeline(
+        &self,
+        req: Request<tonic::Streaming<pb::PipelineRequest>>,
+    ) -> Reply<Self::PipelineStream> {
+        let peer = peer(&req);
+        let mut requests = req.into_inner();
+        let (tx, rx) = mpsc::channel(PIPELINE_WINDOW);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let request = match requests.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                let result = match request.op {
+                    Some(op) => svc
+                        .call(peer, op)
+                        .await
+                        .unwrap_or_else(|e| Outcome::Error(status::error(&e))),
+                    None => Outcome::Error(status::error(&status::invalid("op", "is missing"))),
+                };
+                let response = pb::PipelineResponse {
+                    id: request.id,
+                    result: Some(result),
+                };
+                // A failed send means the client went away: stop quietly.
+                if tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

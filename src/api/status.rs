@@ -28,3 +28,11 @@ impl From<crate::persist::log::LogFailed> for Status {
 pub(crate) fn invalid(field: &str, why: &str) -> Status {
     Status::invalid_argument(format!("{field} {why}"))
 }
+
+/// A Status as the `Error` message of a batch or pipeline result.
+pub(crate) fn error(status: &Status) -> super::pb::Error {
+    super::pb::Error {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+    }
+}

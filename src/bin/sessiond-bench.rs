@@ -67,6 +67,10 @@ struct Args {
     /// Unmeasured run time before it.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// Send sessiond's operations over one Pipeline stream per connection instead of unary
+    /// RPCs.
+    #[arg(long)]
+    pipeline: bool,
     /// How Redis updates one attribute.
     #[arg(long, value_enum, default_value_t = RedisUpdate::Blob)]
     redis_update: RedisUpdate,
@@ -183,10 +187,101 @@ fn op_name(op: Op) -> &'static str {
     OPS.iter().find(|(o, _)| *o == op).map_or("?", |(_, n)| n)
 }
 
+/// One connection to sessiond: unary RPCs, or one Pipeline stream.
+#[derive(Clone)]
+enum GrpcConn {
+    Unary(SessionStoreClient<Channel>),
+    Pipe(Arc<PipeConn>),
+}
+
+/// Callers waiting for pipeline responses, by request id.
+type Waiting =
+    Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<pb::pipeline_response::Result>>>>;
+
+/// A Pipeline stream: requests go in with fresh ids; a reader task hands each response to
+/// the caller waiting on that id.
+struct PipeConn {
+    tx: tokio::sync::mpsc::Sender<pb::PipelineRequest>,
+    waiting: Waiting,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl PipeConn {
+    async fn open(mut client: SessionStoreClient<Channel>) -> Result<PipeConn, String> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let mut responses = client
+            .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|e| format!("pipeline: {e}"))?
+            .into_inner();
+        let waiting: Waiting = Arc::default();
+        let routes = waiting.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(r)) = responses.message().await {
+                let waiter = routes.lock().unwrap().remove(&r.id);
+                if let (Some(w), Some(result)) = (waiter, r.result) {
+                    let _ = w.send(result);
+                }
+            }
+        });
+        Ok(PipeConn {
+            tx,
+            waiting,
+            next: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+}
+
+impl GrpcConn {
+    /// Runs one operation, unary or pipelined, as the pipeline's result type.
+    async fn call(
+        &self,
+        op: pb::pipeline_request::Op,
+    ) -> Result<pb::pipeline_response::Result, String> {
+        use pb::pipeline_request::Op as Req;
+        use pb::pipeline_response::Result as Res;
+        let code = |e: tonic::Status| format!("{:?}", e.code());
+        let result = match self {
+            GrpcConn::Pipe(p) => {
+                let id = p.next.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                p.waiting.lock().unwrap().insert(id, tx);
+                p.tx.send(pb::PipelineRequest { id, op: Some(op) })
+                    .await
+                    .map_err(|_| "pipeline closed".to_string())?;
+                rx.await.map_err(|_| "pipeline closed".to_string())?
+            }
+            GrpcConn::Unary(c) => {
+                let mut c = c.clone();
+                match op {
+                    Req::Create(r) => Res::Session(c.create(r).await.map_err(code)?.into_inner()),
+                    Req::Get(r) => Res::Session(c.get(r).await.map_err(code)?.into_inner()),
+                    Req::Touch(r) => Res::Touch(c.touch(r).await.map_err(code)?.into_inner()),
+                    Req::Update(r) => Res::Session(c.update(r).await.map_err(code)?.into_inner()),
+                    Req::Regenerate(r) => {
+                        Res::Session(c.regenerate(r).await.map_err(code)?.into_inner())
+                    }
+                    Req::Destroy(r) => Res::Destroy(c.destroy(r).await.map_err(code)?.into_inner()),
+                    Req::ListUserSessions(r) => Res::ListUserSessions(
+                        c.list_user_sessions(r).await.map_err(code)?.into_inner(),
+                    ),
+                    Req::DestroyUserSessions(r) => Res::DestroyUserSessions(
+                        c.destroy_user_sessions(r).await.map_err(code)?.into_inner(),
+                    ),
+                }
+            }
+        };
+        match result {
+            Res::Error(e) => Err(format!("{:?}", tonic::Code::from_i32(e.code))),
+            ok => Ok(ok),
+        }
+    }
+}
+
 /// One backend's connections.
 #[derive(Clone)]
 enum Backend {
-    Grpc(Vec<SessionStoreClient<Channel>>),
+    Grpc(Vec<GrpcConn>),
     Redis(Vec<redis::aio::MultiplexedConnection>, RedisUpdate),
 }
 
@@ -234,7 +329,7 @@ impl Backend {
             return Ok(Backend::Redis(conns, args.redis_update));
         }
         let addr = args.target.strip_prefix("grpc://").unwrap_or(&args.target);
-        let mut clients = Vec::new();
+        let mut conns = Vec::new();
         for _ in 0..args.connections.max(1) {
             let ch = Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| e.to_string())?
@@ -242,9 +337,14 @@ impl Backend {
                 .connect()
                 .await
                 .map_err(|e| format!("cannot connect to sessiond at {addr}: {e}"))?;
-            clients.push(SessionStoreClient::new(ch));
+            let client = SessionStoreClient::new(ch);
+            conns.push(if args.pipeline {
+                GrpcConn::Pipe(Arc::new(PipeConn::open(client).await?))
+            } else {
+                GrpcConn::Unary(client)
+            });
         }
-        Ok(Backend::Grpc(clients))
+        Ok(Backend::Grpc(conns))
     }
 
     /// Creates a session for `user`; returns its ID.
@@ -258,16 +358,18 @@ impl Backend {
         let attrs = attributes(args, user as u64);
         match self {
             Backend::Grpc(c) => {
-                let mut c = c[conn % c.len()].clone();
                 let req = pb::CreateRequest {
                     user_id: format!("user{user}"),
                     attributes: attrs.into_iter().collect(),
                     ..Default::default()
                 };
-                c.create(req)
-                    .await
-                    .map(|r| r.into_inner().id)
-                    .map_err(|e| format!("{:?}", e.code()))
+                match c[conn % c.len()]
+                    .call(pb::pipeline_request::Op::Create(req))
+                    .await?
+                {
+                    pb::pipeline_response::Result::Session(s) => Ok(s.id),
+                    _ => Err("unexpected result".into()),
+                }
             }
             Backend::Redis(c, mode) => {
                 let mut con = c[conn % c.len()].clone();
@@ -340,14 +442,13 @@ impl Backend {
         };
         match self {
             Backend::Grpc(c) => {
-                let mut c = c[conn % c.len()].clone();
-                let code = |e: tonic::Status| format!("{:?}", e.code());
+                use pb::pipeline_request::Op as Req;
+                let c = &c[conn % c.len()];
                 match op {
                     Op::Get => c
-                        .get(pb::GetRequest { id, peek: false })
+                        .call(Req::Get(pb::GetRequest { id, peek: false }))
                         .await
-                        .map(drop)
-                        .map_err(code),
+                        .map(drop),
                     Op::Update => {
                         let req = pb::UpdateRequest {
                             id,
@@ -358,22 +459,23 @@ impl Backend {
                             .into(),
                             ..Default::default()
                         };
-                        c.update(req).await.map(drop).map_err(code)
+                        c.call(Req::Update(req)).await.map(drop)
                     }
                     Op::Destroy => {
-                        c.destroy(pb::DestroyRequest { id }).await.map_err(code)?;
+                        c.call(Req::Destroy(pb::DestroyRequest { id })).await?;
                         pool.set(slot, None);
                         Ok(())
                     }
                     Op::Regenerate => {
-                        let r = c
-                            .regenerate(pb::RegenerateRequest {
-                                id,
-                                ..Default::default()
-                            })
-                            .await
-                            .map_err(code)?;
-                        pool.set(slot, Some((r.into_inner().id, user)));
+                        let req = pb::RegenerateRequest {
+                            id,
+                            ..Default::default()
+                        };
+                        if let pb::pipeline_response::Result::Session(s) =
+                            c.call(Req::Regenerate(req)).await?
+                        {
+                            pool.set(slot, Some((s.id, user)));
+                        }
                         Ok(())
                     }
                     Op::Create | Op::List => unreachable!("handled above"),
@@ -513,14 +615,14 @@ impl Backend {
     async fn list(&self, conn: usize, user: usize) -> OpResult {
         match self {
             Backend::Grpc(c) => {
-                let mut c = c[conn % c.len()].clone();
-                c.list_user_sessions(pb::ListUserSessionsRequest {
+                let req = pb::ListUserSessionsRequest {
                     user_id: format!("user{user}"),
                     include_attributes: false,
-                })
-                .await
-                .map(drop)
-                .map_err(|e| format!("{:?}", e.code()))
+                };
+                c[conn % c.len()]
+                    .call(pb::pipeline_request::Op::ListUserSessions(req))
+                    .await
+                    .map(drop)
             }
             Backend::Redis(c, mode) => {
                 let mut con = c[conn % c.len()].clone();
@@ -784,6 +886,7 @@ async fn run(args: Args) -> Result<(), String> {
     let report = json!({
         "target": args.target,
         "redis_update": (args.target.starts_with("redis://")).then(|| format!("{:?}", args.redis_update).to_lowercase()),
+        "pipeline": args.pipeline,
         "sessions": args.sessions,
         "session_bytes": args.attributes * args.value_bytes,
         "concurrency": args.concurrency,

@@ -37,6 +37,8 @@ const METHODS: &[&str] = &[
     "Destroy",
     "ListUserSessions",
     "DestroyUserSessions",
+    "GetMany",
+    "Pipeline",
     "other",
 ];
 
