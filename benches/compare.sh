@@ -8,7 +8,9 @@
 #
 # Environment: ROUNDS (3), DURATION (10s), WARMUP (2s), SESSIONS (100000),
 # CONCURRENCY (50), CONNECTIONS (4), FSYNC (everysec; MODE=mix only),
-# REDIS_UPDATE (blob or hset), MIX (overrides the mode's mix).
+# REDIS_UPDATE (blob or hset), MIX (overrides the mode's mix), PIPELINE (1: sessiond-bench
+# sends sessiond's operations over Pipeline streams; Redis's multiplexed connections always
+# pipeline concurrent commands).
 # Everything it starts listens on 127.0.0.1 and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,7 @@ SESSIONS=${SESSIONS:-100000}
 CONCURRENCY=${CONCURRENCY:-50}
 CONNECTIONS=${CONNECTIONS:-4}
 REDIS_UPDATE=${REDIS_UPDATE:-blob}
+PIPELINE_FLAG=(); [ "${PIPELINE:-0}" = "1" ] && PIPELINE_FLAG=(--pipeline)
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "compare.sh: installing redis-server from Debian's packages" >&2
@@ -70,7 +73,7 @@ run_sessiond() {
   wait_port "$gp"
   "$BIN/sessiond-bench" --target "grpc://127.0.0.1:$gp" --admin-addr "127.0.0.1:$ap" \
     --sessions "$SESSIONS" --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
-    --duration "$DURATION" --warmup "$WARMUP" --mix "$2" --json >"$3"
+    --duration "$DURATION" --warmup "$WARMUP" --mix "$2" "${PIPELINE_FLAG[@]}" --json >"$3"
   stop_last
 }
 
@@ -132,12 +135,12 @@ case "$MODE" in
   mix)
     FSYNC=${FSYNC:-everysec}
     MIX=${MIX:-get=80,update=12,create=4,destroy=2,regenerate=1,list=1}
-    compare "mix-fsync-$FSYNC" "$FSYNC" "$FSYNC" "$MIX"
+    compare "mix-fsync-$FSYNC${PIPELINE_FLAG[*]:+-pipelined}" "$FSYNC" "$FSYNC" "$MIX"
     ;;
   durability)
     MIX=${MIX:-update=80,create=10,destroy=10}
     for policy in no everysec always; do
-      compare "writes-fsync-$policy" "$policy" "$policy" "$MIX"
+      compare "writes-fsync-$policy${PIPELINE_FLAG[*]:+-pipelined}" "$policy" "$policy" "$MIX"
     done
     ;;
   *) echo "compare.sh: MODE is mix or durability" >&2; exit 2 ;;
