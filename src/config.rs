@@ -316,6 +316,12 @@ impl Config {
                 return bad(name, "must be at least 1".into());
             }
         }
+        if self.max_key_bytes > crate::store::packed::MAX_KEY_BYTES {
+            return bad(
+                "max_key_bytes",
+                format!("must be at most {}", crate::store::packed::MAX_KEY_BYTES),
+            );
+        }
         if self.max_message_bytes < 1024 {
             return bad("max_message_bytes", "must be at least 1024".into());
         }

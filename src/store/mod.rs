@@ -14,6 +14,7 @@
 
 pub mod error;
 pub mod events;
+pub mod packed;
 pub mod reaper;
 pub mod wheel;
 
@@ -26,6 +27,7 @@ use dashmap::DashMap;
 
 pub use self::error::StoreError;
 use self::events::{EndCause, Event, EventSink};
+use self::packed::Packed;
 use self::wheel::Wheel;
 use crate::clock::Clock;
 use crate::session::{
@@ -36,8 +38,8 @@ use crate::session::{
 /// the map entry, the key and the bookkeeping fields, rounded up.
 pub const SESSION_OVERHEAD_BYTES: usize = 192;
 
-/// Fixed per-attribute overhead: the hash-table slot and the two heap headers.
-pub const ATTRIBUTE_OVERHEAD_BYTES: usize = 48;
+/// Fixed per-attribute overhead: the two length prefixes in the packed buffer, rounded up.
+pub const ATTRIBUTE_OVERHEAD_BYTES: usize = 8;
 
 /// The rules and limits the Store enforces. Built from the config.
 #[derive(Debug, Clone)]
@@ -168,7 +170,7 @@ pub struct Stats {
 /// read lock.
 struct Entry {
     user: Option<Arc<str>>,
-    attrs: Attributes,
+    attrs: Packed,
     version: u64,
     created_at: Millis,
     last_access: AtomicU64,
@@ -217,7 +219,7 @@ impl Entry {
             key,
             user: self.user.clone(),
             attributes: if with_attributes {
-                self.attrs.clone()
+                self.attrs.unpack()
             } else {
                 Attributes::new()
             },
@@ -233,7 +235,7 @@ impl Entry {
     fn from_session(s: &Session, bytes: usize) -> Self {
         Entry {
             user: s.user.clone(),
-            attrs: s.attributes.clone(),
+            attrs: Packed::pack(s.attributes.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
             version: s.version,
             created_at: s.created_at,
             last_access: AtomicU64::new(s.last_access_at),
@@ -246,15 +248,8 @@ impl Entry {
     }
 }
 
-/// A value the store can keep: its own allocation of exactly its size. Values decoded from a
-/// request are slices of the whole request buffer; keeping the slice would pin that buffer
-/// (often several kilobytes) for the session's life.
-fn own(value: Bytes) -> Bytes {
-    Bytes::copy_from_slice(&value)
-}
-
-fn attribute_bytes(key: &str, value: &Bytes) -> usize {
-    key.len() + value.len() + ATTRIBUTE_OVERHEAD_BYTES
+fn attribute_bytes(key: &str, value_len: usize) -> usize {
+    key.len() + value_len + ATTRIBUTE_OVERHEAD_BYTES
 }
 
 fn base_bytes(user: Option<&str>, client: &ClientInfo) -> usize {
@@ -352,10 +347,10 @@ impl Store {
         for (k, v) in req.attributes {
             self.check_attribute(&k, &v)?;
             if let Some(old) = attrs.get(&k) {
-                bytes -= attribute_bytes(&k, old);
+                bytes -= attribute_bytes(&k, old.len());
             }
-            bytes += attribute_bytes(&k, &v);
-            attrs.insert(k, own(v));
+            bytes += attribute_bytes(&k, v.len());
+            attrs.insert(k, v);
         }
         self.check_shape(attrs.len(), bytes)?;
 
@@ -440,7 +435,11 @@ impl Store {
         let now = self.now();
         // Room for the worst case (every key new), made before this session's lock is taken:
         // eviction locks other sessions.
-        let growth = change.set.iter().map(|(k, v)| attribute_bytes(k, v)).sum();
+        let growth = change
+            .set
+            .iter()
+            .map(|(k, v)| attribute_bytes(k, v.len()))
+            .sum();
         self.make_room(growth, now)?;
         let mut entry = self
             .inner
@@ -470,10 +469,12 @@ impl Store {
             }
             seen.push(k);
             match entry.attrs.get(k) {
-                Some(old) => bytes = bytes - attribute_bytes(k, old) + attribute_bytes(k, v),
+                Some(old) => {
+                    bytes = bytes - attribute_bytes(k, old.len()) + attribute_bytes(k, v.len())
+                }
                 None => {
                     count += 1;
-                    bytes += attribute_bytes(k, v);
+                    bytes += attribute_bytes(k, v.len());
                 }
             }
         }
@@ -484,17 +485,22 @@ impl Store {
             }
             if let Some(old) = entry.attrs.get(k) {
                 count -= 1;
-                bytes -= attribute_bytes(k, old);
+                bytes -= attribute_bytes(k, old.len());
             }
         }
         self.check_shape(count, bytes)?;
 
-        for k in &change.remove {
-            entry.attrs.remove(k);
-        }
-        for (k, v) in &change.set {
-            entry.attrs.insert(k.clone(), own(v.clone()));
-        }
+        let replaced = |k: &str| {
+            change.remove.iter().any(|r| r == k) || change.set.iter().any(|(s, _)| s == k)
+        };
+        let kept: Vec<(&str, Bytes)> = entry.attrs.iter().filter(|(k, _)| !replaced(k)).collect();
+        let packed = Packed::pack(
+            kept.iter()
+                .map(|(k, v)| (*k, v.as_ref()))
+                .chain(change.set.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
+        );
+        drop(kept);
+        entry.attrs = packed;
         let delta = bytes as isize - entry.bytes as isize;
         entry.bytes = bytes;
         entry.version += 1;
@@ -657,7 +663,7 @@ impl Store {
             let bytes = base_bytes(s.user.as_deref(), &s.client)
                 + s.attributes
                     .iter()
-                    .map(|(k, v)| attribute_bytes(k, v))
+                    .map(|(k, v)| attribute_bytes(k, v.len()))
                     .sum::<usize>();
             if let Some(u) = &s.user {
                 self.inner.users.entry(u.clone()).or_default().push(s.key);
@@ -880,7 +886,7 @@ impl Store {
         let bytes = base_bytes(s.user.as_deref(), &s.client)
             + s.attributes
                 .iter()
-                .map(|(k, v)| attribute_bytes(k, v))
+                .map(|(k, v)| attribute_bytes(k, v.len()))
                 .sum::<usize>();
         self.inner
             .sessions
