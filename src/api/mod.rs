@@ -55,9 +55,20 @@ impl SessionStoreService {
 
     /// Waits until every change made so far, this call's included, is durable.
     async fn durable(&self) -> Result<(), Status> {
-        match &self.log {
-            Some(log) => Ok(log.wait_durable(log.appended()).await?),
-            None => Ok(()),
+        self.durable_up_to(self.log_position()).await
+    }
+
+    /// Where the log is now, if replies must wait for it: the position a change just made
+    /// must reach on disk before its reply.
+    fn log_position(&self) -> Option<u64> {
+        self.log.as_ref().map(|l| l.appended())
+    }
+
+    /// Waits until the log is durable up to `position`.
+    async fn durable_up_to(&self, position: Option<u64>) -> Result<(), Status> {
+        match (&self.log, position) {
+            (Some(log), Some(seq)) => Ok(log.wait_durable(seq).await?),
+            _ => Ok(()),
         }
     }
 
@@ -285,6 +296,10 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
     ) -> Reply<Self::PipelineStream> {
         let peer = peer(&req);
         let mut requests = req.into_inner();
+        // Two stages, so a stream does not stop at every fsync: the first applies requests in
+        // order, the second holds each reply until its change is durable (one fsync covers
+        // everything applied meanwhile) and sends it. Both channels are bounded.
+        let (applied_tx, mut applied) = mpsc::channel(PIPELINE_WINDOW);
         let (tx, rx) = mpsc::channel(PIPELINE_WINDOW);
         let svc = self.clone();
         tokio::spawn(async move {
@@ -293,23 +308,45 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
                     Ok(Some(r)) => r,
                     Ok(None) => return,
                     Err(e) => {
-                        let _ = tx.send(Err(e)).await;
+                        let _ = applied_tx.send((Err(e), None)).await;
                         return;
                     }
                 };
-                let result = match request.op {
-                    Some(op) => svc
-                        .call(peer, op)
-                        .await
-                        .unwrap_or_else(|e| Outcome::Error(status::error(&e))),
-                    None => Outcome::Error(status::error(&status::invalid("op", "is missing"))),
+                let (result, position) = match request.op {
+                    Some(op) => {
+                        let (result, mutated) = svc.apply(peer, op);
+                        let position = if mutated { svc.log_position() } else { None };
+                        (
+                            result.unwrap_or_else(|e| Outcome::Error(status::error(&e))),
+                            position,
+                        )
+                    }
+                    None => (
+                        Outcome::Error(status::error(&status::invalid("op", "is missing"))),
+                        None,
+                    ),
                 };
                 let response = pb::PipelineResponse {
                     id: request.id,
                     result: Some(result),
                 };
+                if applied_tx.send((Ok(response), position)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let svc = self.clone();
+        tokio::spawn(async move {
+            while let Some((response, position)) = applied.recv().await {
+                let response = match svc.durable_up_to(position).await {
+                    Ok(()) => response,
+                    Err(e) => response.map(|r| pb::PipelineResponse {
+                        result: Some(Outcome::Error(status::error(&e))),
+                        ..r
+                    }),
+                };
                 // A failed send means the client went away: stop quietly.
-                if tx.send(Ok(response)).await.is_err() {
+                if tx.send(response).await.is_err() {
                     return;
                 }
             }

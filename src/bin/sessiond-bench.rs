@@ -383,29 +383,24 @@ impl Backend {
                     }
                     cmd.arg("_user").arg(user);
                     cmd.query_async::<()>(&mut con).await.map_err(redis_err)?;
-                    redis::cmd("EXPIRE")
-                        .arg(&key)
-                        .arg(TTL_SECS)
-                        .query_async::<()>(&mut con)
-                        .await
-                        .map_err(redis_err)?;
+                    exec(&mut con, redis::cmd("EXPIRE").arg(&key).arg(TTL_SECS)).await?;
                 } else {
-                    redis::cmd("SET")
-                        .arg(&key)
-                        .arg(blob(&attrs))
-                        .arg("EX")
-                        .arg(TTL_SECS)
-                        .arg("NX")
-                        .query_async::<()>(&mut con)
-                        .await
-                        .map_err(redis_err)?;
+                    exec(
+                        &mut con,
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(blob(&attrs))
+                            .arg("EX")
+                            .arg(TTL_SECS)
+                            .arg("NX"),
+                    )
+                    .await?;
                 }
-                redis::cmd("SADD")
-                    .arg(format!("user:{user}"))
-                    .arg(&id)
-                    .query_async::<()>(&mut con)
-                    .await
-                    .map_err(redis_err)?;
+                exec(
+                    &mut con,
+                    redis::cmd("SADD").arg(format!("user:{user}")).arg(&id),
+                )
+                .await?;
                 Ok(id)
             }
         }
@@ -500,27 +495,18 @@ impl Backend {
                                 .await
                                 .map_err(redis_err)?;
                         }
-                        redis::cmd("EXPIRE")
-                            .arg(&key)
-                            .arg(TTL_SECS)
-                            .query_async::<()>(&mut con)
-                            .await
-                            .map_err(redis_err)
+                        exec(&mut con, redis::cmd("EXPIRE").arg(&key).arg(TTL_SECS)).await
                     }
                     Op::Update if hset => {
-                        redis::cmd("HSET")
-                            .arg(&key)
-                            .arg("attr3")
-                            .arg(vec![b'u'; args.value_bytes])
-                            .query_async::<()>(&mut con)
-                            .await
-                            .map_err(redis_err)?;
-                        redis::cmd("EXPIRE")
-                            .arg(&key)
-                            .arg(TTL_SECS)
-                            .query_async::<()>(&mut con)
-                            .await
-                            .map_err(redis_err)
+                        exec(
+                            &mut con,
+                            redis::cmd("HSET")
+                                .arg(&key)
+                                .arg("attr3")
+                                .arg(vec![b'u'; args.value_bytes]),
+                        )
+                        .await?;
+                        exec(&mut con, redis::cmd("EXPIRE").arg(&key).arg(TTL_SECS)).await
                     }
                     Op::Update => {
                         let current: Option<Vec<u8>> = redis::cmd("GET")
@@ -533,27 +519,23 @@ impl Backend {
                             .unwrap_or_default();
                         map.insert("attr3".into(), "u".repeat(args.value_bytes));
                         let body = serde_json::to_vec(&map).expect("serialisable");
-                        redis::cmd("SET")
-                            .arg(&key)
-                            .arg(body)
-                            .arg("EX")
-                            .arg(TTL_SECS)
-                            .query_async::<()>(&mut con)
-                            .await
-                            .map_err(redis_err)
+                        exec(
+                            &mut con,
+                            redis::cmd("SET")
+                                .arg(&key)
+                                .arg(body)
+                                .arg("EX")
+                                .arg(TTL_SECS),
+                        )
+                        .await
                     }
                     Op::Destroy => {
-                        redis::cmd("DEL")
-                            .arg(&key)
-                            .query_async::<()>(&mut con)
-                            .await
-                            .map_err(redis_err)?;
-                        redis::cmd("SREM")
-                            .arg(format!("user:{user}"))
-                            .arg(&id)
-                            .query_async::<()>(&mut con)
-                            .await
-                            .map_err(redis_err)?;
+                        exec(&mut con, redis::cmd("DEL").arg(&key)).await?;
+                        exec(
+                            &mut con,
+                            redis::cmd("SREM").arg(format!("user:{user}")).arg(&id),
+                        )
+                        .await?;
                         pool.set(slot, None);
                         Ok(())
                     }
@@ -562,12 +544,7 @@ impl Backend {
                         let new_key = format!("sess:{fresh}");
                         if hset {
                             // RENAME moves a hash in one step; EXPIRE keeps the TTL.
-                            redis::cmd("RENAME")
-                                .arg(&key)
-                                .arg(&new_key)
-                                .query_async::<()>(&mut con)
-                                .await
-                                .map_err(redis_err)?;
+                            exec(&mut con, redis::cmd("RENAME").arg(&key).arg(&new_key)).await?;
                         } else {
                             let body: Option<Vec<u8>> = redis::cmd("GET")
                                 .arg(&key)
@@ -575,34 +552,21 @@ impl Backend {
                                 .await
                                 .map_err(redis_err)?;
                             let body = body.ok_or("missing")?;
-                            redis::cmd("SET")
-                                .arg(&new_key)
-                                .arg(body)
-                                .arg("EX")
-                                .arg(TTL_SECS)
-                                .arg("NX")
-                                .query_async::<()>(&mut con)
-                                .await
-                                .map_err(redis_err)?;
-                            redis::cmd("DEL")
-                                .arg(&key)
-                                .query_async::<()>(&mut con)
-                                .await
-                                .map_err(redis_err)?;
+                            exec(
+                                &mut con,
+                                redis::cmd("SET")
+                                    .arg(&new_key)
+                                    .arg(body)
+                                    .arg("EX")
+                                    .arg(TTL_SECS)
+                                    .arg("NX"),
+                            )
+                            .await?;
+                            exec(&mut con, redis::cmd("DEL").arg(&key)).await?;
                         }
                         let set = format!("user:{user}");
-                        redis::cmd("SADD")
-                            .arg(&set)
-                            .arg(&fresh)
-                            .query_async::<()>(&mut con)
-                            .await
-                            .map_err(redis_err)?;
-                        redis::cmd("SREM")
-                            .arg(&set)
-                            .arg(&id)
-                            .query_async::<()>(&mut con)
-                            .await
-                            .map_err(redis_err)?;
+                        exec(&mut con, redis::cmd("SADD").arg(&set).arg(&fresh)).await?;
+                        exec(&mut con, redis::cmd("SREM").arg(&set).arg(&id)).await?;
                         pool.set(slot, Some((fresh, user)));
                         Ok(())
                     }
@@ -717,6 +681,11 @@ impl Backend {
         let keys: u64 = redis::cmd("DBSIZE").query_async(&mut con).await.ok()?;
         Some((used, keys as f64))
     }
+}
+
+/// Runs a Redis command whose reply is not needed.
+async fn exec(con: &mut redis::aio::MultiplexedConnection, cmd: &redis::Cmd) -> OpResult {
+    cmd.query_async::<()>(con).await.map_err(redis_err)
 }
 
 fn redis_err(e: redis::RedisError) -> String {

@@ -45,19 +45,38 @@ impl Wheel {
     /// Takes up to `max` keys whose slot is due at `now`, with the start of the oldest due
     /// slot (for lag reporting). Keys stay in the wheel if `max` is reached first.
     pub fn take_due(&self, now: Millis, max: usize, out: &mut Vec<SessionKey>) -> Option<Millis> {
-        let due_slot = now / self.granularity;
-        let mut oldest: Option<u64> = None;
-        for part in self.parts.iter() {
-            let mut slots = lock(part);
+        self.take(0, now / self.granularity, max, out)
+            .map(|slot| slot * self.granularity)
+    }
+
+    /// Takes up to `max` keys with the earliest slots, due or not, starting at part `from`
+    /// (callers rotate it so no part is drained first every time): eviction candidates.
+    pub fn take_earliest(&self, from: usize, max: usize, out: &mut Vec<SessionKey>) {
+        self.take(from, u64::MAX, max, out);
+    }
+
+    /// Takes up to `max` keys from slots up to `last_slot`, visiting the parts from `from`
+    /// on, earliest slots first within each; returns the earliest slot taken.
+    fn take(
+        &self,
+        from: usize,
+        last_slot: u64,
+        max: usize,
+        out: &mut Vec<SessionKey>,
+    ) -> Option<u64> {
+        let n = self.parts.len();
+        let mut earliest: Option<u64> = None;
+        for i in 0..n {
+            let mut slots = lock(&self.parts[(from + i) % n]);
             while out.len() < max {
                 let Some(mut entry) = slots.first_entry() else {
                     break;
                 };
                 let slot = *entry.key();
-                if slot > due_slot {
+                if slot > last_slot {
                     break;
                 }
-                oldest = Some(oldest.map_or(slot, |o| o.min(slot)));
+                earliest = Some(earliest.map_or(slot, |e| e.min(slot)));
                 let keys = entry.get_mut();
                 let room = max - out.len();
                 if keys.len() <= room {
@@ -71,32 +90,7 @@ impl Wheel {
                 break;
             }
         }
-        oldest.map(|slot| slot * self.granularity)
-    }
-
-    /// Takes up to `max` keys with the earliest slots, due or not, starting at part `from`
-    /// (callers rotate it so no part is drained first every time): eviction candidates.
-    pub fn take_earliest(&self, from: usize, max: usize, out: &mut Vec<SessionKey>) {
-        let n = self.parts.len();
-        for i in 0..n {
-            let mut slots = lock(&self.parts[(from + i) % n]);
-            while out.len() < max {
-                let Some(mut entry) = slots.first_entry() else {
-                    break;
-                };
-                let keys = entry.get_mut();
-                let room = max - out.len();
-                if keys.len() <= room {
-                    out.append(&mut entry.remove());
-                } else {
-                    let tail = keys.len() - room;
-                    out.extend(keys.drain(tail..));
-                }
-            }
-            if out.len() >= max {
-                return;
-            }
-        }
+        earliest
     }
 
     /// How many keys are filed, live or not. For tests and diagnostics; takes every lock.
