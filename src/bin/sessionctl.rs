@@ -131,8 +131,13 @@ enum Command {
     Stats,
     /// Check that sessiond is up and serving.
     Ping,
-    /// Load generator (see sessiond-bench).
-    Bench,
+    /// Run the load generator against --addr: `sessionctl bench -- --duration 5s ...`
+    /// passes the rest to sessiond-bench (see `sessiond-bench --help`).
+    Bench {
+        /// Arguments for sessiond-bench.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// A failure, with the exit code it maps to.
@@ -181,6 +186,9 @@ fn parse_pair(s: &str) -> Result<(String, Bytes), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Bench { args } = &cli.command {
+        return bench(&cli, args);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -344,10 +352,37 @@ async fn run(cli: &Cli) -> Result<Value, Failure> {
         }
         Command::Ping => ping(cli).await,
         Command::Stats => stats(cli).await,
-        Command::Bench => Err(Failure {
-            code: 2,
-            message: "bench: the load generator is not built yet".into(),
-        }),
+        Command::Bench { .. } => unreachable!("bench runs before any connection"),
+    }
+}
+
+/// Hands over to `sessiond-bench`, installed beside this binary, aimed at `--addr`.
+fn bench(cli: &Cli, args: &[String]) -> ExitCode {
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.join("sessiond-bench")))
+        .filter(|p| p.exists());
+    let Some(exe) = exe else {
+        eprintln!("sessionctl: bench: sessiond-bench is not installed beside sessionctl");
+        return ExitCode::from(2);
+    };
+    let addr = cli.addr.rsplit("://").next().unwrap_or(&cli.addr);
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "--target",
+        &format!("grpc://{addr}"),
+        "--admin-addr",
+        &cli.admin_addr,
+    ]);
+    if cli.json {
+        cmd.arg("--json");
+    }
+    match cmd.args(args).status() {
+        Ok(status) => ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("sessionctl: bench: cannot run sessiond-bench: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
