@@ -78,11 +78,13 @@ impl Daemon {
         } else {
             (None, None)
         };
-        let store = Store::new(
+        let capacity = recovered.as_ref().map_or(0, |r| r.sessions.len());
+        let store = Store::with_capacity(
             config.limits(),
             config.shards,
             clock,
             Box::new(Fanout(sinks)),
+            capacity,
         );
         if let Some(r) = recovered {
             let sessions = r.sessions.len();

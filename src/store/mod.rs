@@ -294,10 +294,23 @@ pub const WHEEL_GRANULARITY: Duration = Duration::from_secs(1);
 impl Store {
     /// A store with `shards` map shards (a power of two).
     pub fn new(limits: Limits, shards: usize, clock: Clock, sink: Box<dyn EventSink>) -> Self {
+        Self::with_capacity(limits, shards, clock, sink, 0)
+    }
+
+    /// A store with room for `capacity` sessions before its map grows: recovery knows how
+    /// many it is about to load, and growing a million-entry map step by step is slow.
+    pub fn with_capacity(
+        limits: Limits,
+        shards: usize,
+        clock: Clock,
+        sink: Box<dyn EventSink>,
+        capacity: usize,
+    ) -> Self {
         let shards = shards.max(2).next_power_of_two();
         Store {
             inner: Arc::new(Inner {
-                sessions: DashMap::with_hasher_and_shard_amount(
+                sessions: DashMap::with_capacity_and_hasher_and_shard_amount(
+                    capacity,
                     KeyHasherBuilder::default(),
                     shards,
                 ),
@@ -657,30 +670,39 @@ impl Store {
     }
 
     /// Loads recovered sessions, emitting no events (they are already durable). Limits are
-    /// not applied: what was accepted before a restart stays.
-    pub fn restore(&self, sessions: impl IntoIterator<Item = Session>) {
-        for s in sessions {
-            let bytes = base_bytes(s.user.as_deref(), &s.client)
-                + s.attributes
-                    .iter()
-                    .map(|(k, v)| attribute_bytes(k, v.len()))
-                    .sum::<usize>();
-            if let Some(u) = &s.user {
-                self.inner.users.entry(u.clone()).or_default().push(s.key);
+    /// not applied: what was accepted before a restart stays. Spread over the machine's
+    /// cores, since start-up waits for it.
+    pub fn restore(&self, sessions: Vec<Session>) {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = sessions.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            for part in sessions.chunks(chunk) {
+                scope.spawn(move || part.iter().for_each(|s| self.restore_one(s)));
             }
-            let old = self
-                .inner
-                .sessions
-                .insert(s.key, Entry::from_session(&s, bytes));
-            if let Some(old) = old {
-                // Recovery hands each key over once; if not, keep the accounting right.
-                self.add_bytes(-(old.bytes as isize));
-                self.inner.count.fetch_sub(1, Ordering::Relaxed);
-            }
-            self.inner.wheel.file(s.key, s.expires_at());
-            self.inner.count.fetch_add(1, Ordering::Relaxed);
-            self.add_bytes(bytes as isize);
+        });
+    }
+
+    fn restore_one(&self, s: &Session) {
+        let bytes = base_bytes(s.user.as_deref(), &s.client)
+            + s.attributes
+                .iter()
+                .map(|(k, v)| attribute_bytes(k, v.len()))
+                .sum::<usize>();
+        if let Some(u) = &s.user {
+            self.inner.users.entry(u.clone()).or_default().push(s.key);
         }
+        let old = self
+            .inner
+            .sessions
+            .insert(s.key, Entry::from_session(s, bytes));
+        if let Some(old) = old {
+            // Recovery hands each key over once; if not, keep the accounting right.
+            self.add_bytes(-(old.bytes as isize));
+            self.inner.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.inner.wheel.file(s.key, s.expires_at());
+        self.inner.count.fetch_add(1, Ordering::Relaxed);
+        self.add_bytes(bytes as isize);
     }
 
     /// Current counters.
