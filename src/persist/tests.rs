@@ -327,3 +327,41 @@ fn touches_are_logged_throttled() {
     assert_eq!(p.log.appended(), before + 1);
     p.log.close();
 }
+
+#[test]
+fn a_damaged_or_newer_snapshot_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(T0);
+    let (store, p) = open(dir.path(), &clock);
+    for _ in 0..5 {
+        store.create(NewSession::default()).unwrap();
+    }
+    let stats = snapshot(dir.path(), &p.log, &store).unwrap();
+    p.log.close();
+    drop(p);
+    assert_eq!(recovered(dir.path(), clock.now()).len(), 5);
+    let path = dir.path().join(snapshot_name(stats.seq));
+    let good = std::fs::read(&path).unwrap();
+
+    let mut bad = good.clone();
+    let last = bad.len() - 3;
+    bad[last] ^= 0x40;
+    std::fs::write(&path, &bad).unwrap();
+    let err = recover(dir.path(), clock.now(), false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(&path.display().to_string()) && err.contains("corrupt record"),
+        "{err}"
+    );
+
+    let mut newer = good;
+    newer[6] = 7;
+    std::fs::write(&path, &newer).unwrap();
+    let err = recover(dir.path(), clock.now(), false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("format version 7 is newer"), "{err}");
+}
