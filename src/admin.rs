@@ -60,3 +60,48 @@ async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
     }
 }
+
+/// GETs `path` from an admin endpoint (`host:port` or `http://host:port`) and returns the body
+/// of a successful reply; the error says why not. For the command-line tools.
+pub async fn fetch(addr: &str, path: &str, timeout: std::time::Duration) -> Result<String, String> {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let base = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let uri: axum::http::Uri = format!("{base}{path}")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let get = async {
+        let resp = client.get(uri).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("HTTP {status}"));
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(timeout, get)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+/// The value of one sample in a Prometheus text exposition: `name` as written there,
+/// labels included.
+pub fn sample(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

@@ -50,9 +50,4 @@ impl Clock {
             }
         }
     }
-
-    /// Whether this clock is driven by `advance` rather than by real time.
-    pub fn is_manual(&self) -> bool {
-        matches!(&*self.0, Source::Manual(_))
-    }
 }

@@ -432,7 +432,15 @@ const STATS: &[(&str, &str, &str)] = &[
 ];
 
 async fn stats(cli: &Cli) -> Result<Value, Failure> {
-    let body = http_get(&cli.admin_addr, "/metrics", cli.timeout).await?;
+    let body = sessiond::admin::fetch(&cli.admin_addr, "/metrics", cli.timeout)
+        .await
+        .map_err(|why| Failure {
+            code: Code::Unavailable as u8,
+            message: format!(
+                "UNAVAILABLE: cannot read metrics from {}: {why}",
+                cli.admin_addr
+            ),
+        })?;
     let mut samples: BTreeMap<&str, f64> = BTreeMap::new();
     let mut requests = 0.0;
     let mut errors = 0.0;
@@ -461,44 +469,6 @@ async fn stats(cli: &Cli) -> Result<Value, Failure> {
     out.insert("grpc_requests".into(), json!(requests));
     out.insert("grpc_errors".into(), json!(errors));
     Ok(Value::Object(out))
-}
-
-/// One GET over HTTP/1.1 with hyper's client; returns the body of a 200.
-async fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<String, Failure> {
-    use http_body_util::{BodyExt, Empty};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-
-    let base = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let fail = |why: String| Failure {
-        code: Code::Unavailable as u8,
-        message: format!("UNAVAILABLE: cannot read metrics from {addr}: {why}"),
-    };
-    let uri: http::Uri = format!("{base}{path}")
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| fail(e.to_string()))?;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let fetch = async {
-        let resp = client.get(uri).await.map_err(|e| fail(e.to_string()))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| fail(e.to_string()))?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(fail(format!("HTTP {status}")));
-        }
-        Ok(String::from_utf8_lossy(&body).into_owned())
-    };
-    tokio::time::timeout(timeout, fetch)
-        .await
-        .map_err(|_| fail("timed out".into()))?
 }
 
 fn proto_duration(d: Duration) -> prost_types::Duration {

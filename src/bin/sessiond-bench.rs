@@ -625,19 +625,13 @@ impl Backend {
     async fn server_stats(&self, args: &Args) -> Option<(f64, f64)> {
         match self {
             Backend::Grpc(_) => {
-                let body = http_get(&args.admin_addr, "/metrics").await?;
-                let value = |name: &str| {
-                    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-                        l.strip_prefix(name)?
-                            .strip_prefix(' ')?
-                            .trim()
-                            .parse::<f64>()
-                            .ok()
-                    })
-                };
+                let body =
+                    sessiond::admin::fetch(&args.admin_addr, "/metrics", Duration::from_secs(5))
+                        .await
+                        .ok()?;
                 Some((
-                    value("sessiond_process_cpu_seconds_total")?,
-                    value("sessiond_process_resident_memory_bytes")?,
+                    sessiond::admin::sample(&body, "sessiond_process_cpu_seconds_total")?,
+                    sessiond::admin::sample(&body, "sessiond_process_resident_memory_bytes")?,
                 ))
             }
             Backend::Redis(c, _) => {
@@ -690,23 +684,6 @@ async fn exec(con: &mut redis::aio::MultiplexedConnection, cmd: &redis::Cmd) -> 
 
 fn redis_err(e: redis::RedisError) -> String {
     format!("redis {:?}", e.kind())
-}
-
-/// GET over HTTP/1.1; the body of a 200, or None.
-async fn http_get(addr: &str, path: &str) -> Option<String> {
-    use http_body_util::{BodyExt, Empty};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let resp = client
-        .get(format!("http://{addr}{path}").parse().ok()?)
-        .await
-        .ok()?;
-    if !resp.status().is_success() {
-        return None;
-    }
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
-    Some(String::from_utf8_lossy(&body).into_owned())
 }
 
 #[tokio::main]

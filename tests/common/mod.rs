@@ -71,19 +71,12 @@ impl TestServer {
     /// The value of one unlabelled sample in /metrics.
     pub async fn metric(&self, name: &str) -> f64 {
         let (_, body) = self.admin_get("/metrics").await;
-        metric_value(&body, name).unwrap_or_else(|| panic!("{name} not in /metrics"))
+        sessiond::admin::sample(&body, name).unwrap_or_else(|| panic!("{name} not in /metrics"))
     }
 
     pub async fn stop(self) {
         self.daemon.stop().await.unwrap();
     }
-}
-
-/// Finds `name` (with labels, if given, as written in the exposition) and parses its value.
-pub fn metric_value(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// A minimal HTTP/1.0 GET over a plain socket: enough for the admin endpoint in tests.
