@@ -11,6 +11,10 @@ use sessiond::clock::Clock;
 use sessiond::store::events::Discard;
 use sessiond::store::{Change, Limits, NewSession, Rotation, Store};
 
+/// The daemon's allocator, so the figures are the daemon's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn population() -> usize {
     std::env::var("SESSIOND_BENCH_SESSIONS")
         .ok()

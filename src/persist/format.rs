@@ -10,6 +10,8 @@ use std::fs::File;
 use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 
+use bytes::{Bytes, BytesMut};
+
 /// The format version this build writes and the newest it reads.
 pub const FORMAT_VERSION: u16 = 1;
 
@@ -27,6 +29,9 @@ pub const FRAME_HEADER_BYTES: u64 = 8;
 
 /// No record is this large (a session is capped far below); a bigger length is damage.
 pub const MAX_FRAME_BYTES: u32 = 256 * 1024 * 1024;
+
+/// The size of the buffers `scan` reads payloads into.
+const ARENA_BYTES: usize = 4 << 20;
 
 /// A file that cannot be read as far as it should be. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -100,11 +105,15 @@ pub enum End {
 
 /// Reads a file's frames in order, handing each payload to `each`, and says how it ended.
 /// Only an unreadable file or a bad header is an error here; damage is reported in `End`.
+///
+/// Payloads are slices of large shared buffers, so the `bytes` fields prost decodes from
+/// them (keys, attribute values) are views, not copies: recovery allocates per session only
+/// what it must.
 pub fn scan(
     path: &Path,
     magic: &[u8; 6],
     kind: &'static str,
-    mut each: impl FnMut(&[u8]) -> Result<(), FormatError>,
+    mut each: impl FnMut(Bytes) -> Result<(), FormatError>,
 ) -> Result<End, FormatError> {
     let io_err = |source| FormatError::Io {
         path: path.to_owned(),
@@ -134,7 +143,7 @@ pub fn scan(
         });
     }
     let mut offset = HEADER_BYTES;
-    let mut payload = Vec::new();
+    let mut arena = BytesMut::new();
     loop {
         if offset == len {
             return Ok(End::Clean);
@@ -151,11 +160,16 @@ pub fn scan(
             // A length running past the end: the tail of a write cut short.
             return Ok(End::Torn { offset });
         }
-        payload.resize(n as usize, 0);
-        r.read_exact(&mut payload).map_err(io_err)?;
+        let n = n as usize;
+        if arena.capacity() < n {
+            arena = BytesMut::with_capacity(n.max(ARENA_BYTES));
+        }
+        arena.resize(n, 0);
+        r.read_exact(&mut arena).map_err(io_err)?;
+        let payload = arena.split_to(n).freeze();
         let good = crc32c::crc32c(&payload) == crc;
         if good {
-            match each(&payload) {
+            match each(payload) {
                 Ok(()) => {}
                 Err(FormatError::Corrupt { .. }) => {
                     return Ok(damaged(&mut r, offset, end, len));

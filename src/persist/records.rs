@@ -12,7 +12,7 @@ use prost::Message;
 
 use super::format::FormatError;
 use super::pb;
-use crate::session::{ClientInfo, Millis, Session, SessionKey, ID_BYTES};
+use crate::session::{ClientInfo, KeyHasherBuilder, Millis, Session, SessionKey, ID_BYTES};
 use crate::store::events::Event;
 
 /// A session as stored.
@@ -92,7 +92,7 @@ pub fn encode(event: &Event<'_>) -> Vec<u8> {
 #[derive(Default)]
 pub struct Replay {
     /// The sessions so far, live or not.
-    pub sessions: HashMap<SessionKey, Session>,
+    pub sessions: HashMap<SessionKey, Session, KeyHasherBuilder>,
     /// Records applied.
     pub records: u64,
 }
@@ -109,7 +109,7 @@ impl Replay {
     /// Adds one snapshot entry.
     pub fn load_snapshot_entry(
         &mut self,
-        payload: &[u8],
+        payload: bytes::Bytes,
         path: &std::path::Path,
     ) -> Result<(), FormatError> {
         let s = pb::StoredSession::decode(payload)
@@ -121,7 +121,11 @@ impl Replay {
     }
 
     /// Applies one log record.
-    pub fn apply(&mut self, payload: &[u8], path: &std::path::Path) -> Result<(), FormatError> {
+    pub fn apply(
+        &mut self,
+        payload: bytes::Bytes,
+        path: &std::path::Path,
+    ) -> Result<(), FormatError> {
         use pb::record::Op;
         let record = pb::Record::decode(payload).map_err(|_| nonsense(path))?;
         self.records += 1;

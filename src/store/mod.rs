@@ -672,35 +672,49 @@ impl Store {
     /// Loads recovered sessions, emitting no events (they are already durable). Limits are
     /// not applied: what was accepted before a restart stays. Spread over the machine's
     /// cores, since start-up waits for it.
-    pub fn restore(&self, sessions: Vec<Session>) {
+    pub fn restore(&self, mut sessions: Vec<Session>) {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let chunk = sessions.len().div_ceil(threads).max(1);
         std::thread::scope(|scope| {
-            for part in sessions.chunks(chunk) {
-                scope.spawn(move || part.iter().for_each(|s| self.restore_one(s)));
+            for part in sessions.chunks_mut(chunk) {
+                scope.spawn(move || part.iter_mut().for_each(|s| self.restore_one(s)));
             }
         });
     }
 
-    fn restore_one(&self, s: &Session) {
+    /// Loads one session, moving its parts out of `s` (and freeing what is left on this
+    /// thread, not in one serial drop at the end).
+    fn restore_one(&self, s: &mut Session) {
+        let attributes = std::mem::take(&mut s.attributes);
         let bytes = base_bytes(s.user.as_deref(), &s.client)
-            + s.attributes
+            + attributes
                 .iter()
                 .map(|(k, v)| attribute_bytes(k, v.len()))
                 .sum::<usize>();
         if let Some(u) = &s.user {
             self.inner.users.entry(u.clone()).or_default().push(s.key);
         }
-        let old = self
-            .inner
-            .sessions
-            .insert(s.key, Entry::from_session(s, bytes));
+        let entry = Entry {
+            user: s.user.take(),
+            attrs: Packed::pack(attributes.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
+            version: s.version,
+            created_at: s.created_at,
+            last_access: AtomicU64::new(s.last_access_at),
+            reported_access: AtomicU64::new(s.last_access_at),
+            idle_timeout: s.idle_timeout,
+            absolute: s.absolute_expires_at,
+            client: std::mem::take(&mut s.client),
+            bytes,
+        };
+        drop(attributes);
+        let expires_at = entry.expires_at();
+        let old = self.inner.sessions.insert(s.key, entry);
         if let Some(old) = old {
             // Recovery hands each key over once; if not, keep the accounting right.
             self.add_bytes(-(old.bytes as isize));
             self.inner.count.fetch_sub(1, Ordering::Relaxed);
         }
-        self.inner.wheel.file(s.key, s.expires_at());
+        self.inner.wheel.file(s.key, expires_at);
         self.inner.count.fetch_add(1, Ordering::Relaxed);
         self.add_bytes(bytes as isize);
     }
