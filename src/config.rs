@@ -56,6 +56,9 @@ pub struct Config {
     /// Allow a non-loopback `listen` without TLS. Only for networks where every host that can
     /// reach the port is trusted with every session.
     pub insecure_listen: bool,
+    /// Serve the admin endpoint over HTTPS with `tls_cert` and `tls_key` (no client
+    /// certificate asked for: Prometheus and probes scrape it).
+    pub admin_tls: bool,
 
     /// Map shards. More shards mean less lock contention; a power of two.
     pub shards: usize,
@@ -92,8 +95,13 @@ pub struct Config {
     /// Live sessions in the whole store.
     pub max_sessions: usize,
     /// Approximate bytes of all sessions together (the `sessiond_session_bytes` figure, not
-    /// RSS). Past it, sessions are evicted: anonymous first, the longest idle first.
+    /// RSS), across all tenants. Past it, sessions are evicted: anonymous first, the longest
+    /// idle first.
     pub max_memory_bytes: usize,
+    /// Sessions created per second, sustained, per tenant (a token bucket).
+    pub create_rate: u32,
+    /// Sessions a tenant may create at once before `create_rate` applies.
+    pub create_burst: u32,
 
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
@@ -106,6 +114,14 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// Bytes of request headers (gRPC metadata) per request.
     pub max_header_list_bytes: u32,
+    /// Open client connections on the gRPC port. Past it, new connections are closed at once.
+    pub max_connections: usize,
+    /// With tenants: requests a connection may make without valid credentials (health checks
+    /// aside) before it is closed.
+    pub unauthenticated_requests: u32,
+    /// Bytes of a request body accepted without credentials (health checks, reflection).
+    /// A SessionStore request without credentials is refused from its headers alone.
+    pub max_unauthenticated_message_bytes: usize,
     /// A request that takes longer is cancelled with DEADLINE_EXCEEDED.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -135,6 +151,51 @@ pub struct Config {
     /// How long shutdown waits for in-flight RPCs before it gives up on them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+
+    /// Apps sharing this daemon, each with its own sessions, credentials and quotas. Empty:
+    /// single-tenant mode, where every client that can connect shares one store.
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// One tenant: `[[tenants]]` in the config file.
+///
+/// A client is this tenant when it presents a bearer token whose SHA-256 is `token_sha256`
+/// (`authorization: Bearer <token>` metadata), or a verified client certificate whose subject
+/// is `client_subject`. Unset quotas take the daemon-wide setting of the same name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Name: in metrics labels, logs and the data directory (`data_dir/tenants/NAME`).
+    pub name: String,
+    /// Hex SHA-256 of the tenant's bearer token (`printf %s TOKEN | sha256sum`). The token
+    /// itself is never stored.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token_sha256: String,
+    /// Subject of the tenant's mTLS client certificate, RFC 4514 style (`CN=storefront`), or
+    /// just its common name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_subject: String,
+    /// Live sessions of this tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sessions: Option<usize>,
+    /// Live sessions per user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sessions_per_user: Option<usize>,
+    /// `deny` or `evict-oldest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_user_policy: Option<PerUserPolicy>,
+    /// Approximate bytes of one session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_session_bytes: Option<usize>,
+    /// Approximate bytes of all this tenant's sessions (within the daemon-wide cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_bytes: Option<usize>,
+    /// Sessions created per second, sustained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_rate: Option<u32>,
+    /// Sessions created at once before `create_rate` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_burst: Option<u32>,
 }
 
 /// Log output format.
@@ -164,6 +225,7 @@ impl Default for Config {
             tls_client_ca: PathBuf::new(),
             tls_watch_interval: Duration::from_secs(10),
             insecure_listen: false,
+            admin_tls: false,
             shards: 64,
             idle_timeout: limits.default_idle_timeout,
             absolute_timeout: limits.default_absolute_timeout,
@@ -179,11 +241,16 @@ impl Default for Config {
             per_user_policy: limits.per_user_policy,
             max_sessions: limits.max_sessions,
             max_memory_bytes: limits.max_memory_bytes,
+            create_rate: limits.create_rate,
+            create_burst: limits.create_burst,
             max_message_bytes: 4 * 1024 * 1024,
             max_batch_ids: 1000,
             max_concurrent_streams: 1024,
             max_concurrent_requests: 4096,
             max_header_list_bytes: 16 * 1024,
+            max_connections: 10_000,
+            unauthenticated_requests: 8,
+            max_unauthenticated_message_bytes: 4096,
             request_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
@@ -193,6 +260,7 @@ impl Default for Config {
             reaper_batch: 1000,
             shutdown_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(10),
+            tenants: Vec::new(),
         }
     }
 }
@@ -311,6 +379,17 @@ impl Config {
                 "max_concurrent_streams",
                 self.max_concurrent_streams as usize,
             ),
+            ("max_connections", self.max_connections),
+            ("create_rate", self.create_rate as usize),
+            ("create_burst", self.create_burst as usize),
+            (
+                "unauthenticated_requests",
+                self.unauthenticated_requests as usize,
+            ),
+            (
+                "max_unauthenticated_message_bytes",
+                self.max_unauthenticated_message_bytes,
+            ),
         ] {
             if n == 0 {
                 return bad(name, "must be at least 1".into());
@@ -324,6 +403,65 @@ impl Config {
         }
         if self.max_message_bytes < 1024 {
             return bad("max_message_bytes", "must be at least 1024".into());
+        }
+        if self.admin_tls && !set(&self.tls_cert) {
+            return bad("admin_tls", "needs tls_cert and tls_key".into());
+        }
+        self.validate_tenants()
+    }
+
+    fn validate_tenants(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        let mut tokens = std::collections::HashSet::new();
+        let mut subjects = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            let at = |why: String| Err(ConfigError(format!("tenants[{i}] ({}): {why}", t.name)));
+            let valid_name = !t.name.is_empty()
+                && t.name.len() <= 64
+                && t.name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
+            if !valid_name {
+                return at("name must be 1 to 64 of a-z, 0-9, - and _".into());
+            }
+            if !names.insert(&t.name) {
+                return at("name is used by another tenant".into());
+            }
+            if t.token_sha256.is_empty() && t.client_subject.is_empty() {
+                return at(
+                    "needs token_sha256 or client_subject: a tenant nobody can reach".into(),
+                );
+            }
+            if !t.token_sha256.is_empty() {
+                if t.token_sha256.len() != 64
+                    || !t.token_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    return at("token_sha256 must be 64 hex digits (the SHA-256 of the token, not the token)".into());
+                }
+                if !tokens.insert(t.token_sha256.to_ascii_lowercase()) {
+                    return at("token_sha256 is another tenant's too".into());
+                }
+            }
+            if !t.client_subject.is_empty() {
+                if self.tls_client_ca.as_os_str().is_empty() {
+                    return at("client_subject needs mutual TLS (tls_client_ca)".into());
+                }
+                if !subjects.insert(&t.client_subject) {
+                    return at("client_subject is another tenant's too".into());
+                }
+            }
+            for (name, n) in [
+                ("max_sessions", t.max_sessions),
+                ("max_sessions_per_user", t.max_sessions_per_user),
+                ("max_session_bytes", t.max_session_bytes),
+                ("max_memory_bytes", t.max_memory_bytes),
+                ("create_rate", t.create_rate.map(|n| n as usize)),
+                ("create_burst", t.create_burst.map(|n| n as usize)),
+            ] {
+                if n == Some(0) {
+                    return at(format!("{name} must be at least 1"));
+                }
+            }
         }
         Ok(())
     }
@@ -358,6 +496,23 @@ impl Config {
             per_user_policy: self.per_user_policy,
             max_sessions: self.max_sessions,
             max_memory_bytes: self.max_memory_bytes,
+            create_rate: self.create_rate,
+            create_burst: self.create_burst,
+        }
+    }
+
+    /// A tenant's limits: its own quotas over the daemon-wide settings.
+    pub fn tenant_limits(&self, t: &TenantConfig) -> Limits {
+        let all = self.limits();
+        Limits {
+            max_sessions: t.max_sessions.unwrap_or(all.max_sessions),
+            max_sessions_per_user: t.max_sessions_per_user.unwrap_or(all.max_sessions_per_user),
+            per_user_policy: t.per_user_policy.unwrap_or(all.per_user_policy),
+            max_session_bytes: t.max_session_bytes.unwrap_or(all.max_session_bytes),
+            max_memory_bytes: t.max_memory_bytes.unwrap_or(all.max_memory_bytes),
+            create_rate: t.create_rate.unwrap_or(all.create_rate),
+            create_burst: t.create_burst.unwrap_or(all.create_burst),
+            ..all
         }
     }
 }
@@ -377,6 +532,11 @@ mod tests {
         // And it mentions every setting, so it stays the complete reference.
         let text = std::fs::read_to_string(&path).unwrap();
         for key in Config::keys() {
+            if key == "tenants" {
+                // An array of tables: shown as a commented-out example.
+                assert!(text.contains("\n# [[tenants]]"), "tenants example missing");
+                continue;
+            }
             assert!(
                 text.contains(&format!("\n{key} = ")),
                 "{key} missing from {DEFAULT_CONFIG_FILE}"

@@ -18,12 +18,17 @@ pub mod packed;
 pub mod reaper;
 pub mod wheel;
 
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 
 pub use self::error::StoreError;
 use self::events::{EndCause, Event, EventSink};
@@ -73,6 +78,10 @@ pub struct Limits {
     /// Approximate bytes of all sessions together. Past it, sessions are evicted: anonymous
     /// before authenticated, the longest idle first.
     pub max_memory_bytes: usize,
+    /// Sessions created per second, sustained (a token bucket refilled at this rate).
+    pub create_rate: u32,
+    /// Sessions that may be created at once before `create_rate` applies: the bucket's size.
+    pub create_burst: u32,
 }
 
 impl Default for Limits {
@@ -92,6 +101,8 @@ impl Default for Limits {
             per_user_policy: PerUserPolicy::Deny,
             max_sessions: 10_000_000,
             max_memory_bytes: 2 << 30,
+            create_rate: 10_000,
+            create_burst: 100_000,
         }
     }
 }
@@ -272,9 +283,49 @@ struct Inner {
     count: AtomicUsize,
     /// Sum of `Entry::bytes`.
     bytes: AtomicUsize,
+    /// The daemon-wide memory budget this store draws on with the others.
+    pool: Arc<MemoryPool>,
     /// Rotates the wheel part eviction samples start from.
     evict_from: AtomicUsize,
+    /// `create_rate` and `create_burst`, on the store's clock.
+    creates: RateLimiter<NotKeyed, InMemoryState, RateClock, NoOpMiddleware<Nanos>>,
     sink: Box<dyn EventSink>,
+}
+
+/// The memory budget all stores of one daemon share (one store per tenant): the daemon-wide
+/// `max_memory_bytes`. Each store also keeps to its own cap; a store that needs room evicts
+/// from itself.
+#[derive(Debug)]
+pub struct MemoryPool {
+    used: AtomicUsize,
+    cap: usize,
+}
+
+impl MemoryPool {
+    /// A budget of `cap` bytes.
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(MemoryPool {
+            used: AtomicUsize::new(0),
+            cap,
+        })
+    }
+
+    /// Bytes held by all stores in the pool.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// The store's clock, as the rate limiter reads time.
+#[derive(Clone)]
+struct RateClock(Clock);
+
+impl governor::clock::Clock for RateClock {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        Nanos::from(Duration::from_millis(self.0.now()))
+    }
 }
 
 /// A touch is reported as an event once the idle deadline has moved by `1 / this` of the
@@ -306,7 +357,24 @@ impl Store {
         sink: Box<dyn EventSink>,
         capacity: usize,
     ) -> Self {
+        let pool = MemoryPool::new(limits.max_memory_bytes);
+        Self::in_pool(limits, shards, clock, sink, capacity, pool)
+    }
+
+    /// A store that shares `pool` with other stores: one tenant's store of several.
+    pub fn in_pool(
+        limits: Limits,
+        shards: usize,
+        clock: Clock,
+        sink: Box<dyn EventSink>,
+        capacity: usize,
+        pool: Arc<MemoryPool>,
+    ) -> Self {
         let shards = shards.max(2).next_power_of_two();
+        let one = NonZeroU32::MIN;
+        let quota = Quota::per_second(NonZeroU32::new(limits.create_rate).unwrap_or(one))
+            .allow_burst(NonZeroU32::new(limits.create_burst).unwrap_or(one));
+        let creates = RateLimiter::direct_with_clock(quota, RateClock(clock.clone()));
         Store {
             inner: Arc::new(Inner {
                 sessions: DashMap::with_capacity_and_hasher_and_shard_amount(
@@ -320,7 +388,9 @@ impl Store {
                 limits,
                 count: AtomicUsize::new(0),
                 bytes: AtomicUsize::new(0),
+                pool,
                 evict_from: AtomicUsize::new(0),
+                creates,
                 sink,
             }),
         }
@@ -366,6 +436,7 @@ impl Store {
             attrs.insert(k, v);
         }
         self.check_shape(attrs.len(), bytes)?;
+        self.take_create_token()?;
 
         let now = self.now();
         self.make_room(bytes, now)?;
@@ -751,17 +822,19 @@ impl Store {
     /// sample, dead sessions go first, then anonymous ones, then authenticated ones, each by
     /// deadline. Bounded work: gives up with RESOURCE_EXHAUSTED after a few samples.
     fn make_room(&self, need: usize, now: Millis) -> Result<(), StoreError> {
-        let cap = self.inner.limits.max_memory_bytes;
+        let (own, pool) = (self.inner.limits.max_memory_bytes, &self.inner.pool);
         let fits = || {
             self.inner
                 .bytes
                 .load(Ordering::Relaxed)
                 .saturating_add(need)
-                <= cap
+                <= own
+                && pool.used().saturating_add(need) <= pool.cap
         };
         if fits() {
             return Ok(());
         }
+        let cap = own.min(pool.cap);
         let exhausted = StoreError::Exhausted {
             limit: "max_memory_bytes",
             max: cap as u64,
@@ -812,6 +885,18 @@ impl Store {
             }
         }
         Err(exhausted)
+    }
+
+    /// Takes a token from the `create_rate` bucket.
+    fn take_create_token(&self) -> Result<(), StoreError> {
+        self.inner
+            .creates
+            .check()
+            .map_err(|_| StoreError::Exhausted {
+                limit: "create_rate",
+                max: u64::from(self.inner.limits.create_rate),
+                hint: " sessions per second; retry shortly",
+            })
     }
 
     /// Claims one of `max_sessions`; the caller gives it back if the insert does not happen.
@@ -979,14 +1064,13 @@ impl Store {
     }
 
     fn add_bytes(&self, delta: isize) {
+        let (own, pool) = (&self.inner.bytes, &self.inner.pool.used);
         if delta >= 0 {
-            self.inner
-                .bytes
-                .fetch_add(delta as usize, Ordering::Relaxed);
+            own.fetch_add(delta as usize, Ordering::Relaxed);
+            pool.fetch_add(delta as usize, Ordering::Relaxed);
         } else {
-            self.inner
-                .bytes
-                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+            own.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+            pool.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
         }
     }
 

@@ -702,3 +702,76 @@ fn every_change_emits_one_event() {
     ];
     assert_eq!(seen, expected);
 }
+
+#[test]
+fn create_rate_is_a_token_bucket_on_the_store_clock() {
+    let st = store_with(Limits {
+        create_rate: 2,
+        create_burst: 3,
+        ..Limits::default()
+    });
+    for _ in 0..3 {
+        create(&st, None);
+    }
+    let err = st.create(NewSession::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Exhausted {
+                limit: "create_rate",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("create_rate reached (2)"), "{err}");
+    // A refused create costs nothing else: reads and updates go on.
+    assert_eq!(st.stats().sessions, 3);
+    // Half a second refills one token at 2 per second.
+    st.clock().advance(Duration::from_millis(500));
+    create(&st, None);
+    assert!(st.create(NewSession::default()).is_err());
+    // A bad request is refused before it takes a token.
+    st.clock().advance(Duration::from_millis(500));
+    assert!(matches!(
+        st.create(NewSession {
+            user: Some("u".repeat(10_000)),
+            ..NewSession::default()
+        }),
+        Err(StoreError::Invalid(_))
+    ));
+    create(&st, None);
+}
+
+#[test]
+fn stores_in_one_pool_share_the_daemon_wide_memory_cap() {
+    const CAP: usize = 3 * 1024;
+    let pool = MemoryPool::new(CAP);
+    let tenant = || {
+        Store::in_pool(
+            Limits::default(),
+            8,
+            Clock::manual(T0),
+            Box::new(events::Discard),
+            0,
+            pool.clone(),
+        )
+    };
+    let (a, b) = (tenant(), tenant());
+    let value = "v".repeat(500);
+    let big = || NewSession {
+        attributes: attrs(&[("blob", value.as_str())]),
+        ..NewSession::default()
+    };
+    // Four sessions of about 750 bytes fit in the pool: three in a, one in b.
+    let a_sessions: Vec<Session> = (0..3).map(|_| a.create(big()).unwrap()).collect();
+    let b_first = b.create(big()).unwrap();
+    assert_eq!(pool.used(), a.stats().bytes + b.stats().bytes);
+    // The fifth, in b, makes room by evicting b's own session, never a's.
+    b.create(big()).unwrap();
+    assert_eq!(b.get(&id(&b_first), true), Err(StoreError::NotFound));
+    for s in &a_sessions {
+        a.get(&id(s), true).unwrap();
+    }
+    assert!(pool.used() <= CAP);
+}
