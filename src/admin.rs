@@ -13,20 +13,26 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::observe::Telemetry;
-use crate::store::Store;
+use crate::tenant::Tenants;
+use crate::tls::{Port, ReloadableTls};
+use crate::transport::{incoming, Conn};
 
 #[derive(Clone)]
 struct Admin {
     telemetry: Telemetry,
-    store: Store,
+    tenants: Arc<Tenants>,
     ready: Arc<AtomicBool>,
 }
 
-/// Serves until `stop` turns true.
+/// Connections the admin endpoint holds open at once.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// Serves (over TLS when `tls` is set) until `stop` turns true.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<(Arc<ReloadableTls>, Port)>,
     telemetry: Telemetry,
-    store: Store,
+    tenants: Arc<Tenants>,
     ready: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -36,20 +42,63 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .with_state(Admin {
             telemetry,
-            store,
+            tenants,
             ready,
         });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+        Some(tls) => {
+            let local = listener.local_addr()?;
+            let metrics = crate::transport::ConnMetrics::untracked();
+            let conns = incoming(listener, Some(tls), MAX_ADMIN_CONNECTIONS, metrics);
+            axum::serve(TlsListener { conns, local }, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+    }
+}
+
+/// The admin port's TLS connections, as axum accepts them.
+struct TlsListener {
+    conns: tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = Conn;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, std::net::SocketAddr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.conns.next().await {
+                Some(Ok(conn)) => {
+                    let peer = conn.peer().unwrap_or(self.local);
+                    return (conn, peer);
+                }
+                Some(Err(_)) => continue,
+                // The accept loop only ends with this listener: nothing more will come.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        Ok(self.local)
+    }
 }
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        a.telemetry.render(&a.store),
+        a.telemetry.render(&a.tenants),
     )
 }
 
@@ -97,11 +146,40 @@ pub async fn fetch(addr: &str, path: &str, timeout: std::time::Duration) -> Resu
         .map_err(|_| "timed out".to_string())?
 }
 
-/// The value of one sample in a Prometheus text exposition: `name` as written there,
-/// labels included.
+/// A value from a Prometheus text exposition. `name` with labels (`m{a="b"}`, as written
+/// there) is that one series; a bare metric name is the sum of all its series (across
+/// tenants, say). `None` when no series matches.
 pub fn sample(exposition: &str, name: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    let series = exposition.lines().filter(|l| !l.starts_with('#'));
+    if name.contains('{') {
+        return series
+            .into_iter()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok());
+    }
+    let values: Vec<f64> = series
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.rsplit_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse().ok()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample;
+
+    #[test]
+    fn a_bare_name_sums_its_series_and_a_labelled_one_is_exact() {
+        let text = "# HELP m help\nm{tenant=\"a\"} 2\nm{tenant=\"b\"} 3\nm_total 7\nn 1.5\n";
+        assert_eq!(sample(text, "m"), Some(5.0));
+        assert_eq!(sample(text, "m{tenant=\"b\"}"), Some(3.0));
+        assert_eq!(sample(text, "m_total"), Some(7.0));
+        assert_eq!(sample(text, "n"), Some(1.5));
+        assert_eq!(sample(text, "missing"), None);
+    }
 }

@@ -13,7 +13,10 @@
 //! - [`config`]: one `Config`, layered from defaults, file, environment and flags.
 //! - [`server`]: wiring and the ordered shutdown, shared by `main` and the tests.
 //! - [`persist`]: the durable log, snapshots and recovery.
-//! - [`tls`]: TLS and mutual TLS for the gRPC port, reloadable without a restart.
+//! - [`tenant`]: tenants, each with its own store, and the credentials that pick one.
+//! - [`tls`]: TLS and mutual TLS, reloadable without a restart.
+//! - [`transport`]: the gRPC port's connections: the connection cap, per-connection state,
+//!   and the layer that authenticates requests before their bodies are read.
 
 pub mod admin;
 pub mod api;
@@ -24,4 +27,6 @@ pub mod persist;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tenant;
 pub mod tls;
+pub mod transport;

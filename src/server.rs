@@ -1,4 +1,5 @@
-//! Wiring and lifecycle: store -> reaper -> servers -> ordered shutdown.
+//! Wiring and lifecycle: tenants (store, log, reaper, snapshots) -> servers -> ordered
+//! shutdown.
 //!
 //! `main` and the tests start the daemon the same way, through [`Daemon::start`], so the
 //! tests exercise exactly what runs in production.
@@ -11,20 +12,21 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::api::pb::session_store_server::SessionStoreServer;
 use crate::api::{SessionStoreService, FILE_DESCRIPTOR_SET};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, TenantConfig};
 use crate::observe::Telemetry;
 use crate::persist::log::Log;
 use crate::persist::Persistence;
 use crate::store::events::{EventSink, Fanout};
-use crate::store::{reaper, Store};
-use crate::tls::{ReloadableTls, TlsError};
+use crate::store::{reaper, MemoryPool, Store};
+use crate::tenant::{parse_token_sha256, Credential, Tenant, Tenants, DEFAULT_TENANT};
+use crate::tls::{Port, ReloadableTls, TlsError};
+use crate::transport::AuthLayer;
 
 /// The gRPC service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "sessiond.v1.SessionStore";
@@ -35,15 +37,92 @@ pub struct Daemon {
     pub grpc_addr: SocketAddr,
     /// Where the admin HTTP endpoint listens.
     pub admin_addr: SocketAddr,
-    /// The store, for tests that drive the reaper or read stats directly.
+    /// The first tenant's store (the only one in single-tenant mode), for tests that drive
+    /// the reaper or read stats directly.
     pub store: Store,
+    /// Every tenant.
+    pub tenants: Arc<Tenants>,
     signals: mpsc::Sender<()>,
     tls: Option<Arc<ReloadableTls>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// One tenant as started: its share of the daemon and its background work's inputs.
+struct Started {
+    tenant: Arc<Tenant>,
+    credentials: Vec<Credential>,
+    persistence: Option<Persistence>,
+}
+
+/// Recovers and builds one tenant's store.
+fn start_tenant(
+    config: &Config,
+    telemetry: &Telemetry,
+    clock: &Clock,
+    pool: &Arc<MemoryPool>,
+    tenant: Option<&TenantConfig>,
+) -> anyhow::Result<Started> {
+    let (name, limits, dir) = match tenant {
+        None => (DEFAULT_TENANT, config.limits(), config.data_dir.clone()),
+        Some(t) => (
+            t.name.as_str(),
+            config.tenant_limits(t),
+            config.data_dir.join("tenants").join(&t.name),
+        ),
+    };
+    let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(telemetry.session_sink(name))];
+    let (persistence, recovered) = if config.persist {
+        let (p, r) =
+            Persistence::open(&dir, clock.now(), config.fsync, telemetry.log_metrics(name))?;
+        sinks.push(Box::new(p.log.clone()));
+        (Some(p), Some(r))
+    } else {
+        (None, None)
+    };
+    let capacity = recovered.as_ref().map_or(0, |r| r.sessions.len());
+    let store = Store::in_pool(
+        limits,
+        config.shards,
+        clock.clone(),
+        Box::new(Fanout(sinks)),
+        capacity,
+        pool.clone(),
+    );
+    if let Some(r) = recovered {
+        let sessions = r.sessions.len();
+        store.restore(r.sessions);
+        telemetry.recovered(name, sessions);
+        tracing::info!(
+            tenant = name,
+            sessions,
+            from_snapshot = r.from_snapshot,
+            records_replayed = r.records,
+            took_ms = r.took.as_millis() as u64,
+            data_dir = %dir.display(),
+            "recovered"
+        );
+    }
+    let guesses = telemetry.guess_watch(name, config.guess_threshold, config.guess_window);
+    let log = persistence.as_ref().map(|p| p.log.clone());
+    let credentials = tenant.map_or_else(Vec::new, |t| {
+        let mut c = Vec::new();
+        if let Some(hash) = parse_token_sha256(&t.token_sha256) {
+            c.push(Credential::TokenSha256(hash));
+        }
+        if !t.client_subject.is_empty() {
+            c.push(Credential::ClientSubject(t.client_subject.clone()));
+        }
+        c
+    });
+    Ok(Started {
+        tenant: Tenant::new(name, store, guesses, log),
+        credentials,
+        persistence,
+    })
+}
+
 impl Daemon {
-    /// Binds both listeners, builds the store and starts serving.
+    /// Binds both listeners, builds the stores and starts serving.
     pub async fn start(config: Config, clock: Clock) -> anyhow::Result<Daemon> {
         config.validate()?;
         let tls = config
@@ -65,46 +144,34 @@ impl Daemon {
         let grpc_addr = grpc.local_addr()?;
         let admin_addr = admin.local_addr()?;
         let telemetry = Telemetry::new();
-        let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(telemetry.session_sink())];
-        let (persistence, recovered) = if config.persist {
-            let (p, r) = Persistence::open(
-                &config.data_dir,
-                clock.now(),
-                config.fsync,
-                telemetry.log_metrics(),
-            )?;
-            sinks.push(Box::new(p.log.clone()));
-            (Some(p), Some(r))
+        let pool = MemoryPool::new(config.max_memory_bytes);
+        let started = if config.tenants.is_empty() {
+            vec![start_tenant(&config, &telemetry, &clock, &pool, None)?]
         } else {
-            (None, None)
+            config
+                .tenants
+                .iter()
+                .map(|t| start_tenant(&config, &telemetry, &clock, &pool, Some(t)))
+                .collect::<anyhow::Result<_>>()?
         };
-        let capacity = recovered.as_ref().map_or(0, |r| r.sessions.len());
-        let store = Store::with_capacity(
-            config.limits(),
-            config.shards,
-            clock,
-            Box::new(Fanout(sinks)),
-            capacity,
-        );
-        if let Some(r) = recovered {
-            let sessions = r.sessions.len();
-            store.restore(r.sessions);
-            telemetry.recovered(sessions);
-            tracing::info!(
-                sessions,
-                from_snapshot = r.from_snapshot,
-                records_replayed = r.records,
-                took_ms = r.took.as_millis() as u64,
-                data_dir = %config.data_dir.display(),
-                "recovered"
-            );
+        let mut persistence = Vec::new();
+        let mut tenants = Vec::new();
+        for s in started {
+            persistence.push(s.persistence);
+            tenants.push((s.tenant, s.credentials));
         }
+        let tenants = Arc::new(if config.tenants.is_empty() {
+            Tenants::open(tenants.remove(0).0)
+        } else {
+            Tenants::with_credentials(tenants)
+        });
+        let store = tenants.all()[0].store.clone();
         let (signals, rx) = mpsc::channel(4);
         let task = tokio::spawn(run(
             Serving {
                 grpc,
                 admin,
-                store: store.clone(),
+                tenants: tenants.clone(),
                 telemetry,
                 config,
                 tls: tls.clone(),
@@ -112,11 +179,12 @@ impl Daemon {
             },
             rx,
         ));
-        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, tls = tls.is_some(), "sessiond serving");
+        tracing::info!(grpc = %grpc_addr, admin = %admin_addr, tls = tls.is_some(), tenants = tenants.all().len(), "sessiond serving");
         Ok(Daemon {
             grpc_addr,
             admin_addr,
             store,
+            tenants,
             signals,
             tls,
             task,
@@ -158,21 +226,22 @@ impl Daemon {
 struct Serving {
     grpc: TcpListener,
     admin: TcpListener,
-    store: Store,
+    tenants: Arc<Tenants>,
     telemetry: Telemetry,
     config: Config,
     tls: Option<Arc<ReloadableTls>>,
-    persistence: Option<Persistence>,
+    /// Each tenant's, in the order of `tenants`.
+    persistence: Vec<Option<Persistence>>,
 }
 
 /// Serves until the first message (or the closing) of `signals`, then shuts down in order:
 /// not-ready, `shutdown_delay`, stop accepting and drain within `shutdown_grace`, stop the
-/// reaper, stop the admin endpoint.
+/// reapers and snapshots, flush the logs, stop the admin endpoint.
 async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Result<()> {
     let Serving {
         grpc,
         admin,
-        store,
+        tenants,
         telemetry,
         config,
         tls,
@@ -191,46 +260,48 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
 
     let (stop_serving, serving) = watch::channel(false);
     let (stop_admin, admin_running) = watch::channel(false);
-    let reaper = tokio::spawn(reaper::run(
-        store.clone(),
-        config.reaper_interval,
-        config.reaper_batch,
-        telemetry.reaper_observer(),
-        serving.clone(),
-    ));
+    let mut background = Vec::new();
+    for (tenant, p) in tenants.all().iter().zip(&persistence) {
+        background.push(tokio::spawn(reaper::run(
+            tenant.store.clone(),
+            config.reaper_interval,
+            config.reaper_batch,
+            telemetry.reaper_observer(&tenant.name),
+            serving.clone(),
+        )));
+        if let Some(p) = p {
+            background.push(tokio::spawn(snapshot_loop(
+                p.dir.clone(),
+                p.log.clone(),
+                tenant.store.clone(),
+                config.snapshot_log_bytes,
+                config.snapshot_interval,
+                telemetry.snapshot_metrics(&tenant.name),
+                serving.clone(),
+            )));
+        }
+    }
+    let admin_tls = tls
+        .clone()
+        .filter(|_| config.admin_tls)
+        .map(|t| (t, Port::Admin));
     let admin = tokio::spawn(crate::admin::serve(
         admin,
+        admin_tls,
         telemetry.clone(),
-        store.clone(),
+        tenants.clone(),
         ready.clone(),
         admin_running,
     ));
 
-    let guesses = Arc::new(telemetry.guess_watch(config.guess_threshold, config.guess_window));
-    let log = persistence.as_ref().map(|p| p.log.clone());
-    let snapshots = persistence.as_ref().map(|p| {
-        tokio::spawn(snapshot_loop(
-            p.dir.clone(),
-            p.log.clone(),
-            store.clone(),
-            config.snapshot_log_bytes,
-            config.snapshot_interval,
-            telemetry.snapshot_metrics(),
-            serving.clone(),
-        ))
-    });
-    let service = SessionStoreServer::new(SessionStoreService::new(
-        store,
-        guesses,
-        log,
-        config.max_batch_ids,
-    ))
-    .max_decoding_message_size(config.max_message_bytes)
-    .max_encoding_message_size(config.max_message_bytes);
+    let service = SessionStoreServer::new(SessionStoreService::new(config.max_batch_ids))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
     let mut drained = serving.clone();
     let until_drained = async move {
         let _ = drained.wait_for(|s| *s).await;
     };
+    let conn_metrics = telemetry.conn_metrics();
     let router = Server::builder()
         .timeout(config.request_timeout)
         .load_shed(true)
@@ -244,26 +315,30 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             config.max_concurrent_requests,
         ))
+        .layer(AuthLayer::new(
+            tenants.clone(),
+            config.unauthenticated_requests,
+            config.max_unauthenticated_message_bytes,
+            conn_metrics.clone(),
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service);
-    let mut grpc_server = match &tls {
-        Some(tls) => {
-            tokio::spawn(watch_tls(
-                tls.clone(),
-                config.tls_watch_interval,
-                serving.clone(),
-            ));
-            tokio::spawn(router.serve_with_incoming_shutdown(
-                crate::tls::incoming(grpc, tls.clone()),
-                until_drained,
-            ))
-        }
-        None => tokio::spawn(router.serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            until_drained,
-        )),
-    };
+    if let Some(tls) = &tls {
+        tokio::spawn(watch_tls(
+            tls.clone(),
+            config.tls_watch_interval,
+            serving.clone(),
+        ));
+    }
+    let incoming = crate::transport::incoming(
+        grpc,
+        tls.clone().map(|t| (t, Port::Grpc)),
+        config.max_connections,
+        conn_metrics,
+    );
+    let mut grpc_server =
+        tokio::spawn(router.serve_with_incoming_shutdown(incoming, until_drained));
 
     tokio::select! {
         _ = signals.recv() => {}
@@ -303,17 +378,16 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
             tracing::warn!("shutdown: drain deadline passed; cutting remaining connections");
         }
     }
-    if let Err(e) = reaper.await {
-        tracing::warn!(error = %e, "shutdown: reaper task failed");
+    for task in background {
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "shutdown: a reaper or snapshot task failed");
+        }
     }
-    tracing::info!("shutdown: reaper stopped");
-    if let Some(task) = snapshots {
-        let _ = task.await;
-    }
-    if let Some(p) = &persistence {
+    tracing::info!("shutdown: reapers and snapshots stopped");
+    for p in persistence.iter().flatten() {
         let log = p.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
-        tracing::info!("shutdown: log flushed and synced");
+        tracing::info!(data_dir = %p.dir.display(), "shutdown: log flushed and synced");
     }
     let _ = stop_admin.send(true);
     match admin.await {

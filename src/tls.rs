@@ -1,7 +1,7 @@
-//! TLS and mutual TLS for the gRPC port, with certificates that can be replaced while the
-//! daemon runs.
+//! TLS and mutual TLS for the gRPC port (and TLS for the admin port), with certificates that
+//! can be replaced while the daemon runs.
 //!
-//! The current rustls `ServerConfig` sits behind a lock that is read once per accepted
+//! The current rustls `ServerConfig`s sit behind a lock that is read once per accepted
 //! connection. A reload (SIGHUP, or a changed file seen by the watcher) builds a complete new
 //! config from the files and swaps it in; if the new files are bad, the old config stays and
 //! the error is logged, so a botched certificate rotation never takes the daemon down.
@@ -15,17 +15,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// A handshake that takes longer than this is dropped: a slow client cannot hold a task.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Accepted connections waiting for the server to pick them up.
-const ACCEPT_BACKLOG: usize = 128;
 
 /// Where the certificate material lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,10 +59,25 @@ pub enum TlsError {
     Rustls(String),
 }
 
+/// Which port a handshake is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// gRPC: HTTP/2, and a client certificate when `client_ca` is set.
+    Grpc,
+    /// Admin: HTTP/1.1, no client certificate (Prometheus and probes scrape it).
+    Admin,
+}
+
+/// The configs built from one set of files.
+struct Configs {
+    grpc: Arc<ServerConfig>,
+    admin: Arc<ServerConfig>,
+}
+
 /// The live TLS configuration.
 pub struct ReloadableTls {
     files: TlsFiles,
-    current: RwLock<Arc<ServerConfig>>,
+    current: RwLock<Configs>,
     stamp: RwLock<Vec<Option<SystemTime>>>,
 }
 
@@ -80,7 +88,7 @@ impl ReloadableTls {
         let stamp = stamps(&files);
         Ok(ReloadableTls {
             files,
-            current: RwLock::new(Arc::new(config)),
+            current: RwLock::new(config),
             stamp: RwLock::new(stamp),
         })
     }
@@ -88,7 +96,7 @@ impl ReloadableTls {
     /// Rebuilds from the files and swaps the result in. On error the old config stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let config = build(&self.files)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
         *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = stamps(&self.files);
         Ok(())
     }
@@ -100,13 +108,13 @@ impl ReloadableTls {
         changed.then(|| self.reload())
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(
-            self.current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
+    /// An acceptor with the current certificate, for one connection to `port`.
+    pub fn acceptor(&self, port: Port) -> TlsAcceptor {
+        let configs = self.current.read().unwrap_or_else(|p| p.into_inner());
+        TlsAcceptor::from(match port {
+            Port::Grpc => configs.grpc.clone(),
+            Port::Admin => configs.admin.clone(),
+        })
     }
 }
 
@@ -145,7 +153,7 @@ fn certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateDer<'stati
     Ok(certs)
 }
 
-fn build(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+fn build(files: &TlsFiles) -> Result<Configs, TlsError> {
     let chain = certs("tls_cert", &files.cert)?;
     let key = PrivateKeyDer::from_pem_slice(&read("tls_key", &files.key)?).map_err(|_| {
         TlsError::Empty {
@@ -155,9 +163,17 @@ fn build(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
         }
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let builder = || {
+        ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Rustls(e.to_string()))
+    };
+    let mut admin = builder()?
+        .with_no_client_auth()
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(|e| TlsError::Rustls(format!("tls_cert and tls_key: {e}")))?;
+    admin.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let builder = builder()?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
@@ -177,43 +193,8 @@ fn build(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Rustls(format!("tls_cert and tls_key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
-}
-
-/// Accepts TCP connections and completes TLS handshakes off the accept loop, yielding
-/// finished TLS streams to the gRPC server. Ends when the server drops the stream.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Arc<ReloadableTls>,
-) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = tx.closed() => return,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of fds and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (tls.acceptor(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
+    Ok(Configs {
+        grpc: Arc::new(config),
+        admin: Arc::new(admin),
+    })
 }

@@ -32,7 +32,7 @@ async fn sigterm_shuts_down_cleanly_with_exit_0() {
         "NOT_SERVING",
         "draining",
         "gRPC drained",
-        "reaper stopped",
+        "reapers and snapshots stopped",
         "shutdown: complete",
     ] {
         assert!(out.contains(step), "missing {step:?} in\n{out}");

@@ -12,9 +12,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use self::guessing::GuessWatch;
-use crate::persist::log::{FsyncPolicy, Log};
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
+use crate::tenant::Tenant;
+use crate::transport::ConnInfo;
 
 /// The generated protobuf types and service stubs.
 #[allow(missing_docs, clippy::all)]
@@ -26,31 +26,41 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sessiond_descriptor.bin"));
 
-/// The `sessiond.v1.SessionStore` service.
+/// The `sessiond.v1.SessionStore` service. Each request runs as its [`Caller`]: the tenant
+/// the transport's [`AuthLayer`](crate::transport::AuthLayer) found for it, and its peer.
 #[derive(Clone)]
 pub struct SessionStoreService {
-    store: Store,
-    guesses: Arc<GuessWatch>,
-    log: Option<Arc<Log>>,
     max_batch_ids: usize,
 }
 
 impl SessionStoreService {
-    /// Serves `store`, reporting lookups of unknown IDs to `guesses`. With a `log` under
-    /// `fsync = always`, mutations reply only once their record is on disk.
-    pub fn new(
-        store: Store,
-        guesses: Arc<GuessWatch>,
-        log: Option<Arc<Log>>,
-        max_batch_ids: usize,
-    ) -> Self {
-        let log = log.filter(|l| l.policy() == FsyncPolicy::Always);
-        SessionStoreService {
-            store,
-            guesses,
-            log,
-            max_batch_ids,
-        }
+    /// The service, with GetMany calls of at most `max_batch_ids` IDs.
+    pub fn new(max_batch_ids: usize) -> Self {
+        SessionStoreService { max_batch_ids }
+    }
+}
+
+/// Who a request is: its tenant, and the peer it came from.
+#[derive(Clone)]
+struct Caller {
+    tenant: Arc<Tenant>,
+    peer: Option<IpAddr>,
+}
+
+impl Caller {
+    fn of<T>(req: &Request<T>) -> Result<Caller, Status> {
+        let tenant = req
+            .extensions()
+            .get::<Arc<Tenant>>()
+            .cloned()
+            // Only a server built without the AuthLayer gets here: a wiring bug.
+            .ok_or_else(|| Status::internal("no tenant for this request"))?;
+        let peer = req
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|c| c.remote)
+            .map(|a| a.ip());
+        Ok(Caller { tenant, peer })
     }
 
     /// Waits until every change made so far, this call's included, is durable.
@@ -61,29 +71,29 @@ impl SessionStoreService {
     /// Where the log is now, if replies must wait for it: the position a change just made
     /// must reach on disk before its reply.
     fn log_position(&self) -> Option<u64> {
-        self.log.as_ref().map(|l| l.appended())
+        self.tenant.durable_log.as_ref().map(|l| l.appended())
     }
 
     /// Waits until the log is durable up to `position`.
     async fn durable_up_to(&self, position: Option<u64>) -> Result<(), Status> {
-        match (&self.log, position) {
+        match (&self.tenant.durable_log, position) {
             (Some(log), Some(seq)) => Ok(log.wait_durable(seq).await?),
             _ => Ok(()),
         }
     }
 
     /// Maps a Store result for an ID lookup, counting a miss against the peer.
-    fn lookup<T>(&self, peer: Option<IpAddr>, result: Result<T, StoreError>) -> Result<T, Status> {
+    fn lookup<T>(&self, result: Result<T, StoreError>) -> Result<T, Status> {
         if matches!(result, Err(StoreError::NotFound)) {
-            self.guesses.miss(peer);
+            self.tenant.guesses.miss(self.peer);
         }
         result.map_err(Status::from)
     }
 
     /// Runs one operation against the Store: the body of every RPC, unary or pipelined.
     /// Says whether it changed anything (and so must be durable before the reply).
-    fn apply(&self, peer: Option<IpAddr>, op: Op) -> (Result<Outcome, Status>, bool) {
-        let store = &self.store;
+    fn apply(&self, op: Op) -> (Result<Outcome, Status>, bool) {
+        let store = &self.tenant.store;
         match op {
             Op::Create(r) => (
                 convert::new_session(r)
@@ -92,12 +102,12 @@ impl SessionStoreService {
                 true,
             ),
             Op::Get(r) => (
-                self.lookup(peer, store.get(&r.id, r.peek))
+                self.lookup(store.get(&r.id, r.peek))
                     .map(|s| Outcome::Session(convert::session(s))),
                 false,
             ),
             Op::Touch(r) => (
-                self.lookup(peer, store.touch(&r.id)).map(|at| {
+                self.lookup(store.touch(&r.id)).map(|at| {
                     Outcome::Touch(pb::TouchResponse {
                         expires_at: Some(convert::timestamp(at)),
                     })
@@ -107,20 +117,20 @@ impl SessionStoreService {
             Op::Update(mut r) => {
                 let id = std::mem::take(&mut r.id);
                 (
-                    self.lookup(peer, store.update(&id, convert::change(r)))
+                    self.lookup(store.update(&id, convert::change(r)))
                         .map(|s| Outcome::Session(convert::session(s))),
                     true,
                 )
             }
             Op::Regenerate(r) => (
-                self.lookup(peer, store.regenerate(&r.id, convert::rotation(&r)))
+                self.lookup(store.regenerate(&r.id, convert::rotation(&r)))
                     .map(|s| Outcome::Session(convert::session(s))),
                 true,
             ),
             Op::Destroy(r) => {
                 let result = store.destroy(&r.id).map_err(Status::from);
                 if let Ok(false) = result {
-                    self.guesses.miss(peer);
+                    self.tenant.guesses.miss(self.peer);
                 }
                 (
                     result.map(|existed| Outcome::Destroy(pb::DestroyResponse { existed })),
@@ -156,8 +166,8 @@ impl SessionStoreService {
     }
 
     /// `apply`, then the durability wait a mutation owes before its reply.
-    async fn call(&self, peer: Option<IpAddr>, op: Op) -> Result<Outcome, Status> {
-        let (result, mutated) = self.apply(peer, op);
+    async fn call(&self, op: Op) -> Result<Outcome, Status> {
+        let (result, mutated) = self.apply(op);
         let outcome = result?;
         if mutated {
             self.durable().await?;
@@ -168,10 +178,6 @@ impl SessionStoreService {
 
 use pb::pipeline_request::Op;
 use pb::pipeline_response::Result as Outcome;
-
-fn peer<T>(req: &Request<T>) -> Option<IpAddr> {
-    req.remote_addr().map(|a| a.ip())
-}
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -196,35 +202,36 @@ macro_rules! expect {
 impl pb::session_store_server::SessionStore for SessionStoreService {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Reply<pb::Session> {
         expect!(
-            self.call(peer(&req), Op::Create(req.into_inner())).await,
+            Caller::of(&req)?.call(Op::Create(req.into_inner())).await,
             Session
         )
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::Session> {
         expect!(
-            self.call(peer(&req), Op::Get(req.into_inner())).await,
+            Caller::of(&req)?.call(Op::Get(req.into_inner())).await,
             Session
         )
     }
 
     async fn touch(&self, req: Request<pb::TouchRequest>) -> Reply<pb::TouchResponse> {
         expect!(
-            self.call(peer(&req), Op::Touch(req.into_inner())).await,
+            Caller::of(&req)?.call(Op::Touch(req.into_inner())).await,
             Touch
         )
     }
 
     async fn update(&self, req: Request<pb::UpdateRequest>) -> Reply<pb::Session> {
         expect!(
-            self.call(peer(&req), Op::Update(req.into_inner())).await,
+            Caller::of(&req)?.call(Op::Update(req.into_inner())).await,
             Session
         )
     }
 
     async fn regenerate(&self, req: Request<pb::RegenerateRequest>) -> Reply<pb::Session> {
         expect!(
-            self.call(peer(&req), Op::Regenerate(req.into_inner()))
+            Caller::of(&req)?
+                .call(Op::Regenerate(req.into_inner()))
                 .await,
             Session
         )
@@ -232,7 +239,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
 
     async fn destroy(&self, req: Request<pb::DestroyRequest>) -> Reply<pb::DestroyResponse> {
         expect!(
-            self.call(peer(&req), Op::Destroy(req.into_inner())).await,
+            Caller::of(&req)?.call(Op::Destroy(req.into_inner())).await,
             Destroy
         )
     }
@@ -241,20 +248,22 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         &self,
         req: Request<pb::ListUserSessionsRequest>,
     ) -> Reply<pb::ListUserSessionsResponse> {
+        let caller = Caller::of(&req)?;
         let op = Op::ListUserSessions(req.into_inner());
-        expect!(self.call(None, op).await, ListUserSessions)
+        expect!(caller.call(op).await, ListUserSessions)
     }
 
     async fn destroy_user_sessions(
         &self,
         req: Request<pb::DestroyUserSessionsRequest>,
     ) -> Reply<pb::DestroyUserSessionsResponse> {
+        let caller = Caller::of(&req)?;
         let op = Op::DestroyUserSessions(req.into_inner());
-        expect!(self.call(None, op).await, DestroyUserSessions)
+        expect!(caller.call(op).await, DestroyUserSessions)
     }
 
     async fn get_many(&self, req: Request<pb::GetManyRequest>) -> Reply<pb::GetManyResponse> {
-        let peer = peer(&req);
+        let caller = Caller::of(&req)?;
         let r = req.into_inner();
         if r.ids.len() > self.max_batch_ids {
             return Err(status::invalid(
@@ -270,10 +279,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
             .ids
             .into_iter()
             .map(|id| {
-                let result = match self
-                    .apply(peer, Op::Get(pb::GetRequest { id, peek: r.peek }))
-                    .0
-                {
+                let result = match caller.apply(Op::Get(pb::GetRequest { id, peek: r.peek })).0 {
                     Ok(Outcome::Session(s)) => pb::get_result::Result::Session(s),
                     Ok(_) => pb::get_result::Result::Error(status::error(&Status::internal(
                         "unexpected result",
@@ -294,14 +300,14 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         &self,
         req: Request<tonic::Streaming<pb::PipelineRequest>>,
     ) -> Reply<Self::PipelineStream> {
-        let peer = peer(&req);
+        let caller = Caller::of(&req)?;
         let mut requests = req.into_inner();
         // Two stages, so a stream does not stop at every fsync: the first applies requests in
         // order, the second holds each reply until its change is durable (one fsync covers
         // everything applied meanwhile) and sends it. Both channels are bounded.
         let (applied_tx, mut applied) = mpsc::channel(PIPELINE_WINDOW);
         let (tx, rx) = mpsc::channel(PIPELINE_WINDOW);
-        let svc = self.clone();
+        let svc = caller.clone();
         tokio::spawn(async move {
             loop {
                 let request = match requests.message().await {
@@ -314,7 +320,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
                 };
                 let (result, position) = match request.op {
                     Some(op) => {
-                        let (result, mutated) = svc.apply(peer, op);
+                        let (result, mutated) = svc.apply(op);
                         let position = if mutated { svc.log_position() } else { None };
                         (
                             result.unwrap_or_else(|e| Outcome::Error(status::error(&e))),
@@ -335,7 +341,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
                 }
             }
         });
-        let svc = self.clone();
+        let svc = caller;
         tokio::spawn(async move {
             while let Some((response, position)) = applied.recv().await {
                 let response = match svc.durable_up_to(position).await {

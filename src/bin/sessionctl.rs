@@ -441,28 +441,27 @@ async fn stats(cli: &Cli) -> Result<Value, Failure> {
                 cli.admin_addr
             ),
         })?;
-    let mut samples: BTreeMap<&str, f64> = BTreeMap::new();
     let mut requests = 0.0;
     let mut errors = 0.0;
     for line in body.lines().filter(|l| !l.starts_with('#')) {
         let Some((name, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        let Ok(value) = value.parse::<f64>() else {
+        let (Some(labels), Ok(value)) = (
+            name.strip_prefix("sessiond_grpc_requests_total{"),
+            value.parse::<f64>(),
+        ) else {
             continue;
         };
-        if let Some(labels) = name.strip_prefix("sessiond_grpc_requests_total{") {
-            requests += value;
-            if !labels.contains("code=\"OK\"") && !labels.contains("code=\"NotFound\"") {
-                errors += value;
-            }
-        } else if let Some((label, _, _)) = STATS.iter().find(|(_, m, _)| *m == name) {
-            samples.insert(label, value);
+        requests += value;
+        if !labels.contains("code=\"OK\"") && !labels.contains("code=\"NotFound\"") {
+            errors += value;
         }
     }
+    // Per-tenant series are summed: the daemon's totals.
     let mut out = serde_json::Map::new();
-    for (label, _, _) in STATS {
-        if let Some(v) = samples.get(label) {
+    for (label, metric, _) in STATS {
+        if let Some(v) = sessiond::admin::sample(&body, metric) {
             out.insert((*label).into(), json!(v));
         }
     }

@@ -20,7 +20,9 @@ use crate::persist::log::LogMetrics;
 use crate::session::Millis;
 use crate::store::events::{EndCause, Event, EventSink};
 use crate::store::reaper::ReaperObserver;
-use crate::store::{Reaped, Store};
+use crate::store::Reaped;
+use crate::tenant::Tenants;
+use crate::transport::ConnMetrics;
 
 /// Metric names, with their help text and unit. The one list: code refers to these consts.
 pub mod names {
@@ -72,8 +74,19 @@ pub mod names {
     pub const UPTIME: &str = "sessiond_uptime_seconds";
     /// Always 1; the labels carry the build.
     pub const BUILD_INFO: &str = "sessiond_build_info";
+    /// Client connections open on the gRPC port.
+    pub const CONNECTIONS_OPEN: &str = "sessiond_connections_open";
+    /// Connections closed at once because `max_connections` were open.
+    pub const CONNECTIONS_REFUSED: &str = "sessiond_connections_refused_total";
+    /// Requests refused for missing or wrong credentials.
+    pub const UNAUTHENTICATED: &str = "sessiond_unauthenticated_requests_total";
+    /// Connections closed for spending `unauthenticated_requests`.
+    pub const CONNECTIONS_CLOSED_UNAUTHENTICATED: &str =
+        "sessiond_connections_closed_unauthenticated_total";
     /// Prefix of the process metrics (RSS, open fds, CPU seconds, ...).
     pub const PROCESS_PREFIX: &str = "sessiond_";
+    /// The label naming the tenant on every per-tenant metric.
+    pub const TENANT: &str = "tenant";
 }
 
 use names::*;
@@ -111,9 +124,6 @@ struct Inner {
     handle: PrometheusHandle,
     process: metrics_process::Collector,
     started: Instant,
-    active: Gauge,
-    bytes: Gauge,
-    users: Gauge,
     uptime: Gauge,
 }
 
@@ -139,16 +149,11 @@ impl Telemetry {
             .build_recorder();
         let handle = recorder.handle();
         let process = metrics_process::Collector::new(PROCESS_PREFIX);
-        let (active, bytes, users, uptime) = metrics::with_local_recorder(&recorder, || {
+        let uptime = metrics::with_local_recorder(&recorder, || {
             describe();
             process.describe();
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-            (
-                metrics::gauge!(SESSIONS_ACTIVE),
-                metrics::gauge!(SESSION_BYTES),
-                metrics::gauge!(USERS),
-                metrics::gauge!(UPTIME),
-            )
+            metrics::gauge!(UPTIME)
         });
         Telemetry {
             inner: Arc::new(Inner {
@@ -156,9 +161,6 @@ impl Telemetry {
                 handle,
                 process,
                 started: Instant::now(),
-                active,
-                bytes,
-                users,
                 uptime,
             }),
         }
@@ -169,68 +171,95 @@ impl Telemetry {
         metrics::with_local_recorder(&self.inner.recorder, f)
     }
 
-    /// The Prometheus text exposition, with scrape-time gauges refreshed from `store`.
-    pub fn render(&self, store: &Store) -> String {
+    /// The Prometheus text exposition, with scrape-time gauges refreshed from each tenant's
+    /// store.
+    pub fn render(&self, tenants: &Tenants) -> String {
         let i = &self.inner;
-        let stats = store.stats();
-        i.active.set(stats.sessions as f64);
-        i.bytes.set(stats.bytes as f64);
-        i.users.set(stats.users as f64);
+        self.register(|| {
+            for t in tenants.all() {
+                let stats = t.store.stats();
+                let name = t.name.to_string();
+                metrics::gauge!(SESSIONS_ACTIVE, TENANT => name.clone()).set(stats.sessions as f64);
+                metrics::gauge!(SESSION_BYTES, TENANT => name.clone()).set(stats.bytes as f64);
+                metrics::gauge!(USERS, TENANT => name).set(stats.users as f64);
+            }
+        });
         i.uptime.set(i.started.elapsed().as_secs_f64());
         self.register(|| i.process.collect());
         i.handle.run_upkeep();
         i.handle.render()
     }
 
-    /// The event sink that counts sessions created, ended and regenerated.
-    pub fn session_sink(&self) -> SessionMetrics {
+    /// The event sink that counts `tenant`'s sessions created, ended and regenerated.
+    pub fn session_sink(&self, tenant: &str) -> SessionMetrics {
+        let t = tenant.to_string();
         self.register(|| SessionMetrics {
-            created: metrics::counter!(SESSIONS_CREATED),
-            updated: metrics::counter!(SESSIONS_UPDATED),
-            destroyed: metrics::counter!(SESSIONS_DESTROYED),
-            expired: metrics::counter!(SESSIONS_EXPIRED),
-            evicted: metrics::counter!(SESSIONS_EVICTED),
-            regenerated: metrics::counter!(SESSIONS_REGENERATED),
-            lifetime: metrics::histogram!(SESSION_LIFETIME),
+            created: metrics::counter!(SESSIONS_CREATED, TENANT => t.clone()),
+            updated: metrics::counter!(SESSIONS_UPDATED, TENANT => t.clone()),
+            destroyed: metrics::counter!(SESSIONS_DESTROYED, TENANT => t.clone()),
+            expired: metrics::counter!(SESSIONS_EXPIRED, TENANT => t.clone()),
+            evicted: metrics::counter!(SESSIONS_EVICTED, TENANT => t.clone()),
+            regenerated: metrics::counter!(SESSIONS_REGENERATED, TENANT => t.clone()),
+            lifetime: metrics::histogram!(SESSION_LIFETIME, TENANT => t),
         })
     }
 
-    /// The durable log's metrics.
-    pub fn log_metrics(&self) -> LogMetrics {
+    /// `tenant`'s durable log metrics.
+    pub fn log_metrics(&self, tenant: &str) -> LogMetrics {
+        let t = tenant.to_string();
         self.register(|| LogMetrics {
-            segment_bytes: metrics::gauge!(LOG_BYTES),
-            fsync: metrics::histogram!(FSYNC),
+            segment_bytes: metrics::gauge!(LOG_BYTES, TENANT => t.clone()),
+            fsync: metrics::histogram!(FSYNC, TENANT => t),
         })
     }
 
-    /// The snapshot loop's metrics: (snapshots written, seconds since the last).
-    pub fn snapshot_metrics(&self) -> (Counter, Gauge) {
-        self.register(|| (metrics::counter!(SNAPSHOTS), metrics::gauge!(SNAPSHOT_AGE)))
-    }
-
-    /// Records how many sessions recovery loaded.
-    pub fn recovered(&self, sessions: usize) {
-        self.register(|| metrics::gauge!(RECOVERED).set(sessions as f64));
-    }
-
-    /// The per-peer watch on lookups of unknown session IDs.
-    pub fn guess_watch(&self, threshold: u32, window: Duration) -> GuessWatch {
+    /// `tenant`'s snapshot metrics: (snapshots written, seconds since the last).
+    pub fn snapshot_metrics(&self, tenant: &str) -> (Counter, Gauge) {
+        let t = tenant.to_string();
         self.register(|| {
-            GuessWatch::new(
-                threshold,
-                window,
-                metrics::counter!(SESSION_ID_MISSES),
-                metrics::counter!(GUESSING_PEERS),
+            (
+                metrics::counter!(SNAPSHOTS, TENANT => t.clone()),
+                metrics::gauge!(SNAPSHOT_AGE, TENANT => t),
             )
         })
     }
 
-    /// The reaper's observer.
-    pub fn reaper_observer(&self) -> ReaperMetrics {
+    /// Records how many of `tenant`'s sessions recovery loaded.
+    pub fn recovered(&self, tenant: &str, sessions: usize) {
+        let t = tenant.to_string();
+        self.register(|| metrics::gauge!(RECOVERED, TENANT => t).set(sessions as f64));
+    }
+
+    /// The per-peer watch on lookups of `tenant`'s unknown session IDs.
+    pub fn guess_watch(&self, tenant: &str, threshold: u32, window: Duration) -> GuessWatch {
+        let t = tenant.to_string();
+        self.register(|| {
+            GuessWatch::new(
+                threshold,
+                window,
+                metrics::counter!(SESSION_ID_MISSES, TENANT => t.clone()),
+                metrics::counter!(GUESSING_PEERS, TENANT => t),
+            )
+        })
+    }
+
+    /// The observer of `tenant`'s reaper.
+    pub fn reaper_observer(&self, tenant: &str) -> ReaperMetrics {
+        let t = tenant.to_string();
         self.register(|| ReaperMetrics {
-            runs: metrics::counter!(REAPER_RUNS),
-            lag: metrics::gauge!(REAPER_LAG),
-            batch: metrics::histogram!(REAPER_BATCH),
+            runs: metrics::counter!(REAPER_RUNS, TENANT => t.clone()),
+            lag: metrics::gauge!(REAPER_LAG, TENANT => t.clone()),
+            batch: metrics::histogram!(REAPER_BATCH, TENANT => t),
+        })
+    }
+
+    /// The gRPC port's connection metrics.
+    pub fn conn_metrics(&self) -> ConnMetrics {
+        self.register(|| ConnMetrics {
+            open: metrics::gauge!(CONNECTIONS_OPEN),
+            refused: metrics::counter!(CONNECTIONS_REFUSED),
+            unauthenticated: metrics::counter!(UNAUTHENTICATED),
+            closed_unauthenticated: metrics::counter!(CONNECTIONS_CLOSED_UNAUTHENTICATED),
         })
     }
 }
@@ -302,6 +331,22 @@ fn describe() {
     );
     describe_gauge!(RECOVERED, "Sessions loaded by recovery at start-up.");
     describe_gauge!(UPTIME, Unit::Seconds, "Seconds since the daemon started.");
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Client connections open on the gRPC port."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections closed at once because max_connections were open."
+    );
+    describe_counter!(
+        UNAUTHENTICATED,
+        "Requests refused for missing or wrong credentials."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED_UNAUTHENTICATED,
+        "Connections closed for spending unauthenticated_requests."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
 }
 
