@@ -579,6 +579,59 @@ mod tests {
     }
 
     #[test]
+    fn tenants_are_checked_and_errors_name_the_tenant() {
+        let tenant = |name: &str, hash: &str| TenantConfig {
+            name: name.into(),
+            token_sha256: hash.into(),
+            ..TenantConfig::default()
+        };
+        let ok = "ab".repeat(32);
+        let check = |tenants: Vec<TenantConfig>| {
+            Config {
+                tenants,
+                ..Config::default()
+            }
+            .validate()
+            .map_err(|e| e.to_string())
+        };
+        check(vec![tenant("shop", &ok)]).unwrap();
+        for (tenants, want) in [
+            (vec![tenant("Shop!", &ok)], "name must be"),
+            (
+                vec![tenant("shop", "")],
+                "needs token_sha256 or client_subject",
+            ),
+            (vec![tenant("shop", "secret")], "64 hex digits"),
+            (
+                vec![tenant("shop", &ok), tenant("shop", &"cd".repeat(32))],
+                "used by another tenant",
+            ),
+            (
+                vec![tenant("a", &ok), tenant("b", &ok)],
+                "another tenant's too",
+            ),
+            (
+                vec![TenantConfig {
+                    client_subject: "CN=app".into(),
+                    ..tenant("shop", "")
+                }],
+                "needs mutual TLS",
+            ),
+            (
+                vec![TenantConfig {
+                    create_rate: Some(0),
+                    ..tenant("shop", &ok)
+                }],
+                "create_rate must be at least 1",
+            ),
+        ] {
+            let err = check(tenants).unwrap_err();
+            assert!(err.contains("tenants["), "{err}");
+            assert!(err.contains(want), "{err} lacks {want}");
+        }
+    }
+
+    #[test]
     #[allow(clippy::result_large_err)] // figment's Jail API, not ours
     fn layers_override_in_order_and_errors_name_the_setting() {
         figment::Jail::expect_with(|jail| {

@@ -1,5 +1,5 @@
 //! Tests of the real `sessiond` binary as a child process: start-up, configuration errors,
-//! SIGTERM, and that no session ID ever reaches the logs.
+//! SIGTERM, and that no session ID or token ever reaches the logs.
 
 mod common;
 
@@ -73,9 +73,46 @@ fn a_bad_setting_exits_non_zero_naming_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_session_id_reaches_the_logs_even_at_trace_level() {
-    let (p, _dir) = spawn(&[("RUST_LOG", "trace")]);
-    let mut c = SessionStoreClient::connect(p.url()).await.unwrap();
+async fn no_session_id_or_token_reaches_the_logs_even_at_trace_level() {
+    // One tenant, so requests carry a bearer token the logs must not show either.
+    const TOKEN: &str = "tok-SECRET-1234567890";
+    let dir = tempfile::tempdir().unwrap();
+    let hash: String = ring::digest::digest(&ring::digest::SHA256, TOKEN.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let config = dir.path().join("tenants.toml");
+    std::fs::write(
+        &config,
+        format!("[[tenants]]\nname = \"shop\"\ntoken_sha256 = \"{hash}\"\n"),
+    )
+    .unwrap();
+    let p = spawn_in(
+        dir.path(),
+        &["--config", config.to_str().unwrap()],
+        &[("RUST_LOG", "trace")],
+    )
+    .unwrap_or_else(|out| panic!("sessiond did not start:\n{out}"));
+    let channel = tonic::transport::Channel::from_shared(p.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse().unwrap();
+    let mut c =
+        SessionStoreClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", bearer.clone());
+            Ok(r)
+        });
+    // A wrong token is refused, and not logged either.
+    let wrong: tonic::metadata::MetadataValue<_> = "Bearer tok-WRONG-0987654321".parse().unwrap();
+    let mut w = SessionStoreClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", wrong.clone());
+        Ok(r)
+    });
+    let e = w.create(pb::CreateRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
     let mut ids = Vec::new();
     for i in 0..5 {
         let s = c
@@ -117,7 +154,7 @@ async fn no_session_id_reaches_the_logs_even_at_trace_level() {
         ids.push(s.id);
         ids.push(r.id);
     }
-    drop(c);
+    drop((c, w));
     let (status, out) = p.terminate();
     assert!(status.success());
     assert!(out.len() > 1000, "trace logging produced almost nothing");
@@ -125,4 +162,6 @@ async fn no_session_id_reaches_the_logs_even_at_trace_level() {
         assert!(!out.contains(id.as_str()), "a session ID is in the logs");
     }
     assert!(!out.contains("value-"), "an attribute value is in the logs");
+    assert!(!out.contains("tok-"), "a bearer token is in the logs");
+    assert!(!out.contains(&hash), "a token hash is in the logs");
 }

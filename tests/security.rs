@@ -1,0 +1,453 @@
+//! Tenants, quotas and hostile clients, over real TLS and mutual TLS with certificates made
+//! here by rcgen.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::certs::{channel, write, Ca};
+use sessiond::api::pb;
+use sessiond::api::pb::session_store_client::SessionStoreClient;
+use sessiond::config::{Config, TenantConfig};
+use sessiond::store::PerUserPolicy;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+fn sha256_hex(token: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn token_tenant(name: &str, token: &str) -> TenantConfig {
+    TenantConfig {
+        name: name.into(),
+        token_sha256: sha256_hex(token),
+        ..TenantConfig::default()
+    }
+}
+
+/// TLS with a server certificate from `ca`, and mutual TLS against `client_ca` if given.
+fn tls_config(dir: &Path, ca: &Ca, client_ca: Option<&Ca>) -> Config {
+    let (cert, key) = ca.issue("localhost");
+    Config {
+        tls_cert: write(dir, "server.pem", &cert),
+        tls_key: write(dir, "server.key", &key),
+        tls_client_ca: client_ca
+            .map(|c| write(dir, "clients.pem", &c.pem))
+            .unwrap_or_default(),
+        ..common::test_config()
+    }
+}
+
+/// `msg` with `authorization: Bearer token`.
+fn bearer<T>(token: &str, msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+fn create_for(user: &str) -> pb::CreateRequest {
+    pb::CreateRequest {
+        user_id: user.into(),
+        ..Default::default()
+    }
+}
+
+async fn tls_client(addr: std::net::SocketAddr, ca: &Ca) -> SessionStoreClient<Channel> {
+    SessionStoreClient::new(channel(addr, ca, None).await.unwrap())
+}
+
+#[tokio::test]
+async fn tenants_by_token_never_see_each_others_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("server ca");
+    let srv = common::TestServer::with_config(Config {
+        tenants: vec![
+            token_tenant("shop", "shop-token"),
+            token_tenant("blog", "blog-token"),
+        ],
+        ..tls_config(dir.path(), &ca, None)
+    })
+    .await;
+    let mut c = tls_client(srv.daemon.grpc_addr, &ca).await;
+
+    let a = c
+        .create(bearer("shop-token", create_for("alice")))
+        .await
+        .unwrap()
+        .into_inner();
+    // The same ID is unknown to the other tenant, for every kind of call.
+    let get = |t: &str| {
+        bearer(
+            t,
+            pb::GetRequest {
+                id: a.id.clone(),
+                peek: true,
+            },
+        )
+    };
+    assert_eq!(
+        c.get(get("blog-token")).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let destroyed = c
+        .destroy(bearer(
+            "blog-token",
+            pb::DestroyRequest { id: a.id.clone() },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!destroyed.existed);
+    c.get(get("shop-token")).await.unwrap();
+    // Same user name in both tenants: two separate user indexes.
+    c.create(bearer("blog-token", create_for("alice")))
+        .await
+        .unwrap();
+    let list = |t: &str| {
+        bearer(
+            t,
+            pb::ListUserSessionsRequest {
+                user_id: "alice".into(),
+                include_attributes: false,
+            },
+        )
+    };
+    let shop = c.list_user_sessions(list("shop-token")).await.unwrap();
+    assert_eq!(shop.into_inner().sessions.len(), 1);
+    let killed = c
+        .destroy_user_sessions(bearer(
+            "blog-token",
+            pb::DestroyUserSessionsRequest {
+                user_id: "alice".into(),
+                except_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(killed.into_inner().destroyed, 1);
+    c.get(get("shop-token")).await.unwrap();
+
+    // No token, a wrong one, or a malformed header: UNAUTHENTICATED, saying what is wrong.
+    let e = c.create(create_for("x")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(
+        e.message().contains("credentials required"),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .create(bearer("shop-tokem", create_for("x")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(!e.message().contains("shop-tokem"), "{}", e.message());
+
+    // Per-tenant metrics.
+    let created = |t: &str| format!("sessiond_sessions_created_total{{tenant=\"{t}\"}}");
+    assert_eq!(srv.metric(&created("shop")).await, 1.0);
+    assert_eq!(srv.metric(&created("blog")).await, 1.0);
+    assert_eq!(
+        srv.metric("sessiond_unauthenticated_requests_total").await,
+        2.0
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_certificate_subject_picks_the_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server ca");
+    let client_ca = Ca::new("client ca");
+    let srv = common::TestServer::with_config(Config {
+        tenants: vec![
+            TenantConfig {
+                name: "shop".into(),
+                client_subject: "CN=shop-app".into(),
+                ..TenantConfig::default()
+            },
+            TenantConfig {
+                name: "blog".into(),
+                client_subject: "blog-app".into(),
+                ..TenantConfig::default()
+            },
+        ],
+        ..tls_config(dir.path(), &server_ca, Some(&client_ca))
+    })
+    .await;
+    let addr = srv.daemon.grpc_addr;
+    let as_app = |name: &str| client_ca.issue(name);
+    let shop_id = {
+        let ch = channel(addr, &server_ca, Some(&as_app("shop-app")))
+            .await
+            .unwrap();
+        let mut shop = SessionStoreClient::new(ch);
+        shop.create(create_for("alice"))
+            .await
+            .unwrap()
+            .into_inner()
+            .id
+    };
+    let ch = channel(addr, &server_ca, Some(&as_app("blog-app")))
+        .await
+        .unwrap();
+    let mut blog = SessionStoreClient::new(ch);
+    let e = blog
+        .get(pb::GetRequest {
+            id: shop_id,
+            peek: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // A valid certificate of no tenant passes the handshake but reaches no store.
+    let ch = channel(addr, &server_ca, Some(&as_app("stranger")))
+        .await
+        .unwrap();
+    let e = SessionStoreClient::new(ch)
+        .create(create_for("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("certificate"), "{}", e.message());
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn tenant_quotas_per_user_limit_under_both_policies_and_create_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("server ca");
+    let srv = common::TestServer::with_config(Config {
+        tenants: vec![
+            TenantConfig {
+                max_sessions_per_user: Some(2),
+                per_user_policy: Some(PerUserPolicy::Deny),
+                ..token_tenant("strict", "strict-token")
+            },
+            TenantConfig {
+                max_sessions_per_user: Some(2),
+                per_user_policy: Some(PerUserPolicy::EvictOldest),
+                create_rate: Some(1),
+                create_burst: Some(4),
+                ..token_tenant("lenient", "lenient-token")
+            },
+        ],
+        ..tls_config(dir.path(), &ca, None)
+    })
+    .await;
+    let mut c = tls_client(srv.daemon.grpc_addr, &ca).await;
+
+    // deny: the third session of a user is refused, naming the setting.
+    for _ in 0..2 {
+        c.create(bearer("strict-token", create_for("u")))
+            .await
+            .unwrap();
+    }
+    let e = c
+        .create(bearer("strict-token", create_for("u")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains("max_sessions_per_user"),
+        "{}",
+        e.message()
+    );
+
+    // evict-oldest: the third ends the first.
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let s = c
+            .create(bearer("lenient-token", create_for("u")))
+            .await
+            .unwrap();
+        ids.push(s.into_inner().id);
+        srv.advance(Duration::from_millis(1));
+    }
+    let gone = c
+        .get(bearer(
+            "lenient-token",
+            pb::GetRequest {
+                id: ids[0].clone(),
+                peek: true,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+
+    // create_rate 1/s with a burst of 4: the fifth create within the same instant is refused.
+    c.create(bearer("lenient-token", create_for("v")))
+        .await
+        .unwrap();
+    let e = c
+        .create(bearer("lenient-token", create_for("v")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("create_rate"), "{}", e.message());
+    // The other tenant's bucket is its own.
+    c.create(bearer("strict-token", create_for("w")))
+        .await
+        .unwrap();
+    // A second on the test clock refills one token.
+    srv.advance(Duration::from_secs(1));
+    c.create(bearer("lenient-token", create_for("v")))
+        .await
+        .unwrap();
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn the_memory_cap_evicts_anonymous_sessions_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("server ca");
+    let srv = common::TestServer::with_config(Config {
+        max_memory_bytes: 3 * 1024,
+        ..tls_config(dir.path(), &ca, None)
+    })
+    .await;
+    let mut c = tls_client(srv.daemon.grpc_addr, &ca).await;
+    let big = |user: &str| pb::CreateRequest {
+        user_id: user.into(),
+        attributes: [("blob".to_string(), vec![b'v'; 500].into())].into(),
+        ..Default::default()
+    };
+    let mut made = Vec::new();
+    for user in ["alice", "", "bob", ""] {
+        made.push(c.create(big(user)).await.unwrap().into_inner().id);
+        srv.advance(Duration::from_secs(1));
+    }
+    c.create(big("carol")).await.unwrap();
+    let alive = |id: &String| pb::GetRequest {
+        id: id.clone(),
+        peek: true,
+    };
+    // The older anonymous session went; every authenticated one stayed.
+    assert_eq!(
+        c.get(alive(&made[1])).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    for id in [&made[0], &made[2], &made[3]] {
+        c.get(alive(id)).await.unwrap();
+    }
+    assert_eq!(srv.metric("sessiond_sessions_evicted_total").await, 1.0);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_without_credentials_gets_a_small_budget_then_is_closed() {
+    let srv = common::TestServer::with_config(Config {
+        tenants: vec![token_tenant("shop", "shop-token")],
+        unauthenticated_requests: 3,
+        ..common::test_config()
+    })
+    .await;
+    let mut c = srv.client().await;
+    // Health checks are free: a load balancer's checker is never cut off.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(srv.channel().await);
+    for _ in 0..10 {
+        health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        let e = c.create(create_for("x")).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+    }
+    // The fourth is answered by closing the connection.
+    c.create(create_for("x")).await.unwrap_err();
+    assert_eq!(
+        srv.metric("sessiond_connections_closed_unauthenticated_total")
+            .await,
+        1.0
+    );
+    // A client with credentials is served throughout.
+    let mut good = srv.client().await;
+    good.create(bearer("shop-token", create_for("y")))
+        .await
+        .unwrap();
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn connections_past_max_connections_are_closed_at_once() {
+    use tokio::io::AsyncReadExt;
+    let srv = common::TestServer::with_config(Config {
+        max_connections: 2,
+        ..common::test_config()
+    })
+    .await;
+    let addr = srv.daemon.grpc_addr;
+    let mut first = srv.client().await;
+    first.create(create_for("a")).await.unwrap();
+    let idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The third connection is accepted and closed: its first read is the end of the stream.
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), third.read(&mut buf))
+        .await
+        .expect("the refused connection is closed, not left hanging")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(srv.metric("sessiond_connections_refused_total").await, 1.0);
+    // The open ones are still served.
+    first.create(create_for("b")).await.unwrap();
+    drop(idle);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_port_speaks_tls_when_asked() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("server ca");
+    let srv = common::TestServer::with_config(Config {
+        admin_tls: true,
+        ..tls_config(dir.path(), &ca, None)
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(srv.daemon.admin_addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    let _ = tls.read_to_string(&mut body).await;
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
+    assert!(body.contains("sessiond_sessions_active"), "{body}");
+    // Plain HTTP gets no metrics from a TLS port.
+    let mut plain = tokio::net::TcpStream::connect(srv.daemon.admin_addr)
+        .await
+        .unwrap();
+    plain
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut reply)).await;
+    assert!(!String::from_utf8_lossy(&reply).contains("sessiond_"));
+    srv.stop().await;
+}
