@@ -174,3 +174,46 @@ async fn every_subcommand_works_end_to_end() {
     assert_eq!(dead.run(&["stats"]).await.code, 14);
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_tokens_and_tls_from_the_command_line() {
+    use common::certs::{write, Ca};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("server ca");
+    let (cert, key) = ca.issue("localhost");
+    let token = "ctl-token";
+    let hash: String = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let srv = common::TestServer::with_config(sessiond::config::Config {
+        tls_cert: write(dir.path(), "server.pem", &cert),
+        tls_key: write(dir.path(), "server.key", &key),
+        tenants: vec![sessiond::config::TenantConfig {
+            name: "ops".into(),
+            token_sha256: hash,
+            ..Default::default()
+        }],
+        ..common::test_config()
+    })
+    .await;
+    let ca_path = write(dir.path(), "ca.pem", &ca.pem);
+    let ctl = Ctl {
+        grpc: format!("localhost:{}", srv.daemon.grpc_addr.port()),
+        admin: srv.daemon.admin_addr.to_string(),
+    };
+    let ca_arg = ca_path.to_str().unwrap();
+    let s = ctl
+        .json(&["--ca", ca_arg, "--token", token, "create", "--user", "ann"])
+        .await;
+    assert_eq!(s["user_id"], "ann");
+    let refused = ctl.run(&["--ca", ca_arg, "create"]).await;
+    assert_eq!(refused.code, 16, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("credentials required"),
+        "{}",
+        refused.stderr
+    );
+    srv.stop().await;
+}

@@ -15,7 +15,10 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use sessiond::api::pb;
 use sessiond::api::pb::session_store_client::SessionStoreClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 /// Command-line client for sessiond.
@@ -51,6 +54,19 @@ struct Cli {
     /// Give up on a call after this long.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, global = true)]
     timeout: Duration,
+    /// Bearer token of a tenant, when sessiond has tenants.
+    #[arg(long, env = "SESSIOND_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// PEM CA bundle to verify sessiond's certificate with; turns on TLS (so does an
+    /// https:// address).
+    #[arg(long, env = "SESSIOND_CA", global = true)]
+    ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for mutual TLS (with --key).
+    #[arg(long, env = "SESSIOND_CERT", global = true, requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "SESSIOND_KEY", global = true, requires = "cert")]
+    key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -215,14 +231,39 @@ fn main() -> ExitCode {
     }
 }
 
-async fn connect(cli: &Cli) -> Result<SessionStoreClient<Channel>, Failure> {
+/// Adds the tenant's bearer token to every call.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            req.metadata_mut().insert("authorization", token.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = SessionStoreClient<InterceptedService<Channel, Bearer>>;
+
+async fn connect(cli: &Cli) -> Result<Client, Failure> {
     let channel = channel(cli).await?;
-    Ok(SessionStoreClient::new(channel))
+    let token = match &cli.token {
+        None => None,
+        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| Failure {
+            code: 2,
+            message: "--token must be printable ASCII".into(),
+        })?),
+    };
+    Ok(SessionStoreClient::with_interceptor(channel, Bearer(token)))
 }
 
 async fn channel(cli: &Cli) -> Result<Channel, Failure> {
+    let tls = cli.ca.is_some() || cli.addr.starts_with("https://");
     let url = if cli.addr.contains("://") {
         cli.addr.clone()
+    } else if tls {
+        format!("https://{}", cli.addr)
     } else {
         format!("http://{}", cli.addr)
     };
@@ -230,10 +271,29 @@ async fn channel(cli: &Cli) -> Result<Channel, Failure> {
         code: Code::Unavailable as u8,
         message: format!("UNAVAILABLE: cannot reach sessiond at {}: {why}", cli.addr),
     };
-    Endpoint::from_shared(url)
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| Failure {
+            code: 2,
+            message: format!("cannot read {}: {e}", path.display()),
+        })
+    };
+    let mut endpoint = Endpoint::from_shared(url)
         .map_err(|e| unavailable(e.to_string()))?
         .connect_timeout(cli.timeout)
-        .timeout(cli.timeout)
+        .timeout(cli.timeout);
+    if tls {
+        let mut config = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &cli.ca {
+            config = config.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| unavailable(e.to_string()))?;
+    }
+    endpoint
         .connect()
         .await
         .map_err(|e| unavailable(e.to_string()))
