@@ -129,7 +129,7 @@ pub fn recover(dir: &Path, now: Millis, repair: bool) -> Result<Recovered, Recov
         path: dir.to_owned(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(dir_err)?;
+    create_private_dir(dir).map_err(dir_err)?;
     let lock = File::create(dir.join(LOCK_FILE)).map_err(dir_err)?;
     if lock.try_lock().is_err() {
         return Err(RecoveryError::Locked {
@@ -213,6 +213,27 @@ pub fn recover(dir: &Path, now: Millis, repair: bool) -> Result<Recovered, Recov
         lock: Some(lock),
         took: started.elapsed(),
     })
+}
+
+/// Creates `dir` (and missing parents) readable by this user only: it holds every session in
+/// the clear. An existing directory that others can read is kept, with a warning.
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !dir.exists() {
+        return std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir);
+    }
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            data_dir = %dir.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "data_dir can be read by other users, and it holds every session: chmod 700 it"
+        );
+    }
+    Ok(())
 }
 
 fn truncate(path: &Path, offset: u64) -> Result<(), RecoveryError> {

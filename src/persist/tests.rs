@@ -365,3 +365,16 @@ fn a_damaged_or_newer_snapshot_is_refused_by_name() {
         .to_string();
     assert!(err.contains("format version 7 is newer"), "{err}");
 }
+
+#[test]
+fn a_new_data_dir_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("data").join("tenants").join("shop");
+    let r = recover(&dir, 0, false).unwrap();
+    drop(r);
+    for d in [parent.path().join("data"), dir] {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", d.display());
+    }
+}
