@@ -21,9 +21,10 @@ COPY --from=build /src/config/sessiond.toml /etc/sessiond/sessiond.toml
 ENV SESSIOND_LISTEN=0.0.0.0:7420 \
     SESSIOND_ADMIN_LISTEN=0.0.0.0:7421 \
     SESSIOND_INSECURE_LISTEN=true \
-    SESSIOND_DATA_DIR=/data \
+    SESSIOND_DATA_DIR=/data/sessiond \
     SESSIOND_LOG_FORMAT=json
-# 65532 is distroless's "nonroot" user.
+# The log and snapshots go to /data/sessiond, which sessiond creates owner-only (0700) on the
+# volume: it holds every session. 65532 is distroless's "nonroot" user.
 USER 65532:65532
 WORKDIR /data
 VOLUME ["/data"]
