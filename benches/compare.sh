@@ -10,7 +10,8 @@
 # CONCURRENCY (50), CONNECTIONS (4), FSYNC (everysec; MODE=mix only),
 # REDIS_UPDATE (blob or hset), MIX (overrides the mode's mix), PIPELINE (1: sessiond-bench
 # sends sessiond's operations over Pipeline streams; Redis's multiplexed connections always
-# pipeline concurrent commands).
+# pipeline concurrent commands), RATE (open loop: offer this many ops/s to both servers and
+# compare latency at that load, e.g. half of sessiond's measured throughput).
 # Everything it starts listens on 127.0.0.1 and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ CONCURRENCY=${CONCURRENCY:-50}
 CONNECTIONS=${CONNECTIONS:-4}
 REDIS_UPDATE=${REDIS_UPDATE:-blob}
 PIPELINE_FLAG=(); [ "${PIPELINE:-0}" = "1" ] && PIPELINE_FLAG=(--pipeline)
+RATE_FLAG=(); [ -n "${RATE:-}" ] && RATE_FLAG=(--rate "$RATE")
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "compare.sh: installing redis-server from Debian's packages" >&2
@@ -73,7 +75,7 @@ run_sessiond() {
   wait_port "$gp"
   "$BIN/sessiond-bench" --target "grpc://127.0.0.1:$gp" --admin-addr "127.0.0.1:$ap" \
     --sessions "$SESSIONS" --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
-    --duration "$DURATION" --warmup "$WARMUP" --mix "$2" "${PIPELINE_FLAG[@]}" --json >"$3"
+    --duration "$DURATION" --warmup "$WARMUP" --mix "$2" "${PIPELINE_FLAG[@]}" "${RATE_FLAG[@]}" --json >"$3"
   stop_last
 }
 
@@ -88,7 +90,7 @@ run_redis() {
   wait_port "$rp"
   "$BIN/sessiond-bench" --target "redis://127.0.0.1:$rp" --redis-update "$REDIS_UPDATE" \
     --sessions "$SESSIONS" --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
-    --duration "$DURATION" --warmup "$WARMUP" --mix "$2" --json >"$3"
+    --duration "$DURATION" --warmup "$WARMUP" --mix "$2" "${RATE_FLAG[@]}" --json >"$3"
   stop_last
 }
 
@@ -135,7 +137,7 @@ case "$MODE" in
   mix)
     FSYNC=${FSYNC:-everysec}
     MIX=${MIX:-get=80,update=12,create=4,destroy=2,regenerate=1,list=1}
-    compare "mix-fsync-$FSYNC${PIPELINE_FLAG[*]:+-pipelined}" "$FSYNC" "$FSYNC" "$MIX"
+    compare "mix-fsync-$FSYNC${PIPELINE_FLAG[*]:+-pipelined}${RATE:+-at-$RATE-ops}" "$FSYNC" "$FSYNC" "$MIX"
     ;;
   durability)
     MIX=${MIX:-update=80,create=10,destroy=10}

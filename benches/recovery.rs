@@ -31,15 +31,18 @@ fn metrics() -> LogMetrics {
     }
 }
 
+/// Limits without a creation-rate limit in the way of filling a million sessions.
+fn limits() -> Limits {
+    Limits {
+        create_rate: 1_000_000_000,
+        create_burst: 1_000_000_000,
+        ..Limits::default()
+    }
+}
+
 /// The store recovery loads into, sized as the daemon sizes it.
 fn new_store(capacity: usize) -> Store {
-    Store::with_capacity(
-        Limits::default(),
-        64,
-        Clock::system(),
-        Box::new(Discard),
-        capacity,
-    )
+    Store::with_capacity(limits(), 64, Clock::system(), Box::new(Discard), capacity)
 }
 
 fn recovery(c: &mut Criterion) {
@@ -50,12 +53,7 @@ fn recovery(c: &mut Criterion) {
     {
         let (p, _) =
             Persistence::open(dir.path(), clock.now(), FsyncPolicy::No, metrics()).expect("open");
-        let store = Store::new(
-            Limits::default(),
-            64,
-            clock.clone(),
-            Box::new(p.log.clone()),
-        );
+        let store = Store::new(limits(), 64, clock.clone(), Box::new(p.log.clone()));
         let started = Instant::now();
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {

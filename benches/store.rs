@@ -15,11 +15,23 @@ use sessiond::store::{Change, Limits, NewSession, Rotation, Store};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn population() -> usize {
+/// The live populations the store ops run at: `SESSIOND_BENCH_SESSIONS`, comma-separated
+/// (default 1M and 10M; 10M sessions of 1 KiB take about 16 GB).
+fn populations() -> Vec<usize> {
     std::env::var("SESSIOND_BENCH_SESSIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000)
+        .unwrap_or_else(|_| "1000000,10000000".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect()
+}
+
+/// Limits for benches: no creation-rate limit in the way of filling millions of sessions.
+fn limits() -> Limits {
+    Limits {
+        create_rate: 1_000_000_000,
+        create_burst: 1_000_000_000,
+        ..Limits::default()
+    }
 }
 
 fn session_attributes() -> Vec<(String, Bytes)> {
@@ -29,7 +41,7 @@ fn session_attributes() -> Vec<(String, Bytes)> {
 }
 
 fn filled_store(n: usize) -> (Store, Vec<String>) {
-    let store = Store::new(Limits::default(), 64, Clock::system(), Box::new(Discard));
+    let store = Store::new(limits(), 64, Clock::system(), Box::new(Discard));
     let ids = (0..n)
         .map(|i| {
             store
@@ -47,7 +59,12 @@ fn filled_store(n: usize) -> (Store, Vec<String>) {
 }
 
 fn store_ops(c: &mut Criterion) {
-    let n = population();
+    for n in populations() {
+        store_ops_at(c, n);
+    }
+}
+
+fn store_ops_at(c: &mut Criterion, n: usize) {
     let (store, ids) = filled_store(n);
     let mut group = c.benchmark_group(format!("store_{n}_sessions"));
     group.throughput(Throughput::Elements(1));
@@ -118,9 +135,110 @@ fn store_ops(c: &mut Criterion) {
     );
 }
 
+/// Sessions expiring per second of the mass-expiry bench.
+const EXPIRING_PER_SECOND: usize = 100_000;
+
+/// The reaper while 100k sessions expire every second, beside 1M live ones: what freeing one
+/// second's worth costs, and what it does to the latency of reads running beside it.
+fn mass_expiry(c: &mut Criterion) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let clock = Clock::manual(1_700_000_000_000);
+    let store = Store::new(limits(), 64, clock.clone(), Box::new(Discard));
+    let live: Arc<Vec<String>> = Arc::new(
+        (0..1_000_000)
+            .map(|_| {
+                store
+                    .create(NewSession {
+                        attributes: session_attributes(),
+                        idle_timeout: Some(Duration::from_secs(24 * 3600)),
+                        ..NewSession::default()
+                    })
+                    .expect("create")
+                    .key
+                    .encode()
+            })
+            .collect(),
+    );
+    // One second's expiries: created now, dead a second later.
+    let doomed = || {
+        for _ in 0..EXPIRING_PER_SECOND {
+            store
+                .create(NewSession {
+                    attributes: session_attributes(),
+                    idle_timeout: Some(Duration::from_secs(1)),
+                    ..NewSession::default()
+                })
+                .expect("create");
+        }
+        clock.advance(Duration::from_secs(2));
+    };
+    let reap_all = || {
+        let t = std::time::Instant::now();
+        while store.reap(1000).more {}
+        t.elapsed()
+    };
+
+    // Read latency on one thread, without and then beside a reaper freeing 100k sessions.
+    let reads = |reaping: bool| {
+        if reaping {
+            doomed();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (store, ids, stop) = (store.clone(), live.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut h = hdrhistogram::Histogram::<u64>::new(3).expect("histogram");
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    i = (i + 7919) % ids.len();
+                    let t = std::time::Instant::now();
+                    store.get(&ids[i], true).expect("get");
+                    h.record(t.elapsed().as_nanos() as u64).expect("in range");
+                }
+                h
+            })
+        };
+        let took = if reaping {
+            reap_all()
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+            Duration::ZERO
+        };
+        stop.store(true, Ordering::Relaxed);
+        let h = reader.join().expect("reader");
+        (took, h.value_at_quantile(0.5), h.value_at_quantile(0.99))
+    };
+    let (_, idle_p50, idle_p99) = reads(false);
+    let (took, busy_p50, busy_p99) = reads(true);
+    println!(
+        "mass expiry: freeing {EXPIRING_PER_SECOND} expired sessions took {:.1} ms ({:.1}% of a core at 100k expiries/s); \
+         get p50/p99 {idle_p50}/{idle_p99} ns without the reaper, {busy_p50}/{busy_p99} ns beside it",
+        took.as_secs_f64() * 1e3,
+        took.as_secs_f64() * 100.0,
+    );
+
+    let mut group = c.benchmark_group("mass_expiry");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_millis(500));
+    group.throughput(Throughput::Elements(EXPIRING_PER_SECOND as u64));
+    group.bench_function("reap_one_second_of_100k_expiries", |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    doomed();
+                    reap_all()
+                })
+                .sum()
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(Duration::from_secs(1));
-    targets = store_ops
+    targets = store_ops, mass_expiry
 }
 criterion_main!(benches);

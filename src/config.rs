@@ -17,6 +17,9 @@ use crate::store::{Limits, PerUserPolicy};
 /// The config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "config/sessiond.toml";
 
+/// The highest `create_rate`: one session per nanosecond.
+pub const MAX_CREATE_RATE: u32 = 1_000_000_000;
+
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "SESSIOND_";
 
@@ -404,6 +407,9 @@ impl Config {
         if self.max_message_bytes < 1024 {
             return bad("max_message_bytes", "must be at least 1024".into());
         }
+        if self.create_rate > MAX_CREATE_RATE {
+            return bad("create_rate", format!("must be at most {MAX_CREATE_RATE}"));
+        }
         if self.admin_tls && !set(&self.tls_cert) {
             return bad("admin_tls", "needs tls_cert and tls_key".into());
         }
@@ -460,6 +466,9 @@ impl Config {
             ] {
                 if n == Some(0) {
                     return at(format!("{name} must be at least 1"));
+                }
+                if name == "create_rate" && n > Some(MAX_CREATE_RATE as usize) {
+                    return at(format!("create_rate must be at most {MAX_CREATE_RATE}"));
                 }
             }
         }

@@ -67,6 +67,11 @@ struct Args {
     /// Unmeasured run time before it.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// Open loop: offer this many operations per second in all, whatever the latency,
+    /// instead of sending the next request as soon as the last answered. Latency then counts
+    /// from when a request was due, so a server that falls behind cannot hide its queue.
+    #[arg(long)]
+    rate: Option<u32>,
     /// Send sessiond's operations over one Pipeline stream per connection instead of unary
     /// RPCs.
     #[arg(long)]
@@ -765,14 +770,37 @@ async fn run(args: Args) -> Result<(), String> {
         workers.push(tokio::spawn(async move {
             let mut rng = SmallRng::seed_from_u64(1000 + w as u64);
             let mut tally = Tally::new();
+            // Open loop: this worker's share of --rate, its first request staggered.
+            let every = args.rate.map(|r| {
+                Duration::from_secs_f64(args.concurrency.max(1) as f64 / f64::from(r.max(1)))
+            });
+            let mut due = Instant::now()
+                + every.map_or(Duration::ZERO, |e| {
+                    e / args.concurrency.max(1) as u32 * w as u32
+                });
             loop {
                 let now = Instant::now();
                 if now >= stop_at {
                     return tally;
                 }
+                let t0 = match every {
+                    None => now,
+                    // On time: wait, and time the request from when it is sent (the timer's
+                    // own lateness is not the server's).
+                    Some(e) if due > now => {
+                        tokio::time::sleep_until(due.into()).await;
+                        due += e;
+                        Instant::now()
+                    }
+                    // Behind: the server kept this request waiting; time it from when it was due.
+                    Some(e) => {
+                        let t = due;
+                        due += e;
+                        t
+                    }
+                };
                 let op = pick(&mix, rng.random_range(0..total));
                 let slot = rng.random_range(0..pool.slots.len());
-                let t0 = Instant::now();
                 let result = backend.run(op, w, &pool, slot, &args, &mut rng).await;
                 if t0 >= measure_from {
                     match result {
@@ -833,6 +861,7 @@ async fn run(args: Args) -> Result<(), String> {
         "target": args.target,
         "redis_update": (args.target.starts_with("redis://")).then(|| format!("{:?}", args.redis_update).to_lowercase()),
         "pipeline": args.pipeline,
+        "offered_rate": args.rate,
         "sessions": args.sessions,
         "session_bytes": args.attributes * args.value_bytes,
         "concurrency": args.concurrency,
