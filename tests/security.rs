@@ -451,3 +451,66 @@ async fn the_admin_port_speaks_tls_when_asked() {
     assert!(!String::from_utf8_lossy(&reply).contains("sessiond_"));
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn over_mutual_tls_oversized_messages_and_stream_floods_leave_others_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server ca");
+    let client_ca = Ca::new("client ca");
+    let srv = common::TestServer::with_config(Config {
+        max_message_bytes: 64 * 1024,
+        max_concurrent_streams: 16,
+        max_concurrent_requests: 8,
+        ..tls_config(dir.path(), &server_ca, Some(&client_ca))
+    })
+    .await;
+    let addr = srv.daemon.grpc_addr;
+    let identity = client_ca.issue("app-server");
+    let connect = || async {
+        SessionStoreClient::new(channel(addr, &server_ca, Some(&identity)).await.unwrap())
+    };
+    let mut c = connect().await;
+    let s = c.create(create_for("")).await.unwrap().into_inner();
+
+    // One message past max_message_bytes: refused, and the connection goes on.
+    let huge = pb::UpdateRequest {
+        id: s.id.clone(),
+        set: [("blob".to_string(), vec![b'x'; 200 * 1024].into())].into(),
+        ..Default::default()
+    };
+    let e = c.update(huge).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{e:?}"
+    );
+    let get = || pb::GetRequest {
+        id: s.id.clone(),
+        peek: true,
+    };
+    c.get(get()).await.unwrap();
+
+    // 400 concurrent calls over 4 connections, past the stream and in-flight caps: each is
+    // served, shed with RESOURCE_EXHAUSTED, or refused by HTTP/2 (REFUSED_STREAM, past
+    // max_concurrent_streams, safe to retry); none hangs or breaks the server.
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let c = connect().await;
+        for _ in 0..100 {
+            let (mut c, req) = (c.clone(), get());
+            calls.push(tokio::spawn(async move { c.get(req).await }));
+        }
+    }
+    let (mut ok, mut shed) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) if e.code() == Code::ResourceExhausted => shed += 1,
+            Err(e) if format!("{e:?}").contains("REFUSED_STREAM") => shed += 1,
+            Err(e) => panic!("a flooded server answered {e:?}"),
+        }
+    }
+    assert_eq!(ok + shed, 400);
+    assert!(ok > 0);
+    connect().await.get(get()).await.unwrap();
+    srv.stop().await;
+}
