@@ -236,16 +236,24 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Cuts a log segment at `offset`. A cut inside the header (a crash between creating the
+/// segment and writing its header) leaves a fresh header, so the next start reads an empty
+/// segment rather than a foreign file.
 fn truncate(path: &Path, offset: u64) -> Result<(), RecoveryError> {
     let err = |source| RecoveryError::Dir {
         path: path.to_owned(),
         source,
     };
-    let f = std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
         .map_err(err)?;
-    f.set_len(offset.max(format::HEADER_BYTES)).map_err(err)?;
+    if offset < format::HEADER_BYTES {
+        f.set_len(0).map_err(err)?;
+        write_header(&mut f, format::LOG_MAGIC).map_err(err)?;
+    } else {
+        f.set_len(offset).map_err(err)?;
+    }
     f.sync_all().map_err(err)
 }
 

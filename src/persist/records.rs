@@ -36,8 +36,12 @@ fn key(bytes: &[u8]) -> Option<SessionKey> {
     Some(SessionKey::from_bytes(arr))
 }
 
-/// A stored session back in domain form; `None` if the key is malformed.
+/// A stored session back in domain form; `None` if the key is malformed or the version is
+/// one no session can reach (the next update would overflow it).
 pub fn session(p: pb::StoredSession) -> Option<Session> {
+    if p.version == u64::MAX {
+        return None;
+    }
     Some(Session {
         key: key(&p.key)?,
         user: (!p.user.is_empty()).then(|| Arc::from(p.user)),
@@ -136,8 +140,11 @@ impl Replay {
             }
             Op::Update(u) => {
                 let k = key(&u.key).ok_or_else(|| nonsense(path))?;
+                if u.version == u64::MAX {
+                    return Err(nonsense(path));
+                }
                 if let Some(s) = self.sessions.get_mut(&k) {
-                    if s.version + 1 == u.version {
+                    if s.version.checked_add(1) == Some(u.version) {
                         for r in &u.remove {
                             s.attributes.remove(r);
                         }

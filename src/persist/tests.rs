@@ -378,3 +378,52 @@ fn a_new_data_dir_is_readable_by_its_owner_only() {
         assert_eq!(mode, 0o700, "{}", d.display());
     }
 }
+
+#[test]
+fn a_segment_cut_inside_its_header_recovers_every_time() {
+    // A crash between creating a segment and writing its header leaves 0 to 7 bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(T0);
+    let (store, p) = open(dir.path(), &clock);
+    store.create(NewSession::default()).unwrap();
+    p.log.close();
+    drop(p);
+    let next = dir.path().join(segment_name(99));
+    for len in 0..format::HEADER_BYTES as usize {
+        std::fs::write(&next, &format::LOG_MAGIC[..len.min(6)]).unwrap();
+        for round in 0..2 {
+            let sessions = recovered(dir.path(), clock.now());
+            assert_eq!(sessions.len(), 1, "header cut at {len}, start {round}");
+        }
+    }
+}
+
+#[test]
+fn a_record_at_the_last_possible_version_is_refused_as_damage() {
+    let path = std::path::Path::new("log-test.sdl");
+    let mut replay = records::Replay::default();
+    let key = crate::session::SessionKey::generate();
+    let stored = |version| pb::StoredSession {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        version,
+        last_access_at: T0,
+        idle_timeout: 60_000,
+        absolute_expires_at: T0 + 3_600_000,
+        ..Default::default()
+    };
+    let err = replay.load_snapshot_entry(Bytes::from(stored(u64::MAX).encode_to_vec()), path);
+    assert!(err.is_err());
+    replay
+        .load_snapshot_entry(Bytes::from(stored(u64::MAX - 1).encode_to_vec()), path)
+        .unwrap();
+    let update = pb::Record {
+        op: Some(pb::record::Op::Update(pb::Update {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            version: u64::MAX,
+            ..Default::default()
+        })),
+    };
+    assert!(replay
+        .apply(Bytes::from(update.encode_to_vec()), path)
+        .is_err());
+}

@@ -1180,8 +1180,9 @@ fn pick_timeout(
     limit: &str,
 ) -> Result<Millis, StoreError> {
     let t = requested.unwrap_or(default);
-    if t.is_zero() {
-        return Err(StoreError::Invalid(format!("{field} must be positive")));
+    // Deadlines count whole milliseconds: anything shorter would be dead on arrival.
+    if t.as_millis() == 0 {
+        return Err(StoreError::Invalid(format!("{field} must be at least 1ms")));
     }
     if t > max {
         return Err(StoreError::Invalid(format!(

@@ -775,3 +775,25 @@ fn stores_in_one_pool_share_the_daemon_wide_memory_cap() {
     }
     assert!(pool.used() <= CAP);
 }
+
+#[test]
+fn timeouts_under_a_millisecond_are_refused_not_dead_on_arrival() {
+    let st = store();
+    for (idle, absolute, field) in [
+        (Some(Duration::from_micros(500)), None, "idle_timeout"),
+        (None, Some(Duration::from_nanos(1)), "absolute_timeout"),
+    ] {
+        let err = st
+            .create(NewSession {
+                idle_timeout: idle,
+                absolute_timeout: absolute,
+                ..NewSession::default()
+            })
+            .unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::Invalid(format!("{field} must be at least 1ms"))
+        );
+    }
+    assert_eq!(st.stats().sessions, 0);
+}
