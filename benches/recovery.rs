@@ -31,11 +31,13 @@ fn metrics() -> LogMetrics {
     }
 }
 
-/// Limits without a creation-rate limit in the way of filling a million sessions.
+/// Limits without a creation-rate or memory limit in the way of a million sessions.
 fn limits() -> Limits {
     Limits {
         create_rate: 1_000_000_000,
         create_burst: 1_000_000_000,
+        max_sessions: 100_000_000,
+        max_memory_bytes: 1 << 40,
         ..Limits::default()
     }
 }

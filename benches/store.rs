@@ -25,11 +25,13 @@ fn populations() -> Vec<usize> {
         .collect()
 }
 
-/// Limits for benches: no creation-rate limit in the way of filling millions of sessions.
+/// Limits for benches: no creation-rate or memory limit in the way of millions of sessions.
 fn limits() -> Limits {
     Limits {
         create_rate: 1_000_000_000,
         create_burst: 1_000_000_000,
+        max_sessions: 100_000_000,
+        max_memory_bytes: 1 << 40,
         ..Limits::default()
     }
 }
