@@ -13,10 +13,6 @@ use sessiond::persist::{recover, snapshot, Persistence};
 use sessiond::store::events::Discard;
 use sessiond::store::{Change, Limits, NewSession, Store};
 
-/// The daemon's allocator, so recovery is timed as it runs in production.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()

@@ -11,10 +11,6 @@ use sessiond::clock::Clock;
 use sessiond::store::events::Discard;
 use sessiond::store::{Change, Limits, NewSession, Rotation, Store};
 
-/// The daemon's allocator, so the figures are the daemon's.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// The live populations the store ops run at: `SESSIOND_BENCH_SESSIONS`, comma-separated
 /// (default 1M and 10M; 10M sessions of 1 KiB take about 16 GB).
 fn populations() -> Vec<usize> {

@@ -10,9 +10,6 @@ use sessiond::config::{Config, LogFormat};
 use sessiond::persist::log::FsyncPolicy;
 use sessiond::server::Daemon;
 
-/// mimalloc: recovery and the request path allocate many small, short-lived objects.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The session-store daemon. Every flag overrides the config file and the environment.
 #[derive(Parser, Serialize)]
