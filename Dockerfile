@@ -8,6 +8,8 @@ COPY proto ./proto
 COPY src ./src
 COPY benches ./benches
 COPY config ./config
+COPY clients/rust ./clients/rust
+COPY examples/storefront ./examples/storefront
 RUN cargo build --release --locked --bin sessiond --bin sessionctl
 
 FROM gcr.io/distroless/cc-debian12:nonroot
