@@ -10,7 +10,6 @@ use sessiond::config::{Config, LogFormat};
 use sessiond::persist::log::FsyncPolicy;
 use sessiond::server::Daemon;
 
-
 /// The session-store daemon. Every flag overrides the config file and the environment.
 #[derive(Parser, Serialize)]
 #[command(version, about)]

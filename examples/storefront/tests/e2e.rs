@@ -277,7 +277,7 @@ fn flask_storefront(sessiond: SocketAddr) -> (Flask, String) {
             IDLE.as_secs().to_string(),
         )
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::null())
         .spawn()
         .expect("start the Flask storefront");
     let stdout = child.stdout.take().unwrap();

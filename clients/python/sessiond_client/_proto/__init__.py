@@ -1,0 +1,1 @@
+"""Protobuf and gRPC stubs, generated from proto/ at build time (see setup.py); not committed."""

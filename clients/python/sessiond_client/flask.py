@@ -1,0 +1,444 @@
+"""A Flask SessionInterface that keeps the session in sessiond.
+
+    from flask import Flask, session
+    from sessiond_client import SessionClient
+    from sessiond_client.flask import SessiondSessionInterface
+
+    app = Flask(__name__)
+    app.session_interface = SessiondSessionInterface(SessionClient("127.0.0.1:7420"))
+
+The browser's cookie (`__Host-sid`, HttpOnly, Secure, SameSite=Lax, Path=/) holds only the
+session ID. Per request:
+
+- nothing is read until the session is first used (lazy `Get`);
+- the keys the request set or deleted, and only those, are written back in one `Update`
+  (`set` + `remove`), never the whole session: two requests that change different keys of
+  one session never undo each other;
+- a request without a live session that stores data creates one (`Create`, with the
+  client's IP and User-Agent) and sets the cookie;
+- `session.regenerate(user_id)` on login moves the session to a fresh ID (the old one is
+  dead at once) and replaces the cookie; `session.destroy()` and
+  `session.destroy_all_for_user()` end sessions and clear the cookie;
+- a cookie whose session is gone (expired, destroyed, unknown) is cleared; the request sees
+  an empty session and `session.expired` is True.
+
+Values are bytes in sessiond. A `str` is stored as UTF-8; on reading, a value that is valid
+UTF-8 comes back as `str`, anything else as `bytes` (pass `decode_values=False` to always get
+bytes). Other types are refused with TypeError: encode them yourself (e.g. json.dumps).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Callable, Dict, Iterator, Mapping, Optional, Set, Union
+
+from flask import Flask, Request, Response
+from flask import session as _current_session
+from flask.sessions import SessionInterface, SessionMixin
+
+from .client import Session, SessionClient, _encode
+from .errors import Conflict, NotFound
+
+__all__ = ["SessiondSession", "SessiondSessionInterface", "COOKIE_NAME"]
+
+COOKIE_NAME = "__Host-sid"
+# sessiond refuses client info over max_client_info_bytes (1024 by default); a User-Agent
+# header is cut to this many bytes so an absurd one cannot make Create fail.
+MAX_USER_AGENT_BYTES = 512
+
+# A session ID as sessiond issues them: 43 chars of URL-safe base64 without padding.
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+Changes = Mapping[str, Union[bytes, str, None]]
+
+
+def _truncate_utf8(text: str, limit: int) -> str:
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    return raw[:limit].decode("utf-8", errors="ignore")
+
+
+class SessiondSession(SessionMixin):
+    """One request's view of a sessiond session. Created by SessiondSessionInterface."""
+
+    # SessionMixin keeps `permanent` in the dict; here the cookie is always a session
+    # cookie and lifetime is sessiond's business, so it is a plain attribute.
+    permanent = False
+
+    def __init__(
+        self,
+        interface: "SessiondSessionInterface",
+        sid: Optional[str],
+        ip: str = "",
+        user_agent: str = "",
+    ):
+        self._interface = interface
+        self._client: SessionClient = interface.client
+        self._cookie_sid = sid  # the ID the request's cookie named
+        self._sid = sid  # the live ID now (None: no session)
+        self._ip = ip
+        self._user_agent = user_agent
+        self._loaded = sid is None
+        self._remote: Optional[Session] = None  # the server's state as last seen
+        self._data: Dict[str, bytes] = {}  # _remote's attributes with the pending changes applied
+        self._set: Dict[str, bytes] = {}  # pending: keys to set
+        self._remove: Set[str] = set()  # pending: keys to remove
+        self._expired = False  # the cookie named a session that is gone
+        self._force_clear = False  # clear the cookie even if the request had none
+        self.new = sid is None
+        self.modified = False
+        self.accessed = False
+        if sid is not None and not _ID_RE.fullmatch(sid):
+            # Not an ID sessiond could have issued: as gone as an unknown one.
+            self._mark_gone()
+
+    # --- state ----------------------------------------------------------------------
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        try:
+            self._adopt(self._client.get(self._sid))
+        except NotFound:
+            self._mark_gone()
+
+    def _adopt(self, remote: Session) -> None:
+        """Takes the server's state, keeping this request's pending changes on top."""
+        self._sid = remote.id
+        self._remote = remote
+        data = dict(remote.attributes)
+        data.update(self._set)
+        for key in self._remove:
+            data.pop(key, None)
+        self._data = data
+        self._loaded = True
+
+    def _mark_gone(self) -> None:
+        if self._sid is not None and self._sid == self._cookie_sid:
+            self._expired = True
+        self._sid = None
+        self._remote = None
+        self._data = dict(self._set)
+        self._remove.clear()
+        self._loaded = True
+
+    def _reset(self) -> None:
+        self._sid = None
+        self._remote = None
+        self._data = {}
+        self._set.clear()
+        self._remove.clear()
+        self._loaded = True
+
+    def _decode(self, value: bytes) -> Union[str, bytes]:
+        if not self._interface.decode_values:
+            return value
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+
+    # --- what the app can ask --------------------------------------------------------
+
+    @property
+    def sid(self) -> Optional[str]:
+        """The live session ID, or None if there is no session (loads it)."""
+        self._load()
+        return self._sid
+
+    @property
+    def exists(self) -> bool:
+        """Whether there is a live session behind this request (loads it)."""
+        return self.sid is not None
+
+    @property
+    def expired(self) -> bool:
+        """True if the request's cookie named a session that is gone (expired, destroyed,
+        unknown or malformed). Loads the session."""
+        self._load()
+        return self._expired
+
+    @property
+    def had_cookie(self) -> bool:
+        return self._cookie_sid is not None
+
+    @property
+    def user_id(self) -> Optional[str]:
+        """The user bound to the session, or None (anonymous or no session)."""
+        self._load()
+        return (self._remote.user_id or None) if self._remote else None
+
+    @property
+    def version(self) -> Optional[int]:
+        """The session's version as last seen from sessiond (loads it)."""
+        self._load()
+        return self._remote.version if self._remote else None
+
+    @property
+    def remote(self) -> Optional[Session]:
+        """The session as sessiond last returned it (without this request's pending changes)."""
+        self._load()
+        return self._remote
+
+    def raw(self) -> Dict[str, bytes]:
+        """All attributes as bytes, pending changes included."""
+        self._load()
+        return dict(self._data)
+
+    # --- the mapping ---------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Union[str, bytes]:
+        self._load()
+        return self._decode(self._data[key])
+
+    def __setitem__(self, key: str, value: Union[str, bytes]) -> None:
+        if not isinstance(key, str):
+            raise TypeError("session keys must be str")
+        try:
+            encoded = _encode(value)
+        except TypeError:
+            raise TypeError(
+                f"session[{key!r}]: sessiond stores str or bytes, not {type(value).__name__}"
+            ) from None
+        self._set[key] = encoded
+        self._remove.discard(key)
+        if self._loaded:
+            self._data[key] = encoded
+        self.modified = True
+
+    def __delitem__(self, key: str) -> None:
+        self._load()
+        if key not in self._data:
+            raise KeyError(key)
+        del self._data[key]
+        self._set.pop(key, None)
+        if self._sid is not None:
+            self._remove.add(key)
+        self.modified = True
+
+    def __iter__(self) -> Iterator[str]:
+        self._load()
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        self._load()
+        return key in self._data
+
+    def __repr__(self) -> str:
+        state = "unloaded" if not self._loaded else f"{len(self._data)} keys"
+        return f"<SessiondSession {'live' if self._sid else 'none'} {state}>"
+
+    # --- session lifecycle -----------------------------------------------------------
+
+    def _create(self, user_id: str, attributes: Mapping[str, bytes]) -> Session:
+        return self._client.create(
+            user_id=user_id,
+            attributes=attributes,
+            idle_timeout=self._interface.idle_timeout,
+            absolute_timeout=self._interface.absolute_timeout,
+            ip=self._ip,
+            user_agent=self._user_agent,
+        )
+
+    def regenerate(self, user_id: Optional[str] = None, *, drop_attributes: bool = False) -> Session:
+        """Moves the session to a fresh ID, binding `user_id` if given (call it on login and
+        on every privilege change). The old ID is dead when this returns and the response
+        carries the new cookie. Without a live session, creates one bound to `user_id`.
+
+        drop_attributes: start the new session empty (this request's pending changes are
+        dropped too)."""
+        if drop_attributes:
+            self._set.clear()
+            self._remove.clear()
+        remote = None
+        if self._sid is not None:
+            try:
+                remote = self._client.regenerate(
+                    self._sid, user_id=user_id, drop_attributes=drop_attributes
+                )
+            except NotFound:
+                self._mark_gone()
+        if remote is None:
+            remote = self._create(user_id or "", dict(self._set))
+            self._set.clear()
+        self._adopt(remote)
+        self.modified = True
+        return remote
+
+    def destroy(self) -> bool:
+        """Ends this session (logout) and clears the cookie. True if a live one ended."""
+        existed = False
+        if self._sid is not None:
+            try:
+                existed = self._client.destroy(self._sid)
+            except NotFound:
+                existed = False
+        self._reset()
+        self._force_clear = True
+        self.modified = True
+        return existed
+
+    def destroy_all_for_user(self, *, except_current: bool = False) -> int:
+        """Ends every session of this session's user ("log out everywhere"); this one too
+        unless except_current. Returns how many ended; 0 if the session is anonymous."""
+        user = self.user_id
+        if user is None:
+            return 0
+        n = self._client.destroy_user_sessions(
+            user, except_id=self._sid if except_current else ""
+        )
+        if not except_current:
+            self._reset()
+            self._force_clear = True
+            self.modified = True
+        return n
+
+    def compare_and_set(
+        self, change: Callable[[Dict[str, bytes]], Changes], *, attempts: int = 64
+    ) -> Session:
+        """Read-modify-write without lost updates: calls `change(attributes)` on the current
+        attributes (bytes values) and writes what it returns (key -> value, None = remove)
+        with Update's expected_version, re-reading and retrying on a conflict. Without a
+        live session, creates one with the changes. Returns the session as written.
+
+        Raises NotFound if the session disappears midway (the cookie is then cleared),
+        Conflict if it still loses after `attempts` tries."""
+        self._load()
+        if self._sid is None:
+            changes = change({})
+            remote = self._create("", {k: _encode(v) for k, v in changes.items() if v is not None})
+            self._adopt(remote)
+            self.modified = True
+            return remote
+        snapshot = self._remote
+        assert snapshot is not None
+        last: Optional[Conflict] = None
+        for _ in range(attempts):
+            changes = change(dict(snapshot.attributes))
+            sets = {k: _encode(v) for k, v in changes.items() if v is not None}
+            removes = [k for k, v in changes.items() if v is None]
+            try:
+                remote = self._client.update(
+                    snapshot.id, set=sets, remove=removes, expected_version=snapshot.version
+                )
+            except NotFound:
+                self._mark_gone()
+                raise
+            except Conflict as err:
+                last = err
+                try:
+                    snapshot = self._client.get(snapshot.id)
+                except NotFound:
+                    self._mark_gone()
+                    raise
+                continue
+            self._adopt(remote)
+            return remote
+        assert last is not None
+        raise last
+
+
+class SessiondSessionInterface(SessionInterface):
+    """Keeps Flask's `session` in sessiond; the cookie holds only the session ID.
+
+    client: a SessionClient (share one per process).
+    idle_timeout / absolute_timeout: asked for at Create (seconds or timedelta); None =
+    the server's defaults.
+    cookie_name: "__Host-sid" (the __Host- prefix needs Secure and Path=/, no Domain).
+    secure: the Secure attribute; keep it on outside local plain-HTTP development (a
+    "__Host-" cookie without it is ignored by browsers).
+    """
+
+    def __init__(
+        self,
+        client: SessionClient,
+        *,
+        idle_timeout: Union[None, int, float, timedelta] = None,
+        absolute_timeout: Union[None, int, float, timedelta] = None,
+        cookie_name: str = COOKIE_NAME,
+        secure: bool = True,
+        samesite: Optional[str] = "Lax",
+        decode_values: bool = True,
+    ):
+        self.client = client
+        self.idle_timeout = idle_timeout
+        self.absolute_timeout = absolute_timeout
+        self.cookie_name = cookie_name
+        self.secure = secure
+        self.samesite = samesite
+        self.decode_values = decode_values
+
+    # Flask asks for these; the cookie's attributes are fixed here, not in app.config.
+    def get_cookie_name(self, app: Flask) -> str:
+        return self.cookie_name
+
+    def open_session(self, app: Flask, request: Request) -> SessiondSession:
+        sid = request.cookies.get(self.cookie_name) or None
+        ua = _truncate_utf8(request.headers.get("User-Agent", ""), MAX_USER_AGENT_BYTES)
+        return SessiondSession(self, sid, ip=request.remote_addr or "", user_agent=ua)
+
+    def _cookie_attributes(self) -> str:
+        parts = ["Path=/", "HttpOnly"]
+        if self.secure:
+            parts.append("Secure")
+        if self.samesite:
+            parts.append(f"SameSite={self.samesite}")
+        return "; ".join(parts)
+
+    def set_cookie_header(self, sid: str) -> str:
+        return f"{self.cookie_name}={sid}; {self._cookie_attributes()}"
+
+    def clear_cookie_header(self) -> str:
+        attrs = self._cookie_attributes().replace("Path=/", "Path=/; Max-Age=0", 1)
+        return f"{self.cookie_name}=; {attrs}"
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        if not isinstance(session, SessiondSession):  # pragma: no cover - a foreign session
+            return
+        s = session
+        if s._set or s._remove:
+            s.accessed = True
+            if s._sid is not None:
+                try:
+                    s._adopt(s._client.update(s._sid, set=s._set, remove=sorted(s._remove)))
+                except NotFound:
+                    s._mark_gone()
+            if s._sid is None and s._set:
+                # No live session (none, gone or destroyed) and the request stored data.
+                s._adopt(s._create("", dict(s._set)))
+            s._set.clear()
+            s._remove.clear()
+
+        if s.accessed:
+            response.vary.add("Cookie")
+        if s._sid is not None and s._sid != s._cookie_sid:
+            response.headers.add("Set-Cookie", self.set_cookie_header(s._sid))
+        elif s._sid is None and (s._cookie_sid is not None or s._force_clear):
+            response.headers.add("Set-Cookie", self.clear_cookie_header())
+
+    # Conveniences on the current request's session (flask.session).
+    @staticmethod
+    def current() -> SessiondSession:
+        sess = _current_session._get_current_object()
+        if not isinstance(sess, SessiondSession):
+            raise RuntimeError("the app's session_interface is not SessiondSessionInterface")
+        return sess
+
+    def regenerate(self, user_id: Optional[str] = None, *, drop_attributes: bool = False) -> Session:
+        """session.regenerate() on the current request's session."""
+        return self.current().regenerate(user_id, drop_attributes=drop_attributes)
+
+    def destroy(self) -> bool:
+        """session.destroy() on the current request's session."""
+        return self.current().destroy()
+
+    def destroy_all_for_user(self, *, except_current: bool = False) -> int:
+        """session.destroy_all_for_user() on the current request's session."""
+        return self.current().destroy_all_for_user(except_current=except_current)
