@@ -351,7 +351,7 @@ where
                 }
                 if api {
                     s.metrics.unauthenticated.increment(1);
-                    let status = Status::unauthenticated(refusal.to_string());
+                    let status = Status::from(refusal);
                     return AuthFuture::Refused {
                         response: Some(status.into_http()),
                     };

@@ -18,6 +18,13 @@ impl From<StoreError> for Status {
     }
 }
 
+impl From<crate::tenant::Refusal> for Status {
+    fn from(r: crate::tenant::Refusal) -> Self {
+        // The message says what was missing or wrong, never the token.
+        Status::unauthenticated(r.to_string())
+    }
+}
+
 impl From<crate::persist::log::LogFailed> for Status {
     fn from(e: crate::persist::log::LogFailed) -> Self {
         Status::unavailable(e.to_string())
