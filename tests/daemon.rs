@@ -77,11 +77,7 @@ async fn no_session_id_or_token_reaches_the_logs_even_at_trace_level() {
     // One tenant, so requests carry a bearer token the logs must not show either.
     const TOKEN: &str = "tok-SECRET-1234567890";
     let dir = tempfile::tempdir().unwrap();
-    let hash: String = ring::digest::digest(&ring::digest::SHA256, TOKEN.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = common::sha256_hex(TOKEN);
     let config = dir.path().join("tenants.toml");
     std::fs::write(
         &config,

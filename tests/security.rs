@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
-use common::certs::{channel, write, Ca};
+use common::certs::{channel, tls_config, Ca};
+use common::sha256_hex;
 use sessiond::api::pb;
 use sessiond::api::pb::session_store_client::SessionStoreClient;
 use sessiond::config::{Config, TenantConfig};
@@ -14,32 +14,11 @@ use sessiond::store::PerUserPolicy;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
-fn sha256_hex(token: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn token_tenant(name: &str, token: &str) -> TenantConfig {
     TenantConfig {
         name: name.into(),
         token_sha256: sha256_hex(token),
         ..TenantConfig::default()
-    }
-}
-
-/// TLS with a server certificate from `ca`, and mutual TLS against `client_ca` if given.
-fn tls_config(dir: &Path, ca: &Ca, client_ca: Option<&Ca>) -> Config {
-    let (cert, key) = ca.issue("localhost");
-    Config {
-        tls_cert: write(dir, "server.pem", &cert),
-        tls_key: write(dir, "server.key", &key),
-        tls_client_ca: client_ca
-            .map(|c| write(dir, "clients.pem", &c.pem))
-            .unwrap_or_default(),
-        ..common::test_config()
     }
 }
 

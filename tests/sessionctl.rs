@@ -182,11 +182,7 @@ async fn tenant_tokens_and_tls_from_the_command_line() {
     let ca = Ca::new("server ca");
     let (cert, key) = ca.issue("localhost");
     let token = "ctl-token";
-    let hash: String = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = common::sha256_hex(token);
     let srv = common::TestServer::with_config(sessiond::config::Config {
         tls_cert: write(dir.path(), "server.pem", &cert),
         tls_key: write(dir.path(), "server.key", &key),

@@ -1,10 +1,7 @@
 //! TLS and mutual TLS over real connections, with certificates made in the test by rcgen.
 
 mod common;
-
-use std::path::Path;
-
-use common::certs::{channel, write, Ca};
+use common::certs::{channel, tls_config, Ca};
 use sessiond::api::pb;
 use sessiond::api::pb::session_store_client::SessionStoreClient;
 use sessiond::config::Config;
@@ -18,18 +15,6 @@ async fn create(channel: Result<Channel, tonic::transport::Error>) -> Result<Str
         .await
         .map(|r| r.into_inner().id)
         .map_err(|e| format!("call: {e}"))
-}
-
-fn tls_config(dir: &Path, ca: &Ca, client_ca: Option<&Ca>) -> Config {
-    let (cert, key) = ca.issue("localhost");
-    Config {
-        tls_cert: write(dir, "server.pem", &cert),
-        tls_key: write(dir, "server.key", &key),
-        tls_client_ca: client_ca
-            .map(|c| write(dir, "clients.pem", &c.pem))
-            .unwrap_or_default(),
-        ..common::test_config()
-    }
 }
 
 #[tokio::test]

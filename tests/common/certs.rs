@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use sessiond::config::Config;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// A throwaway certificate authority.
@@ -56,4 +57,18 @@ pub async fn channel(
         .tls_config(tls)?
         .connect()
         .await
+}
+
+/// A test config serving TLS with a `localhost` certificate from `ca`, and mutual TLS
+/// against `client_ca` if given; the PEM files are written into `dir`.
+pub fn tls_config(dir: &Path, ca: &Ca, client_ca: Option<&Ca>) -> Config {
+    let (cert, key) = ca.issue("localhost");
+    Config {
+        tls_cert: write(dir, "server.pem", &cert),
+        tls_key: write(dir, "server.key", &key),
+        tls_client_ca: client_ca
+            .map(|c| write(dir, "clients.pem", &c.pem))
+            .unwrap_or_default(),
+        ..super::test_config()
+    }
 }

@@ -27,6 +27,15 @@ pub fn test_config() -> Config {
     }
 }
 
+/// The hex SHA-256 of a tenant token: what `token_sha256` holds.
+pub fn sha256_hex(token: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A running daemon on a manual clock.
 pub struct TestServer {
     pub daemon: Daemon,
