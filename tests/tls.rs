@@ -1,6 +1,7 @@
 //! TLS and mutual TLS over real connections, with certificates made in the test by rcgen.
 
 mod common;
+
 use common::certs::{channel, tls_config, Ca};
 use sessiond::api::pb;
 use sessiond::api::pb::session_store_client::SessionStoreClient;
