@@ -244,8 +244,13 @@ impl Entry {
     }
 
     fn from_session(s: &Session, bytes: usize) -> Self {
+        Self::with_owned(s, s.user.clone(), s.client.clone(), bytes)
+    }
+
+    /// An entry from `s`'s fields, with its user and client info handed over (not cloned).
+    fn with_owned(s: &Session, user: Option<Arc<str>>, client: ClientInfo, bytes: usize) -> Self {
         Entry {
-            user: s.user.clone(),
+            user,
             attrs: Packed::pack(s.attributes.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
             version: s.version,
             created_at: s.created_at,
@@ -253,7 +258,7 @@ impl Entry {
             reported_access: AtomicU64::new(s.last_access_at),
             idle_timeout: s.idle_timeout,
             absolute: s.absolute_expires_at,
-            client: s.client.clone(),
+            client,
             bytes,
         }
     }
@@ -756,28 +761,17 @@ impl Store {
     /// Loads one session, moving its parts out of `s` (and freeing what is left on this
     /// thread, not in one serial drop at the end).
     fn restore_one(&self, s: &mut Session) {
-        let attributes = std::mem::take(&mut s.attributes);
         let bytes = base_bytes(s.user.as_deref(), &s.client)
-            + attributes
+            + s.attributes
                 .iter()
                 .map(|(k, v)| attribute_bytes(k, v.len()))
                 .sum::<usize>();
         if let Some(u) = &s.user {
             self.inner.users.entry(u.clone()).or_default().push(s.key);
         }
-        let entry = Entry {
-            user: s.user.take(),
-            attrs: Packed::pack(attributes.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
-            version: s.version,
-            created_at: s.created_at,
-            last_access: AtomicU64::new(s.last_access_at),
-            reported_access: AtomicU64::new(s.last_access_at),
-            idle_timeout: s.idle_timeout,
-            absolute: s.absolute_expires_at,
-            client: std::mem::take(&mut s.client),
-            bytes,
-        };
-        drop(attributes);
+        let (user, client) = (s.user.take(), std::mem::take(&mut s.client));
+        let entry = Entry::with_owned(s, user, client, bytes);
+        drop(std::mem::take(&mut s.attributes));
         let expires_at = entry.expires_at();
         let old = self.inner.sessions.insert(s.key, entry);
         if let Some(old) = old {
