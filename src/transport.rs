@@ -327,15 +327,15 @@ where
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let s = &self.shared;
-        let conn = req.extensions().get::<ConnInfo>().cloned();
-        let certs = conn.as_ref().and_then(|c| c.certs.clone());
+        // Borrowed, not cloned: this runs for every request.
+        let certs = req
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|c| c.certs.as_deref());
         let authorization = req.headers().get(http::header::AUTHORIZATION);
         let verdict = s
             .tenants
-            .authenticate(
-                authorization.map(|v| v.as_bytes()),
-                certs.as_deref().map(|c| &c[..]),
-            )
+            .authenticate(authorization.map(|v| v.as_bytes()), certs.map(|c| &c[..]))
             .cloned();
         match verdict {
             Ok(tenant) => {
@@ -345,7 +345,7 @@ where
                 let path = req.uri().path();
                 let api = path.starts_with(API_PREFIX);
                 if !path.starts_with(HEALTH_PREFIX) {
-                    if let Some(conn) = &conn {
+                    if let Some(conn) = req.extensions().get::<ConnInfo>() {
                         self.spend(conn);
                     }
                 }
