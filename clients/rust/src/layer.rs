@@ -61,6 +61,7 @@ pub struct SessiondLayer {
     shared: Arc<Shared>,
 }
 
+#[derive(Clone)]
 struct Shared {
     client: SessionClient,
     cookie_name: String,
@@ -82,12 +83,7 @@ impl SessiondLayer {
     }
 
     fn with(self, f: impl FnOnce(&mut Shared)) -> Self {
-        let mut shared = Arc::try_unwrap(self.shared).unwrap_or_else(|s| Shared {
-            client: s.client.clone(),
-            cookie_name: s.cookie_name.clone(),
-            secure: s.secure,
-            idle_timeout: s.idle_timeout,
-        });
+        let mut shared = Arc::unwrap_or_clone(self.shared);
         f(&mut shared);
         SessiondLayer {
             shared: Arc::new(shared),
