@@ -3,6 +3,8 @@
 //! Run: `cargo bench --bench recovery`. `SESSIOND_BENCH_SESSIONS` changes the population;
 //! `SESSIOND_BENCH_VALUE_BYTES` the size of each session's one attribute (default 200).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -11,7 +13,7 @@ use sessiond::clock::Clock;
 use sessiond::persist::log::{FsyncPolicy, LogMetrics};
 use sessiond::persist::{recover, snapshot, Persistence};
 use sessiond::store::events::Discard;
-use sessiond::store::{Change, Limits, NewSession, Store};
+use sessiond::store::{Change, NewSession, Store};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -27,20 +29,15 @@ fn metrics() -> LogMetrics {
     }
 }
 
-/// Limits without a creation-rate or memory limit in the way of a million sessions.
-fn limits() -> Limits {
-    Limits {
-        create_rate: 1_000_000_000,
-        create_burst: 1_000_000_000,
-        max_sessions: 100_000_000,
-        max_memory_bytes: 1 << 40,
-        ..Limits::default()
-    }
-}
-
 /// The store recovery loads into, sized as the daemon sizes it.
 fn new_store(capacity: usize) -> Store {
-    Store::with_capacity(limits(), 64, Clock::system(), Box::new(Discard), capacity)
+    Store::with_capacity(
+        common::limits(),
+        64,
+        Clock::system(),
+        Box::new(Discard),
+        capacity,
+    )
 }
 
 fn recovery(c: &mut Criterion) {
@@ -51,7 +48,7 @@ fn recovery(c: &mut Criterion) {
     {
         let (p, _) =
             Persistence::open(dir.path(), clock.now(), FsyncPolicy::No, metrics()).expect("open");
-        let store = Store::new(limits(), 64, clock.clone(), Box::new(p.log.clone()));
+        let store = Store::new(common::limits(), 64, clock.clone(), Box::new(p.log.clone()));
         let started = Instant::now();
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {

@@ -1,7 +1,11 @@
-//! Store operations at 1M live sessions of about 1 KiB (8 attributes of 128 bytes), in
-//! process and without gRPC: the ceiling the daemon's network path is measured against.
+//! Store operations at 1M and 10M live sessions of about 1 KiB (8 attributes of 128 bytes),
+//! in process and without gRPC: the ceiling the daemon's network path is measured against;
+//! and the reaper's cost while 100k sessions expire per second.
 //!
-//! Run: `cargo bench --bench store`. Set `SESSIOND_BENCH_SESSIONS` to change the population.
+//! Run: `cargo bench --bench store`. `SESSIOND_BENCH_SESSIONS` (comma-separated) changes the
+//! populations.
+
+mod common;
 
 use std::time::Duration;
 
@@ -9,7 +13,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use sessiond::clock::Clock;
 use sessiond::store::events::Discard;
-use sessiond::store::{Change, Limits, NewSession, Rotation, Store};
+use sessiond::store::{Change, NewSession, Rotation, Store};
 
 /// The live populations the store ops run at: `SESSIOND_BENCH_SESSIONS`, comma-separated
 /// (default 1M and 10M; 10M sessions of 1 KiB take about 16 GB).
@@ -21,17 +25,6 @@ fn populations() -> Vec<usize> {
         .collect()
 }
 
-/// Limits for benches: no creation-rate or memory limit in the way of millions of sessions.
-fn limits() -> Limits {
-    Limits {
-        create_rate: 1_000_000_000,
-        create_burst: 1_000_000_000,
-        max_sessions: 100_000_000,
-        max_memory_bytes: 1 << 40,
-        ..Limits::default()
-    }
-}
-
 fn session_attributes() -> Vec<(String, Bytes)> {
     (0..8)
         .map(|i| (format!("attr{i}"), Bytes::from(vec![b'x'; 128])))
@@ -39,7 +32,7 @@ fn session_attributes() -> Vec<(String, Bytes)> {
 }
 
 fn filled_store(n: usize) -> (Store, Vec<String>) {
-    let store = Store::new(limits(), 64, Clock::system(), Box::new(Discard));
+    let store = Store::new(common::limits(), 64, Clock::system(), Box::new(Discard));
     let ids = (0..n)
         .map(|i| {
             store
@@ -143,7 +136,7 @@ fn mass_expiry(c: &mut Criterion) {
     use std::sync::Arc;
 
     let clock = Clock::manual(1_700_000_000_000);
-    let store = Store::new(limits(), 64, clock.clone(), Box::new(Discard));
+    let store = Store::new(common::limits(), 64, clock.clone(), Box::new(Discard));
     let live: Arc<Vec<String>> = Arc::new(
         (0..1_000_000)
             .map(|_| {
