@@ -154,17 +154,13 @@ impl Daemon {
                 .map(|t| start_tenant(&config, &telemetry, &clock, &pool, Some(t)))
                 .collect::<anyhow::Result<_>>()?
         };
-        let mut persistence = Vec::new();
-        let mut tenants = Vec::new();
-        for s in started {
-            persistence.push(s.persistence);
-            tenants.push((s.tenant, s.credentials));
-        }
-        let tenants = Arc::new(if config.tenants.is_empty() {
-            Tenants::open(tenants.remove(0).0)
-        } else {
-            Tenants::with_credentials(tenants)
-        });
+        let (tenants, persistence): (Vec<_>, Vec<_>) = started
+            .into_iter()
+            .map(|s| ((s.tenant, s.credentials), s.persistence))
+            .unzip();
+        // The default tenant has no credentials, which is what makes single-tenant mode open;
+        // configured tenants always have some (the config requires it).
+        let tenants = Arc::new(Tenants::with_credentials(tenants));
         let store = tenants.all()[0].store.clone();
         let (signals, rx) = mpsc::channel(4);
         let task = tokio::spawn(run(
