@@ -166,6 +166,30 @@ impl Caller {
     }
 
     /// `apply`, then the durability wait a mutation owes before its reply.
+    /// Applies one pipelined request; its response, and the log position the response must
+    /// wait for if it changed anything.
+    fn pipelined(&self, request: pb::PipelineRequest) -> (pb::PipelineResponse, Option<u64>) {
+        let (result, position) = match request.op {
+            Some(op) => {
+                let (result, mutated) = self.apply(op);
+                let position = if mutated { self.log_position() } else { None };
+                (
+                    result.unwrap_or_else(|e| Outcome::Error(status::error(&e))),
+                    position,
+                )
+            }
+            None => (
+                Outcome::Error(status::error(&status::invalid("op", "is missing"))),
+                None,
+            ),
+        };
+        let response = pb::PipelineResponse {
+            id: request.id,
+            result: Some(result),
+        };
+        (response, position)
+    }
+
     async fn call(&self, op: Op) -> Result<Outcome, Status> {
         let (result, mutated) = self.apply(op);
         let outcome = result?;
@@ -302,41 +326,43 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
     ) -> Reply<Self::PipelineStream> {
         let caller = Caller::of(&req)?;
         let mut requests = req.into_inner();
+        let (tx, rx) = mpsc::channel(PIPELINE_WINDOW);
+        if caller.tenant.durable_log.is_none() {
+            // Replies need not wait for the disk: one task applies each request in order and
+            // sends its reply.
+            tokio::spawn(async move {
+                loop {
+                    let response = match requests.message().await {
+                        Ok(Some(request)) => Ok(caller.pipelined(request).0),
+                        Ok(None) => return,
+                        Err(e) => Err(e),
+                    };
+                    let failed = response.is_err();
+                    // A failed send means the client went away: stop quietly.
+                    if tx.send(response).await.is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
         // Two stages, so a stream does not stop at every fsync: the first applies requests in
         // order, the second holds each reply until its change is durable (one fsync covers
         // everything applied meanwhile) and sends it. Both channels are bounded.
         let (applied_tx, mut applied) = mpsc::channel(PIPELINE_WINDOW);
-        let (tx, rx) = mpsc::channel(PIPELINE_WINDOW);
         let svc = caller.clone();
         tokio::spawn(async move {
             loop {
-                let request = match requests.message().await {
-                    Ok(Some(r)) => r,
+                let applied = match requests.message().await {
+                    Ok(Some(request)) => {
+                        let (response, position) = svc.pipelined(request);
+                        (Ok(response), position)
+                    }
                     Ok(None) => return,
-                    Err(e) => {
-                        let _ = applied_tx.send((Err(e), None)).await;
-                        return;
-                    }
+                    Err(e) => (Err(e), None),
                 };
-                let (result, position) = match request.op {
-                    Some(op) => {
-                        let (result, mutated) = svc.apply(op);
-                        let position = if mutated { svc.log_position() } else { None };
-                        (
-                            result.unwrap_or_else(|e| Outcome::Error(status::error(&e))),
-                            position,
-                        )
-                    }
-                    None => (
-                        Outcome::Error(status::error(&status::invalid("op", "is missing"))),
-                        None,
-                    ),
-                };
-                let response = pb::PipelineResponse {
-                    id: request.id,
-                    result: Some(result),
-                };
-                if applied_tx.send((Ok(response), position)).await.is_err() {
+                let failed = applied.0.is_err();
+                if applied_tx.send(applied).await.is_err() || failed {
                     return;
                 }
             }
