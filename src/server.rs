@@ -446,9 +446,18 @@ async fn snapshot_loop(
         let (dir, log2, store) = (dir.clone(), log.clone(), store.clone());
         let started = std::time::Instant::now();
         appended_at_last = log.appended();
-        match tokio::task::spawn_blocking(move || crate::persist::snapshot(&dir, &log2, &store))
-            .await
-        {
+        let (done, written_out) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("sessiond-snapshot".into())
+            .spawn(move || {
+                lower_priority();
+                let _ = done.send(crate::persist::snapshot(&dir, &log2, &store));
+            });
+        let outcome = match thread {
+            Ok(_) => written_out.await.map_err(|_| "the snapshot thread panicked".to_string()),
+            Err(e) => Err(format!("cannot start a snapshot thread: {e}")),
+        };
+        match outcome {
             Ok(Ok(s)) => {
                 written.increment(1);
                 last = std::time::Instant::now();
@@ -465,5 +474,16 @@ async fn snapshot_loop(
             }
             Err(e) => tracing::error!(error = %e, "snapshot task failed"),
         }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority to the lowest (nice 19), for background
+/// work that must not take the cores from serving: a snapshot of a large store encodes for
+/// seconds, and at normal priority it would queue requests behind it for whole time slices.
+fn lower_priority() {
+    // On Linux, PRIO_PROCESS with a thread ID sets that one thread's nice value.
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+        tracing::debug!(error = %e, "cannot lower the snapshot thread's priority");
     }
 }

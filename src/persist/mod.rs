@@ -281,14 +281,17 @@ pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStat
     write_header(&mut w, SNAPSHOT_MAGIC)?;
     let mut sessions = 0u64;
     let mut bytes = format::HEADER_BYTES;
-    let mut buf = Vec::new();
+    let (mut payload, mut buf) = (Vec::new(), Vec::new());
     let mut failed = None;
     store.for_each_session(|s| {
         if failed.is_some() {
             return;
         }
+        payload.clear();
         buf.clear();
-        let payload = records::stored(s).encode_to_vec();
+        records::stored(s)
+            .encode(&mut payload)
+            .expect("a Vec grows to fit");
         frame(&payload, &mut buf);
         bytes += buf.len() as u64;
         sessions += 1;

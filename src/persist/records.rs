@@ -16,18 +16,18 @@ use crate::session::{ClientInfo, KeyHasherBuilder, Millis, Session, SessionKey, 
 use crate::store::events::Event;
 
 /// A session as stored.
-pub fn stored(s: &Session) -> pb::StoredSession {
+pub fn stored(s: Session) -> pb::StoredSession {
     pb::StoredSession {
         key: bytes::Bytes::copy_from_slice(s.key.as_bytes()),
         user: s.user.as_deref().unwrap_or_default().to_owned(),
-        attributes: s.attributes.clone(),
+        attributes: s.attributes,
         version: s.version,
         created_at: s.created_at,
         last_access_at: s.last_access_at,
         idle_timeout: s.idle_timeout,
         absolute_expires_at: s.absolute_expires_at,
-        client_ip: s.client.ip.clone(),
-        client_user_agent: s.client.user_agent.clone(),
+        client_ip: s.client.ip,
+        client_user_agent: s.client.user_agent,
     }
 }
 
@@ -62,7 +62,7 @@ pub fn session(p: pb::StoredSession) -> Option<Session> {
 pub fn encode(event: &Event<'_>) -> Vec<u8> {
     use pb::record::Op;
     let op = match event {
-        Event::Created { session, .. } => Op::Create(stored(session)),
+        Event::Created { session, .. } => Op::Create(stored((*session).clone())),
         Event::Updated {
             key,
             set,
@@ -83,7 +83,7 @@ pub fn encode(event: &Event<'_>) -> Vec<u8> {
         }),
         Event::Regenerated { old, session, .. } => Op::Regenerate(pb::Regenerate {
             old_key: bytes::Bytes::copy_from_slice(old.as_bytes()),
-            session: Some(stored(session)),
+            session: Some(stored((*session).clone())),
         }),
         Event::Ended { key, .. } => Op::End(pb::End {
             key: bytes::Bytes::copy_from_slice(key.as_bytes()),

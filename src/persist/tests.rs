@@ -34,7 +34,7 @@ fn contents(store: &Store) -> BTreeMap<String, Session> {
     let mut out = BTreeMap::new();
     store.for_each_session(|s| {
         if now < s.expires_at() {
-            out.insert(s.key.encode(), s.clone());
+            out.insert(s.key.encode(), s);
         }
     });
     out
