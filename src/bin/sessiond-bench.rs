@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -68,8 +69,10 @@ struct Args {
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
     /// Open loop: offer this many operations per second in all, whatever the latency,
-    /// instead of sending the next request as soon as the last answered. Latency then counts
-    /// from when a request was due, so a server that falls behind cannot hide its queue.
+    /// instead of sending the next request as soon as the last answered. A pacer thread
+    /// releases requests as they fall due (every 100 µs), each worker keeps up to 64 in
+    /// flight, and latency counts from when a request was due, so a server that falls behind
+    /// cannot hide its queue.
     #[arg(long)]
     rate: Option<u32>,
     /// Send sessiond's operations over one Pipeline stream per connection instead of unary
@@ -165,15 +168,17 @@ impl Pool {
     }
 }
 
-/// What a worker measured.
+/// What a worker measured: requests sent (or due) from `from` on.
 struct Tally {
+    from: Instant,
     hist: HashMap<&'static str, Histogram<u64>>,
     errors: BTreeMap<String, u64>,
 }
 
 impl Tally {
-    fn new() -> Self {
+    fn new(from: Instant) -> Self {
         Tally {
+            from,
             hist: OPS
                 .iter()
                 .map(|(_, n)| {
@@ -185,6 +190,90 @@ impl Tally {
                 .collect(),
             errors: BTreeMap::new(),
         }
+    }
+
+    /// Counts one finished request sent (or due) at `t0`, if that was in the measured time.
+    fn record(&mut self, op: Op, t0: Instant, result: OpResult) {
+        if t0 < self.from {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                let us = t0.elapsed().as_micros().max(1) as u64;
+                let _ = self
+                    .hist
+                    .get_mut(op_name(op))
+                    .expect("every op")
+                    .record(us);
+            }
+            Err(e) => {
+                *self
+                    .errors
+                    .entry(format!("{}: {e}", op_name(op)))
+                    .or_default() += 1
+            }
+        }
+    }
+}
+
+/// Under `--rate`, how many requests one worker may have outstanding. Past it, requests
+/// fall behind their schedule, and their latency still counts from when they were due.
+const OPEN_LOOP_IN_FLIGHT: usize = 64;
+
+/// How often the open loop's pacer releases the requests that have fallen due. tokio's
+/// timers tick every millisecond, which would send each millisecond's requests in one
+/// burst; a thread of its own can release them in smaller, steadier steps.
+const PACER_STEP: Duration = Duration::from_micros(100);
+
+/// The open loop's schedule: request `k` is due at `start + k / rate`. A pacer thread
+/// releases each request once it is due; workers take them in order.
+struct Schedule {
+    start: Instant,
+    every: Duration,
+    released: tokio::sync::Semaphore,
+    taken: AtomicUsize,
+}
+
+impl Schedule {
+    /// Starts the pacer thread: `rate` requests per second until `stop_at`.
+    fn start(rate: u32, stop_at: Instant) -> Arc<Schedule> {
+        let schedule = Arc::new(Schedule {
+            start: Instant::now(),
+            every: Duration::from_secs_f64(1.0 / f64::from(rate.max(1))),
+            released: tokio::sync::Semaphore::new(0),
+            taken: AtomicUsize::new(0),
+        });
+        let pacer = schedule.clone();
+        std::thread::Builder::new()
+            .name("pacer".into())
+            .spawn(move || pacer.pace(stop_at))
+            .expect("a thread for the pacer");
+        schedule
+    }
+
+    /// Releases every request due by now, in steps of [`PACER_STEP`], until `stop_at`.
+    fn pace(&self, stop_at: Instant) {
+        let mut released = 0usize;
+        loop {
+            let now = Instant::now();
+            if now >= stop_at {
+                self.released.close();
+                return;
+            }
+            let due = (now.duration_since(self.start).as_nanos() / self.every.as_nanos().max(1))
+                as usize
+                + 1;
+            self.released.add_permits(due - released);
+            released = due;
+            std::thread::sleep(PACER_STEP);
+        }
+    }
+
+    /// Waits for the next request to fall due; when it was due. `None` once the run is over.
+    async fn next(&self) -> Option<Instant> {
+        self.released.acquire().await.ok()?.forget();
+        let k = self.taken.fetch_add(1, Ordering::Relaxed);
+        Some(self.start + self.every.mul_f64(k as f64))
     }
 }
 
@@ -764,68 +853,61 @@ async fn run(args: Args) -> Result<(), String> {
     let before_stats = std::sync::Arc::new(tokio::sync::Mutex::new(None));
     let measure_from = Instant::now() + args.warmup;
     let stop_at = measure_from + args.duration;
+    let schedule = args
+        .rate
+        .map(|rate| Schedule::start(rate, stop_at));
     let mut workers = Vec::new();
     for w in 0..args.concurrency.max(1) {
         let (backend, pool, args, mix) = (backend.clone(), pool.clone(), args.clone(), mix.clone());
+        let schedule = schedule.clone();
         workers.push(tokio::spawn(async move {
             let mut rng = SmallRng::seed_from_u64(1000 + w as u64);
-            let mut tally = Tally::new();
-            // Open loop: this worker's share of --rate, its first request staggered.
-            let every = args.rate.map(|r| {
-                Duration::from_secs_f64(args.concurrency.max(1) as f64 / f64::from(r.max(1)))
-            });
-            let mut due = Instant::now()
-                + every.map_or(Duration::ZERO, |e| {
-                    e / args.concurrency.max(1) as u32 * w as u32
-                });
+            let mut tally = Tally::new(measure_from);
+            // Closed loop: one request at a time, the next sent as soon as the last answers.
+            // Open loop: a request whenever the schedule releases one, up to
+            // OPEN_LOOP_IN_FLIGHT outstanding, each timed from when it was due.
+            let cap = if schedule.is_some() { OPEN_LOOP_IN_FLIGHT } else { 1 };
+            let mut in_flight = FuturesUnordered::new();
+            let mut scheduled = schedule.is_some();
             loop {
                 let now = Instant::now();
-                if now >= stop_at {
-                    return tally;
-                }
-                let t0 = match every {
-                    None => now,
-                    // On time: wait, and time the request from when it is sent (the timer's
-                    // own lateness is not the server's).
-                    Some(e) if due > now => {
-                        tokio::time::sleep_until(due.into()).await;
-                        due += e;
-                        Instant::now()
-                    }
-                    // Behind: the server kept this request waiting; time it from when it was due.
-                    Some(e) => {
-                        let t = due;
-                        due += e;
-                        t
-                    }
+                let due = match &schedule {
+                    None if in_flight.is_empty() && now < stop_at => Some(now),
+                    None => None,
+                    Some(schedule) if scheduled && in_flight.len() < cap => tokio::select! {
+                        biased;
+                        Some((op, t0, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                            tally.record(op, t0, result);
+                            continue;
+                        }
+                        due = schedule.next() => {
+                            scheduled = due.is_some();
+                            due
+                        }
+                    },
+                    Some(_) => None,
                 };
-                let op = pick(&mix, rng.random_range(0..total));
-                let slot = rng.random_range(0..pool.slots.len());
-                let result = backend.run(op, w, &pool, slot, &args, &mut rng).await;
-                if t0 >= measure_from {
-                    match result {
-                        Ok(()) => {
-                            let us = t0.elapsed().as_micros().max(1) as u64;
-                            let _ = tally
-                                .hist
-                                .get_mut(op_name(op))
-                                .expect("every op")
-                                .record(us);
-                        }
-                        Err(e) => {
-                            *tally
-                                .errors
-                                .entry(format!("{}: {e}", op_name(op)))
-                                .or_default() += 1
-                        }
-                    }
+                if let Some(t0) = due {
+                    let op = pick(&mix, rng.random_range(0..total));
+                    let slot = rng.random_range(0..pool.slots.len());
+                    let mut op_rng = SmallRng::seed_from_u64(rng.random());
+                    let (backend, pool, args) = (&backend, &pool, &args);
+                    in_flight.push(async move {
+                        let result = backend.run(op, w, pool, slot, args, &mut op_rng).await;
+                        (op, t0, result)
+                    });
+                    continue;
+                }
+                match in_flight.next().await {
+                    Some((op, t0, result)) => tally.record(op, t0, result),
+                    None => return tally,
                 }
             }
         }));
     }
     tokio::time::sleep_until(measure_from.into()).await;
     *before_stats.lock().await = backend.server_stats(&args).await;
-    let mut merged = Tally::new();
+    let mut merged = Tally::new(measure_from);
     for w in workers {
         let t = w.await.map_err(|e| e.to_string())?;
         for (name, h) in t.hist {
