@@ -454,7 +454,9 @@ async fn snapshot_loop(
                 let _ = done.send(crate::persist::snapshot(&dir, &log2, &store));
             });
         let outcome = match thread {
-            Ok(_) => written_out.await.map_err(|_| "the snapshot thread panicked".to_string()),
+            Ok(_) => written_out
+                .await
+                .map_err(|_| "the snapshot thread panicked".to_string()),
             Err(e) => Err(format!("cannot start a snapshot thread: {e}")),
         };
         match outcome {

@@ -200,11 +200,7 @@ impl Tally {
         match result {
             Ok(()) => {
                 let us = t0.elapsed().as_micros().max(1) as u64;
-                let _ = self
-                    .hist
-                    .get_mut(op_name(op))
-                    .expect("every op")
-                    .record(us);
+                let _ = self.hist.get_mut(op_name(op)).expect("every op").record(us);
             }
             Err(e) => {
                 *self
@@ -853,9 +849,7 @@ async fn run(args: Args) -> Result<(), String> {
     let before_stats = std::sync::Arc::new(tokio::sync::Mutex::new(None));
     let measure_from = Instant::now() + args.warmup;
     let stop_at = measure_from + args.duration;
-    let schedule = args
-        .rate
-        .map(|rate| Schedule::start(rate, stop_at));
+    let schedule = args.rate.map(|rate| Schedule::start(rate, stop_at));
     let mut workers = Vec::new();
     for w in 0..args.concurrency.max(1) {
         let (backend, pool, args, mix) = (backend.clone(), pool.clone(), args.clone(), mix.clone());
@@ -866,7 +860,11 @@ async fn run(args: Args) -> Result<(), String> {
             // Closed loop: one request at a time, the next sent as soon as the last answers.
             // Open loop: a request whenever the schedule releases one, up to
             // OPEN_LOOP_IN_FLIGHT outstanding, each timed from when it was due.
-            let cap = if schedule.is_some() { OPEN_LOOP_IN_FLIGHT } else { 1 };
+            let cap = if schedule.is_some() {
+                OPEN_LOOP_IN_FLIGHT
+            } else {
+                1
+            };
             let mut in_flight = FuturesUnordered::new();
             let mut scheduled = schedule.is_some();
             loop {
