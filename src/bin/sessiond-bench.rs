@@ -1031,6 +1031,30 @@ mod tests {
         assert!(parse_mix("get").is_err());
     }
 
+    #[tokio::test]
+    async fn the_open_loop_schedule_hands_out_each_due_time_once_in_order_then_ends() {
+        let rate = 10_000;
+        let schedule = Schedule::start(rate, Instant::now() + Duration::from_millis(100));
+        let mut due = Vec::new();
+        while let Some(t) = schedule.next().await {
+            due.push(t);
+        }
+        assert!(!due.is_empty(), "the pacer released nothing");
+        assert_eq!(due[0], schedule.start);
+        let every = Duration::from_secs(1) / rate;
+        for pair in due.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap.abs_diff(every) < Duration::from_micros(1),
+                "gap {gap:?}"
+            );
+        }
+        assert!(
+            schedule.next().await.is_none(),
+            "a closed schedule stays closed"
+        );
+    }
+
     #[test]
     fn redis_blobs_are_json_of_the_attributes() {
         let a = vec![("k".to_string(), Bytes::from_static(b"v"))];
