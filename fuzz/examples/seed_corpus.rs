@@ -228,8 +228,8 @@ fn persist_records() -> Seeds {
         }),
     ];
     let snapshot = vec![
-        records::stored(&a).encode_to_vec(),
-        records::stored(&b).encode_to_vec(),
+        records::stored(a.clone()).encode_to_vec(),
+        records::stored(b).encode_to_vec(),
     ];
     let log_chunks = chunks(&log);
     let mut torn = log_chunks.clone();
