@@ -279,7 +279,10 @@ pub struct Store {
 }
 
 struct Inner {
-    sessions: DashMap<SessionKey, Entry, KeyHasherBuilder>,
+    /// Entries are boxed so a table slot is 40 bytes, not 200: a hash table keeps up to half
+    /// its slots empty after it doubles, and empty slots of the full entry size cost about
+    /// 160 bytes per session at 1M sessions. Reads measured no slower for the extra hop.
+    sessions: DashMap<SessionKey, Box<Entry>, KeyHasherBuilder>,
     users: DashMap<Arc<str>, Vec<SessionKey>>,
     wheel: Wheel,
     clock: Clock,
@@ -637,7 +640,7 @@ impl Store {
                 .sessions
                 .remove_if(&old, |_, e| e.is_live(now))
                 .ok_or(StoreError::NotFound)?;
-            let session = self.rotated(entry, old, &user, now, rotation.drop_attributes);
+            let session = self.rotated(*entry, old, &user, now, rotation.drop_attributes);
             if let Some(keys) = keys {
                 keys.retain(|k| *k != old);
                 if !login {
@@ -786,7 +789,7 @@ impl Store {
         let entry = Entry::with_owned(s, user, client, bytes);
         drop(std::mem::take(&mut s.attributes));
         let expires_at = entry.expires_at();
-        let old = self.inner.sessions.insert(s.key, entry);
+        let old = self.inner.sessions.insert(s.key, Box::new(entry));
         if let Some(old) = old {
             // Recovery hands each key over once; if not, keep the accounting right.
             self.add_bytes(-(old.bytes as isize));
@@ -818,7 +821,7 @@ impl Store {
     fn insert(&self, session: &Session, bytes: usize) {
         self.inner
             .sessions
-            .insert(session.key, Entry::from_session(session, bytes));
+            .insert(session.key, Box::new(Entry::from_session(session, bytes)));
         self.inner.wheel.file(session.key, session.expires_at());
         self.add_bytes(bytes as isize);
         self.inner.sink.record(&Event::Created { session, bytes });
@@ -1018,7 +1021,7 @@ impl Store {
                 .sum::<usize>();
         self.inner
             .sessions
-            .insert(s.key, Entry::from_session(&s, bytes));
+            .insert(s.key, Box::new(Entry::from_session(&s, bytes)));
         self.inner.wheel.file(s.key, s.expires_at());
         let delta = bytes as isize - entry.bytes as isize;
         self.add_bytes(delta);
