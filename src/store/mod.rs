@@ -32,7 +32,7 @@ use governor::{Quota, RateLimiter};
 
 pub use self::error::StoreError;
 use self::events::{EndCause, Event, EventSink};
-use self::packed::Packed;
+use self::packed::{Packed, PackedClient};
 use self::wheel::Wheel;
 use crate::clock::Clock;
 use crate::session::{
@@ -189,7 +189,7 @@ struct Entry {
     reported_access: AtomicU64,
     idle_timeout: Millis,
     absolute: Millis,
-    client: ClientInfo,
+    client: PackedClient,
     bytes: usize,
 }
 
@@ -239,16 +239,16 @@ impl Entry {
             last_access_at: self.last_access.load(Ordering::Relaxed),
             idle_timeout: self.idle_timeout,
             absolute_expires_at: self.absolute,
-            client: self.client.clone(),
+            client: self.client.unpack(),
         }
     }
 
     fn from_session(s: &Session, bytes: usize) -> Self {
-        Self::with_owned(s, s.user.clone(), s.client.clone(), bytes)
+        Self::with_user(s, s.user.clone(), bytes)
     }
 
-    /// An entry from `s`'s fields, with its user and client info handed over (not cloned).
-    fn with_owned(s: &Session, user: Option<Arc<str>>, client: ClientInfo, bytes: usize) -> Self {
+    /// An entry from `s`'s fields, with its user handed over (not cloned).
+    fn with_user(s: &Session, user: Option<Arc<str>>, bytes: usize) -> Self {
         Entry {
             user,
             attrs: Packed::pack(s.attributes.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
@@ -258,7 +258,7 @@ impl Entry {
             reported_access: AtomicU64::new(s.last_access_at),
             idle_timeout: s.idle_timeout,
             absolute: s.absolute_expires_at,
-            client,
+            client: PackedClient::pack(&s.client),
             bytes,
         }
     }
@@ -785,9 +785,10 @@ impl Store {
         if let Some(u) = &s.user {
             self.inner.users.entry(u.clone()).or_default().push(s.key);
         }
-        let (user, client) = (s.user.take(), std::mem::take(&mut s.client));
-        let entry = Entry::with_owned(s, user, client, bytes);
+        let user = s.user.take();
+        let entry = Entry::with_user(s, user, bytes);
         drop(std::mem::take(&mut s.attributes));
+        drop(std::mem::take(&mut s.client));
         let expires_at = entry.expires_at();
         let old = self.inner.sessions.insert(s.key, Box::new(entry));
         if let Some(old) = old {
@@ -1206,3 +1207,5 @@ fn pick_timeout(
 
 #[cfg(test)]
 mod tests;
+#[test]
+fn xsize() { eprintln!("ENTRY {}", std::mem::size_of::<Entry>()); }
