@@ -1207,5 +1207,3 @@ fn pick_timeout(
 
 #[cfg(test)]
 mod tests;
-#[test]
-fn xsize() { eprintln!("ENTRY {}", std::mem::size_of::<Entry>()); }
