@@ -28,6 +28,19 @@ fn open(dir: &Path, clock: &Clock) -> (Store, Persistence) {
     (store, p)
 }
 
+/// A new data directory whose log holds `n` created sessions, closed as by a clean stop;
+/// the directory, its clock, and the sessions' IDs.
+fn closed_log_of(n: usize) -> (tempfile::TempDir, Clock, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(T0);
+    let (store, p) = open(dir.path(), &clock);
+    let ids = (0..n)
+        .map(|_| store.create(NewSession::default()).unwrap().key.encode())
+        .collect();
+    p.log.close();
+    (dir, clock, ids)
+}
+
 /// The store's live sessions.
 fn contents(store: &Store) -> BTreeMap<String, Session> {
     let now = store.clock().now();
@@ -222,14 +235,7 @@ fn frame_offsets(path: &Path) -> Vec<u64> {
 
 #[test]
 fn mid_log_corruption_refuses_to_start_and_repair_keeps_the_prefix() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Clock::manual(T0);
-    let (store, p) = open(dir.path(), &clock);
-    let ids: Vec<String> = (0..10)
-        .map(|_| store.create(NewSession::default()).unwrap().key.encode())
-        .collect();
-    p.log.close();
-    drop(p);
+    let (dir, clock, ids) = closed_log_of(10);
     let path = only_segment(dir.path());
     let offsets = frame_offsets(&path);
     let mut bytes = std::fs::read(&path).unwrap();
@@ -257,14 +263,7 @@ fn mid_log_corruption_refuses_to_start_and_repair_keeps_the_prefix() {
 
 #[test]
 fn a_torn_tail_is_cut_at_the_last_good_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Clock::manual(T0);
-    let (store, p) = open(dir.path(), &clock);
-    for _ in 0..3 {
-        store.create(NewSession::default()).unwrap();
-    }
-    p.log.close();
-    drop(p);
+    let (dir, clock, _) = closed_log_of(3);
     let path = only_segment(dir.path());
     let full = std::fs::read(&path).unwrap();
     let last = *frame_offsets(&path).last().unwrap();
@@ -281,12 +280,7 @@ fn a_torn_tail_is_cut_at_the_last_good_record() {
 
 #[test]
 fn files_from_a_newer_format_are_refused_by_name() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Clock::manual(T0);
-    let (store, p) = open(dir.path(), &clock);
-    store.create(NewSession::default()).unwrap();
-    p.log.close();
-    drop(p);
+    let (dir, clock, _) = closed_log_of(1);
     let path = only_segment(dir.path());
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[6] = 2;
@@ -382,12 +376,7 @@ fn a_new_data_dir_is_readable_by_its_owner_only() {
 #[test]
 fn a_segment_cut_inside_its_header_recovers_every_time() {
     // A crash between creating a segment and writing its header leaves 0 to 7 bytes.
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Clock::manual(T0);
-    let (store, p) = open(dir.path(), &clock);
-    store.create(NewSession::default()).unwrap();
-    p.log.close();
-    drop(p);
+    let (dir, clock, _) = closed_log_of(1);
     let next = dir.path().join(segment_name(99));
     for len in 0..format::HEADER_BYTES as usize {
         std::fs::write(&next, &format::LOG_MAGIC[..len.min(6)]).unwrap();
