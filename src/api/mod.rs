@@ -190,6 +190,34 @@ impl Caller {
         (response, position)
     }
 
+    /// Spawns the task that applies a Pipeline stream's requests in order, sending
+    /// `wrap(response, log position)` for each (a broken stream's error too, with no
+    /// position). It stops at the stream's end, after its first error, or when `tx` closes
+    /// (the client went away).
+    fn apply_stream<T: Send + 'static>(
+        self,
+        mut requests: tonic::Streaming<pb::PipelineRequest>,
+        tx: mpsc::Sender<T>,
+        wrap: fn(Result<pb::PipelineResponse, Status>, Option<u64>) -> T,
+    ) {
+        tokio::spawn(async move {
+            loop {
+                let (response, position) = match requests.message().await {
+                    Ok(Some(request)) => {
+                        let (response, position) = self.pipelined(request);
+                        (Ok(response), position)
+                    }
+                    Ok(None) => return,
+                    Err(e) => (Err(e), None),
+                };
+                let failed = response.is_err();
+                if tx.send(wrap(response, position)).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+    }
+
     async fn call(&self, op: Op) -> Result<Outcome, Status> {
         let (result, mutated) = self.apply(op);
         let outcome = result?;
@@ -325,48 +353,23 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         req: Request<tonic::Streaming<pb::PipelineRequest>>,
     ) -> Reply<Self::PipelineStream> {
         let caller = Caller::of(&req)?;
-        let mut requests = req.into_inner();
+        let requests = req.into_inner();
         let (tx, rx) = mpsc::channel(PIPELINE_WINDOW);
         if caller.tenant.durable_log.is_none() {
             // Replies need not wait for the disk: one task applies each request in order and
             // sends its reply.
-            tokio::spawn(async move {
-                loop {
-                    let response = match requests.message().await {
-                        Ok(Some(request)) => Ok(caller.pipelined(request).0),
-                        Ok(None) => return,
-                        Err(e) => Err(e),
-                    };
-                    let failed = response.is_err();
-                    // A failed send means the client went away: stop quietly.
-                    if tx.send(response).await.is_err() || failed {
-                        return;
-                    }
-                }
-            });
+            caller.apply_stream(requests, tx, |response, _| response);
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
         // Two stages, so a stream does not stop at every fsync: the first applies requests in
         // order, the second holds each reply until its change is durable (one fsync covers
         // everything applied meanwhile) and sends it. Both channels are bounded.
         let (applied_tx, mut applied) = mpsc::channel(PIPELINE_WINDOW);
-        let svc = caller.clone();
-        tokio::spawn(async move {
-            loop {
-                let applied = match requests.message().await {
-                    Ok(Some(request)) => {
-                        let (response, position) = svc.pipelined(request);
-                        (Ok(response), position)
-                    }
-                    Ok(None) => return,
-                    Err(e) => (Err(e), None),
-                };
-                let failed = applied.0.is_err();
-                if applied_tx.send(applied).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
+        caller
+            .clone()
+            .apply_stream(requests, applied_tx, |response, position| {
+                (response, position)
+            });
         let svc = caller;
         tokio::spawn(async move {
             while let Some((response, position)) = applied.recv().await {
