@@ -11,7 +11,9 @@
 # REDIS_UPDATE (blob or hset), MIX (overrides the mode's mix), PIPELINE (1: sessiond-bench
 # sends sessiond's operations over Pipeline streams; Redis's multiplexed connections always
 # pipeline concurrent commands), RATE (open loop: offer this many ops/s to both servers and
-# compare latency at that load, e.g. half of sessiond's measured throughput).
+# compare latency at that load, e.g. half of sessiond's measured throughput), BIN (a directory
+# holding prebuilt sessiond and sessiond-bench binaries: skips the build, e.g. to measure an
+# older build against Redis in the same way).
 # Everything it starts listens on 127.0.0.1 and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,8 +36,10 @@ if ! command -v redis-server >/dev/null 2>&1; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
 
-cargo build --release --locked --bin sessiond --bin sessiond-bench >&2
-BIN=target/release
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --locked --bin sessiond --bin sessiond-bench >&2
+  BIN=target/release
+fi
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
