@@ -13,7 +13,8 @@ sessiond and share sessions through the same cookie:
 Session conventions: the cookie `__Host-sid` holds the session ID; cart lines are the
 attributes `cart:<sku>` = quantity in decimal ASCII; the logged-in user is the session's
 user_id (bound by Regenerate at login). A cookie whose session is gone gets 401
-{"error": "session expired"} and a clearing Set-Cookie, on every endpoint.
+{"error": "session expired"} on every endpoint, and no Set-Cookie: the request may be a late
+one from before a login in another tab, and clearing the cookie would delete the new one.
 
 Configuration (environment): SESSIOND_ADDR (127.0.0.1:7420 or http://127.0.0.1:7420),
 PORT (0 = ephemeral), SESSIOND_TOKEN (multi-tenant sessiond), STOREFRONT_IDLE_TIMEOUT_SECONDS
@@ -83,7 +84,8 @@ def create_app(client: SessionClient, idle_timeout: Optional[float] = None) -> F
 
     @app.before_request
     def refuse_dead_sessions():
-        # A cookie whose session is gone: 401, and save_session sends the clearing cookie.
+        # A cookie whose session is gone: 401, and the cookie is left alone (a newer one may
+        # have replaced it in the browser already).
         s = session()
         if s.had_cookie and s.expired:
             return error(401, "session expired")

@@ -15,12 +15,16 @@ session ID. Per request:
   (`set` + `remove`), never the whole session: two requests that change different keys of
   one session never undo each other;
 - a request without a live session that stores data creates one (`Create`, with the
-  client's IP and User-Agent) and sets the cookie;
+  client's IP and User-Agent) and sets the cookie; so do writes whose session ended while
+  the request ran: they are never dropped;
 - `session.regenerate(user_id)` on login moves the session to a fresh ID (the old one is
   dead at once) and replaces the cookie; `session.destroy()` and
-  `session.destroy_all_for_user()` end sessions and clear the cookie;
-- a cookie whose session is gone (expired, destroyed, unknown) is cleared; the request sees
-  an empty session and `session.expired` is True.
+  `session.destroy_all_for_user()` end sessions and clear the cookie, if it named a session
+  that was still live;
+- a cookie whose session is gone (expired, destroyed, unknown) is left alone: the request
+  sees an empty session and `session.expired` is True. Such a request is often a late one
+  from before a login in another tab, and the browser may already hold the login's new
+  cookie; clearing "the" cookie would delete that one and log the user out.
 
 Values are bytes in sessiond. A `str` is stored as UTF-8; on reading, a value that is valid
 UTF-8 comes back as `str`, anything else as `bytes` (pass `decode_values=False` to always get
@@ -87,7 +91,10 @@ class SessiondSession(SessionMixin):
         self._set: Dict[str, bytes] = {}  # pending: keys to set
         self._remove: Set[str] = set()  # pending: keys to remove
         self._expired = False  # the cookie named a session that is gone
-        self._force_clear = False  # clear the cookie even if the request had none
+        # The live session is the one the cookie named, or a regeneration of it: the one
+        # the browser's cookie stands for.
+        self._from_cookie = sid is not None
+        self._clear_cookie = False  # the handler ended that session: clear the cookie
         self.new = sid is None
         self.modified = False
         self.accessed = False
@@ -120,6 +127,7 @@ class SessiondSession(SessionMixin):
         if self._sid is not None and self._sid == self._cookie_sid:
             self._expired = True
         self._sid = None
+        self._from_cookie = False
         self._remote = None
         self._data = dict(self._set)
         self._remove.clear()
@@ -127,6 +135,7 @@ class SessiondSession(SessionMixin):
 
     def _reset(self) -> None:
         self._sid = None
+        self._from_cookie = False
         self._remote = None
         self._data = {}
         self._set.clear()
@@ -238,7 +247,7 @@ class SessiondSession(SessionMixin):
     # --- session lifecycle -----------------------------------------------------------
 
     def _create(self, user_id: str, attributes: Mapping[str, bytes]) -> Session:
-        return self._client.create(
+        created = self._client.create(
             user_id=user_id,
             attributes=attributes,
             idle_timeout=self._interface.idle_timeout,
@@ -246,6 +255,8 @@ class SessiondSession(SessionMixin):
             ip=self._ip,
             user_agent=self._user_agent,
         )
+        self._from_cookie = False
+        return created
 
     def regenerate(self, user_id: Optional[str] = None, *, drop_attributes: bool = False) -> Session:
         """Moves the session to a fresh ID, binding `user_id` if given (call it on login and
@@ -273,15 +284,17 @@ class SessiondSession(SessionMixin):
         return remote
 
     def destroy(self) -> bool:
-        """Ends this session (logout) and clears the cookie. True if a live one ended."""
+        """Ends this session (logout). True if a live one ended; the cookie is then cleared
+        if it named that session (a cookie that named a dead one is left alone)."""
         existed = False
         if self._sid is not None:
             try:
                 existed = self._client.destroy(self._sid)
             except NotFound:
                 existed = False
+        if existed and self._from_cookie:
+            self._clear_cookie = True
         self._reset()
-        self._force_clear = True
         self.modified = True
         return existed
 
@@ -295,8 +308,9 @@ class SessiondSession(SessionMixin):
             user, except_id=self._sid if except_current else ""
         )
         if not except_current:
+            if self._from_cookie:
+                self._clear_cookie = True
             self._reset()
-            self._force_clear = True
             self.modified = True
         return n
 
@@ -418,9 +432,12 @@ class SessiondSessionInterface(SessionInterface):
 
         if s.accessed:
             response.vary.add("Cookie")
+        # The cookie changes only when this response knows better than the browser: a new ID
+        # to learn, or the cookie's own session ended by this request. A cookie that named a
+        # dead session is not cleared (see the module docs).
         if s._sid is not None and s._sid != s._cookie_sid:
             response.headers.add("Set-Cookie", self.set_cookie_header(s._sid))
-        elif s._sid is None and (s._cookie_sid is not None or s._force_clear):
+        elif s._sid is None and s._clear_cookie:
             response.headers.add("Set-Cookie", self.clear_cookie_header())
 
     # Conveniences on the current request's session (flask.session).

@@ -1,5 +1,6 @@
 """SessiondSessionInterface in a Flask app (in process, Flask's test client) against a real
-sessiond: lazy loading, changed-keys-only writes, create on first data, regenerate, destroy."""
+sessiond: lazy loading, changed-keys-only writes, create on first data, regenerate, destroy,
+and what each response does to the cookie."""
 
 from __future__ import annotations
 
@@ -77,6 +78,15 @@ def app(rpc, gates):
         gates["loaded"].set()
         assert gates["release"].wait(30)
         session[key] = "from-slow"
+        return "ok"
+
+    @app.post("/end-then-set/<key>")
+    def end_then_set(key):
+        # Reads the session; it ends elsewhere (a login in another tab, "log out
+        # everywhere"); then the request writes: the write-back meets NOT_FOUND.
+        sid = session.sid
+        assert sid is not None and rpc.destroy(sid)
+        session[key] = "written-after-the-end"
         return "ok"
 
     @app.post("/login/<user>")
@@ -242,10 +252,10 @@ def test_regenerate_on_login(app, client):
     assert s.user_id == "alice"
     assert s.attributes == {"cart": b"apple", "pending": b"written-after-regenerate"}
     assert tab.call("GET", "/read").json["user"] == "alice"
-    # The old cookie is dead for the app too.
+    # The old cookie is dead for the app too, and a late answer to it leaves the cookie alone.
     stale = Tab(app, old)
     assert stale.call("GET", "/read").json["expired"] is True
-    assert stale.set_cookies == [CLEAR_COOKIE]
+    assert stale.set_cookies == []
 
 
 def test_login_without_session_creates_bound_session(app, client):
@@ -274,16 +284,18 @@ def test_destroy_all_for_user(app, client):
     with pytest.raises(NotFound):
         client.get(b_sid)
     assert b.call("GET", "/read").json["expired"] is True
-    assert b.set_cookies == [CLEAR_COOKIE]
+    assert b.set_cookies == []
 
 
-def test_gone_cookie_is_cleared_and_new_data_starts_fresh(app, client):
+def test_gone_cookie_is_left_alone_and_new_data_starts_fresh(app, client):
     tab = fresh_session(app, old="x")
     dead = tab.sid
     client.destroy(dead)
     r = tab.call("GET", "/read")
     assert r.json == {"data": {}, "user": None, "version": None, "expired": True}
-    assert tab.set_cookies == [CLEAR_COOKIE]
+    assert tab.set_cookies == []
+    assert tab.call("POST", "/logout").json == {"existed": False}
+    assert tab.set_cookies == []
 
     # A write through a dead cookie starts a new session with only the new data.
     tab.sid = dead
@@ -292,11 +304,36 @@ def test_gone_cookie_is_cleared_and_new_data_starts_fresh(app, client):
     assert client.get(tab.sid, peek=True).attributes == {"new": b"y"}
 
 
+def test_late_request_with_the_pre_login_cookie_leaves_the_new_one_alone(app, client):
+    """A cart gives cookie A; a login with A gives B; a request still carrying A, answered
+    after the login, must not clear or replace the cookie: in a browser that deletes B and
+    logs the user out right after logging in."""
+    tab = fresh_session(app, cart="apple")
+    a = tab.sid
+    tab.call("POST", "/login/grace")
+    b = tab.sid
+    assert b != a
+    late = Tab(app, a)
+    for method, path in (("GET", "/read"), ("POST", "/logout"), ("POST", "/logout-all")):
+        late.call(method, path)
+        assert late.set_cookies == [], (method, path)
+    assert client.get(b, peek=True).user_id == "grace"
+
+
+def test_writes_to_a_session_ended_during_the_request_start_a_new_one(app, client):
+    tab = fresh_session(app, keep="yes")
+    ended = tab.sid
+    assert tab.call("POST", "/end-then-set/late").status_code == 200
+    assert tab.sid and tab.sid != ended
+    assert tab.set_cookies == [f"{COOKIE}={tab.sid}{SET_COOKIE_SUFFIX}"]
+    assert client.get(tab.sid, peek=True).attributes == {"late": b"written-after-the-end"}
+
+
 def test_malformed_cookie_counts_as_gone(app, rpc):
     rpc.calls.clear()
     tab = Tab(app, "not-a-session-id")
     assert tab.call("GET", "/read").json["expired"] is True
-    assert tab.set_cookies == [CLEAR_COOKIE]
+    assert tab.set_cookies == []
     assert sum(rpc.calls.values()) == 0
 
 

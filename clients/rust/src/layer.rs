@@ -4,8 +4,17 @@
 //! its extensions; handlers take it as an extractor. The session is loaded lazily, on the
 //! first read, with a sliding `Get`: a request that only reads needs no write-back. Changed
 //! keys are collected during the request and written back after the handler as one partial
-//! `Update` (never the whole session), and the cookie is set, replaced or cleared as needed.
-//! A write-back that fails turns the response into a 503, so no handler's "done" is a lie.
+//! `Update` (never the whole session). A write-back that fails turns the response into a 503,
+//! so no handler's "done" is a lie; writes whose session has ended meanwhile start a new
+//! session that carries them, as a request without a session does.
+//!
+//! The cookie is touched only when this response knows better than the browser:
+//! - a new ID (a session created for the request's writes, or regenerated) is sent;
+//! - a session the cookie named, live when this request used it, that the handler ended
+//!   (`destroy`, `destroy_all_for_user`) is cleared;
+//! - a cookie that names a dead session is left alone. Such a request is often a late one
+//!   from before a login in another tab, and the browser may already hold that login's new
+//!   cookie: clearing or replacing "the" cookie would delete it and log the user out.
 //!
 //! The ergonomics follow tower-sessions. Its `SessionStore` trait cannot be implemented
 //! faithfully on sessiond: its IDs are client-generated `i128`s, and sessiond never accepts an
@@ -208,6 +217,9 @@ struct State {
     loaded: bool,
     /// The live session, once loaded, created or regenerated.
     current: Option<crate::Session>,
+    /// `current` is the session the cookie named, or a regeneration of it: the one the
+    /// browser's cookie stands for.
+    from_cookie: bool,
     /// The cookie named a session that no longer exists.
     gone: bool,
     /// Writes not yet sent.
@@ -215,8 +227,21 @@ struct State {
     remove: HashSet<String>,
     /// The session has a new ID the browser must learn.
     new_id: bool,
-    /// The session was ended: clear the cookie.
-    destroyed: bool,
+    /// The handler ended the session the cookie stands for: clear the cookie.
+    clear_cookie: bool,
+}
+
+impl State {
+    /// The handler ended the session: nothing is live, pending writes go with it, and a
+    /// write after this starts a new session.
+    fn end(&mut self) {
+        self.loaded = true;
+        self.current = None;
+        self.from_cookie = false;
+        self.new_id = false;
+        self.set.clear();
+        self.remove.clear();
+    }
 }
 
 /// One request's session. Take it as an extractor in handlers under [`SessiondLayer`].
@@ -254,7 +279,10 @@ impl Session {
         st.loaded = true;
         if let Some(id) = st.cookie_id.clone() {
             match self.client().get(&id).await {
-                Ok(s) => st.current = Some(s),
+                Ok(s) => {
+                    st.current = Some(s);
+                    st.from_cookie = true;
+                }
                 Err(Error::NotFound) => st.gone = true,
                 Err(e) => {
                     st.loaded = false;
@@ -266,7 +294,8 @@ impl Session {
     }
 
     /// Whether the request's cookie named a session that has expired or been ended: the
-    /// answer to give is 401, and the layer clears the cookie.
+    /// answer to give is 401. The layer leaves the cookie alone (see the module docs); a
+    /// handler that writes anyway gets a new session and its cookie.
     pub async fn is_gone(&self) -> Result<bool, Error> {
         let mut st = self.state.lock().await;
         self.load(&mut st).await?;
@@ -337,25 +366,35 @@ impl Session {
         };
         let mut conflict = Error::Conflict { current_version: 0 };
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let now = self.client().peek(&id).await?;
-            let (set, remove) = f(&now.attributes);
-            match self
-                .client()
-                .update(&id, set, remove, Some(now.version))
-                .await
-            {
+            let attempt = match self.client().peek(&id).await {
+                Ok(now) => {
+                    let (set, remove) = f(&now.attributes);
+                    self.client()
+                        .update(&id, set, remove, Some(now.version))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match attempt {
                 Ok(s) => {
                     st.current = Some(s.clone());
                     return Ok(s);
                 }
                 Err(e @ Error::Conflict { .. }) => conflict = e,
+                Err(Error::NotFound) => {
+                    // Ended meanwhile: the handler hears it, and nothing written is lost.
+                    st.current = None;
+                    st.from_cookie = false;
+                    return Err(Error::NotFound);
+                }
                 Err(e) => return Err(e),
             }
         }
         Err(conflict)
     }
 
-    /// Starts a session with this request's pending writes (and `user`).
+    /// Starts a session with this request's pending writes (and `user`); the cookie will
+    /// carry it.
     async fn create<'a>(
         &self,
         st: &'a mut State,
@@ -363,49 +402,63 @@ impl Session {
     ) -> Result<&'a crate::Session, Error> {
         let new = NewSession {
             user_id: user.map(str::to_string),
-            attributes: std::mem::take(&mut st.set),
+            attributes: st.set.clone(),
             idle_timeout: self.shared.idle_timeout,
             ip: st.ip.clone(),
             user_agent: st.user_agent.clone(),
             ..NewSession::default()
         };
-        st.remove.clear();
         let s = self.client().create(new).await?;
+        st.set.clear();
+        st.remove.clear();
         st.new_id = true;
+        st.from_cookie = false;
         st.gone = false;
         Ok(st.current.insert(s))
     }
 
     /// Login or privilege change: moves the session to a fresh ID (the old one is dead at
-    /// once), bound to `user`, keeping its data; the cookie is replaced. Without a session,
-    /// starts one for `user`.
+    /// once), bound to `user`, keeping its data and this request's writes; the cookie is
+    /// replaced. Without a live session (none, or one that ended meanwhile), starts one for
+    /// `user` with this request's writes.
     pub async fn regenerate(&self, user: Option<&str>) -> Result<crate::Session, Error> {
         let mut st = self.state.lock().await;
         self.load(&mut st).await?;
-        let Some(id) = st.current.as_ref().map(|s| s.id.clone()) else {
-            return self.create(&mut st, user).await.cloned();
-        };
-        self.flush(&mut st, &id).await?;
-        let s = self.client().regenerate(&id, user).await?;
-        st.new_id = true;
-        Ok(st.current.insert(s).clone())
+        if let Some(id) = st.current.as_ref().map(|s| s.id.clone()) {
+            let regenerated = match self.flush(&mut st, &id).await {
+                Ok(()) => self.client().regenerate(&id, user).await,
+                Err(e) => Err(e),
+            };
+            match regenerated {
+                Ok(s) => {
+                    st.new_id = true;
+                    return Ok(st.current.insert(s).clone());
+                }
+                Err(Error::NotFound) => {
+                    st.current = None;
+                    st.from_cookie = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.create(&mut st, user).await.cloned()
     }
 
-    /// Logout: ends this session and clears the cookie.
+    /// Logout: ends this session. The cookie is cleared if it named the session and the
+    /// session was still live; a cookie that already named a dead session is left alone.
     pub async fn destroy(&self) -> Result<(), Error> {
         let mut st = self.state.lock().await;
-        let id = st
-            .current
-            .as_ref()
-            .map(|s| s.id.clone())
-            .or(st.cookie_id.clone());
-        if let Some(id) = id {
-            self.client().destroy(&id).await?;
+        let target = match &st.current {
+            Some(s) => Some((s.id.clone(), st.from_cookie)),
+            None if !st.loaded => st.cookie_id.clone().map(|id| (id, true)),
+            None => None,
+        };
+        if let Some((id, from_cookie)) = target {
+            if self.client().destroy(&id).await? && from_cookie {
+                st.clear_cookie = true;
+            }
         }
-        st.current = None;
-        st.set.clear();
-        st.remove.clear();
-        st.destroyed = true;
+        st.end();
         Ok(())
     }
 
@@ -418,49 +471,55 @@ impl Session {
             return Ok(None);
         };
         let n = self.client().destroy_user_sessions(&user, None).await?;
-        st.current = None;
-        st.set.clear();
-        st.remove.clear();
-        st.destroyed = true;
+        if st.from_cookie {
+            st.clear_cookie = true;
+        }
+        st.end();
         Ok(Some(n))
     }
 
-    /// Sends pending writes to session `id` as one partial update.
+    /// Sends pending writes to session `id` as one partial update. They stay pending if it
+    /// fails, so a caller can still carry them into a new session.
     async fn flush(&self, st: &mut State, id: &str) -> Result<(), Error> {
         if st.set.is_empty() && st.remove.is_empty() {
             return Ok(());
         }
-        let set = std::mem::take(&mut st.set);
-        let remove: Vec<String> = std::mem::take(&mut st.remove).into_iter().collect();
-        st.current = Some(self.client().update(id, set, remove, None).await?);
+        let remove: Vec<String> = st.remove.iter().cloned().collect();
+        let s = self
+            .client()
+            .update(id, st.set.clone(), remove, None)
+            .await?;
+        st.set.clear();
+        st.remove.clear();
+        st.current = Some(s);
         Ok(())
     }
 
     /// After the handler: writes back, and says what `Set-Cookie` to send, if any.
     async fn finish(&self) -> Result<Option<String>, Error> {
         let mut st = self.state.lock().await;
-        if st.destroyed {
-            return Ok(Some(self.cookie(None)));
-        }
         if !st.set.is_empty() || !st.remove.is_empty() {
             self.load(&mut st).await?;
-            match st.current.as_ref().map(|s| s.id.clone()) {
-                Some(id) => match self.flush(&mut st, &id).await {
+            if let Some(id) = st.current.as_ref().map(|s| s.id.clone()) {
+                match self.flush(&mut st, &id).await {
+                    Ok(()) => {}
+                    // Ended since it was read: the writes start a new session below.
                     Err(Error::NotFound) => {
                         st.current = None;
-                        st.gone = true;
+                        st.from_cookie = false;
                     }
-                    other => other?,
-                },
-                None if !st.gone => {
-                    self.create(&mut st, None).await?;
+                    Err(e) => return Err(e),
                 }
-                None => {}
+            }
+            // No live session (none, dead, ended, destroyed) and something to keep: a new
+            // one carries it (removals from a session that is gone have nothing to do).
+            if st.current.is_none() && !st.set.is_empty() {
+                self.create(&mut st, None).await?;
             }
         }
         Ok(match &st.current {
             Some(s) if st.new_id => Some(self.cookie(Some(&s.id))),
-            None if st.gone => Some(self.cookie(None)),
+            None if st.clear_cookie => Some(self.cookie(None)),
             _ => None,
         })
     }

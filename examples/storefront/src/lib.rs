@@ -13,8 +13,10 @@
 //! | `POST /logout-all` | ends every session of the user ("log out all my devices") |
 //! | `GET /devices` | the user's sessions: IP, user agent, last seen |
 //!
-//! A cookie whose session has expired or ended gets 401 `{"error": "session expired"}` and
-//! is cleared. The cookie is `__Host-sid`, `HttpOnly; Secure; SameSite=Lax; Path=/`.
+//! A cookie whose session has expired or ended gets 401 `{"error": "session expired"}` and no
+//! `Set-Cookie`: the request may be a late one from before a login in another tab, and
+//! clearing the cookie would delete the new one. The cookie is `__Host-sid`,
+//! `HttpOnly; Secure; SameSite=Lax; Path=/`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, UNIX_EPOCH};

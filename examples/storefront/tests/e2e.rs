@@ -58,6 +58,9 @@ struct Browser {
 struct Answer {
     status: StatusCode,
     body: Value,
+    /// It carried a `Set-Cookie` (setting, replacing or clearing).
+    touched: bool,
+    /// It cleared the cookie.
     cleared: bool,
 }
 
@@ -83,6 +86,7 @@ impl Browser {
             req = req.json(&b);
         }
         let res = req.send().await.unwrap();
+        let touched = res.headers().contains_key("set-cookie");
         let mut cleared = false;
         for v in res.headers().get_all("set-cookie") {
             let v = v.to_str().unwrap();
@@ -103,6 +107,7 @@ impl Browser {
         Answer {
             status,
             body,
+            touched,
             cleared,
         }
     }
@@ -123,6 +128,46 @@ impl Browser {
     }
 }
 
+/// Every route, with a body that would pass its validation.
+const ROUTES: [(&str, &str); 6] = [
+    ("POST", "/cart/items"),
+    ("GET", "/cart"),
+    ("POST", "/login"),
+    ("POST", "/logout"),
+    ("POST", "/logout-all"),
+    ("GET", "/devices"),
+];
+
+fn body_for(path: &str) -> Option<Value> {
+    match path {
+        "/cart/items" => Some(json!({"sku": "late", "qty": 1})),
+        "/login" => Some(json!({"user": "mallory"})),
+        _ => None,
+    }
+}
+
+/// A request carrying `dead`, a cookie whose session is gone, to every route of `base`: each
+/// answers 401 "session expired" and leaves the cookie alone. The browser may hold a newer
+/// cookie by the time the answer arrives (the request left before a login answered), and
+/// clearing or replacing "the" cookie would delete that one.
+async fn dead_cookie_is_refused_and_left_alone(base: &str, dead: &str) {
+    for (method, path) in ROUTES {
+        let mut late = Browser::new("late-tab");
+        late.cookie = Some(dead.to_string());
+        let r = late
+            .call(method, &format!("{base}{path}"), body_for(path))
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert_eq!(
+            r.body,
+            json!({"error": "session expired"}),
+            "{method} {path}"
+        );
+        assert!(!r.touched, "{method} {path} sent a Set-Cookie");
+        assert_eq!(late.cookie.as_deref(), Some(dead));
+    }
+}
+
 /// The scenario from the session-management texts, across instances `a`, `b` and `c`.
 async fn scenario(sessiond: &Daemon, clock: &Clock, [a, b, c]: [&str; 3]) {
     let mut laptop = Browser::new("laptop-browser");
@@ -138,6 +183,12 @@ async fn scenario(sessiond: &Daemon, clock: &Clock, [a, b, c]: [&str; 3]) {
     assert_eq!(r.body["cart"], json!({"apple": 1}));
     let logged_in = laptop.cookie.clone().unwrap();
     assert_ne!(logged_in, anonymous, "login must regenerate the ID");
+
+    // Another tab's request, sent with the pre-login cookie before the login answered, answers
+    // now: it must not delete the login's cookie.
+    for base in [a, b, c] {
+        dead_cookie_is_refused_and_left_alone(base, &anonymous).await;
+    }
 
     // Adds more on C and sees the whole cart on A.
     laptop.add(c, "banana", 2).await;
@@ -192,18 +243,20 @@ async fn scenario(sessiond: &Daemon, clock: &Clock, [a, b, c]: [&str; 3]) {
     let r = laptop.call("POST", &format!("{b}/logout-all"), None).await;
     assert_eq!(r.body["destroyed"], 2, "{}", r.body);
     assert!(r.cleared && laptop.cookie.is_none());
+    let phone_cookie = phone.cookie.clone().unwrap();
     let r = phone.cart(a).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    assert!(r.cleared, "a dead session's cookie is cleared");
+    assert!(!r.touched, "a dead session's cookie is left alone");
+    dead_cookie_is_refused_and_left_alone(c, &phone_cookie).await;
 
-    // After the idle timeout, the cookie gets 401 and is cleared.
+    // After the idle timeout, the cookie gets 401 and is left alone.
     let mut idle = Browser::new("idle-browser");
     idle.add(b, "plum", 1).await;
     clock.advance(IDLE + Duration::from_secs(1));
     let r = idle.cart(c).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(r.body, json!({"error": "session expired"}));
-    assert!(r.cleared && idle.cookie.is_none());
+    assert!(!r.touched && idle.cookie.is_some());
 
     // The pre-login ID, replayed, gets nothing: session fixation is dead.
     let mut attacker = Browser::new("attacker");
@@ -219,6 +272,43 @@ async fn scenario(sessiond: &Daemon, clock: &Clock, [a, b, c]: [&str; 3]) {
         0,
         "every session above has ended"
     );
+}
+
+/// The report, step by step on one instance: a cart gives cookie A, a login with A gives B,
+/// and a request still carrying A gets its 401 without a `Set-Cookie` that would delete B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_request_with_the_pre_login_cookie_does_not_log_the_user_out() {
+    let (daemon, _clock) = sessiond().await;
+    let shop = rust_storefront(daemon.grpc_addr).await;
+    let mut browser = Browser::new("browser");
+    let r = browser.add(&shop, "apple", 1).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let a = browser.cookie.clone().unwrap();
+    let r = browser.login(&shop, "alice").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let b = browser.cookie.clone().unwrap();
+    assert_ne!(a, b);
+
+    // The late request answers with A in the request and B in the jar.
+    browser.cookie = Some(a.clone());
+    let r = browser.cart(&shop).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    assert!(
+        !r.touched,
+        "the late answer sent a Set-Cookie: B would be deleted"
+    );
+    dead_cookie_is_refused_and_left_alone(&shop, &a).await;
+
+    // B still logs the user in.
+    browser.cookie = Some(b);
+    let r = browser.cart(&shop).await;
+    assert_eq!(
+        r.body,
+        json!({"cart": {"apple": 1}, "user": "alice"}),
+        "{}",
+        r.body
+    );
+    daemon.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
