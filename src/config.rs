@@ -125,6 +125,16 @@ pub struct Config {
     /// Bytes of a request body accepted without credentials (health checks, reflection).
     /// A SessionStore request without credentials is refused from its headers alone.
     pub max_unauthenticated_message_bytes: usize,
+    /// A connection that has not finished its TLS handshake and sent the HTTP/2 preface
+    /// within this is closed, and stops counting against `max_connections`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Open connections on the admin port. Past it, a new connection is closed at once.
+    pub admin_max_connections: usize,
+    /// An admin connection that has not sent a whole request head within this (from when it
+    /// opened, or since its last request) is closed.
+    #[serde(with = "humantime_serde")]
+    pub admin_header_read_timeout: Duration,
     /// A request that takes longer is cancelled with DEADLINE_EXCEEDED.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -254,6 +264,9 @@ impl Default for Config {
             max_connections: 10_000,
             unauthenticated_requests: 8,
             max_unauthenticated_message_bytes: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            admin_max_connections: 64,
+            admin_header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
@@ -331,6 +344,8 @@ impl Config {
             ("snapshot_interval", self.snapshot_interval),
             ("guess_window", self.guess_window),
             ("request_timeout", self.request_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("admin_header_read_timeout", self.admin_header_read_timeout),
             ("keepalive_interval", self.keepalive_interval),
             ("keepalive_timeout", self.keepalive_timeout),
         ] {
@@ -383,6 +398,7 @@ impl Config {
                 self.max_concurrent_streams as usize,
             ),
             ("max_connections", self.max_connections),
+            ("admin_max_connections", self.admin_max_connections),
             ("create_rate", self.create_rate as usize),
             ("create_burst", self.create_burst as usize),
             (

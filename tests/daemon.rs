@@ -161,3 +161,104 @@ async fn no_session_id_or_token_reaches_the_logs_even_at_trace_level() {
     assert!(!out.contains("tok-"), "a bearer token is in the logs");
     assert!(!out.contains(&hash), "a token hash is in the logs");
 }
+
+/// Starts a Create whose request body never ends, so the server holds it in flight until the
+/// connection goes away; the task ends with the call's outcome.
+async fn hold_a_request(
+    channel: tonic::transport::Channel,
+) -> tokio::task::JoinHandle<Result<pb::Session, tonic::Status>> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    tokio::spawn(async move {
+        let path = format!("/{}/Create", sessiond::server::SERVICE_NAME);
+        grpc.client_streaming(
+            tonic::Request::new(tokio_stream::pending::<pb::CreateRequest>()),
+            path.parse().unwrap(),
+            tonic_prost::ProstCodec::<pb::CreateRequest, pb::Session>::default(),
+        )
+        .await
+        .map(|r| r.into_inner())
+    })
+}
+
+/// Waits until the one request slot (`max_concurrent_requests = 1`) is taken, which proves
+/// the held request reached the server: a health check is then shed.
+async fn until_the_slot_is_taken(url: String) {
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tonic::transport::Channel::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let shed = health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .is_err_and(|e| e.code() == tonic::Code::ResourceExhausted);
+        if shed {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the held request never arrived"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_still_busy_after_the_drain_are_closed_before_shutdown_ends() {
+    use std::time::Duration;
+    let srv = common::TestServer::with_config(sessiond::config::Config {
+        shutdown_grace: Duration::from_millis(200),
+        request_timeout: Duration::from_secs(600),
+        max_concurrent_requests: 1,
+        ..common::test_config()
+    })
+    .await;
+    let held = hold_a_request(srv.channel().await).await;
+    until_the_slot_is_taken(srv.url()).await;
+    // The drain cannot finish; past shutdown_grace the connection must be cut, and shutdown
+    // (which closes the logs) returns only once it is gone.
+    srv.daemon.stop().await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("the connection outlived the shutdown")
+        .unwrap();
+    assert!(outcome.is_err(), "{outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cuts_busy_connections_before_the_log_closes_and_exits() {
+    let (p, _dir) = spawn(&[
+        ("SESSIOND_SHUTDOWN_GRACE", "200ms"),
+        ("SESSIOND_REQUEST_TIMEOUT", "10m"),
+        ("SESSIOND_MAX_CONCURRENT_REQUESTS", "1"),
+    ]);
+    let channel = tonic::transport::Channel::from_shared(p.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let held = hold_a_request(channel).await;
+    until_the_slot_is_taken(p.url()).await;
+    // `terminate` blocks this thread; the held call runs on the other worker.
+    let (status, out) = p.terminate();
+    assert!(status.success(), "exit {status:?}\n{out}");
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), held)
+        .await
+        .expect("the client never saw its connection close")
+        .unwrap();
+    assert!(outcome.is_err(), "{outcome:?}");
+    let at = |step: &str| {
+        out.find(step)
+            .unwrap_or_else(|| panic!("missing {step:?} in\n{out}"))
+    };
+    assert!(
+        at("drain deadline passed") < at("gRPC connections closed")
+            && at("gRPC connections closed") < at("log flushed and synced"),
+        "connections must be closed after the drain and before the log:\n{out}"
+    );
+}
