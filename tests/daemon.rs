@@ -262,3 +262,145 @@ async fn sigterm_cuts_busy_connections_before_the_log_closes_and_exits() {
         "connections must be closed after the drain and before the log:\n{out}"
     );
 }
+
+/// Runs the binary with `env` (and its own `--admin-listen`) until it exits; (success, stderr).
+fn start_up(dir: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn protected_mode_refuses_a_public_listener_naming_what_is_missing() {
+    use common::certs::{write, Ca};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = Ca::new("server ca").issue("localhost");
+    let cert = write(dir.path(), "server.pem", &cert);
+    let key = write(dir.path(), "server.key", &key);
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let tenants = dir.path().join("tenants.toml");
+    std::fs::write(
+        &tenants,
+        format!(
+            "[[tenants]]\nname = \"shop\"\ntoken_sha256 = \"{}\"\n",
+            common::sha256_hex("t")
+        ),
+    )
+    .unwrap();
+    let public = ("SESSIOND_LISTEN", "0.0.0.0:0");
+
+    // TLS without client authentication: encrypted, but open to anyone who connects.
+    let (ok, err) = start_up(
+        dir.path(),
+        &[
+            public,
+            ("SESSIOND_TLS_CERT", cert),
+            ("SESSIOND_TLS_KEY", key),
+        ],
+    );
+    assert!(!ok, "TLS alone was accepted");
+    assert!(err.contains("without client authentication"), "{err}");
+    assert!(
+        err.contains("tls_client_ca") && err.contains("[[tenants]]"),
+        "{err}"
+    );
+
+    // Neither.
+    let (ok, err) = start_up(dir.path(), &[public]);
+    assert!(!ok, "a public plaintext listener was accepted");
+    assert!(
+        err.contains("without TLS or client authentication"),
+        "{err}"
+    );
+    assert!(
+        err.contains("tls_cert") && err.contains("tls_client_ca"),
+        "{err}"
+    );
+
+    // Tenant tokens without TLS: they would cross the network in clear.
+    let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+        .args(["--admin-listen", "127.0.0.1:0", "--config"])
+        .arg(&tenants)
+        .env(public.0, public.1)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "tokens over plaintext were accepted");
+    assert!(err.contains("without TLS:"), "{err}");
+    assert!(err.contains("tls_cert and tls_key"), "{err}");
+}
+
+#[tokio::test]
+async fn protected_mode_accepts_a_public_listener_with_tls_and_client_authentication() {
+    use common::certs::{channel, tls_config, Ca};
+    use sessiond::config::{Config, TenantConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("server ca");
+    let client_ca = Ca::new("client ca");
+    let public = |c: Config| Config {
+        listen: "0.0.0.0:0".parse().unwrap(),
+        ..c
+    };
+    let local = |srv: &common::TestServer| {
+        std::net::SocketAddr::from(([127, 0, 0, 1], srv.daemon.grpc_addr.port()))
+    };
+
+    // TLS with a client CA: mutual TLS.
+    let srv = common::TestServer::with_config(public(tls_config(
+        dir.path(),
+        &server_ca,
+        Some(&client_ca),
+    )))
+    .await;
+    let identity = client_ca.issue("app");
+    SessionStoreClient::new(
+        channel(local(&srv), &server_ca, Some(&identity))
+            .await
+            .unwrap(),
+    )
+    .create(pb::CreateRequest::default())
+    .await
+    .unwrap();
+    srv.stop().await;
+
+    // TLS with tenants that present tokens.
+    let srv = common::TestServer::with_config(public(Config {
+        tenants: vec![TenantConfig {
+            name: "shop".into(),
+            token_sha256: common::sha256_hex("shop-token"),
+            ..TenantConfig::default()
+        }],
+        ..tls_config(dir.path(), &server_ca, None)
+    }))
+    .await;
+    let mut req = tonic::Request::new(pb::CreateRequest::default());
+    req.metadata_mut()
+        .insert("authorization", "Bearer shop-token".parse().unwrap());
+    SessionStoreClient::new(channel(local(&srv), &server_ca, None).await.unwrap())
+        .create(req)
+        .await
+        .unwrap();
+    srv.stop().await;
+
+    // Neither, with the explicit opt-out.
+    let srv = common::TestServer::with_config(public(Config {
+        insecure_listen: true,
+        ..common::test_config()
+    }))
+    .await;
+    SessionStoreClient::connect(format!("http://{}", local(&srv)))
+        .await
+        .unwrap()
+        .create(pb::CreateRequest::default())
+        .await
+        .unwrap();
+    srv.stop().await;
+}
