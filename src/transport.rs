@@ -104,16 +104,28 @@ struct ConnState {
 }
 
 impl ConnState {
-    /// `Some(error)` once the connection has been cut. Registers the serving task first, so
-    /// a cut that lands after this check still wakes it.
-    fn check_cut(&self, cx: &Context<'_>) -> Option<io::Error> {
-        self.waker.register(cx.waker());
+    /// The error of a cut connection, if it has been cut.
+    fn cut_error(&self) -> Option<io::Error> {
         self.cut.load(Ordering::Acquire).then(|| {
             io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "connection closed at shutdown",
             )
         })
+    }
+
+    /// `polled`, the outcome of an IO call, unless it is waiting and the connection has been
+    /// cut. A waiting task is registered before the check, so a cut that lands after it still
+    /// wakes the task (only waiting tasks need this: a running one checks at its next call).
+    fn unless_cut<T>(&self, cx: &Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            return polled;
+        }
+        self.waker.register(cx.waker());
+        match self.cut_error() {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -162,10 +174,11 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if let Some(e) = this.info.state.check_cut(cx) {
+        let state = &this.info.state;
+        if let Some(e) = state.cut_error() {
             return Poll::Ready(Err(e));
         }
-        if this.info.state.closed.load(Ordering::Relaxed) {
+        if state.closed.load(Ordering::Relaxed) {
             return Poll::Ready(Ok(()));
         }
         if !this.replay.is_empty() {
@@ -174,7 +187,8 @@ impl AsyncRead for Conn {
             this.replay.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        state.unless_cut(cx, polled)
     }
 }
 
@@ -184,17 +198,19 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.info.state.check_cut(cx) {
+        if let Some(e) = self.info.state.cut_error() {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.info.state.unless_cut(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(e) = self.info.state.check_cut(cx) {
+        if let Some(e) = self.info.state.cut_error() {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut self.io).poll_flush(cx)
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.info.state.unless_cut(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -206,10 +222,11 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.info.state.check_cut(cx) {
+        if let Some(e) = self.info.state.cut_error() {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.info.state.unless_cut(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
