@@ -32,6 +32,7 @@ async fn sigterm_shuts_down_cleanly_with_exit_0() {
         "NOT_SERVING",
         "draining",
         "gRPC drained",
+        "gRPC connections closed",
         "reapers and snapshots stopped",
         "shutdown: complete",
     ] {
