@@ -1,21 +1,30 @@
 //! The admin HTTP endpoint: `/metrics` for Prometheus, `/healthz` (the process is up) and
 //! `/readyz` (it accepts traffic; flips at shutdown together with gRPC health).
+//!
+//! It has its own connection cap and header-read timeout, apart from the gRPC port's: idle
+//! sockets here are closed after `admin_header_read_timeout` and cannot pile up until they use
+//! up the file descriptors that gRPC's `accept` needs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::StreamExt;
 
 use crate::observe::Telemetry;
 use crate::tenant::Tenants;
 use crate::tls::{Port, ReloadableTls};
-use crate::transport::{incoming, Conn};
+use crate::transport::{incoming, Accept, ConnMetrics, Connections};
 
 #[derive(Clone)]
 struct Admin {
@@ -24,13 +33,26 @@ struct Admin {
     ready: Arc<AtomicBool>,
 }
 
-/// Connections the admin endpoint holds open at once.
-const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// How long the endpoint waits at shutdown for requests in progress before it closes their
+/// connections.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Serves (over TLS when `tls` is set) until `stop` turns true.
+/// How the admin port takes connections.
+pub struct Limits {
+    /// TLS (`admin_tls`), if on.
+    pub tls: Option<(Arc<ReloadableTls>, Port)>,
+    /// `admin_max_connections`.
+    pub max_connections: usize,
+    /// `handshake_timeout`, for the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// `admin_header_read_timeout`.
+    pub header_read_timeout: Duration,
+}
+
+/// Serves until `stop` turns true.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<(Arc<ReloadableTls>, Port)>,
+    limits: Limits,
     telemetry: Telemetry,
     tenants: Arc<Tenants>,
     ready: Arc<AtomicBool>,
@@ -45,54 +67,59 @@ pub async fn serve(
             tenants,
             ready,
         });
-    let stopped = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    match tls {
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-        }
-        Some(tls) => {
-            let local = listener.local_addr()?;
-            let metrics = crate::transport::ConnMetrics::untracked();
-            let conns = incoming(listener, Some(tls), MAX_ADMIN_CONNECTIONS, metrics);
-            axum::serve(TlsListener { conns, local }, app)
-                .with_graceful_shutdown(stopped)
-                .await
-        }
-    }
-}
-
-/// The admin port's TLS connections, as axum accepts them.
-struct TlsListener {
-    conns: tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>>,
-    local: std::net::SocketAddr,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = Conn;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Conn, std::net::SocketAddr) {
-        use tokio_stream::StreamExt;
-        loop {
-            match self.conns.next().await {
-                Some(Ok(conn)) => {
-                    let peer = conn.peer().unwrap_or(self.local);
-                    return (conn, peer);
+    let mut conns = incoming(
+        listener,
+        Accept {
+            tls: limits.tls,
+            max_connections: limits.max_connections,
+            handshake_timeout: limits.handshake_timeout,
+            http2_preface: false,
+            metrics: ConnMetrics::untracked(),
+        },
+        Connections::new(),
+    );
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The timer is what makes hyper enforce the header-read timeout; it runs from when the
+    // connection opens and again from the end of each response (keep-alive).
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let mut tasks = JoinSet::new();
+    loop {
+        let conn = tokio::select! {
+            c = conns.next() => c,
+            // Reap finished connections as they end, so the set stays as small as the cap.
+            Some(_) = tasks.join_next() => continue,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let conn = match conn {
+            Some(Ok(conn)) => conn,
+            Some(Err(_)) => continue,
+            None => break,
+        };
+        let served =
+            http.serve_connection(TokioIo::new(conn), TowerToHyperService::new(app.clone()));
+        let mut stop = stop.clone();
+        tasks.spawn(async move {
+            tokio::pin!(served);
+            tokio::select! {
+                result = served.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "admin connection ended with an error");
+                    }
+                    return;
                 }
-                Some(Err(_)) => continue,
-                // The accept loop only ends with this listener: nothing more will come.
-                None => std::future::pending().await,
+                _ = stop.wait_for(|s| *s) => served.as_mut().graceful_shutdown(),
             }
-        }
+            let _ = served.await;
+        });
     }
-
-    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        Ok(self.local)
+    drop(conns);
+    let drained = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN_DEADLINE, drained).await.is_err() {
+        // Dropping a connection's task closes its socket.
+        tasks.shutdown().await;
     }
+    Ok(())
 }
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {

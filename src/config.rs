@@ -56,8 +56,8 @@ pub struct Config {
     /// How often the TLS files are checked for changes (SIGHUP reloads at once).
     #[serde(with = "humantime_serde")]
     pub tls_watch_interval: Duration,
-    /// Allow a non-loopback `listen` without TLS. Only for networks where every host that can
-    /// reach the port is trusted with every session.
+    /// Allow a non-loopback `listen` without TLS and client authentication. Only for networks
+    /// where every host that can reach the port is trusted with every session.
     pub insecure_listen: bool,
     /// Serve the admin endpoint over HTTPS with `tls_cert` and `tls_key` (no client
     /// certificate asked for: Prometheus and probes scrape it).
@@ -125,6 +125,16 @@ pub struct Config {
     /// Bytes of a request body accepted without credentials (health checks, reflection).
     /// A SessionStore request without credentials is refused from its headers alone.
     pub max_unauthenticated_message_bytes: usize,
+    /// A connection that has not finished its TLS handshake and sent the HTTP/2 preface
+    /// within this is closed, and stops counting against `max_connections`.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Open connections on the admin port. Past it, a new connection is closed at once.
+    pub admin_max_connections: usize,
+    /// An admin connection that has not sent a whole request head within this (from when it
+    /// opened, or since its last request) is closed.
+    #[serde(with = "humantime_serde")]
+    pub admin_header_read_timeout: Duration,
     /// A request that takes longer is cancelled with DEADLINE_EXCEEDED.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -254,6 +264,9 @@ impl Default for Config {
             max_connections: 10_000,
             unauthenticated_requests: 8,
             max_unauthenticated_message_bytes: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            admin_max_connections: 64,
+            admin_header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
@@ -331,6 +344,8 @@ impl Config {
             ("snapshot_interval", self.snapshot_interval),
             ("guess_window", self.guess_window),
             ("request_timeout", self.request_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("admin_header_read_timeout", self.admin_header_read_timeout),
             ("keepalive_interval", self.keepalive_interval),
             ("keepalive_timeout", self.keepalive_timeout),
         ] {
@@ -348,14 +363,7 @@ impl Config {
                 "needs tls_cert and tls_key (mutual TLS is TLS first)".into(),
             );
         }
-        if !self.listen.ip().is_loopback() && !set(&self.tls_cert) && !self.insecure_listen {
-            return Err(ConfigError(format!(
-                "refusing to listen on {} without TLS: anyone who can reach that address could read \
-                 and forge every session. Set tls_cert and tls_key, or set insecure_listen = true \
-                 (--insecure-listen) if every host on that network is trusted.",
-                self.listen
-            )));
-        }
+        self.validate_protected_mode()?;
         if self.idle_timeout > self.max_idle_timeout {
             return bad("idle_timeout", "must not exceed max_idle_timeout".into());
         }
@@ -383,6 +391,7 @@ impl Config {
                 self.max_concurrent_streams as usize,
             ),
             ("max_connections", self.max_connections),
+            ("admin_max_connections", self.admin_max_connections),
             ("create_rate", self.create_rate as usize),
             ("create_burst", self.create_burst as usize),
             (
@@ -414,6 +423,45 @@ impl Config {
             return bad("admin_tls", "needs tls_cert and tls_key".into());
         }
         self.validate_tenants()
+    }
+
+    /// Protected mode: beyond loopback, a client must be unable to read the traffic (TLS) and
+    /// must prove who it is (a client certificate from `tls_client_ca`, or a tenant's token),
+    /// unless the operator says every host that can reach the port is trusted.
+    fn validate_protected_mode(&self) -> Result<(), ConfigError> {
+        if self.listen.ip().is_loopback() || self.insecure_listen {
+            return Ok(());
+        }
+        let tls = !self.tls_cert.as_os_str().is_empty();
+        let client_auth = !self.tls_client_ca.as_os_str().is_empty() || !self.tenants.is_empty();
+        const TLS: &str = "TLS (set tls_cert and tls_key)";
+        const CLIENT_AUTH: &str = "client authentication (set tls_client_ca for mutual TLS, \
+             or configure [[tenants]] with token_sha256)";
+        let (without, missing, risk) = match (tls, client_auth) {
+            (true, true) => return Ok(()),
+            (false, true) => (
+                "without TLS",
+                TLS.to_string(),
+                "anyone on the path could read every session ID and tenant token",
+            ),
+            (true, false) => (
+                "without client authentication",
+                CLIENT_AUTH.to_string(),
+                "anyone who can connect could create a session for any user or list any \
+                 user's session IDs",
+            ),
+            (false, false) => (
+                "without TLS or client authentication",
+                format!("{TLS} and {CLIENT_AUTH}"),
+                "anyone who can reach the port could read and forge every session",
+            ),
+        };
+        Err(ConfigError(format!(
+            "refusing to listen on {} {without}: {risk}. Missing: {missing}. Or set \
+             insecure_listen = true (--insecure-listen) if every host that can reach that \
+             address is trusted.",
+            self.listen
+        )))
     }
 
     fn validate_tenants(&self) -> Result<(), ConfigError> {
@@ -554,30 +602,73 @@ mod tests {
     }
 
     #[test]
-    fn protected_mode_refuses_a_public_plaintext_listener() {
+    fn protected_mode_needs_tls_and_client_authentication_beyond_loopback() {
         let public = Config {
             listen: "0.0.0.0:7420".parse().unwrap(),
             ..Config::default()
         };
-        let err = public.validate().unwrap_err().to_string();
-        assert!(
-            err.contains("refusing to listen on 0.0.0.0:7420 without TLS"),
-            "{err}"
-        );
-        assert!(err.contains("insecure_listen"), "{err}");
-        Config {
-            insecure_listen: true,
-            ..public.clone()
-        }
-        .validate()
-        .unwrap();
-        Config {
+        let tls = Config {
             tls_cert: "cert.pem".into(),
             tls_key: "key.pem".into(),
             ..public.clone()
+        };
+        let tenant = TenantConfig {
+            name: "shop".into(),
+            token_sha256: "ab".repeat(32),
+            ..TenantConfig::default()
+        };
+        let refused = |c: &Config| c.validate().unwrap_err().to_string();
+
+        let err = refused(&public);
+        assert!(
+            err.contains("refusing to listen on 0.0.0.0:7420 without TLS or client authentication"),
+            "{err}"
+        );
+        for named in [
+            "tls_cert",
+            "tls_client_ca",
+            "[[tenants]]",
+            "insecure_listen",
+        ] {
+            assert!(err.contains(named), "{err} lacks {named}");
         }
-        .validate()
-        .unwrap();
+        // TLS alone encrypts, but anyone may still connect and act.
+        let err = refused(&tls);
+        assert!(err.contains("without client authentication"), "{err}");
+        assert!(
+            err.contains("tls_client_ca") && err.contains("[[tenants]]"),
+            "{err}"
+        );
+        assert!(!err.contains("tls_cert"), "TLS is set, yet named: {err}");
+        // Tokens alone would cross the network in clear.
+        let err = refused(&Config {
+            tenants: vec![tenant.clone()],
+            ..public.clone()
+        });
+        assert!(err.contains("without TLS:"), "{err}");
+        assert!(err.contains("tls_cert and tls_key"), "{err}");
+        assert!(
+            !err.contains("tls_client_ca"),
+            "client auth is set, yet named: {err}"
+        );
+
+        for ok in [
+            Config {
+                tls_client_ca: "clients.pem".into(),
+                ..tls.clone()
+            },
+            Config {
+                tenants: vec![tenant],
+                ..tls.clone()
+            },
+            Config {
+                insecure_listen: true,
+                ..public.clone()
+            },
+            Config::default(),
+        ] {
+            ok.validate().unwrap();
+        }
         let err = Config {
             tls_cert: "cert.pem".into(),
             ..Config::default()

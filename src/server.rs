@@ -26,10 +26,14 @@ use crate::store::events::{EventSink, Fanout};
 use crate::store::{reaper, MemoryPool, Store};
 use crate::tenant::{parse_token_sha256, Credential, Tenant, Tenants, DEFAULT_TENANT};
 use crate::tls::{Port, ReloadableTls, TlsError};
-use crate::transport::AuthLayer;
+use crate::transport::{Accept, AuthLayer, Connections};
 
 /// The gRPC service name, as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "sessiond.v1.SessionStore";
+
+/// How long shutdown waits for cut connections to be gone. A cut connection fails at its
+/// task's next poll, which the cut itself triggers, so this is only a backstop.
+const CUT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A running daemon.
 pub struct Daemon {
@@ -231,8 +235,9 @@ struct Serving {
 }
 
 /// Serves until the first message (or the closing) of `signals`, then shuts down in order:
-/// not-ready, `shutdown_delay`, stop accepting and drain within `shutdown_grace`, stop the
-/// reapers and snapshots, flush the logs, stop the admin endpoint.
+/// not-ready, `shutdown_delay`, stop accepting and drain within `shutdown_grace`, close every
+/// gRPC connection still open, stop the reapers and snapshots, flush the logs, stop the
+/// admin endpoint.
 async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Result<()> {
     let Serving {
         grpc,
@@ -283,7 +288,12 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
         .map(|t| (t, Port::Admin));
     let admin = tokio::spawn(crate::admin::serve(
         admin,
-        admin_tls,
+        crate::admin::Limits {
+            tls: admin_tls,
+            max_connections: config.admin_max_connections,
+            handshake_timeout: config.handshake_timeout,
+            header_read_timeout: config.admin_header_read_timeout,
+        },
         telemetry.clone(),
         tenants.clone(),
         ready.clone(),
@@ -327,11 +337,17 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
             serving.clone(),
         ));
     }
+    let connections = Connections::new();
     let incoming = crate::transport::incoming(
         grpc,
-        tls.clone().map(|t| (t, Port::Grpc)),
-        config.max_connections,
-        conn_metrics,
+        Accept {
+            tls: tls.clone().map(|t| (t, Port::Grpc)),
+            max_connections: config.max_connections,
+            handshake_timeout: config.handshake_timeout,
+            http2_preface: true,
+            metrics: conn_metrics,
+        },
+        connections.clone(),
     );
     let mut grpc_server =
         tokio::spawn(router.serve_with_incoming_shutdown(incoming, until_drained));
@@ -342,6 +358,7 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
         result = &mut grpc_server => {
             let _ = stop_serving.send(true);
             let _ = stop_admin.send(true);
+            connections.cut();
             return match result {
                 Ok(Ok(())) => Err(anyhow::anyhow!("the gRPC server stopped unexpectedly")),
                 Ok(Err(e)) => Err(e).context("the gRPC server failed"),
@@ -373,6 +390,17 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
             grpc_server.abort();
             tracing::warn!("shutdown: drain deadline passed; cutting remaining connections");
         }
+    }
+    // Stopping the server stops only its accept loop: each established connection is served
+    // by its own task. Cut them all, and wait until they are gone, so that no request is
+    // answered after the logs close.
+    let cut = connections.cut();
+    match tokio::time::timeout(CUT_DEADLINE, connections.closed()).await {
+        Ok(()) => tracing::info!(cut, "shutdown: gRPC connections closed"),
+        Err(_) => tracing::warn!(
+            still_open = connections.open(),
+            "shutdown: gRPC connections still open after being cut"
+        ),
     }
     for task in background {
         if let Err(e) = task.await {

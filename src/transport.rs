@@ -3,41 +3,52 @@
 //! - [`incoming`] accepts connections up to `max_connections` (past it a new one is closed at
 //!   once and counted), completes TLS handshakes off the accept loop, and wraps each
 //!   connection with its [`ConnInfo`]: peer address, verified client certificates and the
-//!   connection's own unauthenticated-request budget.
+//!   connection's own unauthenticated-request budget. A connection that has not finished its
+//!   handshake and sent the HTTP/2 preface within `handshake_timeout` is closed, so sockets
+//!   that never speak cannot hold the connection slots.
+//! - [`Connections`] knows every connection yielded to a server, so shutdown can cut the ones
+//!   still open after the drain and wait until they are gone before the logs close.
 //! - [`AuthLayer`] gives every request its tenant from its credentials, before the body is
 //!   read. A SessionStore call without valid credentials is refused from its headers;
 //!   health checks and reflection pass with their bodies capped at
 //!   `max_unauthenticated_message_bytes`. A connection that spends its
 //!   `unauthenticated_requests` is closed.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
+use futures_util::task::AtomicWaker;
 use metrics::{Counter, Gauge};
 use pin_project_lite::pin_project;
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::transport::server::Connected;
 use tonic::Status;
 use tower::{Layer, Service};
 
 use crate::tenant::Tenants;
-use crate::tls::{Port, ReloadableTls, HANDSHAKE_TIMEOUT};
+use crate::tls::{Port, ReloadableTls};
 
 /// Accepted connections waiting for the server to pick them up.
 const ACCEPT_BACKLOG: usize = 128;
+
+/// What every HTTP/2 client sends first (RFC 9113, section 3.4).
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The path prefix of the sessions API: calls under it need a tenant.
 const API_PREFIX: &str = "/sessiond.v1.SessionStore/";
@@ -84,18 +95,53 @@ pub struct ConnInfo {
 #[derive(Debug, Default)]
 struct ConnState {
     unauthenticated: AtomicU32,
+    /// Spent its unauthenticated budget: reads end (EOF).
     closed: AtomicBool,
+    /// Cut at shutdown: reads and writes fail.
+    cut: AtomicBool,
+    /// The task serving the connection, woken when it is cut.
+    waker: AtomicWaker,
+}
+
+impl ConnState {
+    /// The error of a cut connection, if it has been cut.
+    fn cut_error(&self) -> Option<io::Error> {
+        self.cut.load(Ordering::Acquire).then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection closed at shutdown",
+            )
+        })
+    }
+
+    /// `polled`, the outcome of an IO call, unless it is waiting and the connection has been
+    /// cut. A waiting task is registered before the check, so a cut that lands after it still
+    /// wakes the task (only waiting tasks need this: a running one checks at its next call).
+    fn unless_cut<T>(&self, cx: &Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            return polled;
+        }
+        self.waker.register(cx.waker());
+        match self.cut_error() {
+            Some(e) => Poll::Ready(Err(e)),
+            None => Poll::Pending,
+        }
+    }
 }
 
 /// A plaintext or TLS connection.
 pub type Io = Either<TcpStream, TlsStream<TcpStream>>;
 
-/// An accepted connection. It holds one of `max_connections` until it is dropped, and reads
-/// end (EOF) once it has been closed for spending its unauthenticated budget.
+/// An accepted connection. It holds one of `max_connections` until it is dropped; reads end
+/// (EOF) once it has been closed for spending its unauthenticated budget, and reads and
+/// writes fail once [`Connections::cut`] has cut it.
 pub struct Conn {
     io: Io,
+    /// Bytes read during the handshake (the HTTP/2 preface), served again before `io`.
+    replay: Bytes,
     info: ConnInfo,
     metrics: ConnMetrics,
+    tracked: Tracked,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -109,6 +155,7 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.metrics.open.decrement(1.0);
+        self.tracked.release();
     }
 }
 
@@ -126,10 +173,22 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.info.state.closed.load(Ordering::Relaxed) {
+        let this = &mut *self;
+        let state = &this.info.state;
+        if let Some(e) = state.cut_error() {
+            return Poll::Ready(Err(e));
+        }
+        if state.closed.load(Ordering::Relaxed) {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay[..n]);
+            this.replay.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        state.unless_cut(cx, polled)
     }
 }
 
@@ -139,11 +198,19 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        if let Some(e) = self.info.state.cut_error() {
+            return Poll::Ready(Err(e));
+        }
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.info.state.unless_cut(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        if let Some(e) = self.info.state.cut_error() {
+            return Poll::Ready(Err(e));
+        }
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.info.state.unless_cut(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -155,7 +222,11 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        if let Some(e) = self.info.state.cut_error() {
+            return Poll::Ready(Err(e));
+        }
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.info.state.unless_cut(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -163,22 +234,135 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Accepts connections on `listener` (with TLS for `port` when `tls` is set), at most
-/// `max_connections` open at once, and yields them to the server. Ends when the server drops
-/// the stream.
+/// The connections of one port that a server has been given, so that shutdown can close the
+/// ones still open after the drain: a server that stops accepting (or whose task is aborted)
+/// still serves its established connections, each in its own task, until they are cut.
+#[derive(Clone, Default)]
+pub struct Connections {
+    shared: Arc<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    live: Mutex<HashMap<u64, Arc<ConnState>>>,
+    next: AtomicU64,
+    /// Notified when `live` becomes empty.
+    emptied: Notify,
+    /// Cancelled by [`Connections::cut`]: also ends the accept loop and pending handshakes.
+    cut: CancellationToken,
+}
+
+/// A connection's entry in its [`Connections`], removed when the connection is dropped.
+struct Tracked {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Tracked {
+    fn release(&self) {
+        // A poisoned lock only means another connection's drop panicked; the map is intact.
+        let mut live = self.registry.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.remove(&self.id);
+        if live.is_empty() {
+            self.registry.emptied.notify_waiters();
+        }
+    }
+}
+
+impl Connections {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn track(&self, state: Arc<ConnState>) -> Tracked {
+        let id = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, state);
+        Tracked {
+            registry: self.shared.clone(),
+            id,
+        }
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.shared
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Makes every open connection's reads and writes fail, waking the tasks that serve them
+    /// so they end; stops accepting and abandons pending handshakes. Returns how many
+    /// connections were open.
+    pub fn cut(&self) -> usize {
+        self.shared.cut.cancel();
+        let live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        for state in live.values() {
+            state.cut.store(true, Ordering::Release);
+            state.waker.wake();
+        }
+        live.len()
+    }
+
+    /// Waits until no connection is open.
+    pub async fn closed(&self) {
+        loop {
+            let emptied = self.shared.emptied.notified();
+            tokio::pin!(emptied);
+            emptied.as_mut().enable();
+            if self.open() == 0 {
+                return;
+            }
+            emptied.await;
+        }
+    }
+}
+
+/// How [`incoming`] accepts connections.
+pub struct Accept {
+    /// TLS for this port, if on.
+    pub tls: Option<(Arc<ReloadableTls>, Port)>,
+    /// Connections open at once, those still in their handshake included.
+    pub max_connections: usize,
+    /// The time a new connection has to finish its TLS handshake and, with `http2_preface`,
+    /// send the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// The port speaks only HTTP/2: wait for the client's preface before handing the
+    /// connection on.
+    pub http2_preface: bool,
+    /// Where the port's connections are counted.
+    pub metrics: ConnMetrics,
+}
+
+/// Accepts connections on `listener` as `accept` says, and yields them to the server, each
+/// tracked in `connections`. Ends when the server drops the stream or `connections` is cut.
 pub fn incoming(
     listener: TcpListener,
-    tls: Option<(Arc<ReloadableTls>, Port)>,
-    max_connections: usize,
-    metrics: ConnMetrics,
+    accept: Accept,
+    connections: Connections,
 ) -> ReceiverStream<io::Result<Conn>> {
     let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+    let Accept {
+        tls,
+        max_connections,
+        handshake_timeout,
+        http2_preface,
+        metrics,
+    } = accept;
     let slots = Arc::new(Semaphore::new(max_connections));
+    let cut = connections.shared.cut.clone();
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 _ = tx.closed() => return,
+                _ = cut.cancelled() => return,
             };
             let (tcp, peer) = match accepted {
                 Ok(conn) => conn,
@@ -196,41 +380,38 @@ pub fn incoming(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (tx, metrics) = (tx.clone(), metrics.clone());
+            let (tx, metrics, connections) = (tx.clone(), metrics.clone(), connections.clone());
             let acceptor = tls.as_ref().map(|(t, port)| t.acceptor(*port));
+            // Off the accept loop: a slow client holds only its own task, and only until the
+            // deadline.
             tokio::spawn(async move {
-                let (io, certs) = match acceptor {
-                    None => (Either::Left(tcp), None),
-                    Some(acceptor) => {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => {
-                                let certs = stream
-                                    .get_ref()
-                                    .1
-                                    .peer_certificates()
-                                    .map(|c| Arc::new(c.to_vec()));
-                                (Either::Right(stream), certs)
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
+                let handshake = handshake(tcp, acceptor, http2_preface);
+                let (io, certs, replay) = tokio::select! {
+                    done = tokio::time::timeout(handshake_timeout, handshake) => match done {
+                        Ok(Ok(done)) => done,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "connection closed during its handshake");
+                            return;
                         }
-                    }
+                        Err(_) => {
+                            tracing::debug!(%peer, ?handshake_timeout, "connection closed: handshake not finished within handshake_timeout");
+                            return;
+                        }
+                    },
+                    _ = connections.shared.cut.cancelled() => return,
                 };
+                let state = Arc::<ConnState>::default();
                 metrics.open.increment(1.0);
                 let conn = Conn {
                     io,
+                    replay,
                     info: ConnInfo {
                         remote: Some(peer),
                         certs,
-                        state: Arc::default(),
+                        state: state.clone(),
                     },
                     metrics,
+                    tracked: connections.track(state),
                     _permit: permit,
                 };
                 let _ = tx.send(Ok(conn)).await;
@@ -238,6 +419,51 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// The verified client certificate chain, if any.
+type Certs = Option<Arc<Vec<CertificateDer<'static>>>>;
+
+/// Completes the TLS handshake (with `acceptor`) and, with `http2_preface`, reads the client's
+/// HTTP/2 preface, which comes back to be served again to the server.
+async fn handshake(
+    tcp: TcpStream,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    http2_preface: bool,
+) -> io::Result<(Io, Certs, Bytes)> {
+    let (mut io, certs) = match acceptor {
+        None => (Either::Left(tcp), None),
+        Some(acceptor) => {
+            let stream = acceptor.accept(tcp).await?;
+            let certs = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| Arc::new(c.to_vec()));
+            (Either::Right(stream), certs)
+        }
+    };
+    if !http2_preface {
+        return Ok((io, certs, Bytes::new()));
+    }
+    let mut preface = [0u8; HTTP2_PREFACE.len()];
+    let mut got = 0;
+    while got < preface.len() {
+        let n = io.read(&mut preface[got..]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        // A client that sends anything else is refused at once, without waiting for more.
+        if preface[got..got + n] != HTTP2_PREFACE[got..got + n] {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not an HTTP/2 client preface",
+            ));
+        }
+        got += n;
+    }
+    // It matched: serve the server the same bytes.
+    Ok((io, certs, Bytes::from_static(HTTP2_PREFACE)))
 }
 
 /// The authentication layer. See the module docs.

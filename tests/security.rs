@@ -493,3 +493,203 @@ async fn over_mutual_tls_oversized_messages_and_stream_floods_leave_others_serve
     connect().await.get(get()).await.unwrap();
     srv.stop().await;
 }
+
+/// Waits until the server has closed `conn`: a read gives end-of-stream or an error (a TLS
+/// stream closed without close_notify, or a reset). Panics if it stays open for `within`.
+async fn closed_by_server<S: tokio::io::AsyncRead + Unpin>(conn: &mut S, within: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => panic!("the server left the connection open"),
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            // Whatever the server said before closing (a TLS alert, an HTTP error): read on.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Retries `attempt` (each on a fresh connection, each bounded) until it succeeds, panicking
+/// with the last error if `within` passes first.
+async fn served_within<F, Fut>(within: Duration, mut attempt: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let last = match tokio::time::timeout(Duration::from_secs(5), attempt()).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(_) => "timed out".to_string(),
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a real client is still locked out: {last}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn connections_that_never_speak_cannot_hold_max_connections() {
+    let srv = common::TestServer::with_config(Config {
+        max_connections: 8,
+        handshake_timeout: Duration::from_millis(300),
+        ..common::test_config()
+    })
+    .await;
+    let addr = srv.daemon.grpc_addr;
+    // Eight connections that never send a byte take every slot; one that sends half the
+    // HTTP/2 preface and stops is among them.
+    let mut silent = Vec::new();
+    for _ in 0..7 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut half, b"PRI * HTTP/2.0\r\n")
+        .await
+        .unwrap();
+    silent.push(half);
+    // The server closes each of them once handshake_timeout passes...
+    for conn in &mut silent {
+        closed_by_server(conn, Duration::from_secs(20)).await;
+    }
+    // ...and a real client is served again.
+    let url = srv.url();
+    served_within(Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            let channel = Channel::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            SessionStoreClient::new(channel)
+                .create(create_for("after"))
+                .await
+                .map(drop)
+                .map_err(|e| format!("call: {e}"))
+        }
+    })
+    .await;
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn over_tls_connections_that_stall_in_or_after_the_handshake_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("server ca");
+    let srv = common::TestServer::with_config(Config {
+        max_connections: 8,
+        handshake_timeout: Duration::from_millis(300),
+        ..tls_config(dir.path(), &ca, None)
+    })
+    .await;
+    let addr = srv.daemon.grpc_addr;
+    // Four never start TLS; four finish the TLS handshake and then never send the HTTP/2
+    // preface.
+    let mut raw = Vec::new();
+    for _ in 0..4 {
+        raw.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let connector = tls_connector(&ca);
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        stalled.push(connector.connect(name, tcp).await.unwrap());
+    }
+    for conn in &mut raw {
+        closed_by_server(conn, Duration::from_secs(20)).await;
+    }
+    for conn in &mut stalled {
+        closed_by_server(conn, Duration::from_secs(20)).await;
+    }
+    served_within(Duration::from_secs(20), || async {
+        let channel = channel(addr, &ca, None)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        SessionStoreClient::new(channel)
+            .create(create_for("after"))
+            .await
+            .map(drop)
+            .map_err(|e| format!("call: {e}"))
+    })
+    .await;
+    srv.stop().await;
+}
+
+/// A rustls client that trusts `ca`.
+fn tls_connector(ca: &Ca) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+/// GET `path` on the admin port: the status, or `None` if the connection was refused or cut.
+async fn admin_status(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).await.ok()?;
+    String::from_utf8_lossy(&reply)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn idle_admin_connections_are_capped_and_timed_out_so_metrics_keeps_answering() {
+    use tokio::io::AsyncWriteExt;
+    let srv = common::TestServer::with_config(Config {
+        admin_max_connections: 4,
+        admin_header_read_timeout: Duration::from_millis(300),
+        ..common::test_config()
+    })
+    .await;
+    let addr = srv.daemon.admin_addr;
+    // Three sockets that never send a byte and one that never finishes its headers fill the
+    // cap.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n")
+        .await
+        .unwrap();
+    idle.push(slow);
+    // Past the cap, more sockets are closed instead of piling up.
+    let mut extra = Vec::new();
+    for _ in 0..8 {
+        extra.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    for conn in extra.iter_mut().chain(&mut idle) {
+        closed_by_server(conn, Duration::from_secs(20)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while admin_status(addr, "/metrics").await != Some(200) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/metrics does not answer"
+        );
+        tokio::task::yield_now().await;
+    }
+    srv.stop().await;
+}
