@@ -24,7 +24,9 @@ use crate::persist::log::Log;
 use crate::persist::Persistence;
 use crate::store::events::{EventSink, Fanout};
 use crate::store::{reaper, MemoryPool, Store};
-use crate::tenant::{parse_token_sha256, Credential, Tenant, Tenants, DEFAULT_TENANT};
+use crate::tenant::{
+    memory_pool, parse_token_sha256, tenant_limits, Credential, Tenant, Tenants, DEFAULT_TENANT,
+};
 use crate::tls::{Port, ReloadableTls, TlsError};
 use crate::transport::{Accept, AuthLayer, Connections};
 
@@ -70,7 +72,7 @@ fn start_tenant(
         None => (DEFAULT_TENANT, config.limits(), config.data_dir.clone()),
         Some(t) => (
             t.name.as_str(),
-            config.tenant_limits(t),
+            tenant_limits(config, t),
             config.data_dir.join("tenants").join(&t.name),
         ),
     };
@@ -148,7 +150,7 @@ impl Daemon {
         let grpc_addr = grpc.local_addr()?;
         let admin_addr = admin.local_addr()?;
         let telemetry = Telemetry::new();
-        let pool = MemoryPool::new(config.max_memory_bytes);
+        let pool = memory_pool(&config);
         let started = if config.tenants.is_empty() {
             vec![start_tenant(&config, &telemetry, &clock, &pool, None)?]
         } else {

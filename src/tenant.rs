@@ -10,7 +10,10 @@
 //! - its connection's verified client certificate has the tenant's `client_subject`.
 //!
 //! Tenants never share a store, so an ID of one is NOT_FOUND for every other, and
-//! ListUserSessions cannot cross them.
+//! ListUserSessions cannot cross them. They share the daemon-wide `max_memory_bytes`
+//! ([`memory_pool`]): each is guaranteed an equal share of it, and a tenant with no
+//! `max_memory_bytes` of its own holds at most that share, so no tenant can fill the pool
+//! and make another evict its own users.
 
 use std::sync::Arc;
 
@@ -18,8 +21,9 @@ use rustls::pki_types::CertificateDer;
 use subtle::ConstantTimeEq;
 
 use crate::api::guessing::GuessWatch;
+use crate::config::{Config, TenantConfig};
 use crate::persist::log::{FsyncPolicy, Log};
-use crate::store::Store;
+use crate::store::{Limits, MemoryPool, Store};
 
 /// The name of the one tenant in single-tenant mode.
 pub const DEFAULT_TENANT: &str = "default";
@@ -171,6 +175,23 @@ impl Tenants {
     }
 }
 
+/// The daemon-wide memory pool: `max_memory_bytes`, shared by every tenant's store, with an
+/// equal share guaranteed to each (see [`MemoryPool`]).
+pub fn memory_pool(config: &Config) -> Arc<MemoryPool> {
+    MemoryPool::shared(config.max_memory_bytes, config.tenants.len().max(1))
+}
+
+/// A tenant's limits: its own quotas over the daemon-wide settings. Without a
+/// `max_memory_bytes` of its own, it gets an equal share of the daemon-wide one, the share
+/// [`memory_pool`] guarantees it.
+pub fn tenant_limits(config: &Config, t: &TenantConfig) -> Limits {
+    let mut limits = config.tenant_limits(t);
+    if t.max_memory_bytes.is_none() {
+        limits.max_memory_bytes = memory_pool(config).share();
+    }
+    limits
+}
+
 /// Parses the hex of a `token_sha256` setting (validated by the config already).
 pub fn parse_token_sha256(hex: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
@@ -242,6 +263,39 @@ mod tests {
         let tenants = Tenants::open(tenant(DEFAULT_TENANT));
         assert!(!tenants.requires_credentials());
         assert_eq!(&*tenants.authenticate(None, None).unwrap().name, "default");
+    }
+
+    #[test]
+    fn a_tenant_without_its_own_memory_cap_gets_an_equal_share_of_the_pool() {
+        let tenant = |name: &str, max_memory_bytes| TenantConfig {
+            name: name.into(),
+            max_memory_bytes,
+            ..TenantConfig::default()
+        };
+        let config = Config {
+            max_memory_bytes: 3000,
+            tenants: vec![
+                tenant("shop", None),
+                tenant("blog", None),
+                tenant("admin", Some(500)),
+            ],
+            ..Config::default()
+        };
+        let caps: Vec<usize> = config
+            .tenants
+            .iter()
+            .map(|t| tenant_limits(&config, t).max_memory_bytes)
+            .collect();
+        assert_eq!(caps, [1000, 1000, 500]);
+        let pool = memory_pool(&config);
+        assert_eq!((pool.cap(), pool.share()), (3000, 1000));
+        // Single-tenant mode: the one store has the whole pool.
+        let single = Config {
+            max_memory_bytes: 3000,
+            ..Config::default()
+        };
+        assert_eq!(memory_pool(&single).share(), 3000);
+        assert_eq!(single.limits().max_memory_bytes, 3000);
     }
 
     #[test]

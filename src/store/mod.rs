@@ -4,10 +4,28 @@
 //! sessions by user, and a lazy timing wheel ([`wheel`]) indexes them by deadline for the
 //! [`reaper`]. Every change emits one [`events::Event`].
 //!
-//! Lock order, the rule that keeps this deadlock-free: a user's index entry is always taken
-//! before any session entry, never the other way round, and never two of either at once.
+//! Lock order, the one rule that keeps this deadlock-free. Locks are taken in this order,
+//! never the other way round, and never two of one kind at once unless said here:
+//!
+//! 1. user latches (`Store::latch_users`): a striped set of mutexes chosen by a hash of
+//!    the user ID. Every user-wide operation (Create or Regenerate binding a user,
+//!    ListUserSessions, DestroyUserSessions) holds its users' latches for its whole run, so
+//!    a login's move from one user's list to another's is one step to all of them. A login
+//!    takes two, in stripe order; two users on one stripe share it.
+//! 2. a user's index entry in `users` (a DashMap shard lock: two at once could be the same
+//!    shard and deadlock, which is why the latches exist);
+//! 3. a part of the expiry wheel (its sweep looks keys up in `sessions`, so nothing files
+//!    or takes wheel keys while holding a session entry);
+//! 4. a session's entry in `sessions`.
+//!
 //! A key's user never changes (regenerate makes a new key), so reading it first and then
-//! locking the user's entry is stable.
+//! locking the user's entry is stable. Removing a key from its user's list needs only the
+//! entry (rule 2), not the latch: lists only shrink that way, which no user-wide operation
+//! can mistake for anything else.
+//!
+//! Record order: a new key (Create, Regenerate) becomes reachable (map, wheel, eviction
+//! sample, user list) only after its event is emitted, so the log never holds an `End`
+//! before the record that made the key.
 //!
 //! Every read checks the deadline itself, so correctness never rests on the reaper keeping
 //! up; the reaper only frees memory.
@@ -18,9 +36,11 @@ pub mod packed;
 pub mod reaper;
 pub mod wheel;
 
+use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -164,6 +184,8 @@ pub struct Reaped {
     pub more: bool,
     /// How late the oldest due slot was at the time of this step.
     pub lag: Option<Millis>,
+    /// Keys of sessions that had ended early, dropped from the expiry wheel.
+    pub swept: usize,
 }
 
 /// Point-in-time counters, cheap to read (atomics and a map length).
@@ -293,34 +315,107 @@ struct Inner {
     bytes: AtomicUsize,
     /// The daemon-wide memory budget this store draws on with the others.
     pool: Arc<MemoryPool>,
+    /// The part of the pool held for this store alone: up to this many bytes it never
+    /// evicts because of what other stores hold.
+    reserved: usize,
     /// Rotates the wheel part eviction samples start from.
     evict_from: AtomicUsize,
+    /// User latches (see the module docs), chosen by `latch_hasher`.
+    latches: Box<[Mutex<()>]>,
+    latch_hasher: RandomState,
     /// `create_rate` and `create_burst`, on the store's clock.
     creates: RateLimiter<NotKeyed, InMemoryState, RateClock, NoOpMiddleware<Nanos>>,
     sink: Box<dyn EventSink>,
 }
 
 /// The memory budget all stores of one daemon share (one store per tenant): the daemon-wide
-/// `max_memory_bytes`. Each store also keeps to its own cap; a store that needs room evicts
-/// from itself.
+/// `max_memory_bytes`.
+///
+/// Each store is guaranteed its share, `min(its own max_memory_bytes, cap / tenants)`: up to
+/// that it never has to evict because of what the others hold. Beyond its share a store may
+/// grow (to its own cap) only into what no other store holds or is guaranteed; when that is
+/// used up, it evicts its own sessions, never another store's. Shares are handed out as
+/// stores join and never add up to more than the cap, so neither does what the stores hold.
 #[derive(Debug)]
 pub struct MemoryPool {
+    /// Bytes held by all stores.
     used: AtomicUsize,
+    /// The sum over stores of `max(held, share)`: what is held or promised. Signed, because
+    /// concurrent changes of one store may land here in another order than in its counter.
+    committed: AtomicIsize,
+    /// The sum of the shares handed out.
+    reserved: AtomicUsize,
     cap: usize,
+    share: usize,
 }
 
 impl MemoryPool {
-    /// A budget of `cap` bytes.
+    /// A budget of `cap` bytes for one store.
     pub fn new(cap: usize) -> Arc<Self> {
+        Self::shared(cap, 1)
+    }
+
+    /// A budget of `cap` bytes shared by `tenants` stores, each guaranteed an equal share.
+    pub fn shared(cap: usize, tenants: usize) -> Arc<Self> {
         Arc::new(MemoryPool {
             used: AtomicUsize::new(0),
+            committed: AtomicIsize::new(0),
+            reserved: AtomicUsize::new(0),
             cap,
+            share: cap / tenants.max(1),
         })
     }
 
     /// Bytes held by all stores in the pool.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// The daemon-wide cap.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// The equal share of one tenant: what a tenant with no `max_memory_bytes` of its own
+    /// may hold.
+    pub fn share(&self) -> usize {
+        self.share
+    }
+
+    /// Hands a joining store with its own cap `own` its guaranteed share, no more than is
+    /// left unpromised.
+    fn join(&self, own: usize) -> usize {
+        let want = own.min(self.share);
+        let mut granted = 0;
+        let _ = self
+            .reserved
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                granted = want.min(self.cap.saturating_sub(r));
+                Some(r + granted)
+            });
+        self.committed
+            .fetch_add(granted as isize, Ordering::Relaxed);
+        granted
+    }
+
+    /// Gives back what a store held and was promised, when it goes away.
+    fn leave(&self, reserved: usize, held: usize) {
+        self.used.fetch_sub(held, Ordering::Relaxed);
+        self.committed
+            .fetch_sub(held.max(reserved) as isize, Ordering::Relaxed);
+        self.reserved.fetch_sub(reserved, Ordering::Relaxed);
+    }
+
+    /// Bytes held or promised.
+    fn committed(&self) -> usize {
+        self.committed.load(Ordering::Relaxed).max(0) as usize
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.pool
+            .leave(self.reserved, self.bytes.load(Ordering::Relaxed));
     }
 }
 
@@ -345,6 +440,13 @@ const EVICTION_SAMPLE: usize = 64;
 
 /// Eviction rounds one call may run before it gives up with RESOURCE_EXHAUSTED.
 const EVICTION_ROUNDS: usize = 8;
+
+/// Stripes of user latches (see the module docs); per-store, so a few dozen mutexes.
+const USER_LATCHES: usize = 64;
+
+/// The expiry wheel is swept once it holds more than twice as many keys as there are
+/// sessions, plus this many (so a small store is not swept over a handful of keys).
+const WHEEL_SWEEP_SLACK: usize = 4096;
 
 /// Granularity of the expiry wheel. Reads are exact regardless; this only sets how soon after
 /// its deadline a dead session's memory is freed.
@@ -383,6 +485,7 @@ impl Store {
         let quota = Quota::per_second(NonZeroU32::new(limits.create_rate).unwrap_or(one))
             .allow_burst(NonZeroU32::new(limits.create_burst).unwrap_or(one));
         let creates = RateLimiter::direct_with_clock(quota, RateClock(clock.clone()));
+        let reserved = pool.join(limits.max_memory_bytes);
         Store {
             inner: Arc::new(Inner {
                 sessions: DashMap::with_capacity_and_hasher_and_shard_amount(
@@ -396,8 +499,11 @@ impl Store {
                 limits,
                 count: AtomicUsize::new(0),
                 bytes: AtomicUsize::new(0),
+                reserved,
                 pool,
                 evict_from: AtomicUsize::new(0),
+                latches: (0..USER_LATCHES).map(|_| Mutex::new(())).collect(),
+                latch_hasher: RandomState::new(),
                 creates,
                 sink,
             }),
@@ -446,8 +552,8 @@ impl Store {
         self.check_shape(attrs.len(), bytes)?;
         self.take_create_token()?;
 
-        let now = self.now();
-        self.make_room(bytes, now)?;
+        // Eviction takes time: the session starts once there is room for it.
+        let now = self.make_room(bytes, self.now())?;
         let session = Session {
             key: SessionKey::generate(),
             user,
@@ -460,12 +566,16 @@ impl Store {
             client: req.client,
         };
         self.reserve_slot()?;
+        let _latch = self.latch_users(session.user.as_deref(), None);
         let inserted = self.in_user_index(session.user.as_ref(), |keys| {
             if let Some(keys) = keys {
-                self.prune_and_check_room(keys, now)?;
+                let victims = self.user_room(keys, now)?;
+                self.evict_from_user(keys, &victims, now);
+                self.insert(&session, bytes);
                 keys.push(session.key);
+            } else {
+                self.insert(&session, bytes);
             }
-            self.insert(&session, bytes);
             Ok(())
         });
         if let Err(e) = inserted {
@@ -504,88 +614,83 @@ impl Store {
     }
 
     /// Applies a partial update atomically: every check passes before anything changes.
+    ///
+    /// Bounded work: the counts are checked first, every check after them is linear in the
+    /// request, and the work under the session's lock is linear in `max_attributes`.
     pub fn update(&self, id: &str, change: Change) -> Result<Session, StoreError> {
         let key = SessionKey::parse(id)?;
+        let l = &self.inner.limits;
+        for (what, n) in [
+            ("the number of keys in set", change.set.len()),
+            ("the number of keys in remove", change.remove.len()),
+        ] {
+            if n > l.max_attributes {
+                return Err(StoreError::over(
+                    what,
+                    n,
+                    "max_attributes",
+                    l.max_attributes,
+                ));
+            }
+        }
+        let mut set: HashSet<&str> = HashSet::with_capacity(change.set.len());
         for (k, v) in &change.set {
             self.check_attribute(k, v)?;
+            if !set.insert(k) {
+                return Err(StoreError::Invalid(
+                    "an attribute key appears twice in set".into(),
+                ));
+            }
         }
+        // A key listed twice in remove is removed once.
+        let mut remove: HashSet<&str> = HashSet::with_capacity(change.remove.len());
         for k in &change.remove {
-            if k.len() > self.inner.limits.max_key_bytes {
+            if k.len() > l.max_key_bytes {
                 return Err(StoreError::over(
                     "a removed attribute key's length",
                     k.len(),
                     "max_key_bytes",
-                    self.inner.limits.max_key_bytes,
+                    l.max_key_bytes,
                 ));
             }
-            if change.set.iter().any(|(s, _)| s == k) {
+            if set.contains(k.as_str()) {
                 return Err(StoreError::Invalid(
                     "an attribute key is in both set and remove".into(),
                 ));
             }
+            remove.insert(k);
         }
-        let now = self.now();
-        // Room for the worst case (every key new), made before this session's lock is taken:
-        // eviction locks other sessions.
-        let growth = change
+        let growth: usize = change
             .set
             .iter()
             .map(|(k, v)| attribute_bytes(k, v.len()))
             .sum();
-        self.make_room(growth, now)?;
+        // Look the session up before making room, so an Update that fails anyway evicts
+        // nobody. Room for the worst case (every key new) is made before this session's
+        // lock is taken: eviction locks other sessions.
+        let now = self.now();
+        self.check_writable(key, change.expected_version, now)?;
+        // Eviction takes time: the session may have expired meanwhile, so it is checked
+        // again, at the time the change happens.
+        let now = self.make_room(growth, now)?;
         let mut entry = self
             .inner
             .sessions
             .get_mut(&key)
             .ok_or(StoreError::NotFound)?;
-        if !entry.is_live(now) {
-            return Err(StoreError::NotFound);
-        }
-        if let Some(expected) = change.expected_version {
-            if expected != entry.version {
-                return Err(StoreError::VersionMismatch {
-                    expected,
-                    current: entry.version,
-                });
+        check_entry(&entry, change.expected_version, now)?;
+        // Work out the result's shape first, so a limit failure leaves the session untouched:
+        // one pass over the stored attributes.
+        let mut bytes = entry.bytes + growth;
+        let mut kept: Vec<(&str, Bytes)> = Vec::with_capacity(entry.attrs.len());
+        for (k, v) in entry.attrs.iter() {
+            if set.contains(k) || remove.contains(k) {
+                bytes -= attribute_bytes(k, v.len());
+            } else {
+                kept.push((k, v));
             }
         }
-        // Work out the result's shape first, so a limit failure leaves the session untouched.
-        let mut count = entry.attrs.len();
-        let mut bytes = entry.bytes;
-        let mut seen: Vec<&str> = Vec::with_capacity(change.set.len());
-        for (k, v) in &change.set {
-            if seen.contains(&k.as_str()) {
-                return Err(StoreError::Invalid(
-                    "an attribute key appears twice in set".into(),
-                ));
-            }
-            seen.push(k);
-            match entry.attrs.get(k) {
-                Some(old) => {
-                    bytes = bytes - attribute_bytes(k, old.len()) + attribute_bytes(k, v.len())
-                }
-                None => {
-                    count += 1;
-                    bytes += attribute_bytes(k, v.len());
-                }
-            }
-        }
-        for (i, k) in change.remove.iter().enumerate() {
-            // A key listed twice is removed once.
-            if change.remove[..i].contains(k) {
-                continue;
-            }
-            if let Some(old) = entry.attrs.get(k) {
-                count -= 1;
-                bytes -= attribute_bytes(k, old.len());
-            }
-        }
-        self.check_shape(count, bytes)?;
-
-        let replaced = |k: &str| {
-            change.remove.iter().any(|r| r == k) || change.set.iter().any(|(s, _)| s == k)
-        };
-        let kept: Vec<(&str, Bytes)> = entry.attrs.iter().filter(|(k, _)| !replaced(k)).collect();
+        self.check_shape(kept.len() + change.set.len(), bytes)?;
         let packed = Packed::pack(
             kept.iter()
                 .map(|(k, v)| (*k, v.as_ref()))
@@ -609,53 +714,88 @@ impl Store {
         Ok(entry.snapshot(key, true))
     }
 
+    /// Fails as a write to `key` would: missing, dead, or at another version.
+    fn check_writable(
+        &self,
+        key: SessionKey,
+        expected: Option<u64>,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let entry = self.inner.sessions.get(&key).ok_or(StoreError::NotFound)?;
+        check_entry(&entry, expected, now)
+    }
+
     /// Moves a session to a fresh ID. Once this returns, the old ID is dead for every call,
     /// and every update acknowledged on it is in the new session.
+    ///
+    /// The move holds both users' latches, so to every user-wide operation and to the
+    /// per-user cap it is one step: a DestroyUserSessions of either user runs wholly before
+    /// it (and the new session is not yet the user's) or wholly after it (and sees the new
+    /// session in the user's list).
     pub fn regenerate(&self, id: &str, rotation: Rotation) -> Result<Session, StoreError> {
         let old = SessionKey::parse(id)?;
         let new_user = match rotation.user {
             None => None,
             Some(u) => Some(self.check_user(Some(u))?),
         };
-        let now = self.now();
         let current_user = {
             let entry = self.inner.sessions.get(&old).ok_or(StoreError::NotFound)?;
-            if !entry.is_live(now) {
+            if !entry.is_live(self.now()) {
                 return Err(StoreError::NotFound);
             }
             entry.user.clone()
         };
         let user = new_user.unwrap_or_else(|| current_user.clone());
         let login = user != current_user;
-        if let (true, Some(u)) = (login, &user) {
-            self.ensure_user_room(u, now)?;
+        // A login may bind a longer user ID than the session had. Room is made after the
+        // lookup, so a Regenerate of a missing session evicts nobody.
+        let growth = user
+            .as_deref()
+            .map_or(0, str::len)
+            .saturating_sub(current_user.as_deref().map_or(0, str::len));
+        if growth > 0 {
+            self.make_room(growth, self.now())?;
         }
-        // The old key leaves and the new key arrives under the old user's index lock, so a
-        // concurrent DestroyUserSessions sees either the old session or the new one. On a
-        // login, the new key then joins the new user's index; in between the session is in
-        // neither list, which DestroyUserSessions of either user can only see as "not mine".
-        let session = self.in_user_index(current_user.as_ref(), |keys| {
-            let (_, entry) = self
-                .inner
-                .sessions
-                .remove_if(&old, |_, e| e.is_live(now))
-                .ok_or(StoreError::NotFound)?;
-            let session = self.rotated(*entry, old, &user, now, rotation.drop_attributes);
-            if let Some(keys) = keys {
-                keys.retain(|k| *k != old);
-                if !login {
-                    keys.push(session.key);
+        let _latches = self.latch_users(current_user.as_deref(), user.as_deref());
+        // Eviction and waiting for the latches take time: the old session must be live now.
+        let now = self.now();
+        // Nobody can add to the new user's list while its latch is held, so this check
+        // stands until the new key joins it. Victims are only picked here, and evicted once
+        // the old session is taken, so a Regenerate that fails evicts nobody.
+        let victims = match (login, &user) {
+            (true, Some(u)) => self.in_user_index(Some(u), |keys| {
+                keys.map_or(Ok(Vec::new()), |keys| self.user_room(keys, now))
+            })?,
+            _ => Vec::new(),
+        };
+        let (_, entry) = self
+            .inner
+            .sessions
+            .remove_if(&old, |_, e| e.is_live(now))
+            .ok_or(StoreError::NotFound)?;
+        if !victims.is_empty() {
+            self.in_user_index(user.as_ref(), |keys| {
+                if let Some(keys) = keys {
+                    self.evict_from_user(keys, &victims, now);
                 }
-            }
-            Ok::<_, StoreError>(session)
-        })?;
-        if let (true, Some(u)) = (login, &user) {
-            self.inner
-                .users
-                .entry(u.clone())
-                .or_default()
-                .push(session.key);
+            });
         }
+        let session = self.rotated(*entry, old, &user, now, rotation.drop_attributes);
+        if login {
+            self.in_user_index(current_user.as_ref(), |keys| {
+                if let Some(keys) = keys {
+                    keys.retain(|k| *k != old);
+                }
+            });
+        }
+        self.in_user_index(user.as_ref(), |keys| {
+            if let Some(keys) = keys {
+                if !login {
+                    keys.retain(|k| *k != old);
+                }
+                keys.push(session.key);
+            }
+        });
         Ok(session)
     }
 
@@ -669,6 +809,7 @@ impl Store {
     /// Lists a user's live sessions, oldest first.
     pub fn list_user(&self, user: &str, with_attributes: bool) -> Result<Vec<Session>, StoreError> {
         let user = self.check_listed_user(user)?;
+        let _latch = self.latch_users(Some(user), None);
         let keys = match self.inner.users.get(user) {
             Some(keys) => keys.clone(),
             None => return Ok(Vec::new()),
@@ -691,6 +832,7 @@ impl Store {
         let except = except.map(SessionKey::parse).transpose()?;
         let now = self.now();
         let user: Arc<str> = Arc::from(user);
+        let _latch = self.latch_users(Some(&user), None);
         let destroyed = self.in_user_index(Some(&user), |keys| {
             let Some(keys) = keys else { return 0 };
             let mut destroyed = 0u32;
@@ -736,6 +878,18 @@ impl Store {
             } else if self.end(key, now, EndCause::Expired, |e| !e.is_live(now)) {
                 out.expired += 1;
             }
+        }
+        // A session that ended early (destroyed, regenerated, evicted) leaves its key in the
+        // wheel until the slot comes due, days away; under churn those would pile up. Once
+        // they outnumber the live keys, sweep them out, `max` keys a step.
+        let wheel = &self.inner.wheel;
+        let sessions = self.inner.count.load(Ordering::Relaxed);
+        if !wheel.sweeping() && wheel.len() > sessions.saturating_mul(2) + WHEEL_SWEEP_SLACK {
+            wheel.start_sweep();
+        }
+        if wheel.sweeping() {
+            out.swept = wheel.sweep(max, |k| self.inner.sessions.contains_key(k));
+            out.more |= wheel.sweeping();
         }
         out
     }
@@ -819,40 +973,60 @@ impl Store {
         self.inner.clock.now()
     }
 
+    /// Stores a new session. Its event goes out first, while nothing else can reach the key
+    /// (it is fresh), so no `End` of it can reach the log before its `Created`.
     fn insert(&self, session: &Session, bytes: usize) {
+        self.add_bytes(bytes as isize);
+        self.inner.sink.record(&Event::Created { session, bytes });
         self.inner
             .sessions
             .insert(session.key, Box::new(Entry::from_session(session, bytes)));
         self.inner.wheel.file(session.key, session.expires_at());
-        self.add_bytes(bytes as isize);
-        self.inner.sink.record(&Event::Created { session, bytes });
     }
 
-    /// Evicts until `need` more bytes fit under `max_memory_bytes`. Candidates are the
+    /// Whether `need` more bytes fit: under the store's own `max_memory_bytes`, and either
+    /// within its guaranteed share of the pool or within what the pool has left.
+    fn fits(&self, need: usize) -> bool {
+        let held = self.inner.bytes.load(Ordering::Relaxed);
+        let after = held.saturating_add(need);
+        if after > self.inner.limits.max_memory_bytes {
+            return false;
+        }
+        let reserved = self.inner.reserved;
+        if after <= reserved {
+            return true;
+        }
+        let pool = &self.inner.pool;
+        let growth = after - held.max(reserved);
+        pool.committed().saturating_add(growth) <= pool.cap
+    }
+
+    /// Evicts until `need` more bytes fit (see [`Store::fits`]). Candidates are the
     /// earliest-filed sessions in the expiry wheel (a sample of the longest idle); within a
     /// sample, dead sessions go first, then anonymous ones, then authenticated ones, each by
-    /// deadline. Bounded work: gives up with RESOURCE_EXHAUSTED after a few samples.
-    fn make_room(&self, need: usize, now: Millis) -> Result<(), StoreError> {
-        let (own, pool) = (self.inner.limits.max_memory_bytes, &self.inner.pool);
-        let fits = || {
-            self.inner
-                .bytes
-                .load(Ordering::Relaxed)
-                .saturating_add(need)
-                <= own
-                && pool.used().saturating_add(need) <= pool.cap
-        };
-        if fits() {
-            return Ok(());
+    /// deadline. Only this store's sessions are candidates, and eviction stops as soon as the
+    /// need fits, so it never goes below the store's share. Bounded work: gives up with
+    /// RESOURCE_EXHAUSTED after a few samples.
+    ///
+    /// Callers look their session up first, so a request that fails anyway evicts nobody.
+    /// Returns the time to go on with: `now` if nothing had to be evicted, else the clock
+    /// read again, since eviction takes time and a session may have expired meanwhile.
+    fn make_room(&self, need: usize, now: Millis) -> Result<Millis, StoreError> {
+        if self.fits(need) {
+            return Ok(now);
         }
-        let cap = own.min(pool.cap);
+        let (own, pool) = (self.inner.limits.max_memory_bytes, &self.inner.pool);
         let exhausted = StoreError::Exhausted {
             limit: "max_memory_bytes",
-            max: cap as u64,
+            max: own.min(pool.cap) as u64,
             hint: "",
         };
-        if need > cap {
-            // Could never fit: evicting everyone else would not help.
+        // The most this store could hold by evicting all of its own sessions.
+        let reserved = self.inner.reserved;
+        let mine = self.inner.bytes.load(Ordering::Relaxed).max(reserved);
+        let others = pool.committed().saturating_sub(mine);
+        if need > own.min(reserved.max(pool.cap.saturating_sub(others))) {
+            // Could never fit: evicting every session this store may evict would not help.
             return Err(exhausted);
         }
         let mut sample = Vec::with_capacity(EVICTION_SAMPLE);
@@ -874,7 +1048,7 @@ impl Store {
                 .collect();
             ranked.sort_unstable_by_key(|&(live, auth, expires, _)| (live, auth, expires));
             for (live, _, expires, key) in ranked {
-                if fits() {
+                if self.fits(need) {
                     self.inner.wheel.file(key, expires);
                     continue;
                 }
@@ -891,8 +1065,8 @@ impl Store {
                     self.inner.wheel.file(key, expires);
                 }
             }
-            if fits() {
-                return Ok(());
+            if self.fits(need) {
+                return Ok(self.now());
             }
         }
         Err(exhausted)
@@ -946,53 +1120,77 @@ impl Store {
         out
     }
 
-    fn ensure_user_room(&self, user: &Arc<str>, now: Millis) -> Result<(), StoreError> {
-        match self.inner.users.get_mut(user) {
-            Some(mut keys) => self.prune_and_check_room(&mut keys, now),
-            None => Ok(()),
+    /// Takes the latches of users `a` and `b` (see the module docs): in stripe order, and
+    /// one stripe once, so two callers can never wait on each other.
+    fn latch_users(&self, a: Option<&str>, b: Option<&str>) -> [Option<MutexGuard<'_, ()>>; 2] {
+        let latches = &self.inner.latches;
+        let stripe = |u: &str| (self.inner.latch_hasher.hash_one(u) as usize) % latches.len();
+        let (mut first, mut second) = (a.map(stripe), b.map(stripe));
+        if second == first {
+            second = None;
         }
+        if let (Some(x), Some(y)) = (first, second) {
+            if y < x {
+                (first, second) = (second, first);
+            }
+        }
+        let take = |i: usize| {
+            latches[i]
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        [first.map(take), second.map(take)]
     }
 
-    /// Drops dead keys from a user's list, then fails if the user is at the limit.
-    fn prune_and_check_room(
+    /// Drops dead keys from a user's list, then checks `max_sessions_per_user` for one more
+    /// session: `Err` under `deny` if the user is at it; under `evict-oldest`, the sessions
+    /// to evict for room (none if there is room). Evicts nothing itself.
+    fn user_room(
         &self,
         keys: &mut Vec<SessionKey>,
         now: Millis,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<SessionKey>, StoreError> {
         let max = self.inner.limits.max_sessions_per_user;
         if keys.len() >= max {
             keys.retain(|k| self.inner.sessions.get(k).is_some_and(|e| e.is_live(now)));
         }
+        if keys.len() < max {
+            return Ok(Vec::new());
+        }
         match self.inner.limits.per_user_policy {
-            _ if keys.len() < max => {}
-            PerUserPolicy::Deny => {
-                return Err(StoreError::Exhausted {
-                    limit: "max_sessions_per_user",
-                    max: max as u64,
-                    hint: "; destroy one of the user's sessions first",
-                })
-            }
+            PerUserPolicy::Deny => Err(StoreError::Exhausted {
+                limit: "max_sessions_per_user",
+                max: max as u64,
+                hint: "; destroy one of the user's sessions first",
+            }),
             PerUserPolicy::EvictOldest => {
                 // Oldest by creation (login) time: the device the user is least likely to be
                 // sitting at. Every key left after the prune is live, so each has a time.
-                while keys.len() >= max {
-                    let oldest = keys
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, k)| self.inner.sessions.get(k).map_or(0, |e| e.created_at))
-                        .map(|(i, _)| i);
-                    let Some(i) = oldest else { break };
-                    let key = keys.swap_remove(i);
-                    if self
-                        .remove_entry(key, now, EndCause::Evicted, |_| true)
-                        .is_some()
-                    {
-                        tracing::info!(session = %key, "evicted a user's oldest session at max_sessions_per_user");
-                    }
-                }
+                let mut by_age: Vec<(Millis, SessionKey)> = keys
+                    .iter()
+                    .map(|k| {
+                        let created = self.inner.sessions.get(k).map_or(0, |e| e.created_at);
+                        (created, *k)
+                    })
+                    .collect();
+                by_age.sort_unstable_by_key(|&(created, _)| created);
+                let excess = keys.len() + 1 - max;
+                Ok(by_age.into_iter().take(excess).map(|(_, k)| k).collect())
             }
         }
-        Ok(())
+    }
+
+    /// Evicts `victims` (picked by [`Store::user_room`]) from a user's list and the map.
+    fn evict_from_user(&self, keys: &mut Vec<SessionKey>, victims: &[SessionKey], now: Millis) {
+        for &key in victims {
+            keys.retain(|k| *k != key);
+            if self
+                .remove_entry(key, now, EndCause::Evicted, |_| true)
+                .is_some()
+            {
+                tracing::info!(session = %key, "evicted a user's oldest session at max_sessions_per_user");
+            }
+        }
     }
 
     /// Stores `entry`, taken out from under `old`, under a fresh key: the second half of a
@@ -1020,10 +1218,7 @@ impl Store {
                 .iter()
                 .map(|(k, v)| attribute_bytes(k, v.len()))
                 .sum::<usize>();
-        self.inner
-            .sessions
-            .insert(s.key, Box::new(Entry::from_session(&s, bytes)));
-        self.inner.wheel.file(s.key, s.expires_at());
+        // The event first, as in `insert`: the new key is reachable only once it is out.
         let delta = bytes as isize - entry.bytes as isize;
         self.add_bytes(delta);
         self.inner.sink.record(&Event::Regenerated {
@@ -1031,6 +1226,10 @@ impl Store {
             session: &s,
             bytes_delta: delta,
         });
+        self.inner
+            .sessions
+            .insert(s.key, Box::new(Entry::from_session(&s, bytes)));
+        self.inner.wheel.file(s.key, s.expires_at());
         s
     }
 
@@ -1075,13 +1274,21 @@ impl Store {
     }
 
     fn add_bytes(&self, delta: isize) {
-        let (own, pool) = (&self.inner.bytes, &self.inner.pool.used);
-        if delta >= 0 {
-            own.fetch_add(delta as usize, Ordering::Relaxed);
-            pool.fetch_add(delta as usize, Ordering::Relaxed);
+        let (own, pool) = (&self.inner.bytes, &self.inner.pool);
+        let before = if delta >= 0 {
+            pool.used.fetch_add(delta as usize, Ordering::Relaxed);
+            own.fetch_add(delta as usize, Ordering::Relaxed)
         } else {
-            own.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
-            pool.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+            pool.used.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+            own.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed)
+        };
+        // What the pool counts as this store's is `max(held, reserved)`: it moves only above
+        // the share. Each change adds its own step, so the sum stays exact under races.
+        let after = before.wrapping_add_signed(delta);
+        let reserved = self.inner.reserved;
+        let step = after.max(reserved) as isize - before.max(reserved) as isize;
+        if step != 0 {
+            pool.committed.fetch_add(step, Ordering::Relaxed);
         }
     }
 
@@ -1179,6 +1386,20 @@ impl Store {
             ));
         }
         Ok(())
+    }
+}
+
+/// Fails as a write to `entry` would at `now`: dead, or at another version than `expected`.
+fn check_entry(entry: &Entry, expected: Option<u64>, now: Millis) -> Result<(), StoreError> {
+    if !entry.is_live(now) {
+        return Err(StoreError::NotFound);
+    }
+    match expected {
+        Some(expected) if expected != entry.version => Err(StoreError::VersionMismatch {
+            expected,
+            current: entry.version,
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -746,7 +746,7 @@ fn create_rate_is_a_token_bucket_on_the_store_clock() {
 #[test]
 fn stores_in_one_pool_share_the_daemon_wide_memory_cap() {
     const CAP: usize = 3 * 1024;
-    let pool = MemoryPool::new(CAP);
+    let pool = MemoryPool::shared(CAP, 2);
     let tenant = || {
         Store::in_pool(
             Limits::default(),
@@ -763,15 +763,76 @@ fn stores_in_one_pool_share_the_daemon_wide_memory_cap() {
         attributes: attrs(&[("blob", value.as_str())]),
         ..NewSession::default()
     };
-    // Four sessions of about 750 bytes fit in the pool: three in a, one in b.
-    let a_sessions: Vec<Session> = (0..3).map(|_| a.create(big()).unwrap()).collect();
-    let b_first = b.create(big()).unwrap();
+    // About 750 bytes each: two fit in a share of 1.5 KiB. Tenant a keeps creating; past its
+    // share it evicts its own sessions, since b's share is held for b.
+    let a_sessions: Vec<Session> = (0..6).map(|_| a.create(big()).unwrap()).collect();
+    assert!(a.stats().bytes <= CAP / 2);
+    assert_eq!(a.stats().sessions, 2);
+    // b, under its share, is never made to evict its own because of a.
+    let b_sessions: Vec<Session> = (0..2).map(|_| b.create(big()).unwrap()).collect();
+    for s in &b_sessions {
+        b.get(&id(s), true).unwrap();
+    }
+    a.get(&id(&a_sessions[5]), true).unwrap();
     assert_eq!(pool.used(), a.stats().bytes + b.stats().bytes);
-    // The fifth, in b, makes room by evicting b's own session, never a's.
+    assert!(pool.used() <= CAP);
+    // Past its own share, b evicts its own, never a's.
     b.create(big()).unwrap();
-    assert_eq!(b.get(&id(&b_first), true), Err(StoreError::NotFound));
-    for s in &a_sessions {
-        a.get(&id(s), true).unwrap();
+    let b_left = b_sessions.iter().filter(|s| b.get(&id(s), true).is_ok());
+    assert_eq!(b_left.count(), 1);
+    assert_eq!(a.stats().sessions, 2);
+    a.get(&id(&a_sessions[5]), true).unwrap();
+    assert!(pool.used() <= CAP);
+}
+
+#[test]
+fn a_tenant_filling_the_pool_never_makes_another_evict_below_its_share() {
+    const CAP: usize = 8 * 1024;
+    let pool = MemoryPool::shared(CAP, 2);
+    // The greedy tenant has a cap of its own as big as the whole pool; the quiet one takes
+    // the default, its equal share.
+    let store = |max_memory_bytes| {
+        Store::in_pool(
+            Limits {
+                max_memory_bytes,
+                ..Limits::default()
+            },
+            8,
+            Clock::manual(T0),
+            Box::new(events::Discard),
+            0,
+            pool.clone(),
+        )
+    };
+    let (greedy, quiet) = (store(CAP), store(pool.share()));
+    let value = "v".repeat(500);
+    let big = |user: Option<&str>| NewSession {
+        user: user.map(str::to_owned),
+        attributes: attrs(&[("blob", value.as_str())]),
+        ..NewSession::default()
+    };
+    // The greedy tenant alone may grow into what nobody else holds, but not into the quiet
+    // tenant's share.
+    for _ in 0..40 {
+        greedy.create(big(None)).unwrap();
+    }
+    assert!(
+        greedy.stats().bytes <= CAP - pool.share(),
+        "{:?}",
+        greedy.stats()
+    );
+    // The quiet tenant fills its share without evicting any of its own users.
+    let mut mine = Vec::new();
+    while quiet.stats().bytes + 800 <= pool.share() {
+        mine.push(quiet.create(big(Some("user"))).unwrap());
+        greedy.create(big(None)).unwrap();
+    }
+    assert!(mine.len() >= 4);
+    for s in &mine {
+        assert!(
+            quiet.get(&id(s), true).is_ok(),
+            "the quiet tenant lost a session"
+        );
     }
     assert!(pool.used() <= CAP);
 }
@@ -796,4 +857,621 @@ fn timeouts_under_a_millisecond_are_refused_not_dead_on_arrival() {
         );
     }
     assert_eq!(st.stats().sessions, 0);
+}
+
+#[test]
+fn update_counts_are_checked_before_any_other_work() {
+    let st = store();
+    let s = create(&st, None);
+    let many: Vec<String> = (0..200_000).map(|i| format!("k{i}")).collect();
+    let err = st
+        .update(
+            &id(&s),
+            Change {
+                remove: many.clone(),
+                ..Change::default()
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    assert!(err.to_string().contains("max_attributes"), "{err}");
+    // Even for a session that does not exist: the counts come first.
+    let unknown = SessionKey::generate().encode();
+    let set: Vec<(String, Bytes)> = many[..257]
+        .iter()
+        .map(|k| (k.clone(), Bytes::new()))
+        .collect();
+    let err = st
+        .update(
+            &unknown,
+            Change {
+                set,
+                ..Change::default()
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("max_attributes"), "{err}");
+    assert_eq!(st.get(&id(&s), true).unwrap().version, 1);
+
+    // At the limit, duplicates and overlaps are still refused by name.
+    let dup = st
+        .update(
+            &id(&s),
+            Change {
+                set: attrs(&[("a", "1"), ("b", "2"), ("a", "3")]),
+                ..Change::default()
+            },
+        )
+        .unwrap_err();
+    assert_eq!(
+        dup,
+        StoreError::Invalid("an attribute key appears twice in set".into())
+    );
+    let remove: Vec<String> = (0..255)
+        .map(|i| format!("r{i}"))
+        .chain(["a".into()])
+        .collect();
+    let overlap = st
+        .update(
+            &id(&s),
+            Change {
+                set: attrs(&[("a", "1")]),
+                remove,
+                ..Change::default()
+            },
+        )
+        .unwrap_err();
+    assert_eq!(
+        overlap,
+        StoreError::Invalid("an attribute key is in both set and remove".into())
+    );
+    // And the full count is accepted.
+    let remove: Vec<String> = (0..256).map(|i| format!("r{i}")).collect();
+    let u = st
+        .update(
+            &id(&s),
+            Change {
+                set: (0..256)
+                    .map(|i| (format!("s{i}"), Bytes::from_static(b"v")))
+                    .collect(),
+                remove,
+                ..Change::default()
+            },
+        )
+        .unwrap_err();
+    // 256 new keys beside the stored "cart" are one too many: the result's shape is checked.
+    assert!(u.to_string().contains("max_attributes"), "{u}");
+    let u = st
+        .update(
+            &id(&s),
+            Change {
+                set: (0..255)
+                    .map(|i| (format!("s{i}"), Bytes::from_static(b"v")))
+                    .collect(),
+                remove: vec!["cart".into(); 256],
+                ..Change::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(u.attributes.len(), 255);
+}
+
+/// A store near its memory cap: four sessions of about 750 bytes under 3 KiB.
+fn nearly_full(sink: Box<dyn EventSink>, clock: Clock) -> (Store, Vec<Session>) {
+    let st = Store::new(
+        Limits {
+            max_memory_bytes: 3 * 1024,
+            ..Limits::default()
+        },
+        8,
+        clock,
+        sink,
+    );
+    let value = "v".repeat(500);
+    let made = [None, None, Some("ann"), Some("bob")]
+        .into_iter()
+        .map(|user: Option<&str>| {
+            st.create(NewSession {
+                user: user.map(str::to_owned),
+                attributes: attrs(&[("blob", value.as_str())]),
+                ..NewSession::default()
+            })
+            .unwrap()
+        })
+        .collect();
+    (st, made)
+}
+
+#[test]
+fn a_failing_update_near_the_memory_cap_evicts_nobody() {
+    let (st, made) = nearly_full(Box::new(events::Discard), Clock::manual(T0));
+    let grow = |expected_version| Change {
+        set: attrs(&[("more", &"w".repeat(600))]),
+        expected_version,
+        ..Change::default()
+    };
+    let missing = SessionKey::generate().encode();
+    assert_eq!(st.update(&missing, grow(None)), Err(StoreError::NotFound));
+    assert!(matches!(
+        st.update(&id(&made[2]), grow(Some(7))),
+        Err(StoreError::VersionMismatch { .. })
+    ));
+    for s in &made {
+        assert!(
+            st.get(&id(s), true).is_ok(),
+            "a failing Update evicted a session"
+        );
+    }
+    // A Regenerate of a missing session does not make room either.
+    let login = Rotation {
+        user: Some("u".repeat(200)),
+        drop_attributes: false,
+    };
+    assert_eq!(st.regenerate(&missing, login), Err(StoreError::NotFound));
+    assert_eq!(st.stats().sessions, 4);
+    // An Update that succeeds evicts an anonymous session for its room.
+    st.update(&id(&made[2]), grow(Some(1))).unwrap();
+    assert_eq!(st.stats().sessions, 3);
+}
+
+/// Moves a manual clock forward whenever a session is evicted: as if making room took that
+/// long.
+struct SlowEviction(Clock, Duration);
+
+impl EventSink for SlowEviction {
+    fn record(&self, event: &Event<'_>) {
+        if let Event::Ended {
+            cause: EndCause::Evicted,
+            ..
+        } = event
+        {
+            self.0.advance(self.1);
+        }
+    }
+}
+
+#[test]
+fn a_session_that_expires_while_room_is_made_stays_dead() {
+    let clock = Clock::manual(T0);
+    let (st, made) = nearly_full(
+        Box::new(SlowEviction(clock.clone(), 2 * MIN)),
+        clock.clone(),
+    );
+    // ann's session dies at T0 + 30 min; eviction for the Update below takes 2 minutes.
+    clock.advance(29 * MIN);
+    let err = st.update(
+        &id(&made[2]),
+        Change {
+            set: attrs(&[("more", &"w".repeat(600))]),
+            ..Change::default()
+        },
+    );
+    assert_eq!(err, Err(StoreError::NotFound), "a dead session was written");
+    assert_eq!(st.get(&id(&made[2]), true), Err(StoreError::NotFound));
+
+    // The same for a login that needs room for its longer user ID.
+    let clock = Clock::manual(T0);
+    let (st, made) = nearly_full(
+        Box::new(SlowEviction(clock.clone(), 2 * MIN)),
+        clock.clone(),
+    );
+    st.update(
+        &id(&made[3]),
+        Change {
+            set: attrs(&[("pad", &"p".repeat(200))]),
+            ..Change::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let before = st.stats().sessions;
+    clock.advance(29 * MIN);
+    let login = Rotation {
+        user: Some("u".repeat(250)),
+        drop_attributes: false,
+    };
+    let err = st.regenerate(&id(&made[3]), login);
+    assert!(st.stats().sessions < before, "the login had to make room");
+    assert_eq!(
+        err,
+        Err(StoreError::NotFound),
+        "a dead session was regenerated"
+    );
+}
+
+/// Records, at the moment each new key's event goes out, whether the key could already be
+/// reached: by a lookup, or in the expiry wheel.
+#[derive(Default)]
+struct Reachability {
+    store: std::sync::OnceLock<Store>,
+    seen: Mutex<Vec<(&'static str, bool, usize)>>,
+}
+
+impl EventSink for Arc<Reachability> {
+    fn record(&self, event: &Event<'_>) {
+        let (what, key) = match event {
+            Event::Created { session, .. } => ("created", session.key),
+            Event::Regenerated { session, .. } => ("regenerated", session.key),
+            _ => return,
+        };
+        let st = self.store.get().expect("store set");
+        let found = st.get(&key.encode(), true).is_ok();
+        self.seen
+            .lock()
+            .unwrap()
+            .push((what, found, st.wheel_len()));
+    }
+}
+
+#[test]
+fn a_new_key_is_reachable_only_after_its_event_is_out() {
+    let rec = Arc::new(Reachability::default());
+    let st = Store::new(
+        Limits::default(),
+        4,
+        Clock::manual(T0),
+        Box::new(rec.clone()),
+    );
+    rec.store.set(st.clone()).ok().unwrap();
+    let a = create(&st, None);
+    let ivy = create(&st, Some("ivy"));
+    st.regenerate(&id(&a), Rotation::default()).unwrap();
+    st.regenerate(
+        &id(&ivy),
+        Rotation {
+            user: Some("jo".into()),
+            drop_attributes: false,
+        },
+    )
+    .unwrap();
+    // Wheel sizes: the regenerated keys' old entries wait there for the reaper.
+    assert_eq!(
+        *rec.seen.lock().unwrap(),
+        [
+            ("created", false, 0),
+            ("created", false, 1),
+            ("regenerated", false, 2),
+            ("regenerated", false, 3),
+        ]
+    );
+}
+
+/// Records every event's key in order, for checking that no `Ended` precedes its `Created`.
+#[derive(Default)]
+struct Order(Mutex<Vec<(bool, SessionKey)>>);
+
+impl EventSink for Arc<Order> {
+    fn record(&self, event: &Event<'_>) {
+        let entry = match event {
+            Event::Created { session, .. } | Event::Regenerated { session, .. } => {
+                (true, session.key)
+            }
+            Event::Ended { key, .. } => (false, *key),
+            _ => return,
+        };
+        self.0.lock().unwrap().push(entry);
+    }
+}
+
+#[test]
+fn no_end_reaches_the_sink_before_the_record_that_made_the_key() {
+    let order = Arc::new(Order::default());
+    let st = Store::new(
+        Limits {
+            max_memory_bytes: 16 * 1024,
+            ..Limits::default()
+        },
+        4,
+        Clock::manual(T0),
+        Box::new(order.clone()),
+    );
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for i in 0..500 {
+                    // Short-lived sessions file at the front of the wheel, where eviction
+                    // samples; every create past the cap evicts.
+                    // (Racing evictors may leave each other no sample: a refusal is fine.)
+                    let Ok(s) = st.create(NewSession {
+                        attributes: attrs(&[("blob", &"b".repeat(300))]),
+                        idle_timeout: Some(Duration::from_millis(1 + i % 3)),
+                        ..NewSession::default()
+                    }) else {
+                        continue;
+                    };
+                    if i % 2 == 0 {
+                        let _ = st.regenerate(&id(&s), Rotation::default());
+                    }
+                }
+            });
+        }
+    });
+    let mut made = HashSet::new();
+    for (created, key) in order.0.lock().unwrap().iter() {
+        if *created {
+            made.insert(*key);
+        } else {
+            assert!(
+                made.contains(key),
+                "an End before the record that made its key"
+            );
+        }
+    }
+}
+
+#[test]
+fn destroyed_and_regenerated_sessions_do_not_pile_up_in_the_wheel() {
+    let st = store();
+    let live: Vec<Session> = (0..10).map(|_| create(&st, Some("kim"))).collect();
+    let mut peak = 0;
+    let mut rotating = create(&st, None);
+    for i in 0..30_000 {
+        let s = create(&st, None);
+        st.destroy(&id(&s)).unwrap();
+        if i % 3 == 0 {
+            rotating = st.regenerate(&id(&rotating), Rotation::default()).unwrap();
+        }
+        if i % 100 == 0 {
+            // What the reaper does every tick.
+            st.reap(1000);
+            peak = peak.max(st.wheel_len());
+        }
+    }
+    while st.reap(1000).more {}
+    let sessions = st.stats().sessions;
+    assert_eq!(sessions, live.len() + 1);
+    let bound = 2 * sessions + WHEEL_SWEEP_SLACK + 1000 + 200;
+    assert!(
+        peak <= bound,
+        "the wheel grew to {peak} keys for {sessions} sessions"
+    );
+    assert!(st.wheel_len() <= bound);
+    for s in &live {
+        assert!(st.get(&id(s), true).is_ok());
+    }
+    // Live keys are still filed: they expire and are freed as usual.
+    st.clock().advance(31 * MIN);
+    while st.reap(1000).more {}
+    assert_eq!(st.stats().sessions, 0);
+    assert_eq!(st.wheel_len(), 0);
+}
+
+/// On the first `Regenerated` event, the moment the old ID is already dead, runs `action` on
+/// another thread, and gives it a bounded while to finish (it may be held back until the
+/// Regenerate is done, which is the point).
+struct DuringRegenerate {
+    store: std::sync::OnceLock<Store>,
+    action: fn(&Store) -> Result<(), StoreError>,
+    fired: std::sync::atomic::AtomicBool,
+    ran: Mutex<Option<std::thread::JoinHandle<Result<(), StoreError>>>>,
+}
+
+impl DuringRegenerate {
+    fn store(action: fn(&Store) -> Result<(), StoreError>, limits: Limits) -> (Store, Arc<Self>) {
+        let hook = Arc::new(DuringRegenerate {
+            store: std::sync::OnceLock::new(),
+            action,
+            fired: std::sync::atomic::AtomicBool::new(false),
+            ran: Mutex::new(None),
+        });
+        let st = Store::new(limits, 4, Clock::manual(T0), Box::new(hook.clone()));
+        hook.store.set(st.clone()).ok().unwrap();
+        (st, hook)
+    }
+
+    fn outcome(&self) -> Result<(), StoreError> {
+        let ran = self.ran.lock().unwrap().take().expect("the hook fired");
+        ran.join().unwrap()
+    }
+}
+
+impl EventSink for Arc<DuringRegenerate> {
+    fn record(&self, event: &Event<'_>) {
+        if !matches!(event, Event::Regenerated { .. }) || self.fired.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let st = self.store.get().expect("store set").clone();
+        let action = self.action;
+        let ran = std::thread::spawn(move || action(&st));
+        let deadline = std::time::Instant::now() + Duration::from_millis(200);
+        while !ran.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        *self.ran.lock().unwrap() = Some(ran);
+    }
+}
+
+fn log_in(st: &Store, id: &str, user: &str) -> Result<Session, StoreError> {
+    st.regenerate(
+        id,
+        Rotation {
+            user: Some(user.into()),
+            drop_attributes: false,
+        },
+    )
+}
+
+#[test]
+fn log_out_everywhere_after_the_old_id_died_ends_the_login() {
+    let (st, hook) = DuringRegenerate::store(
+        |st| st.destroy_user("lee", None).map(|_| ()),
+        Limits::default(),
+    );
+    let anon = create(&st, None);
+    let login = log_in(&st, &id(&anon), "lee").unwrap();
+    hook.outcome().unwrap();
+    // The logout started once the old ID was dead, so the login had happened: its session
+    // must be gone, not left out of the user's list while it moved.
+    assert_eq!(st.get(&id(&login), true), Err(StoreError::NotFound));
+    assert!(st.list_user("lee", false).unwrap().is_empty());
+}
+
+#[test]
+fn a_login_racing_another_into_one_user_keeps_the_per_user_cap() {
+    let (st, hook) = DuringRegenerate::store(
+        |st| {
+            let anon = create(st, None);
+            log_in(st, &id(&anon), "mia").map(|_| ())
+        },
+        Limits {
+            max_sessions_per_user: 2,
+            ..Limits::default()
+        },
+    );
+    create(&st, Some("mia"));
+    let anon = create(&st, None);
+    let first = log_in(&st, &id(&anon), "mia");
+    let second = hook.outcome();
+    assert!(first.is_ok(), "{first:?}");
+    assert!(
+        matches!(
+            second,
+            Err(StoreError::Exhausted {
+                limit: "max_sessions_per_user",
+                ..
+            })
+        ),
+        "{second:?}"
+    );
+    assert_eq!(st.list_user("mia", false).unwrap().len(), 2);
+}
+
+/// Holds the thread up a little on each `Regenerated` event, as a slow log would, to open
+/// up any gap a Regenerate leaves between its steps.
+struct SlowRegenerate;
+
+impl EventSink for SlowRegenerate {
+    fn record(&self, event: &Event<'_>) {
+        if matches!(event, Event::Regenerated { .. }) {
+            for _ in 0..200 {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+#[test]
+fn concurrent_logins_keep_the_per_user_cap_and_logouts_stay_linearizable() {
+    const CAP: usize = 3;
+    let st = Store::new(
+        Limits {
+            max_sessions_per_user: CAP,
+            ..Limits::default()
+        },
+        4,
+        Clock::manual(T0),
+        Box::new(SlowRegenerate),
+    );
+    let logged_in = Mutex::new(Vec::<SessionKey>::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let logins: Vec<_> = (0..4)
+            .map(|_| {
+                scope.spawn(|| {
+                    for _ in 0..300 {
+                        let anon = create(&st, None);
+                        let login = st.regenerate(
+                            &id(&anon),
+                            Rotation {
+                                user: Some("max".into()),
+                                drop_attributes: false,
+                            },
+                        );
+                        match login {
+                            Ok(s) => logged_in.lock().unwrap().push(s.key),
+                            Err(StoreError::Exhausted { limit, .. }) => {
+                                assert_eq!(limit, "max_sessions_per_user");
+                                st.destroy(&id(&anon)).unwrap();
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                        let listed = st.list_user("max", false).unwrap().len();
+                        assert!(listed <= CAP, "{listed} sessions over a cap of {CAP}");
+                    }
+                })
+            })
+            .collect();
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                // Every login that returned before the logout started must be gone after it.
+                let before: Vec<SessionKey> = logged_in.lock().unwrap().clone();
+                st.destroy_user("max", None).unwrap();
+                for key in before {
+                    assert_eq!(
+                        st.get(&key.encode(), true),
+                        Err(StoreError::NotFound),
+                        "a login survived log-out-everywhere"
+                    );
+                }
+                std::thread::yield_now();
+            }
+        });
+        for l in logins {
+            l.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(st.list_user("max", false).unwrap().len() <= CAP);
+}
+
+/// Destroys the session named in `target` when the first session is evicted.
+struct DestroyOnEviction {
+    store: std::sync::OnceLock<Store>,
+    target: Mutex<Option<String>>,
+}
+
+impl EventSink for Arc<DestroyOnEviction> {
+    fn record(&self, event: &Event<'_>) {
+        if let Event::Ended {
+            cause: EndCause::Evicted,
+            ..
+        } = event
+        {
+            if let Some(id) = self.target.lock().unwrap().take() {
+                self.store.get().expect("store set").destroy(&id).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_login_that_fails_evicts_none_of_the_users_sessions() {
+    let hook = Arc::new(DestroyOnEviction {
+        store: std::sync::OnceLock::new(),
+        target: Mutex::new(None),
+    });
+    let st = Store::new(
+        Limits {
+            max_sessions_per_user: 2,
+            per_user_policy: PerUserPolicy::EvictOldest,
+            ..Limits::default()
+        },
+        4,
+        Clock::manual(T0),
+        Box::new(hook.clone()),
+    );
+    hook.store.set(st.clone()).ok().unwrap();
+    let mine = [create(&st, Some("ned")), create(&st, Some("ned"))];
+    let anon = create(&st, None);
+    // The anonymous session is destroyed by someone else the moment anything is evicted.
+    *hook.target.lock().unwrap() = Some(id(&anon));
+    let login = st.regenerate(
+        &id(&anon),
+        Rotation {
+            user: Some("ned".into()),
+            drop_attributes: false,
+        },
+    );
+    let left = mine.iter().filter(|s| st.get(&id(s), true).is_ok()).count();
+    match login {
+        // The old session was taken before anyone was evicted.
+        Ok(s) => {
+            assert_eq!(left, 1);
+            assert!(st.get(&id(&s), true).is_ok());
+        }
+        Err(e) => {
+            assert_eq!(e, StoreError::NotFound);
+            assert_eq!(left, 2, "a failed login evicted one of the user's sessions");
+        }
+    }
+    assert!(st.list_user("ned", false).unwrap().len() <= 2);
 }

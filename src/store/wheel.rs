@@ -8,6 +8,13 @@
 //!
 //! The wheel is split into independently locked parts by key, so concurrent creates rarely
 //! meet on a lock, and every lock is held only for a push or a pop.
+//!
+//! A session that ends early (destroyed, regenerated, evicted by the per-user cap) stays
+//! filed until its slot comes due, up to the longest idle timeout away, so under churn the
+//! wheel could hold many times more keys than there are sessions. The store therefore
+//! [`sweep`](Wheel::sweep)s it, in bounded steps, whenever it holds far more keys than there
+//! are sessions: touches stay free, and the wheel stays within a constant factor of the
+//! live population.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -17,12 +24,29 @@ use crate::session::{Millis, SessionKey};
 /// Slot number -> keys filed under it.
 type Slots = BTreeMap<u64, Vec<SessionKey>>;
 
+/// One independently locked part of the wheel.
+#[derive(Default)]
+struct Part {
+    slots: Slots,
+    /// Keys in `slots`, kept under the same lock, so filing costs no shared counter.
+    len: usize,
+}
+
+/// Where an unfinished sweep goes on: a part, and the first slot in it not yet swept.
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    part: usize,
+    slot: u64,
+}
+
 /// The expiry index. See the module docs.
 pub struct Wheel {
     /// Width of one slot. Expiry is exact regardless (reads check deadlines themselves);
     /// this only sets how promptly memory is freed.
     granularity: Millis,
-    parts: Box<[Mutex<Slots>]>,
+    parts: Box<[Mutex<Part>]>,
+    /// The sweep under way, if any.
+    sweep: Mutex<Option<Cursor>>,
 }
 
 impl Wheel {
@@ -31,15 +55,18 @@ impl Wheel {
         Wheel {
             granularity: granularity.max(1),
             parts: (0..parts.max(1))
-                .map(|_| Mutex::new(BTreeMap::new()))
+                .map(|_| Mutex::new(Part::default()))
                 .collect(),
+            sweep: Mutex::new(None),
         }
     }
 
     /// Files `key` under the slot that contains `deadline`.
     pub fn file(&self, key: SessionKey, deadline: Millis) {
         let slot = deadline.div_ceil(self.granularity);
-        self.part(&key).entry(slot).or_default().push(key);
+        let mut part = self.part(&key);
+        part.slots.entry(slot).or_default().push(key);
+        part.len += 1;
     }
 
     /// Takes up to `max` keys whose slot is due at `now`, with the start of the oldest due
@@ -67,9 +94,10 @@ impl Wheel {
         let n = self.parts.len();
         let mut earliest: Option<u64> = None;
         for i in 0..n {
-            let mut slots = lock(&self.parts[(from + i) % n]);
+            let mut part = lock(&self.parts[(from + i) % n]);
+            let before = out.len();
             while out.len() < max {
-                let Some(mut entry) = slots.first_entry() else {
+                let Some(mut entry) = part.slots.first_entry() else {
                     break;
                 };
                 let slot = *entry.key();
@@ -86,6 +114,7 @@ impl Wheel {
                     out.extend(keys.drain(tail..));
                 }
             }
+            part.len -= out.len() - before;
             if out.len() >= max {
                 break;
             }
@@ -93,12 +122,65 @@ impl Wheel {
         earliest
     }
 
-    /// How many keys are filed, live or not. For tests and diagnostics; takes every lock.
+    /// Starts a sweep unless one is under way.
+    pub fn start_sweep(&self) {
+        lock(&self.sweep).get_or_insert(Cursor { part: 0, slot: 0 });
+    }
+
+    /// Whether a sweep is under way.
+    pub fn sweeping(&self) -> bool {
+        lock(&self.sweep).is_some()
+    }
+
+    /// One step of the sweep under way: looks at about `budget` filed keys (whole slots, so
+    /// a step may go a slot over), drops those `keep` says no to, and returns how many it
+    /// dropped. `keep` runs under a part's lock, so it must not file or take.
+    pub fn sweep(&self, budget: usize, keep: impl Fn(&SessionKey) -> bool) -> usize {
+        let mut cursor = lock(&self.sweep);
+        let mut dropped = 0;
+        let mut seen = 0;
+        while let Some(at) = *cursor {
+            if seen >= budget {
+                break;
+            }
+            let mut part = lock(&self.parts[at.part]);
+            let mut next = None;
+            let mut emptied = Vec::new();
+            let mut here = 0;
+            for (&slot, keys) in part.slots.range_mut(at.slot..) {
+                if seen >= budget {
+                    next = Some(slot);
+                    break;
+                }
+                seen += keys.len();
+                let before = keys.len();
+                keys.retain(|k| keep(k));
+                here += before - keys.len();
+                if keys.is_empty() {
+                    emptied.push(slot);
+                }
+            }
+            for slot in emptied {
+                part.slots.remove(&slot);
+            }
+            part.len -= here;
+            dropped += here;
+            drop(part);
+            *cursor = match next {
+                Some(slot) => Some(Cursor { slot, ..at }),
+                None if at.part + 1 < self.parts.len() => Some(Cursor {
+                    part: at.part + 1,
+                    slot: 0,
+                }),
+                None => None,
+            };
+        }
+        dropped
+    }
+
+    /// How many keys are filed, live or not. Takes every part's lock in turn, briefly.
     pub fn len(&self) -> usize {
-        self.parts
-            .iter()
-            .map(|p| lock(p).values().map(Vec::len).sum::<usize>())
-            .sum()
+        self.parts.iter().map(|p| lock(p).len).sum()
     }
 
     /// Whether nothing is filed.
@@ -106,7 +188,7 @@ impl Wheel {
         self.len() == 0
     }
 
-    fn part(&self, key: &SessionKey) -> std::sync::MutexGuard<'_, Slots> {
+    fn part(&self, key: &SessionKey) -> std::sync::MutexGuard<'_, Part> {
         let b = key.as_bytes();
         let i = usize::from(b[8]) | usize::from(b[9]) << 8;
         lock(&self.parts[i % self.parts.len()])
@@ -153,5 +235,32 @@ mod tests {
         assert!(out.is_empty());
         wheel.take_due(2000, 10, &mut out);
         assert_eq!(out, vec![k]);
+    }
+
+    #[test]
+    fn a_sweep_drops_what_keep_refuses_in_bounded_steps() {
+        let wheel = Wheel::new(1000, 4);
+        let keys: Vec<_> = (0..100).map(|_| SessionKey::generate()).collect();
+        for (i, k) in keys.iter().enumerate() {
+            wheel.file(*k, 1000 * (i as u64 % 10 + 1));
+        }
+        let gone: std::collections::HashSet<_> = keys.iter().step_by(2).copied().collect();
+        assert!(!wheel.sweeping());
+        assert_eq!(wheel.sweep(10, |_| false), 0, "no sweep under way");
+        wheel.start_sweep();
+        let mut dropped = 0;
+        let mut steps = 0;
+        while wheel.sweeping() {
+            dropped += wheel.sweep(10, |k| !gone.contains(k));
+            steps += 1;
+        }
+        assert_eq!(dropped, 50);
+        assert!(steps > 2, "the sweep went in steps, not all at once");
+        assert_eq!(wheel.len(), 50);
+        let mut out = Vec::new();
+        wheel.take_due(u64::MAX / 2, 1000, &mut out);
+        assert_eq!(out.len(), 50);
+        assert!(out.iter().all(|k| !gone.contains(k)));
+        assert!(wheel.is_empty());
     }
 }
