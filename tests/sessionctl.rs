@@ -213,3 +213,73 @@ async fn tenant_tokens_and_tls_from_the_command_line() {
     );
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_all_needs_yes_ends_every_session_and_a_restart_does_not_bring_them_back() {
+    use common::proc::spawn;
+    use sessiond::api::pb;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // `no`: the reply must not depend on the fsync policy for the effect to be on disk.
+    let args = ["--data-dir", data.to_str().unwrap(), "--fsync", "no"];
+    let p = spawn(dir.path(), &args, &[]).unwrap_or_else(|out| panic!("no start:\n{out}"));
+    let admin = {
+        // The start-up line names both ports; only gRPC is parsed by the harness.
+        let out = p.output.lock().unwrap().clone();
+        out.split("admin=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap()
+            .to_string()
+    };
+    let ctl = Ctl {
+        grpc: p.grpc.clone(),
+        admin,
+    };
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let user = format!("u{}", i % 4);
+        let s = ctl.json(&["create", "--user", &user, "--set", "k=v"]).await;
+        ids.push(s["id"].as_str().unwrap().to_string());
+    }
+
+    let refused = ctl.run(&["kill", "--all"]).await;
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("--yes"), "{}", refused.stderr);
+    assert_eq!(ctl.json(&["get", &ids[0], "--peek"]).await["id"], ids[0]);
+
+    let killed = ctl.json(&["kill", "--all", "--yes"]).await;
+    assert_eq!(killed["destroyed"], 20);
+    let human = ctl.run(&["kill", "--all", "--yes"]).await;
+    assert_eq!(human.code, 0, "{}", human.stderr);
+    assert!(human.stdout.contains("destroyed"), "{}", human.stdout);
+    let logged = p.output.lock().unwrap().clone();
+    assert!(
+        logged.lines().any(|l| l.contains("DestroyAllSessions")
+            && l.contains("tenant=default")
+            && l.contains("destroyed=20")),
+        "not logged:\n{logged}"
+    );
+
+    // kill -9 right after the reply, then restart on the same data.
+    p.kill();
+    let p = spawn(dir.path(), &args, &[]).unwrap_or_else(|out| panic!("no restart:\n{out}"));
+    let mut c = pb::session_store_client::SessionStoreClient::connect(p.url())
+        .await
+        .unwrap();
+    for id in &ids {
+        let e = c
+            .get(pb::GetRequest {
+                id: id.clone(),
+                peek: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::NotFound,
+            "a destroyed session came back"
+        );
+    }
+    p.kill();
+}
