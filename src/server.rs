@@ -15,8 +15,9 @@ use tokio::task::JoinHandle;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::api::budget::Budget;
 use crate::api::pb::session_store_server::SessionStoreServer;
-use crate::api::{SessionStoreService, FILE_DESCRIPTOR_SET};
+use crate::api::{SessionStoreService, Settings, FILE_DESCRIPTOR_SET};
 use crate::clock::Clock;
 use crate::config::{Config, TenantConfig};
 use crate::observe::Telemetry;
@@ -302,7 +303,25 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
         admin_running,
     ));
 
-    let service = SessionStoreServer::new(SessionStoreService::new(config.max_batch_ids))
+    // One budget of requests in flight: unary requests take a permit in the layer below,
+    // each pipelined operation takes its own in the service.
+    let budget = Budget::new(config.max_concurrent_requests);
+    let edge_metrics = Arc::new(telemetry.edge_metrics());
+    let service = SessionStoreService::with(Settings {
+        max_batch_ids: config.max_batch_ids,
+        max_message_bytes: config.max_message_bytes,
+        request_timeout: Some(config.request_timeout),
+        budget: Some(budget.clone()),
+        metrics: Some(edge_metrics.clone()),
+        shutdown: Some(serving.clone()),
+        logs: tenants
+            .all()
+            .iter()
+            .zip(&persistence)
+            .filter_map(|(t, p)| Some((t.name.clone(), p.as_ref()?.log.clone())))
+            .collect(),
+    });
+    let service = SessionStoreServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let mut drained = serving.clone();
@@ -318,11 +337,9 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .layer(telemetry.grpc_layer())
-        // One budget for the whole daemon; with load shedding above, a full budget answers
-        // RESOURCE_EXHAUSTED at once instead of queueing.
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            config.max_concurrent_requests,
-        ))
+        // One budget for the whole daemon: a full budget answers RESOURCE_EXHAUSTED at once
+        // instead of queueing.
+        .layer(budget.layer(edge_metrics))
         .layer(AuthLayer::new(
             tenants.clone(),
             config.unauthenticated_requests,

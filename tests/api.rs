@@ -737,3 +737,99 @@ async fn lookups_of_unknown_ids_are_counted_and_a_guessing_peer_is_flagged() {
     );
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn destroy_all_sessions_ends_only_the_callers_tenant_and_needs_confirmation() {
+    use sessiond::config::TenantConfig;
+    let tenant = |name: &str| TenantConfig {
+        name: name.into(),
+        token_sha256: common::sha256_hex(&format!("{name}-token")),
+        ..TenantConfig::default()
+    };
+    let srv = TestServer::with_config(sessiond::config::Config {
+        tenants: vec![tenant("shop"), tenant("blog")],
+        ..common::test_config()
+    })
+    .await;
+    let mut c = srv.client().await;
+    fn as_<T>(name: &str, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {name}-token").parse().unwrap(),
+        );
+        req
+    }
+    let mut shop = Vec::new();
+    for i in 0..5 {
+        let user = if i % 2 == 0 { "ann" } else { "" };
+        let s = c
+            .create(as_("shop", create_req(user, &[])))
+            .await
+            .unwrap()
+            .into_inner();
+        shop.push(s.id);
+    }
+    let blog = c
+        .create(as_("blog", create_req("ann", &[])))
+        .await
+        .unwrap()
+        .into_inner();
+
+    for confirm in ["", "yes", "destroy all"] {
+        let e = c
+            .destroy_all_sessions(as_(
+                "shop",
+                pb::DestroyAllSessionsRequest {
+                    confirm: confirm.into(),
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("confirm"), "{}", e.message());
+        assert!(
+            e.message().contains("destroy all sessions"),
+            "{}",
+            e.message()
+        );
+    }
+    // Refused: nothing ended.
+    c.get(as_("shop", get(&shop[0], true))).await.unwrap();
+
+    let r = c
+        .destroy_all_sessions(as_(
+            "shop",
+            pb::DestroyAllSessionsRequest {
+                confirm: "destroy all sessions".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.destroyed, 5);
+    for id in &shop {
+        let e = c.get(as_("shop", get(id, true))).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    }
+    let listed = c
+        .list_user_sessions(as_(
+            "shop",
+            pb::ListUserSessionsRequest {
+                user_id: "ann".into(),
+                include_attributes: false,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.sessions.is_empty());
+    // The other tenant keeps its sessions.
+    c.get(as_("blog", get(&blog.id, true))).await.unwrap();
+    assert_eq!(
+        srv.metric(r#"sessiond_sessions_destroyed_total{tenant="shop"}"#)
+            .await,
+        5.0
+    );
+    srv.stop().await;
+}

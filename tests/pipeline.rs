@@ -183,5 +183,344 @@ async fn a_pipeline_carries_every_operation_and_keeps_going_after_errors() {
             .await,
         1.0
     );
+    // Each operation is counted under its own method, apart from unary calls.
+    for (series, n) in [
+        (r#"{method="Create",code="OK",via="pipeline"}"#, 1.0),
+        (
+            r#"{method="Get",code="InvalidArgument",via="pipeline"}"#,
+            1.0,
+        ),
+        (r#"{method="Get",code="NotFound",via="pipeline"}"#, 1.0),
+        (r#"{method="Update",code="OK",via="pipeline"}"#, 1.0),
+        (r#"{method="Regenerate",code="OK",via="pipeline"}"#, 1.0),
+        (
+            r#"{method="none",code="InvalidArgument",via="pipeline"}"#,
+            1.0,
+        ),
+        (r#"{method="Get",code="OK"}"#, 0.0),
+    ] {
+        let name = format!("sessiond_grpc_requests_total{series}");
+        assert_eq!(srv.metric(&name).await, n, "{name}");
+    }
     srv.stop().await;
+}
+
+/// A session of about 900 KB: 14 attributes of 64 KiB.
+fn big_session(user: &str) -> pb::CreateRequest {
+    let value = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+    pb::CreateRequest {
+        user_id: user.into(),
+        attributes: (0..14).map(|i| (format!("a{i}"), value.clone())).collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_get_many_past_max_message_bytes_is_refused_naming_it() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client().await;
+    let s = c.create(big_session("")).await.unwrap().into_inner();
+    let e = c
+        .get_many(pb::GetManyRequest {
+            ids: vec![s.id.clone(); 1000],
+            peek: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_message_bytes"), "{}", e.message());
+    assert!(!e.message().contains(&s.id));
+    // Four copies fit in the default 4 MiB, each answered from the one lookup.
+    let r = c
+        .get_many(pb::GetManyRequest {
+            ids: vec![s.id.clone(); 4],
+            peek: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results.len(), 4);
+    for g in &r.results {
+        let Some(pb::get_result::Result::Session(got)) = &g.result else {
+            panic!("{g:?}")
+        };
+        assert_eq!(got.attributes.len(), 14);
+    }
+    // The server still serves.
+    c.get(pb::GetRequest {
+        id: s.id.clone(),
+        peek: true,
+    })
+    .await
+    .unwrap();
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_listing_with_attributes_past_max_message_bytes_is_refused_naming_it() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client().await;
+    for _ in 0..6 {
+        c.create(big_session("big")).await.unwrap();
+    }
+    let list = |include_attributes| pb::ListUserSessionsRequest {
+        user_id: "big".into(),
+        include_attributes,
+    };
+    let e = c.list_user_sessions(list(true)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_message_bytes"), "{}", e.message());
+    // Without attributes the listing is small, and served.
+    let r = c
+        .list_user_sessions(list(false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.sessions.len(), 6);
+    assert!(r.sessions.iter().all(|s| s.attributes.is_empty()));
+    // The same bound holds inside a pipeline, and the stream goes on.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut responses = c
+        .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for (id, attrs) in [(1, true), (2, false)] {
+        tx.send(pb::PipelineRequest {
+            id,
+            op: Some(Op::ListUserSessions(list(attrs))),
+        })
+        .await
+        .unwrap();
+    }
+    drop(tx);
+    let first = responses.next().await.unwrap().unwrap();
+    assert!(
+        matches!(&first.result, Some(Res::Error(e)) if e.code == Code::ResourceExhausted as i32 && e.message.contains("max_message_bytes")),
+        "{first:?}"
+    );
+    let second = responses.next().await.unwrap().unwrap();
+    assert!(matches!(&second.result, Some(Res::ListUserSessions(l)) if l.sessions.len() == 6));
+    srv.stop().await;
+}
+
+/// Opens a unary Get whose request message never comes: its handler waits for it, holding
+/// a permit of `max_concurrent_requests` until the call is dropped.
+fn hold_a_permit(channel: tonic::transport::Channel) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<pb::GetRequest, pb::Session>::default();
+        let path = http::uri::PathAndQuery::from_static("/sessiond.v1.SessionStore/Get");
+        let never = tokio_stream::pending::<pb::GetRequest>();
+        let _ = grpc
+            .client_streaming(tonic::Request::new(never), path, codec)
+            .await;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_operations_take_permits_from_the_same_budget_as_unary_calls() {
+    let mut config = common::test_config();
+    config.max_concurrent_requests = 1;
+    let srv = TestServer::with_config(config).await;
+    let mut c = srv.client().await;
+    let s = c
+        .create(pb::CreateRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut responses = c
+        .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let get = |id: u64| pb::PipelineRequest {
+        id,
+        op: Some(Op::Get(pb::GetRequest {
+            id: s.id.clone(),
+            peek: true,
+        })),
+    };
+
+    // Spend the one permit on a unary call that never ends; wait until it is held.
+    let held = hold_a_permit(srv.channel().await);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = c
+            .get(pb::GetRequest {
+                id: s.id.clone(),
+                peek: true,
+            })
+            .await;
+        match r {
+            Err(e) if e.code() == Code::ResourceExhausted => break,
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the permit was never held"
+            ),
+        }
+        tokio::task::yield_now().await;
+    }
+
+    // A pipelined operation finds no permit either: shed, and the stream goes on.
+    tx.send(get(1)).await.unwrap();
+    let r = responses.next().await.unwrap().unwrap();
+    assert!(
+        matches!(&r.result, Some(Res::Error(e)) if e.code == Code::ResourceExhausted as i32 && e.message.contains("max_concurrent_requests")),
+        "{r:?}"
+    );
+    assert!(
+        srv.metric(r#"sessiond_requests_shed_total{method="Get",via="pipeline"}"#)
+            .await
+            >= 1.0
+    );
+    assert!(
+        srv.metric(r#"sessiond_requests_shed_total{method="Get",via="unary"}"#)
+            .await
+            >= 1.0
+    );
+
+    // Once the permit is back, the same stream is served again.
+    held.abort();
+    let _ = held.await;
+    let mut next = 2;
+    loop {
+        tx.send(get(next)).await.unwrap();
+        let r = responses.next().await.unwrap().unwrap();
+        assert_eq!(r.id, next);
+        match &r.result {
+            Some(Res::Session(got)) => {
+                assert_eq!(got.id, s.id);
+                break;
+            }
+            Some(Res::Error(e)) if e.code == Code::ResourceExhausted as i32 => {
+                assert!(
+                    tokio::time::Instant::now() < deadline + std::time::Duration::from_secs(10),
+                    "the permit never came back"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        next += 1;
+        tokio::task::yield_now().await;
+    }
+    drop(tx);
+    srv.stop().await;
+}
+
+/// Sends SIGTERM to a child process.
+fn sigterm(p: &common::proc::Proc) {
+    let pid = p.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_shutdown_a_pipeline_ends_with_unavailable_and_every_acknowledged_create_survives() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--data-dir", data.to_str().unwrap(), "--fsync", "always"];
+    // A drain deadline far longer than the test waits: the stream must not hold it.
+    let env = [
+        ("SESSIOND_SHUTDOWN_GRACE", "60s"),
+        ("SESSIOND_SHUTDOWN_DELAY", "0s"),
+    ];
+    let p = common::proc::spawn(dir.path(), &args, &env)
+        .unwrap_or_else(|out| panic!("sessiond did not start:\n{out}"));
+    let mut c = pb::session_store_client::SessionStoreClient::connect(p.url())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut responses = c
+        .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Creates, one after another, for as long as the stream takes them.
+    let sender = tokio::spawn(async move {
+        for id in 0u64.. {
+            let op = Op::Create(pb::CreateRequest {
+                attributes: attrs(&[("n", &id.to_string())]),
+                ..Default::default()
+            });
+            if tx
+                .send(pb::PipelineRequest { id, op: Some(op) })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+
+    let mut acked = Vec::new();
+    let mut signalled = false;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(30), responses.next()).await {
+            Err(_) => panic!("the stream neither answered nor ended within 30 s"),
+            Ok(None) => panic!("the stream ended without a status"),
+            Ok(Some(Err(status))) => break status,
+            Ok(Some(Ok(r))) => match r.result {
+                Some(Res::Session(s)) => acked.push(s.id),
+                other => panic!("{other:?}"),
+            },
+        }
+        if !signalled && acked.len() >= 200 {
+            sigterm(&p);
+            signalled = true;
+        }
+    };
+    assert!(signalled, "the stream ended before SIGTERM: {end:?}");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert_eq!(end.message(), "shutting down");
+    sender.abort();
+    drop(c);
+
+    // The daemon exits well before shutdown_grace runs out.
+    let output = p.output.clone();
+    let mut child = p.child;
+    let status = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "sessiond still running 30 s after SIGTERM:\n{}",
+            output.lock().unwrap()
+        )
+    })
+    .unwrap()
+    .unwrap();
+    assert!(status.success(), "{status:?}\n{}", output.lock().unwrap());
+
+    // Every acknowledged session is there after a restart.
+    let p = common::proc::spawn(dir.path(), &args, &[])
+        .unwrap_or_else(|out| panic!("sessiond did not restart:\n{out}"));
+    let mut c = pb::session_store_client::SessionStoreClient::connect(p.url())
+        .await
+        .unwrap();
+    for chunk in acked.chunks(500) {
+        let r = c
+            .get_many(pb::GetManyRequest {
+                ids: chunk.to_vec(),
+                peek: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for (id, g) in chunk.iter().zip(&r.results) {
+            assert!(
+                matches!(&g.result, Some(pb::get_result::Result::Session(s)) if &s.id == id),
+                "an acknowledged session is missing after the restart"
+            );
+        }
+    }
+    p.kill();
 }

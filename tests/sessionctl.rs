@@ -213,3 +213,78 @@ async fn tenant_tokens_and_tls_from_the_command_line() {
     );
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_all_needs_yes_ends_every_session_and_a_restart_does_not_bring_them_back() {
+    use common::proc::spawn;
+    use sessiond::api::pb;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // `no`: the reply must not depend on the fsync policy for the effect to be on disk.
+    let args = ["--data-dir", data.to_str().unwrap(), "--fsync", "no"];
+    let p = spawn(dir.path(), &args, &[]).unwrap_or_else(|out| panic!("no start:\n{out}"));
+    // No `stats` here: the admin address is not needed.
+    let ctl = Ctl {
+        grpc: p.grpc.clone(),
+        admin: "127.0.0.1:1".into(),
+    };
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let user = format!("u{}", i % 4);
+        let s = ctl.json(&["create", "--user", &user, "--set", "k=v"]).await;
+        ids.push(s["id"].as_str().unwrap().to_string());
+    }
+
+    let refused = ctl.run(&["kill", "--all"]).await;
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("--yes"), "{}", refused.stderr);
+    assert_eq!(ctl.json(&["get", &ids[0], "--peek"]).await["id"], ids[0]);
+
+    let killed = ctl.json(&["kill", "--all", "--yes"]).await;
+    assert_eq!(killed["destroyed"], 20);
+    // kill -9 right after the reply, then restart on the same data.
+    let output = p.output.clone();
+    p.kill();
+    let logged = |out: &str| {
+        out.lines().any(|l| {
+            l.contains("DestroyAllSessions")
+                && l.contains("tenant=default")
+                && l.contains("destroyed=20")
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !logged(&output.lock().unwrap()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not logged:\n{}",
+            output.lock().unwrap()
+        );
+        tokio::task::yield_now().await;
+    }
+    let p = spawn(dir.path(), &args, &[]).unwrap_or_else(|out| panic!("no restart:\n{out}"));
+    let mut c = pb::session_store_client::SessionStoreClient::connect(p.url())
+        .await
+        .unwrap();
+    for id in &ids {
+        let e = c
+            .get(pb::GetRequest {
+                id: id.clone(),
+                peek: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::NotFound,
+            "a destroyed session came back"
+        );
+    }
+    let ctl = Ctl {
+        grpc: p.grpc.clone(),
+        admin: "127.0.0.1:1".into(),
+    };
+    let human = ctl.run(&["kill", "--all", "--yes"]).await;
+    assert_eq!(human.code, 0, "{}", human.stderr);
+    assert!(human.stdout.contains("destroyed"), "{}", human.stdout);
+    p.kill();
+}

@@ -1,17 +1,30 @@
 //! The gRPC edge: thin handlers that convert the request, call the Store, and map the result.
 //! No session rule lives here.
+//!
+//! The edge bounds what one request may cost: a permit of the daemon's [`budget::Budget`]
+//! for every request and every pipelined operation, `request_timeout` for each, and
+//! responses whose encoded size is counted while they are built, so a GetMany or a
+//! ListUserSessions that would pass `max_message_bytes` stops early instead of building a
+//! response tonic would refuse to send.
 
+pub mod budget;
 pub mod convert;
 pub mod guessing;
+mod pipeline;
 pub mod status;
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use self::budget::Budget;
+use crate::observe::grpc::EdgeMetrics;
+use crate::persist::log::Log;
 use crate::store::StoreError;
 use crate::tenant::Tenant;
 use crate::transport::ConnInfo;
@@ -26,17 +39,128 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sessiond_descriptor.bin"));
 
+/// What `DestroyAllSessionsRequest.confirm` must say: a phrase, not a flag, so that no
+/// default value, copied field or stray `true` can end every session of a tenant.
+pub const DESTROY_ALL_CONFIRMATION: &str = "destroy all sessions";
+
 /// The `sessiond.v1.SessionStore` service. Each request runs as its [`Caller`]: the tenant
 /// the transport's [`AuthLayer`](crate::transport::AuthLayer) found for it, and its peer.
 #[derive(Clone)]
 pub struct SessionStoreService {
+    edge: Arc<Edge>,
+}
+
+/// How the service bounds and reports the requests it serves. `Default` is a service with
+/// the default limits, no concurrency budget, no timeout and no shutdown signal (fuzzing).
+pub struct Settings {
+    /// IDs in one GetMany (`max_batch_ids`).
+    pub max_batch_ids: usize,
+    /// The largest response a GetMany or ListUserSessions may build (`max_message_bytes`).
+    pub max_message_bytes: usize,
+    /// How long one pipelined operation may wait for the disk (`request_timeout`).
+    pub request_timeout: Option<Duration>,
+    /// The budget each pipelined operation takes a permit of (`max_concurrent_requests`).
+    pub budget: Option<Budget>,
+    /// Pipelined operations and shed counts.
+    pub metrics: Option<Arc<EdgeMetrics>>,
+    /// Turns true when the daemon starts draining: Pipeline streams then stop taking new
+    /// operations, finish the ones in flight and end with UNAVAILABLE.
+    pub shutdown: Option<watch::Receiver<bool>>,
+    /// Each tenant's log, by tenant name (under every fsync policy), for the calls that
+    /// must force their effect to disk before they reply.
+    pub logs: HashMap<Arc<str>, Arc<Log>>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_batch_ids: 1000,
+            max_message_bytes: 4 * 1024 * 1024,
+            request_timeout: None,
+            budget: None,
+            metrics: None,
+            shutdown: None,
+            logs: HashMap::new(),
+        }
+    }
+}
+
+/// The service's settings, shared by every request.
+struct Edge {
     max_batch_ids: usize,
+    max_message_bytes: usize,
+    request_timeout: Option<Duration>,
+    budget: Option<Budget>,
+    metrics: Arc<EdgeMetrics>,
+    shutdown: Option<watch::Receiver<bool>>,
+    logs: HashMap<Arc<str>, Arc<Log>>,
 }
 
 impl SessionStoreService {
-    /// The service, with GetMany calls of at most `max_batch_ids` IDs.
+    /// The service, with GetMany calls of at most `max_batch_ids` IDs and every other
+    /// setting at its default.
     pub fn new(max_batch_ids: usize) -> Self {
-        SessionStoreService { max_batch_ids }
+        Self::with(Settings {
+            max_batch_ids,
+            ..Settings::default()
+        })
+    }
+
+    /// The service with these settings.
+    pub fn with(settings: Settings) -> Self {
+        let Settings {
+            max_batch_ids,
+            max_message_bytes,
+            request_timeout,
+            budget,
+            metrics,
+            shutdown,
+            logs,
+        } = settings;
+        SessionStoreService {
+            edge: Arc::new(Edge {
+                max_batch_ids,
+                max_message_bytes,
+                request_timeout,
+                budget,
+                metrics: metrics.unwrap_or_else(|| Arc::new(EdgeMetrics::noop())),
+                shutdown,
+                logs,
+            }),
+        }
+    }
+
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        Caller::of(req, &self.edge)
+    }
+}
+
+/// A response under construction whose encoded size is counted as its entries are added.
+struct Bounded<T> {
+    items: Vec<T>,
+    bytes: usize,
+    max: usize,
+}
+
+impl<T: prost::Message> Bounded<T> {
+    fn new(max: usize, capacity: usize) -> Self {
+        Bounded {
+            items: Vec::with_capacity(capacity),
+            bytes: 0,
+            max,
+        }
+    }
+
+    /// Adds `item` as an entry of a repeated field; refuses it, naming `max_message_bytes`,
+    /// if the response would then be larger than that.
+    fn push(&mut self, item: T) -> Result<(), Status> {
+        // The field number's size is the same (one byte) for every field used here.
+        self.bytes += prost::encoding::message::encoded_len(1, &item);
+        if self.bytes > self.max {
+            return Err(status::too_large(self.max));
+        }
+        self.items.push(item);
+        Ok(())
     }
 }
 
@@ -45,10 +169,11 @@ impl SessionStoreService {
 struct Caller {
     tenant: Arc<Tenant>,
     peer: Option<IpAddr>,
+    edge: Arc<Edge>,
 }
 
 impl Caller {
-    fn of<T>(req: &Request<T>) -> Result<Caller, Status> {
+    fn of<T>(req: &Request<T>, edge: &Arc<Edge>) -> Result<Caller, Status> {
         let tenant = req
             .extensions()
             .get::<Arc<Tenant>>()
@@ -60,7 +185,11 @@ impl Caller {
             .get::<ConnInfo>()
             .and_then(|c| c.remote)
             .map(|a| a.ip());
-        Ok(Caller { tenant, peer })
+        Ok(Caller {
+            tenant,
+            peer,
+            edge: edge.clone(),
+        })
     }
 
     /// Waits until every change made so far, this call's included, is durable.
@@ -137,17 +266,7 @@ impl Caller {
                     true,
                 )
             }
-            Op::ListUserSessions(r) => (
-                store
-                    .list_user(&r.user_id, r.include_attributes)
-                    .map_err(Status::from)
-                    .map(|sessions| {
-                        Outcome::ListUserSessions(pb::ListUserSessionsResponse {
-                            sessions: sessions.into_iter().map(convert::session).collect(),
-                        })
-                    }),
-                false,
-            ),
+            Op::ListUserSessions(r) => (self.list_user(&r).map(Outcome::ListUserSessions), false),
             Op::DestroyUserSessions(r) => {
                 let except = (!r.except_id.is_empty()).then_some(r.except_id.as_str());
                 (
@@ -165,57 +284,62 @@ impl Caller {
         }
     }
 
-    /// `apply`, then the durability wait a mutation owes before its reply.
-    /// Applies one pipelined request; its response, and the log position the response must
-    /// wait for if it changed anything.
-    fn pipelined(&self, request: pb::PipelineRequest) -> (pb::PipelineResponse, Option<u64>) {
-        let (result, position) = match request.op {
-            Some(op) => {
-                let (result, mutated) = self.apply(op);
-                let position = if mutated { self.log_position() } else { None };
-                (
-                    result.unwrap_or_else(|e| Outcome::Error(status::error(&e))),
-                    position,
-                )
-            }
-            None => (
-                Outcome::Error(status::error(&status::invalid("op", "is missing"))),
-                None,
-            ),
-        };
-        let response = pb::PipelineResponse {
-            id: request.id,
-            result: Some(result),
-        };
-        (response, position)
+    /// A user's sessions, oldest first. With attributes, each session is read on its own and
+    /// the response's size is counted as it grows, so a user with many large sessions costs
+    /// at most `max_message_bytes` before the call is refused.
+    fn list_user(
+        &self,
+        r: &pb::ListUserSessionsRequest,
+    ) -> Result<pb::ListUserSessionsResponse, Status> {
+        let store = &self.tenant.store;
+        let listed = store.list_user(&r.user_id, false)?;
+        let mut out = Bounded::new(self.edge.max_message_bytes, listed.len());
+        for s in listed {
+            let s = if r.include_attributes {
+                match store.get(&s.key.encode(), true) {
+                    Ok(full) => full,
+                    // Ended since it was listed.
+                    Err(StoreError::NotFound) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                s
+            };
+            out.push(convert::session(s))?;
+        }
+        Ok(pb::ListUserSessionsResponse {
+            sessions: out.items,
+        })
     }
 
-    /// Spawns the task that applies a Pipeline stream's requests in order, sending
-    /// `wrap(response, log position)` for each (a broken stream's error too, with no
-    /// position). It stops at the stream's end, after its first error, or when `tx` closes
-    /// (the client went away).
-    fn apply_stream<T: Send + 'static>(
-        self,
-        mut requests: tonic::Streaming<pb::PipelineRequest>,
-        tx: mpsc::Sender<T>,
-        wrap: fn(Result<pb::PipelineResponse, Status>, Option<u64>) -> T,
-    ) {
-        tokio::spawn(async move {
-            loop {
-                let (response, position) = match requests.message().await {
-                    Ok(Some(request)) => {
-                        let (response, position) = self.pipelined(request);
-                        (Ok(response), position)
-                    }
-                    Ok(None) => return,
-                    Err(e) => (Err(e), None),
-                };
-                let failed = response.is_err();
-                if tx.send(wrap(response, position)).await.is_err() || failed {
-                    return;
-                }
+    /// Makes every change of this tenant so far durable under any fsync policy: the log
+    /// writes and fsyncs what it holds, whatever `fsync` says. Without persistence there is
+    /// nothing to do.
+    async fn sync_log(&self) -> Result<(), Status> {
+        let Some(log) = self.edge.logs.get(&self.tenant.name).cloned() else {
+            return Ok(());
+        };
+        let position = log.appended();
+        // `Log::rotate` is the durable barrier the log has: before it answers, the flusher
+        // writes and fsyncs everything appended so far into the old segment. A dedicated
+        // sync call in the log would be cheaper (no new segment). Two rotations at once
+        // (a snapshot starting) can make one of them fail, so it is tried twice.
+        let mut rotated = Err(std::io::Error::other("not tried"));
+        for _ in 0..2 {
+            let log = log.clone();
+            rotated = tokio::task::spawn_blocking(move || log.rotate())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            if rotated.is_ok() {
+                break;
             }
-        });
+        }
+        if let Err(e) = rotated {
+            return Err(Status::unavailable(format!(
+                "the durable log could not be synced: {e}"
+            )));
+        }
+        Ok(log.wait_durable(position).await?)
     }
 
     async fn call(&self, op: Op) -> Result<Outcome, Status> {
@@ -254,35 +378,35 @@ macro_rules! expect {
 impl pb::session_store_server::SessionStore for SessionStoreService {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Reply<pb::Session> {
         expect!(
-            Caller::of(&req)?.call(Op::Create(req.into_inner())).await,
+            self.caller(&req)?.call(Op::Create(req.into_inner())).await,
             Session
         )
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::Session> {
         expect!(
-            Caller::of(&req)?.call(Op::Get(req.into_inner())).await,
+            self.caller(&req)?.call(Op::Get(req.into_inner())).await,
             Session
         )
     }
 
     async fn touch(&self, req: Request<pb::TouchRequest>) -> Reply<pb::TouchResponse> {
         expect!(
-            Caller::of(&req)?.call(Op::Touch(req.into_inner())).await,
+            self.caller(&req)?.call(Op::Touch(req.into_inner())).await,
             Touch
         )
     }
 
     async fn update(&self, req: Request<pb::UpdateRequest>) -> Reply<pb::Session> {
         expect!(
-            Caller::of(&req)?.call(Op::Update(req.into_inner())).await,
+            self.caller(&req)?.call(Op::Update(req.into_inner())).await,
             Session
         )
     }
 
     async fn regenerate(&self, req: Request<pb::RegenerateRequest>) -> Reply<pb::Session> {
         expect!(
-            Caller::of(&req)?
+            self.caller(&req)?
                 .call(Op::Regenerate(req.into_inner()))
                 .await,
             Session
@@ -291,7 +415,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
 
     async fn destroy(&self, req: Request<pb::DestroyRequest>) -> Reply<pb::DestroyResponse> {
         expect!(
-            Caller::of(&req)?.call(Op::Destroy(req.into_inner())).await,
+            self.caller(&req)?.call(Op::Destroy(req.into_inner())).await,
             Destroy
         )
     }
@@ -300,7 +424,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         &self,
         req: Request<pb::ListUserSessionsRequest>,
     ) -> Reply<pb::ListUserSessionsResponse> {
-        let caller = Caller::of(&req)?;
+        let caller = self.caller(&req)?;
         let op = Op::ListUserSessions(req.into_inner());
         expect!(caller.call(op).await, ListUserSessions)
     }
@@ -309,41 +433,52 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         &self,
         req: Request<pb::DestroyUserSessionsRequest>,
     ) -> Reply<pb::DestroyUserSessionsResponse> {
-        let caller = Caller::of(&req)?;
+        let caller = self.caller(&req)?;
         let op = Op::DestroyUserSessions(req.into_inner());
         expect!(caller.call(op).await, DestroyUserSessions)
     }
 
     async fn get_many(&self, req: Request<pb::GetManyRequest>) -> Reply<pb::GetManyResponse> {
-        let caller = Caller::of(&req)?;
+        let caller = self.caller(&req)?;
         let r = req.into_inner();
-        if r.ids.len() > self.max_batch_ids {
+        if r.ids.len() > self.edge.max_batch_ids {
             return Err(status::invalid(
                 "ids",
                 &format!(
                     "has {} entries, over max_batch_ids ({})",
                     r.ids.len(),
-                    self.max_batch_ids
+                    self.edge.max_batch_ids
                 ),
             ));
         }
-        let results = r
-            .ids
-            .into_iter()
-            .map(|id| {
-                let result = match caller.apply(Op::Get(pb::GetRequest { id, peek: r.peek })).0 {
-                    Ok(Outcome::Session(s)) => pb::get_result::Result::Session(s),
-                    Ok(_) => pb::get_result::Result::Error(status::error(&Status::internal(
-                        "unexpected result",
-                    ))),
-                    Err(e) => pb::get_result::Result::Error(status::error(&e)),
-                };
-                pb::GetResult {
-                    result: Some(result),
-                }
-            })
-            .collect();
-        Ok(Response::new(pb::GetManyResponse { results }))
+        let mut out: Bounded<pb::GetResult> =
+            Bounded::new(self.edge.max_message_bytes, r.ids.len());
+        // A repeated ID is looked up once: later positions repeat the first answer, whose
+        // attribute values are shared, not copied.
+        let mut first: HashMap<&str, usize> = HashMap::new();
+        for (i, id) in r.ids.iter().enumerate() {
+            if let Some(&j) = first.get(id.as_str()) {
+                let again = out.items[j].clone();
+                out.push(again)?;
+                continue;
+            }
+            first.insert(id, i);
+            let get = pb::GetRequest {
+                id: id.clone(),
+                peek: r.peek,
+            };
+            let result = match caller.apply(Op::Get(get)).0 {
+                Ok(Outcome::Session(s)) => pb::get_result::Result::Session(s),
+                Ok(_) => pb::get_result::Result::Error(status::error(&Status::internal(
+                    "unexpected result",
+                ))),
+                Err(e) => pb::get_result::Result::Error(status::error(&e)),
+            };
+            out.push(pb::GetResult {
+                result: Some(result),
+            })?;
+        }
+        Ok(Response::new(pb::GetManyResponse { results: out.items }))
     }
 
     type PipelineStream = ReceiverStream<Result<pb::PipelineResponse, Status>>;
@@ -352,40 +487,30 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         &self,
         req: Request<tonic::Streaming<pb::PipelineRequest>>,
     ) -> Reply<Self::PipelineStream> {
-        let caller = Caller::of(&req)?;
-        let requests = req.into_inner();
-        let (tx, rx) = mpsc::channel(PIPELINE_WINDOW);
-        if caller.tenant.durable_log.is_none() {
-            // Replies need not wait for the disk: one task applies each request in order and
-            // sends its reply.
-            caller.apply_stream(requests, tx, |response, _| response);
-            return Ok(Response::new(ReceiverStream::new(rx)));
+        let caller = self.caller(&req)?;
+        Ok(Response::new(caller.serve_pipeline(req.into_inner())))
+    }
+
+    async fn destroy_all_sessions(
+        &self,
+        req: Request<pb::DestroyAllSessionsRequest>,
+    ) -> Reply<pb::DestroyAllSessionsResponse> {
+        let caller = self.caller(&req)?;
+        if req.get_ref().confirm != DESTROY_ALL_CONFIRMATION {
+            return Err(status::invalid(
+                "confirm",
+                &format!(
+                    "must be {DESTROY_ALL_CONFIRMATION:?} to end every session of this tenant"
+                ),
+            ));
         }
-        // Two stages, so a stream does not stop at every fsync: the first applies requests in
-        // order, the second holds each reply until its change is durable (one fsync covers
-        // everything applied meanwhile) and sends it. Both channels are bounded.
-        let (applied_tx, mut applied) = mpsc::channel(PIPELINE_WINDOW);
-        caller
-            .clone()
-            .apply_stream(requests, applied_tx, |response, position| {
-                (response, position)
-            });
-        let svc = caller;
-        tokio::spawn(async move {
-            while let Some((response, position)) = applied.recv().await {
-                let response = match svc.durable_up_to(position).await {
-                    Ok(()) => response,
-                    Err(e) => response.map(|r| pb::PipelineResponse {
-                        result: Some(Outcome::Error(status::error(&e))),
-                        ..r
-                    }),
-                };
-                // A failed send means the client went away: stop quietly.
-                if tx.send(response).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let destroyed = caller.tenant.store.destroy_all();
+        caller.sync_log().await?;
+        tracing::warn!(
+            tenant = %caller.tenant.name,
+            destroyed,
+            "every session of the tenant destroyed (DestroyAllSessions)"
+        );
+        Ok(Response::new(pb::DestroyAllSessionsResponse { destroyed }))
     }
 }

@@ -36,6 +36,14 @@ pub(crate) fn invalid(field: &str, why: &str) -> Status {
     Status::invalid_argument(format!("{field} {why}"))
 }
 
+/// A response that would be larger than `max_message_bytes`, refused before the rest of it
+/// was built.
+pub(crate) fn too_large(max: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "the response would be larger than max_message_bytes ({max}); ask for fewer or smaller sessions"
+    ))
+}
+
 /// A Status as the `Error` message of a batch or pipeline result.
 pub(crate) fn error(status: &Status) -> super::pb::Error {
     super::pb::Error {

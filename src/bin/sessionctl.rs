@@ -135,13 +135,20 @@ enum Command {
         #[arg(long)]
         attributes: bool,
     },
-    /// End all of a user's sessions.
+    /// End all of a user's sessions (--user), or every session of the tenant (--all --yes).
     Kill {
-        #[arg(long)]
-        user: String,
+        /// The user whose sessions to end.
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        user: Option<String>,
         /// Spare this session.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "all")]
         except: Option<String>,
+        /// End every session of the tenant (a leaked secret: log every user out).
+        #[arg(long)]
+        all: bool,
+        /// Confirm --all; without it, --all does nothing.
+        #[arg(long, requires = "all")]
+        yes: bool,
     },
     /// A readable summary of the daemon's metrics.
     Stats,
@@ -398,9 +405,27 @@ async fn run(cli: &Cli) -> Result<Value, Failure> {
                 .into_inner();
             Ok(json!({ "sessions": r.sessions.iter().map(session_json).collect::<Vec<_>>() }))
         }
-        Command::Kill { user, except } => {
+        Command::Kill { all: true, yes, .. } => {
+            if !yes {
+                return Err(Failure {
+                    code: 2,
+                    message: "kill --all ends every session of the tenant; add --yes to confirm"
+                        .into(),
+                });
+            }
+            let req = pb::DestroyAllSessionsRequest {
+                confirm: sessiond::api::DESTROY_ALL_CONFIRMATION.into(),
+            };
+            let r = connect(cli)
+                .await?
+                .destroy_all_sessions(req)
+                .await?
+                .into_inner();
+            Ok(json!({ "destroyed": r.destroyed }))
+        }
+        Command::Kill { user, except, .. } => {
             let req = pb::DestroyUserSessionsRequest {
-                user_id: user.clone(),
+                user_id: user.clone().unwrap_or_default(),
                 except_id: except.clone().unwrap_or_default(),
             };
             let r = connect(cli)
@@ -513,6 +538,10 @@ async fn stats(cli: &Cli) -> Result<Value, Failure> {
         ) else {
             continue;
         };
+        // Operations inside Pipeline streams are not requests of their own.
+        if labels.contains("via=\"pipeline\"") {
+            continue;
+        }
         requests += value;
         if !labels.contains("code=\"OK\"") && !labels.contains("code=\"NotFound\"") {
             errors += value;

@@ -20,7 +20,7 @@ use metrics::{Counter, Histogram};
 use tonic::Code;
 use tower::{Layer, Service};
 
-use super::names::{GRPC_DURATION, GRPC_REQUESTS};
+use super::names::{GRPC_DURATION, GRPC_REQUESTS, PIPELINE_OPS as OPS_METRIC, REQUESTS_SHED, VIA};
 use super::Telemetry;
 
 /// The service prefix of our own API in request paths.
@@ -39,7 +39,22 @@ const METHODS: &[&str] = &[
     "DestroyUserSessions",
     "GetMany",
     "Pipeline",
+    "DestroyAllSessions",
     "other",
+];
+
+/// The operations a Pipeline stream carries, labelled by the name of their unary RPC, and
+/// `none` for a request without an operation.
+pub const PIPELINE_OPS: &[&str] = &[
+    "Create",
+    "Get",
+    "Touch",
+    "Update",
+    "Regenerate",
+    "Destroy",
+    "ListUserSessions",
+    "DestroyUserSessions",
+    "none",
 ];
 
 /// gRPC status codes 0..=16.
@@ -74,6 +89,52 @@ fn code_label(code: i32) -> String {
     }
 }
 
+/// Counts of what the gRPC edge refuses or carries beyond whole requests: requests shed at
+/// `max_concurrent_requests` (unary, by method) and each operation of a Pipeline stream
+/// (by operation and code, and shed). Every series is registered up front.
+pub struct EdgeMetrics {
+    shed_unary: Vec<Counter>,
+    ops: Vec<Vec<Counter>>,
+    shed_ops: Vec<Counter>,
+}
+
+impl EdgeMetrics {
+    /// Handles that record nothing: for a service built without a registry (fuzzing).
+    pub fn noop() -> Self {
+        EdgeMetrics {
+            shed_unary: METHODS.iter().map(|_| Counter::noop()).collect(),
+            ops: PIPELINE_OPS
+                .iter()
+                .map(|_| (0..CODES).map(|_| Counter::noop()).collect())
+                .collect(),
+            shed_ops: PIPELINE_OPS.iter().map(|_| Counter::noop()).collect(),
+        }
+    }
+
+    /// Counts a request to `path` shed before it reached its handler.
+    pub fn shed_request(&self, path: &str) {
+        self.shed_unary[Table::index(path)].increment(1);
+    }
+
+    /// Counts a pipelined operation (named as in [`PIPELINE_OPS`]) answered with `code`.
+    pub fn pipelined(&self, op: &str, code: Code) {
+        let code = (code as usize).min(CODES - 1);
+        self.ops[op_index(op)][code].increment(1);
+    }
+
+    /// Counts a pipelined operation shed for want of a permit.
+    pub fn shed_op(&self, op: &str) {
+        self.shed_ops[op_index(op)].increment(1);
+    }
+}
+
+fn op_index(op: &str) -> usize {
+    PIPELINE_OPS
+        .iter()
+        .position(|k| *k == op)
+        .unwrap_or(PIPELINE_OPS.len() - 1)
+}
+
 /// The layer. Build it with [`Telemetry::grpc_layer`].
 #[derive(Clone)]
 pub struct GrpcMetricsLayer {
@@ -99,6 +160,30 @@ impl Telemetry {
         GrpcMetricsLayer {
             table: Arc::new(table),
         }
+    }
+
+    /// The edge's shed and pipelined-operation counters, every series registered.
+    pub fn edge_metrics(&self) -> EdgeMetrics {
+        self.register(|| EdgeMetrics {
+            shed_unary: METHODS
+                .iter()
+                .map(|&m| metrics::counter!(REQUESTS_SHED, "method" => m, VIA => "unary"))
+                .collect(),
+            ops: PIPELINE_OPS
+                .iter()
+                .map(|&m| {
+                    (0..CODES as i32)
+                        .map(|c| {
+                            metrics::counter!(OPS_METRIC, "method" => m, "code" => code_label(c), VIA => "pipeline")
+                        })
+                        .collect()
+                })
+                .collect(),
+            shed_ops: PIPELINE_OPS
+                .iter()
+                .map(|&m| metrics::counter!(REQUESTS_SHED, "method" => m, VIA => "pipeline"))
+                .collect(),
+        })
     }
 }
 

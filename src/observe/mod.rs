@@ -30,7 +30,7 @@ pub mod names {
     pub const SESSIONS_ACTIVE: &str = "sessiond_sessions_active";
     /// Sessions created.
     pub const SESSIONS_CREATED: &str = "sessiond_sessions_created_total";
-    /// Sessions ended by Destroy or DestroyUserSessions.
+    /// Sessions ended by Destroy, DestroyUserSessions or DestroyAllSessions.
     pub const SESSIONS_DESTROYED: &str = "sessiond_sessions_destroyed_total";
     /// Sessions that reached their deadline.
     pub const SESSIONS_EXPIRED: &str = "sessiond_sessions_expired_total";
@@ -50,6 +50,14 @@ pub mod names {
     pub const GRPC_REQUESTS: &str = "sessiond_grpc_requests_total";
     /// gRPC request latency by method.
     pub const GRPC_DURATION: &str = "sessiond_grpc_request_duration_seconds";
+    /// Operations carried by Pipeline streams, by operation and status code. They are
+    /// series of [`GRPC_REQUESTS`] with `via="pipeline"`; unary calls have no `via` label.
+    pub const PIPELINE_OPS: &str = GRPC_REQUESTS;
+    /// Requests and pipelined operations refused at once because `max_concurrent_requests`
+    /// were in flight, by method and `via` (`unary` or `pipeline`).
+    pub const REQUESTS_SHED: &str = "sessiond_requests_shed_total";
+    /// The label saying how an operation arrived: `unary` or `pipeline`.
+    pub const VIA: &str = "via";
     /// Reaper batches run.
     pub const REAPER_RUNS: &str = "sessiond_reaper_runs_total";
     /// How late the oldest due session was when the reaper reached it.
@@ -274,7 +282,7 @@ fn describe() {
     describe_counter!(SESSIONS_UPDATED, "Successful Update calls.");
     describe_counter!(
         SESSIONS_DESTROYED,
-        "Sessions ended by Destroy or DestroyUserSessions."
+        "Sessions ended by Destroy, DestroyUserSessions or DestroyAllSessions."
     );
     describe_counter!(
         SESSIONS_EXPIRED,
@@ -296,7 +304,14 @@ fn describe() {
         "Approximate bytes held by sessions."
     );
     describe_gauge!(USERS, "Users with at least one session.");
-    describe_counter!(GRPC_REQUESTS, "gRPC requests by method and status code.");
+    describe_counter!(
+        GRPC_REQUESTS,
+        "gRPC requests by method and status code; operations inside Pipeline streams carry via=pipeline."
+    );
+    describe_counter!(
+        REQUESTS_SHED,
+        "Requests and pipelined operations refused because max_concurrent_requests were in flight."
+    );
     describe_histogram!(
         GRPC_DURATION,
         Unit::Seconds,

@@ -30,6 +30,7 @@
 //! Every read checks the deadline itself, so correctness never rests on the reaper keeping
 //! up; the reaper only frees memory.
 
+mod all;
 pub mod error;
 pub mod events;
 pub mod packed;

@@ -1,0 +1,250 @@
+//! The Pipeline stream: many operations in flight on one bidirectional stream.
+//!
+//! Each operation is applied in order, takes its own permit of `max_concurrent_requests`
+//! (shed with RESOURCE_EXHAUSTED when there is none) and waits for the disk within its own
+//! `request_timeout`. When the daemon starts draining, a stream reads no further request,
+//! answers the ones it took and ends with UNAVAILABLE "shutting down", so an open stream
+//! never holds the drain until `shutdown_grace` runs out.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
+
+use super::{pb, status, Caller, Op, Outcome, PIPELINE_WINDOW};
+
+/// One pipelined operation, applied, on its way to its reply.
+struct Applied {
+    response: pb::PipelineResponse,
+    /// The log position its reply waits for, if it changed anything.
+    position: Option<u64>,
+    /// Its name as a metrics label.
+    op: &'static str,
+    /// When its `request_timeout` runs out.
+    deadline: Option<Instant>,
+    /// Its share of `max_concurrent_requests`, held until its reply is ready.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// What the applying stage of a Pipeline stream hands on: a reply, or the stream's end.
+// Nearly every step is a reply: boxing it would cost an allocation per operation to save
+// channel slots.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Reply(Applied),
+    End(Status),
+}
+
+/// Where the applying stage sends its steps: straight to the client when replies need not
+/// wait for the disk, or to the stage that waits for it.
+enum Sink {
+    Direct(mpsc::Sender<Result<pb::PipelineResponse, Status>>),
+    Staged(mpsc::Sender<Step>),
+}
+
+/// An operation's name as a metrics label: its unary RPC's name.
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Create(_) => "Create",
+        Op::Get(_) => "Get",
+        Op::Touch(_) => "Touch",
+        Op::Update(_) => "Update",
+        Op::Regenerate(_) => "Regenerate",
+        Op::Destroy(_) => "Destroy",
+        Op::ListUserSessions(_) => "ListUserSessions",
+        Op::DestroyUserSessions(_) => "DestroyUserSessions",
+    }
+}
+
+impl Caller {
+    /// Serves one Pipeline stream: the stream of its replies.
+    pub(super) fn serve_pipeline(
+        self,
+        requests: tonic::Streaming<pb::PipelineRequest>,
+    ) -> ReceiverStream<Result<pb::PipelineResponse, Status>> {
+        let (tx, rx) = mpsc::channel(PIPELINE_WINDOW);
+        if self.tenant.durable_log.is_none() {
+            // Replies need not wait for the disk: one task applies each request in order and
+            // sends its reply.
+            self.apply_stream(requests, Sink::Direct(tx));
+            return ReceiverStream::new(rx);
+        }
+        // Two stages, so a stream does not stop at every fsync: the first applies requests in
+        // order, the second holds each reply until its change is durable (one fsync covers
+        // everything applied meanwhile) and sends it. Both channels are bounded.
+        let (applied_tx, mut applied) = mpsc::channel(PIPELINE_WINDOW);
+        self.clone()
+            .apply_stream(requests, Sink::Staged(applied_tx));
+        tokio::spawn(async move {
+            while let Some(step) = applied.recv().await {
+                let reply = match step {
+                    Step::Reply(a) => Ok(self.finish(a).await),
+                    Step::End(status) => Err(status),
+                };
+                // A failed send means the client went away: stop quietly.
+                if tx.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+
+    /// Applies one pipelined request, if the budget has a permit for it; its response, and
+    /// the log position the response must wait for if it changed anything.
+    fn pipelined(&self, request: pb::PipelineRequest) -> Applied {
+        let op = request.op.as_ref().map_or("none", op_name);
+        let deadline = self.edge.request_timeout.map(|t| Instant::now() + t);
+        let permit = match &self.edge.budget {
+            Some(budget) => match budget.try_take() {
+                Some(permit) => Some(permit),
+                None => {
+                    self.edge.metrics.shed_op(op);
+                    return Applied {
+                        response: pb::PipelineResponse {
+                            id: request.id,
+                            result: Some(Outcome::Error(status::error(&budget.exhausted()))),
+                        },
+                        position: None,
+                        op,
+                        deadline,
+                        permit: None,
+                    };
+                }
+            },
+            None => None,
+        };
+        let (result, position) = match request.op {
+            Some(op) => {
+                let (result, mutated) = self.apply(op);
+                let position = if mutated { self.log_position() } else { None };
+                (
+                    result.unwrap_or_else(|e| Outcome::Error(status::error(&e))),
+                    position,
+                )
+            }
+            None => (
+                Outcome::Error(status::error(&status::invalid("op", "is missing"))),
+                None,
+            ),
+        };
+        Applied {
+            response: pb::PipelineResponse {
+                id: request.id,
+                result: Some(result),
+            },
+            position,
+            op,
+            deadline,
+            permit,
+        }
+    }
+
+    /// Waits until an applied operation's change is durable (within its `request_timeout`),
+    /// gives its permit back and counts it: its reply.
+    async fn finish(&self, applied: Applied) -> pb::PipelineResponse {
+        let Applied {
+            mut response,
+            position,
+            op,
+            deadline,
+            permit,
+        } = applied;
+        if position.is_some() {
+            let wait = self.durable_up_to(position);
+            let waited = match deadline {
+                Some(at) => tokio::time::timeout_at(at, wait)
+                    .await
+                    .unwrap_or_else(|_| Err(self.timed_out())),
+                None => wait.await,
+            };
+            if let Err(e) = waited {
+                response.result = Some(Outcome::Error(status::error(&e)));
+            }
+        }
+        drop(permit);
+        let code = match &response.result {
+            Some(Outcome::Error(e)) => Code::from_i32(e.code),
+            _ => Code::Ok,
+        };
+        self.edge.metrics.pipelined(op, code);
+        response
+    }
+
+    fn timed_out(&self) -> Status {
+        let timeout = self.edge.request_timeout.unwrap_or_default();
+        Status::deadline_exceeded(format!(
+            "request_timeout ({}) passed before the change was durable",
+            humantime::format_duration(timeout)
+        ))
+    }
+
+    /// Hands a step on; `false` once the receiving side has gone (the client left).
+    async fn send(&self, sink: &Sink, step: Step) -> bool {
+        match sink {
+            Sink::Staged(tx) => tx.send(step).await.is_ok(),
+            Sink::Direct(tx) => {
+                let reply = match step {
+                    Step::Reply(applied) => Ok(self.finish(applied).await),
+                    Step::End(status) => Err(status),
+                };
+                tx.send(reply).await.is_ok()
+            }
+        }
+    }
+
+    /// Spawns the task that applies a Pipeline stream's requests in order and hands each
+    /// on to `sink`. It stops at the stream's end, after a broken stream's error, when the
+    /// sink closes (the client went away), or when the daemon starts shutting down: then it
+    /// reads no further request and ends the stream with UNAVAILABLE after the replies of
+    /// the operations already applied.
+    fn apply_stream(self, mut requests: tonic::Streaming<pb::PipelineRequest>, sink: Sink) {
+        let mut shutdown = self.edge.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let message = match &mut shutdown {
+                    Some(signal) => tokio::select! {
+                        biased;
+                        // A dropped sender means the daemon is gone: shutting down too.
+                        _ = signal.wait_for(|stop| *stop) => None,
+                        m = requests.message() => Some(m),
+                    },
+                    None => Some(requests.message().await),
+                };
+                let step = match message {
+                    None => {
+                        let end = Step::End(Status::unavailable("shutting down"));
+                        if self.send(&sink, end).await {
+                            linger(requests).await;
+                        }
+                        return;
+                    }
+                    Some(Ok(Some(request))) => Step::Reply(self.pipelined(request)),
+                    Some(Ok(None)) => return,
+                    Some(Err(e)) => Step::End(e),
+                };
+                let end = matches!(step, Step::End(_));
+                if !self.send(&sink, step).await || end {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// How long a stream ended by shutdown keeps its request side open, reading and dropping
+/// what the client still sends, so the client reads the final status before the
+/// connection closes. Closing at once would leave the client's requests in flight unread,
+/// and the reset the kernel then sends can destroy the status before the client reads it.
+const SHUTDOWN_LINGER: Duration = Duration::from_secs(1);
+
+/// Reads and drops requests (none is applied) until the client closes its side or
+/// [`SHUTDOWN_LINGER`] passes.
+async fn linger(mut requests: tonic::Streaming<pb::PipelineRequest>) {
+    let _ = tokio::time::timeout(SHUTDOWN_LINGER, async {
+        while let Ok(Some(_)) = requests.message().await {}
+    })
+    .await;
+}
