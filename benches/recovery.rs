@@ -23,10 +23,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn metrics() -> LogMetrics {
-    LogMetrics {
-        segment_bytes: metrics::Gauge::noop(),
-        fsync: metrics::Histogram::noop(),
-    }
+    LogMetrics::noop()
 }
 
 /// The store recovery loads into, sized as the daemon sizes it.

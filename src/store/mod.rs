@@ -404,6 +404,15 @@ impl Store {
         }
     }
 
+    /// `Unavailable` while a sink (the durable log) cannot keep changes: checked first by
+    /// every write, so nothing is acknowledged that would not survive. Reads skip it.
+    pub(crate) fn check_writable(&self) -> Result<(), StoreError> {
+        self.inner
+            .sink
+            .accepting()
+            .map_err(|r| StoreError::Unavailable(r.0))
+    }
+
     /// The store's clock.
     pub fn clock(&self) -> &Clock {
         &self.inner.clock
@@ -416,6 +425,7 @@ impl Store {
 
     /// Starts a session under a fresh server-generated ID.
     pub fn create(&self, req: NewSession) -> Result<Session, StoreError> {
+        self.check_writable()?;
         let l = &self.inner.limits;
         let idle = pick_timeout(
             req.idle_timeout,
@@ -505,6 +515,7 @@ impl Store {
 
     /// Applies a partial update atomically: every check passes before anything changes.
     pub fn update(&self, id: &str, change: Change) -> Result<Session, StoreError> {
+        self.check_writable()?;
         let key = SessionKey::parse(id)?;
         for (k, v) in &change.set {
             self.check_attribute(k, v)?;
@@ -612,6 +623,7 @@ impl Store {
     /// Moves a session to a fresh ID. Once this returns, the old ID is dead for every call,
     /// and every update acknowledged on it is in the new session.
     pub fn regenerate(&self, id: &str, rotation: Rotation) -> Result<Session, StoreError> {
+        self.check_writable()?;
         let old = SessionKey::parse(id)?;
         let new_user = match rotation.user {
             None => None,
@@ -661,6 +673,7 @@ impl Store {
 
     /// Ends one session. `Ok(false)` if there was no live session under that ID.
     pub fn destroy(&self, id: &str) -> Result<bool, StoreError> {
+        self.check_writable()?;
         let key = SessionKey::parse(id)?;
         let now = self.now();
         Ok(self.end(key, now, EndCause::Destroyed, |e| e.is_live(now)))
@@ -687,6 +700,7 @@ impl Store {
 
     /// Ends every live session of `user` except `except` (the caller's own); returns how many.
     pub fn destroy_user(&self, user: &str, except: Option<&str>) -> Result<u32, StoreError> {
+        self.check_writable()?;
         let user = self.check_listed_user(user)?;
         let except = except.map(SessionKey::parse).transpose()?;
         let now = self.now();
