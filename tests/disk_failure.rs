@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use common::proc::{spawn, spawn_with_file_size_limit, Proc};
 use sessiond::api::pb;
 use sessiond::api::pb::session_store_client::SessionStoreClient;
-use tonic::transport::Channel;
 use tonic::Code;
 
 /// Where the log stops growing: room for a few hundred records.
@@ -25,7 +24,7 @@ fn args<'a>(data: &'a str, fsync: &'a str) -> [&'a str; 4] {
 
 fn create_request(i: usize) -> pb::CreateRequest {
     pb::CreateRequest {
-        user_id: format!("user{}", i % 7),
+        user_id: format!("user{}", i % 1000),
         attributes: common::attrs(&[("cart", &"x".repeat(200))]),
         ..Default::default()
     }
@@ -33,23 +32,24 @@ fn create_request(i: usize) -> pb::CreateRequest {
 
 async fn survives_a_failing_disk(fsync: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let data = data.to_str().unwrap();
-    let p = spawn_with_file_size_limit(dir.path(), &args(data, fsync), &[], FILE_LIMIT)
+    let data = dir.path().join("data").to_str().unwrap().to_string();
+    let p = spawn_with_file_size_limit(dir.path(), &args(&data, fsync), &[], FILE_LIMIT)
         .unwrap_or_else(|out| panic!("sessiond did not start:\n{out}"));
     let mut c = SessionStoreClient::connect(p.url()).await.unwrap();
 
     // Create until the disk is full and writes are refused by name.
     let mut acked = Vec::new();
     let started = Instant::now();
+    let mut attempts = 0;
     let refusal = loop {
+        attempts += 1;
         assert!(
             started.elapsed() < DEADLINE,
             "{fsync}: writes never refused after {} creates:\n{}",
             acked.len(),
             p.output()
         );
-        match c.create(create_request(acked.len())).await {
+        match c.create(create_request(attempts)).await {
             Ok(r) => acked.push(r.into_inner().id),
             Err(s) => {
                 assert_eq!(s.code(), Code::Unavailable, "{fsync}: {s:?}");
@@ -151,9 +151,10 @@ async fn survives_a_failing_disk(fsync: &str) {
 
     // kill -9, start on a working disk: nothing acknowledged is missing.
     drop(c);
+    let (root, policy) = (dir.path().to_owned(), fsync.to_string());
     let p = tokio::task::spawn_blocking(move || {
         p.kill();
-        spawn(dir.path(), &args(data, fsync), &[])
+        spawn(&root, &args(&data, &policy), &[])
     })
     .await
     .unwrap()
