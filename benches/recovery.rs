@@ -2,6 +2,9 @@
 //!
 //! Run: `cargo bench --bench recovery`. `SESSIOND_BENCH_SESSIONS` changes the population;
 //! `SESSIOND_BENCH_VALUE_BYTES` the size of each session's one attribute (default 200).
+//! `SESSIOND_BENCH_TAIL_PERCENT` makes the log tail that large a share of the snapshot by
+//! rewriting sessions' attribute (100: a tail as large as the snapshot, what
+//! `snapshot_log_percent = 100` lets accumulate); unset, the tail updates 10% of sessions.
 
 mod common;
 
@@ -23,10 +26,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn metrics() -> LogMetrics {
-    LogMetrics {
-        segment_bytes: metrics::Gauge::noop(),
-        fsync: metrics::Histogram::noop(),
-    }
+    LogMetrics::noop()
 }
 
 /// The store recovery loads into, sized as the daemon sizes it.
@@ -62,22 +62,59 @@ fn recovery(c: &mut Criterion) {
             ids.push(s.key.encode());
         }
         let s = snapshot(dir.path(), &p.log, &store).expect("snapshot");
-        // A log tail after the snapshot: 10% of sessions updated.
-        for id in ids.iter().step_by(10) {
-            store
-                .update(
-                    id,
-                    Change {
-                        set: vec![("theme".into(), Bytes::from_static(b"dark"))],
-                        ..Change::default()
-                    },
-                )
-                .expect("update");
+        match std::env::var("SESSIOND_BENCH_TAIL_PERCENT")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            // A log tail of `pct` percent of the snapshot's size: whole attributes rewritten.
+            Some(pct) => {
+                let want = s.bytes * pct / 100;
+                let mut written = 0u64;
+                'tail: loop {
+                    for id in &ids {
+                        if written >= want {
+                            break 'tail;
+                        }
+                        store
+                            .update(
+                                id,
+                                Change {
+                                    set: vec![("cart".into(), value.clone())],
+                                    ..Change::default()
+                                },
+                            )
+                            .expect("update");
+                        written += value.len() as u64 + 64;
+                    }
+                }
+            }
+            // A log tail after the snapshot: 10% of sessions updated.
+            None => {
+                for id in ids.iter().step_by(10) {
+                    store
+                        .update(
+                            id,
+                            Change {
+                                set: vec![("theme".into(), Bytes::from_static(b"dark"))],
+                                ..Change::default()
+                            },
+                        )
+                        .expect("update");
+                }
+            }
         }
         p.log.close();
+        let tail: u64 = std::fs::read_dir(dir.path())
+            .expect("data dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "sdl"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
         println!(
-            "setup: {n} sessions, snapshot {} MB, built in {:.1} s",
+            "setup: {n} sessions, snapshot {} MB, log tail {} MB, built in {:.1} s",
             s.bytes / 1_000_000,
+            tail / 1_000_000,
             started.elapsed().as_secs_f64()
         );
     }

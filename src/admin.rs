@@ -130,11 +130,21 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
 }
 
 async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
-    if a.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    if !a.ready.load(Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n".to_string(),
+        );
     }
+    // A failing disk keeps the node ready, since reads are still served; the body says
+    // which tenants refuse writes and why.
+    let mut body = String::from("ready\n");
+    for t in a.tenants.all() {
+        if let Err(e) = t.store.check_writable() {
+            body.push_str(&format!("writes refused (tenant {}): {e}\n", t.name));
+        }
+    }
+    (StatusCode::OK, body)
 }
 
 /// GETs `path` from an admin endpoint (`host:port` or `http://host:port`) and returns the body

@@ -39,8 +39,13 @@ pub struct Config {
     pub persist: bool,
     /// When the log is fsynced: `always` (before every reply), `everysec`, or `no`.
     pub fsync: FsyncPolicy,
-    /// Snapshot once the current log segment is this large.
+    /// Snapshot once the log since the last snapshot is this large (or larger: see
+    /// `snapshot_log_percent`).
     pub snapshot_log_bytes: u64,
+    /// Snapshot once the log since the last snapshot reaches this percentage of that
+    /// snapshot's size, when that is more than `snapshot_log_bytes` (Redis's
+    /// `auto-aof-rewrite-percentage`). 0 leaves `snapshot_log_bytes` alone.
+    pub snapshot_log_percent: u64,
     /// Snapshot at least this often while anything changes.
     #[serde(with = "humantime_serde")]
     pub snapshot_interval: Duration,
@@ -231,6 +236,7 @@ impl Default for Config {
             persist: true,
             fsync: FsyncPolicy::Everysec,
             snapshot_log_bytes: 64 * 1024 * 1024,
+            snapshot_log_percent: 100,
             snapshot_interval: Duration::from_secs(3600),
             log_format: LogFormat::Text,
             tls_cert: PathBuf::new(),

@@ -115,23 +115,49 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--repair`: recovery with permission to truncate, then exit.
+/// `--repair`: recovery with permission to truncate, then exit. Checks `data_dir` and every
+/// tenant's directory under `data_dir/tenants/` (configured or not: a tenant removed from the
+/// config keeps its data until someone deletes it), since the daemon will not start while
+/// any of them is damaged.
 fn repair(config: &Config) -> ExitCode {
     let now = Clock::system().now();
-    match sessiond::persist::recover(&config.data_dir, now, true) {
-        Ok(r) => {
-            println!(
+    let mut dirs = vec![config.data_dir.clone()];
+    let tenants_dir = config.data_dir.join("tenants");
+    let mut tenant_dirs: Vec<PathBuf> = config
+        .tenants
+        .iter()
+        .map(|t| tenants_dir.join(&t.name))
+        .collect();
+    if let Ok(entries) = std::fs::read_dir(&tenants_dir) {
+        tenant_dirs.extend(
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    tenant_dirs.sort();
+    tenant_dirs.dedup();
+    dirs.extend(tenant_dirs);
+    let mut failed = false;
+    for dir in &dirs {
+        match sessiond::persist::recover(dir, now, true) {
+            Ok(r) => println!(
                 "sessiond --repair: {} is consistent: {} live session(s), {} record(s) replayed",
-                config.data_dir.display(),
+                dir.display(),
                 r.sessions.len(),
                 r.records
-            );
-            ExitCode::SUCCESS
+            ),
+            Err(e) => {
+                eprintln!("sessiond --repair: {e}");
+                failed = true;
+            }
         }
-        Err(e) => {
-            eprintln!("sessiond --repair: {e}");
-            ExitCode::FAILURE
-        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -279,6 +279,7 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
                 p.log.clone(),
                 tenant.store.clone(),
                 config.snapshot_log_bytes,
+                config.snapshot_log_percent,
                 config.snapshot_interval,
                 telemetry.snapshot_metrics(&tenant.name),
                 serving.clone(),
@@ -465,13 +466,18 @@ async fn watch_tls(
     }
 }
 
-/// Takes a snapshot when the log segment reaches `max_bytes` or `every` has passed with
-/// changes, one at a time, off the async threads; stops when `stop` turns true.
+/// Takes a snapshot when the log since the last one is due (see
+/// [`crate::persist::snapshot_due`]) or `every` has passed with changes, one at a time, off
+/// the async threads; stops when `stop` turns true. While the log cannot write it waits: a
+/// snapshot starts by rotating the log, and the records the log keeps for its retries belong
+/// in the segment they were meant for.
+#[allow(clippy::too_many_arguments)]
 async fn snapshot_loop(
     dir: std::path::PathBuf,
     log: Arc<Log>,
     store: Store,
-    max_bytes: u64,
+    min_bytes: u64,
+    percent: u64,
     every: std::time::Duration,
     (written, age): (metrics::Counter, metrics::Gauge),
     mut stop: watch::Receiver<bool>,
@@ -480,6 +486,7 @@ async fn snapshot_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = std::time::Instant::now();
     let mut appended_at_last = log.appended();
+    let mut last_bytes = crate::persist::newest_snapshot_bytes(&dir);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -487,7 +494,8 @@ async fn snapshot_loop(
         }
         age.set(last.elapsed().as_secs_f64());
         let changed = log.appended() != appended_at_last;
-        if !(log.segment_bytes() >= max_bytes || (changed && last.elapsed() >= every)) {
+        let due = crate::persist::snapshot_due(log.segment_bytes(), last_bytes, min_bytes, percent);
+        if !(due || (changed && last.elapsed() >= every)) || log.writable().is_err() {
             continue;
         }
         let (dir, log2, store) = (dir.clone(), log.clone(), store.clone());
@@ -510,6 +518,7 @@ async fn snapshot_loop(
             Ok(Ok(s)) => {
                 written.increment(1);
                 last = std::time::Instant::now();
+                last_bytes = s.bytes;
                 tracing::info!(
                     seq = s.seq,
                     sessions = s.sessions,

@@ -11,6 +11,7 @@ impl From<StoreError> for Status {
             StoreError::NotFound => Code::NotFound,
             StoreError::VersionMismatch { .. } => Code::Aborted,
             StoreError::Exhausted { .. } => Code::ResourceExhausted,
+            StoreError::Unavailable(_) => Code::Unavailable,
         };
         // Store messages never hold a session ID or an attribute value, so they are safe to
         // hand back verbatim.

@@ -72,6 +72,10 @@ pub mod names {
     pub const LOG_BYTES: &str = "sessiond_log_bytes";
     /// Log fsync latency.
     pub const FSYNC: &str = "sessiond_fsync_seconds";
+    /// Failed log writes and fsyncs, retries included.
+    pub const LOG_WRITE_ERRORS: &str = "sessiond_log_write_errors_total";
+    /// 1 while the durable log writes; 0 while it fails and writes are refused.
+    pub const LOG_WRITABLE: &str = "sessiond_log_writable";
     /// Snapshots written.
     pub const SNAPSHOTS: &str = "sessiond_snapshots_total";
     /// Seconds since the last snapshot (or since start, before the first).
@@ -217,7 +221,9 @@ impl Telemetry {
         let t = tenant.to_string();
         self.register(|| LogMetrics {
             segment_bytes: metrics::gauge!(LOG_BYTES, TENANT => t.clone()),
-            fsync: metrics::histogram!(FSYNC, TENANT => t),
+            fsync: metrics::histogram!(FSYNC, TENANT => t.clone()),
+            write_errors: metrics::counter!(LOG_WRITE_ERRORS, TENANT => t.clone()),
+            writable: metrics::gauge!(LOG_WRITABLE, TENANT => t),
         })
     }
 
@@ -338,6 +344,14 @@ fn describe() {
         "Bytes in the current durable log segment."
     );
     describe_histogram!(FSYNC, Unit::Seconds, "Durable log fsync latency.");
+    describe_counter!(
+        LOG_WRITE_ERRORS,
+        "Failed durable log writes and fsyncs, retries included."
+    );
+    describe_gauge!(
+        LOG_WRITABLE,
+        "1 while the durable log writes; 0 while it fails and writes are refused."
+    );
     describe_counter!(SNAPSHOTS, "Snapshots written.");
     describe_gauge!(
         SNAPSHOT_AGE,

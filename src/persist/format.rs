@@ -88,17 +88,20 @@ pub fn frame(payload: &[u8], out: &mut Vec<u8>) {
 pub enum End {
     /// Every byte was a good frame.
     Clean,
-    /// The file ends inside a frame (a write cut short by a crash): everything from
-    /// `offset` on is an incomplete last record.
+    /// The file ends inside a frame (a write cut short by a crash), or in zeros a power loss
+    /// left: everything from `offset` on is an incomplete last record. A bad frame counts as
+    /// torn only when nothing but zeros follows it.
     Torn {
         /// Where the incomplete frame starts.
         offset: u64,
     },
-    /// A complete frame is damaged at `offset`, with `after` more bytes behind it.
+    /// A frame is damaged at `offset` with more than zeros behind it: a bad checksum or
+    /// content, or a length no record has (0, or over [`MAX_FRAME_BYTES`]).
     Corrupt {
         /// Where the bad frame starts.
         offset: u64,
-        /// Frames that follow it (counted by their length fields, as far as they go).
+        /// Frames that follow it (counted by their length fields, as far as they go; 0
+        /// when its own length is impossible, so where the next starts is unknown).
         frames_after: u64,
     },
 }
@@ -156,7 +159,18 @@ pub fn scan(
         let n = u32::from_le_bytes([fh[0], fh[1], fh[2], fh[3]]);
         let crc = u32::from_le_bytes([fh[4], fh[5], fh[6], fh[7]]);
         let end = offset + FRAME_HEADER_BYTES + u64::from(n);
-        if n > MAX_FRAME_BYTES || end > len {
+        if n == 0 || n > MAX_FRAME_BYTES {
+            // No record is empty or that large. Zeros to the end of the file are a tail the
+            // file system extended but never wrote (power loss); anything else is damage.
+            if zeros_to_end(path, offset, len).map_err(io_err)? {
+                return Ok(End::Torn { offset });
+            }
+            return Ok(End::Corrupt {
+                offset,
+                frames_after: 0,
+            });
+        }
+        if end > len {
             // A length running past the end: the tail of a write cut short.
             return Ok(End::Torn { offset });
         }
@@ -176,14 +190,32 @@ pub fn scan(
                 }
                 Err(e) => return Err(e),
             }
-        } else if end == len {
-            // The very last frame is complete in length but not in content: the crash hit
-            // while its bytes were reaching the disk.
+        } else if end == len || zeros_to_end(path, end, len).map_err(io_err)? {
+            // The very last frame (perhaps followed by zeros the file system extended it
+            // with) is complete in length but not in content: the crash hit while its bytes
+            // were reaching the disk.
             return Ok(End::Torn { offset });
         } else {
             return Ok(damaged(&mut r, offset, end, len));
         }
         offset = end;
+    }
+}
+
+/// Whether every byte of `path` from `from` to `len` is zero. Only asked on the way out of a
+/// scan that met a bad frame, so it opens the file again rather than disturb the reader.
+fn zeros_to_end(path: &Path, from: u64, len: u64) -> io::Result<bool> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(from))?;
+    let mut r = f.take(len.saturating_sub(from));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf)? {
+            0 => return Ok(true),
+            n if buf[..n].iter().any(|&b| b != 0) => return Ok(false),
+            _ => {}
+        }
     }
 }
 
@@ -235,9 +267,9 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        let (_d, path, _) = file_with(&[b"one", b"", b"three"]);
+        let (_d, path, _) = file_with(&[b"one", b"2", b"three"]);
         let (got, end) = read_all(&path);
-        assert_eq!(got, vec![b"one".to_vec(), vec![], b"three".to_vec()]);
+        assert_eq!(got, vec![b"one".to_vec(), b"2".to_vec(), b"three".to_vec()]);
         assert_eq!(end, End::Clean);
     }
 
@@ -267,6 +299,95 @@ mod tests {
                 offset: offsets[1],
                 frames_after: 2
             }
+        );
+    }
+
+    /// Writes `bytes` over `path` and scans it.
+    fn rewrite(path: &Path, bytes: &[u8]) -> (Vec<Vec<u8>>, End) {
+        std::fs::write(path, bytes).unwrap();
+        read_all(path)
+    }
+
+    #[test]
+    fn an_impossible_length_mid_file_is_damage_not_a_torn_tail() {
+        let (_d, path, offsets) = file_with(&[b"first", b"second", b"third"]);
+        let good = std::fs::read(&path).unwrap();
+        let at = offsets[1] as usize;
+        for n in [0u32, MAX_FRAME_BYTES + 1, u32::MAX] {
+            let mut bytes = good.clone();
+            bytes[at..at + 4].copy_from_slice(&n.to_le_bytes());
+            let (got, end) = rewrite(&path, &bytes);
+            assert_eq!(got, vec![b"first".to_vec()], "length {n}");
+            assert!(
+                matches!(end, End::Corrupt { offset, .. } if offset == offsets[1]),
+                "length {n}: {end:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_checksum_followed_by_whole_frames_is_damage() {
+        let (_d, path, offsets) = file_with(&[b"first", b"second", b"third"]);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The checksum field of the middle frame.
+        bytes[offsets[1] as usize + 4] ^= 0xff;
+        let (got, end) = rewrite(&path, &bytes);
+        assert_eq!(got, vec![b"first".to_vec()]);
+        assert_eq!(
+            end,
+            End::Corrupt {
+                offset: offsets[1],
+                frames_after: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_zero_filled_tail_is_torn_wherever_the_zeros_start() {
+        let (_d, path, offsets) = file_with(&[b"first", b"second record"]);
+        let good = std::fs::read(&path).unwrap();
+        // Power loss: the file's length reached the disk, some of its data did not.
+        for zeros_from in offsets[1] as usize..good.len() {
+            for extra in [0usize, 1, 4096] {
+                let mut bytes = good[..zeros_from].to_vec();
+                bytes.resize(good.len() + extra, 0);
+                let (got, end) = rewrite(&path, &bytes);
+                assert_eq!(
+                    got,
+                    vec![b"first".to_vec()],
+                    "zeros from {zeros_from}+{extra}"
+                );
+                assert_eq!(
+                    end,
+                    End::Torn { offset: offsets[1] },
+                    "zeros from {zeros_from}+{extra}"
+                );
+            }
+        }
+        // Zeros after the last whole frame.
+        let mut bytes = good.clone();
+        bytes.resize(good.len() + 100, 0);
+        let (got, end) = rewrite(&path, &bytes);
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            end,
+            End::Torn {
+                offset: good.len() as u64
+            }
+        );
+    }
+
+    #[test]
+    fn zeros_followed_by_data_are_damage() {
+        let (_d, path, offsets) = file_with(&[b"first", b"second", b"third"]);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let (a, b) = (offsets[1] as usize, offsets[2] as usize);
+        bytes[a..b].fill(0);
+        let (got, end) = rewrite(&path, &bytes);
+        assert_eq!(got, vec![b"first".to_vec()]);
+        assert!(
+            matches!(end, End::Corrupt { offset, .. } if offset == offsets[1]),
+            "{end:?}"
         );
     }
 

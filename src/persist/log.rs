@@ -6,22 +6,46 @@
 //! that arrives appends to the buffer, and the next pass writes and syncs all of them at
 //! once. With `fsync = always`, a handler waits until the durable sequence number reaches
 //! the one its record got, so no reply leaves before its record is on disk.
+//!
+//! # When the disk fails
+//!
+//! As Redis does with its AOF, a failed write or fsync never switches durability off and is
+//! never acknowledged. The flusher keeps every byte after the last point it knows is safe
+//! (fsynced under `always` and `everysec`, written under `no`): the batch that failed, the
+//! written but unsynced bytes before it, and every record appended since. It marks the log
+//! not writable, so the Store refuses every write with `UNAVAILABLE` (see
+//! [`EventSink::accepting`]) while reads go on, and it tells the waiters of `always` that
+//! their records failed. Then it retries with backoff: each try cuts the segment back to the
+//! last whole record written (dropping a partial one), writes the kept bytes again from the
+//! safe point on, and fsyncs. Writing again what was written already matters after a failed
+//! fsync, which may have dropped those pages; it writes the same bytes at the same offsets,
+//! so a try that fails half-way leaves the file no worse than it was, and a crash meanwhile
+//! loses no more than it would have.
+//!
+//! A successful retry makes the durable state whole again without a restart or a snapshot:
+//! every change that reached memory emitted its record into the buffer while it held the
+//! session's lock, in the order the changes happened, and nothing was dropped from the
+//! buffer, so the segment then holds every change, in order, as if the disk had never failed.
+//! This holds for the changes that were refused too: a refused write changes nothing. The
+//! changes that do reach memory while the log fails are the reaper's ends and the touches of
+//! reads, and their records wait in the buffer like the others.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use metrics::{Gauge, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::format::{frame, write_header, LOG_MAGIC};
 use super::records;
-use crate::store::events::{Event, EventSink};
+use crate::store::events::{Event, EventSink, Refused};
 
 /// When the log is fsynced: Redis's `appendfsync` policies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -38,9 +62,10 @@ pub enum FsyncPolicy {
 /// How far the log is on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Durable {
-    /// Records up to this sequence number are written (and fsynced, under `always`).
+    /// Records up to this sequence number are written (and fsynced, under `always`). While
+    /// the log fails, this stays at the last record really on disk.
     pub seq: u64,
-    /// A write or fsync failed: nothing after `seq` will become durable.
+    /// The last write or fsync failed: records after `seq` wait for a retry to succeed.
     pub failed: bool,
 }
 
@@ -55,6 +80,22 @@ pub struct LogMetrics {
     pub segment_bytes: Gauge,
     /// fsync latency.
     pub fsync: Histogram,
+    /// Failed writes and fsyncs (first failures and failed retries).
+    pub write_errors: Counter,
+    /// 1 while the log writes, 0 while it fails (and writes are refused).
+    pub writable: Gauge,
+}
+
+impl LogMetrics {
+    /// Handles that record nothing, for tests and tools.
+    pub fn noop() -> Self {
+        LogMetrics {
+            segment_bytes: Gauge::noop(),
+            fsync: Histogram::noop(),
+            write_errors: Counter::noop(),
+            writable: Gauge::noop(),
+        }
+    }
 }
 
 struct Buffer {
@@ -74,6 +115,17 @@ struct Shared {
     appended: AtomicU64,
     segment_bytes: AtomicU64,
     durable: watch::Sender<Durable>,
+    /// False while the log fails, and once it is closed: the Store then refuses writes.
+    writable: AtomicBool,
+    /// Why writes are refused, while `writable` is false.
+    refusal: Mutex<String>,
+}
+
+impl Shared {
+    fn refuse(&self, why: String) {
+        *lock(&self.refusal) = why;
+        self.writable.store(false, Ordering::Release);
+    }
 }
 
 /// The log writer. Cheap to share; `close` flushes and stops it.
@@ -107,7 +159,10 @@ impl Log {
                 seq: 0,
                 failed: false,
             }),
+            writable: AtomicBool::new(true),
+            refusal: Mutex::new(String::new()),
         });
+        metrics.writable.set(1.0);
         let flusher = Flusher {
             shared: shared.clone(),
             dir: dir.to_owned(),
@@ -115,6 +170,13 @@ impl Log {
             file,
             policy,
             metrics,
+            safe_len: bytes,
+            safe_seq: 0,
+            kept: Vec::with_capacity(64 * 1024),
+            kept_written: 0,
+            written_seq: 0,
+            dirty: false,
+            failing: None,
         };
         let handle = std::thread::Builder::new()
             .name("sessiond-log".into())
@@ -141,9 +203,20 @@ impl Log {
         self.shared.segment_bytes.load(Ordering::Relaxed)
     }
 
+    /// `Ok` while the log writes; otherwise why not (the file and OS error, or shutdown).
+    pub fn writable(&self) -> Result<(), Refused> {
+        if self.shared.writable.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(Refused(lock(&self.shared.refusal).clone()))
+        }
+    }
+
     /// Waits until record `seq` is durable. `Err` if the log failed before it got there.
     pub async fn wait_durable(&self, seq: u64) -> Result<(), LogFailed> {
         let mut rx = self.shared.durable.subscribe();
+        // `seq` is only ever published as far as the disk really is, failed or not, so
+        // reaching it is the one way to succeed; a failure short of it fails at once.
         let reached = match rx.wait_for(|d| d.seq >= seq || d.failed).await {
             Ok(d) => d.seq >= seq,
             Err(_) => false,
@@ -156,7 +229,8 @@ impl Log {
     }
 
     /// Starts a new segment; returns its number. Every record appended before this call is
-    /// in an older segment, so a snapshot begun after it holds all of their effects.
+    /// in an older segment, so a snapshot begun after it holds all of their effects. Fails
+    /// while the log cannot write.
     pub fn rotate(&self) -> io::Result<u64> {
         let (tx, rx) = mpsc::channel();
         {
@@ -168,8 +242,10 @@ impl Log {
             .unwrap_or_else(|_| Err(io::Error::other("the log flusher stopped")))
     }
 
-    /// Writes and fsyncs everything appended, then stops the flusher.
+    /// Refuses further writes, writes and fsyncs everything appended, then stops the flusher.
     pub fn close(&self) {
+        self.shared
+            .refuse("sessiond is shutting down: the durable log is closed".into());
         lock(&self.shared.buffer).stop = true;
         self.shared.wake.notify_one();
         if let Some(handle) = lock(&self.flusher).take() {
@@ -180,7 +256,7 @@ impl Log {
 
 /// The log cannot make records durable any more (a write or fsync failed).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the durable log failed; this write is applied in memory but may not survive a restart")]
+#[error("the durable log could not write this change: it is applied in memory and is logged if the disk recovers, but it may not survive a restart")]
 pub struct LogFailed;
 
 impl EventSink for Arc<Log> {
@@ -196,6 +272,10 @@ impl EventSink for Arc<Log> {
             self.shared.wake.notify_one();
         }
     }
+
+    fn accepting(&self) -> Result<(), Refused> {
+        self.writable()
+    }
 }
 
 /// Under `everysec` and `no`, how long the flusher gathers records after a write before it
@@ -207,27 +287,59 @@ const GATHER: Duration = Duration::from_millis(1);
 /// A buffer this large wakes the flusher even while it pauses, so a burst stays bounded.
 const WAKE_AT_BYTES: usize = 1 << 20;
 
+/// Under `everysec`, this many written but unsynced bytes are fsynced before the second is
+/// up. The flusher keeps a copy of them until they are synced (a failed fsync may have
+/// dropped their pages), so this bounds that copy; it also spreads a burst's writeback.
+const SYNC_AT_BYTES: usize = 16 << 20;
+
+/// The first wait before retrying a failed write.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+
+/// The longest wait between retries; the wait doubles up to it.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Opens a new data file for writing, readable by its owner only: it holds sessions in the
+/// clear, like the directory around it.
+pub(crate) fn create_private(path: &Path, append: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .append(append)
+        .mode(0o600)
+        .open(path)
+}
+
 fn create_segment(dir: &Path, seq: u64) -> io::Result<(File, u64)> {
     let path = dir.join(segment_name(seq));
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(&path)?;
+    let mut file = create_private(&path, true)?;
     let mut header = Vec::new();
     write_header(&mut header, LOG_MAGIC)?;
-    file.write_all(&header)?;
-    file.sync_all()?;
-    sync_dir(dir)?;
+    let written = file
+        .write_all(&header)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| sync_dir(dir));
+    if let Err(e) = written {
+        // Leave no half-made segment behind: a later rotation would find its name taken.
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
     Ok((file, header.len() as u64))
 }
 
 /// Makes a file's creation, rename or removal in `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// The log is failing: since when, and when to try again.
+struct Failing {
+    since: Instant,
+    next_try: Instant,
+    backoff: Duration,
 }
 
 struct Flusher {
@@ -237,34 +349,53 @@ struct Flusher {
     file: File,
     policy: FsyncPolicy,
     metrics: LogMetrics,
+    /// The segment's length up to which every byte is as safe as the policy makes it:
+    /// fsynced (`always`, `everysec`) or written (`no`).
+    safe_len: u64,
+    /// The last record within `safe_len`.
+    safe_seq: u64,
+    /// Every byte after `safe_len`, written or not: what a retry writes again.
+    kept: Vec<u8>,
+    /// How much of `kept` is written to the file, in whole records.
+    kept_written: usize,
+    /// The last record written (within `safe_len + kept_written`).
+    written_seq: u64,
+    /// Written since the last fsync.
+    dirty: bool,
+    failing: Option<Failing>,
 }
 
 impl Flusher {
     fn run(mut self) {
         let mut last_sync = Instant::now();
-        let mut dirty = false;
-        let mut failed = false;
         let mut batch = Vec::with_capacity(64 * 1024);
         let mut pause = false;
         loop {
             let (upto, rotate, stop) = {
                 let mut b = lock(&self.shared.buffer);
-                if pause && b.rotate.is_none() && !b.stop && b.bytes.len() < WAKE_AT_BYTES {
-                    b = self.wait(b, GATHER);
-                }
-                while b.bytes.is_empty() && b.rotate.is_none() && !b.stop {
-                    let wait = match (self.policy, dirty) {
-                        (FsyncPolicy::Everysec, true) => {
-                            Duration::from_secs(1).saturating_sub(last_sync.elapsed())
-                        }
-                        _ => Duration::from_secs(1),
-                    };
-                    if wait.is_zero() {
-                        break;
+                if let Some(f) = &self.failing {
+                    let wait = f.next_try.saturating_duration_since(Instant::now());
+                    if !wait.is_zero() && b.rotate.is_none() && !b.stop {
+                        b = self.wait(b, wait);
                     }
-                    b.idle = true;
-                    b = self.wait(b, wait);
-                    b.idle = false;
+                } else {
+                    if pause && b.rotate.is_none() && !b.stop && b.bytes.len() < WAKE_AT_BYTES {
+                        b = self.wait(b, GATHER);
+                    }
+                    while b.bytes.is_empty() && b.rotate.is_none() && !b.stop {
+                        let wait = match (self.policy, self.dirty) {
+                            (FsyncPolicy::Everysec, true) => {
+                                Duration::from_secs(1).saturating_sub(last_sync.elapsed())
+                            }
+                            _ => Duration::from_secs(1),
+                        };
+                        if wait.is_zero() {
+                            break;
+                        }
+                        b.idle = true;
+                        b = self.wait(b, wait);
+                        b.idle = false;
+                    }
                 }
                 std::mem::swap(&mut b.bytes, &mut batch);
                 (b.seq, b.rotate.take(), b.stop)
@@ -272,46 +403,174 @@ impl Flusher {
             // After a write, gather for a moment before the next; after an idle wait the
             // first record is written at once.
             pause = self.policy != FsyncPolicy::Always && !batch.is_empty();
-            if !batch.is_empty() && !failed {
-                match self.file.write_all(&batch) {
-                    Ok(()) => {
-                        dirty = true;
-                        let n = self
-                            .shared
-                            .segment_bytes
-                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        self.metrics
-                            .segment_bytes
-                            .set((n + batch.len() as u64) as f64);
-                    }
-                    Err(e) => failed = self.fail("write", &e),
-                }
+            if self.kept.is_empty() {
+                std::mem::swap(&mut self.kept, &mut batch);
+            } else {
+                self.kept.extend_from_slice(&batch);
+                batch.clear();
             }
-            batch.clear();
-            let sync_now = match self.policy {
-                FsyncPolicy::Always => dirty,
-                FsyncPolicy::Everysec => dirty && last_sync.elapsed() >= Duration::from_secs(1),
-                FsyncPolicy::No => false,
-            } || ((stop || rotate.is_some()) && dirty);
-            if sync_now && !failed {
-                let started = Instant::now();
-                match self.file.sync_data() {
-                    Ok(()) => {
-                        self.metrics.fsync.record(started.elapsed().as_secs_f64());
-                        dirty = false;
+
+            if let Some(f) = &self.failing {
+                if stop || rotate.is_some() || Instant::now() >= f.next_try {
+                    self.retry(upto, stop);
+                    if self.failing.is_none() {
                         last_sync = Instant::now();
                     }
-                    Err(e) => failed = self.fail("fsync", &e),
+                }
+            } else {
+                if self.kept_written < self.kept.len() {
+                    match self.file.write_all(&self.kept[self.kept_written..]) {
+                        Ok(()) => {
+                            self.kept_written = self.kept.len();
+                            self.written_seq = upto;
+                            self.dirty = true;
+                            if self.policy == FsyncPolicy::No {
+                                self.settle();
+                            }
+                        }
+                        Err(e) => self.fail("write", &e),
+                    }
+                }
+                let sync_now = self.dirty
+                    && (match self.policy {
+                        FsyncPolicy::Always => true,
+                        FsyncPolicy::Everysec => {
+                            last_sync.elapsed() >= Duration::from_secs(1)
+                                || self.kept_written >= SYNC_AT_BYTES
+                        }
+                        FsyncPolicy::No => false,
+                    } || stop
+                        || rotate.is_some());
+                if sync_now && self.failing.is_none() {
+                    let started = Instant::now();
+                    match self.file.sync_data() {
+                        Ok(()) => {
+                            self.metrics.fsync.record(started.elapsed().as_secs_f64());
+                            self.dirty = false;
+                            self.settle();
+                            last_sync = Instant::now();
+                        }
+                        Err(e) => self.fail("fsync", &e),
+                    }
+                }
+                self.publish_length();
+                if self.failing.is_none() {
+                    self.shared.durable.send_replace(Durable {
+                        seq: self.written_seq,
+                        failed: false,
+                    });
                 }
             }
-            self.shared
-                .durable
-                .send_replace(Durable { seq: upto, failed });
             if let Some(reply) = rotate {
-                let _ = reply.send(self.rotate());
+                let result = match &self.failing {
+                    None => self.rotate(),
+                    Some(_) => Err(io::Error::other(lock(&self.shared.refusal).clone())),
+                };
+                let _ = reply.send(result);
             }
             if stop {
+                if self.failing.is_some() {
+                    tracing::error!(
+                        segment = %self.path().display(),
+                        bytes = self.kept.len(),
+                        records = upto - self.safe_seq,
+                        "shutdown: the durable log still cannot write; these records are lost"
+                    );
+                }
                 return;
+            }
+        }
+    }
+
+    /// Everything written is now as safe as the policy makes it: nothing to keep.
+    fn settle(&mut self) {
+        self.safe_len += self.kept_written as u64;
+        self.safe_seq = self.written_seq;
+        self.kept.drain(..self.kept_written);
+        self.kept_written = 0;
+    }
+
+    fn publish_length(&self) {
+        let len = self.safe_len + self.kept_written as u64;
+        self.shared.segment_bytes.store(len, Ordering::Relaxed);
+        self.metrics.segment_bytes.set(len as f64);
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join(segment_name(self.seq))
+    }
+
+    /// A write or fsync failed: refuse writes, fail the waiters short of the safe point,
+    /// and schedule a retry. Says so once; retries that fail again only count.
+    fn fail(&mut self, op: &str, e: &io::Error) {
+        self.metrics.write_errors.increment(1);
+        let now = Instant::now();
+        let path = self.path();
+        tracing::warn!(
+            segment = %path.display(),
+            error = %e,
+            op,
+            "durable log {op} failed: refusing writes until a retry succeeds"
+        );
+        self.shared.refuse(format!(
+            "the durable log cannot {op} {}: {e}; writes are refused until it recovers",
+            path.display()
+        ));
+        self.metrics.writable.set(0.0);
+        self.failing = Some(Failing {
+            since: now,
+            next_try: now + RETRY_FIRST,
+            backoff: RETRY_FIRST,
+        });
+        self.shared.durable.send_replace(Durable {
+            seq: self.safe_seq,
+            failed: true,
+        });
+    }
+
+    /// One retry: cut the segment back to the last whole record written, write every kept
+    /// byte from the safe point on (again, for those written before), fsync. At `stop` the
+    /// log stays closed to writes even if the retry succeeds.
+    fn retry(&mut self, upto: u64, stop: bool) {
+        use std::os::unix::fs::FileExt;
+        let whole = self.safe_len + self.kept_written as u64;
+        let attempt = self.file.set_len(whole).and_then(|()| {
+            // Positioned writes need a descriptor without O_APPEND.
+            let f = OpenOptions::new().write(true).open(self.path())?;
+            f.write_all_at(&self.kept, self.safe_len)?;
+            f.sync_data()
+        });
+        let Some(f) = self.failing.as_mut() else {
+            return;
+        };
+        match attempt {
+            Ok(()) => {
+                let failed_for = f.since.elapsed();
+                self.failing = None;
+                self.kept_written = self.kept.len();
+                self.written_seq = upto;
+                self.dirty = false;
+                self.settle();
+                self.publish_length();
+                self.metrics.writable.set(1.0);
+                if !stop {
+                    self.shared.writable.store(true, Ordering::Release);
+                }
+                self.shared.durable.send_replace(Durable {
+                    seq: upto,
+                    failed: false,
+                });
+                tracing::warn!(
+                    segment = %self.path().display(),
+                    failed_for_ms = failed_for.as_millis() as u64,
+                    "durable log recovered: every record is written; accepting writes again"
+                );
+            }
+            Err(e) => {
+                self.metrics.write_errors.increment(1);
+                f.backoff = (f.backoff * 2).min(RETRY_MAX);
+                f.next_try = Instant::now() + f.backoff;
+                tracing::debug!(error = %e, "durable log retry failed");
             }
         }
     }
@@ -329,13 +588,8 @@ impl Flusher {
         let (file, bytes) = create_segment(&self.dir, self.seq + 1)?;
         self.seq += 1;
         self.file = file;
-        self.shared.segment_bytes.store(bytes, Ordering::Relaxed);
-        self.metrics.segment_bytes.set(bytes as f64);
+        self.safe_len = bytes;
+        self.publish_length();
         Ok(self.seq)
-    }
-
-    fn fail(&self, what: &str, e: &io::Error) -> bool {
-        tracing::error!(error = %e, segment = %segment_name(self.seq), "durable log {what} failed; further writes are not durable");
-        true
     }
 }

@@ -15,6 +15,7 @@ pub mod records;
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 
 use self::format::{frame, scan, write_header, End, FormatError, SNAPSHOT_MAGIC};
-use self::log::{segment_name, sync_dir, Log};
+use self::log::{create_private, segment_name, sync_dir, Log};
 use self::records::Replay;
 use crate::session::{Millis, Session};
 use crate::store::Store;
@@ -130,7 +131,13 @@ pub fn recover(dir: &Path, now: Millis, repair: bool) -> Result<Recovered, Recov
         source,
     };
     create_private_dir(dir).map_err(dir_err)?;
-    let lock = File::create(dir.join(LOCK_FILE)).map_err(dir_err)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join(LOCK_FILE))
+        .map_err(dir_err)?;
     if lock.try_lock().is_err() {
         return Err(RecoveryError::Locked {
             path: dir.to_owned(),
@@ -191,8 +198,9 @@ pub fn recover(dir: &Path, now: Millis, repair: bool) -> Result<Recovered, Recov
             dropped += count;
             std::fs::remove_file(&later_path).map_err(dir_err)?;
         }
+        let cut = std::fs::metadata(&path).map_or(0, |m| m.len().saturating_sub(offset));
         eprintln!(
-            "sessiond --repair: {}: truncating at byte offset {offset}, dropping {dropped} record(s) from there on ({} later segment(s) removed)",
+            "sessiond --repair: {}: truncating at byte offset {offset}, dropping {cut} byte(s) holding at least {dropped} record(s) from there on ({} later segment(s) removed)",
             path.display(),
             segments.len() - i - 1
         );
@@ -277,7 +285,9 @@ pub struct SnapshotStats {
 pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStats> {
     let seq = log.rotate()?;
     let tmp = dir.join(format!("{}.tmp", snapshot_name(seq)));
-    let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    // A leftover of an earlier attempt that failed is incomplete: start afresh.
+    let _ = std::fs::remove_file(&tmp);
+    let mut w = BufWriter::with_capacity(1 << 20, create_private(&tmp, false)?);
     write_header(&mut w, SNAPSHOT_MAGIC)?;
     let mut sessions = 0u64;
     let mut bytes = format::HEADER_BYTES;
@@ -322,6 +332,32 @@ pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStat
         sessions,
         bytes,
     })
+}
+
+/// The size of the newest snapshot in `dir`; 0 if there is none.
+pub fn newest_snapshot_bytes(dir: &Path) -> u64 {
+    list(dir)
+        .ok()
+        .and_then(|l| l.snapshots.last().copied())
+        .and_then(|n| std::fs::metadata(dir.join(snapshot_name(n))).ok())
+        .map_or(0, |m| m.len())
+}
+
+/// Whether the log written since the last snapshot calls for a new one: once it reaches the
+/// larger of `min_bytes` and `percent` percent of that snapshot's size, as Redis's
+/// `auto-aof-rewrite-percentage` does. A fixed size alone would rewrite a large store's whole
+/// snapshot for every small slice of log; relative to the snapshot, the work of snapshots
+/// stays proportional to the writes, and recovery replays at most about `percent` percent of
+/// a snapshot's worth of log on top of it. `percent = 0` leaves `min_bytes` alone.
+pub fn snapshot_due(
+    log_bytes: u64,
+    last_snapshot_bytes: u64,
+    min_bytes: u64,
+    percent: u64,
+) -> bool {
+    let relative = u128::from(last_snapshot_bytes) * u128::from(percent) / 100;
+    let relative = u64::try_from(relative).unwrap_or(u64::MAX);
+    log_bytes >= min_bytes.max(relative)
 }
 
 /// A started log with what recovery loaded, ready to hang off the Store.

@@ -8,16 +8,13 @@ use bytes::Bytes;
 use super::log::{FsyncPolicy, LogMetrics};
 use super::*;
 use crate::clock::Clock;
-use crate::store::{Change, Limits, NewSession, Rotation};
+use crate::store::{Change, Limits, NewSession, Rotation, StoreError};
 
 const T0: Millis = 1_700_000_000_000;
 const MIN: Duration = Duration::from_secs(60);
 
 fn metrics() -> LogMetrics {
-    LogMetrics {
-        segment_bytes: metrics::Gauge::noop(),
-        fsync: metrics::Histogram::noop(),
-    }
+    LogMetrics::noop()
 }
 
 /// A store whose changes go to a log in `dir`, loaded with what `dir` held.
@@ -415,4 +412,120 @@ fn a_record_at_the_last_possible_version_is_refused_as_damage() {
     assert!(replay
         .apply(Bytes::from(update.encode_to_vec()), path)
         .is_err());
+}
+
+#[test]
+fn a_zero_filled_tail_is_cut_like_a_torn_one() {
+    // Power loss: the segment's new length reached the disk, its last bytes did not.
+    let (dir, clock, ids) = closed_log_of(3);
+    let path = only_segment(dir.path());
+    let full = std::fs::read(&path).unwrap();
+    let last = *frame_offsets(&path).last().unwrap();
+    let mut bytes = full[..last as usize + 5].to_vec();
+    bytes.resize(full.len() + 4096, 0);
+    std::fs::write(&path, &bytes).unwrap();
+    let got = recovered(dir.path(), clock.now());
+    assert_eq!(got.len(), 2);
+    assert!(got.contains_key(&ids[0]) && got.contains_key(&ids[1]));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), last);
+}
+
+#[test]
+fn an_impossible_length_mid_log_refuses_to_start_instead_of_truncating() {
+    let (dir, clock, ids) = closed_log_of(6);
+    let path = only_segment(dir.path());
+    let offsets = frame_offsets(&path);
+    let good = std::fs::read(&path).unwrap();
+    for n in [0u32, format::MAX_FRAME_BYTES + 1, 1 << 30] {
+        let mut bytes = good.clone();
+        let at = offsets[2] as usize;
+        bytes[at..at + 4].copy_from_slice(&n.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let err = recover(dir.path(), clock.now(), false)
+            .err()
+            .unwrap_or_else(|| panic!("length {n} read as a torn tail"))
+            .to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains(&format!("offset {}", offsets[2])), "{err}");
+        // Nothing was cut.
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "length {n}");
+    }
+    let repaired = recover(dir.path(), clock.now(), true).unwrap();
+    let kept: Vec<String> = repaired.sessions.iter().map(|s| s.key.encode()).collect();
+    assert_eq!(kept.len(), 2);
+    assert!(kept.contains(&ids[0]) && kept.contains(&ids[1]));
+}
+
+#[test]
+fn segments_snapshots_and_the_lock_are_private_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(T0);
+    let (store, p) = open(dir.path(), &clock);
+    store.create(NewSession::default()).unwrap();
+    snapshot(dir.path(), &p.log, &store).unwrap();
+    p.log.rotate().unwrap();
+    p.log.close();
+    let mut kinds = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", path.display());
+        kinds.push(path.extension().unwrap_or_default().to_owned());
+    }
+    for kind in ["sdl", "sds"] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "no .{kind} file: {kinds:?}"
+        );
+    }
+}
+
+#[test]
+fn after_close_writes_are_refused_as_shutting_down_and_reads_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(T0);
+    let (store, p) = open(dir.path(), &clock);
+    let id = store.create(NewSession::default()).unwrap().key.encode();
+    let appended = p.log.appended();
+    p.log.close();
+    let refused = [
+        store.create(NewSession::default()).err(),
+        store.update(&id, Change::default()).err(),
+        store.regenerate(&id, Rotation::default()).err(),
+        store.destroy(&id).err(),
+        store.destroy_user("someone", None).err(),
+    ];
+    for (i, err) in refused.into_iter().enumerate() {
+        match err {
+            Some(StoreError::Unavailable(why)) => {
+                assert!(why.contains("shutting down"), "write {i}: {why}")
+            }
+            other => panic!("write {i} after close: {other:?}"),
+        }
+    }
+    // Nothing reached the log, and the session is still there to read.
+    assert_eq!(p.log.appended(), appended);
+    assert_eq!(store.get(&id, true).unwrap().key.encode(), id);
+    drop(p);
+    assert_eq!(recovered(dir.path(), clock.now()).len(), 1);
+}
+
+#[test]
+fn a_snapshot_is_due_at_the_larger_of_the_size_and_the_share_of_the_last() {
+    const MIB: u64 = 1 << 20;
+    // No snapshot yet, or a small one: the fixed size decides.
+    assert!(!snapshot_due(64 * MIB - 1, 0, 64 * MIB, 100));
+    assert!(snapshot_due(64 * MIB, 0, 64 * MIB, 100));
+    assert!(snapshot_due(64 * MIB, 10 * MIB, 64 * MIB, 100));
+    // A 1.2 GB snapshot: not rewritten for every 64 MiB of log.
+    let big = 1200 * MIB;
+    assert!(!snapshot_due(64 * MIB, big, 64 * MIB, 100));
+    assert!(!snapshot_due(big - 1, big, 64 * MIB, 100));
+    assert!(snapshot_due(big, big, 64 * MIB, 100));
+    assert!(snapshot_due(big / 2, big, 64 * MIB, 50));
+    // 0 percent: the fixed size alone.
+    assert!(snapshot_due(64 * MIB, big, 64 * MIB, 0));
+    // No overflow near the top.
+    assert!(!snapshot_due(u64::MAX - 1, u64::MAX, 0, 1000));
 }

@@ -34,6 +34,10 @@ pub enum StoreError {
         /// What the caller can do about it, if anything.
         hint: &'static str,
     },
+    /// Writes cannot be kept now (the durable log cannot write, or the daemon is shutting
+    /// down); reads still work. The text says why, naming the file and the OS error.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl StoreError {

@@ -77,7 +77,20 @@ pub enum Event<'a> {
 pub trait EventSink: Send + Sync + 'static {
     /// Receives one event.
     fn record(&self, event: &Event<'_>);
+
+    /// Whether this sink can take changes now. The Store asks before every write and refuses
+    /// the write if any sink says no (the durable log while its disk fails, or once closed),
+    /// so nothing is acknowledged that the sink cannot keep. Called on every write: it must
+    /// cost no more than an atomic load when the answer is yes.
+    fn accepting(&self) -> Result<(), Refused> {
+        Ok(())
+    }
 }
+
+/// Why a sink cannot take changes now; the text says what is wrong and is fit for a client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
 
 /// A sink that drops everything: a store with no metrics and no log.
 pub struct Discard;
@@ -94,5 +107,9 @@ impl EventSink for Fanout {
         for sink in &self.0 {
             sink.record(event);
         }
+    }
+
+    fn accepting(&self) -> Result<(), Refused> {
+        self.0.iter().try_for_each(|sink| sink.accepting())
     }
 }

@@ -511,6 +511,15 @@ impl Store {
         }
     }
 
+    /// `Unavailable` while a sink (the durable log) cannot keep changes: checked first by
+    /// every write, so nothing is acknowledged that would not survive. Reads skip it.
+    pub(crate) fn check_writable(&self) -> Result<(), StoreError> {
+        self.inner
+            .sink
+            .accepting()
+            .map_err(|r| StoreError::Unavailable(r.0))
+    }
+
     /// The store's clock.
     pub fn clock(&self) -> &Clock {
         &self.inner.clock
@@ -523,6 +532,7 @@ impl Store {
 
     /// Starts a session under a fresh server-generated ID.
     pub fn create(&self, req: NewSession) -> Result<Session, StoreError> {
+        self.check_writable()?;
         let l = &self.inner.limits;
         let idle = pick_timeout(
             req.idle_timeout,
@@ -619,6 +629,7 @@ impl Store {
     /// Bounded work: the counts are checked first, every check after them is linear in the
     /// request, and the work under the session's lock is linear in `max_attributes`.
     pub fn update(&self, id: &str, change: Change) -> Result<Session, StoreError> {
+        self.check_writable()?;
         let key = SessionKey::parse(id)?;
         let l = &self.inner.limits;
         for (what, n) in [
@@ -734,6 +745,7 @@ impl Store {
     /// it (and the new session is not yet the user's) or wholly after it (and sees the new
     /// session in the user's list).
     pub fn regenerate(&self, id: &str, rotation: Rotation) -> Result<Session, StoreError> {
+        self.check_writable()?;
         let old = SessionKey::parse(id)?;
         let new_user = match rotation.user {
             None => None,
@@ -802,6 +814,7 @@ impl Store {
 
     /// Ends one session. `Ok(false)` if there was no live session under that ID.
     pub fn destroy(&self, id: &str) -> Result<bool, StoreError> {
+        self.check_writable()?;
         let key = SessionKey::parse(id)?;
         let now = self.now();
         Ok(self.end(key, now, EndCause::Destroyed, |e| e.is_live(now)))
@@ -829,6 +842,7 @@ impl Store {
 
     /// Ends every live session of `user` except `except` (the caller's own); returns how many.
     pub fn destroy_user(&self, user: &str, except: Option<&str>) -> Result<u32, StoreError> {
+        self.check_writable()?;
         let user = self.check_listed_user(user)?;
         let except = except.map(SessionKey::parse).transpose()?;
         let now = self.now();

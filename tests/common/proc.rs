@@ -19,9 +19,48 @@ pub struct Proc {
 /// Runs sessiond with `args` and `env` in `cwd`, on ephemeral loopback ports, and waits for
 /// the log line that says where it listens. `Err` carries the output if it exited first.
 pub fn spawn(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Proc, String> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sessiond"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessiond"));
+    cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(args);
+    spawn_command(cmd, cwd, env)
+}
+
+/// Like [`spawn`], on a disk that stops growing files at `max_file_bytes`: the child runs
+/// with that `RLIMIT_FSIZE` (soft limit) and SIGXFSZ ignored, so a write past it fails with
+/// EFBIG as on a full disk. [`Proc::lift_file_size_limit`] makes the disk work again.
+pub fn spawn_with_file_size_limit(
+    cwd: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    max_file_bytes: u64,
+) -> Result<Proc, String> {
+    use std::os::unix::process::CommandExt;
+    // An ignored signal stays ignored across exec; the shell sets that up, then becomes
+    // sessiond (same pid).
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "trap '' XFSZ; exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_sessiond"))
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(args)
+        .args(args);
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Fsize).maximum;
+    // SAFETY: setrlimit is a plain system call, safe between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::setrlimit(
+                rustix::process::Resource::Fsize,
+                rustix::process::Rlimit {
+                    current: Some(max_file_bytes),
+                    maximum: hard,
+                },
+            )
+            .map_err(std::io::Error::from)
+        });
+    }
+    spawn_command(cmd, cwd, env)
+}
+
+fn spawn_command(mut cmd: Command, cwd: &Path, env: &[(&str, &str)]) -> Result<Proc, String> {
+    let mut child = cmd
         .envs(env.iter().copied())
         .current_dir(cwd)
         .stdout(Stdio::piped())
@@ -83,6 +122,26 @@ impl Proc {
     /// `http://` URL of the gRPC port.
     pub fn url(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// Lifts the file size limit of [`spawn_with_file_size_limit`]: the disk works again.
+    pub fn lift_file_size_limit(&self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32);
+        let hard = rustix::process::getrlimit(rustix::process::Resource::Fsize).maximum;
+        rustix::process::prlimit(
+            pid,
+            rustix::process::Resource::Fsize,
+            rustix::process::Rlimit {
+                current: hard,
+                maximum: hard,
+            },
+        )
+        .expect("prlimit on the child");
+    }
+
+    /// Everything it printed so far.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap().clone()
     }
 
     /// kill -9.
