@@ -322,18 +322,11 @@ impl Caller {
         let position = log.appended();
         // `Log::rotate` is the durable barrier the log has: before it answers, the flusher
         // writes and fsyncs everything appended so far into the old segment. A dedicated
-        // sync call in the log would be cheaper (no new segment). Two rotations at once
-        // (a snapshot starting) can make one of them fail, so it is tried twice.
-        let mut rotated = Err(std::io::Error::other("not tried"));
-        for _ in 0..2 {
-            let log = log.clone();
-            rotated = tokio::task::spawn_blocking(move || log.rotate())
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            if rotated.is_ok() {
-                break;
-            }
-        }
+        // sync call in the log would be cheaper (no new segment).
+        let barrier = log.clone();
+        let rotated = tokio::task::spawn_blocking(move || barrier.rotate())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         if let Err(e) = rotated {
             return Err(Status::unavailable(format!(
                 "the durable log could not be synced: {e}"
@@ -504,7 +497,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
                 ),
             ));
         }
-        let destroyed = caller.tenant.store.destroy_all();
+        let destroyed = caller.tenant.store.destroy_all()?;
         caller.sync_log().await?;
         tracing::warn!(
             tenant = %caller.tenant.name,

@@ -90,6 +90,8 @@ enum Command {
     },
     /// Read a session (slides its idle deadline unless --peek).
     Get {
+        /// The session ID (it may start with "-": IDs are URL-safe base64).
+        #[arg(allow_hyphen_values = true)]
         id: String,
         /// Read without sliding the idle deadline.
         #[arg(long)]
@@ -97,6 +99,8 @@ enum Command {
     },
     /// Set attributes: `set ID k=v...`.
     Set {
+        /// The session ID (it may start with "-": IDs are URL-safe base64).
+        #[arg(allow_hyphen_values = true)]
         id: String,
         #[arg(required = true, value_name = "K=V", value_parser = parse_pair)]
         pairs: Vec<(String, Bytes)>,
@@ -106,6 +110,8 @@ enum Command {
     },
     /// Remove attributes: `unset ID k...`.
     Unset {
+        /// The session ID (it may start with "-": IDs are URL-safe base64).
+        #[arg(allow_hyphen_values = true)]
         id: String,
         #[arg(required = true)]
         keys: Vec<String>,
@@ -114,9 +120,15 @@ enum Command {
         expect_version: Option<u64>,
     },
     /// Slide the idle deadline.
-    Touch { id: String },
+    Touch {
+        /// The session ID (it may start with "-": IDs are URL-safe base64).
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+    },
     /// Move the session to a fresh ID (bind --user on login).
     Regenerate {
+        /// The session ID (it may start with "-": IDs are URL-safe base64).
+        #[arg(allow_hyphen_values = true)]
         id: String,
         /// Bind the new ID to this user ("" for anonymous).
         #[arg(long)]
@@ -126,7 +138,11 @@ enum Command {
         drop_attributes: bool,
     },
     /// End one session.
-    Destroy { id: String },
+    Destroy {
+        /// The session ID (it may start with "-": IDs are URL-safe base64).
+        #[arg(allow_hyphen_values = true)]
+        id: String,
+    },
     /// List a user's live sessions.
     Ls {
         #[arg(long)]
@@ -141,7 +157,7 @@ enum Command {
         #[arg(long, required_unless_present = "all", conflicts_with = "all")]
         user: Option<String>,
         /// Spare this session.
-        #[arg(long, conflicts_with = "all")]
+        #[arg(long, conflicts_with = "all", allow_hyphen_values = true)]
         except: Option<String>,
         /// End every session of the tenant (a leaked secret: log every user out).
         #[arg(long)]
@@ -646,5 +662,28 @@ fn scalar(v: &Value) -> String {
             None => n.to_string(),
         },
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One ID in 64 starts with "-" (URL-safe base64): it is an ID, not a flag.
+    #[test]
+    fn an_id_starting_with_a_hyphen_is_an_id() {
+        let id = "-UmQRZ35l4iGROjcbZCgJt1E2YFj6w6jqdKI_oBZJ18";
+        for args in [
+            vec!["get", id, "--peek"],
+            vec!["set", id, "k=v"],
+            vec!["unset", id, "k"],
+            vec!["touch", id],
+            vec!["regenerate", id],
+            vec!["destroy", id],
+            vec!["kill", "--user", "u", "--except", id],
+        ] {
+            let cli = Cli::try_parse_from(std::iter::once("sessionctl").chain(args.clone()));
+            assert!(cli.is_ok(), "{args:?}: {}", cli.err().unwrap());
+        }
     }
 }

@@ -133,6 +133,9 @@ pub struct Log {
     shared: Arc<Shared>,
     policy: FsyncPolicy,
     flusher: Mutex<Option<JoinHandle<()>>>,
+    /// One rotation at a time: the buffer holds one reply channel, so a second caller (a
+    /// snapshot beside a DestroyAllSessions) would take the first one's answer away.
+    rotating: Mutex<()>,
 }
 
 impl Log {
@@ -185,6 +188,7 @@ impl Log {
             shared,
             policy,
             flusher: Mutex::new(Some(handle)),
+            rotating: Mutex::new(()),
         })
     }
 
@@ -232,9 +236,14 @@ impl Log {
     /// in an older segment, so a snapshot begun after it holds all of their effects. Fails
     /// while the log cannot write.
     pub fn rotate(&self) -> io::Result<u64> {
+        let _one = lock(&self.rotating);
         let (tx, rx) = mpsc::channel();
         {
             let mut b = lock(&self.shared.buffer);
+            if b.stop {
+                // The flusher has stopped or is stopping: nobody would answer.
+                return Err(io::Error::other("the log is closed"));
+            }
             b.rotate = Some(tx);
         }
         self.shared.wake.notify_one();

@@ -1,6 +1,7 @@
 //! Tenant-wide operations: every session of the store at once.
 
-use super::Store;
+use super::events::EndCause;
+use super::{Store, StoreError};
 use crate::session::SessionKey;
 
 impl Store {
@@ -10,11 +11,19 @@ impl Store {
     /// record), under its own locks: writers to other sessions are never stalled for the
     /// whole sweep. Sessions created while it runs may survive it. The keys are listed
     /// first, 32 bytes per session, so the map is never locked while sessions are ended.
-    pub fn destroy_all(&self) -> u64 {
+    /// Refused up front if the log cannot keep the changes; once under way it finishes (the
+    /// log keeps every record through a disk failure, and the caller's sync reports one).
+    pub fn destroy_all(&self) -> Result<u64, StoreError> {
+        self.check_writable()?;
         let keys: Vec<SessionKey> = self.inner.sessions.iter().map(|e| *e.key()).collect();
-        keys.into_iter()
-            .filter(|key| matches!(self.destroy(&key.encode()), Ok(true)))
-            .count() as u64
+        let mut destroyed = 0;
+        for key in keys {
+            let now = self.now();
+            if self.end(key, now, EndCause::Destroyed, |e| e.is_live(now)) {
+                destroyed += 1;
+            }
+        }
+        Ok(destroyed)
     }
 }
 
@@ -39,12 +48,12 @@ mod tests {
                 .unwrap();
             ids.push(s.key.encode());
         }
-        assert_eq!(store.destroy_all(), 50);
+        assert_eq!(store.destroy_all(), Ok(50));
         for id in &ids {
             assert!(store.get(id, true).is_err());
         }
         assert_eq!(store.stats().sessions, 0);
         assert_eq!(store.stats().users, 0);
-        assert_eq!(store.destroy_all(), 0);
+        assert_eq!(store.destroy_all(), Ok(0));
     }
 }

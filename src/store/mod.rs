@@ -681,7 +681,7 @@ impl Store {
         // nobody. Room for the worst case (every key new) is made before this session's
         // lock is taken: eviction locks other sessions.
         let now = self.now();
-        self.check_writable(key, change.expected_version, now)?;
+        self.check_update_target(key, change.expected_version, now)?;
         // Eviction takes time: the session may have expired meanwhile, so it is checked
         // again, at the time the change happens.
         let now = self.make_room(growth, now)?;
@@ -727,7 +727,7 @@ impl Store {
     }
 
     /// Fails as a write to `key` would: missing, dead, or at another version.
-    fn check_writable(
+    fn check_update_target(
         &self,
         key: SessionKey,
         expected: Option<u64>,
