@@ -298,8 +298,14 @@ const WAKE_AT_BYTES: usize = 1 << 20;
 
 /// Under `everysec`, this many written but unsynced bytes are fsynced before the second is
 /// up. The flusher keeps a copy of them until they are synced (a failed fsync may have
-/// dropped their pages), so this bounds that copy; it also spreads a burst's writeback.
-const SYNC_AT_BYTES: usize = 16 << 20;
+/// dropped their pages), so this bounds that copy, and with it the memory the log holds
+/// beyond the sessions; it also spreads a burst's writeback. 4 MiB is a few extra fsyncs a
+/// second under a write burst, off the request path.
+const SYNC_AT_BYTES: usize = 4 << 20;
+
+/// After a sync, a kept copy whose buffer grew past this is given back to the allocator, so
+/// one burst does not hold its peak for the daemon's life.
+const KEEP_CAPACITY: usize = 2 * WAKE_AT_BYTES;
 
 /// The first wait before retrying a failed write.
 const RETRY_FIRST: Duration = Duration::from_millis(50);
@@ -497,6 +503,9 @@ impl Flusher {
         self.safe_seq = self.written_seq;
         self.kept.drain(..self.kept_written);
         self.kept_written = 0;
+        if self.kept.capacity() > KEEP_CAPACITY {
+            self.kept.shrink_to(KEEP_CAPACITY);
+        }
     }
 
     fn publish_length(&self) {
