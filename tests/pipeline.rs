@@ -305,17 +305,24 @@ async fn a_listing_with_attributes_past_max_message_bytes_is_refused_naming_it()
 }
 
 /// Opens a unary Get whose request message never comes: its handler waits for it, holding
-/// a permit of `max_concurrent_requests` until the call is dropped.
+/// a permit of `max_concurrent_requests` until the call is dropped. If the call is shed
+/// (another call held the permit at that moment), it tries again: a held call never returns.
 fn hold_a_permit(channel: tonic::transport::Channel) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.unwrap();
-        let codec = tonic_prost::ProstCodec::<pb::GetRequest, pb::Session>::default();
-        let path = http::uri::PathAndQuery::from_static("/sessiond.v1.SessionStore/Get");
-        let never = tokio_stream::pending::<pb::GetRequest>();
-        let _ = grpc
-            .client_streaming(tonic::Request::new(never), path, codec)
-            .await;
+        loop {
+            grpc.ready().await.unwrap();
+            let codec = tonic_prost::ProstCodec::<pb::GetRequest, pb::Session>::default();
+            let path = http::uri::PathAndQuery::from_static("/sessiond.v1.SessionStore/Get");
+            let never = tokio_stream::pending::<pb::GetRequest>();
+            let r = grpc
+                .client_streaming(tonic::Request::new(never), path, codec)
+                .await;
+            match r {
+                Err(e) if e.code() == Code::ResourceExhausted => tokio::task::yield_now().await,
+                _ => return,
+            }
+        }
     })
 }
 
