@@ -117,12 +117,16 @@ impl Harness {
             limits.per_user_policy = PerUserPolicy::EvictOldest;
         }
         let clock = Clock::manual(START);
-        // Tight: the pool, not only the store's own cap, runs out.
-        let pool = MemoryPool::new(if flags & TIGHT_LIMITS != 0 {
-            2048
-        } else {
-            limits.max_memory_bytes
-        });
+        // Tight: the pool, not only the store's own cap, runs out. Two tenants share it: the
+        // store under test and a neighbour holding sessions of its own.
+        let pool = MemoryPool::shared(
+            if flags & TIGHT_LIMITS != 0 {
+                2048
+            } else {
+                limits.max_memory_bytes
+            },
+            2,
+        );
         let store = Store::in_pool(
             limits.clone(),
             4,
