@@ -164,7 +164,8 @@ async fn no_session_id_or_token_reaches_the_logs_even_at_trace_level() {
 }
 
 /// Starts a Create whose request body never ends, so the server holds it in flight until the
-/// connection goes away; the task ends with the call's outcome.
+/// connection goes away; the task ends with the call's outcome. A call shed because a probe
+/// held the one slot at that moment is sent again.
 async fn hold_a_request(
     channel: tonic::transport::Channel,
 ) -> tokio::task::JoinHandle<Result<pb::Session, tonic::Status>> {
@@ -172,13 +173,25 @@ async fn hold_a_request(
     grpc.ready().await.unwrap();
     tokio::spawn(async move {
         let path = format!("/{}/Create", sessiond::server::SERVICE_NAME);
-        grpc.client_streaming(
-            tonic::Request::new(tokio_stream::pending::<pb::CreateRequest>()),
-            path.parse().unwrap(),
-            tonic_prost::ProstCodec::<pb::CreateRequest, pb::Session>::default(),
-        )
-        .await
-        .map(|r| r.into_inner())
+        loop {
+            let r = grpc
+                .client_streaming(
+                    tonic::Request::new(tokio_stream::pending::<pb::CreateRequest>()),
+                    path.parse().unwrap(),
+                    tonic_prost::ProstCodec::<pb::CreateRequest, pb::Session>::default(),
+                )
+                .await
+                .map(|r| r.into_inner());
+            match r {
+                Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                    tokio::task::yield_now().await;
+                    if grpc.ready().await.is_err() {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
     })
 }
 

@@ -491,10 +491,12 @@ async fn at_shutdown_a_pipeline_ends_with_unavailable_and_every_acknowledged_cre
 
     // The daemon exits well before shutdown_grace runs out.
     let output = p.output.clone();
-    let mut child = p.child;
     let status = tokio::time::timeout(
         Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || child.wait()),
+        tokio::task::spawn_blocking(move || {
+            let mut p = p;
+            p.child.wait()
+        }),
     )
     .await
     .unwrap_or_else(|_| {

@@ -171,6 +171,16 @@ impl Proc {
     }
 }
 
+/// A test that fails part-way still stops its daemon: no sessiond outlives its test.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Runs sessiond to completion (for `--repair`, or a start-up that must fail).
 pub fn run_to_exit(cwd: &Path, args: &[&str]) -> (ExitStatus, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_sessiond"))
