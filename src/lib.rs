@@ -14,6 +14,7 @@
 //! - [`server`]: wiring and the ordered shutdown, shared by `main` and the tests.
 //! - [`persist`]: the durable log, snapshots and recovery.
 //! - [`tenant`]: tenants, each with its own store, and the credentials that pick one.
+//! - [`guessing`]: each tenant's watch for peers looking up many unknown session IDs.
 //! - [`tls`]: TLS and mutual TLS, reloadable without a restart.
 //! - [`transport`]: the gRPC port's connections: the connection cap, per-connection state,
 //!   and the layer that authenticates requests before their bodies are read.
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod guessing;
 pub mod observe;
 pub mod persist;
 pub mod server;

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use rustls::pki_types::CertificateDer;
 use subtle::ConstantTimeEq;
 
-use crate::api::guessing::GuessWatch;
 use crate::config::{Config, TenantConfig};
+use crate::guessing::GuessWatch;
 use crate::persist::log::{FsyncPolicy, Log};
 use crate::store::{Limits, MemoryPool, Store};
 

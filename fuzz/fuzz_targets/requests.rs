@@ -31,7 +31,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use metrics::Counter;
 use prost::Message;
-use sessiond::api::guessing::GuessWatch;
+use sessiond::guessing::GuessWatch;
 use sessiond::api::pb::pipeline_request::Op;
 use sessiond::api::pb::session_store_server::SessionStore;
 use sessiond::api::{convert, pb, SessionStoreService};

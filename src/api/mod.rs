@@ -9,7 +9,6 @@
 
 pub mod budget;
 pub mod convert;
-pub mod guessing;
 mod pipeline;
 pub mod status;
 

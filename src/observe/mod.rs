@@ -15,7 +15,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::api::guessing::GuessWatch;
+use crate::guessing::GuessWatch;
 use crate::persist::log::LogMetrics;
 use crate::session::Millis;
 use crate::store::events::{EndCause, Event, EventSink};
