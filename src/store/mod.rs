@@ -33,6 +33,7 @@
 mod all;
 pub mod error;
 pub mod events;
+mod limits;
 pub mod packed;
 pub mod reaper;
 pub mod wheel;
@@ -53,6 +54,8 @@ use governor::{Quota, RateLimiter};
 
 pub use self::error::StoreError;
 use self::events::{EndCause, Event, EventSink};
+use self::limits::pick_timeout;
+pub use self::limits::{Limits, PerUserPolicy};
 use self::packed::{Packed, PackedClient};
 use self::wheel::Wheel;
 use crate::clock::Clock;
@@ -66,78 +69,6 @@ pub const SESSION_OVERHEAD_BYTES: usize = 192;
 
 /// Fixed per-attribute overhead: the two length prefixes in the packed buffer, rounded up.
 pub const ATTRIBUTE_OVERHEAD_BYTES: usize = 8;
-
-/// The rules and limits the Store enforces. Built from the config.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Idle timeout when a Create does not ask for one.
-    pub default_idle_timeout: Duration,
-    /// Absolute timeout when a Create does not ask for one.
-    pub default_absolute_timeout: Duration,
-    /// The longest idle timeout a Create may ask for.
-    pub max_idle_timeout: Duration,
-    /// The longest absolute timeout a Create may ask for.
-    pub max_absolute_timeout: Duration,
-    /// Attributes per session.
-    pub max_attributes: usize,
-    /// Bytes in an attribute key.
-    pub max_key_bytes: usize,
-    /// Bytes in an attribute value.
-    pub max_value_bytes: usize,
-    /// Approximate bytes of one whole session: attributes, user, client info and overhead.
-    pub max_session_bytes: usize,
-    /// Bytes in a user ID.
-    pub max_user_id_bytes: usize,
-    /// Bytes of client info (IP plus user agent).
-    pub max_client_info_bytes: usize,
-    /// Live sessions bound to one user.
-    pub max_sessions_per_user: usize,
-    /// What a new session of a user at `max_sessions_per_user` does.
-    pub per_user_policy: PerUserPolicy,
-    /// Live sessions in the whole store.
-    pub max_sessions: usize,
-    /// Approximate bytes of all sessions together. Past it, sessions are evicted: anonymous
-    /// before authenticated, the longest idle first.
-    pub max_memory_bytes: usize,
-    /// Sessions created per second, sustained (a token bucket refilled at this rate).
-    pub create_rate: u32,
-    /// Sessions that may be created at once before `create_rate` applies: the bucket's size.
-    pub create_burst: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            default_idle_timeout: Duration::from_secs(30 * 60),
-            default_absolute_timeout: Duration::from_secs(24 * 3600),
-            max_idle_timeout: Duration::from_secs(7 * 24 * 3600),
-            max_absolute_timeout: Duration::from_secs(90 * 24 * 3600),
-            max_attributes: 256,
-            max_key_bytes: 256,
-            max_value_bytes: 64 * 1024,
-            max_session_bytes: 1024 * 1024,
-            max_user_id_bytes: 256,
-            max_client_info_bytes: 1024,
-            max_sessions_per_user: 100,
-            per_user_policy: PerUserPolicy::Deny,
-            max_sessions: 10_000_000,
-            max_memory_bytes: 2 << 30,
-            create_rate: 10_000,
-            create_burst: 100_000,
-        }
-    }
-}
-
-/// What happens when a user at `max_sessions_per_user` starts another session
-/// (OWASP ASVS 5.0 7.1.2: the application limits concurrent sessions per account).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PerUserPolicy {
-    /// Refuse the new session with RESOURCE_EXHAUSTED.
-    Deny,
-    /// End the user's oldest session to make room.
-    EvictOldest,
-}
 
 /// What a Create asks for. Unset timeouts take the server defaults.
 #[derive(Debug, Clone, Default)]
@@ -548,19 +479,19 @@ impl Store {
             "absolute_timeout",
             "max_absolute_timeout",
         )?;
-        let user = self.check_user(req.user)?;
-        self.check_client(&req.client)?;
+        let user = self.inner.limits.check_user(req.user)?;
+        self.inner.limits.check_client(&req.client)?;
         let mut attrs = Attributes::with_capacity(req.attributes.len());
         let mut bytes = base_bytes(user.as_deref(), &req.client);
         for (k, v) in req.attributes {
-            self.check_attribute(&k, &v)?;
+            self.inner.limits.check_attribute(&k, &v)?;
             if let Some(old) = attrs.get(&k) {
                 bytes -= attribute_bytes(&k, old.len());
             }
             bytes += attribute_bytes(&k, v.len());
             attrs.insert(k, v);
         }
-        self.check_shape(attrs.len(), bytes)?;
+        self.inner.limits.check_shape(attrs.len(), bytes)?;
         self.take_create_token()?;
 
         // Eviction takes time: the session starts once there is room for it.
@@ -647,7 +578,7 @@ impl Store {
         }
         let mut set: HashSet<&str> = HashSet::with_capacity(change.set.len());
         for (k, v) in &change.set {
-            self.check_attribute(k, v)?;
+            self.inner.limits.check_attribute(k, v)?;
             if !set.insert(k) {
                 return Err(StoreError::Invalid(
                     "an attribute key appears twice in set".into(),
@@ -702,7 +633,9 @@ impl Store {
                 kept.push((k, v));
             }
         }
-        self.check_shape(kept.len() + change.set.len(), bytes)?;
+        self.inner
+            .limits
+            .check_shape(kept.len() + change.set.len(), bytes)?;
         let packed = Packed::pack(
             kept.iter()
                 .map(|(k, v)| (*k, v.as_ref()))
@@ -749,7 +682,7 @@ impl Store {
         let old = SessionKey::parse(id)?;
         let new_user = match rotation.user {
             None => None,
-            Some(u) => Some(self.check_user(Some(u))?),
+            Some(u) => Some(self.inner.limits.check_user(Some(u))?),
         };
         let current_user = {
             let entry = self.inner.sessions.get(&old).ok_or(StoreError::NotFound)?;
@@ -822,7 +755,7 @@ impl Store {
 
     /// Lists a user's live sessions, oldest first.
     pub fn list_user(&self, user: &str, with_attributes: bool) -> Result<Vec<Session>, StoreError> {
-        let user = self.check_listed_user(user)?;
+        let user = self.inner.limits.check_listed_user(user)?;
         let _latch = self.latch_users(Some(user), None);
         let keys = match self.inner.users.get(user) {
             Some(keys) => keys.clone(),
@@ -843,7 +776,7 @@ impl Store {
     /// Ends every live session of `user` except `except` (the caller's own); returns how many.
     pub fn destroy_user(&self, user: &str, except: Option<&str>) -> Result<u32, StoreError> {
         self.check_writable()?;
-        let user = self.check_listed_user(user)?;
+        let user = self.inner.limits.check_listed_user(user)?;
         let except = except.map(SessionKey::parse).transpose()?;
         let now = self.now();
         let user: Arc<str> = Arc::from(user);
@@ -1306,102 +1239,6 @@ impl Store {
             pool.committed.fetch_add(step, Ordering::Relaxed);
         }
     }
-
-    fn check_user(&self, user: Option<String>) -> Result<Option<Arc<str>>, StoreError> {
-        match user {
-            None => Ok(None),
-            Some(u) if u.is_empty() => Ok(None),
-            Some(u) => {
-                let max = self.inner.limits.max_user_id_bytes;
-                if u.len() > max {
-                    return Err(StoreError::over(
-                        "user_id's length",
-                        u.len(),
-                        "max_user_id_bytes",
-                        max,
-                    ));
-                }
-                Ok(Some(Arc::from(u)))
-            }
-        }
-    }
-
-    fn check_listed_user<'u>(&self, user: &'u str) -> Result<&'u str, StoreError> {
-        if user.is_empty() {
-            return Err(StoreError::Invalid("user_id must not be empty".into()));
-        }
-        let max = self.inner.limits.max_user_id_bytes;
-        if user.len() > max {
-            return Err(StoreError::over(
-                "user_id's length",
-                user.len(),
-                "max_user_id_bytes",
-                max,
-            ));
-        }
-        Ok(user)
-    }
-
-    fn check_client(&self, client: &ClientInfo) -> Result<(), StoreError> {
-        let got = client.ip.len() + client.user_agent.len();
-        let max = self.inner.limits.max_client_info_bytes;
-        if got > max {
-            return Err(StoreError::over(
-                "client ip plus user_agent length",
-                got,
-                "max_client_info_bytes",
-                max,
-            ));
-        }
-        Ok(())
-    }
-
-    fn check_attribute(&self, key: &str, value: &Bytes) -> Result<(), StoreError> {
-        let l = &self.inner.limits;
-        if key.is_empty() {
-            return Err(StoreError::Invalid(
-                "attribute keys must not be empty".into(),
-            ));
-        }
-        if key.len() > l.max_key_bytes {
-            return Err(StoreError::over(
-                "an attribute key's length",
-                key.len(),
-                "max_key_bytes",
-                l.max_key_bytes,
-            ));
-        }
-        if value.len() > l.max_value_bytes {
-            return Err(StoreError::over(
-                format_args!("attribute {key:?}'s value size"),
-                value.len(),
-                "max_value_bytes",
-                l.max_value_bytes,
-            ));
-        }
-        Ok(())
-    }
-
-    fn check_shape(&self, attributes: usize, bytes: usize) -> Result<(), StoreError> {
-        let l = &self.inner.limits;
-        if attributes > l.max_attributes {
-            return Err(StoreError::over(
-                "the attribute count",
-                attributes,
-                "max_attributes",
-                l.max_attributes,
-            ));
-        }
-        if bytes > l.max_session_bytes {
-            return Err(StoreError::over(
-                "the session size",
-                bytes,
-                "max_session_bytes",
-                l.max_session_bytes,
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// Fails as a write to `entry` would at `now`: dead, or at another version than `expected`.
@@ -1416,29 +1253,6 @@ fn check_entry(entry: &Entry, expected: Option<u64>, now: Millis) -> Result<(), 
         }),
         _ => Ok(()),
     }
-}
-
-/// Picks a requested timeout or the default, and checks it against the maximum.
-fn pick_timeout(
-    requested: Option<Duration>,
-    default: Duration,
-    max: Duration,
-    field: &str,
-    limit: &str,
-) -> Result<Millis, StoreError> {
-    let t = requested.unwrap_or(default);
-    // Deadlines count whole milliseconds: anything shorter would be dead on arrival.
-    if t.as_millis() == 0 {
-        return Err(StoreError::Invalid(format!("{field} must be at least 1ms")));
-    }
-    if t > max {
-        return Err(StoreError::Invalid(format!(
-            "{field} of {} is over {limit} ({})",
-            humantime::format_duration(t),
-            humantime::format_duration(max)
-        )));
-    }
-    Ok(t.as_millis() as Millis)
 }
 
 #[cfg(test)]
