@@ -9,6 +9,8 @@ use sessiond::clock::Clock;
 use sessiond::config::{Config, LogFormat};
 use sessiond::persist::log::FsyncPolicy;
 use sessiond::server::Daemon;
+use sessiond::store::events::Discard;
+use sessiond::store::{Limits, Store};
 
 /// The session-store daemon. Every flag overrides the config file and the environment.
 #[derive(Parser, Serialize)]
@@ -120,7 +122,7 @@ fn main() -> ExitCode {
 /// config keeps its data until someone deletes it), since the daemon will not start while
 /// any of them is damaged.
 fn repair(config: &Config) -> ExitCode {
-    let now = Clock::system().now();
+    let clock = Clock::system();
     let mut dirs = vec![config.data_dir.clone()];
     let tenants_dir = config.data_dir.join("tenants");
     let mut tenant_dirs: Vec<PathBuf> = config
@@ -141,13 +143,26 @@ fn repair(config: &Config) -> ExitCode {
     dirs.extend(tenant_dirs);
     let mut failed = false;
     for dir in &dirs {
-        match sessiond::persist::recover(dir, now, true) {
-            Ok(r) => println!(
-                "sessiond --repair: {} is consistent: {} live session(s), {} record(s) replayed",
-                dir.display(),
-                r.sessions.len(),
-                r.records
-            ),
+        let scratch = |capacity| {
+            Store::with_capacity(
+                Limits::default(),
+                16,
+                clock.clone(),
+                Box::new(Discard),
+                capacity,
+            )
+        };
+        match sessiond::persist::recover(dir, true, scratch) {
+            Ok(r) => {
+                // What died while the daemon was down is not counted as live.
+                r.store.reap(usize::MAX);
+                println!(
+                    "sessiond --repair: {} is consistent: {} live session(s), {} record(s) replayed",
+                    dir.display(),
+                    r.store.stats().sessions,
+                    r.records
+                );
+            }
             Err(e) => {
                 eprintln!("sessiond --repair: {e}");
                 failed = true;

@@ -78,37 +78,45 @@ fn start_tenant(
         ),
     };
     let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(telemetry.session_sink(name))];
-    let (persistence, recovered) = if config.persist {
-        let (p, r) =
-            Persistence::open(&dir, clock.now(), config.fsync, telemetry.log_metrics(name))?;
+    let (persistence, recovery) = if config.persist {
+        let (p, r) = Persistence::open(&dir, config.fsync, telemetry.log_metrics(name))?;
         sinks.push(Box::new(p.log.clone()));
         (Some(p), Some(r))
     } else {
         (None, None)
     };
-    let capacity = recovered.as_ref().map_or(0, |r| r.sessions.len());
-    let store = Store::in_pool(
-        limits,
-        config.shards,
-        clock.clone(),
-        Box::new(Fanout(sinks)),
-        capacity,
-        pool.clone(),
-    );
-    if let Some(r) = recovered {
-        let sessions = r.sessions.len();
-        store.restore(r.sessions);
-        telemetry.recovered(name, sessions);
-        tracing::info!(
-            tenant = name,
-            sessions,
-            from_snapshot = r.from_snapshot,
-            records_replayed = r.records,
-            took_ms = r.took.as_millis() as u64,
-            data_dir = %dir.display(),
-            "recovered"
-        );
-    }
+    let build = |capacity| {
+        Store::in_pool(
+            limits,
+            config.shards,
+            clock.clone(),
+            Box::new(Fanout(sinks)),
+            capacity,
+            pool.clone(),
+        )
+    };
+    let store = match recovery {
+        None => build(0),
+        Some(recovery) => {
+            let r = recovery.replay(false, build)?;
+            // Sessions that died while the daemon was down end now, as the reaper would end
+            // them, so the counts and the memory start true.
+            let expired = r.store.reap(usize::MAX).expired;
+            let sessions = r.store.stats().sessions;
+            telemetry.recovered(name, sessions);
+            tracing::info!(
+                tenant = name,
+                sessions,
+                expired_while_down = expired,
+                from_snapshot = r.from_snapshot,
+                records_replayed = r.records,
+                took_ms = r.took.as_millis() as u64,
+                data_dir = %dir.display(),
+                "recovered"
+            );
+            r.store
+        }
+    };
     let guesses = telemetry.guess_watch(name, config.guess_threshold, config.guess_window);
     let log = persistence.as_ref().map(|p| p.log.clone());
     let credentials = tenant.map_or_else(Vec::new, |t| {

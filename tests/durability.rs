@@ -332,6 +332,7 @@ async fn repair_checks_and_repairs_every_tenant_directory() {
     use sessiond::clock::Clock;
     use sessiond::persist::log::{FsyncPolicy, LogMetrics};
     use sessiond::persist::Persistence;
+    use sessiond::store::events::Discard;
     use sessiond::store::{NewSession, Store};
 
     let dir = tempfile::tempdir().unwrap();
@@ -347,8 +348,7 @@ async fn repair_checks_and_repairs_every_tenant_directory() {
     let shop = data.join("tenants").join("shop");
     let clock = Clock::system();
     let ids: Vec<String> = {
-        let (p, _) =
-            Persistence::open(&shop, clock.now(), FsyncPolicy::Always, LogMetrics::noop()).unwrap();
+        let (p, _) = Persistence::open(&shop, FsyncPolicy::Always, LogMetrics::noop()).unwrap();
         let store = Store::new(
             Default::default(),
             4,
@@ -396,7 +396,13 @@ async fn repair_checks_and_repairs_every_tenant_directory() {
     // The daemon starts now, with the prefix before the damage.
     let p = spawn(dir.path(), &args, &[]).unwrap_or_else(|out| panic!("no start:\n{out}"));
     tokio::task::spawn_blocking(move || p.kill()).await.unwrap();
-    let r = sessiond::persist::recover(&shop, clock.now(), false).unwrap();
-    let kept: HashSet<String> = r.sessions.iter().map(|s| s.key.encode()).collect();
+    let r = sessiond::persist::recover(&shop, false, |n| {
+        Store::with_capacity(Default::default(), 4, clock.clone(), Box::new(Discard), n)
+    })
+    .unwrap();
+    let mut kept = HashSet::new();
+    r.store.for_each_session(|s| {
+        kept.insert(s.key.encode());
+    });
     assert_eq!(kept, ids[..3].iter().cloned().collect());
 }

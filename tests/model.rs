@@ -2,16 +2,22 @@
 //! and against a few lines of obviously-correct reference model, on the same manual clock.
 //! Any divergence in a result, a version, a deadline or a listing fails the test and proptest
 //! shrinks it to a minimal sequence.
+//!
+//! Every effect the Store emits is also applied, in order, to a second, empty Store, as a
+//! replica (or recovery) will apply them: it must end holding the same sessions.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
 use sessiond::clock::Clock;
-use sessiond::session::Millis;
-use sessiond::store::events::Discard;
-use sessiond::store::{Change, Limits, NewSession, Rotation, Store, StoreError};
+use sessiond::session::{Millis, Session};
+use sessiond::store::events::{Discard, Event, EventSink};
+use sessiond::store::{
+    Change, Effect, Limits, NewSession, Rotation, Store, StoreError, TOUCH_REPORT_FRACTION,
+};
 
 const T0: Millis = 1_000_000_000_000;
 const IDLE: Millis = 10_000;
@@ -162,6 +168,61 @@ fn same(real: &sessiond::session::Session, id: &str, m: &M, with_attrs: bool) {
     }
 }
 
+/// Every effect a Store emits, in order.
+#[derive(Clone, Default)]
+struct Effects(Arc<Mutex<Vec<Effect>>>);
+
+impl EventSink for Effects {
+    fn record(&self, event: &Event<'_>) {
+        self.0.lock().unwrap().push(event.effect.clone());
+    }
+}
+
+impl Effects {
+    /// Applies the effects not applied yet to `replica`.
+    fn apply_to(&self, replica: &Store, applied: &mut usize) {
+        let effects = self.0.lock().unwrap();
+        for effect in &effects[*applied..] {
+            replica.apply(effect);
+        }
+        *applied = effects.len();
+    }
+}
+
+fn sessions_of(store: &Store) -> BTreeMap<[u8; 32], Session> {
+    let mut out = BTreeMap::new();
+    store.for_each_session(|s| {
+        out.insert(*s.key.as_bytes(), s);
+    });
+    out
+}
+
+/// The replica holds what the primary holds. Only the last access may lag, by less than the
+/// touch throttle's window: reads slide it without an effect until the window is up.
+fn same_sessions(primary: &Store, replica: &Store) {
+    let (want, got) = (sessions_of(primary), sessions_of(replica));
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>(),
+        "the replica holds other keys"
+    );
+    for (key, p) in &want {
+        let r = &got[key];
+        assert!(r.last_access_at <= p.last_access_at, "{r:?} vs {p:?}");
+        assert!(
+            p.last_access_at - r.last_access_at < IDLE / TOUCH_REPORT_FRACTION,
+            "{r:?} lags {p:?} by more than the touch window"
+        );
+        let r = Session {
+            last_access_at: p.last_access_at,
+            ..r.clone()
+        };
+        assert_eq!(&r, p);
+    }
+    assert_eq!(primary.stats().sessions, replica.stats().sessions);
+    assert_eq!(primary.stats().bytes, replica.stats().bytes);
+}
+
 fn run(ops: Vec<Op>) {
     let clock = Clock::manual(T0);
     let limits = Limits {
@@ -170,7 +231,11 @@ fn run(ops: Vec<Op>) {
         max_sessions_per_user: PER_USER,
         ..Limits::default()
     };
-    let store = Store::new(limits, 4, clock.clone(), Box::new(Discard));
+    let effects = Effects::default();
+    let store = Store::new(limits.clone(), 4, clock.clone(), Box::new(effects.clone()));
+    // Its clock never moves: applying an effect must not need one.
+    let replica = Store::new(limits, 4, Clock::manual(0), Box::new(Discard));
+    let mut applied = 0;
     let mut model = Model {
         now: T0,
         sessions: HashMap::new(),
@@ -180,6 +245,9 @@ fn run(ops: Vec<Op>) {
     let pick = |ids: &Vec<String>, s: usize| ids.get(s % ids.len().max(1)).cloned();
 
     for op in ops {
+        // The replica keeps up after every step, not only at the end.
+        effects.apply_to(&replica, &mut applied);
+        same_sessions(&store, &replica);
         let now = model.now;
         match op {
             Op::Create { user, set } => {
@@ -386,13 +454,20 @@ fn run(ops: Vec<Op>) {
             }
         }
     }
-    // Finally: once everything has expired and been reaped, nothing is left anywhere.
+    effects.apply_to(&replica, &mut applied);
+    same_sessions(&store, &replica);
+    // Finally: once everything has expired and been reaped, nothing is left anywhere, and
+    // the reaper's ends leave the replica empty too.
     clock.advance(Duration::from_millis(ABSOLUTE + IDLE + 2_000));
     while store.reap(1000).more {}
     assert_eq!(store.stats().sessions, 0);
     assert_eq!(store.stats().bytes, 0);
     assert_eq!(store.stats().users, 0);
     assert_eq!(store.wheel_len(), 0);
+    effects.apply_to(&replica, &mut applied);
+    assert_eq!(replica.stats().sessions, 0);
+    assert_eq!(replica.stats().bytes, 0);
+    assert_eq!(replica.stats().users, 0);
 }
 
 proptest! {

@@ -13,7 +13,7 @@ use prost::Message;
 use sessiond::api::pb::{self, pipeline_request::Op};
 use sessiond::persist::records;
 use sessiond::session::{ClientInfo, Session, SessionKey};
-use sessiond::store::events::{EndCause, Event};
+use sessiond::store::events::{Effect, EndCause};
 
 fn main() -> std::io::Result<()> {
     let dir = std::env::args_os().nth(1).map_or_else(
@@ -195,36 +195,27 @@ fn persist_records() -> Seeds {
     rotated.key = SessionKey::generate();
     rotated.version = 3;
     let log = vec![
-        records::encode(&Event::Created {
-            session: &a,
-            bytes: 0,
-        }),
-        records::encode(&Event::Created {
-            session: &b,
-            bytes: 0,
-        }),
-        records::encode(&Event::Updated {
+        records::encode(&Effect::Create(a.clone())),
+        records::encode(&Effect::Create(b.clone())),
+        records::encode(&Effect::Update {
             key: a.key,
-            set: &[("cart".into(), Bytes::from_static(b"kiwi"))],
-            remove: &["gone".into()],
+            set: vec![("cart".into(), Bytes::from_static(b"kiwi"))],
+            remove: vec!["gone".into()],
             version: 2,
             at: 1_700_000_000_000,
-            bytes_delta: 0,
         }),
-        records::encode(&Event::Touched {
+        records::encode(&Effect::Touch {
             key: b.key,
             at: 1_700_000_000_000,
         }),
-        records::encode(&Event::Regenerated {
+        records::encode(&Effect::Regenerate {
             old: a.key,
-            session: &rotated,
-            bytes_delta: 0,
+            session: rotated,
         }),
-        records::encode(&Event::Ended {
+        records::encode(&Effect::End {
             key: b.key,
             cause: EndCause::Destroyed,
-            lifetime: 0,
-            bytes: 0,
+            at: 1_700_000_000_000,
         }),
     ];
     let snapshot = vec![

@@ -10,10 +10,11 @@
 //! - `n` = 0xFF: the next file (up to four);
 //! - when fewer bytes are left than the length says, they are appended raw: torn tails.
 //!
-//! Checked: no panic in the scanner, the record decoders or `Replay`, fed both from files
-//! and directly (every payload through `Replay::apply` and `Replay::load_snapshot_entry`);
-//! failures are format errors, never I/O or lock errors; on well-formed files, recovery
-//! agrees with an in-memory replay of the same records; `--repair` on files that recover
+//! Checked: no panic in the scanner, the record decoders or `Store::apply`, fed both from
+//! files and directly (every payload through both decoders, and what decodes applied to a
+//! Store); failures are format errors, never I/O or lock errors; on well-formed files,
+//! recovery agrees with `Model`, a plain map replaying the same records by the rules
+//! `Store::apply` documents; `--repair` on files that recover
 //! without it changes nothing; a directory that recovered once recovers again to the same
 //! sessions; and the sessions load into a Store that reads back exactly what was recovered
 //! and takes Touch, Update and Regenerate on each.
@@ -27,14 +28,41 @@ use libfuzzer_sys::fuzz_target;
 use sessiond::clock::Clock;
 use sessiond::persist::format::{frame, write_header, FormatError, LOG_MAGIC, SNAPSHOT_MAGIC};
 use sessiond::persist::log::segment_name;
-use sessiond::persist::records::Replay;
-use sessiond::persist::{recover, snapshot_name, Recovered, RecoveryError};
-use sessiond::session::{Millis, Session};
+use sessiond::persist::records::{decode, decode_snapshot_entry};
+use sessiond::persist::{snapshot_name, Recovered, RecoveryError};
+use sessiond::session::{KeyHasherBuilder, Millis, Session, SessionKey};
 use sessiond::store::events::Discard;
-use sessiond::store::{Change, Limits, Rotation, Store};
+use sessiond::store::{Change, Effect, Limits, Rotation, Store};
 
 /// Recovery's "now": records are judged live or dead against it.
 const NOW: Millis = 1_700_000_000_000;
+
+/// A store on a clock that reads `NOW`, with no limits that matter here and no sinks.
+fn scratch(capacity: usize) -> Store {
+    Store::with_capacity(
+        Limits::default(),
+        4,
+        Clock::manual(NOW),
+        Box::new(Discard),
+        capacity,
+    )
+}
+
+/// Recovers `dir` into a scratch store.
+fn recover(dir: &Path, repair: bool) -> Result<Recovered, RecoveryError> {
+    sessiond::persist::recover(dir, repair, scratch)
+}
+
+/// The sessions of `store` alive at `NOW`.
+fn live(store: &Store) -> Vec<Session> {
+    let mut out = Vec::new();
+    store.for_each_session(|s| {
+        if NOW < s.expires_at() {
+            out.push(s);
+        }
+    });
+    out
+}
 const SNAPSHOT_FIRST: u8 = 1;
 const RAW_LAST_FILE: u8 = 2;
 const BAD_CRC: u8 = 0xfe;
@@ -61,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
     layout.write(&plain);
     layout.write(&repaired);
 
-    let first = recover(&plain, NOW, false).map(Outcome::from);
+    let first = recover(&plain, false).map(Outcome::from);
     if let Some(expected) = layout.expected() {
         match (&expected, &first) {
             (Ok(want), Ok(got)) => assert_eq!(got, want, "recovery vs in-memory replay"),
@@ -79,7 +107,7 @@ fuzz_target!(|data: &[u8]| {
     }
     check(&plain, &first);
 
-    let fixed = recover(&repaired, NOW, true).map(Outcome::from);
+    let fixed = recover(&repaired, true).map(Outcome::from);
     if let Ok(plain) = &first {
         assert_eq!(
             fixed.as_ref().ok(),
@@ -100,7 +128,7 @@ struct Outcome {
 
 impl From<Recovered> for Outcome {
     fn from(r: Recovered) -> Self {
-        Outcome::new(r.sessions, r.from_snapshot, r.records)
+        Outcome::new(live(&r.store), r.from_snapshot, r.records)
     }
 }
 
@@ -131,7 +159,7 @@ fn check(dir: &Path, result: &Result<Outcome, RecoveryError>) {
         recovered.sessions.windows(2).all(|w| w[0].key != w[1].key),
         "recovery returned a key twice"
     );
-    match recover(dir, NOW, false) {
+    match recover(dir, false) {
         Ok(again) => assert_eq!(
             Outcome::from(again).sessions,
             recovered.sessions,
@@ -145,13 +173,7 @@ fn check(dir: &Path, result: &Result<Outcome, RecoveryError>) {
 /// Loads recovered sessions into a Store (as start-up does), reads each one back, and runs
 /// client calls on them: recovered values (versions, deadlines) are whatever the file said.
 fn restore(sessions: &[Session]) {
-    let store = Store::with_capacity(
-        Limits::default(),
-        4,
-        Clock::manual(NOW),
-        Box::new(Discard),
-        sessions.len(),
-    );
+    let store = scratch(sessions.len());
     store.restore(sessions.to_vec());
     assert_eq!(store.stats().sessions, sessions.len());
     for s in sessions {
@@ -282,48 +304,106 @@ impl Layout {
         }
     }
 
-    /// Every payload, and every raw tail as one payload, through both record decoders.
+    /// Every payload, and every raw tail as one payload, through both record decoders, and
+    /// whatever decodes applied to a store.
     fn replay_directly(&self) {
-        let path = Path::new("direct");
-        let mut replay = Replay::default();
-        let mut snapshot = Replay::default();
+        let store = scratch(0);
         for f in &self.files {
             let raw = Bytes::copy_from_slice(&f.bytes);
             for p in f.payloads.iter().chain([&raw]) {
-                let _ = replay.apply(p.clone(), path);
-                let _ = snapshot.load_snapshot_entry(p.clone(), path);
+                if let Some(effect) = decode(p.clone()) {
+                    store.apply(&effect);
+                }
+                if let Some(s) = decode_snapshot_entry(p.clone()) {
+                    store.apply(&Effect::Create(s));
+                }
             }
         }
-        let _ = replay.live(NOW);
-        let _ = snapshot.live(NOW);
+        let _ = store.reap(usize::MAX);
     }
 
-    /// What recovery must produce from well-formed files: an in-memory replay of the same
+    /// What recovery must produce from well-formed files: the model's replay of the same
     /// records. `Err` if a record is nonsense; `None` if some file is damaged, where only
     /// the properties in `check` apply.
     fn expected(&self) -> Option<Result<Outcome, ()>> {
         if self.files.iter().any(|f| f.damaged) {
             return None;
         }
-        let path = Path::new("expected");
-        let mut replay = Replay::default();
-        let mut from_snapshot = 0;
+        let mut model = Model::default();
+        let (mut from_snapshot, mut records) = (0, 0);
         for f in &self.files {
             for p in &f.payloads {
-                let applied = if f.snapshot {
-                    replay.load_snapshot_entry(p.clone(), path)
+                if f.snapshot {
+                    let Some(s) = decode_snapshot_entry(p.clone()) else {
+                        return Some(Err(()));
+                    };
+                    model.0.insert(s.key, s);
                 } else {
-                    replay.apply(p.clone(), path)
-                };
-                if applied.is_err() {
-                    return Some(Err(()));
+                    let Some(effect) = decode(p.clone()) else {
+                        return Some(Err(()));
+                    };
+                    model.apply(effect);
+                    records += 1;
                 }
             }
             if f.snapshot {
-                from_snapshot = replay.sessions.len();
+                from_snapshot = model.0.len();
             }
         }
-        let records = replay.records;
-        Some(Ok(Outcome::new(replay.live(NOW), from_snapshot, records)))
+        let live = model.0.into_values().filter(|s| NOW < s.expires_at());
+        Some(Ok(Outcome::new(live.collect(), from_snapshot, records)))
+    }
+}
+
+/// Replay by the rules `Store::apply` documents, on a plain map: creates and regenerates
+/// keep the higher version of a key, an update applies only onto the version just before
+/// its own, touches only move time forward, and ends remove whatever is there.
+#[derive(Default)]
+struct Model(std::collections::HashMap<SessionKey, Session, KeyHasherBuilder>);
+
+impl Model {
+    fn apply(&mut self, effect: Effect) {
+        match effect {
+            Effect::Create(s) => self.upsert(s),
+            Effect::Update {
+                key,
+                set,
+                remove,
+                version,
+                at,
+            } => {
+                if let Some(s) = self.0.get_mut(&key) {
+                    if s.version.checked_add(1) == Some(version) {
+                        for r in &remove {
+                            s.attributes.remove(r);
+                        }
+                        s.attributes.extend(set);
+                        s.version = version;
+                        s.last_access_at = s.last_access_at.max(at);
+                    }
+                }
+            }
+            Effect::Touch { key, at } => {
+                if let Some(s) = self.0.get_mut(&key) {
+                    s.last_access_at = s.last_access_at.max(at);
+                }
+            }
+            Effect::Regenerate { old, session } => {
+                self.0.remove(&old);
+                self.upsert(session);
+            }
+            Effect::End { key, .. } => {
+                self.0.remove(&key);
+            }
+        }
+    }
+
+    fn upsert(&mut self, s: Session) {
+        match self.0.get(&s.key) {
+            Some(cur) if cur.version >= s.version => {}
+            _ => {
+                self.0.insert(s.key, s);
+            }
+        }
     }
 }

@@ -18,7 +18,7 @@ use metrics_exporter_prometheus::{
 use crate::guessing::GuessWatch;
 use crate::persist::log::LogMetrics;
 use crate::session::Millis;
-use crate::store::events::{EndCause, Event, EventSink};
+use crate::store::events::{Effect, EndCause, Event, EventSink};
 use crate::store::reaper::ReaperObserver;
 use crate::store::Reaped;
 use crate::tenant::Tenants;
@@ -392,20 +392,18 @@ pub struct SessionMetrics {
 
 impl EventSink for SessionMetrics {
     fn record(&self, event: &Event<'_>) {
-        match event {
-            Event::Created { .. } => self.created.increment(1),
-            Event::Updated { .. } => self.updated.increment(1),
-            Event::Touched { .. } => {}
-            Event::Regenerated { .. } => self.regenerated.increment(1),
-            Event::Ended {
-                cause, lifetime, ..
-            } => {
+        match event.effect {
+            Effect::Create(_) => self.created.increment(1),
+            Effect::Update { .. } => self.updated.increment(1),
+            Effect::Touch { .. } => {}
+            Effect::Regenerate { .. } => self.regenerated.increment(1),
+            Effect::End { cause, .. } => {
                 match cause {
                     EndCause::Destroyed => self.destroyed.increment(1),
                     EndCause::Expired => self.expired.increment(1),
                     EndCause::Evicted => self.evicted.increment(1),
                 }
-                self.lifetime.record(seconds(*lifetime));
+                self.lifetime.record(seconds(event.lifetime));
             }
         }
     }

@@ -270,7 +270,7 @@ pub struct LogFailed;
 
 impl EventSink for Arc<Log> {
     fn record(&self, event: &Event<'_>) {
-        let payload = records::encode(event);
+        let payload = records::encode(event.effect);
         let mut b = lock(&self.shared.buffer);
         frame(&payload, &mut b.bytes);
         b.seq += 1;

@@ -24,8 +24,6 @@ use prost::Message;
 
 use self::format::{frame, scan, write_header, End, FormatError, SNAPSHOT_MAGIC};
 use self::log::{create_private, segment_name, sync_dir, Log};
-use self::records::Replay;
-use crate::session::{Millis, Session};
 use crate::store::Store;
 
 /// The generated storage records.
@@ -64,10 +62,11 @@ pub enum RecoveryError {
     },
 }
 
-/// What recovery found.
+/// What recovery rebuilt.
 pub struct Recovered {
-    /// The live sessions to load into the Store.
-    pub sessions: Vec<Session>,
+    /// The Store, holding every session of the snapshot and the log. Sessions that died
+    /// while the daemon was down are in it until the reaper ends them; no read returns them.
+    pub store: Store,
     /// Sessions the snapshot held.
     pub from_snapshot: usize,
     /// Log records replayed.
@@ -119,12 +118,16 @@ fn list(dir: &Path) -> Result<Listing, RecoveryError> {
     })
 }
 
-/// Opens `dir` (creating it), takes its lock, and rebuilds the sessions alive at `now`.
-///
-/// A torn tail in the last segment (a crash mid-write) is cut off with a warning. Any other
-/// damage stops recovery with an error naming the file and offset, unless `repair`, which
-/// truncates at the damage, removes later segments, and says what it dropped.
-pub fn recover(dir: &Path, now: Millis, repair: bool) -> Result<Recovered, RecoveryError> {
+/// A data directory opened for recovery: locked and listed, not yet read.
+pub struct Recovery {
+    dir: PathBuf,
+    lock: File,
+    listing: Listing,
+    started: Instant,
+}
+
+/// Opens `dir` (creating it) and takes its lock.
+pub fn open(dir: &Path) -> Result<Recovery, RecoveryError> {
     let started = Instant::now();
     let dir_err = |source| RecoveryError::Dir {
         path: dir.to_owned(),
@@ -143,84 +146,152 @@ pub fn recover(dir: &Path, now: Millis, repair: bool) -> Result<Recovered, Recov
             path: dir.to_owned(),
         });
     }
-    let listing = list(dir)?;
-    let mut replay = Replay::default();
-    let base = listing.snapshots.last().copied().unwrap_or(0);
-    if listing.snapshots.last().is_some() {
-        let path = dir.join(snapshot_name(base));
-        let end = scan(&path, SNAPSHOT_MAGIC, "snapshot", |p| {
-            replay.load_snapshot_entry(p, &path)
-        })?;
-        // Snapshots are renamed into place only when complete, so any damage is corruption.
-        match end {
-            End::Clean => {}
-            End::Torn { offset } | End::Corrupt { offset, .. } => {
-                return Err(FormatError::Corrupt { path, offset }.into())
-            }
-        }
-    }
-    let from_snapshot = replay.sessions.len();
-    let segments: Vec<u64> = listing
-        .segments
-        .iter()
-        .copied()
-        .filter(|&n| n >= base)
-        .collect();
-    for (i, &n) in segments.iter().enumerate() {
-        let path = dir.join(segment_name(n));
-        let last = i + 1 == segments.len();
-        let end = scan(&path, format::LOG_MAGIC, "log", |p| replay.apply(p, &path))?;
-        let damage = match end {
-            End::Clean => continue,
-            End::Torn { offset } if last => {
-                tracing::warn!(file = %path.display(), offset, "log ends in a torn record (a crash mid-write); truncating there");
-                truncate(&path, offset)?;
-                continue;
-            }
-            End::Torn { offset } => (offset, 0),
-            End::Corrupt {
-                offset,
-                frames_after,
-            } => (offset, frames_after),
-        };
-        let (offset, frames_after) = damage;
-        if !repair {
-            return Err(FormatError::Corrupt { path, offset }.into());
-        }
-        let mut dropped = frames_after + 1;
-        for &later in &segments[i + 1..] {
-            let later_path = dir.join(segment_name(later));
-            let mut count = 0u64;
-            let _ = scan(&later_path, format::LOG_MAGIC, "log", |_| {
-                count += 1;
-                Ok(())
-            });
-            dropped += count;
-            std::fs::remove_file(&later_path).map_err(dir_err)?;
-        }
-        let cut = std::fs::metadata(&path).map_or(0, |m| m.len().saturating_sub(offset));
-        eprintln!(
-            "sessiond --repair: {}: truncating at byte offset {offset}, dropping {cut} byte(s) holding at least {dropped} record(s) from there on ({} later segment(s) removed)",
-            path.display(),
-            segments.len() - i - 1
-        );
-        truncate(&path, offset)?;
-        break;
-    }
-    let records = replay.records;
-    let next_segment = listing
-        .segments
-        .last()
-        .map_or(base.max(1), |&n| n + 1)
-        .max(base);
-    Ok(Recovered {
-        sessions: replay.live(now),
-        from_snapshot,
-        records,
-        next_segment,
-        lock: Some(lock),
-        took: started.elapsed(),
+    Ok(Recovery {
+        dir: dir.to_owned(),
+        lock,
+        listing: list(dir)?,
+        started,
     })
+}
+
+/// Opens `dir` and rebuilds its sessions into the store `make` builds (given how many
+/// sessions the snapshot holds): [`open`], then [`Recovery::replay`].
+pub fn recover(
+    dir: &Path,
+    repair: bool,
+    make: impl FnOnce(usize) -> Store,
+) -> Result<Recovered, RecoveryError> {
+    open(dir)?.replay(repair, make)
+}
+
+/// A record that decodes but makes no sense: damage that slipped past the checksum.
+fn nonsense(path: &Path) -> FormatError {
+    FormatError::Corrupt {
+        path: path.to_owned(),
+        offset: 0,
+    }
+}
+
+impl Recovery {
+    /// The segment number the new log starts at: after every segment there is.
+    pub fn next_segment(&self) -> u64 {
+        let base = self.listing.snapshots.last().copied().unwrap_or(0);
+        self.listing
+            .segments
+            .last()
+            .map_or(base.max(1), |&n| n + 1)
+            .max(base)
+    }
+
+    /// Loads the newest snapshot into the store `make` builds, then applies every later log
+    /// record to it through `Store::apply`, the code live writes use.
+    ///
+    /// A torn tail in the last segment (a crash mid-write) is cut off with a warning. Any
+    /// other damage stops recovery with an error naming the file and offset, unless
+    /// `repair`, which truncates at the damage, removes later segments, and says what it
+    /// dropped.
+    pub fn replay(
+        self,
+        repair: bool,
+        make: impl FnOnce(usize) -> Store,
+    ) -> Result<Recovered, RecoveryError> {
+        let Recovery {
+            dir,
+            lock,
+            listing,
+            started,
+        } = self;
+        let dir = dir.as_path();
+        let dir_err = |source| RecoveryError::Dir {
+            path: dir.to_owned(),
+            source,
+        };
+        let mut snapshot = Vec::new();
+        let base = listing.snapshots.last().copied().unwrap_or(0);
+        if listing.snapshots.last().is_some() {
+            let path = dir.join(snapshot_name(base));
+            let end = scan(&path, SNAPSHOT_MAGIC, "snapshot", |p| {
+                snapshot.push(records::decode_snapshot_entry(p).ok_or_else(|| nonsense(&path))?);
+                Ok(())
+            })?;
+            // Snapshots are renamed into place only when complete, so any damage is corruption.
+            match end {
+                End::Clean => {}
+                End::Torn { offset } | End::Corrupt { offset, .. } => {
+                    return Err(FormatError::Corrupt { path, offset }.into())
+                }
+            }
+        }
+        let from_snapshot = snapshot.len();
+        let store = make(from_snapshot);
+        store.restore(snapshot);
+        let mut records = 0u64;
+        let segments: Vec<u64> = listing
+            .segments
+            .iter()
+            .copied()
+            .filter(|&n| n >= base)
+            .collect();
+        for (i, &n) in segments.iter().enumerate() {
+            let path = dir.join(segment_name(n));
+            let last = i + 1 == segments.len();
+            let end = scan(&path, format::LOG_MAGIC, "log", |p| {
+                store.apply(&records::decode(p).ok_or_else(|| nonsense(&path))?);
+                records += 1;
+                Ok(())
+            })?;
+            let damage = match end {
+                End::Clean => continue,
+                End::Torn { offset } if last => {
+                    tracing::warn!(file = %path.display(), offset, "log ends in a torn record (a crash mid-write); truncating there");
+                    truncate(&path, offset)?;
+                    continue;
+                }
+                End::Torn { offset } => (offset, 0),
+                End::Corrupt {
+                    offset,
+                    frames_after,
+                } => (offset, frames_after),
+            };
+            let (offset, frames_after) = damage;
+            if !repair {
+                return Err(FormatError::Corrupt { path, offset }.into());
+            }
+            let mut dropped = frames_after + 1;
+            for &later in &segments[i + 1..] {
+                let later_path = dir.join(segment_name(later));
+                let mut count = 0u64;
+                let _ = scan(&later_path, format::LOG_MAGIC, "log", |_| {
+                    count += 1;
+                    Ok(())
+                });
+                dropped += count;
+                std::fs::remove_file(&later_path).map_err(dir_err)?;
+            }
+            let cut = std::fs::metadata(&path).map_or(0, |m| m.len().saturating_sub(offset));
+            eprintln!(
+                "sessiond --repair: {}: truncating at byte offset {offset}, dropping {cut} byte(s) holding at least {dropped} record(s) from there on ({} later segment(s) removed)",
+                path.display(),
+                segments.len() - i - 1
+            );
+            truncate(&path, offset)?;
+            break;
+        }
+        let next_segment = Recovery {
+            dir: dir.to_owned(),
+            lock,
+            listing,
+            started,
+        };
+        Ok(Recovered {
+            store,
+            from_snapshot,
+            records,
+            next_segment: next_segment.next_segment(),
+            lock: Some(next_segment.lock),
+            took: started.elapsed(),
+        })
+    }
 }
 
 /// Creates `dir` (and missing parents) readable by this user only: it holds every session in
@@ -370,28 +441,31 @@ pub struct Persistence {
 }
 
 impl Persistence {
-    /// Recovers `dir` into `store` and starts a fresh log segment.
+    /// Opens `dir` for recovery and starts a fresh log segment after the ones there. The
+    /// Store is built next, with the log among its sinks, and [`Recovery::replay`] fills it.
     pub fn open(
         dir: &Path,
-        store_now: Millis,
         policy: log::FsyncPolicy,
         metrics: log::LogMetrics,
-    ) -> Result<(Persistence, Recovered), anyhow::Error> {
-        let mut recovered = recover(dir, store_now, false)?;
-        let log = Log::start(dir, recovered.next_segment, policy, metrics).map_err(|e| {
+    ) -> Result<(Persistence, Recovery), RecoveryError> {
+        let recovery = open(dir)?;
+        let log = Log::start(dir, recovery.next_segment(), policy, metrics).map_err(|e| {
             RecoveryError::Dir {
                 path: dir.to_owned(),
                 source: e,
             }
         })?;
-        let lock = recovered.lock.take();
+        let lock = recovery.lock.try_clone().map_err(|e| RecoveryError::Dir {
+            path: dir.to_owned(),
+            source: e,
+        })?;
         Ok((
             Persistence {
                 log: Arc::new(log),
                 dir: dir.to_owned(),
-                _lock: lock,
+                _lock: Some(lock),
             },
-            recovered,
+            recovery,
         ))
     }
 }

@@ -1,19 +1,15 @@
-//! Records <-> domain, and the replay that rebuilds the sessions from a snapshot and the log.
+//! Records <-> domain: a log record is an [`Effect`], and a snapshot entry a [`Session`].
 //!
-//! Replay is idempotent, so records that a snapshot already reflects can be applied again
-//! harmlessly: creates and regenerates are upserts that keep the higher version, updates
-//! apply only onto the version just before theirs, touches only move time forward, and ends
-//! remove whatever is there.
+//! Recovery decodes them here and hands them to the Store, which applies them through the
+//! same code as live writes (`Store::apply`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost::Message;
 
-use super::format::FormatError;
 use super::pb;
-use crate::session::{ClientInfo, KeyHasherBuilder, Millis, Session, SessionKey, ID_BYTES};
-use crate::store::events::Event;
+use crate::session::{ClientInfo, Session, SessionKey, ID_BYTES};
+use crate::store::events::{Effect, EndCause};
 
 /// A session as stored.
 pub fn stored(s: Session) -> pb::StoredSession {
@@ -58,137 +54,86 @@ pub fn session(p: pb::StoredSession) -> Option<Session> {
     })
 }
 
-/// The log record for an event, encoded.
-pub fn encode(event: &Event<'_>) -> Vec<u8> {
+/// An effect's log record, encoded.
+pub fn encode(effect: &Effect) -> Vec<u8> {
     use pb::record::Op;
-    let op = match event {
-        Event::Created { session, .. } => Op::Create(stored((*session).clone())),
-        Event::Updated {
-            key,
+    let key = |k: &SessionKey| bytes::Bytes::copy_from_slice(k.as_bytes());
+    let op = match effect {
+        Effect::Create(session) => Op::Create(stored(session.clone())),
+        Effect::Update {
+            key: k,
             set,
             remove,
             version,
             at,
-            ..
         } => Op::Update(pb::Update {
-            key: bytes::Bytes::copy_from_slice(key.as_bytes()),
+            key: key(k),
             set: set.iter().cloned().collect(),
-            remove: remove.to_vec(),
+            remove: remove.clone(),
             version: *version,
             at: *at,
         }),
-        Event::Touched { key, at } => Op::Touch(pb::Touch {
-            key: bytes::Bytes::copy_from_slice(key.as_bytes()),
+        Effect::Touch { key: k, at } => Op::Touch(pb::Touch {
+            key: key(k),
             at: *at,
         }),
-        Event::Regenerated { old, session, .. } => Op::Regenerate(pb::Regenerate {
-            old_key: bytes::Bytes::copy_from_slice(old.as_bytes()),
-            session: Some(stored((*session).clone())),
+        Effect::Regenerate { old, session } => Op::Regenerate(pb::Regenerate {
+            old_key: key(old),
+            session: Some(stored(session.clone())),
         }),
-        Event::Ended { key, .. } => Op::End(pb::End {
-            key: bytes::Bytes::copy_from_slice(key.as_bytes()),
+        Effect::End { key: k, cause, at } => Op::End(pb::End {
+            key: key(k),
+            cause: match cause {
+                EndCause::Destroyed => pb::EndCause::Destroyed,
+                EndCause::Expired => pb::EndCause::Expired,
+                EndCause::Evicted => pb::EndCause::Evicted,
+            } as i32,
+            at: *at,
         }),
     };
     pb::Record { op: Some(op) }.encode_to_vec()
 }
 
-/// Sessions being rebuilt.
-#[derive(Default)]
-pub struct Replay {
-    /// The sessions so far, live or not.
-    pub sessions: HashMap<SessionKey, Session, KeyHasherBuilder>,
-    /// Records applied.
-    pub records: u64,
-}
-
-/// A record that decodes but makes no sense: damage that slipped past the checksum.
-fn nonsense(path: &std::path::Path) -> FormatError {
-    FormatError::Corrupt {
-        path: path.to_owned(),
-        offset: 0,
-    }
-}
-
-impl Replay {
-    /// Adds one snapshot entry.
-    pub fn load_snapshot_entry(
-        &mut self,
-        payload: bytes::Bytes,
-        path: &std::path::Path,
-    ) -> Result<(), FormatError> {
-        let s = pb::StoredSession::decode(payload)
-            .ok()
-            .and_then(session)
-            .ok_or_else(|| nonsense(path))?;
-        self.sessions.insert(s.key, s);
-        Ok(())
-    }
-
-    /// Applies one log record.
-    pub fn apply(
-        &mut self,
-        payload: bytes::Bytes,
-        path: &std::path::Path,
-    ) -> Result<(), FormatError> {
-        use pb::record::Op;
-        let record = pb::Record::decode(payload).map_err(|_| nonsense(path))?;
-        self.records += 1;
-        match record.op.ok_or_else(|| nonsense(path))? {
-            Op::Create(s) => {
-                let s = session(s).ok_or_else(|| nonsense(path))?;
-                self.upsert(s);
+/// A log record back as the effect it stores; `None` if it decodes but makes no sense
+/// (damage that slipped past the checksum).
+pub fn decode(payload: bytes::Bytes) -> Option<Effect> {
+    use pb::record::Op;
+    Some(match pb::Record::decode(payload).ok()?.op? {
+        Op::Create(s) => Effect::Create(session(s)?),
+        Op::Update(u) => {
+            if u.version == u64::MAX {
+                return None;
             }
-            Op::Update(u) => {
-                let k = key(&u.key).ok_or_else(|| nonsense(path))?;
-                if u.version == u64::MAX {
-                    return Err(nonsense(path));
-                }
-                if let Some(s) = self.sessions.get_mut(&k) {
-                    if s.version.checked_add(1) == Some(u.version) {
-                        for r in &u.remove {
-                            s.attributes.remove(r);
-                        }
-                        s.attributes.extend(u.set);
-                        s.version = u.version;
-                        s.last_access_at = s.last_access_at.max(u.at);
-                    }
-                }
-            }
-            Op::Touch(t) => {
-                let k = key(&t.key).ok_or_else(|| nonsense(path))?;
-                if let Some(s) = self.sessions.get_mut(&k) {
-                    s.last_access_at = s.last_access_at.max(t.at);
-                }
-            }
-            Op::Regenerate(r) => {
-                let old = key(&r.old_key).ok_or_else(|| nonsense(path))?;
-                let s = r.session.and_then(session).ok_or_else(|| nonsense(path))?;
-                self.sessions.remove(&old);
-                self.upsert(s);
-            }
-            Op::End(e) => {
-                let k = key(&e.key).ok_or_else(|| nonsense(path))?;
-                self.sessions.remove(&k);
+            Effect::Update {
+                key: key(&u.key)?,
+                set: u.set.into_iter().collect(),
+                remove: u.remove,
+                version: u.version,
+                at: u.at,
             }
         }
-        Ok(())
-    }
+        Op::Touch(t) => Effect::Touch {
+            key: key(&t.key)?,
+            at: t.at,
+        },
+        Op::Regenerate(r) => Effect::Regenerate {
+            old: key(&r.old_key)?,
+            session: session(r.session?)?,
+        },
+        Op::End(e) => Effect::End {
+            key: key(&e.key)?,
+            // Records from before the cause was kept read as destroyed; replay ignores it.
+            cause: match pb::EndCause::try_from(e.cause) {
+                Ok(pb::EndCause::Expired) => EndCause::Expired,
+                Ok(pb::EndCause::Evicted) => EndCause::Evicted,
+                _ => EndCause::Destroyed,
+            },
+            at: e.at,
+        },
+    })
+}
 
-    fn upsert(&mut self, s: Session) {
-        match self.sessions.get(&s.key) {
-            Some(cur) if cur.version >= s.version => {}
-            _ => {
-                self.sessions.insert(s.key, s);
-            }
-        }
-    }
-
-    /// The sessions still alive at `now`: one that expired while the daemon was down stays
-    /// dead.
-    pub fn live(self, now: Millis) -> Vec<Session> {
-        self.sessions
-            .into_values()
-            .filter(|s| now < s.expires_at())
-            .collect()
-    }
+/// A snapshot entry back as its session; `None` if it makes no sense.
+pub fn decode_snapshot_entry(payload: bytes::Bytes) -> Option<Session> {
+    pb::StoredSession::decode(payload).ok().and_then(session)
 }

@@ -19,7 +19,8 @@ impl Store {
         let mut destroyed = 0;
         for key in keys {
             let now = self.now();
-            if self.end(key, now, EndCause::Destroyed, |e| e.is_live(now)) {
+            let ended = self.end_with(key, now, |e| e.is_live(now).then_some(EndCause::Destroyed));
+            if ended.is_some() {
                 destroyed += 1;
             }
         }

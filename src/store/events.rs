@@ -1,16 +1,25 @@
-//! The one stream every state change flows through.
+//! Effects, and the one stream every applied change flows through.
 //!
-//! The Store emits exactly one [`Event`] per change, while it still holds the lock that made the
-//! change, so a consumer sees each session's events in the order they happened. Metrics, and
-//! later the durable log and replication, hang off this stream instead of being called from
-//! each handler, so no code path can forget one of them.
+//! A write is evaluated once into an [`Effect`]: the change itself, carrying every value it
+//! needs (timestamps, generated IDs), and nothing of how it was decided. [`Store::apply`]
+//! makes the change; the log stores the effect as its record, and recovery (later,
+//! replicas) apply the same effects through the same code.
+//!
+//! Each applied effect reaches the Store's [`EventSink`] as one [`Event`], while the change
+//! is still the newest of its session, so a consumer sees each session's changes in the
+//! order they happened. Metrics and the durable log hang off this stream instead of being
+//! called from each handler, so no code path can forget one of them.
+//!
+//! [`Store::apply`]: super::Store::apply
+
+use bytes::Bytes;
 
 use crate::session::{Millis, Session, SessionKey};
 
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndCause {
-    /// Destroy, or DestroyUserSessions.
+    /// Destroy, DestroyUserSessions or DestroyAllSessions.
     Destroyed,
     /// Its deadline passed; freed by the reaper or pruned on the way.
     Expired,
@@ -18,62 +27,62 @@ pub enum EndCause {
     Evicted,
 }
 
-/// A change to the store. Borrowed, so emitting one costs no allocation.
-#[derive(Debug)]
-pub enum Event<'a> {
+/// One change to the store, as decided: what the log stores and what apply makes happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
     /// A new session, as stored.
-    Created {
-        /// The new session.
-        session: &'a Session,
-        /// Its approximate size in memory.
-        bytes: usize,
-    },
-    /// An Update was applied.
-    Updated {
+    Create(Session),
+    /// A partial update onto version `version - 1`.
+    Update {
         /// Which session.
         key: SessionKey,
         /// The attributes written.
-        set: &'a [(String, bytes::Bytes)],
+        set: Vec<(String, Bytes)>,
         /// The attribute keys removed.
-        remove: &'a [String],
+        remove: Vec<String>,
         /// The version after the update.
         version: u64,
         /// When it happened (it also slid the idle deadline).
         at: Millis,
-        /// Change in approximate size.
-        bytes_delta: isize,
     },
     /// The idle deadline slid (Get without peek, or Touch).
-    Touched {
+    Touch {
         /// Which session.
         key: SessionKey,
         /// The new last-access time.
         at: Millis,
     },
     /// A session moved to a fresh ID.
-    Regenerated {
+    Regenerate {
         /// The ID that is now dead.
         old: SessionKey,
         /// The session under its new ID, as stored.
-        session: &'a Session,
-        /// Change in approximate size.
-        bytes_delta: isize,
+        session: Session,
     },
     /// A session ended.
-    Ended {
+    End {
         /// Which session.
         key: SessionKey,
         /// Why.
         cause: EndCause,
-        /// How long it lived, from creation (or login) to now.
-        lifetime: Millis,
-        /// The size it freed.
-        bytes: usize,
+        /// When.
+        at: Millis,
     },
 }
 
-/// A consumer of the event stream. Called synchronously under the session's lock, so an
-/// implementation must be quick and must never call back into the Store.
+/// An applied effect, as the sinks see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    /// The change.
+    pub effect: &'a Effect,
+    /// What it did to the store's approximate size in bytes.
+    pub bytes_delta: isize,
+    /// For an `End`: how long the session had lived, from creation (or login) to its end.
+    pub lifetime: Millis,
+}
+
+/// A consumer of the event stream. Called synchronously by the writer, so an implementation
+/// must be quick and must never call back into the Store.
 pub trait EventSink: Send + Sync + 'static {
     /// Receives one event.
     fn record(&self, event: &Event<'_>);

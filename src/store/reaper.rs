@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::{Reaped, Store};
+use std::sync::atomic::Ordering;
+
+use super::events::EndCause;
+use super::{Reaped, Store, WHEEL_SWEEP_SLACK};
 
 /// Something that wants to hear about each reaper step (metrics).
 pub trait ReaperObserver: Send + Sync + 'static {
@@ -49,4 +52,47 @@ pub async fn run(
         }
     }
     tracing::debug!("reaper stopped");
+}
+
+impl Store {
+    /// One bounded reaper step: frees up to `max` due sessions and re-files touched ones.
+    pub fn reap(&self, max: usize) -> Reaped {
+        let now = self.now();
+        let mut due = Vec::with_capacity(max.min(4096));
+        let oldest = self.inner.wheel.take_due(now, max, &mut due);
+        let mut out = Reaped {
+            more: due.len() >= max,
+            lag: oldest.map(|o| now.saturating_sub(o)),
+            ..Reaped::default()
+        };
+        for key in due {
+            // Re-check: the session may have been touched, destroyed or regenerated since it
+            // was filed.
+            let Some(expires) = self.inner.sessions.get(&key).map(|e| e.expires_at()) else {
+                continue;
+            };
+            if expires > now {
+                self.inner.wheel.file(key, expires);
+                out.refiled += 1;
+            } else if self
+                .end_with(key, now, |e| (!e.is_live(now)).then_some(EndCause::Expired))
+                .is_some()
+            {
+                out.expired += 1;
+            }
+        }
+        // A session that ended early (destroyed, regenerated, evicted) leaves its key in the
+        // wheel until the slot comes due, days away; under churn those would pile up. Once
+        // they outnumber the live keys, sweep them out, `max` keys a step.
+        let wheel = &self.inner.wheel;
+        let sessions = self.inner.count.load(Ordering::Relaxed);
+        if !wheel.sweeping() && wheel.len() > sessions.saturating_mul(2) + WHEEL_SWEEP_SLACK {
+            wheel.start_sweep();
+        }
+        if wheel.sweeping() {
+            out.swept = wheel.sweep(max, |k| self.inner.sessions.contains_key(k));
+            out.more |= wheel.sweeping();
+        }
+        out
+    }
 }

@@ -3,7 +3,9 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::events::{Event, EventSink};
+use std::collections::HashSet;
+
+use super::events::{EndCause, Event, EventSink};
 use super::*;
 
 const T0: Millis = 1_700_000_000_000;
@@ -654,12 +656,12 @@ struct Recorder(Mutex<Vec<String>>);
 
 impl EventSink for std::sync::Arc<Recorder> {
     fn record(&self, event: &Event<'_>) {
-        let name = match event {
-            Event::Created { .. } => "created".to_string(),
-            Event::Updated { version, .. } => format!("updated v{version}"),
-            Event::Touched { .. } => "touched".to_string(),
-            Event::Regenerated { .. } => "regenerated".to_string(),
-            Event::Ended { cause, .. } => format!("ended {cause:?}"),
+        let name = match event.effect {
+            Effect::Create(_) => "created".to_string(),
+            Effect::Update { version, .. } => format!("updated v{version}"),
+            Effect::Touch { .. } => "touched".to_string(),
+            Effect::Regenerate { .. } => "regenerated".to_string(),
+            Effect::End { cause, .. } => format!("ended {cause:?}"),
         };
         self.0.lock().unwrap().push(name);
     }
@@ -1020,10 +1022,10 @@ struct SlowEviction(Clock, Duration);
 
 impl EventSink for SlowEviction {
     fn record(&self, event: &Event<'_>) {
-        if let Event::Ended {
+        if let Effect::End {
             cause: EndCause::Evicted,
             ..
-        } = event
+        } = event.effect
         {
             self.0.advance(self.1);
         }
@@ -1088,9 +1090,9 @@ struct Reachability {
 
 impl EventSink for Arc<Reachability> {
     fn record(&self, event: &Event<'_>) {
-        let (what, key) = match event {
-            Event::Created { session, .. } => ("created", session.key),
-            Event::Regenerated { session, .. } => ("regenerated", session.key),
+        let (what, key) = match event.effect {
+            Effect::Create(session) => ("created", session.key),
+            Effect::Regenerate { session, .. } => ("regenerated", session.key),
             _ => return,
         };
         let st = self.store.get().expect("store set");
@@ -1141,11 +1143,9 @@ struct Order(Mutex<Vec<(bool, SessionKey)>>);
 
 impl EventSink for Arc<Order> {
     fn record(&self, event: &Event<'_>) {
-        let entry = match event {
-            Event::Created { session, .. } | Event::Regenerated { session, .. } => {
-                (true, session.key)
-            }
-            Event::Ended { key, .. } => (false, *key),
+        let entry = match event.effect {
+            Effect::Create(session) | Effect::Regenerate { session, .. } => (true, session.key),
+            Effect::End { key, .. } => (false, *key),
             _ => return,
         };
         self.0.lock().unwrap().push(entry);
@@ -1266,7 +1266,9 @@ impl DuringRegenerate {
 
 impl EventSink for Arc<DuringRegenerate> {
     fn record(&self, event: &Event<'_>) {
-        if !matches!(event, Event::Regenerated { .. }) || self.fired.swap(true, Ordering::SeqCst) {
+        if !matches!(event.effect, Effect::Regenerate { .. })
+            || self.fired.swap(true, Ordering::SeqCst)
+        {
             return;
         }
         let st = self.store.get().expect("store set").clone();
@@ -1341,7 +1343,7 @@ struct SlowRegenerate;
 
 impl EventSink for SlowRegenerate {
     fn record(&self, event: &Event<'_>) {
-        if matches!(event, Event::Regenerated { .. }) {
+        if matches!(event.effect, Effect::Regenerate { .. }) {
             for _ in 0..200 {
                 std::thread::yield_now();
             }
@@ -1421,10 +1423,10 @@ struct DestroyOnEviction {
 
 impl EventSink for Arc<DestroyOnEviction> {
     fn record(&self, event: &Event<'_>) {
-        if let Event::Ended {
+        if let Effect::End {
             cause: EndCause::Evicted,
             ..
-        } = event
+        } = event.effect
         {
             if let Some(id) = self.target.lock().unwrap().take() {
                 self.store.get().expect("store set").destroy(&id).unwrap();
