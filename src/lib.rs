@@ -4,8 +4,9 @@
 //!
 //! - [`session`]: session IDs and session data; pure values and their invariants.
 //! - [`clock`]: the one source of time; tests drive a manual clock instead of sleeping.
-//! - [`store`]: the Store, where every session rule lives: the sharded map, the user index,
-//!   the expiry wheel, the reaper and the event stream.
+//! - [`store`]: the Store, where every session rule lives: each write evaluated once into an
+//!   effect and applied by the one apply path (shared with recovery); the sharded map, the
+//!   user index, the expiry wheel, the reaper and the event stream.
 //! - [`api`]: the gRPC edge; thin handlers, the proto <-> domain mapping, and the one
 //!   `StoreError -> Status` mapping.
 //! - [`observe`]: every metric name, the Prometheus rendering, the gRPC metrics layer.
