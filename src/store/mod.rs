@@ -55,7 +55,7 @@ use governor::{Quota, RateLimiter};
 pub use self::error::StoreError;
 use self::events::{EndCause, Event, EventSink};
 use self::limits::pick_timeout;
-pub use self::limits::{Limits, PerUserPolicy};
+pub use self::limits::{LimitOverrides, Limits, LimitsError, PerUserPolicy};
 use self::packed::{Packed, PackedClient};
 use self::wheel::Wheel;
 use crate::clock::Clock;
