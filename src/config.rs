@@ -477,6 +477,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::PerUserPolicy;
 
     #[derive(Serialize, Default)]
     struct NoFlags {}
@@ -671,6 +672,105 @@ mod tests {
 
             let err = Config::load(Some(Path::new("missing.toml")), NoFlags {}).unwrap_err();
             assert!(err.to_string().contains("missing.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API, not ours
+    fn environment_variables_still_set_the_limits_by_their_old_names() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("s.toml", "create_burst = 50\nmax_sessions = 1000")?;
+            jail.set_env("SESSIOND_IDLE_TIMEOUT", "5m");
+            jail.set_env("SESSIOND_ABSOLUTE_TIMEOUT", "2h");
+            jail.set_env("SESSIOND_MAX_SESSIONS_PER_USER", "3");
+            jail.set_env("SESSIOND_PER_USER_POLICY", "evict-oldest");
+            jail.set_env("SESSIOND_MAX_MEMORY_BYTES", "1048576");
+            jail.set_env("SESSIOND_CREATE_BURST", "7");
+            let c = Config::load(Some(Path::new("s.toml")), NoFlags {}).unwrap();
+            assert_eq!(
+                c.limits,
+                Limits {
+                    default_idle_timeout: Duration::from_secs(300),
+                    default_absolute_timeout: Duration::from_secs(7200),
+                    max_sessions_per_user: 3,
+                    per_user_policy: PerUserPolicy::EvictOldest,
+                    max_memory_bytes: 1 << 20,
+                    create_burst: 7,
+                    max_sessions: 1000, // from the file, no variable over it
+                    ..Limits::default()
+                }
+            );
+
+            // A value of the wrong kind names its variable; a bad number names the setting.
+            jail.set_env("SESSIOND_MAX_SESSIONS", "lots");
+            let err = Config::load(Some(Path::new("s.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("SESSIOND_"), "{err}");
+            assert!(err.to_string().contains("MAX_SESSIONS"), "{err}");
+            jail.set_env("SESSIOND_MAX_SESSIONS", "10");
+            jail.set_env("SESSIOND_CREATE_BURST", "0");
+            let err = Config::load(Some(Path::new("s.toml")), NoFlags {}).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "configuration error: create_burst must be at least 1"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API, not ours
+    fn a_tenants_limits_apply_over_the_daemon_wide_ones_and_are_checked_the_same() {
+        figment::Jail::expect_with(|jail| {
+            let tenant = format!(
+                "[[tenants]]\nname = \"shop\"\ntoken_sha256 = \"{}\"\n",
+                "ab".repeat(32)
+            );
+            jail.create_file(
+                "s.toml",
+                &format!(
+                    "max_attributes = 9\ncreate_rate = 100\ncreate_burst = 200\n{tenant}\
+                     create_burst = 20\nper_user_policy = \"evict-oldest\"\n"
+                ),
+            )?;
+            let c = Config::load(Some(Path::new("s.toml")), NoFlags {}).unwrap();
+            let shop = &c.tenants[0];
+            assert_eq!(
+                shop.limits,
+                LimitOverrides {
+                    create_burst: Some(20),
+                    per_user_policy: Some(PerUserPolicy::EvictOldest),
+                    ..LimitOverrides::default()
+                }
+            );
+            let applied = shop.limits.apply(&c.limits);
+            assert_eq!(
+                (
+                    applied.max_attributes,
+                    applied.create_rate,
+                    applied.create_burst
+                ),
+                (9, 100, 20)
+            );
+            assert_eq!(applied.per_user_policy, PerUserPolicy::EvictOldest);
+            assert_eq!(c.limits.create_burst, 200);
+
+            // A bad override is refused like a bad daemon-wide limit, naming the tenant.
+            jail.create_file("over.toml", &format!("{tenant}create_rate = 1000000001\n"))?;
+            let err = Config::load(Some(Path::new("over.toml")), NoFlags {}).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "configuration error: tenants[0] (shop): create_rate must be at most 1000000000"
+            );
+            // And one of the wrong kind is named with its key and file.
+            jail.create_file("kind.toml", &format!("{tenant}create_rate = \"fast\"\n"))?;
+            let err = Config::load(Some(Path::new("kind.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("tenants.0.create_rate"), "{err}");
+            assert!(err.to_string().contains("kind.toml"), "{err}");
+            // A misspelt override is an unknown key, as before.
+            jail.create_file("typo.toml", &format!("{tenant}create_brust = 5\n"))?;
+            let err = Config::load(Some(Path::new("typo.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("create_brust"), "{err}");
             Ok(())
         });
     }
