@@ -12,13 +12,10 @@ use figment::{Figment, Provider};
 use serde::{Deserialize, Serialize};
 
 use crate::persist::log::FsyncPolicy;
-use crate::store::{Limits, PerUserPolicy};
+use crate::store::{LimitOverrides, Limits, LimitsError};
 
 /// The config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "config/sessiond.toml";
-
-/// The highest `create_rate`: one session per nanosecond.
-pub const MAX_CREATE_RATE: u32 = 1_000_000_000;
 
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "SESSIOND_";
@@ -70,46 +67,12 @@ pub struct Config {
 
     /// Map shards. More shards mean less lock contention; a power of two.
     pub shards: usize,
-    /// Idle timeout for sessions created without one.
-    #[serde(with = "humantime_serde")]
-    pub idle_timeout: Duration,
-    /// Absolute timeout for sessions created without one.
-    #[serde(with = "humantime_serde")]
-    pub absolute_timeout: Duration,
-    /// The longest idle timeout a client may ask for.
-    #[serde(with = "humantime_serde")]
-    pub max_idle_timeout: Duration,
-    /// The longest absolute timeout a client may ask for.
-    #[serde(with = "humantime_serde")]
-    pub max_absolute_timeout: Duration,
-
-    /// Attributes per session.
-    pub max_attributes: usize,
-    /// Bytes in one attribute key.
-    pub max_key_bytes: usize,
-    /// Bytes in one attribute value.
-    pub max_value_bytes: usize,
-    /// Approximate bytes of one whole session, overhead included.
-    pub max_session_bytes: usize,
-    /// Bytes in a user ID.
-    pub max_user_id_bytes: usize,
-    /// Bytes of client info (IP plus user agent) per session.
-    pub max_client_info_bytes: usize,
-    /// Live sessions one user may hold.
-    pub max_sessions_per_user: usize,
-    /// At `max_sessions_per_user`: `deny` refuses the new session, `evict-oldest` ends the
-    /// user's oldest session to make room.
-    pub per_user_policy: PerUserPolicy,
-    /// Live sessions in the whole store.
-    pub max_sessions: usize,
-    /// Approximate bytes of all sessions together (the `sessiond_session_bytes` figure, not
-    /// RSS), across all tenants. Past it, sessions are evicted: anonymous first, the longest
-    /// idle first.
-    pub max_memory_bytes: usize,
-    /// Sessions created per second, sustained, per tenant (a token bucket).
-    pub create_rate: u32,
-    /// Sessions a tenant may create at once before `create_rate` applies.
-    pub create_burst: u32,
+    /// What the Store enforces: timeouts, sizes, per-user, memory and creation-rate limits.
+    /// Flattened: each is a top-level key (`idle_timeout`, `max_sessions`, ...) with its
+    /// own `SESSIOND_*` variable. With tenants, these are the daemon-wide values that a
+    /// tenant's own limits override.
+    #[serde(flatten)]
+    pub limits: Limits,
 
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
@@ -179,7 +142,7 @@ pub struct Config {
 ///
 /// A client is this tenant when it presents a bearer token whose SHA-256 is `token_sha256`
 /// (`authorization: Bearer <token>` metadata), or a verified client certificate whose subject
-/// is `client_subject`. Unset quotas take the daemon-wide setting of the same name.
+/// is `client_subject`. Unset limits take the daemon-wide setting of the same name.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
@@ -193,27 +156,10 @@ pub struct TenantConfig {
     /// just its common name.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub client_subject: String,
-    /// Live sessions of this tenant.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_sessions: Option<usize>,
-    /// Live sessions per user.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_sessions_per_user: Option<usize>,
-    /// `deny` or `evict-oldest`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub per_user_policy: Option<PerUserPolicy>,
-    /// Approximate bytes of one session.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_session_bytes: Option<usize>,
-    /// Approximate bytes of all this tenant's sessions (within the daemon-wide cap).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_memory_bytes: Option<usize>,
-    /// Sessions created per second, sustained.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub create_rate: Option<u32>,
-    /// Sessions created at once before `create_rate` applies.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub create_burst: Option<u32>,
+    /// Limits of its own over the daemon-wide ones (`max_sessions`, `create_rate`, ...),
+    /// written beside its name.
+    #[serde(flatten)]
+    pub limits: LimitOverrides,
 }
 
 /// Log output format.
@@ -228,7 +174,6 @@ pub enum LogFormat {
 
 impl Default for Config {
     fn default() -> Self {
-        let limits = Limits::default();
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7420)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7421)),
@@ -246,22 +191,7 @@ impl Default for Config {
             insecure_listen: false,
             admin_tls: false,
             shards: 64,
-            idle_timeout: limits.default_idle_timeout,
-            absolute_timeout: limits.default_absolute_timeout,
-            max_idle_timeout: limits.max_idle_timeout,
-            max_absolute_timeout: limits.max_absolute_timeout,
-            max_attributes: limits.max_attributes,
-            max_key_bytes: limits.max_key_bytes,
-            max_value_bytes: limits.max_value_bytes,
-            max_session_bytes: limits.max_session_bytes,
-            max_user_id_bytes: limits.max_user_id_bytes,
-            max_client_info_bytes: limits.max_client_info_bytes,
-            max_sessions_per_user: limits.max_sessions_per_user,
-            per_user_policy: limits.per_user_policy,
-            max_sessions: limits.max_sessions,
-            max_memory_bytes: limits.max_memory_bytes,
-            create_rate: limits.create_rate,
-            create_burst: limits.create_burst,
+            limits: Limits::default(),
             max_message_bytes: 4 * 1024 * 1024,
             max_batch_ids: 1000,
             max_concurrent_streams: 1024,
@@ -292,6 +222,21 @@ impl Default for Config {
 #[error("configuration error: {0}")]
 pub struct ConfigError(String);
 
+impl From<LimitsError> for ConfigError {
+    fn from(e: LimitsError) -> Self {
+        ConfigError(e.to_string())
+    }
+}
+
+/// The tenants' limits alone, which `Config::load` reads before the whole for the sake of its
+/// error messages.
+#[derive(Deserialize)]
+struct TenantsLimits {
+    #[serde(default)]
+    #[allow(dead_code)] // read only to be checked
+    tenants: Vec<LimitOverrides>,
+}
+
 impl Config {
     /// Loads the layers. `file` is `--config`; without it, [`DEFAULT_CONFIG_FILE`] is read if
     /// present. `flags` holds the command-line overrides (serialised, `None`s skipped).
@@ -314,13 +259,40 @@ impl Config {
         // not typos in the daemon's config.
         let known = Self::keys();
         let env = Env::prefixed(ENV_PREFIX).filter(move |k| known.iter().any(|n| k == n.as_str()));
-        let config: Config = figment
-            .merge(env)
-            .merge(Serialized::defaults(flags))
-            .extract()
-            .map_err(|e| ConfigError(e.to_string()))?;
+        let figment = figment.merge(env).merge(Serialized::defaults(flags));
+        let error = |e: figment::Error| ConfigError(e.to_string());
+        // The limits are flattened into `Config` and `TenantConfig`. serde reads flattened
+        // values from a copy that has lost figment's record of their key and source, and says
+        // neither about an unknown key beside them. So the keys and the limits are checked
+        // first, on their own, and a bad one is named with where it was written (`... for key
+        // "default.max_sessions" in config/sessiond.toml TOML file`).
+        Self::refuse_unknown_keys(&figment)?;
+        figment.extract::<Limits>().map_err(error)?;
+        figment.extract::<TenantsLimits>().map_err(error)?;
+        let config: Config = figment.extract().map_err(error)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Refuses a top-level key that is no setting, saying where it was written: serde's own
+    /// error for an unknown key beside flattened ones does not.
+    fn refuse_unknown_keys(figment: &Figment) -> Result<(), ConfigError> {
+        let known = Self::keys();
+        let given: figment::value::Dict =
+            figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+        match given.keys().find(|k| !known.contains(k)) {
+            None => Ok(()),
+            Some(key) => {
+                let place = match figment.find_metadata(key) {
+                    Some(m) => match &m.source {
+                        Some(source) => format!(" in {source} {}", m.name),
+                        None => format!(" in {}", m.name),
+                    },
+                    None => String::new(),
+                };
+                Err(ConfigError(format!("unknown setting `{key}`{place}")))
+            }
+        }
     }
 
     /// The names of all settings.
@@ -343,8 +315,6 @@ impl Config {
             );
         }
         for (name, d) in [
-            ("idle_timeout", self.idle_timeout),
-            ("absolute_timeout", self.absolute_timeout),
             ("reaper_interval", self.reaper_interval),
             ("tls_watch_interval", self.tls_watch_interval),
             ("snapshot_interval", self.snapshot_interval),
@@ -370,24 +340,8 @@ impl Config {
             );
         }
         self.validate_protected_mode()?;
-        if self.idle_timeout > self.max_idle_timeout {
-            return bad("idle_timeout", "must not exceed max_idle_timeout".into());
-        }
-        if self.absolute_timeout > self.max_absolute_timeout {
-            return bad(
-                "absolute_timeout",
-                "must not exceed max_absolute_timeout".into(),
-            );
-        }
+        self.limits.validate()?;
         for (name, n) in [
-            ("max_attributes", self.max_attributes),
-            ("max_key_bytes", self.max_key_bytes),
-            ("max_value_bytes", self.max_value_bytes),
-            ("max_session_bytes", self.max_session_bytes),
-            ("max_user_id_bytes", self.max_user_id_bytes),
-            ("max_sessions_per_user", self.max_sessions_per_user),
-            ("max_sessions", self.max_sessions),
-            ("max_memory_bytes", self.max_memory_bytes),
             ("snapshot_log_bytes", self.snapshot_log_bytes as usize),
             ("max_message_bytes", self.max_message_bytes),
             ("max_batch_ids", self.max_batch_ids),
@@ -398,8 +352,6 @@ impl Config {
             ),
             ("max_connections", self.max_connections),
             ("admin_max_connections", self.admin_max_connections),
-            ("create_rate", self.create_rate as usize),
-            ("create_burst", self.create_burst as usize),
             (
                 "unauthenticated_requests",
                 self.unauthenticated_requests as usize,
@@ -413,17 +365,8 @@ impl Config {
                 return bad(name, "must be at least 1".into());
             }
         }
-        if self.max_key_bytes > crate::store::packed::MAX_KEY_BYTES {
-            return bad(
-                "max_key_bytes",
-                format!("must be at most {}", crate::store::packed::MAX_KEY_BYTES),
-            );
-        }
         if self.max_message_bytes < 1024 {
             return bad("max_message_bytes", "must be at least 1024".into());
-        }
-        if self.create_rate > MAX_CREATE_RATE {
-            return bad("create_rate", format!("must be at most {MAX_CREATE_RATE}"));
         }
         if self.admin_tls && !set(&self.tls_cert) {
             return bad("admin_tls", "needs tls_cert and tls_key".into());
@@ -510,20 +453,8 @@ impl Config {
                     return at("client_subject is another tenant's too".into());
                 }
             }
-            for (name, n) in [
-                ("max_sessions", t.max_sessions),
-                ("max_sessions_per_user", t.max_sessions_per_user),
-                ("max_session_bytes", t.max_session_bytes),
-                ("max_memory_bytes", t.max_memory_bytes),
-                ("create_rate", t.create_rate.map(|n| n as usize)),
-                ("create_burst", t.create_burst.map(|n| n as usize)),
-            ] {
-                if n == Some(0) {
-                    return at(format!("{name} must be at least 1"));
-                }
-                if name == "create_rate" && n > Some(MAX_CREATE_RATE as usize) {
-                    return at(format!("create_rate must be at most {MAX_CREATE_RATE}"));
-                }
+            if let Err(e) = t.limits.apply(&self.limits).validate() {
+                return at(e.to_string());
             }
         }
         Ok(())
@@ -541,48 +472,12 @@ impl Config {
                 .then(|| self.tls_client_ca.clone()),
         })
     }
-
-    /// The Store's share of the settings.
-    pub fn limits(&self) -> Limits {
-        Limits {
-            default_idle_timeout: self.idle_timeout,
-            default_absolute_timeout: self.absolute_timeout,
-            max_idle_timeout: self.max_idle_timeout,
-            max_absolute_timeout: self.max_absolute_timeout,
-            max_attributes: self.max_attributes,
-            max_key_bytes: self.max_key_bytes,
-            max_value_bytes: self.max_value_bytes,
-            max_session_bytes: self.max_session_bytes,
-            max_user_id_bytes: self.max_user_id_bytes,
-            max_client_info_bytes: self.max_client_info_bytes,
-            max_sessions_per_user: self.max_sessions_per_user,
-            per_user_policy: self.per_user_policy,
-            max_sessions: self.max_sessions,
-            max_memory_bytes: self.max_memory_bytes,
-            create_rate: self.create_rate,
-            create_burst: self.create_burst,
-        }
-    }
-
-    /// A tenant's limits: its own quotas over the daemon-wide settings.
-    pub fn tenant_limits(&self, t: &TenantConfig) -> Limits {
-        let all = self.limits();
-        Limits {
-            max_sessions: t.max_sessions.unwrap_or(all.max_sessions),
-            max_sessions_per_user: t.max_sessions_per_user.unwrap_or(all.max_sessions_per_user),
-            per_user_policy: t.per_user_policy.unwrap_or(all.per_user_policy),
-            max_session_bytes: t.max_session_bytes.unwrap_or(all.max_session_bytes),
-            max_memory_bytes: t.max_memory_bytes.unwrap_or(all.max_memory_bytes),
-            create_rate: t.create_rate.unwrap_or(all.create_rate),
-            create_burst: t.create_burst.unwrap_or(all.create_burst),
-            ..all
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::PerUserPolicy;
 
     #[derive(Serialize, Default)]
     struct NoFlags {}
@@ -725,7 +620,10 @@ mod tests {
             ),
             (
                 vec![TenantConfig {
-                    create_rate: Some(0),
+                    limits: LimitOverrides {
+                        create_rate: Some(0),
+                        ..LimitOverrides::default()
+                    },
                     ..tenant("shop", &ok)
                 }],
                 "create_rate must be at least 1",
@@ -752,9 +650,9 @@ mod tests {
                 max_attributes: usize,
             }
             let c = Config::load(Some(Path::new("s.toml")), Flags { max_attributes: 9 }).unwrap();
-            assert_eq!(c.idle_timeout, Duration::from_secs(300));
+            assert_eq!(c.limits.default_idle_timeout, Duration::from_secs(300));
             assert_eq!(c.shards, 32);
-            assert_eq!(c.max_attributes, 9);
+            assert_eq!(c.limits.max_attributes, 9);
 
             jail.set_env("SESSIOND_IDLE_TIMEOUT", "soon");
             let err = Config::load(Some(Path::new("s.toml")), NoFlags {}).unwrap_err();
@@ -770,9 +668,109 @@ mod tests {
             jail.create_file("typo.toml", "idel_timeout = \"5m\"")?;
             let err = Config::load(Some(Path::new("typo.toml")), NoFlags {}).unwrap_err();
             assert!(err.to_string().contains("idel_timeout"), "{err}");
+            assert!(err.to_string().contains("typo.toml"), "{err}");
 
             let err = Config::load(Some(Path::new("missing.toml")), NoFlags {}).unwrap_err();
             assert!(err.to_string().contains("missing.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API, not ours
+    fn environment_variables_still_set_the_limits_by_their_old_names() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("s.toml", "create_burst = 50\nmax_sessions = 1000")?;
+            jail.set_env("SESSIOND_IDLE_TIMEOUT", "5m");
+            jail.set_env("SESSIOND_ABSOLUTE_TIMEOUT", "2h");
+            jail.set_env("SESSIOND_MAX_SESSIONS_PER_USER", "3");
+            jail.set_env("SESSIOND_PER_USER_POLICY", "evict-oldest");
+            jail.set_env("SESSIOND_MAX_MEMORY_BYTES", "1048576");
+            jail.set_env("SESSIOND_CREATE_BURST", "7");
+            let c = Config::load(Some(Path::new("s.toml")), NoFlags {}).unwrap();
+            assert_eq!(
+                c.limits,
+                Limits {
+                    default_idle_timeout: Duration::from_secs(300),
+                    default_absolute_timeout: Duration::from_secs(7200),
+                    max_sessions_per_user: 3,
+                    per_user_policy: PerUserPolicy::EvictOldest,
+                    max_memory_bytes: 1 << 20,
+                    create_burst: 7,
+                    max_sessions: 1000, // from the file, no variable over it
+                    ..Limits::default()
+                }
+            );
+
+            // A value of the wrong kind names its variable; a bad number names the setting.
+            jail.set_env("SESSIOND_MAX_SESSIONS", "lots");
+            let err = Config::load(Some(Path::new("s.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("SESSIOND_"), "{err}");
+            assert!(err.to_string().contains("MAX_SESSIONS"), "{err}");
+            jail.set_env("SESSIOND_MAX_SESSIONS", "10");
+            jail.set_env("SESSIOND_CREATE_BURST", "0");
+            let err = Config::load(Some(Path::new("s.toml")), NoFlags {}).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "configuration error: create_burst must be at least 1"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API, not ours
+    fn a_tenants_limits_apply_over_the_daemon_wide_ones_and_are_checked_the_same() {
+        figment::Jail::expect_with(|jail| {
+            let tenant = format!(
+                "[[tenants]]\nname = \"shop\"\ntoken_sha256 = \"{}\"\n",
+                "ab".repeat(32)
+            );
+            jail.create_file(
+                "s.toml",
+                &format!(
+                    "max_attributes = 9\ncreate_rate = 100\ncreate_burst = 200\n{tenant}\
+                     create_burst = 20\nper_user_policy = \"evict-oldest\"\n"
+                ),
+            )?;
+            let c = Config::load(Some(Path::new("s.toml")), NoFlags {}).unwrap();
+            let shop = &c.tenants[0];
+            assert_eq!(
+                shop.limits,
+                LimitOverrides {
+                    create_burst: Some(20),
+                    per_user_policy: Some(PerUserPolicy::EvictOldest),
+                    ..LimitOverrides::default()
+                }
+            );
+            let applied = shop.limits.apply(&c.limits);
+            assert_eq!(
+                (
+                    applied.max_attributes,
+                    applied.create_rate,
+                    applied.create_burst
+                ),
+                (9, 100, 20)
+            );
+            assert_eq!(applied.per_user_policy, PerUserPolicy::EvictOldest);
+            assert_eq!(c.limits.create_burst, 200);
+
+            // A bad override is refused like a bad daemon-wide limit, naming the tenant.
+            jail.create_file("over.toml", &format!("{tenant}create_rate = 1000000001\n"))?;
+            let err = Config::load(Some(Path::new("over.toml")), NoFlags {}).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "configuration error: tenants[0] (shop): create_rate must be at most 1000000000"
+            );
+            // And one of the wrong kind is named with its key and file.
+            jail.create_file("kind.toml", &format!("{tenant}create_rate = \"fast\"\n"))?;
+            let err = Config::load(Some(Path::new("kind.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("tenants.0.create_rate"), "{err}");
+            assert!(err.to_string().contains("kind.toml"), "{err}");
+            // A misspelt override is an unknown key, as before.
+            jail.create_file("typo.toml", &format!("{tenant}create_brust = 5\n"))?;
+            let err = Config::load(Some(Path::new("typo.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("create_brust"), "{err}");
             Ok(())
         });
     }

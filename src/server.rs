@@ -70,7 +70,11 @@ fn start_tenant(
     tenant: Option<&TenantConfig>,
 ) -> anyhow::Result<Started> {
     let (name, limits, dir) = match tenant {
-        None => (DEFAULT_TENANT, config.limits(), config.data_dir.clone()),
+        None => (
+            DEFAULT_TENANT,
+            config.limits.clone(),
+            config.data_dir.clone(),
+        ),
         Some(t) => (
             t.name.as_str(),
             tenant_limits(config, t),

@@ -178,15 +178,15 @@ impl Tenants {
 /// The daemon-wide memory pool: `max_memory_bytes`, shared by every tenant's store, with an
 /// equal share guaranteed to each (see [`MemoryPool`]).
 pub fn memory_pool(config: &Config) -> Arc<MemoryPool> {
-    MemoryPool::shared(config.max_memory_bytes, config.tenants.len().max(1))
+    MemoryPool::shared(config.limits.max_memory_bytes, config.tenants.len().max(1))
 }
 
 /// A tenant's limits: its own quotas over the daemon-wide settings. Without a
 /// `max_memory_bytes` of its own, it gets an equal share of the daemon-wide one, the share
 /// [`memory_pool`] guarantees it.
 pub fn tenant_limits(config: &Config, t: &TenantConfig) -> Limits {
-    let mut limits = config.tenant_limits(t);
-    if t.max_memory_bytes.is_none() {
+    let mut limits = t.limits.apply(&config.limits);
+    if t.limits.max_memory_bytes.is_none() {
         limits.max_memory_bytes = memory_pool(config).share();
     }
     limits
@@ -210,7 +210,7 @@ mod tests {
     use super::*;
     use crate::clock::Clock;
     use crate::store::events::Discard;
-    use crate::store::Limits;
+    use crate::store::{LimitOverrides, Limits};
 
     fn tenant(name: &str) -> Arc<Tenant> {
         let guesses = GuessWatch::new(
@@ -269,11 +269,18 @@ mod tests {
     fn a_tenant_without_its_own_memory_cap_gets_an_equal_share_of_the_pool() {
         let tenant = |name: &str, max_memory_bytes| TenantConfig {
             name: name.into(),
-            max_memory_bytes,
+            limits: LimitOverrides {
+                max_memory_bytes,
+                ..LimitOverrides::default()
+            },
             ..TenantConfig::default()
         };
-        let config = Config {
+        let daemon_wide = Limits {
             max_memory_bytes: 3000,
+            ..Limits::default()
+        };
+        let config = Config {
+            limits: daemon_wide.clone(),
             tenants: vec![
                 tenant("shop", None),
                 tenant("blog", None),
@@ -291,11 +298,11 @@ mod tests {
         assert_eq!((pool.cap(), pool.share()), (3000, 1000));
         // Single-tenant mode: the one store has the whole pool.
         let single = Config {
-            max_memory_bytes: 3000,
+            limits: daemon_wide,
             ..Config::default()
         };
         assert_eq!(memory_pool(&single).share(), 3000);
-        assert_eq!(single.limits().max_memory_bytes, 3000);
+        assert_eq!(single.limits.max_memory_bytes, 3000);
     }
 
     #[test]

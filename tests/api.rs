@@ -271,8 +271,8 @@ async fn a_cas_counter_raced_by_many_tasks_ends_exact() {
 #[tokio::test]
 async fn regenerate_raced_by_writers_keeps_every_acknowledged_write() {
     let mut config = common::test_config();
-    config.max_attributes = 100_000;
-    config.max_session_bytes = 64 * 1024 * 1024;
+    config.limits.max_attributes = 100_000;
+    config.limits.max_session_bytes = 64 * 1024 * 1024;
     let srv = TestServer::with_config(config).await;
     let mut c = srv.client().await;
     let s = c
@@ -437,9 +437,9 @@ async fn malformed_ids_are_invalid_argument_and_never_echoed() {
 #[tokio::test]
 async fn limits_are_named_and_nothing_is_half_applied() {
     let mut config = common::test_config();
-    config.max_value_bytes = 1024;
-    config.max_attributes = 4;
-    config.max_sessions_per_user = 2;
+    config.limits.max_value_bytes = 1024;
+    config.limits.max_attributes = 4;
+    config.limits.max_sessions_per_user = 2;
     config.max_message_bytes = 64 * 1024;
     let srv = TestServer::with_config(config).await;
     let mut c = srv.client().await;

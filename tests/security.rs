@@ -10,7 +10,7 @@ use common::sha256_hex;
 use sessiond::api::pb;
 use sessiond::api::pb::session_store_client::SessionStoreClient;
 use sessiond::config::{Config, TenantConfig};
-use sessiond::store::PerUserPolicy;
+use sessiond::store::{LimitOverrides, PerUserPolicy};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
@@ -204,15 +204,21 @@ async fn tenant_quotas_per_user_limit_under_both_policies_and_create_rate() {
     let srv = common::TestServer::with_config(Config {
         tenants: vec![
             TenantConfig {
-                max_sessions_per_user: Some(2),
-                per_user_policy: Some(PerUserPolicy::Deny),
+                limits: LimitOverrides {
+                    max_sessions_per_user: Some(2),
+                    per_user_policy: Some(PerUserPolicy::Deny),
+                    ..LimitOverrides::default()
+                },
                 ..token_tenant("strict", "strict-token")
             },
             TenantConfig {
-                max_sessions_per_user: Some(2),
-                per_user_policy: Some(PerUserPolicy::EvictOldest),
-                create_rate: Some(1),
-                create_burst: Some(4),
+                limits: LimitOverrides {
+                    max_sessions_per_user: Some(2),
+                    per_user_policy: Some(PerUserPolicy::EvictOldest),
+                    create_rate: Some(1),
+                    create_burst: Some(4),
+                    ..LimitOverrides::default()
+                },
                 ..token_tenant("lenient", "lenient-token")
             },
         ],
@@ -286,11 +292,9 @@ async fn tenant_quotas_per_user_limit_under_both_policies_and_create_rate() {
 async fn the_memory_cap_evicts_anonymous_sessions_first() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("server ca");
-    let srv = common::TestServer::with_config(Config {
-        max_memory_bytes: 3 * 1024,
-        ..tls_config(dir.path(), &ca, None)
-    })
-    .await;
+    let mut config = tls_config(dir.path(), &ca, None);
+    config.limits.max_memory_bytes = 3 * 1024;
+    let srv = common::TestServer::with_config(config).await;
     let mut c = tls_client(srv.daemon.grpc_addr, &ca).await;
     let big = |user: &str| pb::CreateRequest {
         user_id: user.into(),

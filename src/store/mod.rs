@@ -49,7 +49,7 @@ pub use self::entry::{ATTRIBUTE_OVERHEAD_BYTES, SESSION_OVERHEAD_BYTES, TOUCH_RE
 pub use self::error::StoreError;
 pub use self::events::Effect;
 use self::events::EventSink;
-pub use self::limits::{Limits, PerUserPolicy};
+pub use self::limits::{LimitOverrides, Limits, LimitsError, PerUserPolicy};
 pub use self::room::MemoryPool;
 use self::room::RateClock;
 use self::users::USER_LATCHES;
