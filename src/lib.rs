@@ -4,6 +4,8 @@
 //!
 //! - [`session`]: session IDs and session data; pure values and their invariants.
 //! - [`clock`]: the one source of time; tests drive a manual clock instead of sleeping.
+//! - `ticker` (crate-private): the pace of periodic background work (the reaper, the
+//!   snapshotter, the TLS watch): a step every period until shutdown.
 //! - [`store`]: the Store, where every session rule lives: the sharded map, the user index,
 //!   the expiry wheel, the reaper and the event stream.
 //! - [`api`]: the gRPC edge; thin handlers, the proto <-> domain mapping, and the one
@@ -30,5 +32,6 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod tenant;
+pub(crate) mod ticker;
 pub mod tls;
 pub mod transport;
