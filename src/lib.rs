@@ -14,7 +14,7 @@
 //! - [`admin`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`config`]: one `Config`, layered from defaults, file, environment and flags.
 //! - [`server`]: wiring and the ordered shutdown, shared by `main` and the tests.
-//! - [`persist`]: the durable log, snapshots and recovery.
+//! - [`persist`]: the durable log, snapshots (and the task that takes them) and recovery.
 //! - [`tenant`]: tenants, each with its own store, and the credentials that pick one.
 //! - [`guessing`]: each tenant's watch for peers looking up many unknown session IDs.
 //! - [`tls`]: TLS and mutual TLS, reloadable without a restart.

@@ -21,8 +21,7 @@ use crate::api::{SessionStoreService, Settings, FILE_DESCRIPTOR_SET};
 use crate::clock::Clock;
 use crate::config::{Config, TenantConfig};
 use crate::observe::Telemetry;
-use crate::persist::log::Log;
-use crate::persist::Persistence;
+use crate::persist::{snapshotter, Persistence};
 use crate::store::events::{EventSink, Fanout};
 use crate::store::{reaper, MemoryPool, Store};
 use crate::tenant::{
@@ -274,7 +273,7 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
             serving.clone(),
         )));
         if let Some(p) = p {
-            background.push(tokio::spawn(snapshot_loop(
+            background.push(tokio::spawn(snapshotter::run(
                 p.dir.clone(),
                 p.log.clone(),
                 tenant.store.clone(),
@@ -463,85 +462,5 @@ async fn watch_tls(
             }
             None => {}
         }
-    }
-}
-
-/// Takes a snapshot when the log since the last one is due (see
-/// [`crate::persist::snapshot_due`]) or `every` has passed with changes, one at a time, off
-/// the async threads; stops when `stop` turns true. While the log cannot write it waits: a
-/// snapshot starts by rotating the log, and the records the log keeps for its retries belong
-/// in the segment they were meant for.
-#[allow(clippy::too_many_arguments)]
-async fn snapshot_loop(
-    dir: std::path::PathBuf,
-    log: Arc<Log>,
-    store: Store,
-    min_bytes: u64,
-    percent: u64,
-    every: std::time::Duration,
-    (written, age): (metrics::Counter, metrics::Gauge),
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = std::time::Instant::now();
-    let mut appended_at_last = log.appended();
-    let mut last_bytes = crate::persist::newest_snapshot_bytes(&dir);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        age.set(last.elapsed().as_secs_f64());
-        let changed = log.appended() != appended_at_last;
-        let due = crate::persist::snapshot_due(log.segment_bytes(), last_bytes, min_bytes, percent);
-        if !(due || (changed && last.elapsed() >= every)) || log.writable().is_err() {
-            continue;
-        }
-        let (dir, log2, store) = (dir.clone(), log.clone(), store.clone());
-        let started = std::time::Instant::now();
-        appended_at_last = log.appended();
-        let (done, written_out) = tokio::sync::oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("sessiond-snapshot".into())
-            .spawn(move || {
-                lower_priority();
-                let _ = done.send(crate::persist::snapshot(&dir, &log2, &store));
-            });
-        let outcome = match thread {
-            Ok(_) => written_out
-                .await
-                .map_err(|_| "the snapshot thread panicked".to_string()),
-            Err(e) => Err(format!("cannot start a snapshot thread: {e}")),
-        };
-        match outcome {
-            Ok(Ok(s)) => {
-                written.increment(1);
-                last = std::time::Instant::now();
-                last_bytes = s.bytes;
-                tracing::info!(
-                    seq = s.seq,
-                    sessions = s.sessions,
-                    bytes = s.bytes,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "snapshot written"
-                );
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "snapshot failed; the log keeps growing until one succeeds")
-            }
-            Err(e) => tracing::error!(error = %e, "snapshot task failed"),
-        }
-    }
-}
-
-/// Lowers the calling thread's scheduling priority to the lowest (nice 19), for background
-/// work that must not take the cores from serving: a snapshot of a large store encodes for
-/// seconds, and at normal priority it would queue requests behind it for whole time slices.
-fn lower_priority() {
-    // On Linux, PRIO_PROCESS with a thread ID sets that one thread's nice value.
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
-        tracing::debug!(error = %e, "cannot lower the snapshot thread's priority");
     }
 }
