@@ -17,7 +17,8 @@
 //! - [`persist`]: the durable log, snapshots (and the task that takes them) and recovery.
 //! - [`tenant`]: tenants, each with its own store, and the credentials that pick one.
 //! - [`guessing`]: each tenant's watch for peers looking up many unknown session IDs.
-//! - [`tls`]: TLS and mutual TLS, reloadable without a restart.
+//! - [`tls`]: TLS and mutual TLS, reloadable without a restart, and the watch that reloads
+//!   changed certificate files.
 //! - [`transport`]: the gRPC port's connections: the connection cap, per-connection state,
 //!   and the layer that authenticates requests before their bodies are read.
 

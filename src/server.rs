@@ -350,11 +350,10 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
         .add_service(reflection)
         .add_service(service);
     if let Some(tls) = &tls {
-        tokio::spawn(watch_tls(
-            tls.clone(),
-            config.tls_watch_interval,
-            serving.clone(),
-        ));
+        tokio::spawn(
+            tls.clone()
+                .watch(config.tls_watch_interval, serving.clone()),
+        );
     }
     let connections = Connections::new();
     let incoming = crate::transport::incoming(
@@ -440,27 +439,4 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
     }
     tracing::info!("shutdown: complete");
     Ok(())
-}
-
-/// Reloads the TLS files when they change, until `stop` turns true.
-async fn watch_tls(
-    tls: Arc<ReloadableTls>,
-    every: std::time::Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        match tls.reload_if_changed() {
-            Some(Ok(())) => tracing::info!("TLS files changed: reloaded"),
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "TLS files changed but cannot be loaded; keeping the previous certificate")
-            }
-            None => {}
-        }
-    }
 }
