@@ -13,7 +13,8 @@
 //! - [`observe`]: every metric name, the Prometheus rendering, the gRPC metrics layer.
 //! - [`admin`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`config`]: one `Config`, layered from defaults, file, environment and flags.
-//! - [`server`]: wiring and the ordered shutdown, shared by `main` and the tests.
+//! - [`server`]: wiring: builds the servers, starts the background tasks and runs the
+//!   ordered shutdown; shared by `main` and the tests.
 //! - [`persist`]: the durable log, snapshots (and the task that takes them) and recovery.
 //! - [`tenant`]: tenants, each with its own store, and the credentials that pick one.
 //! - [`guessing`]: each tenant's watch for peers looking up many unknown session IDs.
