@@ -4,6 +4,8 @@
 //!
 //! - [`session`]: session IDs and session data; pure values and their invariants.
 //! - [`clock`]: the one source of time; tests drive a manual clock instead of sleeping.
+//! - `ticker` (crate-private): the pace of periodic background work (the reaper, the
+//!   snapshotter, the TLS watch): a step every period until shutdown.
 //! - [`store`]: the Store, where every session rule lives: each write evaluated once into an
 //!   effect and applied by the one apply path (shared with recovery); the sharded map, the
 //!   user index, the expiry wheel, the reaper and the event stream.
@@ -12,11 +14,13 @@
 //! - [`observe`]: every metric name, the Prometheus rendering, the gRPC metrics layer.
 //! - [`admin`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`config`]: one `Config`, layered from defaults, file, environment and flags.
-//! - [`server`]: wiring and the ordered shutdown, shared by `main` and the tests.
-//! - [`persist`]: the durable log, snapshots and recovery.
+//! - [`server`]: wiring: builds the servers, starts the background tasks and runs the
+//!   ordered shutdown; shared by `main` and the tests.
+//! - [`persist`]: the durable log, snapshots (and the task that takes them) and recovery.
 //! - [`tenant`]: tenants, each with its own store, and the credentials that pick one.
 //! - [`guessing`]: each tenant's watch for peers looking up many unknown session IDs.
-//! - [`tls`]: TLS and mutual TLS, reloadable without a restart.
+//! - [`tls`]: TLS and mutual TLS, reloadable without a restart, and the watch that reloads
+//!   changed certificate files.
 //! - [`transport`]: the gRPC port's connections: the connection cap, per-connection state,
 //!   and the layer that authenticates requests before their bodies are read.
 
@@ -31,5 +35,6 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod tenant;
+pub(crate) mod ticker;
 pub mod tls;
 pub mod transport;

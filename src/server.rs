@@ -4,7 +4,9 @@
 //! `main` and the tests start the daemon the same way, through [`Daemon::start`], so the
 //! tests exercise exactly what runs in production.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -13,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::api::budget::Budget;
@@ -21,8 +24,7 @@ use crate::api::{SessionStoreService, Settings, FILE_DESCRIPTOR_SET};
 use crate::clock::Clock;
 use crate::config::{Config, TenantConfig};
 use crate::observe::Telemetry;
-use crate::persist::log::Log;
-use crate::persist::Persistence;
+use crate::persist::{snapshotter, Persistence};
 use crate::store::events::{EventSink, Fanout};
 use crate::store::{reaper, MemoryPool, Store};
 use crate::tenant::{
@@ -183,9 +185,8 @@ impl Daemon {
         let store = tenants.all()[0].store.clone();
         let (signals, rx) = mpsc::channel(4);
         let task = tokio::spawn(run(
+            Listeners { grpc, admin },
             Serving {
-                grpc,
-                admin,
                 tenants: tenants.clone(),
                 telemetry,
                 config,
@@ -237,10 +238,14 @@ impl Daemon {
     }
 }
 
-/// Everything `run` serves.
-struct Serving {
+/// The two bound ports.
+struct Listeners {
     grpc: TcpListener,
     admin: TcpListener,
+}
+
+/// Everything `run` serves.
+struct Serving {
     tenants: Arc<Tenants>,
     telemetry: Telemetry,
     config: Config,
@@ -249,14 +254,86 @@ struct Serving {
     persistence: Vec<Option<Persistence>>,
 }
 
-/// Serves until the first message (or the closing) of `signals`, then shuts down in order:
-/// not-ready, `shutdown_delay`, stop accepting and drain within `shutdown_grace`, close every
-/// gRPC connection still open, stop the reapers and snapshots, flush the logs, stop the
-/// admin endpoint.
-async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Result<()> {
+/// Serves until the first message (or the closing) of `signals`, then shuts down in order
+/// (see [`shut_down`]). A gRPC server that ends by itself has failed: everything else is
+/// told to stop and the failure is returned.
+async fn run(
+    listeners: Listeners,
+    serving: Serving,
+    mut signals: mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    let servers = build_servers(listeners, &serving).await?;
+    let background = start_background(&serving, servers.stop_serving.subscribe());
+    let mut running = servers.serve();
+    tokio::select! {
+        _ = signals.recv() => {}
+        result = &mut running.grpc => {
+            let _ = running.stop_serving.send(true);
+            let _ = running.stop_admin.send(true);
+            running.connections.cut();
+            return match result {
+                Ok(Ok(())) => Err(anyhow::anyhow!("the gRPC server stopped unexpectedly")),
+                Ok(Err(e)) => Err(e).context("the gRPC server failed"),
+                Err(e) => Err(e).context("the gRPC server task failed"),
+            };
+        }
+    }
+    shut_down(running, background, signals, &serving).await;
+    Ok(())
+}
+
+/// What the gRPC server's task returns.
+type GrpcResult = Result<(), tonic::transport::Error>;
+
+/// The gRPC and admin servers, built but not yet serving: building can fail, and nothing
+/// should start (no accept loop, no background task) for a daemon that cannot serve.
+struct Servers {
+    health: HealthReporter,
+    /// What `/readyz` reports.
+    ready: Arc<AtomicBool>,
+    /// Every gRPC connection, for shutdown to cut.
+    connections: Connections,
+    /// Turns true when the drain starts: the gRPC server stops accepting, Pipeline streams
+    /// end, and the background tasks stop.
+    stop_serving: watch::Sender<bool>,
+    /// Turns true at the last step of shutdown, when the admin endpoint stops.
+    stop_admin: watch::Sender<bool>,
+    grpc: Pin<Box<dyn Future<Output = GrpcResult> + Send>>,
+    admin: Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>,
+}
+
+/// The servers, serving: what shutdown stops, in order.
+struct Running {
+    health: HealthReporter,
+    ready: Arc<AtomicBool>,
+    connections: Connections,
+    stop_serving: watch::Sender<bool>,
+    stop_admin: watch::Sender<bool>,
+    grpc: JoinHandle<GrpcResult>,
+    admin: JoinHandle<std::io::Result<()>>,
+}
+
+impl Servers {
+    /// Starts both servers.
+    fn serve(self) -> Running {
+        Running {
+            health: self.health,
+            ready: self.ready,
+            connections: self.connections,
+            stop_serving: self.stop_serving,
+            stop_admin: self.stop_admin,
+            grpc: tokio::spawn(self.grpc),
+            admin: tokio::spawn(self.admin),
+        }
+    }
+}
+
+/// Builds the gRPC server (health and reflection beside the session store, behind the
+/// metrics, budget and authentication layers) and the admin endpoint, in one place so the
+/// ports' limits are read from the config side by side, and so the unary budget layer and
+/// the Pipeline service share one [`Budget`].
+async fn build_servers(listeners: Listeners, serving: &Serving) -> anyhow::Result<Servers> {
     let Serving {
-        grpc,
-        admin,
         tenants,
         telemetry,
         config,
@@ -273,37 +350,15 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build the reflection service")?;
+    let (stop_serving, stopping) = watch::channel(false);
+    let (stop_admin, admin_stopping) = watch::channel(false);
 
-    let (stop_serving, serving) = watch::channel(false);
-    let (stop_admin, admin_running) = watch::channel(false);
-    let mut background = Vec::new();
-    for (tenant, p) in tenants.all().iter().zip(&persistence) {
-        background.push(tokio::spawn(reaper::run(
-            tenant.store.clone(),
-            config.reaper_interval,
-            config.reaper_batch,
-            telemetry.reaper_observer(&tenant.name),
-            serving.clone(),
-        )));
-        if let Some(p) = p {
-            background.push(tokio::spawn(snapshot_loop(
-                p.dir.clone(),
-                p.log.clone(),
-                tenant.store.clone(),
-                config.snapshot_log_bytes,
-                config.snapshot_log_percent,
-                config.snapshot_interval,
-                telemetry.snapshot_metrics(&tenant.name),
-                serving.clone(),
-            )));
-        }
-    }
     let admin_tls = tls
         .clone()
         .filter(|_| config.admin_tls)
         .map(|t| (t, Port::Admin));
-    let admin = tokio::spawn(crate::admin::serve(
-        admin,
+    let admin = crate::admin::serve(
+        listeners.admin,
         crate::admin::Limits {
             tls: admin_tls,
             max_connections: config.admin_max_connections,
@@ -313,8 +368,8 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
         telemetry.clone(),
         tenants.clone(),
         ready.clone(),
-        admin_running,
-    ));
+        admin_stopping,
+    );
 
     // One budget of requests in flight: unary requests take a permit in the layer below,
     // each pipelined operation takes its own in the service.
@@ -326,18 +381,18 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
         request_timeout: Some(config.request_timeout),
         budget: Some(budget.clone()),
         metrics: Some(edge_metrics.clone()),
-        shutdown: Some(serving.clone()),
+        shutdown: Some(stopping.clone()),
         logs: tenants
             .all()
             .iter()
-            .zip(&persistence)
+            .zip(persistence)
             .filter_map(|(t, p)| Some((t.name.clone(), p.as_ref()?.log.clone())))
             .collect(),
     });
     let service = SessionStoreServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let mut drained = serving.clone();
+    let mut drained = stopping;
     let until_drained = async move {
         let _ = drained.wait_for(|s| *s).await;
     };
@@ -362,43 +417,97 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service);
-    if let Some(tls) = &tls {
-        tokio::spawn(watch_tls(
-            tls.clone(),
-            config.tls_watch_interval,
-            serving.clone(),
-        ));
-    }
     let connections = Connections::new();
-    let incoming = crate::transport::incoming(
-        grpc,
-        Accept {
-            tls: tls.clone().map(|t| (t, Port::Grpc)),
-            max_connections: config.max_connections,
-            handshake_timeout: config.handshake_timeout,
-            http2_preface: true,
-            metrics: conn_metrics,
-        },
-        connections.clone(),
-    );
-    let mut grpc_server =
-        tokio::spawn(router.serve_with_incoming_shutdown(incoming, until_drained));
+    let accept = Accept {
+        tls: tls.clone().map(|t| (t, Port::Grpc)),
+        max_connections: config.max_connections,
+        handshake_timeout: config.handshake_timeout,
+        http2_preface: true,
+        metrics: conn_metrics,
+    };
+    let (listener, tracked) = (listeners.grpc, connections.clone());
+    // The accept loop starts when the server does.
+    let grpc = async move {
+        let incoming = crate::transport::incoming(listener, accept, tracked);
+        router
+            .serve_with_incoming_shutdown(incoming, until_drained)
+            .await
+    };
+    Ok(Servers {
+        health,
+        ready,
+        connections,
+        stop_serving,
+        stop_admin,
+        grpc: Box::pin(grpc),
+        admin: Box::pin(admin),
+    })
+}
 
-    tokio::select! {
-        _ = signals.recv() => {}
-        // The server only ends by itself on a fatal error: report it.
-        result = &mut grpc_server => {
-            let _ = stop_serving.send(true);
-            let _ = stop_admin.send(true);
-            connections.cut();
-            return match result {
-                Ok(Ok(())) => Err(anyhow::anyhow!("the gRPC server stopped unexpectedly")),
-                Ok(Err(e)) => Err(e).context("the gRPC server failed"),
-                Err(e) => Err(e).context("the gRPC server task failed"),
-            };
+/// Starts each tenant's reaper and snapshotter, and the TLS watch, all stopping when `stop`
+/// turns true. They start here, not inside the tenants, because shutdown must stop them in
+/// its order: after the drain (a draining request may still end sessions and log), before
+/// the logs they write to are closed. Returns the tasks shutdown waits for; the TLS watch
+/// writes nothing, so nothing waits for it.
+fn start_background(serving: &Serving, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    let Serving {
+        tenants,
+        telemetry,
+        config,
+        tls,
+        persistence,
+    } = serving;
+    let mut background = Vec::new();
+    for (tenant, p) in tenants.all().iter().zip(persistence) {
+        background.push(tokio::spawn(reaper::run(
+            tenant.store.clone(),
+            config.reaper_interval,
+            config.reaper_batch,
+            telemetry.reaper_observer(&tenant.name),
+            stop.clone(),
+        )));
+        if let Some(p) = p {
+            background.push(tokio::spawn(snapshotter::run(
+                p.dir.clone(),
+                p.log.clone(),
+                tenant.store.clone(),
+                config.snapshot_log_bytes,
+                config.snapshot_log_percent,
+                config.snapshot_interval,
+                telemetry.snapshot_metrics(&tenant.name),
+                stop.clone(),
+            )));
         }
     }
+    if let Some(tls) = tls {
+        tokio::spawn(tls.clone().watch(config.tls_watch_interval, stop));
+    }
+    background
+}
 
+/// Shuts down in order, one log line a step, each step making the next one safe:
+/// not-ready first, so load balancers stop sending before anything is refused;
+/// `shutdown_delay` for them to notice (a second signal skips it); stop accepting and drain
+/// in-flight requests within `shutdown_grace`; cut every gRPC connection still open and
+/// wait until they are gone, so no request is answered after the logs close; stop the
+/// reapers and snapshots, which write to the logs; flush, fsync and close the logs; and
+/// only then stop the admin endpoint, so probes and metrics see the whole shutdown.
+async fn shut_down(
+    running: Running,
+    background: Vec<JoinHandle<()>>,
+    mut signals: mpsc::Receiver<()>,
+    serving: &Serving,
+) {
+    let Running {
+        health,
+        ready,
+        connections,
+        stop_serving,
+        stop_admin,
+        mut grpc,
+        admin,
+    } = running;
+    let config = &serving.config;
     tracing::info!("shutdown: reporting NOT_SERVING on health and /readyz");
     ready.store(false, Ordering::Release);
     health
@@ -414,12 +523,12 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
 
     tracing::info!(grace = ?config.shutdown_grace, "shutdown: draining in-flight requests");
     let _ = stop_serving.send(true);
-    match tokio::time::timeout(config.shutdown_grace, &mut grpc_server).await {
+    match tokio::time::timeout(config.shutdown_grace, &mut grpc).await {
         Ok(Ok(Ok(()))) => tracing::info!("shutdown: gRPC drained"),
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "shutdown: gRPC server ended with an error"),
         Ok(Err(e)) => tracing::warn!(error = %e, "shutdown: gRPC server task failed"),
         Err(_) => {
-            grpc_server.abort();
+            grpc.abort();
             tracing::warn!("shutdown: drain deadline passed; cutting remaining connections");
         }
     }
@@ -440,7 +549,7 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
         }
     }
     tracing::info!("shutdown: reapers and snapshots stopped");
-    for p in persistence.iter().flatten() {
+    for p in serving.persistence.iter().flatten() {
         let log = p.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
         tracing::info!(data_dir = %p.dir.display(), "shutdown: log flushed and synced");
@@ -452,108 +561,4 @@ async fn run(serving: Serving, mut signals: mpsc::Receiver<()>) -> anyhow::Resul
         Err(e) => tracing::warn!(error = %e, "shutdown: admin task failed"),
     }
     tracing::info!("shutdown: complete");
-    Ok(())
-}
-
-/// Reloads the TLS files when they change, until `stop` turns true.
-async fn watch_tls(
-    tls: Arc<ReloadableTls>,
-    every: std::time::Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        match tls.reload_if_changed() {
-            Some(Ok(())) => tracing::info!("TLS files changed: reloaded"),
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "TLS files changed but cannot be loaded; keeping the previous certificate")
-            }
-            None => {}
-        }
-    }
-}
-
-/// Takes a snapshot when the log since the last one is due (see
-/// [`crate::persist::snapshot_due`]) or `every` has passed with changes, one at a time, off
-/// the async threads; stops when `stop` turns true. While the log cannot write it waits: a
-/// snapshot starts by rotating the log, and the records the log keeps for its retries belong
-/// in the segment they were meant for.
-#[allow(clippy::too_many_arguments)]
-async fn snapshot_loop(
-    dir: std::path::PathBuf,
-    log: Arc<Log>,
-    store: Store,
-    min_bytes: u64,
-    percent: u64,
-    every: std::time::Duration,
-    (written, age): (metrics::Counter, metrics::Gauge),
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = std::time::Instant::now();
-    let mut appended_at_last = log.appended();
-    let mut last_bytes = crate::persist::newest_snapshot_bytes(&dir);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        age.set(last.elapsed().as_secs_f64());
-        let changed = log.appended() != appended_at_last;
-        let due = crate::persist::snapshot_due(log.segment_bytes(), last_bytes, min_bytes, percent);
-        if !(due || (changed && last.elapsed() >= every)) || log.writable().is_err() {
-            continue;
-        }
-        let (dir, log2, store) = (dir.clone(), log.clone(), store.clone());
-        let started = std::time::Instant::now();
-        appended_at_last = log.appended();
-        let (done, written_out) = tokio::sync::oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("sessiond-snapshot".into())
-            .spawn(move || {
-                lower_priority();
-                let _ = done.send(crate::persist::snapshot(&dir, &log2, &store));
-            });
-        let outcome = match thread {
-            Ok(_) => written_out
-                .await
-                .map_err(|_| "the snapshot thread panicked".to_string()),
-            Err(e) => Err(format!("cannot start a snapshot thread: {e}")),
-        };
-        match outcome {
-            Ok(Ok(s)) => {
-                written.increment(1);
-                last = std::time::Instant::now();
-                last_bytes = s.bytes;
-                tracing::info!(
-                    seq = s.seq,
-                    sessions = s.sessions,
-                    bytes = s.bytes,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "snapshot written"
-                );
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "snapshot failed; the log keeps growing until one succeeds")
-            }
-            Err(e) => tracing::error!(error = %e, "snapshot task failed"),
-        }
-    }
-}
-
-/// Lowers the calling thread's scheduling priority to the lowest (nice 19), for background
-/// work that must not take the cores from serving: a snapshot of a large store encodes for
-/// seconds, and at normal priority it would queue requests behind it for whole time slices.
-fn lower_priority() {
-    // On Linux, PRIO_PROCESS with a thread ID sets that one thread's nice value.
-    #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
-        tracing::debug!(error = %e, "cannot lower the snapshot thread's priority");
-    }
 }

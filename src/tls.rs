@@ -2,20 +2,24 @@
 //! can be replaced while the daemon runs.
 //!
 //! The current rustls `ServerConfig`s sit behind a lock that is read once per accepted
-//! connection. A reload (SIGHUP, or a changed file seen by the watcher) builds a complete new
-//! config from the files and swaps it in; if the new files are bad, the old config stays and
-//! the error is logged, so a botched certificate rotation never takes the daemon down.
+//! connection. A reload (SIGHUP, or a changed file seen by [`ReloadableTls::watch`]) builds a
+//! complete new config from the files and swaps it in; if the new files are bad, the old
+//! config stays and the error is logged, so a botched certificate rotation never takes the
+//! daemon down.
 //! Established connections keep the config they were accepted with.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+
+use crate::ticker::Ticker;
 
 /// Where the certificate material lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +107,22 @@ impl ReloadableTls {
         let now = stamps(&self.files);
         let changed = *self.stamp.read().unwrap_or_else(|p| p.into_inner()) != now;
         changed.then(|| self.reload())
+    }
+
+    /// Reloads the files whenever they change, looking every `every`, until `stop` turns
+    /// true: a certificate renewed on disk (by cert-manager, certbot, ...) takes effect
+    /// without anyone sending SIGHUP.
+    pub async fn watch(self: Arc<Self>, every: Duration, stop: watch::Receiver<bool>) {
+        let mut ticker = Ticker::new(every, stop);
+        while ticker.tick().await {
+            match self.reload_if_changed() {
+                Some(Ok(())) => tracing::info!("TLS files changed: reloaded"),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "TLS files changed but cannot be loaded; keeping the previous certificate")
+                }
+                None => {}
+            }
+        }
     }
 
     /// An acceptor with the current certificate, for one connection to `port`.

@@ -533,3 +533,107 @@ async fn at_shutdown_a_pipeline_ends_with_unavailable_and_every_acknowledged_cre
     }
     p.kill();
 }
+
+/// Under `fsync = always`, a pipelined write whose record does not reach the disk is
+/// answered `DEADLINE_EXCEEDED` when its own `request_timeout` runs out, while the stream
+/// goes on: a read behind it is answered, and once the disk answers again so is a write.
+///
+/// The disk hangs for real: the daemon's log thread is stopped (ptrace) while it waits for
+/// records, so the write's record is appended but never written or fsynced, exactly as
+/// when a write or fsync system call does not return.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_write_stuck_on_the_disk_times_out_on_its_own_and_the_stream_goes_on() {
+    use std::time::Duration;
+    // Long enough for an fsync on a busy machine; every second of it is waited once, below.
+    const REQUEST_TIMEOUT: &str = "5s";
+    // How long the test waits for the stuck write's answer before it calls the timeout
+    // unenforced: far past `REQUEST_TIMEOUT`, so only a missing timeout gets there.
+    const NO_ANSWER: Duration = Duration::from_secs(60);
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--data-dir", data.to_str().unwrap(), "--fsync", "always"];
+    let env = [("SESSIOND_REQUEST_TIMEOUT", REQUEST_TIMEOUT)];
+    let p = common::proc::spawn(dir.path(), &args, &env)
+        .unwrap_or_else(|out| panic!("sessiond did not start:\n{out}"));
+    let mut c = pb::session_store_client::SessionStoreClient::connect(p.url())
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut responses = c
+        .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async |what: &str| {
+        tokio::time::timeout(NO_ANSWER, responses.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{what}: no answer within {NO_ANSWER:?}, though request_timeout is \
+                     {REQUEST_TIMEOUT}: the timeout is not enforced"
+                )
+            })
+            .expect("the stream ended")
+            .expect("the stream failed")
+    };
+
+    // The disk works: a create is answered once durable.
+    let create = |id| pb::PipelineRequest {
+        id,
+        op: Some(Op::Create(pb::CreateRequest::default())),
+    };
+    tx.send(create(1)).await.unwrap();
+    let r = next("the first create").await;
+    let Some(Res::Session(s)) = r.result else {
+        panic!("{r:?}")
+    };
+
+    // The disk hangs: an update is applied but cannot become durable; a read behind it
+    // needs no disk.
+    let frozen = p.freeze_waiting_thread("sessiond-log");
+    tx.send(pb::PipelineRequest {
+        id: 2,
+        op: Some(Op::Update(pb::UpdateRequest {
+            id: s.id.clone(),
+            set: attrs(&[("k", "v")]),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    tx.send(pb::PipelineRequest {
+        id: 3,
+        op: Some(Op::Get(pb::GetRequest {
+            id: s.id.clone(),
+            peek: true,
+        })),
+    })
+    .await
+    .unwrap();
+    let r = next("the update stuck on the disk").await;
+    assert_eq!(r.id, 2);
+    assert!(
+        matches!(&r.result, Some(Res::Error(e)) if e.code == Code::DeadlineExceeded as i32 && e.message.contains("request_timeout")),
+        "{r:?}"
+    );
+    // The timed-out update is in memory (its outcome is unknown to the client, as the
+    // README says): the read sees it.
+    let r = next("the read behind the stuck update").await;
+    assert_eq!(r.id, 3);
+    assert!(
+        matches!(&r.result, Some(Res::Session(got)) if got.version == 2 && got.attributes["k"] == "v".as_bytes()),
+        "{r:?}"
+    );
+
+    // The disk answers again: the same stream takes writes.
+    drop(frozen);
+    tx.send(create(4)).await.unwrap();
+    let r = next("the create after the disk came back").await;
+    assert_eq!(r.id, 4);
+    assert!(matches!(&r.result, Some(Res::Session(_))), "{r:?}");
+    drop(tx);
+    drop(c);
+    tokio::task::spawn_blocking(move || p.kill()).await.unwrap();
+}

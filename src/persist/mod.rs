@@ -3,6 +3,8 @@
 //! - [`format`]: the framed, checksummed, versioned file format.
 //! - [`records`]: records <-> domain, and the idempotent replay.
 //! - [`log`]: the log writer, its flusher thread and the fsync policies.
+//! - [`snapshotter`]: the background task that says when a snapshot is due and takes it on a
+//!   low-priority thread of its own.
 //! - this module: recovery at start-up, `--repair`, and snapshots.
 //!
 //! Files in `data_dir`: `log-N.sdl` segments and `snapshot-N.sds`, where snapshot N holds
@@ -12,6 +14,7 @@
 pub mod format;
 pub mod log;
 pub mod records;
+pub mod snapshotter;
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 
 use super::events::EndCause;
 use super::{Reaped, Store, WHEEL_SWEEP_SLACK};
+use crate::ticker::Ticker;
 
 /// Something that wants to hear about each reaper step (metrics).
 pub trait ReaperObserver: Send + Sync + 'static {
@@ -29,15 +30,10 @@ pub async fn run(
     interval: Duration,
     batch: usize,
     observer: impl ReaperObserver,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        }
+    let mut ticker = Ticker::new(interval, shutdown);
+    while ticker.tick().await {
         loop {
             let started = Instant::now();
             let reaped = store.reap(batch);
@@ -45,7 +41,7 @@ pub async fn run(
             if reaped.expired > 0 {
                 tracing::debug!(expired = reaped.expired, refiled = reaped.refiled, "reaped");
             }
-            if !reaped.more || *shutdown.borrow() {
+            if !reaped.more || ticker.stopping() {
                 break;
             }
             tokio::task::yield_now().await;

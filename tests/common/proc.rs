@@ -196,3 +196,140 @@ pub fn run_to_exit(cwd: &Path, args: &[&str]) -> (ExitStatus, String) {
     );
     (out.status, text)
 }
+
+/// A thread of a sessiond child held stopped with ptrace, as if it hung in a system call (a
+/// disk that stops answering, for the log's flusher) while the rest of the process runs on.
+/// Dropping it lets the thread go on.
+#[cfg(target_os = "linux")]
+pub struct Frozen {
+    thaw: Option<mpsc::Sender<()>>,
+    tracer: Option<std::thread::JoinHandle<()>>,
+}
+
+#[cfg(target_os = "linux")]
+impl Proc {
+    /// Stops the child's thread named `name` while it waits for work: inside a futex wait,
+    /// where it holds no lock. Stopped while holding one, it would stop every thread that
+    /// then wants that lock, and the test would see a daemon that hangs, not a slow disk.
+    pub fn freeze_waiting_thread(&self, name: &str) -> Frozen {
+        let task = format!("/proc/{}/task", self.child.id());
+        let tid: i32 = std::fs::read_dir(&task)
+            .unwrap()
+            .filter_map(Result::ok)
+            .find(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+            .unwrap_or_else(|| panic!("sessiond has no thread named {name}"))
+            .file_name()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let syscall = std::path::PathBuf::from(format!("{task}/{tid}/syscall"));
+        let (frozen_tx, frozen) = mpsc::channel();
+        let (thaw, thawed) = mpsc::channel::<()>();
+        // Every ptrace request must come from the thread that attached: one thread does all.
+        let tracer = std::thread::spawn(move || {
+            let result = stop_while_waiting(tid, &syscall);
+            let stopped = result.is_ok();
+            let _ = frozen_tx.send(result);
+            if stopped {
+                let _ = thawed.recv();
+            }
+            let none = std::ptr::null_mut::<libc::c_void>();
+            // SAFETY: ptrace and waitpid on a thread this thread traces; no memory is shared.
+            unsafe {
+                if libc::ptrace(libc::PTRACE_DETACH, tid, none, none) != 0 && stopped {
+                    // It died while stopped (the child was killed first): reap it, or the
+                    // child's own exit could never be collected.
+                    let mut status = 0;
+                    libc::waitpid(tid, &mut status, libc::__WALL);
+                }
+            }
+        });
+        match frozen.recv().unwrap() {
+            Ok(()) => Frozen {
+                thaw: Some(thaw),
+                tracer: Some(tracer),
+            },
+            Err(e) => {
+                let _ = tracer.join();
+                panic!("cannot stop sessiond's {name} thread with ptrace: {e}");
+            }
+        }
+    }
+}
+
+/// Attaches to thread `tid` and stops it, and lets it run on and stops it again until it is
+/// stopped inside a futex wait (FUTEX_WAIT or FUTEX_WAIT_BITSET), as `syscall`, its
+/// `/proc/PID/task/TID/syscall`, shows.
+#[cfg(target_os = "linux")]
+fn stop_while_waiting(tid: i32, syscall: &Path) -> Result<(), String> {
+    let none = std::ptr::null_mut::<libc::c_void>();
+    let os = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    // SAFETY: ptrace and waitpid on a thread of this process's own child; no memory is
+    // shared with it.
+    unsafe {
+        if libc::ptrace(libc::PTRACE_SEIZE, tid, none, none) != 0 {
+            return Err(os("PTRACE_SEIZE"));
+        }
+        loop {
+            if libc::ptrace(libc::PTRACE_INTERRUPT, tid, none, none) != 0 {
+                return Err(os("PTRACE_INTERRUPT"));
+            }
+            let mut status = 0;
+            if libc::waitpid(tid, &mut status, libc::__WALL) != tid {
+                return Err(os("waitpid"));
+            }
+            if !libc::WIFSTOPPED(status) {
+                return Err(format!("the thread ended (wait status {status:#x})"));
+            }
+            // A stop for a signal sent to the thread: hand the signal on when it goes on.
+            let signal = if status >> 16 == 0 {
+                libc::WSTOPSIG(status)
+            } else {
+                0
+            };
+            if signal == 0 && waiting_on_futex(syscall) {
+                return Ok(());
+            }
+            let signal = std::ptr::without_provenance_mut::<libc::c_void>(signal as usize);
+            if libc::ptrace(libc::PTRACE_CONT, tid, none, signal) != 0 {
+                return Err(os("PTRACE_CONT"));
+            }
+        }
+    }
+}
+
+/// Whether `/proc/PID/task/TID/syscall` shows a thread in a futex wait: `nr arg1 arg2 ...`,
+/// with arg2 the futex operation.
+#[cfg(target_os = "linux")]
+fn waiting_on_futex(syscall: &Path) -> bool {
+    const FUTEX_CMD_MASK: u64 = 0x7f;
+    const FUTEX_WAIT: u64 = 0;
+    const FUTEX_WAIT_BITSET: u64 = 9;
+    let Ok(text) = std::fs::read_to_string(syscall) else {
+        return false;
+    };
+    let mut fields = text.split_whitespace();
+    let nr = fields.next().and_then(|n| n.parse::<libc::c_long>().ok());
+    let op = fields
+        .nth(1)
+        .and_then(|op| u64::from_str_radix(op.trim_start_matches("0x"), 16).ok());
+    match (nr, op) {
+        (Some(nr), Some(op)) => {
+            nr == libc::SYS_futex && matches!(op & FUTEX_CMD_MASK, FUTEX_WAIT | FUTEX_WAIT_BITSET)
+        }
+        _ => false,
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        drop(self.thaw.take());
+        if let Some(tracer) = self.tracer.take() {
+            let _ = tracer.join();
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The background task that takes a tenant's snapshots: it decides when one is due and runs
+//! each on a thread of its own at the lowest CPU priority, so a snapshot never holds an async
+//! thread and never takes a core from serving.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::log::Log;
+use super::{newest_snapshot_bytes, snapshot, snapshot_due};
+use crate::store::Store;
+use crate::ticker::Ticker;
+
+/// How often the task looks at the log to see whether a snapshot is due.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Takes a snapshot when the log since the last one is due (see [`snapshot_due`]) or `every`
+/// has passed with changes, one at a time, off the async threads; stops when `stop` turns
+/// true. While the log cannot write it waits: a snapshot starts by rotating the log, and the
+/// records the log keeps for its retries belong in the segment they were meant for.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    dir: PathBuf,
+    log: Arc<Log>,
+    store: Store,
+    min_bytes: u64,
+    percent: u64,
+    every: Duration,
+    (written, age): (metrics::Counter, metrics::Gauge),
+    stop: watch::Receiver<bool>,
+) {
+    let mut ticker = Ticker::new(CHECK_EVERY, stop);
+    let mut last = Instant::now();
+    let mut appended_at_last = log.appended();
+    let mut last_bytes = newest_snapshot_bytes(&dir);
+    while ticker.tick().await {
+        age.set(last.elapsed().as_secs_f64());
+        let changed = log.appended() != appended_at_last;
+        let due = snapshot_due(log.segment_bytes(), last_bytes, min_bytes, percent);
+        if !(due || (changed && last.elapsed() >= every)) || log.writable().is_err() {
+            continue;
+        }
+        let (dir, log2, store) = (dir.clone(), log.clone(), store.clone());
+        let started = Instant::now();
+        appended_at_last = log.appended();
+        let (done, written_out) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("sessiond-snapshot".into())
+            .spawn(move || {
+                lower_priority();
+                let _ = done.send(snapshot(&dir, &log2, &store));
+            });
+        let outcome = match thread {
+            Ok(_) => written_out
+                .await
+                .map_err(|_| "the snapshot thread panicked".to_string()),
+            Err(e) => Err(format!("cannot start a snapshot thread: {e}")),
+        };
+        match outcome {
+            Ok(Ok(s)) => {
+                written.increment(1);
+                last = Instant::now();
+                last_bytes = s.bytes;
+                tracing::info!(
+                    seq = s.seq,
+                    sessions = s.sessions,
+                    bytes = s.bytes,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "snapshot written"
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "snapshot failed; the log keeps growing until one succeeds")
+            }
+            Err(e) => tracing::error!(error = %e, "snapshot task failed"),
+        }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority to the lowest (nice 19), for background
+/// work that must not take the cores from serving: a snapshot of a large store encodes for
+/// seconds, and at normal priority it would queue requests behind it for whole time slices.
+fn lower_priority() {
+    // On Linux, PRIO_PROCESS with a thread ID sets that one thread's nice value.
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+        tracing::debug!(error = %e, "cannot lower the snapshot thread's priority");
+    }
+}
