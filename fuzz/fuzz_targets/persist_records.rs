@@ -270,6 +270,9 @@ impl Layout {
                     let (payload, tail) = tail.split_at(usize::from(n));
                     frame(payload, &mut f.bytes);
                     f.payloads.push(Bytes::copy_from_slice(payload));
+                    // An empty frame is eight zero bytes: where only zeros follow, recovery
+                    // rightly reads it as the zero-filled tail of a power loss.
+                    f.damaged |= payload.is_empty();
                     rest = tail;
                 }
                 _ => {
