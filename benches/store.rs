@@ -4,6 +4,8 @@
 //!
 //! Run: `cargo bench --bench store`. `SESSIOND_BENCH_SESSIONS` (comma-separated) changes the
 //! populations.
+// criterion_group! defines an undocumented public function.
+#![allow(missing_docs)]
 
 mod common;
 

@@ -514,6 +514,8 @@ pub struct Auth<S> {
 
 pin_project! {
     /// The inner call, or an answer without one.
+    // pin_project_lite takes no docs on variant fields; the variants' docs say what they hold.
+    #[allow(missing_docs)]
     #[project = AuthFutureProj]
     pub enum AuthFuture<F> {
         /// Passed on.

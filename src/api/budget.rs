@@ -119,6 +119,8 @@ where
 
 pin_project! {
     /// The handler's response future holding its permit, or the refusal of a shed request.
+    // pin_project_lite takes no docs on variant fields; the variants' docs say what they hold.
+    #[allow(missing_docs)]
     #[project = BudgetProj]
     pub enum BudgetFuture<F> {
         /// Admitted: the permit is given back when the response (its headers) is ready. A
