@@ -28,11 +28,7 @@ use crate::store::StoreError;
 use crate::tenant::Tenant;
 use crate::transport::ConnInfo;
 
-/// The generated protobuf types and service stubs.
-#[allow(missing_docs, clippy::all)]
-pub mod pb {
-    tonic::include_proto!("sessiond.v1");
-}
+pub use crate::proto::pb;
 
 /// The encoded descriptor set of the public API, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
