@@ -313,10 +313,10 @@ fn hold_a_permit(channel: tonic::transport::Channel) -> tokio::task::JoinHandle<
         loop {
             grpc.ready().await.unwrap();
             let codec = tonic_prost::ProstCodec::<pb::GetRequest, pb::Session>::default();
-            let path = http::uri::PathAndQuery::from_static("/sessiond.v1.SessionStore/Get");
+            let path = format!("/{}/Get", sessiond::server::SERVICE_NAME);
             let never = tokio_stream::pending::<pb::GetRequest>();
             let r = grpc
-                .client_streaming(tonic::Request::new(never), path, codec)
+                .client_streaming(tonic::Request::new(never), path.parse().unwrap(), codec)
                 .await;
             match r {
                 Err(e) if e.code() == Code::ResourceExhausted => tokio::task::yield_now().await,
