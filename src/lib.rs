@@ -9,6 +9,8 @@
 //! - [`store`]: the Store, where every session rule lives: each write evaluated once into an
 //!   effect and applied by the one apply path (shared with recovery); the sharded map, the
 //!   user index, the expiry wheel, the reaper and the event stream.
+//! - `proto` (crate-private): the generated API types and the service's name, below every
+//!   layer that speaks the API; [`api`] re-exports the types as `api::pb`.
 //! - [`api`]: the gRPC edge; thin handlers, the proto <-> domain mapping, and the one
 //!   `StoreError -> Status` mapping.
 //! - [`observe`]: every metric name, the Prometheus rendering, the gRPC metrics layer.
@@ -31,6 +33,7 @@ pub mod config;
 pub mod guessing;
 pub mod observe;
 pub mod persist;
+pub(crate) mod proto;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -33,8 +33,7 @@ use crate::tenant::{
 use crate::tls::{Port, ReloadableTls, TlsError};
 use crate::transport::{Accept, AuthLayer, Connections};
 
-/// The gRPC service name, as health checks and reflection know it.
-pub const SERVICE_NAME: &str = "sessiond.v1.SessionStore";
+pub use crate::proto::SERVICE_NAME;
 
 /// How long shutdown waits for cut connections to be gone. A cut connection fails at its
 /// task's next poll, which the cut itself triggers, so this is only a backstop.

@@ -41,6 +41,7 @@ use tonic::transport::server::Connected;
 use tonic::Status;
 use tower::{Layer, Service};
 
+use crate::proto;
 use crate::tenant::Tenants;
 use crate::tls::{Port, ReloadableTls};
 
@@ -49,9 +50,6 @@ const ACCEPT_BACKLOG: usize = 128;
 
 /// What every HTTP/2 client sends first (RFC 9113, section 3.4).
 const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// The path prefix of the sessions API: calls under it need a tenant.
-const API_PREFIX: &str = "/sessiond.v1.SessionStore/";
 
 /// The path prefix of gRPC health checks: never counted against a connection's budget, so
 /// a load balancer's health checker on a long-lived connection is never cut off.
@@ -571,7 +569,8 @@ where
             }
             Err(refusal) => {
                 let path = req.uri().path();
-                let api = path.starts_with(API_PREFIX);
+                // A call of the sessions API needs a tenant.
+                let api = proto::method(path).is_some();
                 if !path.starts_with(HEALTH_PREFIX) {
                     if let Some(conn) = req.extensions().get::<ConnInfo>() {
                         self.spend(conn);

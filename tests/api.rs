@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{attrs, TestServer, T0};
+use common::{attrs, bearer, create, regenerate, token_tenant, TestServer, T0};
 use sessiond::api::pb;
 use tonic::Code;
 
@@ -32,6 +32,13 @@ fn get(id: &str, peek: bool) -> pb::GetRequest {
     }
 }
 
+fn list(user: &str, include_attributes: bool) -> pb::ListUserSessionsRequest {
+    pb::ListUserSessionsRequest {
+        user_id: user.into(),
+        include_attributes,
+    }
+}
+
 fn set(id: &str, pairs: &[(&str, &str)]) -> pb::UpdateRequest {
     pb::UpdateRequest {
         id: id.into(),
@@ -45,11 +52,7 @@ async fn every_rpc_round_trips() {
     let srv = TestServer::start().await;
     let mut c = srv.client().await;
 
-    let s = c
-        .create(create_req("", &[("cart", "apple")]))
-        .await
-        .unwrap()
-        .into_inner();
+    let s = create(&mut c, create_req("", &[("cart", "apple")])).await;
     assert_eq!(s.id.len(), 43);
     assert_eq!(s.version, 1);
     assert_eq!(s.user_id, "");
@@ -103,10 +106,7 @@ async fn every_rpc_round_trips() {
     assert_eq!(err.code(), Code::NotFound);
 
     let listed = c
-        .list_user_sessions(pb::ListUserSessionsRequest {
-            user_id: "alice".into(),
-            include_attributes: false,
-        })
+        .list_user_sessions(list("alice", false))
         .await
         .unwrap()
         .into_inner()
@@ -143,7 +143,7 @@ async fn every_rpc_round_trips() {
 async fn idle_and_absolute_expiry_follow_the_test_clock() {
     let srv = TestServer::start().await;
     let mut c = srv.client().await;
-    let s = c.create(create_req("", &[])).await.unwrap().into_inner();
+    let s = create(&mut c, create_req("", &[])).await;
 
     // Peek does not slide: 20 + 11 minutes after the last sliding access, it is dead.
     srv.advance(20 * MIN);
@@ -162,8 +162,9 @@ async fn idle_and_absolute_expiry_follow_the_test_clock() {
     );
 
     // Sliding keeps it alive, but never past the absolute deadline.
-    let s = c
-        .create(pb::CreateRequest {
+    let s = create(
+        &mut c,
+        pb::CreateRequest {
             idle_timeout: Some(prost_types::Duration {
                 seconds: 600,
                 nanos: 0,
@@ -173,10 +174,9 @@ async fn idle_and_absolute_expiry_follow_the_test_clock() {
                 nanos: 0,
             }),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     for _ in 0..2 {
         srv.advance(9 * MIN);
         c.update(set(&s.id, &[("k", "v")])).await.unwrap();
@@ -200,7 +200,7 @@ async fn idle_and_absolute_expiry_follow_the_test_clock() {
 async fn concurrent_partial_writes_never_lose_each_other() {
     let srv = TestServer::start().await;
     let mut c = srv.client().await;
-    let s = c.create(create_req("", &[])).await.unwrap().into_inner();
+    let s = create(&mut c, create_req("", &[])).await;
     let mut tasks = Vec::new();
     for t in 0..10 {
         let mut c = c.clone();
@@ -225,11 +225,7 @@ async fn concurrent_partial_writes_never_lose_each_other() {
 async fn a_cas_counter_raced_by_many_tasks_ends_exact() {
     let srv = TestServer::start().await;
     let mut c = srv.client().await;
-    let s = c
-        .create(create_req("", &[("n", "0")]))
-        .await
-        .unwrap()
-        .into_inner();
+    let s = create(&mut c, create_req("", &[("n", "0")])).await;
     let conflicts = Arc::new(Mutex::new(0u32));
     let mut tasks = Vec::new();
     for _ in 0..8 {
@@ -275,11 +271,7 @@ async fn regenerate_raced_by_writers_keeps_every_acknowledged_write() {
     config.limits.max_session_bytes = 64 * 1024 * 1024;
     let srv = TestServer::with_config(config).await;
     let mut c = srv.client().await;
-    let s = c
-        .create(create_req("bob", &[("cart", "x")]))
-        .await
-        .unwrap()
-        .into_inner();
+    let s = create(&mut c, create_req("bob", &[("cart", "x")])).await;
     let acked = Arc::new(Mutex::new(Vec::new()));
     let mut writers = Vec::new();
     for t in 0..6 {
@@ -299,14 +291,7 @@ async fn regenerate_raced_by_writers_keeps_every_acknowledged_write() {
     while acked.lock().unwrap().len() < 50 {
         tokio::task::yield_now().await;
     }
-    let r = c
-        .regenerate(pb::RegenerateRequest {
-            id: s.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = regenerate(&mut c, &s.id).await;
     for w in writers {
         w.await.unwrap();
     }
@@ -334,23 +319,14 @@ async fn logout_everywhere_spares_only_the_callers_session() {
     let mut ids = Vec::new();
     for _ in 0..4 {
         ids.push(
-            c.create(create_req("carol", &[("secret", "s")]))
+            create(&mut c, create_req("carol", &[("secret", "s")]))
                 .await
-                .unwrap()
-                .into_inner()
                 .id,
         );
     }
-    let other = c
-        .create(create_req("dave", &[]))
-        .await
-        .unwrap()
-        .into_inner();
+    let other = create(&mut c, create_req("dave", &[])).await;
     let listed = c
-        .list_user_sessions(pb::ListUserSessionsRequest {
-            user_id: "carol".into(),
-            include_attributes: true,
-        })
+        .list_user_sessions(list("carol", true))
         .await
         .unwrap()
         .into_inner()
@@ -382,10 +358,7 @@ async fn logout_everywhere_spares_only_the_callers_session() {
     }
     c.get(get(&other.id, true)).await.unwrap();
     let listed = c
-        .list_user_sessions(pb::ListUserSessionsRequest {
-            user_id: "carol".into(),
-            include_attributes: false,
-        })
+        .list_user_sessions(list("carol", false))
         .await
         .unwrap()
         .into_inner()
@@ -398,7 +371,7 @@ async fn logout_everywhere_spares_only_the_callers_session() {
 async fn malformed_ids_are_invalid_argument_and_never_echoed() {
     let srv = TestServer::start().await;
     let mut c = srv.client().await;
-    let good = c.create(create_req("", &[])).await.unwrap().into_inner().id;
+    let good = create(&mut c, create_req("", &[])).await.id;
     let huge = "A".repeat(1 << 20);
     let wrong_alphabet = format!("{}+", &good[..42]);
     let non_ascii = format!("{}é", &good[..41]);
@@ -443,11 +416,7 @@ async fn limits_are_named_and_nothing_is_half_applied() {
     config.max_message_bytes = 64 * 1024;
     let srv = TestServer::with_config(config).await;
     let mut c = srv.client().await;
-    let s = c
-        .create(create_req("erin", &[("a", "1")]))
-        .await
-        .unwrap()
-        .into_inner();
+    let s = create(&mut c, create_req("erin", &[("a", "1")])).await;
 
     let big = "x".repeat(2000);
     let e = c
@@ -471,7 +440,7 @@ async fn limits_are_named_and_nothing_is_half_applied() {
     assert_eq!(now.version, 1);
     assert_eq!(now.attributes.keys().collect::<Vec<_>>(), vec!["a"]);
 
-    c.create(create_req("erin", &[])).await.unwrap();
+    create(&mut c, create_req("erin", &[])).await;
     let e = c.create(create_req("erin", &[])).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(
@@ -561,20 +530,15 @@ async fn health_and_reflection_are_served() {
 async fn metrics_move_with_sessions() {
     let srv = TestServer::start().await;
     let mut c = srv.client().await;
-    let a = c.create(create_req("m", &[])).await.unwrap().into_inner();
-    let b = c.create(create_req("", &[])).await.unwrap().into_inner();
-    c.create(create_req("", &[])).await.unwrap();
+    let a = create(&mut c, create_req("m", &[])).await;
+    let b = create(&mut c, create_req("", &[])).await;
+    create(&mut c, create_req("", &[])).await;
     assert_eq!(srv.metric("sessiond_sessions_created_total").await, 3.0);
     assert_eq!(srv.metric("sessiond_sessions_active").await, 3.0);
     assert_eq!(srv.metric("sessiond_users_with_sessions").await, 1.0);
     assert!(srv.metric("sessiond_session_bytes").await > 0.0);
 
-    c.regenerate(pb::RegenerateRequest {
-        id: b.id.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    regenerate(&mut c, &b.id).await;
     c.destroy(pb::DestroyRequest { id: a.id.clone() })
         .await
         .unwrap();
@@ -634,7 +598,7 @@ async fn readiness_flips_at_shutdown_while_requests_still_drain() {
     let srv = TestServer::with_config(config).await;
     let mut c = srv.client().await;
     let mut h = HealthClient::new(srv.channel().await);
-    let s = c.create(create_req("", &[])).await.unwrap().into_inner();
+    let s = create(&mut c, create_req("", &[])).await;
     assert_eq!(srv.admin_get("/readyz").await.0, 200);
     assert_eq!(srv.admin_get("/healthz").await.0, 200);
 
@@ -678,11 +642,7 @@ async fn a_request_flood_is_shed_fast_and_the_server_stays_up() {
     config.max_concurrent_requests = 2;
     let srv = TestServer::with_config(config).await;
     let mut c = srv.client().await;
-    let s = c
-        .create(create_req("", &[("k", "v")]))
-        .await
-        .unwrap()
-        .into_inner();
+    let s = create(&mut c, create_req("", &[("k", "v")])).await;
     let mut calls = Vec::new();
     for _ in 0..8 {
         let c = srv.client().await;
@@ -740,46 +700,27 @@ async fn lookups_of_unknown_ids_are_counted_and_a_guessing_peer_is_flagged() {
 
 #[tokio::test]
 async fn destroy_all_sessions_ends_only_the_callers_tenant_and_needs_confirmation() {
-    use sessiond::config::TenantConfig;
-    let tenant = |name: &str| TenantConfig {
-        name: name.into(),
-        token_sha256: common::sha256_hex(&format!("{name}-token")),
-        ..TenantConfig::default()
-    };
     let srv = TestServer::with_config(sessiond::config::Config {
-        tenants: vec![tenant("shop"), tenant("blog")],
+        tenants: vec![
+            token_tenant("shop", "shop-token"),
+            token_tenant("blog", "blog-token"),
+        ],
         ..common::test_config()
     })
     .await;
     let mut c = srv.client().await;
-    fn as_<T>(name: &str, msg: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {name}-token").parse().unwrap(),
-        );
-        req
-    }
     let mut shop = Vec::new();
     for i in 0..5 {
         let user = if i % 2 == 0 { "ann" } else { "" };
-        let s = c
-            .create(as_("shop", create_req(user, &[])))
-            .await
-            .unwrap()
-            .into_inner();
+        let s = create(&mut c, bearer("shop-token", create_req(user, &[]))).await;
         shop.push(s.id);
     }
-    let blog = c
-        .create(as_("blog", create_req("ann", &[])))
-        .await
-        .unwrap()
-        .into_inner();
+    let blog = create(&mut c, bearer("blog-token", create_req("ann", &[]))).await;
 
     for confirm in ["", "yes", "destroy all"] {
         let e = c
-            .destroy_all_sessions(as_(
-                "shop",
+            .destroy_all_sessions(bearer(
+                "shop-token",
                 pb::DestroyAllSessionsRequest {
                     confirm: confirm.into(),
                 },
@@ -795,11 +736,13 @@ async fn destroy_all_sessions_ends_only_the_callers_tenant_and_needs_confirmatio
         );
     }
     // Refused: nothing ended.
-    c.get(as_("shop", get(&shop[0], true))).await.unwrap();
+    c.get(bearer("shop-token", get(&shop[0], true)))
+        .await
+        .unwrap();
 
     let r = c
-        .destroy_all_sessions(as_(
-            "shop",
+        .destroy_all_sessions(bearer(
+            "shop-token",
             pb::DestroyAllSessionsRequest {
                 confirm: "destroy all sessions".into(),
             },
@@ -809,23 +752,22 @@ async fn destroy_all_sessions_ends_only_the_callers_tenant_and_needs_confirmatio
         .into_inner();
     assert_eq!(r.destroyed, 5);
     for id in &shop {
-        let e = c.get(as_("shop", get(id, true))).await.unwrap_err();
+        let e = c
+            .get(bearer("shop-token", get(id, true)))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
     }
     let listed = c
-        .list_user_sessions(as_(
-            "shop",
-            pb::ListUserSessionsRequest {
-                user_id: "ann".into(),
-                include_attributes: false,
-            },
-        ))
+        .list_user_sessions(bearer("shop-token", list("ann", false)))
         .await
         .unwrap()
         .into_inner();
     assert!(listed.sessions.is_empty());
     // The other tenant keeps its sessions.
-    c.get(as_("blog", get(&blog.id, true))).await.unwrap();
+    c.get(bearer("blog-token", get(&blog.id, true)))
+        .await
+        .unwrap();
     assert_eq!(
         srv.metric(r#"sessiond_sessions_destroyed_total{tenant="shop"}"#)
             .await,

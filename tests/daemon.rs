@@ -6,6 +6,7 @@ mod common;
 use std::process::Command;
 
 use common::proc::{spawn as spawn_in, Proc};
+use common::{bearer, connect, create, regenerate, token_tenant};
 use sessiond::api::pb;
 use sessiond::api::pb::session_store_client::SessionStoreClient;
 
@@ -22,7 +23,7 @@ fn spawn(env: &[(&str, &str)]) -> (Proc, tempfile::TempDir) {
 async fn sigterm_shuts_down_cleanly_with_exit_0() {
     let (p, _dir) = spawn(&[]);
     let mut c = SessionStoreClient::connect(p.url()).await.unwrap();
-    c.create(pb::CreateRequest::default()).await.unwrap();
+    create(&mut c, pb::CreateRequest::default()).await;
     // `terminate` blocks this thread; the client must not hold a connection the server
     // would wait for.
     drop(c);
@@ -91,11 +92,7 @@ async fn no_session_id_or_token_reaches_the_logs_even_at_trace_level() {
         &[("RUST_LOG", "trace")],
     )
     .unwrap_or_else(|out| panic!("sessiond did not start:\n{out}"));
-    let channel = tonic::transport::Channel::from_shared(p.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(p.url()).await;
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse().unwrap();
     let mut c =
         SessionStoreClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
@@ -112,8 +109,9 @@ async fn no_session_id_or_token_reaches_the_logs_even_at_trace_level() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated);
     let mut ids = Vec::new();
     for i in 0..5 {
-        let s = c
-            .create(pb::CreateRequest {
+        let s = create(
+            &mut c,
+            pb::CreateRequest {
                 user_id: "u".into(),
                 attributes: [(
                     "secret".to_string(),
@@ -121,24 +119,16 @@ async fn no_session_id_or_token_reaches_the_logs_even_at_trace_level() {
                 )]
                 .into(),
                 ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+            },
+        )
+        .await;
         c.get(pb::GetRequest {
             id: s.id.clone(),
             peek: false,
         })
         .await
         .unwrap();
-        let r = c
-            .regenerate(pb::RegenerateRequest {
-                id: s.id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let r = regenerate(&mut c, &s.id).await;
         let _ = c
             .get(pb::GetRequest {
                 id: s.id.clone(),
@@ -199,12 +189,7 @@ async fn hold_a_request(
 /// the held request reached the server: a health check is then shed.
 async fn until_the_slot_is_taken(url: String) {
     use tonic_health::pb::health_client::HealthClient;
-    let channel = tonic::transport::Channel::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
+    let mut health = HealthClient::new(connect(url).await);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let shed = health
@@ -251,12 +236,7 @@ async fn sigterm_cuts_busy_connections_before_the_log_closes_and_exits() {
         ("SESSIOND_REQUEST_TIMEOUT", "10m"),
         ("SESSIOND_MAX_CONCURRENT_REQUESTS", "1"),
     ]);
-    let channel = tonic::transport::Channel::from_shared(p.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let held = hold_a_request(channel).await;
+    let held = hold_a_request(connect(p.url()).await).await;
     until_the_slot_is_taken(p.url()).await;
     // `terminate` blocks this thread; the held call runs on the other worker.
     let (status, out) = p.terminate();
@@ -355,7 +335,7 @@ fn protected_mode_refuses_a_public_listener_naming_what_is_missing() {
 #[tokio::test]
 async fn protected_mode_accepts_a_public_listener_with_tls_and_client_authentication() {
     use common::certs::{channel, tls_config, Ca};
-    use sessiond::config::{Config, TenantConfig};
+    use sessiond::config::Config;
     let dir = tempfile::tempdir().unwrap();
     let server_ca = Ca::new("server ca");
     let client_ca = Ca::new("client ca");
@@ -387,17 +367,11 @@ async fn protected_mode_accepts_a_public_listener_with_tls_and_client_authentica
 
     // TLS with tenants that present tokens.
     let srv = common::TestServer::with_config(public(Config {
-        tenants: vec![TenantConfig {
-            name: "shop".into(),
-            token_sha256: common::sha256_hex("shop-token"),
-            ..TenantConfig::default()
-        }],
+        tenants: vec![token_tenant("shop", "shop-token")],
         ..tls_config(dir.path(), &server_ca, None)
     }))
     .await;
-    let mut req = tonic::Request::new(pb::CreateRequest::default());
-    req.metadata_mut()
-        .insert("authorization", "Bearer shop-token".parse().unwrap());
+    let req = bearer("shop-token", pb::CreateRequest::default());
     SessionStoreClient::new(channel(local(&srv), &server_ca, None).await.unwrap())
         .create(req)
         .await

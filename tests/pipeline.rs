@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{attrs, TestServer};
+use common::{attrs, create, TestServer};
 use sessiond::api::pb;
 use sessiond::api::pb::pipeline_request::Op;
 use sessiond::api::pb::pipeline_response::Result as Res;
@@ -15,14 +15,14 @@ async fn get_many_answers_each_id_in_order() {
     config.max_batch_ids = 4;
     let srv = TestServer::with_config(config).await;
     let mut c = srv.client().await;
-    let a = c
-        .create(pb::CreateRequest {
+    let a = create(
+        &mut c,
+        pb::CreateRequest {
             attributes: attrs(&[("k", "a")]),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let unknown = "A".repeat(43);
     let r = c
         .get_many(pb::GetManyRequest {
@@ -219,7 +219,7 @@ fn big_session(user: &str) -> pb::CreateRequest {
 async fn a_get_many_past_max_message_bytes_is_refused_naming_it() {
     let srv = TestServer::start().await;
     let mut c = srv.client().await;
-    let s = c.create(big_session("")).await.unwrap().into_inner();
+    let s = create(&mut c, big_session("")).await;
     let e = c
         .get_many(pb::GetManyRequest {
             ids: vec![s.id.clone(); 1000],
@@ -261,7 +261,7 @@ async fn a_listing_with_attributes_past_max_message_bytes_is_refused_naming_it()
     let srv = TestServer::start().await;
     let mut c = srv.client().await;
     for _ in 0..6 {
-        c.create(big_session("big")).await.unwrap();
+        create(&mut c, big_session("big")).await;
     }
     let list = |include_attributes| pb::ListUserSessionsRequest {
         user_id: "big".into(),
@@ -313,10 +313,10 @@ fn hold_a_permit(channel: tonic::transport::Channel) -> tokio::task::JoinHandle<
         loop {
             grpc.ready().await.unwrap();
             let codec = tonic_prost::ProstCodec::<pb::GetRequest, pb::Session>::default();
-            let path = http::uri::PathAndQuery::from_static("/sessiond.v1.SessionStore/Get");
+            let path = format!("/{}/Get", sessiond::server::SERVICE_NAME);
             let never = tokio_stream::pending::<pb::GetRequest>();
             let r = grpc
-                .client_streaming(tonic::Request::new(never), path, codec)
+                .client_streaming(tonic::Request::new(never), path.parse().unwrap(), codec)
                 .await;
             match r {
                 Err(e) if e.code() == Code::ResourceExhausted => tokio::task::yield_now().await,
@@ -332,11 +332,7 @@ async fn pipelined_operations_take_permits_from_the_same_budget_as_unary_calls()
     config.max_concurrent_requests = 1;
     let srv = TestServer::with_config(config).await;
     let mut c = srv.client().await;
-    let s = c
-        .create(pb::CreateRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let s = create(&mut c, pb::CreateRequest::default()).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut responses = c
         .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))

@@ -6,29 +6,13 @@ mod common;
 use std::time::Duration;
 
 use common::certs::{channel, tls_config, Ca};
-use common::sha256_hex;
+use common::{bearer, create, token_tenant};
 use sessiond::api::pb;
 use sessiond::api::pb::session_store_client::SessionStoreClient;
 use sessiond::config::{Config, TenantConfig};
 use sessiond::store::{LimitOverrides, PerUserPolicy};
 use tonic::transport::Channel;
-use tonic::{Code, Request};
-
-fn token_tenant(name: &str, token: &str) -> TenantConfig {
-    TenantConfig {
-        name: name.into(),
-        token_sha256: sha256_hex(token),
-        ..TenantConfig::default()
-    }
-}
-
-/// `msg` with `authorization: Bearer token`.
-fn bearer<T>(token: &str, msg: T) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
-}
+use tonic::Code;
 
 fn create_for(user: &str) -> pb::CreateRequest {
     pb::CreateRequest {
@@ -55,11 +39,7 @@ async fn tenants_by_token_never_see_each_others_sessions() {
     .await;
     let mut c = tls_client(srv.daemon.grpc_addr, &ca).await;
 
-    let a = c
-        .create(bearer("shop-token", create_for("alice")))
-        .await
-        .unwrap()
-        .into_inner();
+    let a = create(&mut c, bearer("shop-token", create_for("alice"))).await;
     // The same ID is unknown to the other tenant, for every kind of call.
     let get = |t: &str| {
         bearer(
@@ -85,9 +65,7 @@ async fn tenants_by_token_never_see_each_others_sessions() {
     assert!(!destroyed.existed);
     c.get(get("shop-token")).await.unwrap();
     // Same user name in both tenants: two separate user indexes.
-    c.create(bearer("blog-token", create_for("alice")))
-        .await
-        .unwrap();
+    create(&mut c, bearer("blog-token", create_for("alice"))).await;
     let list = |t: &str| {
         bearer(
             t,
@@ -166,11 +144,7 @@ async fn a_client_certificate_subject_picks_the_tenant() {
             .await
             .unwrap();
         let mut shop = SessionStoreClient::new(ch);
-        shop.create(create_for("alice"))
-            .await
-            .unwrap()
-            .into_inner()
-            .id
+        create(&mut shop, create_for("alice")).await.id
     };
     let ch = channel(addr, &server_ca, Some(&as_app("blog-app")))
         .await
@@ -229,9 +203,7 @@ async fn tenant_quotas_per_user_limit_under_both_policies_and_create_rate() {
 
     // deny: the third session of a user is refused, naming the setting.
     for _ in 0..2 {
-        c.create(bearer("strict-token", create_for("u")))
-            .await
-            .unwrap();
+        create(&mut c, bearer("strict-token", create_for("u"))).await;
     }
     let e = c
         .create(bearer("strict-token", create_for("u")))
@@ -247,11 +219,8 @@ async fn tenant_quotas_per_user_limit_under_both_policies_and_create_rate() {
     // evict-oldest: the third ends the first.
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let s = c
-            .create(bearer("lenient-token", create_for("u")))
-            .await
-            .unwrap();
-        ids.push(s.into_inner().id);
+        let s = create(&mut c, bearer("lenient-token", create_for("u"))).await;
+        ids.push(s.id);
         srv.advance(Duration::from_millis(1));
     }
     let gone = c
@@ -267,9 +236,7 @@ async fn tenant_quotas_per_user_limit_under_both_policies_and_create_rate() {
     assert_eq!(gone.code(), Code::NotFound);
 
     // create_rate 1/s with a burst of 4: the fifth create within the same instant is refused.
-    c.create(bearer("lenient-token", create_for("v")))
-        .await
-        .unwrap();
+    create(&mut c, bearer("lenient-token", create_for("v"))).await;
     let e = c
         .create(bearer("lenient-token", create_for("v")))
         .await
@@ -277,14 +244,10 @@ async fn tenant_quotas_per_user_limit_under_both_policies_and_create_rate() {
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(e.message().contains("create_rate"), "{}", e.message());
     // The other tenant's bucket is its own.
-    c.create(bearer("strict-token", create_for("w")))
-        .await
-        .unwrap();
+    create(&mut c, bearer("strict-token", create_for("w"))).await;
     // A second on the test clock refills one token.
     srv.advance(Duration::from_secs(1));
-    c.create(bearer("lenient-token", create_for("v")))
-        .await
-        .unwrap();
+    create(&mut c, bearer("lenient-token", create_for("v"))).await;
     srv.stop().await;
 }
 
@@ -303,10 +266,10 @@ async fn the_memory_cap_evicts_anonymous_sessions_first() {
     };
     let mut made = Vec::new();
     for user in ["alice", "", "bob", ""] {
-        made.push(c.create(big(user)).await.unwrap().into_inner().id);
+        made.push(create(&mut c, big(user)).await.id);
         srv.advance(Duration::from_secs(1));
     }
-    c.create(big("carol")).await.unwrap();
+    create(&mut c, big("carol")).await;
     let alive = |id: &String| pb::GetRequest {
         id: id.clone(),
         peek: true,
@@ -353,9 +316,7 @@ async fn a_connection_without_credentials_gets_a_small_budget_then_is_closed() {
     );
     // A client with credentials is served throughout.
     let mut good = srv.client().await;
-    good.create(bearer("shop-token", create_for("y")))
-        .await
-        .unwrap();
+    create(&mut good, bearer("shop-token", create_for("y"))).await;
     srv.stop().await;
 }
 
@@ -369,7 +330,7 @@ async fn connections_past_max_connections_are_closed_at_once() {
     .await;
     let addr = srv.daemon.grpc_addr;
     let mut first = srv.client().await;
-    first.create(create_for("a")).await.unwrap();
+    create(&mut first, create_for("a")).await;
     let idle = tokio::net::TcpStream::connect(addr).await.unwrap();
     // The third connection is accepted and closed: its first read is the end of the stream.
     let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -381,7 +342,7 @@ async fn connections_past_max_connections_are_closed_at_once() {
     assert_eq!(n, 0);
     assert_eq!(srv.metric("sessiond_connections_refused_total").await, 1.0);
     // The open ones are still served.
-    first.create(create_for("b")).await.unwrap();
+    create(&mut first, create_for("b")).await;
     drop(idle);
     srv.stop().await;
 }
@@ -396,19 +357,7 @@ async fn the_admin_port_speaks_tls_when_asked() {
         ..tls_config(dir.path(), &ca, None)
     })
     .await;
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let connector = tls_connector(&ca);
     let tcp = tokio::net::TcpStream::connect(srv.daemon.admin_addr)
         .await
         .unwrap();
@@ -453,7 +402,7 @@ async fn over_mutual_tls_oversized_messages_and_stream_floods_leave_others_serve
         SessionStoreClient::new(channel(addr, &server_ca, Some(&identity)).await.unwrap())
     };
     let mut c = connect().await;
-    let s = c.create(create_for("")).await.unwrap().into_inner();
+    let s = create(&mut c, create_for("")).await;
 
     // One message past max_message_bytes: refused, and the connection goes on.
     let huge = pb::UpdateRequest {

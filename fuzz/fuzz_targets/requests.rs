@@ -1,5 +1,5 @@
 //! API requests: decodes a `sessiond.v1` request message and runs it through the real gRPC
-//! handler (`SessionStoreService`, so the same `apply`, `convert` and `Store` code a server
+//! handler (`SessionStoreService`, so the same operations, `convert` and `Store` code a server
 //! runs) as one tenant, whose in-process Store has a manual clock and no log.
 //!
 //! Input: the first byte picks the message (low 4 bits) and the Store setup (bit 4: tight
@@ -451,7 +451,7 @@ impl Harness {
         }
     }
 
-    /// A pipeline stream: the same `apply` per op as the unary calls, plus time passing and
+    /// A pipeline stream: the same function per op as the unary calls, plus time passing and
     /// the reaper running between requests.
     fn pipeline(&mut self, mut body: &[u8]) {
         for _ in 0..MAX_PIPELINE_OPS {

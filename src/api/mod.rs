@@ -28,11 +28,7 @@ use crate::store::StoreError;
 use crate::tenant::Tenant;
 use crate::transport::ConnInfo;
 
-/// The generated protobuf types and service stubs.
-#[allow(missing_docs, clippy::all)]
-pub mod pb {
-    tonic::include_proto!("sessiond.v1");
-}
+pub use crate::proto::pb;
 
 /// The encoded descriptor set of the public API, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -163,7 +159,8 @@ impl<T: prost::Message> Bounded<T> {
     }
 }
 
-/// Who a request is: its tenant, and the peer it came from.
+/// Who a request is: its tenant, and the peer it came from. Every operation runs as one, so
+/// a miss is counted against its peer and a change waits for its tenant's log.
 #[derive(Clone)]
 struct Caller {
     tenant: Arc<Tenant>,
@@ -191,9 +188,12 @@ impl Caller {
         })
     }
 
-    /// Waits until every change made so far, this call's included, is durable.
-    async fn durable(&self) -> Result<(), Status> {
-        self.durable_up_to(self.log_position()).await
+    /// The reply to a unary call that changes something, once every change made so far,
+    /// this call's included, is durable. A call that failed replies at once.
+    async fn durable_reply<T>(&self, result: Result<T, Status>) -> Reply<T> {
+        let reply = result?;
+        self.durable_up_to(self.log_position()).await?;
+        Ok(Response::new(reply))
     }
 
     /// Where the log is now, if replies must wait for it: the position a change just made
@@ -218,69 +218,46 @@ impl Caller {
         result.map_err(Status::from)
     }
 
-    /// Runs one operation against the Store: the body of every RPC, unary or pipelined.
-    /// Says whether it changed anything (and so must be durable before the reply).
-    fn apply(&self, op: Op) -> (Result<Outcome, Status>, bool) {
-        let store = &self.tenant.store;
-        match op {
-            Op::Create(r) => (
-                convert::new_session(r)
-                    .and_then(|new| Ok(store.create(new)?))
-                    .map(|s| Outcome::Session(convert::session(s))),
-                true,
-            ),
-            Op::Get(r) => (
-                self.lookup(store.get(&r.id, r.peek))
-                    .map(|s| Outcome::Session(convert::session(s))),
-                false,
-            ),
-            Op::Touch(r) => (
-                self.lookup(store.touch(&r.id)).map(|at| {
-                    Outcome::Touch(pb::TouchResponse {
-                        expires_at: Some(convert::timestamp(at)),
-                    })
-                }),
-                false,
-            ),
-            Op::Update(mut r) => {
-                let id = std::mem::take(&mut r.id);
-                (
-                    self.lookup(store.update(&id, convert::change(r)))
-                        .map(|s| Outcome::Session(convert::session(s))),
-                    true,
-                )
-            }
-            Op::Regenerate(r) => (
-                self.lookup(store.regenerate(&r.id, convert::rotation(&r)))
-                    .map(|s| Outcome::Session(convert::session(s))),
-                true,
-            ),
-            Op::Destroy(r) => {
-                let result = store.destroy(&r.id).map_err(Status::from);
-                if let Ok(false) = result {
-                    self.tenant.guesses.miss(self.peer);
-                }
-                (
-                    result.map(|existed| Outcome::Destroy(pb::DestroyResponse { existed })),
-                    true,
-                )
-            }
-            Op::ListUserSessions(r) => (self.list_user(&r).map(Outcome::ListUserSessions), false),
-            Op::DestroyUserSessions(r) => {
-                let except = (!r.except_id.is_empty()).then_some(r.except_id.as_str());
-                (
-                    store
-                        .destroy_user(&r.user_id, except)
-                        .map_err(Status::from)
-                        .map(|destroyed| {
-                            Outcome::DestroyUserSessions(pb::DestroyUserSessionsResponse {
-                                destroyed,
-                            })
-                        }),
-                    true,
-                )
-            }
+    // One function per operation, the body of its RPC: the unary handlers and the Pipeline
+    // call the same ones. Those that change something (create, update, regenerate, destroy,
+    // destroy_user) owe a durability wait before their reply, which each caller takes its own
+    // way: a unary call in `durable_reply`, a pipelined one in `finish`, within its own
+    // `request_timeout`.
+
+    fn create(&self, r: pb::CreateRequest) -> Result<pb::Session, Status> {
+        let new = convert::new_session(r)?;
+        Ok(convert::session(self.tenant.store.create(new)?))
+    }
+
+    fn get(&self, id: &str, peek: bool) -> Result<pb::Session, Status> {
+        self.lookup(self.tenant.store.get(id, peek))
+            .map(convert::session)
+    }
+
+    fn touch(&self, r: &pb::TouchRequest) -> Result<pb::TouchResponse, Status> {
+        let at = self.lookup(self.tenant.store.touch(&r.id))?;
+        Ok(pb::TouchResponse {
+            expires_at: Some(convert::timestamp(at)),
+        })
+    }
+
+    fn update(&self, mut r: pb::UpdateRequest) -> Result<pb::Session, Status> {
+        let id = std::mem::take(&mut r.id);
+        self.lookup(self.tenant.store.update(&id, convert::change(r)))
+            .map(convert::session)
+    }
+
+    fn regenerate(&self, r: &pb::RegenerateRequest) -> Result<pb::Session, Status> {
+        self.lookup(self.tenant.store.regenerate(&r.id, convert::rotation(r)))
+            .map(convert::session)
+    }
+
+    fn destroy(&self, r: &pb::DestroyRequest) -> Result<pb::DestroyResponse, Status> {
+        let existed = self.tenant.store.destroy(&r.id)?;
+        if !existed {
+            self.tenant.guesses.miss(self.peer);
         }
+        Ok(pb::DestroyResponse { existed })
     }
 
     /// A user's sessions, oldest first. With attributes, each session is read on its own and
@@ -311,6 +288,15 @@ impl Caller {
         })
     }
 
+    fn destroy_user(
+        &self,
+        r: &pb::DestroyUserSessionsRequest,
+    ) -> Result<pb::DestroyUserSessionsResponse, Status> {
+        let except = (!r.except_id.is_empty()).then_some(r.except_id.as_str());
+        let destroyed = self.tenant.store.destroy_user(&r.user_id, except)?;
+        Ok(pb::DestroyUserSessionsResponse { destroyed })
+    }
+
     /// Makes every change of this tenant so far durable under any fsync policy: the log
     /// writes and fsyncs what it holds, whatever `fsync` says. Without persistence there is
     /// nothing to do.
@@ -333,19 +319,7 @@ impl Caller {
         }
         Ok(log.wait_durable(position).await?)
     }
-
-    async fn call(&self, op: Op) -> Result<Outcome, Status> {
-        let (result, mutated) = self.apply(op);
-        let outcome = result?;
-        if mutated {
-            self.durable().await?;
-        }
-        Ok(outcome)
-    }
 }
-
-use pb::pipeline_request::Op;
-use pb::pipeline_response::Result as Outcome;
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -353,72 +327,43 @@ type Reply<T> = Result<Response<T>, Status>;
 /// stops reading requests from that stream (backpressure instead of an unbounded queue).
 pub const PIPELINE_WINDOW: usize = 256;
 
-/// Unwraps the outcome a unary RPC expects; any other is a bug in `apply`.
-macro_rules! expect {
-    ($outcome:expr, $variant:ident) => {
-        match $outcome? {
-            Outcome::$variant(v) => Ok(Response::new(v)),
-            _ => Err(Status::internal(concat!(
-                "unexpected result for ",
-                stringify!($variant)
-            ))),
-        }
-    };
-}
-
 #[tonic::async_trait]
 impl pb::session_store_server::SessionStore for SessionStoreService {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Reply<pb::Session> {
-        expect!(
-            self.caller(&req)?.call(Op::Create(req.into_inner())).await,
-            Session
-        )
+        let caller = self.caller(&req)?;
+        caller.durable_reply(caller.create(req.into_inner())).await
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::Session> {
-        expect!(
-            self.caller(&req)?.call(Op::Get(req.into_inner())).await,
-            Session
-        )
+        let r = req.get_ref();
+        let session = self.caller(&req)?.get(&r.id, r.peek)?;
+        Ok(Response::new(session))
     }
 
     async fn touch(&self, req: Request<pb::TouchRequest>) -> Reply<pb::TouchResponse> {
-        expect!(
-            self.caller(&req)?.call(Op::Touch(req.into_inner())).await,
-            Touch
-        )
+        Ok(Response::new(self.caller(&req)?.touch(req.get_ref())?))
     }
 
     async fn update(&self, req: Request<pb::UpdateRequest>) -> Reply<pb::Session> {
-        expect!(
-            self.caller(&req)?.call(Op::Update(req.into_inner())).await,
-            Session
-        )
+        let caller = self.caller(&req)?;
+        caller.durable_reply(caller.update(req.into_inner())).await
     }
 
     async fn regenerate(&self, req: Request<pb::RegenerateRequest>) -> Reply<pb::Session> {
-        expect!(
-            self.caller(&req)?
-                .call(Op::Regenerate(req.into_inner()))
-                .await,
-            Session
-        )
+        let caller = self.caller(&req)?;
+        caller.durable_reply(caller.regenerate(req.get_ref())).await
     }
 
     async fn destroy(&self, req: Request<pb::DestroyRequest>) -> Reply<pb::DestroyResponse> {
-        expect!(
-            self.caller(&req)?.call(Op::Destroy(req.into_inner())).await,
-            Destroy
-        )
+        let caller = self.caller(&req)?;
+        caller.durable_reply(caller.destroy(req.get_ref())).await
     }
 
     async fn list_user_sessions(
         &self,
         req: Request<pb::ListUserSessionsRequest>,
     ) -> Reply<pb::ListUserSessionsResponse> {
-        let caller = self.caller(&req)?;
-        let op = Op::ListUserSessions(req.into_inner());
-        expect!(caller.call(op).await, ListUserSessions)
+        Ok(Response::new(self.caller(&req)?.list_user(req.get_ref())?))
     }
 
     async fn destroy_user_sessions(
@@ -426,8 +371,9 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         req: Request<pb::DestroyUserSessionsRequest>,
     ) -> Reply<pb::DestroyUserSessionsResponse> {
         let caller = self.caller(&req)?;
-        let op = Op::DestroyUserSessions(req.into_inner());
-        expect!(caller.call(op).await, DestroyUserSessions)
+        caller
+            .durable_reply(caller.destroy_user(req.get_ref()))
+            .await
     }
 
     async fn get_many(&self, req: Request<pb::GetManyRequest>) -> Reply<pb::GetManyResponse> {
@@ -455,15 +401,8 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
                 continue;
             }
             first.insert(id, i);
-            let get = pb::GetRequest {
-                id: id.clone(),
-                peek: r.peek,
-            };
-            let result = match caller.apply(Op::Get(get)).0 {
-                Ok(Outcome::Session(s)) => pb::get_result::Result::Session(s),
-                Ok(_) => pb::get_result::Result::Error(status::error(&Status::internal(
-                    "unexpected result",
-                ))),
+            let result = match caller.get(id, r.peek) {
+                Ok(s) => pb::get_result::Result::Session(s),
                 Err(e) => pb::get_result::Result::Error(status::error(&e)),
             };
             out.push(pb::GetResult {

@@ -13,7 +13,9 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
-use super::{pb, status, Caller, Op, Outcome, PIPELINE_WINDOW};
+use super::{pb, status, Caller, PIPELINE_WINDOW};
+use pb::pipeline_request::Op;
+use pb::pipeline_response::Result as Outcome;
 
 /// One pipelined operation, applied, on its way to its reply.
 struct Applied {
@@ -59,6 +61,24 @@ fn op_name(op: &Op) -> &'static str {
 }
 
 impl Caller {
+    /// Runs one operation through the function its unary RPC runs: its result, and whether
+    /// it is a change (one whose reply must wait until it is durable, failed or not).
+    fn dispatch(&self, op: Op) -> (Result<Outcome, Status>, bool) {
+        match op {
+            Op::Create(r) => (self.create(r).map(Outcome::Session), true),
+            Op::Get(r) => (self.get(&r.id, r.peek).map(Outcome::Session), false),
+            Op::Touch(r) => (self.touch(&r).map(Outcome::Touch), false),
+            Op::Update(r) => (self.update(r).map(Outcome::Session), true),
+            Op::Regenerate(r) => (self.regenerate(&r).map(Outcome::Session), true),
+            Op::Destroy(r) => (self.destroy(&r).map(Outcome::Destroy), true),
+            Op::ListUserSessions(r) => (self.list_user(&r).map(Outcome::ListUserSessions), false),
+            Op::DestroyUserSessions(r) => (
+                self.destroy_user(&r).map(Outcome::DestroyUserSessions),
+                true,
+            ),
+        }
+    }
+
     /// Serves one Pipeline stream: the stream of its replies.
     pub(super) fn serve_pipeline(
         self,
@@ -118,7 +138,7 @@ impl Caller {
         };
         let (result, position) = match request.op {
             Some(op) => {
-                let (result, mutated) = self.apply(op);
+                let (result, mutated) = self.dispatch(op);
                 let position = if mutated { self.log_position() } else { None };
                 (
                     result.unwrap_or_else(|e| Outcome::Error(status::error(&e))),

@@ -22,9 +22,7 @@ use tower::{Layer, Service};
 
 use super::names::{GRPC_DURATION, GRPC_REQUESTS, PIPELINE_OPS as OPS_METRIC, REQUESTS_SHED, VIA};
 use super::Telemetry;
-
-/// The service prefix of our own API in request paths.
-const OWN_PREFIX: &str = "/sessiond.v1.SessionStore/";
+use crate::proto;
 
 /// Our methods, labelled by name. Anything else (health, reflection, unknown paths) is
 /// labelled `other`, so label cardinality stays fixed whatever clients send.
@@ -69,7 +67,7 @@ struct Table(Vec<MethodMetrics>);
 
 impl Table {
     fn index(path: &str) -> usize {
-        path.strip_prefix(OWN_PREFIX)
+        proto::method(path)
             .and_then(|m| METHODS.iter().position(|k| *k == m))
             .unwrap_or(METHODS.len() - 1)
     }

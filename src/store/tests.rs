@@ -40,6 +40,24 @@ fn id(s: &Session) -> String {
     s.key.encode()
 }
 
+/// An update that sets these attributes and nothing else.
+fn set_attrs(pairs: &[(&str, &str)]) -> Change {
+    Change {
+        set: attrs(pairs),
+        ..Change::default()
+    }
+}
+
+/// A session of about 750 bytes by the store's accounting (one 500-byte value), for the
+/// memory-cap tests.
+fn blob(user: Option<&str>) -> NewSession {
+    NewSession {
+        user: user.map(str::to_owned),
+        attributes: attrs(&[("blob", &"v".repeat(500))]),
+        ..NewSession::default()
+    }
+}
+
 #[test]
 fn create_then_get_returns_what_was_stored() {
     let st = store();
@@ -275,33 +293,11 @@ fn session_byte_limit_counts_the_whole_session() {
     });
     let s = create(&st, None);
     let big = "x".repeat(400);
-    st.update(
-        &id(&s),
-        Change {
-            set: attrs(&[("a", &big)]),
-            ..Change::default()
-        },
-    )
-    .unwrap();
-    let err = st
-        .update(
-            &id(&s),
-            Change {
-                set: attrs(&[("b", &big)]),
-                ..Change::default()
-            },
-        )
-        .unwrap_err();
+    st.update(&id(&s), set_attrs(&[("a", &big)])).unwrap();
+    let err = st.update(&id(&s), set_attrs(&[("b", &big)])).unwrap_err();
     assert!(err.to_string().contains("max_session_bytes"), "{err}");
     // Replacing a value with one of the same size fits.
-    st.update(
-        &id(&s),
-        Change {
-            set: attrs(&[("a", &big)]),
-            ..Change::default()
-        },
-    )
-    .unwrap();
+    st.update(&id(&s), set_attrs(&[("a", &big)])).unwrap();
 }
 
 #[test]
@@ -460,33 +456,27 @@ fn memory_cap_evicts_anonymous_sessions_first_then_the_longest_idle() {
         max_memory_bytes: CAP,
         ..Limits::default()
     });
-    let value = "v".repeat(500);
     // About 750 bytes each by the store's accounting: four fit under the cap, five do not.
-    let big = |user: Option<&str>| NewSession {
-        user: user.map(str::to_owned),
-        attributes: attrs(&[("blob", value.as_str())]),
-        ..NewSession::default()
-    };
     let mut made = Vec::new();
     for user in [Some("alice"), None, Some("bob"), None] {
-        made.push(st.create(big(user)).unwrap());
+        made.push(st.create(blob(user)).unwrap());
         st.clock().advance(MIN);
     }
     let [alice, anon_old, bob, anon_new] = <[Session; 4]>::try_from(made).unwrap();
     let gone = |s: &Session| st.get(&id(s), true) == Err(StoreError::NotFound);
 
     // Anonymous first, the longest idle of them first.
-    let carol = st.create(big(Some("carol"))).unwrap();
+    let carol = st.create(blob(Some("carol"))).unwrap();
     assert!(gone(&anon_old));
     assert!(!gone(&anon_new) && !gone(&alice) && !gone(&bob) && !gone(&carol));
     st.clock().advance(MIN);
-    let dave = st.create(big(Some("dave"))).unwrap();
+    let dave = st.create(blob(Some("dave"))).unwrap();
     assert!(gone(&anon_new));
     // No anonymous session left: the longest-idle authenticated one goes, even though it
     // was created first only if it is also idle longest; touch alice so bob is older.
     st.touch(&id(&alice)).unwrap();
     st.clock().advance(MIN);
-    st.create(big(Some("erin"))).unwrap();
+    st.create(blob(Some("erin"))).unwrap();
     assert!(gone(&bob));
     assert!(!gone(&alice) && !gone(&carol) && !gone(&dave));
     assert!(st.stats().bytes <= CAP);
@@ -562,14 +552,8 @@ fn concurrent_partial_writes_and_cas_lose_nothing() {
             scope.spawn(move || {
                 for i in 0..200 {
                     let key = format!("t{t}");
-                    st.update(
-                        &sid,
-                        Change {
-                            set: attrs(&[(&key, &i.to_string())]),
-                            ..Change::default()
-                        },
-                    )
-                    .unwrap();
+                    st.update(&sid, set_attrs(&[(&key, &i.to_string())]))
+                        .unwrap();
                     // A CAS counter: read, then write back at the version read, retry on conflict.
                     loop {
                         let cur = st.get(&sid, true).unwrap();
@@ -619,13 +603,7 @@ fn regenerate_raced_by_writers_keeps_every_acknowledged_write() {
             scope.spawn(move || {
                 for i in 0.. {
                     let key = format!("w{t}-{i}");
-                    match st.update(
-                        &sid,
-                        Change {
-                            set: attrs(&[(&key, "1")]),
-                            ..Change::default()
-                        },
-                    ) {
+                    match st.update(&sid, set_attrs(&[(&key, "1")])) {
                         Ok(_) => acked.lock().unwrap().push(key),
                         Err(StoreError::NotFound) => break,
                         Err(e) => panic!("{e}"),
@@ -760,18 +738,13 @@ fn stores_in_one_pool_share_the_daemon_wide_memory_cap() {
         )
     };
     let (a, b) = (tenant(), tenant());
-    let value = "v".repeat(500);
-    let big = || NewSession {
-        attributes: attrs(&[("blob", value.as_str())]),
-        ..NewSession::default()
-    };
     // About 750 bytes each: two fit in a share of 1.5 KiB. Tenant a keeps creating; past its
     // share it evicts its own sessions, since b's share is held for b.
-    let a_sessions: Vec<Session> = (0..6).map(|_| a.create(big()).unwrap()).collect();
+    let a_sessions: Vec<Session> = (0..6).map(|_| a.create(blob(None)).unwrap()).collect();
     assert!(a.stats().bytes <= CAP / 2);
     assert_eq!(a.stats().sessions, 2);
     // b, under its share, is never made to evict its own because of a.
-    let b_sessions: Vec<Session> = (0..2).map(|_| b.create(big()).unwrap()).collect();
+    let b_sessions: Vec<Session> = (0..2).map(|_| b.create(blob(None)).unwrap()).collect();
     for s in &b_sessions {
         b.get(&id(s), true).unwrap();
     }
@@ -779,7 +752,7 @@ fn stores_in_one_pool_share_the_daemon_wide_memory_cap() {
     assert_eq!(pool.used(), a.stats().bytes + b.stats().bytes);
     assert!(pool.used() <= CAP);
     // Past its own share, b evicts its own, never a's.
-    b.create(big()).unwrap();
+    b.create(blob(None)).unwrap();
     let b_left = b_sessions.iter().filter(|s| b.get(&id(s), true).is_ok());
     assert_eq!(b_left.count(), 1);
     assert_eq!(a.stats().sessions, 2);
@@ -807,16 +780,10 @@ fn a_tenant_filling_the_pool_never_makes_another_evict_below_its_share() {
         )
     };
     let (greedy, quiet) = (store(CAP), store(pool.share()));
-    let value = "v".repeat(500);
-    let big = |user: Option<&str>| NewSession {
-        user: user.map(str::to_owned),
-        attributes: attrs(&[("blob", value.as_str())]),
-        ..NewSession::default()
-    };
     // The greedy tenant alone may grow into what nobody else holds, but not into the quiet
     // tenant's share.
     for _ in 0..40 {
-        greedy.create(big(None)).unwrap();
+        greedy.create(blob(None)).unwrap();
     }
     assert!(
         greedy.stats().bytes <= CAP - pool.share(),
@@ -826,8 +793,8 @@ fn a_tenant_filling_the_pool_never_makes_another_evict_below_its_share() {
     // The quiet tenant fills its share without evicting any of its own users.
     let mut mine = Vec::new();
     while quiet.stats().bytes + 800 <= pool.share() {
-        mine.push(quiet.create(big(Some("user"))).unwrap());
-        greedy.create(big(None)).unwrap();
+        mine.push(quiet.create(blob(Some("user"))).unwrap());
+        greedy.create(blob(None)).unwrap();
     }
     assert!(mine.len() >= 4);
     for s in &mine {
@@ -897,13 +864,7 @@ fn update_counts_are_checked_before_any_other_work() {
 
     // At the limit, duplicates and overlaps are still refused by name.
     let dup = st
-        .update(
-            &id(&s),
-            Change {
-                set: attrs(&[("a", "1"), ("b", "2"), ("a", "3")]),
-                ..Change::default()
-            },
-        )
+        .update(&id(&s), set_attrs(&[("a", "1"), ("b", "2"), ("a", "3")]))
         .unwrap_err();
     assert_eq!(
         dup,
@@ -969,17 +930,9 @@ fn nearly_full(sink: Box<dyn EventSink>, clock: Clock) -> (Store, Vec<Session>) 
         clock,
         sink,
     );
-    let value = "v".repeat(500);
     let made = [None, None, Some("ann"), Some("bob")]
         .into_iter()
-        .map(|user: Option<&str>| {
-            st.create(NewSession {
-                user: user.map(str::to_owned),
-                attributes: attrs(&[("blob", value.as_str())]),
-                ..NewSession::default()
-            })
-            .unwrap()
-        })
+        .map(|user| st.create(blob(user)).unwrap())
         .collect();
     (st, made)
 }
@@ -1041,13 +994,7 @@ fn a_session_that_expires_while_room_is_made_stays_dead() {
     );
     // ann's session dies at T0 + 30 min; eviction for the Update below takes 2 minutes.
     clock.advance(29 * MIN);
-    let err = st.update(
-        &id(&made[2]),
-        Change {
-            set: attrs(&[("more", &"w".repeat(600))]),
-            ..Change::default()
-        },
-    );
+    let err = st.update(&id(&made[2]), set_attrs(&[("more", &"w".repeat(600))]));
     assert_eq!(err, Err(StoreError::NotFound), "a dead session was written");
     assert_eq!(st.get(&id(&made[2]), true), Err(StoreError::NotFound));
 
@@ -1057,14 +1004,8 @@ fn a_session_that_expires_while_room_is_made_stays_dead() {
         Box::new(SlowEviction(clock.clone(), 2 * MIN)),
         clock.clone(),
     );
-    st.update(
-        &id(&made[3]),
-        Change {
-            set: attrs(&[("pad", &"p".repeat(200))]),
-            ..Change::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    st.update(&id(&made[3]), set_attrs(&[("pad", &"p".repeat(200))]))
+        .unwrap_or_else(|e| panic!("{e}"));
     let before = st.stats().sessions;
     clock.advance(29 * MIN);
     let login = Rotation {

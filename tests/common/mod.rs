@@ -8,11 +8,14 @@ pub mod proc;
 
 use std::time::Duration;
 
+use sessiond::api::pb;
 use sessiond::api::pb::session_store_client::SessionStoreClient;
 use sessiond::clock::Clock;
-use sessiond::config::Config;
+use sessiond::config::{Config, TenantConfig};
 use sessiond::server::Daemon;
+use tonic::codegen::{Body, Bytes, StdError};
 use tonic::transport::Channel;
+use tonic::IntoRequest;
 
 /// Start of the manual clock: an arbitrary fixed wall-clock time.
 pub const T0: u64 = 1_750_000_000_000;
@@ -34,6 +37,58 @@ pub fn sha256_hex(token: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// A tenant picked by the bearer token `token`.
+pub fn token_tenant(name: &str, token: &str) -> TenantConfig {
+    TenantConfig {
+        name: name.into(),
+        token_sha256: sha256_hex(token),
+        ..TenantConfig::default()
+    }
+}
+
+/// `msg` with `authorization: Bearer {token}`.
+pub fn bearer<T>(token: &str, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+/// A plaintext channel to `url`, connected.
+pub async fn connect(url: String) -> Channel {
+    Channel::from_shared(url).unwrap().connect().await.unwrap()
+}
+
+/// Creates a session the test goes on to use: a failed create fails the test.
+pub async fn create<T>(
+    client: &mut SessionStoreClient<T>,
+    req: impl IntoRequest<pb::CreateRequest>,
+) -> pb::Session
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
+    client.create(req).await.unwrap().into_inner()
+}
+
+/// Regenerates session `id` with the defaults (same user, attributes kept): its new self.
+/// A failed regenerate fails the test.
+pub async fn regenerate<T>(client: &mut SessionStoreClient<T>, id: &str) -> pb::Session
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
+    let req = pb::RegenerateRequest {
+        id: id.into(),
+        ..Default::default()
+    };
+    client.regenerate(req).await.unwrap().into_inner()
 }
 
 /// A running daemon on a manual clock.
@@ -58,11 +113,7 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        connect(self.url()).await
     }
 
     pub async fn client(&self) -> SessionStoreClient<Channel> {

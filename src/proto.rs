@@ -1,0 +1,54 @@
+//! The public API as `proto/sessiond/v1/session_store.proto` defines it: the generated types
+//! and service stubs, and the service's name as they spell it.
+//!
+//! It sits below every layer that speaks the API, so the transport and the metrics layer can
+//! recognise the service's calls without importing the handlers in [`api`](crate::api).
+
+use tonic::server::NamedService;
+
+/// The generated protobuf types and service stubs.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("sessiond.v1");
+}
+
+/// The service's name as the generated server registers it: the first segment of each of
+/// its paths (`/sessiond.v1.SessionStore/Get`) and the name health checks and reflection
+/// know it by. The name does not depend on the implementation, hence `()`.
+pub const SERVICE_NAME: &str =
+    <pb::session_store_server::SessionStoreServer<()> as NamedService>::NAME;
+
+/// The method a request path calls, if the path is one of this service's
+/// (`/{SERVICE_NAME}/{method}`). Compared in place, with no allocation: it runs for every
+/// request.
+pub(crate) fn method(path: &str) -> Option<&str> {
+    path.strip_prefix('/')?
+        .strip_prefix(SERVICE_NAME)?
+        .strip_prefix('/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_name_is_the_proto_package_and_service() {
+        assert_eq!(SERVICE_NAME, "sessiond.v1.SessionStore");
+    }
+
+    #[test]
+    fn only_this_services_paths_have_a_method() {
+        assert_eq!(method("/sessiond.v1.SessionStore/Get"), Some("Get"));
+        assert_eq!(method("/sessiond.v1.SessionStore/"), Some(""));
+        for other in [
+            "",
+            "/",
+            "sessiond.v1.SessionStore/Get",
+            "/sessiond.v1.SessionStore",
+            "/sessiond.v1.SessionStoreX/Get",
+            "/grpc.health.v1.Health/Check",
+        ] {
+            assert_eq!(method(other), None, "{other:?}");
+        }
+    }
+}
