@@ -38,6 +38,10 @@ pub mod pb {
     tonic::include_proto!("sessiond.v1");
 }
 
+/// What `DestroyAllSessions`'s `confirm` must say, word for word: the daemon refuses to end
+/// every session of a tenant on anything less deliberate.
+pub const DESTROY_ALL_CONFIRMATION: &str = "destroy all sessions";
+
 /// What can go wrong, by what the caller does about it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
