@@ -81,7 +81,8 @@ impl TestServer {
     /// The value of one unlabelled sample in /metrics.
     pub async fn metric(&self, name: &str) -> f64 {
         let (_, body) = self.admin_get("/metrics").await;
-        sessiond::admin::sample(&body, name).unwrap_or_else(|| panic!("{name} not in /metrics"))
+        sessiond_tools::admin::sample(&body, name)
+            .unwrap_or_else(|| panic!("{name} not in /metrics"))
     }
 
     pub async fn stop(self) {

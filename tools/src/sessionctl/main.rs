@@ -13,8 +13,8 @@ use base64::Engine as _;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use sessiond::api::pb;
-use sessiond::api::pb::session_store_client::SessionStoreClient;
+use sessiond_client::pb;
+use sessiond_client::pb::session_store_client::SessionStoreClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -430,7 +430,7 @@ async fn run(cli: &Cli) -> Result<Value, Failure> {
                 });
             }
             let req = pb::DestroyAllSessionsRequest {
-                confirm: sessiond::api::DESTROY_ALL_CONFIRMATION.into(),
+                confirm: sessiond_client::DESTROY_ALL_CONFIRMATION.into(),
             };
             let r = connect(cli)
                 .await?
@@ -533,7 +533,7 @@ const STATS: &[(&str, &str, &str)] = &[
 ];
 
 async fn stats(cli: &Cli) -> Result<Value, Failure> {
-    let body = sessiond::admin::fetch(&cli.admin_addr, "/metrics", cli.timeout)
+    let body = sessiond_tools::admin::fetch(&cli.admin_addr, "/metrics", cli.timeout)
         .await
         .map_err(|why| Failure {
             code: Code::Unavailable as u8,
@@ -566,7 +566,7 @@ async fn stats(cli: &Cli) -> Result<Value, Failure> {
     // Per-tenant series are summed: the daemon's totals.
     let mut out = serde_json::Map::new();
     for (label, metric, _) in STATS {
-        if let Some(v) = sessiond::admin::sample(&body, metric) {
+        if let Some(v) = sessiond_tools::admin::sample(&body, metric) {
             out.insert((*label).into(), json!(v));
         }
     }

@@ -27,8 +27,8 @@ use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use sessiond::api::pb;
-use sessiond::api::pb::session_store_client::SessionStoreClient;
+use sessiond_client::pb;
+use sessiond_client::pb::session_store_client::SessionStoreClient;
 use tonic::transport::{Channel, Endpoint};
 
 /// Session-shaped load against sessiond (grpc://) or Redis (redis://).
@@ -715,13 +715,16 @@ impl Backend {
     async fn server_stats(&self, args: &Args) -> Option<(f64, f64)> {
         match self {
             Backend::Grpc(_) => {
-                let body =
-                    sessiond::admin::fetch(&args.admin_addr, "/metrics", Duration::from_secs(5))
-                        .await
-                        .ok()?;
+                let body = sessiond_tools::admin::fetch(
+                    &args.admin_addr,
+                    "/metrics",
+                    Duration::from_secs(5),
+                )
+                .await
+                .ok()?;
                 Some((
-                    sessiond::admin::sample(&body, "sessiond_process_cpu_seconds_total")?,
-                    sessiond::admin::sample(&body, "sessiond_process_resident_memory_bytes")?,
+                    sessiond_tools::admin::sample(&body, "sessiond_process_cpu_seconds_total")?,
+                    sessiond_tools::admin::sample(&body, "sessiond_process_resident_memory_bytes")?,
                 ))
             }
             Backend::Redis(c, _) => {
