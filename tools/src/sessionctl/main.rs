@@ -15,10 +15,8 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use sessiond_client::pb;
 use sessiond_client::pb::session_store_client::SessionStoreClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use sessiond_client::{Bearer, ClientOptions, Error, Stub};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// Command-line client for sessiond.
@@ -254,72 +252,44 @@ fn main() -> ExitCode {
     }
 }
 
-/// Adds the tenant's bearer token to every call.
-#[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(token) = &self.0 {
-            req.metadata_mut().insert("authorization", token.clone());
-        }
-        Ok(req)
-    }
-}
-
-type Client = SessionStoreClient<InterceptedService<Channel, Bearer>>;
-
-async fn connect(cli: &Cli) -> Result<Client, Failure> {
+async fn connect(cli: &Cli) -> Result<Stub, Failure> {
     let channel = channel(cli).await?;
-    let token = match &cli.token {
-        None => None,
-        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| Failure {
-            code: 2,
-            message: "--token must be printable ASCII".into(),
-        })?),
-    };
-    Ok(SessionStoreClient::with_interceptor(channel, Bearer(token)))
+    let bearer = Bearer::new(cli.token.as_deref()).map_err(|_| Failure {
+        code: 2,
+        message: "--token must be printable ASCII".into(),
+    })?;
+    Ok(SessionStoreClient::with_interceptor(channel, bearer))
 }
 
 async fn channel(cli: &Cli) -> Result<Channel, Failure> {
-    let tls = cli.ca.is_some() || cli.addr.starts_with("https://");
-    let url = if cli.addr.contains("://") {
-        cli.addr.clone()
-    } else if tls {
-        format!("https://{}", cli.addr)
-    } else {
-        format!("http://{}", cli.addr)
-    };
-    let unavailable = |why: String| Failure {
-        code: Code::Unavailable as u8,
-        message: format!("UNAVAILABLE: cannot reach sessiond at {}: {why}", cli.addr),
-    };
     let read = |path: &std::path::Path| {
         std::fs::read(path).map_err(|e| Failure {
             code: 2,
             message: format!("cannot read {}: {e}", path.display()),
         })
     };
-    let mut endpoint = Endpoint::from_shared(url)
-        .map_err(|e| unavailable(e.to_string()))?
-        .connect_timeout(cli.timeout)
-        .timeout(cli.timeout);
-    if tls {
-        let mut config = ClientTlsConfig::new().with_enabled_roots();
-        if let Some(ca) = &cli.ca {
-            config = config.ca_certificate(Certificate::from_pem(read(ca)?));
-        }
-        if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
-            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
-        }
-        endpoint = endpoint
-            .tls_config(config)
-            .map_err(|e| unavailable(e.to_string()))?;
-    }
-    endpoint
-        .connect()
+    let identity_pem = match (&cli.cert, &cli.key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        _ => None,
+    };
+    let options = ClientOptions {
+        ca_pem: cli.ca.as_deref().map(read).transpose()?,
+        identity_pem,
+        timeout: Some(cli.timeout),
+        ..ClientOptions::default()
+    };
+    sessiond_client::channel(&cli.addr, &options)
         .await
-        .map_err(|e| unavailable(e.to_string()))
+        .map_err(|e| {
+            let why = match e {
+                Error::Unavailable(why) | Error::InvalidArgument(why) => why,
+                other => other.to_string(),
+            };
+            Failure {
+                code: Code::Unavailable as u8,
+                message: format!("UNAVAILABLE: cannot reach sessiond at {}: {why}", cli.addr),
+            }
+        })
 }
 
 async fn run(cli: &Cli) -> Result<Value, Failure> {
