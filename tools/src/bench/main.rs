@@ -48,7 +48,7 @@ use crate::workload::{parse_mix, pick, Pool};
 
 /// Session-shaped load against sessiond (grpc://) or Redis (redis://).
 #[derive(Parser, Clone)]
-#[command(version, about)]
+#[command(version)]
 pub(crate) struct Args {
     /// grpc://HOST:PORT for sessiond, redis://HOST:PORT for Redis.
     #[arg(long, default_value = "grpc://127.0.0.1:7420")]

@@ -28,7 +28,7 @@ use tonic::{Code, Status};
 /// Attribute values print as UTF-8 text when they are valid UTF-8, otherwise as
 /// `base64:<standard base64>`; `--set k=base64:...` accepts the same form.
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(version)]
 struct Cli {
     /// sessiond's gRPC address (host:port or http://host:port).
     #[arg(
