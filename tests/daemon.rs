@@ -21,7 +21,7 @@ fn spawn(env: &[(&str, &str)]) -> (Proc, tempfile::TempDir) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_shuts_down_cleanly_with_exit_0() {
     let (p, _dir) = spawn(&[]);
-    let mut c = SessionStoreClient::connect(p.url()).await.unwrap();
+    let mut c = common::connect(p.url()).await;
     c.create(pb::CreateRequest::default()).await.unwrap();
     // `terminate` blocks this thread; the client must not hold a connection the server
     // would wait for.
@@ -410,9 +410,8 @@ async fn protected_mode_accepts_a_public_listener_with_tls_and_client_authentica
         ..common::test_config()
     }))
     .await;
-    SessionStoreClient::connect(format!("http://{}", local(&srv)))
+    common::connect(format!("http://{}", local(&srv)))
         .await
-        .unwrap()
         .create(pb::CreateRequest::default())
         .await
         .unwrap();

@@ -23,7 +23,7 @@ fn start(dir: &Path, env: &[(&str, &str)]) -> Proc {
 }
 
 async fn client(p: &Proc) -> SessionStoreClient<Channel> {
-    SessionStoreClient::connect(p.url()).await.unwrap()
+    common::connect(p.url()).await
 }
 
 /// What the writers were told, and what they are not sure of.

@@ -90,6 +90,11 @@ impl TestServer {
     }
 }
 
+/// A client of the daemon at `url` (`http://host:port`).
+pub async fn connect(url: String) -> SessionStoreClient<Channel> {
+    SessionStoreClient::new(Channel::from_shared(url).unwrap().connect().await.unwrap())
+}
+
 /// A minimal HTTP/1.0 GET over a plain socket: enough for the admin endpoint in tests.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
