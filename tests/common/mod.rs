@@ -81,13 +81,36 @@ impl TestServer {
     /// The value of one unlabelled sample in /metrics.
     pub async fn metric(&self, name: &str) -> f64 {
         let (_, body) = self.admin_get("/metrics").await;
-        sessiond_tools::admin::sample(&body, name)
-            .unwrap_or_else(|| panic!("{name} not in /metrics"))
+        sample(&body, name).unwrap_or_else(|| panic!("{name} not in /metrics"))
     }
 
     pub async fn stop(self) {
         self.daemon.stop().await.unwrap();
     }
+}
+
+/// A value from a Prometheus text exposition. `name` with labels (`m{a="b"}`, as written
+/// there) is that one series; a bare metric name is the sum of all its series (across
+/// tenants, say). `None` when no series matches. (The tools have the same reader; the daemon's
+/// tests keep their own, so the daemon's crate does not depend on the tools'.)
+pub fn sample(exposition: &str, name: &str) -> Option<f64> {
+    let series = exposition.lines().filter(|l| !l.starts_with('#'));
+    if name.contains('{') {
+        return series
+            .into_iter()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok());
+    }
+    let values: Vec<f64> = series
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.rsplit_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse().ok()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// A client of the daemon at `url` (`http://host:port`).
