@@ -18,7 +18,7 @@
 //! # Layout
 //!
 //! - `workload`: the operations, the mix that picks them, the pool of live sessions.
-//! - `schedule`: when the workers send: closed loop, or open loop at `--rate`.
+//! - `schedule`: the open loop's pacer, for `--rate`.
 //! - `backend`: one interface over the two backends, and what each operation does to the
 //!   pool; `grpc` (unary or Pipeline) and `redis` send the operations.
 //! - `report`: latency histograms and error counts, merged into the table or JSON report.

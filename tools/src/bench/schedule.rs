@@ -1,5 +1,6 @@
-//! When the workers send: closed loop (the next request as soon as the last answers), or open
-//! loop under `--rate`, where a pacer thread releases requests as they fall due.
+//! The open loop's schedule, for `--rate`: a pacer thread releases requests as they fall due,
+//! whatever the latency. (Without `--rate`, each worker sends its next request as soon as
+//! the last answers.)
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
