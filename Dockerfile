@@ -9,6 +9,7 @@ COPY src ./src
 COPY benches ./benches
 COPY config ./config
 COPY clients/rust ./clients/rust
+COPY tools ./tools
 COPY examples/storefront ./examples/storefront
 RUN cargo build --release --locked --bin sessiond --bin sessionctl
 

@@ -12,7 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     // The encoded descriptor set feeds gRPC reflection, so grpcurl works without the proto.
     std::fs::write(out.join("sessiond_descriptor.bin"), fds.encode_to_vec())?;
+    // The client stub is generic over its transport, without the `connect` that would need
+    // tonic's channel in the daemon: the tests bring their own channel.
     tonic_prost_build::configure()
+        .build_transport(false)
         .bytes(".sessiond.v1")
         .compile_fds(fds)?;
     // The storage records: messages only, no service, and not served by reflection.

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 
 use common::proc::{spawn as spawn_in, Proc};
-use common::{bearer, connect, create, regenerate, token_tenant};
+use common::{bearer, channel, create, regenerate, token_tenant};
 use sessiond::api::pb;
 use sessiond::api::pb::session_store_client::SessionStoreClient;
 
@@ -22,7 +22,7 @@ fn spawn(env: &[(&str, &str)]) -> (Proc, tempfile::TempDir) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_shuts_down_cleanly_with_exit_0() {
     let (p, _dir) = spawn(&[]);
-    let mut c = SessionStoreClient::connect(p.url()).await.unwrap();
+    let mut c = common::connect(p.url()).await;
     create(&mut c, pb::CreateRequest::default()).await;
     // `terminate` blocks this thread; the client must not hold a connection the server
     // would wait for.
@@ -92,7 +92,7 @@ async fn no_session_id_or_token_reaches_the_logs_even_at_trace_level() {
         &[("RUST_LOG", "trace")],
     )
     .unwrap_or_else(|out| panic!("sessiond did not start:\n{out}"));
-    let channel = connect(p.url()).await;
+    let channel = channel(p.url()).await;
     let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse().unwrap();
     let mut c =
         SessionStoreClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
@@ -189,7 +189,7 @@ async fn hold_a_request(
 /// the held request reached the server: a health check is then shed.
 async fn until_the_slot_is_taken(url: String) {
     use tonic_health::pb::health_client::HealthClient;
-    let mut health = HealthClient::new(connect(url).await);
+    let mut health = HealthClient::new(channel(url).await);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let shed = health
@@ -236,7 +236,7 @@ async fn sigterm_cuts_busy_connections_before_the_log_closes_and_exits() {
         ("SESSIOND_REQUEST_TIMEOUT", "10m"),
         ("SESSIOND_MAX_CONCURRENT_REQUESTS", "1"),
     ]);
-    let held = hold_a_request(connect(p.url()).await).await;
+    let held = hold_a_request(channel(p.url()).await).await;
     until_the_slot_is_taken(p.url()).await;
     // `terminate` blocks this thread; the held call runs on the other worker.
     let (status, out) = p.terminate();
@@ -384,9 +384,8 @@ async fn protected_mode_accepts_a_public_listener_with_tls_and_client_authentica
         ..common::test_config()
     }))
     .await;
-    SessionStoreClient::connect(format!("http://{}", local(&srv)))
+    common::connect(format!("http://{}", local(&srv)))
         .await
-        .unwrap()
         .create(pb::CreateRequest::default())
         .await
         .unwrap();

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::proc::{spawn, spawn_with_file_size_limit, Proc};
 use sessiond::api::pb;
-use sessiond::api::pb::session_store_client::SessionStoreClient;
 use tonic::Code;
 
 /// Where the log stops growing: room for a few hundred records.
@@ -35,7 +34,7 @@ async fn survives_a_failing_disk(fsync: &str) {
     let data = dir.path().join("data").to_str().unwrap().to_string();
     let p = spawn_with_file_size_limit(dir.path(), &args(&data, fsync), &[], FILE_LIMIT)
         .unwrap_or_else(|out| panic!("sessiond did not start:\n{out}"));
-    let mut c = SessionStoreClient::connect(p.url()).await.unwrap();
+    let mut c = common::connect(p.url()).await;
 
     // Create until the disk is full and writes are refused by name.
     let mut acked = Vec::new();
@@ -172,7 +171,7 @@ async fn survives_a_failing_disk(fsync: &str) {
     .await
     .unwrap()
     .unwrap_or_else(|out| panic!("{fsync}: sessiond did not restart:\n{out}"));
-    let mut c = SessionStoreClient::connect(p.url()).await.unwrap();
+    let mut c = common::connect(p.url()).await;
     let mut missing = Vec::new();
     for (i, id) in acked.iter().enumerate() {
         let got = c

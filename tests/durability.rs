@@ -1,5 +1,6 @@
 //! Durability against the real binary: kill -9 under load, torn tails, corruption and
-//! `--repair`, and snapshots taken while writers run.
+//! `--repair`, snapshots taken while writers run, and `DestroyAllSessions` surviving a
+//! kill -9 right after its reply.
 
 mod common;
 
@@ -22,7 +23,7 @@ fn start(dir: &Path, env: &[(&str, &str)]) -> Proc {
 }
 
 async fn client(p: &Proc) -> SessionStoreClient<Channel> {
-    SessionStoreClient::connect(p.url()).await.unwrap()
+    common::connect(p.url()).await
 }
 
 /// What the writers were told, and what they are not sure of.
@@ -212,6 +213,69 @@ async fn snapshots_under_writes_lose_nothing() {
     tokio::task::spawn_blocking(move || p.terminate())
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_all_sessions_is_on_disk_before_its_reply_whatever_fsync_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // `no`: the reply must not depend on the fsync policy for the effect to be on disk.
+    let args = ["--data-dir", data.to_str().unwrap(), "--fsync", "no"];
+    let p = spawn(dir.path(), &args, &[]).unwrap_or_else(|out| panic!("no start:\n{out}"));
+    let mut c = client(&p).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let req = pb::CreateRequest {
+            user_id: format!("u{}", i % 4),
+            ..Default::default()
+        };
+        ids.push(c.create(req).await.unwrap().into_inner().id);
+    }
+    let req = pb::DestroyAllSessionsRequest {
+        confirm: sessiond::api::DESTROY_ALL_CONFIRMATION.into(),
+    };
+    assert_eq!(
+        c.destroy_all_sessions(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .destroyed,
+        20
+    );
+    // kill -9 right after the reply, then restart on the same data.
+    drop(c);
+    let output = p.output.clone();
+    tokio::task::spawn_blocking(move || p.kill()).await.unwrap();
+    let logged = |out: &str| {
+        out.lines().any(|l| {
+            l.contains("DestroyAllSessions")
+                && l.contains("tenant=default")
+                && l.contains("destroyed=20")
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !logged(&output.lock().unwrap()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not logged:\n{}",
+            output.lock().unwrap()
+        );
+        tokio::task::yield_now().await;
+    }
+    let p = spawn(dir.path(), &args, &[]).unwrap_or_else(|out| panic!("no restart:\n{out}"));
+    let mut c = client(&p).await;
+    for id in &ids {
+        let e = c
+            .get(pb::GetRequest {
+                id: id.clone(),
+                peek: true,
+            })
+            .await
+            .expect_err("a destroyed session came back");
+        assert_eq!(e.code(), Code::NotFound);
+    }
+    drop(c);
+    tokio::task::spawn_blocking(move || p.kill()).await.unwrap();
 }
 
 /// The only log segment in `data`.

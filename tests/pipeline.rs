@@ -436,9 +436,7 @@ async fn at_shutdown_a_pipeline_ends_with_unavailable_and_every_acknowledged_cre
     ];
     let p = common::proc::spawn(dir.path(), &args, &env)
         .unwrap_or_else(|out| panic!("sessiond did not start:\n{out}"));
-    let mut c = pb::session_store_client::SessionStoreClient::connect(p.url())
-        .await
-        .unwrap();
+    let mut c = common::connect(p.url()).await;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let mut responses = c
         .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -508,9 +506,7 @@ async fn at_shutdown_a_pipeline_ends_with_unavailable_and_every_acknowledged_cre
     // Every acknowledged session is there after a restart.
     let p = common::proc::spawn(dir.path(), &args, &[])
         .unwrap_or_else(|out| panic!("sessiond did not restart:\n{out}"));
-    let mut c = pb::session_store_client::SessionStoreClient::connect(p.url())
-        .await
-        .unwrap();
+    let mut c = common::connect(p.url()).await;
     for chunk in acked.chunks(500) {
         let r = c
             .get_many(pb::GetManyRequest {
@@ -553,9 +549,7 @@ async fn a_pipelined_write_stuck_on_the_disk_times_out_on_its_own_and_the_stream
     let env = [("SESSIOND_REQUEST_TIMEOUT", REQUEST_TIMEOUT)];
     let p = common::proc::spawn(dir.path(), &args, &env)
         .unwrap_or_else(|out| panic!("sessiond did not start:\n{out}"));
-    let mut c = pb::session_store_client::SessionStoreClient::connect(p.url())
-        .await
-        .unwrap();
+    let mut c = common::connect(p.url()).await;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let mut responses = c
         .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))

@@ -57,7 +57,7 @@ pub fn bearer<T>(token: &str, msg: T) -> tonic::Request<T> {
 }
 
 /// A plaintext channel to `url`, connected.
-pub async fn connect(url: String) -> Channel {
+pub async fn channel(url: String) -> Channel {
     Channel::from_shared(url).unwrap().connect().await.unwrap()
 }
 
@@ -113,7 +113,7 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        connect(self.url()).await
+        channel(self.url()).await
     }
 
     pub async fn client(&self) -> SessionStoreClient<Channel> {
@@ -132,12 +132,41 @@ impl TestServer {
     /// The value of one unlabelled sample in /metrics.
     pub async fn metric(&self, name: &str) -> f64 {
         let (_, body) = self.admin_get("/metrics").await;
-        sessiond::admin::sample(&body, name).unwrap_or_else(|| panic!("{name} not in /metrics"))
+        sample(&body, name).unwrap_or_else(|| panic!("{name} not in /metrics"))
     }
 
     pub async fn stop(self) {
         self.daemon.stop().await.unwrap();
     }
+}
+
+/// A value from a Prometheus text exposition. `name` with labels (`m{a="b"}`, as written
+/// there) is that one series; a bare metric name is the sum of all its series (across
+/// tenants, say). `None` when no series matches. (The tools have the same reader; the daemon's
+/// tests keep their own, so the daemon's crate does not depend on the tools'.)
+pub fn sample(exposition: &str, name: &str) -> Option<f64> {
+    let series = exposition.lines().filter(|l| !l.starts_with('#'));
+    if name.contains('{') {
+        return series
+            .into_iter()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok());
+    }
+    let values: Vec<f64> = series
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.rsplit_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse().ok()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// A client of the daemon at `url` (`http://host:port`).
+pub async fn connect(url: String) -> SessionStoreClient<Channel> {
+    SessionStoreClient::new(channel(url).await)
 }
 
 /// A minimal HTTP/1.0 GET over a plain socket: enough for the admin endpoint in tests.

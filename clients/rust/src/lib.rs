@@ -38,6 +38,10 @@ pub mod pb {
     tonic::include_proto!("sessiond.v1");
 }
 
+/// What `DestroyAllSessions`'s `confirm` must say, word for word: the daemon refuses to end
+/// every session of a tenant on anything less deliberate.
+pub const DESTROY_ALL_CONFIRMATION: &str = "destroy all sessions";
+
 /// What can go wrong, by what the caller does about it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -203,6 +207,21 @@ pub struct ClientOptions {
 #[derive(Clone)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 
+impl Bearer {
+    /// Sends `authorization: Bearer <token>` with every call, or nothing when `None`.
+    pub fn new(token: Option<&str>) -> Result<Bearer, Error> {
+        let value = match token {
+            None => None,
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| Error::InvalidArgument("token must be printable ASCII".into()))?,
+            ),
+        };
+        Ok(Bearer(value))
+    }
+}
+
 impl Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
         if let Some(token) = &self.0 {
@@ -212,7 +231,43 @@ impl Interceptor for Bearer {
     }
 }
 
-type Stub = pb::session_store_client::SessionStoreClient<InterceptedService<Channel, Bearer>>;
+/// The generated stub with a [`Bearer`] on every call: for the calls and fields the typed
+/// [`SessionClient`] leaves out (`DestroyAllSessions`, `drop_attributes`, ...).
+pub type Stub = pb::session_store_client::SessionStoreClient<InterceptedService<Channel, Bearer>>;
+
+/// Opens a connection to sessiond (`host:port`, `http://` or `https://`) with the TLS and
+/// timeouts of `options`; the token is not part of it (see [`Bearer`]).
+///
+/// TLS is on with an `https://` address or a `ca_pem`. Besides `ca_pem`, it trusts the roots
+/// of whichever of tonic's `tls-native-roots` and `tls-webpki-roots` features are enabled.
+pub async fn channel(addr: &str, options: &ClientOptions) -> Result<Channel, Error> {
+    let tls = options.ca_pem.is_some() || addr.starts_with("https://");
+    let url = match addr.contains("://") {
+        true => addr.to_string(),
+        false if tls => format!("https://{addr}"),
+        false => format!("http://{addr}"),
+    };
+    let timeout = options.timeout.unwrap_or(Duration::from_secs(5));
+    let mut endpoint = Endpoint::from_shared(url)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .tcp_nodelay(true);
+    if tls {
+        let mut config = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &options.ca_pem {
+            config = config.ca_certificate(Certificate::from_pem(ca));
+        }
+        if let Some((cert, key)) = &options.identity_pem {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &options.domain {
+            config = config.domain_name(domain);
+        }
+        endpoint = endpoint.tls_config(config)?;
+    }
+    Ok(endpoint.connect().await?)
+}
 
 /// A handle to sessiond. Cheap to clone: clones share one HTTP/2 connection.
 #[derive(Clone)]
@@ -228,45 +283,10 @@ impl SessionClient {
 
     /// Connects with TLS and a tenant token as `options` say.
     pub async fn connect_with(addr: &str, options: ClientOptions) -> Result<Self, Error> {
-        let tls = options.ca_pem.is_some() || addr.starts_with("https://");
-        let url = match addr.contains("://") {
-            true => addr.to_string(),
-            false if tls => format!("https://{addr}"),
-            false => format!("http://{addr}"),
-        };
-        let timeout = options.timeout.unwrap_or(Duration::from_secs(5));
-        let mut endpoint = Endpoint::from_shared(url)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .tcp_nodelay(true);
-        if tls {
-            let mut config = ClientTlsConfig::new();
-            if let Some(ca) = &options.ca_pem {
-                config = config.ca_certificate(Certificate::from_pem(ca));
-            }
-            if let Some((cert, key)) = &options.identity_pem {
-                config = config.identity(Identity::from_pem(cert, key));
-            }
-            if let Some(domain) = &options.domain {
-                config = config.domain_name(domain);
-            }
-            endpoint = endpoint.tls_config(config)?;
-        }
-        let channel = endpoint.connect().await?;
-        let token = match options.token {
-            None => None,
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| Error::InvalidArgument("token must be printable ASCII".into()))?,
-            ),
-        };
+        let channel = channel(addr, &options).await?;
+        let bearer = Bearer::new(options.token.as_deref())?;
         Ok(SessionClient {
-            stub: pb::session_store_client::SessionStoreClient::with_interceptor(
-                channel,
-                Bearer(token),
-            ),
+            stub: pb::session_store_client::SessionStoreClient::with_interceptor(channel, bearer),
         })
     }
 

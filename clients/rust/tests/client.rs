@@ -112,3 +112,26 @@ async fn a_tenant_token_is_sent_and_a_missing_one_is_a_typed_error() {
     ));
     d.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn destroy_all_sessions_with_the_confirmation_ends_every_session() {
+    let d = daemon(vec![]).await;
+    let c = SessionClient::connect(&d.grpc_addr.to_string())
+        .await
+        .unwrap();
+    let s = c.create(NewSession::default()).await.unwrap();
+    let r = sessiond_client::pb::session_store_client::SessionStoreClient::with_interceptor(
+        sessiond_client::channel(&d.grpc_addr.to_string(), &ClientOptions::default())
+            .await
+            .unwrap(),
+        sessiond_client::Bearer::new(None).unwrap(),
+    )
+    .destroy_all_sessions(sessiond_client::pb::DestroyAllSessionsRequest {
+        confirm: sessiond_client::DESTROY_ALL_CONFIRMATION.into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(r.into_inner().destroyed, 1);
+    assert_eq!(c.peek(&s.id).await, Err(Error::NotFound));
+    d.stop().await.unwrap();
+}

@@ -1,4 +1,5 @@
-//! sessionctl end to end: the real binary against a real daemon on ephemeral ports.
+//! sessionctl end to end: the real binary against a real daemon (in-process) on ephemeral
+//! loopback ports.
 
 mod common;
 
@@ -43,10 +44,10 @@ impl Ctl {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_subcommand_works_end_to_end() {
-    let srv = common::TestServer::start().await;
+    let daemon = common::start(common::test_config()).await;
     let ctl = Ctl {
-        grpc: srv.daemon.grpc_addr.to_string(),
-        admin: srv.daemon.admin_addr.to_string(),
+        grpc: daemon.grpc_addr.to_string(),
+        admin: daemon.admin_addr.to_string(),
     };
 
     let ping = ctl.run(&["ping"]).await;
@@ -172,7 +173,7 @@ async fn every_subcommand_works_end_to_end() {
     assert_eq!(out.code, 14, "UNAVAILABLE");
     assert!(out.stderr.contains("127.0.0.1:1"), "{}", out.stderr);
     assert_eq!(dead.run(&["stats"]).await.code, 14);
-    srv.stop().await;
+    daemon.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,7 +184,7 @@ async fn tenant_tokens_and_tls_from_the_command_line() {
     let (cert, key) = ca.issue("localhost");
     let token = "ctl-token";
     let hash = common::sha256_hex(token);
-    let srv = common::TestServer::with_config(sessiond::config::Config {
+    let daemon = common::start(sessiond::config::Config {
         tls_cert: write(dir.path(), "server.pem", &cert),
         tls_key: write(dir.path(), "server.key", &key),
         tenants: vec![sessiond::config::TenantConfig {
@@ -196,8 +197,8 @@ async fn tenant_tokens_and_tls_from_the_command_line() {
     .await;
     let ca_path = write(dir.path(), "ca.pem", &ca.pem);
     let ctl = Ctl {
-        grpc: format!("localhost:{}", srv.daemon.grpc_addr.port()),
-        admin: srv.daemon.admin_addr.to_string(),
+        grpc: format!("localhost:{}", daemon.grpc_addr.port()),
+        admin: daemon.admin_addr.to_string(),
     };
     let ca_arg = ca_path.to_str().unwrap();
     let s = ctl
@@ -211,21 +212,15 @@ async fn tenant_tokens_and_tls_from_the_command_line() {
         "{}",
         refused.stderr
     );
-    srv.stop().await;
+    daemon.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_all_needs_yes_ends_every_session_and_a_restart_does_not_bring_them_back() {
-    use common::proc::spawn;
-    use sessiond::api::pb;
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    // `no`: the reply must not depend on the fsync policy for the effect to be on disk.
-    let args = ["--data-dir", data.to_str().unwrap(), "--fsync", "no"];
-    let p = spawn(dir.path(), &args, &[]).unwrap_or_else(|out| panic!("no start:\n{out}"));
+async fn kill_all_needs_yes_and_ends_every_session() {
+    let daemon = common::start(common::test_config()).await;
     // No `stats` here: the admin address is not needed.
     let ctl = Ctl {
-        grpc: p.grpc.clone(),
+        grpc: daemon.grpc_addr.to_string(),
         admin: "127.0.0.1:1".into(),
     };
     let mut ids = Vec::new();
@@ -236,55 +231,18 @@ async fn kill_all_needs_yes_ends_every_session_and_a_restart_does_not_bring_them
     }
 
     let refused = ctl.run(&["kill", "--all"]).await;
-    assert_ne!(refused.code, 0);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
     assert!(refused.stderr.contains("--yes"), "{}", refused.stderr);
     assert_eq!(ctl.json(&["get", &ids[0], "--peek"]).await["id"], ids[0]);
 
     let killed = ctl.json(&["kill", "--all", "--yes"]).await;
     assert_eq!(killed["destroyed"], 20);
-    // kill -9 right after the reply, then restart on the same data.
-    let output = p.output.clone();
-    p.kill();
-    let logged = |out: &str| {
-        out.lines().any(|l| {
-            l.contains("DestroyAllSessions")
-                && l.contains("tenant=default")
-                && l.contains("destroyed=20")
-        })
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !logged(&output.lock().unwrap()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not logged:\n{}",
-            output.lock().unwrap()
-        );
-        tokio::task::yield_now().await;
-    }
-    let p = spawn(dir.path(), &args, &[]).unwrap_or_else(|out| panic!("no restart:\n{out}"));
-    let mut c = pb::session_store_client::SessionStoreClient::connect(p.url())
-        .await
-        .unwrap();
     for id in &ids {
-        let e = c
-            .get(pb::GetRequest {
-                id: id.clone(),
-                peek: true,
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(
-            e.code(),
-            tonic::Code::NotFound,
-            "a destroyed session came back"
-        );
+        let gone = ctl.run(&["get", id, "--peek"]).await;
+        assert_eq!(gone.code, 5, "NOT_FOUND: {}", gone.stderr);
     }
-    let ctl = Ctl {
-        grpc: p.grpc.clone(),
-        admin: "127.0.0.1:1".into(),
-    };
     let human = ctl.run(&["kill", "--all", "--yes"]).await;
     assert_eq!(human.code, 0, "{}", human.stderr);
     assert!(human.stdout.contains("destroyed"), "{}", human.stdout);
-    p.kill();
+    daemon.stop().await.unwrap();
 }

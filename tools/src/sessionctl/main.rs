@@ -3,23 +3,29 @@
 //! Human output by default, `--json` for scripts. The exit code is the gRPC status code of
 //! the failed call (NOT_FOUND = 5, INVALID_ARGUMENT = 3, UNAVAILABLE = 14, ...), 0 on
 //! success, and 2 for a command line clap cannot parse.
+//!
+//! This file holds the command line and the calls; `output` renders the answers, `stats`
+//! summarises the admin endpoint's `/metrics`.
 
-use std::collections::BTreeMap;
+mod output;
+mod stats;
+
 use std::process::ExitCode;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use sessiond::api::pb;
-use sessiond::api::pb::session_store_client::SessionStoreClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use sessiond_client::pb;
+use sessiond_client::pb::session_store_client::SessionStoreClient;
+use sessiond_client::{Bearer, ClientOptions, Error, Stub};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
+
+use crate::output::{human, session_json, timestamp};
+use crate::stats::stats;
 
 /// Command-line client for sessiond.
 ///
@@ -30,7 +36,7 @@ use tonic::{Code, Status};
 /// Attribute values print as UTF-8 text when they are valid UTF-8, otherwise as
 /// `base64:<standard base64>`; `--set k=base64:...` accepts the same form.
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(version)]
 struct Cli {
     /// sessiond's gRPC address (host:port or http://host:port).
     #[arg(
@@ -254,72 +260,44 @@ fn main() -> ExitCode {
     }
 }
 
-/// Adds the tenant's bearer token to every call.
-#[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(token) = &self.0 {
-            req.metadata_mut().insert("authorization", token.clone());
-        }
-        Ok(req)
-    }
-}
-
-type Client = SessionStoreClient<InterceptedService<Channel, Bearer>>;
-
-async fn connect(cli: &Cli) -> Result<Client, Failure> {
+async fn connect(cli: &Cli) -> Result<Stub, Failure> {
     let channel = channel(cli).await?;
-    let token = match &cli.token {
-        None => None,
-        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| Failure {
-            code: 2,
-            message: "--token must be printable ASCII".into(),
-        })?),
-    };
-    Ok(SessionStoreClient::with_interceptor(channel, Bearer(token)))
+    let bearer = Bearer::new(cli.token.as_deref()).map_err(|_| Failure {
+        code: 2,
+        message: "--token must be printable ASCII".into(),
+    })?;
+    Ok(SessionStoreClient::with_interceptor(channel, bearer))
 }
 
 async fn channel(cli: &Cli) -> Result<Channel, Failure> {
-    let tls = cli.ca.is_some() || cli.addr.starts_with("https://");
-    let url = if cli.addr.contains("://") {
-        cli.addr.clone()
-    } else if tls {
-        format!("https://{}", cli.addr)
-    } else {
-        format!("http://{}", cli.addr)
-    };
-    let unavailable = |why: String| Failure {
-        code: Code::Unavailable as u8,
-        message: format!("UNAVAILABLE: cannot reach sessiond at {}: {why}", cli.addr),
-    };
     let read = |path: &std::path::Path| {
         std::fs::read(path).map_err(|e| Failure {
             code: 2,
             message: format!("cannot read {}: {e}", path.display()),
         })
     };
-    let mut endpoint = Endpoint::from_shared(url)
-        .map_err(|e| unavailable(e.to_string()))?
-        .connect_timeout(cli.timeout)
-        .timeout(cli.timeout);
-    if tls {
-        let mut config = ClientTlsConfig::new().with_enabled_roots();
-        if let Some(ca) = &cli.ca {
-            config = config.ca_certificate(Certificate::from_pem(read(ca)?));
-        }
-        if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
-            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
-        }
-        endpoint = endpoint
-            .tls_config(config)
-            .map_err(|e| unavailable(e.to_string()))?;
-    }
-    endpoint
-        .connect()
+    let identity_pem = match (&cli.cert, &cli.key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        _ => None,
+    };
+    let options = ClientOptions {
+        ca_pem: cli.ca.as_deref().map(read).transpose()?,
+        identity_pem,
+        timeout: Some(cli.timeout),
+        ..ClientOptions::default()
+    };
+    sessiond_client::channel(&cli.addr, &options)
         .await
-        .map_err(|e| unavailable(e.to_string()))
+        .map_err(|e| {
+            let why = match e {
+                Error::Unavailable(why) | Error::InvalidArgument(why) => why,
+                other => other.to_string(),
+            };
+            Failure {
+                code: Code::Unavailable as u8,
+                message: format!("UNAVAILABLE: cannot reach sessiond at {}: {why}", cli.addr),
+            }
+        })
 }
 
 async fn run(cli: &Cli) -> Result<Value, Failure> {
@@ -430,7 +408,7 @@ async fn run(cli: &Cli) -> Result<Value, Failure> {
                 });
             }
             let req = pb::DestroyAllSessionsRequest {
-                confirm: sessiond::api::DESTROY_ALL_CONFIRMATION.into(),
+                confirm: sessiond_client::DESTROY_ALL_CONFIRMATION.into(),
             };
             let r = connect(cli)
                 .await?
@@ -514,154 +492,10 @@ async fn ping(cli: &Cli) -> Result<Value, Failure> {
     }))
 }
 
-/// The metrics `stats` shows, in order: (label, metric, unit).
-const STATS: &[(&str, &str, &str)] = &[
-    ("sessions", "sessiond_sessions_active", ""),
-    ("users", "sessiond_users_with_sessions", ""),
-    ("session_bytes", "sessiond_session_bytes", "bytes"),
-    ("created", "sessiond_sessions_created_total", ""),
-    ("updated", "sessiond_sessions_updated_total", ""),
-    ("destroyed", "sessiond_sessions_destroyed_total", ""),
-    ("expired", "sessiond_sessions_expired_total", ""),
-    ("regenerated", "sessiond_sessions_regenerated_total", ""),
-    ("evicted", "sessiond_sessions_evicted_total", ""),
-    ("id_misses", "sessiond_session_id_misses_total", ""),
-    ("rss", "sessiond_process_resident_memory_bytes", "bytes"),
-    ("open_fds", "sessiond_process_open_fds", ""),
-    ("cpu_seconds", "sessiond_process_cpu_seconds_total", "s"),
-    ("uptime_seconds", "sessiond_uptime_seconds", "s"),
-];
-
-async fn stats(cli: &Cli) -> Result<Value, Failure> {
-    let body = sessiond::admin::fetch(&cli.admin_addr, "/metrics", cli.timeout)
-        .await
-        .map_err(|why| Failure {
-            code: Code::Unavailable as u8,
-            message: format!(
-                "UNAVAILABLE: cannot read metrics from {}: {why}",
-                cli.admin_addr
-            ),
-        })?;
-    let mut requests = 0.0;
-    let mut errors = 0.0;
-    for line in body.lines().filter(|l| !l.starts_with('#')) {
-        let Some((name, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (Some(labels), Ok(value)) = (
-            name.strip_prefix("sessiond_grpc_requests_total{"),
-            value.parse::<f64>(),
-        ) else {
-            continue;
-        };
-        // Operations inside Pipeline streams are not requests of their own.
-        if labels.contains("via=\"pipeline\"") {
-            continue;
-        }
-        requests += value;
-        if !labels.contains("code=\"OK\"") && !labels.contains("code=\"NotFound\"") {
-            errors += value;
-        }
-    }
-    // Per-tenant series are summed: the daemon's totals.
-    let mut out = serde_json::Map::new();
-    for (label, metric, _) in STATS {
-        if let Some(v) = sessiond::admin::sample(&body, metric) {
-            out.insert((*label).into(), json!(v));
-        }
-    }
-    out.insert("grpc_requests".into(), json!(requests));
-    out.insert("grpc_errors".into(), json!(errors));
-    Ok(Value::Object(out))
-}
-
 fn proto_duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
-    }
-}
-
-fn timestamp(t: Option<prost_types::Timestamp>) -> Value {
-    let Some(t) = t else { return Value::Null };
-    let at = UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
-    json!(humantime::format_rfc3339_seconds(at).to_string())
-}
-
-fn value_text(v: &[u8]) -> String {
-    match std::str::from_utf8(v) {
-        Ok(s) => s.to_string(),
-        Err(_) => format!("base64:{}", STANDARD.encode(v)),
-    }
-}
-
-fn session_json(s: &pb::Session) -> Value {
-    let attributes: BTreeMap<&str, String> = s
-        .attributes
-        .iter()
-        .map(|(k, v)| (k.as_str(), value_text(v)))
-        .collect();
-    let client = s.client.clone().unwrap_or_default();
-    json!({
-        "id": s.id,
-        "user_id": s.user_id,
-        "version": s.version,
-        "attributes": attributes,
-        "created_at": timestamp(s.created_at),
-        "last_access_at": timestamp(s.last_access_at),
-        "expires_at": timestamp(s.expires_at),
-        "absolute_expires_at": timestamp(s.absolute_expires_at),
-        "idle_timeout_seconds": s.idle_timeout.map_or(0, |d| d.seconds),
-        "client": { "ip": client.ip, "user_agent": client.user_agent },
-    })
-}
-
-/// Text form: one `key: value` line per field, nested objects indented, lists numbered.
-fn human(v: &Value) -> String {
-    let mut out = String::new();
-    write_human(&mut out, v, 0);
-    out
-}
-
-fn write_human(out: &mut String, v: &Value, indent: usize) {
-    let pad = "  ".repeat(indent);
-    match v {
-        Value::Object(map) => {
-            let width = map.keys().map(String::len).max().unwrap_or(0);
-            for (k, v) in map {
-                match v {
-                    Value::Object(m) if m.is_empty() => out.push_str(&format!("{pad}{k}: -\n")),
-                    Value::Object(_) | Value::Array(_) => {
-                        out.push_str(&format!("{pad}{k}:\n"));
-                        write_human(out, v, indent + 1);
-                    }
-                    _ => out.push_str(&format!("{pad}{k:width$}  {}\n", scalar(v))),
-                }
-            }
-        }
-        Value::Array(items) => {
-            if items.is_empty() {
-                out.push_str(&format!("{pad}(none)\n"));
-            }
-            for (i, item) in items.iter().enumerate() {
-                out.push_str(&format!("{pad}[{}]\n", i + 1));
-                write_human(out, item, indent + 1);
-            }
-        }
-        other => out.push_str(&format!("{pad}{}\n", scalar(other))),
-    }
-}
-
-fn scalar(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        Value::Number(n) => match n.as_f64() {
-            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
-            Some(f) => format!("{f:.3}"),
-            None => n.to_string(),
-        },
-        other => other.to_string(),
     }
 }
 

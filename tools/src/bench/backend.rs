@@ -1,0 +1,120 @@
+//! One interface over the two backends. What an operation does to the pool of live sessions
+//! is decided here, once; `grpc` and `redis` only send it.
+
+use std::sync::atomic::Ordering;
+
+use rand::rngs::SmallRng;
+
+use crate::grpc::Grpc;
+use crate::redis::Redis;
+use crate::workload::{attributes, Op, Pool};
+use crate::Args;
+
+/// An operation's outcome: `Err` names what failed, for the error counts.
+pub(crate) type OpResult = Result<(), String>;
+
+/// What an operation on one session did to it, and so to its pool slot.
+pub(crate) enum Slot {
+    /// Still there under the same ID.
+    Kept,
+    /// Ended: the slot is refilled by a later create.
+    Ended,
+    /// Moved to this new ID (Regenerate).
+    Moved(String),
+}
+
+/// One backend's connections.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    Grpc(Grpc),
+    Redis(Redis),
+}
+
+impl Backend {
+    /// Connects to `--target`: redis://HOST:PORT, else sessiond (grpc://HOST:PORT).
+    pub(crate) async fn connect(args: &Args) -> Result<Backend, String> {
+        if let Some(addr) = args.target.strip_prefix("redis://") {
+            let redis = Redis::connect(addr, args.connections, args.redis_update).await?;
+            return Ok(Backend::Redis(redis));
+        }
+        let addr = args.target.strip_prefix("grpc://").unwrap_or(&args.target);
+        let grpc = Grpc::connect(addr, args.connections, args.pipeline).await?;
+        Ok(Backend::Grpc(grpc))
+    }
+
+    /// Creates a session for `user`; returns its ID.
+    pub(crate) async fn create(
+        &self,
+        conn: usize,
+        args: &Args,
+        user: usize,
+        rng: &mut SmallRng,
+    ) -> Result<String, String> {
+        let attrs = attributes(args, user as u64);
+        match self {
+            Backend::Grpc(g) => g.create(conn, user, attrs).await,
+            Backend::Redis(r) => r.create(conn, user, attrs, rng).await,
+        }
+    }
+
+    /// Runs `op` on the session in pool slot `slot` over connection `conn`.
+    pub(crate) async fn run(
+        &self,
+        op: Op,
+        conn: usize,
+        pool: &Pool,
+        slot: usize,
+        args: &Args,
+        rng: &mut SmallRng,
+    ) -> OpResult {
+        match op {
+            Op::Create => {
+                let user = pool.next_user.fetch_add(1, Ordering::Relaxed) / 4;
+                let id = self.create(conn, args, user, rng).await?;
+                pool.set(slot, Some((id, user)));
+                return Ok(());
+            }
+            Op::List => {
+                let user = pool.get(slot).map_or(0, |(_, u)| u);
+                return match self {
+                    Backend::Grpc(g) => g.list(conn, user).await,
+                    Backend::Redis(r) => r.list(conn, user).await,
+                };
+            }
+            _ => {}
+        }
+        let Some((id, user)) = pool.get(slot) else {
+            // An emptied slot: refill it, as a new visitor would.
+            let user = pool.next_user.fetch_add(1, Ordering::Relaxed) / 4;
+            let id = self.create(conn, args, user, rng).await?;
+            pool.set(slot, Some((id, user)));
+            return Ok(());
+        };
+        let outcome = match self {
+            Backend::Grpc(g) => g.apply(op, conn, id, args.value_bytes).await?,
+            Backend::Redis(r) => r.apply(op, conn, id, user, args.value_bytes, rng).await?,
+        };
+        match outcome {
+            Slot::Kept => {}
+            Slot::Ended => pool.set(slot, None),
+            Slot::Moved(id) => pool.set(slot, Some((id, user))),
+        }
+        Ok(())
+    }
+
+    /// Server CPU seconds and RSS bytes, if the server tells.
+    pub(crate) async fn server_stats(&self, args: &Args) -> Option<(f64, f64)> {
+        match self {
+            Backend::Grpc(g) => g.server_stats(&args.admin_addr).await,
+            Backend::Redis(r) => r.server_stats().await,
+        }
+    }
+
+    /// Redis's own accounting: used_memory and the number of keys (`None` for sessiond).
+    pub(crate) async fn redis_memory(&self) -> Option<(f64, f64)> {
+        match self {
+            Backend::Grpc(_) => None,
+            Backend::Redis(r) => r.memory().await,
+        }
+    }
+}
