@@ -17,8 +17,8 @@
 //! - [`server`]: wiring: builds the servers, starts the background tasks and runs the
 //!   ordered shutdown; shared by `main` and the tests.
 //! - [`persist`]: the durable log, snapshots (and the task that takes them) and recovery.
-//! - [`tenant`]: tenants, each with its own store, and the credentials that pick one.
-//! - [`guessing`]: each tenant's watch for peers looking up many unknown session IDs.
+//! - [`tenant`]: tenants, each with its own store, and the credentials that pick one;
+//!   [`tenant::guessing`], each tenant's watch for peers looking up many unknown session IDs.
 //! - [`tls`]: TLS and mutual TLS, reloadable without a restart, and the watch that reloads
 //!   changed certificate files.
 //! - [`transport`]: the gRPC port's connections: the connection cap, per-connection state,
@@ -28,7 +28,6 @@ pub mod admin;
 pub mod api;
 pub mod clock;
 pub mod config;
-pub mod guessing;
 pub mod observe;
 pub mod persist;
 pub mod server;

@@ -31,7 +31,6 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use metrics::Counter;
 use prost::Message;
-use sessiond::guessing::GuessWatch;
 use sessiond::api::pb::pipeline_request::Op;
 use sessiond::api::pb::session_store_server::SessionStore;
 use sessiond::api::{convert, pb, SessionStoreService};
@@ -39,6 +38,7 @@ use sessiond::clock::Clock;
 use sessiond::session::{ClientInfo, Millis, SessionKey};
 use sessiond::store::events::Discard;
 use sessiond::store::{Limits, MemoryPool, NewSession, PerUserPolicy, Stats, Store};
+use sessiond::tenant::guessing::GuessWatch;
 use sessiond::tenant::Tenant;
 use tonic::{Code, Request, Response, Status};
 

@@ -15,12 +15,12 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::guessing::GuessWatch;
 use crate::persist::log::LogMetrics;
 use crate::session::Millis;
 use crate::store::events::{Effect, EndCause, Event, EventSink};
 use crate::store::reaper::ReaperObserver;
 use crate::store::Reaped;
+use crate::tenant::guessing::GuessWatch;
 use crate::tenant::Tenants;
 use crate::transport::ConnMetrics;
 

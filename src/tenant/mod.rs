@@ -14,14 +14,18 @@
 //! ([`memory_pool`]): each is guaranteed an equal share of it, and a tenant with no
 //! `max_memory_bytes` of its own holds at most that share, so no tenant can fill the pool
 //! and make another evict its own users.
+//!
+//! [`guessing`] holds each tenant's watch for peers looking up many unknown session IDs.
+
+pub mod guessing;
 
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 use subtle::ConstantTimeEq;
 
+use self::guessing::GuessWatch;
 use crate::config::{Config, TenantConfig};
-use crate::guessing::GuessWatch;
 use crate::persist::log::{FsyncPolicy, Log};
 use crate::store::{Limits, MemoryPool, Store};
 
