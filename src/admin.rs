@@ -125,7 +125,8 @@ pub async fn serve(
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        a.telemetry.render(&a.tenants),
+        a.telemetry
+            .render(a.tenants.all().iter().map(|t| (&*t.name, t.store.stats()))),
     )
 }
 

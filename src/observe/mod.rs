@@ -19,9 +19,8 @@ use crate::persist::log::LogMetrics;
 use crate::session::Millis;
 use crate::store::events::{Effect, EndCause, Event, EventSink};
 use crate::store::reaper::ReaperObserver;
-use crate::store::Reaped;
+use crate::store::{Reaped, Stats};
 use crate::tenant::guessing::GuessWatch;
-use crate::tenant::Tenants;
 use crate::transport::ConnMetrics;
 
 /// Metric names, with their help text and unit. The one list: code refers to these consts.
@@ -184,13 +183,12 @@ impl Telemetry {
     }
 
     /// The Prometheus text exposition, with scrape-time gauges refreshed from each tenant's
-    /// store.
-    pub fn render(&self, tenants: &Tenants) -> String {
+    /// store: `stores` gives each tenant's name and its store's stats.
+    pub fn render<'a>(&self, stores: impl IntoIterator<Item = (&'a str, Stats)>) -> String {
         let i = &self.inner;
         self.register(|| {
-            for t in tenants.all() {
-                let stats = t.store.stats();
-                let name = t.name.to_string();
+            for (name, stats) in stores {
+                let name = name.to_string();
                 metrics::gauge!(SESSIONS_ACTIVE, TENANT => name.clone()).set(stats.sessions as f64);
                 metrics::gauge!(SESSION_BYTES, TENANT => name.clone()).set(stats.bytes as f64);
                 metrics::gauge!(USERS, TENANT => name).set(stats.users as f64);
