@@ -21,7 +21,6 @@ use crate::store::events::{Effect, EndCause, Event, EventSink};
 use crate::store::reaper::ReaperObserver;
 use crate::store::{Reaped, Stats};
 use crate::tenant::guessing::GuessWatch;
-use crate::transport::ConnMetrics;
 
 /// Metric names, with their help text and unit. The one list: code refers to these consts.
 pub mod names {
@@ -375,6 +374,32 @@ fn describe() {
         "Connections closed for spending unauthenticated_requests."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+}
+
+/// The gRPC port's connection metrics (per daemon: a connection has no tenant until its
+/// requests show their credentials).
+#[derive(Clone)]
+pub struct ConnMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections closed at once because `max_connections` were open.
+    pub refused: Counter,
+    /// Requests refused for missing or wrong credentials.
+    pub unauthenticated: Counter,
+    /// Connections closed for spending their unauthenticated budget.
+    pub closed_unauthenticated: Counter,
+}
+
+impl ConnMetrics {
+    /// Handles that record nothing, for a port that does not report its connections.
+    pub fn noop() -> Self {
+        ConnMetrics {
+            open: Gauge::noop(),
+            refused: Counter::noop(),
+            unauthenticated: Counter::noop(),
+            closed_unauthenticated: Counter::noop(),
+        }
+    }
 }
 
 /// Counts sessions as they change. Plain atomic handles: no lock, no allocation.
