@@ -213,6 +213,7 @@ pub fn parse_token_sha256(hex: &str) -> Option<[u8; 32]> {
 mod tests {
     use super::*;
     use crate::clock::Clock;
+    use crate::observe::GuessMetrics;
     use crate::store::events::Discard;
     use crate::store::{LimitOverrides, Limits};
 
@@ -220,8 +221,7 @@ mod tests {
         let guesses = GuessWatch::new(
             100,
             std::time::Duration::from_secs(60),
-            metrics::Counter::noop(),
-            metrics::Counter::noop(),
+            GuessMetrics::noop(),
         );
         let store = Store::new(Limits::default(), 8, Clock::manual(0), Box::new(Discard));
         Tenant::new(name, store, guesses, None)
