@@ -11,7 +11,9 @@
 //!   user index, the expiry wheel, the reaper and the event stream.
 //! - [`api`]: the gRPC edge; thin handlers, the proto <-> domain mapping, and the one
 //!   `StoreError -> Status` mapping.
-//! - [`observe`]: every metric name, the Prometheus rendering, the gRPC metrics layer.
+//! - [`observe`]: every metric name, the Prometheus rendering, the gRPC metrics layer, and
+//!   the bundles of metric handles it builds: one per tenant, whose parts go to the store, the
+//!   log, the snapshot task, the reaper and the guess watch, and one for the gRPC port.
 //! - [`admin`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`config`]: one `Config`, layered from defaults, file, environment and flags.
 //! - [`server`]: wiring: builds the servers, starts the background tasks and runs the
