@@ -21,10 +21,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 
-use crate::observe::Telemetry;
+use crate::observe::{ConnMetrics, Telemetry};
 use crate::tenant::Tenants;
 use crate::tls::{Port, ReloadableTls};
-use crate::transport::{incoming, Accept, ConnMetrics, Connections};
+use crate::transport::{incoming, Accept, Connections};
 
 #[derive(Clone)]
 struct Admin {
@@ -74,7 +74,7 @@ pub async fn serve(
             max_connections: limits.max_connections,
             handshake_timeout: limits.handshake_timeout,
             http2_preface: false,
-            metrics: ConnMetrics::untracked(),
+            metrics: ConnMetrics::noop(),
         },
         Connections::new(),
     );
@@ -125,7 +125,8 @@ pub async fn serve(
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        a.telemetry.render(&a.tenants),
+        a.telemetry
+            .render(a.tenants.all().iter().map(|t| (&*t.name, t.store.stats()))),
     )
 }
 

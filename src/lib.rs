@@ -13,14 +13,16 @@
 //!   layer that speaks the API; [`api`] re-exports the types as `api::pb`.
 //! - [`api`]: the gRPC edge; thin handlers, the proto <-> domain mapping, and the one
 //!   `StoreError -> Status` mapping.
-//! - [`observe`]: every metric name, the Prometheus rendering, the gRPC metrics layer.
+//! - [`observe`]: every metric name, the Prometheus rendering, the gRPC metrics layer, and
+//!   the bundles of metric handles it builds: one per tenant, whose parts go to the store, the
+//!   log, the snapshot task, the reaper and the guess watch, and one for the gRPC port.
 //! - [`admin`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`config`]: one `Config`, layered from defaults, file, environment and flags.
 //! - [`server`]: wiring: builds the servers, starts the background tasks and runs the
 //!   ordered shutdown; shared by `main` and the tests.
 //! - [`persist`]: the durable log, snapshots (and the task that takes them) and recovery.
-//! - [`tenant`]: tenants, each with its own store, and the credentials that pick one.
-//! - [`guessing`]: each tenant's watch for peers looking up many unknown session IDs.
+//! - [`tenant`]: tenants, each with its own store, and the credentials that pick one;
+//!   [`tenant::guessing`], each tenant's watch for peers looking up many unknown session IDs.
 //! - [`tls`]: TLS and mutual TLS, reloadable without a restart, and the watch that reloads
 //!   changed certificate files.
 //! - [`transport`]: the gRPC port's connections: the connection cap, per-connection state,
@@ -30,7 +32,6 @@ pub mod admin;
 pub mod api;
 pub mod clock;
 pub mod config;
-pub mod guessing;
 pub mod observe;
 pub mod persist;
 pub(crate) mod proto;

@@ -23,10 +23,11 @@ use crate::api::pb::session_store_server::SessionStoreServer;
 use crate::api::{SessionStoreService, Settings, FILE_DESCRIPTOR_SET};
 use crate::clock::Clock;
 use crate::config::{Config, TenantConfig};
-use crate::observe::Telemetry;
+use crate::observe::{ReaperMetrics, SnapshotMetrics, Telemetry};
 use crate::persist::{snapshotter, Persistence};
 use crate::store::events::{EventSink, Fanout};
 use crate::store::{reaper, MemoryPool, Store};
+use crate::tenant::guessing::GuessWatch;
 use crate::tenant::{
     memory_pool, parse_token_sha256, tenant_limits, Credential, Tenant, Tenants, DEFAULT_TENANT,
 };
@@ -60,9 +61,18 @@ struct Started {
     tenant: Arc<Tenant>,
     credentials: Vec<Credential>,
     persistence: Option<Persistence>,
+    background: BackgroundMetrics,
 }
 
-/// Recovers and builds one tenant's store.
+/// What one tenant's background tasks record through: its parts of the tenant's metrics.
+struct BackgroundMetrics {
+    reaper: ReaperMetrics,
+    snapshots: SnapshotMetrics,
+}
+
+/// Recovers and builds one tenant's store, with its metrics made in one call and handed out
+/// by part: to the store, the log and the guess watch here, to the reaper and the snapshot
+/// task when [`start_background`] starts them.
 fn start_tenant(
     config: &Config,
     telemetry: &Telemetry,
@@ -82,9 +92,10 @@ fn start_tenant(
             config.data_dir.join("tenants").join(&t.name),
         ),
     };
-    let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(telemetry.session_sink(name))];
+    let metrics = telemetry.tenant(name, config.persist);
+    let mut sinks: Vec<Box<dyn EventSink>> = vec![Box::new(metrics.sessions)];
     let (persistence, recovery) = if config.persist {
-        let (p, r) = Persistence::open(&dir, config.fsync, telemetry.log_metrics(name))?;
+        let (p, r) = Persistence::open(&dir, config.fsync, metrics.log)?;
         sinks.push(Box::new(p.log.clone()));
         (Some(p), Some(r))
     } else {
@@ -122,7 +133,7 @@ fn start_tenant(
             r.store
         }
     };
-    let guesses = telemetry.guess_watch(name, config.guess_threshold, config.guess_window);
+    let guesses = GuessWatch::new(config.guess_threshold, config.guess_window, metrics.guesses);
     let log = persistence.as_ref().map(|p| p.log.clone());
     let credentials = tenant.map_or_else(Vec::new, |t| {
         let mut c = Vec::new();
@@ -138,6 +149,10 @@ fn start_tenant(
         tenant: Tenant::new(name, store, guesses, log),
         credentials,
         persistence,
+        background: BackgroundMetrics {
+            reaper: metrics.reaper,
+            snapshots: metrics.snapshots,
+        },
     })
 }
 
@@ -174,9 +189,9 @@ impl Daemon {
                 .map(|t| start_tenant(&config, &telemetry, &clock, &pool, Some(t)))
                 .collect::<anyhow::Result<_>>()?
         };
-        let (tenants, persistence): (Vec<_>, Vec<_>) = started
+        let (tenants, (persistence, background)): (Vec<_>, (Vec<_>, Vec<_>)) = started
             .into_iter()
-            .map(|s| ((s.tenant, s.credentials), s.persistence))
+            .map(|s| ((s.tenant, s.credentials), (s.persistence, s.background)))
             .unzip();
         // The default tenant has no credentials, which is what makes single-tenant mode open;
         // configured tenants always have some (the config requires it).
@@ -192,6 +207,7 @@ impl Daemon {
                 tls: tls.clone(),
                 persistence,
             },
+            background,
             rx,
         ));
         tracing::info!(grpc = %grpc_addr, admin = %admin_addr, tls = tls.is_some(), tenants = tenants.all().len(), "sessiond serving");
@@ -255,14 +271,16 @@ struct Serving {
 
 /// Serves until the first message (or the closing) of `signals`, then shuts down in order
 /// (see [`shut_down`]). A gRPC server that ends by itself has failed: everything else is
-/// told to stop and the failure is returned.
+/// told to stop and the failure is returned. `background` is each tenant's, in the order
+/// of `serving.tenants`.
 async fn run(
     listeners: Listeners,
     serving: Serving,
+    background: Vec<BackgroundMetrics>,
     mut signals: mpsc::Receiver<()>,
 ) -> anyhow::Result<()> {
     let servers = build_servers(listeners, &serving).await?;
-    let background = start_background(&serving, servers.stop_serving.subscribe());
+    let background = start_background(&serving, background, servers.stop_serving.subscribe());
     let mut running = servers.serve();
     tokio::select! {
         _ = signals.recv() => {}
@@ -448,21 +466,25 @@ async fn build_servers(listeners: Listeners, serving: &Serving) -> anyhow::Resul
 /// its order: after the drain (a draining request may still end sessions and log), before
 /// the logs they write to are closed. Returns the tasks shutdown waits for; the TLS watch
 /// writes nothing, so nothing waits for it.
-fn start_background(serving: &Serving, stop: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+fn start_background(
+    serving: &Serving,
+    metrics: Vec<BackgroundMetrics>,
+    stop: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
     let Serving {
         tenants,
-        telemetry,
+        telemetry: _,
         config,
         tls,
         persistence,
     } = serving;
     let mut background = Vec::new();
-    for (tenant, p) in tenants.all().iter().zip(persistence) {
+    for ((tenant, p), metrics) in tenants.all().iter().zip(persistence).zip(metrics) {
         background.push(tokio::spawn(reaper::run(
             tenant.store.clone(),
             config.reaper_interval,
             config.reaper_batch,
-            telemetry.reaper_observer(&tenant.name),
+            metrics.reaper,
             stop.clone(),
         )));
         if let Some(p) = p {
@@ -473,7 +495,7 @@ fn start_background(serving: &Serving, stop: watch::Receiver<bool>) -> Vec<JoinH
                 config.snapshot_log_bytes,
                 config.snapshot_log_percent,
                 config.snapshot_interval,
-                telemetry.snapshot_metrics(&tenant.name),
+                metrics.snapshots,
                 stop.clone(),
             )));
         }

@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
-use metrics::{Counter, Gauge};
 use pin_project_lite::pin_project;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -41,6 +40,7 @@ use tonic::transport::server::Connected;
 use tonic::Status;
 use tower::{Layer, Service};
 
+use crate::observe::ConnMetrics;
 use crate::proto;
 use crate::tenant::Tenants;
 use crate::tls::{Port, ReloadableTls};
@@ -54,31 +54,6 @@ const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The path prefix of gRPC health checks: never counted against a connection's budget, so
 /// a load balancer's health checker on a long-lived connection is never cut off.
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
-
-/// The connection metrics.
-#[derive(Clone)]
-pub struct ConnMetrics {
-    /// Connections open now.
-    pub open: Gauge,
-    /// Connections closed at once because `max_connections` were open.
-    pub refused: Counter,
-    /// Requests refused for missing or wrong credentials.
-    pub unauthenticated: Counter,
-    /// Connections closed for spending their unauthenticated budget.
-    pub closed_unauthenticated: Counter,
-}
-
-impl ConnMetrics {
-    /// Metrics that go nowhere, for a port that does not report its connections.
-    pub fn untracked() -> Self {
-        ConnMetrics {
-            open: Gauge::noop(),
-            refused: Counter::noop(),
-            unauthenticated: Counter::noop(),
-            closed_unauthenticated: Counter::noop(),
-        }
-    }
-}
 
 /// What a handler may know about the connection a request came on.
 #[derive(Clone, Debug)]

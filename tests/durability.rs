@@ -394,7 +394,8 @@ async fn mid_log_corruption_is_refused_and_repair_recovers_the_prefix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repair_checks_and_repairs_every_tenant_directory() {
     use sessiond::clock::Clock;
-    use sessiond::persist::log::{FsyncPolicy, LogMetrics};
+    use sessiond::observe::LogMetrics;
+    use sessiond::persist::log::FsyncPolicy;
     use sessiond::persist::Persistence;
     use sessiond::store::events::Discard;
     use sessiond::store::{NewSession, Store};

@@ -29,16 +29,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use metrics::Counter;
 use prost::Message;
-use sessiond::guessing::GuessWatch;
 use sessiond::api::pb::pipeline_request::Op;
 use sessiond::api::pb::session_store_server::SessionStore;
 use sessiond::api::{convert, pb, SessionStoreService};
 use sessiond::clock::Clock;
+use sessiond::observe::GuessMetrics;
 use sessiond::session::{ClientInfo, Millis, SessionKey};
 use sessiond::store::events::Discard;
 use sessiond::store::{Limits, MemoryPool, NewSession, PerUserPolicy, Stats, Store};
+use sessiond::tenant::guessing::GuessWatch;
 use sessiond::tenant::Tenant;
 use tonic::{Code, Request, Response, Status};
 
@@ -145,12 +145,7 @@ impl Harness {
                 })
                 .expect("neighbour session");
         }
-        let guesses = GuessWatch::new(
-            u32::MAX,
-            Duration::from_secs(60),
-            Counter::noop(),
-            Counter::noop(),
-        );
+        let guesses = GuessWatch::new(u32::MAX, Duration::from_secs(60), GuessMetrics::noop());
         let tenant = Tenant::new("fuzz", store.clone(), guesses, None);
         let mut h = Harness {
             store,

@@ -1,28 +1,28 @@
 //! Everything an operator watches: every metric name (declared here and nowhere else), the
-//! Prometheus rendering, and the event and reaper hooks that keep the numbers moving.
+//! Prometheus rendering, and the bundles of handles that keep the numbers moving: one per
+//! tenant ([`TenantMetrics`], whose parts are the store's event sink, the log's, the
+//! snapshot task's, the reaper's and the guess watch's) and the gRPC port's
+//! ([`ConnMetrics`]). Telemetry builds every bundle; their owners only record.
 //!
 //! Counters are registered once, at start-up, into handles that are plain atomics, so
 //! updating one on the hot path takes no lock and allocates nothing. Gauges that mirror the
 //! Store's own counters (sessions, bytes, users) are read from it at scrape time instead.
 
 pub mod grpc;
+mod tenant_metrics;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics::{Counter, Gauge, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-use crate::guessing::GuessWatch;
-use crate::persist::log::LogMetrics;
-use crate::session::Millis;
-use crate::store::events::{Effect, EndCause, Event, EventSink};
-use crate::store::reaper::ReaperObserver;
-use crate::store::Reaped;
-use crate::tenant::Tenants;
-use crate::transport::ConnMetrics;
+pub use self::tenant_metrics::{
+    GuessMetrics, LogMetrics, ReaperMetrics, SessionMetrics, SnapshotMetrics, TenantMetrics,
+};
+use crate::store::Stats;
 
 /// Metric names, with their help text and unit. The one list: code refers to these consts.
 pub mod names {
@@ -184,13 +184,12 @@ impl Telemetry {
     }
 
     /// The Prometheus text exposition, with scrape-time gauges refreshed from each tenant's
-    /// store.
-    pub fn render(&self, tenants: &Tenants) -> String {
+    /// store: `stores` gives each tenant's name and its store's stats.
+    pub fn render<'a>(&self, stores: impl IntoIterator<Item = (&'a str, Stats)>) -> String {
         let i = &self.inner;
         self.register(|| {
-            for t in tenants.all() {
-                let stats = t.store.stats();
-                let name = t.name.to_string();
+            for (name, stats) in stores {
+                let name = name.to_string();
                 metrics::gauge!(SESSIONS_ACTIVE, TENANT => name.clone()).set(stats.sessions as f64);
                 metrics::gauge!(SESSION_BYTES, TENANT => name.clone()).set(stats.bytes as f64);
                 metrics::gauge!(USERS, TENANT => name).set(stats.users as f64);
@@ -202,69 +201,10 @@ impl Telemetry {
         i.handle.render()
     }
 
-    /// The event sink that counts `tenant`'s sessions created, ended and regenerated.
-    pub fn session_sink(&self, tenant: &str) -> SessionMetrics {
-        let t = tenant.to_string();
-        self.register(|| SessionMetrics {
-            created: metrics::counter!(SESSIONS_CREATED, TENANT => t.clone()),
-            updated: metrics::counter!(SESSIONS_UPDATED, TENANT => t.clone()),
-            destroyed: metrics::counter!(SESSIONS_DESTROYED, TENANT => t.clone()),
-            expired: metrics::counter!(SESSIONS_EXPIRED, TENANT => t.clone()),
-            evicted: metrics::counter!(SESSIONS_EVICTED, TENANT => t.clone()),
-            regenerated: metrics::counter!(SESSIONS_REGENERATED, TENANT => t.clone()),
-            lifetime: metrics::histogram!(SESSION_LIFETIME, TENANT => t),
-        })
-    }
-
-    /// `tenant`'s durable log metrics.
-    pub fn log_metrics(&self, tenant: &str) -> LogMetrics {
-        let t = tenant.to_string();
-        self.register(|| LogMetrics {
-            segment_bytes: metrics::gauge!(LOG_BYTES, TENANT => t.clone()),
-            fsync: metrics::histogram!(FSYNC, TENANT => t.clone()),
-            write_errors: metrics::counter!(LOG_WRITE_ERRORS, TENANT => t.clone()),
-            writable: metrics::gauge!(LOG_WRITABLE, TENANT => t),
-        })
-    }
-
-    /// `tenant`'s snapshot metrics: (snapshots written, seconds since the last).
-    pub fn snapshot_metrics(&self, tenant: &str) -> (Counter, Gauge) {
-        let t = tenant.to_string();
-        self.register(|| {
-            (
-                metrics::counter!(SNAPSHOTS, TENANT => t.clone()),
-                metrics::gauge!(SNAPSHOT_AGE, TENANT => t),
-            )
-        })
-    }
-
     /// Records how many of `tenant`'s sessions recovery loaded.
     pub fn recovered(&self, tenant: &str, sessions: usize) {
         let t = tenant.to_string();
         self.register(|| metrics::gauge!(RECOVERED, TENANT => t).set(sessions as f64));
-    }
-
-    /// The per-peer watch on lookups of `tenant`'s unknown session IDs.
-    pub fn guess_watch(&self, tenant: &str, threshold: u32, window: Duration) -> GuessWatch {
-        let t = tenant.to_string();
-        self.register(|| {
-            GuessWatch::new(
-                threshold,
-                window,
-                metrics::counter!(SESSION_ID_MISSES, TENANT => t.clone()),
-                metrics::counter!(GUESSING_PEERS, TENANT => t),
-            )
-        })
-    }
-
-    /// The observer of `tenant`'s reaper.
-    pub fn reaper_observer(&self, tenant: &str) -> ReaperMetrics {
-        let t = tenant.to_string();
-        self.register(|| ReaperMetrics {
-            runs: metrics::counter!(REAPER_RUNS, TENANT => t.clone()),
-            lag: metrics::gauge!(REAPER_LAG, TENANT => t.clone()),
-            batch: metrics::histogram!(REAPER_BATCH, TENANT => t),
-        })
     }
 
     /// The gRPC port's connection metrics.
@@ -379,51 +319,28 @@ fn describe() {
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
 }
 
-/// Counts sessions as they change. Plain atomic handles: no lock, no allocation.
-pub struct SessionMetrics {
-    created: Counter,
-    updated: Counter,
-    destroyed: Counter,
-    expired: Counter,
-    evicted: Counter,
-    regenerated: Counter,
-    lifetime: Histogram,
+/// The gRPC port's connection metrics (per daemon: a connection has no tenant until its
+/// requests show their credentials).
+#[derive(Clone)]
+pub struct ConnMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections closed at once because `max_connections` were open.
+    pub refused: Counter,
+    /// Requests refused for missing or wrong credentials.
+    pub unauthenticated: Counter,
+    /// Connections closed for spending their unauthenticated budget.
+    pub closed_unauthenticated: Counter,
 }
 
-impl EventSink for SessionMetrics {
-    fn record(&self, event: &Event<'_>) {
-        match event.effect {
-            Effect::Create(_) => self.created.increment(1),
-            Effect::Update { .. } => self.updated.increment(1),
-            Effect::Touch { .. } => {}
-            Effect::Regenerate { .. } => self.regenerated.increment(1),
-            Effect::End { cause, .. } => {
-                match cause {
-                    EndCause::Destroyed => self.destroyed.increment(1),
-                    EndCause::Expired => self.expired.increment(1),
-                    EndCause::Evicted => self.evicted.increment(1),
-                }
-                self.lifetime.record(seconds(event.lifetime));
-            }
+impl ConnMetrics {
+    /// Handles that record nothing, for a port that does not report its connections.
+    pub fn noop() -> Self {
+        ConnMetrics {
+            open: Gauge::noop(),
+            refused: Counter::noop(),
+            unauthenticated: Counter::noop(),
+            closed_unauthenticated: Counter::noop(),
         }
     }
-}
-
-/// Records each reaper batch.
-pub struct ReaperMetrics {
-    runs: Counter,
-    lag: Gauge,
-    batch: Histogram,
-}
-
-impl ReaperObserver for ReaperMetrics {
-    fn batch(&self, reaped: &Reaped, took: Duration) {
-        self.runs.increment(1);
-        self.batch.record(took.as_secs_f64());
-        self.lag.set(reaped.lag.map_or(0.0, seconds));
-    }
-}
-
-fn seconds(ms: Millis) -> f64 {
-    ms as f64 / 1000.0
 }

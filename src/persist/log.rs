@@ -39,12 +39,12 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Gauge, Histogram};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::format::{frame, write_header, LOG_MAGIC};
 use super::records;
+use crate::observe::LogMetrics;
 use crate::store::events::{Event, EventSink, Refused};
 
 /// When the log is fsynced: Redis's `appendfsync` policies.
@@ -72,30 +72,6 @@ pub struct Durable {
 /// The file name of log segment `seq`.
 pub fn segment_name(seq: u64) -> String {
     format!("log-{seq:016}.sdl")
-}
-
-/// Metrics the log keeps.
-pub struct LogMetrics {
-    /// Bytes in the current segment.
-    pub segment_bytes: Gauge,
-    /// fsync latency.
-    pub fsync: Histogram,
-    /// Failed writes and fsyncs (first failures and failed retries).
-    pub write_errors: Counter,
-    /// 1 while the log writes, 0 while it fails (and writes are refused).
-    pub writable: Gauge,
-}
-
-impl LogMetrics {
-    /// Handles that record nothing, for tests and tools.
-    pub fn noop() -> Self {
-        LogMetrics {
-            segment_bytes: Gauge::noop(),
-            fsync: Histogram::noop(),
-            write_errors: Counter::noop(),
-            writable: Gauge::noop(),
-        }
-    }
 }
 
 struct Buffer {

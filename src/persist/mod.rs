@@ -27,6 +27,7 @@ use prost::Message;
 
 use self::format::{frame, scan, write_header, End, FormatError, SNAPSHOT_MAGIC};
 use self::log::{create_private, segment_name, sync_dir, Log};
+use crate::observe::LogMetrics;
 use crate::store::Store;
 
 /// The generated storage records.
@@ -449,7 +450,7 @@ impl Persistence {
     pub fn open(
         dir: &Path,
         policy: log::FsyncPolicy,
-        metrics: log::LogMetrics,
+        metrics: LogMetrics,
     ) -> Result<(Persistence, Recovery), RecoveryError> {
         let recovery = open(dir)?;
         let log = Log::start(dir, recovery.next_segment(), policy, metrics).map_err(|e| {

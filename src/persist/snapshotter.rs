@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use super::log::Log;
 use super::{newest_snapshot_bytes, snapshot, snapshot_due};
+use crate::observe::SnapshotMetrics;
 use crate::store::Store;
 use crate::ticker::Ticker;
 
@@ -28,7 +29,7 @@ pub async fn run(
     min_bytes: u64,
     percent: u64,
     every: Duration,
-    (written, age): (metrics::Counter, metrics::Gauge),
+    metrics: SnapshotMetrics,
     stop: watch::Receiver<bool>,
 ) {
     let mut ticker = Ticker::new(CHECK_EVERY, stop);
@@ -36,7 +37,7 @@ pub async fn run(
     let mut appended_at_last = log.appended();
     let mut last_bytes = newest_snapshot_bytes(&dir);
     while ticker.tick().await {
-        age.set(last.elapsed().as_secs_f64());
+        metrics.age.set(last.elapsed().as_secs_f64());
         let changed = log.appended() != appended_at_last;
         let due = snapshot_due(log.segment_bytes(), last_bytes, min_bytes, percent);
         if !(due || (changed && last.elapsed() >= every)) || log.writable().is_err() {
@@ -60,7 +61,7 @@ pub async fn run(
         };
         match outcome {
             Ok(Ok(s)) => {
-                written.increment(1);
+                metrics.written.increment(1);
                 last = Instant::now();
                 last_bytes = s.bytes;
                 tracing::info!(

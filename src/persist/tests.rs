@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::log::{FsyncPolicy, LogMetrics};
+use super::log::FsyncPolicy;
 use super::*;
 use crate::clock::Clock;
+use crate::observe::LogMetrics;
 use crate::session::{Millis, Session};
 use crate::store::events::Discard;
 use crate::store::{Change, Limits, NewSession, Rotation, StoreError};

@@ -9,7 +9,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use metrics::Counter;
+
+use crate::observe::GuessMetrics;
 
 /// Peers tracked at once; past it, windows that have ended are dropped to make room, so a
 /// flood of source addresses cannot grow the map without bound.
@@ -20,25 +21,23 @@ pub struct GuessWatch {
     threshold: u32,
     window: Duration,
     peers: DashMap<IpAddr, (Instant, u32)>,
-    misses: Counter,
-    flagged: Counter,
+    metrics: GuessMetrics,
 }
 
 impl GuessWatch {
     /// Flags a peer with `threshold` misses within `window`.
-    pub fn new(threshold: u32, window: Duration, misses: Counter, flagged: Counter) -> Self {
+    pub fn new(threshold: u32, window: Duration, metrics: GuessMetrics) -> Self {
         GuessWatch {
             threshold,
             window,
             peers: DashMap::new(),
-            misses,
-            flagged,
+            metrics,
         }
     }
 
     /// Records one miss by `peer` (unknown when the transport gives no address).
     pub fn miss(&self, peer: Option<IpAddr>) {
-        self.misses.increment(1);
+        self.metrics.misses.increment(1);
         let Some(ip) = peer else { return };
         let now = Instant::now();
         if self.peers.len() >= MAX_TRACKED_PEERS {
@@ -53,7 +52,7 @@ impl GuessWatch {
         }
         *count += 1;
         if *count == self.threshold {
-            self.flagged.increment(1);
+            self.metrics.flagged.increment(1);
             tracing::warn!(
                 peer = %ip,
                 misses = *count,

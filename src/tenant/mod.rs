@@ -14,14 +14,18 @@
 //! ([`memory_pool`]): each is guaranteed an equal share of it, and a tenant with no
 //! `max_memory_bytes` of its own holds at most that share, so no tenant can fill the pool
 //! and make another evict its own users.
+//!
+//! [`guessing`] holds each tenant's watch for peers looking up many unknown session IDs.
+
+pub mod guessing;
 
 use std::sync::Arc;
 
 use rustls::pki_types::CertificateDer;
 use subtle::ConstantTimeEq;
 
+use self::guessing::GuessWatch;
 use crate::config::{Config, TenantConfig};
-use crate::guessing::GuessWatch;
 use crate::persist::log::{FsyncPolicy, Log};
 use crate::store::{Limits, MemoryPool, Store};
 
@@ -209,6 +213,7 @@ pub fn parse_token_sha256(hex: &str) -> Option<[u8; 32]> {
 mod tests {
     use super::*;
     use crate::clock::Clock;
+    use crate::observe::GuessMetrics;
     use crate::store::events::Discard;
     use crate::store::{LimitOverrides, Limits};
 
@@ -216,8 +221,7 @@ mod tests {
         let guesses = GuessWatch::new(
             100,
             std::time::Duration::from_secs(60),
-            metrics::Counter::noop(),
-            metrics::Counter::noop(),
+            GuessMetrics::noop(),
         );
         let store = Store::new(Limits::default(), 8, Clock::manual(0), Box::new(Discard));
         Tenant::new(name, store, guesses, None)
