@@ -38,7 +38,7 @@ struct Admin {
 const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How the admin port takes connections.
-pub struct Limits {
+pub(crate) struct Limits {
     /// TLS (`admin_tls`), if on.
     pub tls: Option<(Arc<ReloadableTls>, Port)>,
     /// `admin_max_connections`.
@@ -50,7 +50,7 @@ pub struct Limits {
 }
 
 /// Serves until `stop` turns true.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     limits: Limits,
     telemetry: Telemetry,

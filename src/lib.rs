@@ -28,7 +28,7 @@
 //! - [`transport`]: the gRPC port's connections: the connection cap, per-connection state,
 //!   and the layer that authenticates requests before their bodies are read.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod api;
 pub mod clock;
 pub mod config;
@@ -41,4 +41,4 @@ pub mod store;
 pub mod tenant;
 pub(crate) mod ticker;
 pub mod tls;
-pub mod transport;
+pub(crate) mod transport;

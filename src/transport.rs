@@ -57,7 +57,7 @@ const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 
 /// What a handler may know about the connection a request came on.
 #[derive(Clone, Debug)]
-pub struct ConnInfo {
+pub(crate) struct ConnInfo {
     /// The peer's address.
     pub remote: Option<SocketAddr>,
     /// The verified client certificate chain (leaf first), under mutual TLS.
@@ -103,12 +103,12 @@ impl ConnState {
 }
 
 /// A plaintext or TLS connection.
-pub type Io = Either<TcpStream, TlsStream<TcpStream>>;
+pub(crate) type Io = Either<TcpStream, TlsStream<TcpStream>>;
 
 /// An accepted connection. It holds one of `max_connections` until it is dropped; reads end
 /// (EOF) once it has been closed for spending its unauthenticated budget, and reads and
 /// writes fail once [`Connections::cut`] has cut it.
-pub struct Conn {
+pub(crate) struct Conn {
     io: Io,
     /// Bytes read during the handshake (the HTTP/2 preface), served again before `io`.
     replay: Bytes,
@@ -116,13 +116,6 @@ pub struct Conn {
     metrics: ConnMetrics,
     tracked: Tracked,
     _permit: OwnedSemaphorePermit,
-}
-
-impl Conn {
-    /// The peer's address.
-    pub fn peer(&self) -> Option<SocketAddr> {
-        self.info.remote
-    }
 }
 
 impl Drop for Conn {
@@ -211,7 +204,7 @@ impl AsyncWrite for Conn {
 /// ones still open after the drain: a server that stops accepting (or whose task is aborted)
 /// still serves its established connections, each in its own task, until they are cut.
 #[derive(Clone, Default)]
-pub struct Connections {
+pub(crate) struct Connections {
     shared: Arc<Registry>,
 }
 
@@ -244,7 +237,7 @@ impl Tracked {
 
 impl Connections {
     /// An empty set.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -262,7 +255,7 @@ impl Connections {
     }
 
     /// Connections open now.
-    pub fn open(&self) -> usize {
+    pub(crate) fn open(&self) -> usize {
         self.shared
             .live
             .lock()
@@ -273,7 +266,7 @@ impl Connections {
     /// Makes every open connection's reads and writes fail, waking the tasks that serve them
     /// so they end; stops accepting and abandons pending handshakes. Returns how many
     /// connections were open.
-    pub fn cut(&self) -> usize {
+    pub(crate) fn cut(&self) -> usize {
         self.shared.cut.cancel();
         let live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
         for state in live.values() {
@@ -284,7 +277,7 @@ impl Connections {
     }
 
     /// Waits until no connection is open.
-    pub async fn closed(&self) {
+    pub(crate) async fn closed(&self) {
         loop {
             let emptied = self.shared.emptied.notified();
             tokio::pin!(emptied);
@@ -298,7 +291,7 @@ impl Connections {
 }
 
 /// How [`incoming`] accepts connections.
-pub struct Accept {
+pub(crate) struct Accept {
     /// TLS for this port, if on.
     pub tls: Option<(Arc<ReloadableTls>, Port)>,
     /// Connections open at once, those still in their handshake included.
@@ -315,7 +308,7 @@ pub struct Accept {
 
 /// Accepts connections on `listener` as `accept` says, and yields them to the server, each
 /// tracked in `connections`. Ends when the server drops the stream or `connections` is cut.
-pub fn incoming(
+pub(crate) fn incoming(
     listener: TcpListener,
     accept: Accept,
     connections: Connections,
@@ -441,7 +434,7 @@ async fn handshake(
 
 /// The authentication layer. See the module docs.
 #[derive(Clone)]
-pub struct AuthLayer {
+pub(crate) struct AuthLayer {
     shared: Arc<AuthShared>,
 }
 
@@ -455,7 +448,12 @@ struct AuthShared {
 impl AuthLayer {
     /// Authenticates against `tenants`; a connection may make `budget` requests without
     /// credentials, with bodies of at most `max_body` bytes.
-    pub fn new(tenants: Arc<Tenants>, budget: u32, max_body: usize, metrics: ConnMetrics) -> Self {
+    pub(crate) fn new(
+        tenants: Arc<Tenants>,
+        budget: u32,
+        max_body: usize,
+        metrics: ConnMetrics,
+    ) -> Self {
         AuthLayer {
             shared: Arc::new(AuthShared {
                 tenants,
@@ -480,7 +478,7 @@ impl<S> Layer<S> for AuthLayer {
 
 /// The service [`AuthLayer`] wraps around the router.
 #[derive(Clone)]
-pub struct Auth<S> {
+pub(crate) struct Auth<S> {
     inner: S,
     shared: Arc<AuthShared>,
 }
@@ -490,7 +488,7 @@ pin_project! {
     // pin_project_lite takes no docs on variant fields; the variants' docs say what they hold.
     #[allow(missing_docs)]
     #[project = AuthFutureProj]
-    pub enum AuthFuture<F> {
+    pub(crate) enum AuthFuture<F> {
         /// Passed on.
         Inner { #[pin] future: F },
         /// Refused here.

@@ -21,14 +21,14 @@ use crate::observe::grpc::EdgeMetrics;
 
 /// `max_concurrent_requests` permits, shared by every request and pipelined operation.
 #[derive(Clone)]
-pub struct Budget {
+pub(crate) struct Budget {
     permits: Arc<Semaphore>,
     max: usize,
 }
 
 impl Budget {
     /// A budget of `max` requests in flight.
-    pub fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         Budget {
             permits: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
             max,
@@ -36,17 +36,12 @@ impl Budget {
     }
 
     /// A permit, or `None` when `max_concurrent_requests` are in flight.
-    pub fn try_take(&self) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn try_take(&self) -> Option<OwnedSemaphorePermit> {
         self.permits.clone().try_acquire_owned().ok()
     }
 
-    /// Permits free now.
-    pub fn available(&self) -> usize {
-        self.permits.available_permits()
-    }
-
     /// The answer to a request or operation that found no permit.
-    pub fn exhausted(&self) -> Status {
+    pub(crate) fn exhausted(&self) -> Status {
         Status::resource_exhausted(format!(
             "max_concurrent_requests ({}) requests are in flight; retry later",
             self.max
@@ -54,7 +49,7 @@ impl Budget {
     }
 
     /// The tower layer that makes every request take a permit, counting the ones shed.
-    pub fn layer(&self, metrics: Arc<EdgeMetrics>) -> BudgetLayer {
+    pub(crate) fn layer(&self, metrics: Arc<EdgeMetrics>) -> BudgetLayer {
         BudgetLayer {
             budget: self.clone(),
             metrics,
@@ -64,7 +59,7 @@ impl Budget {
 
 /// Makes each request take a permit of the [`Budget`] before it reaches the router.
 #[derive(Clone)]
-pub struct BudgetLayer {
+pub(crate) struct BudgetLayer {
     budget: Budget,
     metrics: Arc<EdgeMetrics>,
 }
@@ -83,7 +78,7 @@ impl<S> Layer<S> for BudgetLayer {
 
 /// The service [`BudgetLayer`] wraps around the router.
 #[derive(Clone)]
-pub struct BudgetService<S> {
+pub(crate) struct BudgetService<S> {
     inner: S,
     budget: Budget,
     metrics: Arc<EdgeMetrics>,
@@ -122,7 +117,7 @@ pin_project! {
     // pin_project_lite takes no docs on variant fields; the variants' docs say what they hold.
     #[allow(missing_docs)]
     #[project = BudgetProj]
-    pub enum BudgetFuture<F> {
+    pub(crate) enum BudgetFuture<F> {
         /// Admitted: the permit is given back when the response (its headers) is ready. A
         /// stream's body runs on without it; its operations take their own.
         Admitted { #[pin] inner: F, permit: Option<OwnedSemaphorePermit> },

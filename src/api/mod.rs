@@ -7,10 +7,10 @@
 //! ListUserSessions that would pass `max_message_bytes` stops early instead of building a
 //! response tonic would refuse to send.
 
-pub mod budget;
+pub(crate) mod budget;
 pub mod convert;
 mod pipeline;
-pub mod status;
+pub(crate) mod status;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -47,23 +47,23 @@ pub struct SessionStoreService {
 
 /// How the service bounds and reports the requests it serves. `Default` is a service with
 /// the default limits, no concurrency budget, no timeout and no shutdown signal (fuzzing).
-pub struct Settings {
+pub(crate) struct Settings {
     /// IDs in one GetMany (`max_batch_ids`).
-    pub max_batch_ids: usize,
+    pub(crate) max_batch_ids: usize,
     /// The largest response a GetMany or ListUserSessions may build (`max_message_bytes`).
-    pub max_message_bytes: usize,
+    pub(crate) max_message_bytes: usize,
     /// How long one pipelined operation may wait for the disk (`request_timeout`).
-    pub request_timeout: Option<Duration>,
+    pub(crate) request_timeout: Option<Duration>,
     /// The budget each pipelined operation takes a permit of (`max_concurrent_requests`).
-    pub budget: Option<Budget>,
+    pub(crate) budget: Option<Budget>,
     /// Pipelined operations and shed counts.
-    pub metrics: Option<Arc<EdgeMetrics>>,
+    pub(crate) metrics: Option<Arc<EdgeMetrics>>,
     /// Turns true when the daemon starts draining: Pipeline streams then stop taking new
     /// operations, finish the ones in flight and end with UNAVAILABLE.
-    pub shutdown: Option<watch::Receiver<bool>>,
+    pub(crate) shutdown: Option<watch::Receiver<bool>>,
     /// Each tenant's log, by tenant name (under every fsync policy), for the calls that
     /// must force their effect to disk before they reply.
-    pub logs: HashMap<Arc<str>, Arc<Log>>,
+    pub(crate) logs: HashMap<Arc<str>, Arc<Log>>,
 }
 
 impl Default for Settings {
@@ -102,7 +102,7 @@ impl SessionStoreService {
     }
 
     /// The service with these settings.
-    pub fn with(settings: Settings) -> Self {
+    pub(crate) fn with(settings: Settings) -> Self {
         let Settings {
             max_batch_ids,
             max_message_bytes,

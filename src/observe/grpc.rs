@@ -43,7 +43,7 @@ const METHODS: &[&str] = &[
 
 /// The operations a Pipeline stream carries, labelled by the name of their unary RPC, and
 /// `none` for a request without an operation.
-pub const PIPELINE_OPS: &[&str] = &[
+pub(crate) const PIPELINE_OPS: &[&str] = &[
     "Create",
     "Get",
     "Touch",
@@ -90,7 +90,7 @@ fn code_label(code: i32) -> String {
 /// Counts of what the gRPC edge refuses or carries beyond whole requests: requests shed at
 /// `max_concurrent_requests` (unary, by method) and each operation of a Pipeline stream
 /// (by operation and code, and shed). Every series is registered up front.
-pub struct EdgeMetrics {
+pub(crate) struct EdgeMetrics {
     shed_unary: Vec<Counter>,
     ops: Vec<Vec<Counter>>,
     shed_ops: Vec<Counter>,
@@ -98,7 +98,7 @@ pub struct EdgeMetrics {
 
 impl EdgeMetrics {
     /// Handles that record nothing: for a service built without a registry (fuzzing).
-    pub fn noop() -> Self {
+    pub(crate) fn noop() -> Self {
         EdgeMetrics {
             shed_unary: METHODS.iter().map(|_| Counter::noop()).collect(),
             ops: PIPELINE_OPS
@@ -110,18 +110,18 @@ impl EdgeMetrics {
     }
 
     /// Counts a request to `path` shed before it reached its handler.
-    pub fn shed_request(&self, path: &str) {
+    pub(crate) fn shed_request(&self, path: &str) {
         self.shed_unary[Table::index(path)].increment(1);
     }
 
     /// Counts a pipelined operation (named as in [`PIPELINE_OPS`]) answered with `code`.
-    pub fn pipelined(&self, op: &str, code: Code) {
+    pub(crate) fn pipelined(&self, op: &str, code: Code) {
         let code = (code as usize).min(CODES - 1);
         self.ops[op_index(op)][code].increment(1);
     }
 
     /// Counts a pipelined operation shed for want of a permit.
-    pub fn shed_op(&self, op: &str) {
+    pub(crate) fn shed_op(&self, op: &str) {
         self.shed_ops[op_index(op)].increment(1);
     }
 }
@@ -135,13 +135,13 @@ fn op_index(op: &str) -> usize {
 
 /// The layer. Build it with [`Telemetry::grpc_layer`].
 #[derive(Clone)]
-pub struct GrpcMetricsLayer {
+pub(crate) struct GrpcMetricsLayer {
     table: Arc<Table>,
 }
 
 impl Telemetry {
     /// The gRPC metrics layer, with every method and code registered.
-    pub fn grpc_layer(&self) -> GrpcMetricsLayer {
+    pub(crate) fn grpc_layer(&self) -> GrpcMetricsLayer {
         let table = self.register(|| {
             Table(
                 METHODS
@@ -161,7 +161,7 @@ impl Telemetry {
     }
 
     /// The edge's shed and pipelined-operation counters, every series registered.
-    pub fn edge_metrics(&self) -> EdgeMetrics {
+    pub(crate) fn edge_metrics(&self) -> EdgeMetrics {
         self.register(|| EdgeMetrics {
             shed_unary: METHODS
                 .iter()
@@ -198,7 +198,7 @@ impl<S> Layer<S> for GrpcMetricsLayer {
 
 /// The service the layer wraps around the router.
 #[derive(Clone)]
-pub struct GrpcMetrics<S> {
+pub(crate) struct GrpcMetrics<S> {
     inner: S,
     table: Arc<Table>,
 }
@@ -261,7 +261,7 @@ fn status_of(headers: &http::HeaderMap) -> Option<Code> {
 
 pin_project_lite::pin_project! {
     /// The inner response future; it wraps the body once the headers are ready.
-    pub struct ResponseFuture<F> {
+    pub(crate) struct ResponseFuture<F> {
         #[pin]
         inner: F,
         pending: Option<Pending>,
@@ -293,7 +293,7 @@ where
 
 pin_project_lite::pin_project! {
     /// The response body, watched for its trailers.
-    pub struct MeteredBody<B> {
+    pub(crate) struct MeteredBody<B> {
         #[pin]
         inner: B,
         pending: Option<Pending>,

@@ -8,7 +8,7 @@
 //! updating one on the hot path takes no lock and allocates nothing. Gauges that mirror the
 //! Store's own counters (sessions, bytes, users) are read from it at scrape time instead.
 
-pub mod grpc;
+pub(crate) mod grpc;
 mod tenant_metrics;
 
 use std::sync::Arc;
@@ -25,80 +25,80 @@ pub use self::tenant_metrics::{
 use crate::store::Stats;
 
 /// Metric names, with their help text and unit. The one list: code refers to these consts.
-pub mod names {
+pub(crate) mod names {
     /// Live sessions in memory.
-    pub const SESSIONS_ACTIVE: &str = "sessiond_sessions_active";
+    pub(crate) const SESSIONS_ACTIVE: &str = "sessiond_sessions_active";
     /// Sessions created.
-    pub const SESSIONS_CREATED: &str = "sessiond_sessions_created_total";
+    pub(crate) const SESSIONS_CREATED: &str = "sessiond_sessions_created_total";
     /// Sessions ended by Destroy, DestroyUserSessions or DestroyAllSessions.
-    pub const SESSIONS_DESTROYED: &str = "sessiond_sessions_destroyed_total";
+    pub(crate) const SESSIONS_DESTROYED: &str = "sessiond_sessions_destroyed_total";
     /// Sessions that reached their deadline.
-    pub const SESSIONS_EXPIRED: &str = "sessiond_sessions_expired_total";
+    pub(crate) const SESSIONS_EXPIRED: &str = "sessiond_sessions_expired_total";
     /// Sessions moved to a fresh ID.
-    pub const SESSIONS_REGENERATED: &str = "sessiond_sessions_regenerated_total";
+    pub(crate) const SESSIONS_REGENERATED: &str = "sessiond_sessions_regenerated_total";
     /// Sessions pushed out to make room.
-    pub const SESSIONS_EVICTED: &str = "sessiond_sessions_evicted_total";
+    pub(crate) const SESSIONS_EVICTED: &str = "sessiond_sessions_evicted_total";
     /// Sessions updated.
-    pub const SESSIONS_UPDATED: &str = "sessiond_sessions_updated_total";
+    pub(crate) const SESSIONS_UPDATED: &str = "sessiond_sessions_updated_total";
     /// How long sessions lived, recorded when they end.
-    pub const SESSION_LIFETIME: &str = "sessiond_session_lifetime_seconds";
+    pub(crate) const SESSION_LIFETIME: &str = "sessiond_session_lifetime_seconds";
     /// Approximate bytes held by sessions.
-    pub const SESSION_BYTES: &str = "sessiond_session_bytes";
+    pub(crate) const SESSION_BYTES: &str = "sessiond_session_bytes";
     /// Users with at least one session.
-    pub const USERS: &str = "sessiond_users_with_sessions";
+    pub(crate) const USERS: &str = "sessiond_users_with_sessions";
     /// gRPC requests by method and status code.
-    pub const GRPC_REQUESTS: &str = "sessiond_grpc_requests_total";
+    pub(crate) const GRPC_REQUESTS: &str = "sessiond_grpc_requests_total";
     /// gRPC request latency by method.
-    pub const GRPC_DURATION: &str = "sessiond_grpc_request_duration_seconds";
+    pub(crate) const GRPC_DURATION: &str = "sessiond_grpc_request_duration_seconds";
     /// Operations carried by Pipeline streams, by operation and status code. They are
     /// series of [`GRPC_REQUESTS`] with `via="pipeline"`; unary calls have no `via` label.
-    pub const PIPELINE_OPS: &str = GRPC_REQUESTS;
+    pub(crate) const PIPELINE_OPS: &str = GRPC_REQUESTS;
     /// Requests and pipelined operations refused at once because `max_concurrent_requests`
     /// were in flight, by method and `via` (`unary` or `pipeline`).
-    pub const REQUESTS_SHED: &str = "sessiond_requests_shed_total";
+    pub(crate) const REQUESTS_SHED: &str = "sessiond_requests_shed_total";
     /// The label saying how an operation arrived: `unary` or `pipeline`.
-    pub const VIA: &str = "via";
+    pub(crate) const VIA: &str = "via";
     /// Reaper batches run.
-    pub const REAPER_RUNS: &str = "sessiond_reaper_runs_total";
+    pub(crate) const REAPER_RUNS: &str = "sessiond_reaper_runs_total";
     /// How late the oldest due session was when the reaper reached it.
-    pub const REAPER_LAG: &str = "sessiond_reaper_lag_seconds";
+    pub(crate) const REAPER_LAG: &str = "sessiond_reaper_lag_seconds";
     /// Time one reaper batch took.
-    pub const REAPER_BATCH: &str = "sessiond_reaper_batch_seconds";
+    pub(crate) const REAPER_BATCH: &str = "sessiond_reaper_batch_seconds";
     /// Lookups of well-formed session IDs that matched no live session.
-    pub const SESSION_ID_MISSES: &str = "sessiond_session_id_misses_total";
+    pub(crate) const SESSION_ID_MISSES: &str = "sessiond_session_id_misses_total";
     /// Times a peer crossed `guess_threshold` misses within `guess_window`.
-    pub const GUESSING_PEERS: &str = "sessiond_guessing_peers_flagged_total";
+    pub(crate) const GUESSING_PEERS: &str = "sessiond_guessing_peers_flagged_total";
     /// Bytes in the current log segment.
-    pub const LOG_BYTES: &str = "sessiond_log_bytes";
+    pub(crate) const LOG_BYTES: &str = "sessiond_log_bytes";
     /// Log fsync latency.
-    pub const FSYNC: &str = "sessiond_fsync_seconds";
+    pub(crate) const FSYNC: &str = "sessiond_fsync_seconds";
     /// Failed log writes and fsyncs, retries included.
-    pub const LOG_WRITE_ERRORS: &str = "sessiond_log_write_errors_total";
+    pub(crate) const LOG_WRITE_ERRORS: &str = "sessiond_log_write_errors_total";
     /// 1 while the durable log writes; 0 while it fails and writes are refused.
-    pub const LOG_WRITABLE: &str = "sessiond_log_writable";
+    pub(crate) const LOG_WRITABLE: &str = "sessiond_log_writable";
     /// Snapshots written.
-    pub const SNAPSHOTS: &str = "sessiond_snapshots_total";
+    pub(crate) const SNAPSHOTS: &str = "sessiond_snapshots_total";
     /// Seconds since the last snapshot (or since start, before the first).
-    pub const SNAPSHOT_AGE: &str = "sessiond_snapshot_age_seconds";
+    pub(crate) const SNAPSHOT_AGE: &str = "sessiond_snapshot_age_seconds";
     /// Sessions loaded by recovery at start-up.
-    pub const RECOVERED: &str = "sessiond_recovered_sessions";
+    pub(crate) const RECOVERED: &str = "sessiond_recovered_sessions";
     /// Seconds since start.
-    pub const UPTIME: &str = "sessiond_uptime_seconds";
+    pub(crate) const UPTIME: &str = "sessiond_uptime_seconds";
     /// Always 1; the labels carry the build.
-    pub const BUILD_INFO: &str = "sessiond_build_info";
+    pub(crate) const BUILD_INFO: &str = "sessiond_build_info";
     /// Client connections open on the gRPC port.
-    pub const CONNECTIONS_OPEN: &str = "sessiond_connections_open";
+    pub(crate) const CONNECTIONS_OPEN: &str = "sessiond_connections_open";
     /// Connections closed at once because `max_connections` were open.
-    pub const CONNECTIONS_REFUSED: &str = "sessiond_connections_refused_total";
+    pub(crate) const CONNECTIONS_REFUSED: &str = "sessiond_connections_refused_total";
     /// Requests refused for missing or wrong credentials.
-    pub const UNAUTHENTICATED: &str = "sessiond_unauthenticated_requests_total";
+    pub(crate) const UNAUTHENTICATED: &str = "sessiond_unauthenticated_requests_total";
     /// Connections closed for spending `unauthenticated_requests`.
-    pub const CONNECTIONS_CLOSED_UNAUTHENTICATED: &str =
+    pub(crate) const CONNECTIONS_CLOSED_UNAUTHENTICATED: &str =
         "sessiond_connections_closed_unauthenticated_total";
     /// Prefix of the process metrics (RSS, open fds, CPU seconds, ...).
-    pub const PROCESS_PREFIX: &str = "sessiond_";
+    pub(crate) const PROCESS_PREFIX: &str = "sessiond_";
     /// The label naming the tenant on every per-tenant metric.
-    pub const TENANT: &str = "tenant";
+    pub(crate) const TENANT: &str = "tenant";
 }
 
 use names::*;
@@ -127,7 +127,7 @@ const LIFETIME_BUCKETS: &[f64] = &[
 
 /// The metrics registry of one daemon. Not global: tests run several daemons in one process.
 #[derive(Clone)]
-pub struct Telemetry {
+pub(crate) struct Telemetry {
     inner: Arc<Inner>,
 }
 
@@ -147,7 +147,7 @@ impl Default for Telemetry {
 
 impl Telemetry {
     /// A fresh registry with every metric described.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(GRPC_DURATION.into()), LATENCY_BUCKETS)
             .and_then(|b| {
@@ -179,13 +179,13 @@ impl Telemetry {
     }
 
     /// Registers metrics inside `f` with this registry (handles outlive the call).
-    pub fn register<T>(&self, f: impl FnOnce() -> T) -> T {
+    pub(crate) fn register<T>(&self, f: impl FnOnce() -> T) -> T {
         metrics::with_local_recorder(&self.inner.recorder, f)
     }
 
     /// The Prometheus text exposition, with scrape-time gauges refreshed from each tenant's
     /// store: `stores` gives each tenant's name and its store's stats.
-    pub fn render<'a>(&self, stores: impl IntoIterator<Item = (&'a str, Stats)>) -> String {
+    pub(crate) fn render<'a>(&self, stores: impl IntoIterator<Item = (&'a str, Stats)>) -> String {
         let i = &self.inner;
         self.register(|| {
             for (name, stats) in stores {
@@ -202,13 +202,13 @@ impl Telemetry {
     }
 
     /// Records how many of `tenant`'s sessions recovery loaded.
-    pub fn recovered(&self, tenant: &str, sessions: usize) {
+    pub(crate) fn recovered(&self, tenant: &str, sessions: usize) {
         let t = tenant.to_string();
         self.register(|| metrics::gauge!(RECOVERED, TENANT => t).set(sessions as f64));
     }
 
     /// The gRPC port's connection metrics.
-    pub fn conn_metrics(&self) -> ConnMetrics {
+    pub(crate) fn conn_metrics(&self) -> ConnMetrics {
         self.register(|| ConnMetrics {
             open: metrics::gauge!(CONNECTIONS_OPEN),
             refused: metrics::counter!(CONNECTIONS_REFUSED),
@@ -322,7 +322,7 @@ fn describe() {
 /// The gRPC port's connection metrics (per daemon: a connection has no tenant until its
 /// requests show their credentials).
 #[derive(Clone)]
-pub struct ConnMetrics {
+pub(crate) struct ConnMetrics {
     /// Connections open now.
     pub open: Gauge,
     /// Connections closed at once because `max_connections` were open.
@@ -335,7 +335,7 @@ pub struct ConnMetrics {
 
 impl ConnMetrics {
     /// Handles that record nothing, for a port that does not report its connections.
-    pub fn noop() -> Self {
+    pub(crate) fn noop() -> Self {
         ConnMetrics {
             open: Gauge::noop(),
             refused: Counter::noop(),

@@ -14,7 +14,7 @@
 pub mod format;
 pub mod log;
 pub mod records;
-pub mod snapshotter;
+pub(crate) mod snapshotter;
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};

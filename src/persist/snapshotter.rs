@@ -22,7 +22,7 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// true. While the log cannot write it waits: a snapshot starts by rotating the log, and the
 /// records the log keeps for its retries belong in the segment they were meant for.
 #[allow(clippy::too_many_arguments)]
-pub async fn run(
+pub(crate) async fn run(
     dir: PathBuf,
     log: Arc<Log>,
     store: Store,

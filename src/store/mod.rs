@@ -19,17 +19,17 @@
 //! up; the reaper only frees memory.
 
 mod all;
-pub mod apply;
-pub mod entry;
-pub mod error;
-pub mod evaluate;
+mod apply;
+mod entry;
+mod error;
+mod evaluate;
 pub mod events;
-pub mod limits;
-pub mod packed;
-pub mod reaper;
-pub mod room;
-pub mod users;
-pub mod wheel;
+mod limits;
+mod packed;
+pub(crate) mod reaper;
+mod room;
+mod users;
+mod wheel;
 
 use std::hash::RandomState;
 use std::num::NonZeroU32;

@@ -16,16 +16,16 @@ use crate::session::{Attributes, ClientInfo};
 const HEADER: usize = 6;
 
 /// The longest key the layout can hold; `max_key_bytes` may not exceed it.
-pub const MAX_KEY_BYTES: usize = u16::MAX as usize;
+pub(crate) const MAX_KEY_BYTES: usize = u16::MAX as usize;
 
 /// Packed attributes. Cloning shares the buffer.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct Packed(Bytes);
+pub(crate) struct Packed(Bytes);
 
 impl Packed {
     /// Packs `items`. Keys must be at most [`MAX_KEY_BYTES`] long and values under 4 GiB,
     /// which the Store's limits guarantee.
-    pub fn pack<'a>(items: impl IntoIterator<Item = (&'a str, &'a [u8])> + Clone) -> Packed {
+    pub(crate) fn pack<'a>(items: impl IntoIterator<Item = (&'a str, &'a [u8])> + Clone) -> Packed {
         let size = items
             .clone()
             .into_iter()
@@ -42,7 +42,7 @@ impl Packed {
     }
 
     /// The attributes, values as slices of the buffer.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, Bytes)> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, Bytes)> + '_ {
         let mut at = 0;
         std::iter::from_fn(move || {
             let b = &self.0;
@@ -61,22 +61,24 @@ impl Packed {
     }
 
     /// The value of `key`.
-    pub fn get(&self, key: &str) -> Option<Bytes> {
+    #[cfg(test)]
+    fn get(&self, key: &str) -> Option<Bytes> {
         self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 
-    /// How many attributes.
-    pub fn len(&self) -> usize {
-        self.iter().count()
-    }
-
     /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
+    /// How many attributes.
+    pub(crate) fn len(&self) -> usize {
+        self.iter().count()
+    }
+
     /// As a map.
-    pub fn unpack(&self) -> Attributes {
+    pub(crate) fn unpack(&self) -> Attributes {
         self.iter().map(|(k, v)| (k.to_owned(), v)).collect()
     }
 }
@@ -85,11 +87,11 @@ impl Packed {
 /// Two `String`s would take 48 bytes in every entry and two allocations; this takes 16 and
 /// one, and none when both are empty.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct PackedClient(Option<Box<[u8]>>);
+pub(crate) struct PackedClient(Option<Box<[u8]>>);
 
 impl PackedClient {
     /// Packs `c`. Its lengths are bounded by `max_client_info_bytes`, far under 4 GiB.
-    pub fn pack(c: &ClientInfo) -> PackedClient {
+    pub(crate) fn pack(c: &ClientInfo) -> PackedClient {
         if c.ip.is_empty() && c.user_agent.is_empty() {
             return PackedClient(None);
         }
@@ -101,7 +103,7 @@ impl PackedClient {
     }
 
     /// The client info back.
-    pub fn unpack(&self) -> ClientInfo {
+    pub(crate) fn unpack(&self) -> ClientInfo {
         let Some(b) = &self.0 else {
             return ClientInfo::default();
         };

@@ -40,7 +40,7 @@ struct Cursor {
 }
 
 /// The expiry index. See the module docs.
-pub struct Wheel {
+pub(crate) struct Wheel {
     /// Width of one slot. Expiry is exact regardless (reads check deadlines themselves);
     /// this only sets how promptly memory is freed.
     granularity: Millis,
@@ -51,7 +51,7 @@ pub struct Wheel {
 
 impl Wheel {
     /// A wheel with `parts` independently locked parts.
-    pub fn new(granularity: Millis, parts: usize) -> Self {
+    pub(crate) fn new(granularity: Millis, parts: usize) -> Self {
         Wheel {
             granularity: granularity.max(1),
             parts: (0..parts.max(1))
@@ -62,7 +62,7 @@ impl Wheel {
     }
 
     /// Files `key` under the slot that contains `deadline`.
-    pub fn file(&self, key: SessionKey, deadline: Millis) {
+    pub(crate) fn file(&self, key: SessionKey, deadline: Millis) {
         let slot = deadline.div_ceil(self.granularity);
         let mut part = self.part(&key);
         part.slots.entry(slot).or_default().push(key);
@@ -71,14 +71,19 @@ impl Wheel {
 
     /// Takes up to `max` keys whose slot is due at `now`, with the start of the oldest due
     /// slot (for lag reporting). Keys stay in the wheel if `max` is reached first.
-    pub fn take_due(&self, now: Millis, max: usize, out: &mut Vec<SessionKey>) -> Option<Millis> {
+    pub(crate) fn take_due(
+        &self,
+        now: Millis,
+        max: usize,
+        out: &mut Vec<SessionKey>,
+    ) -> Option<Millis> {
         self.take(0, now / self.granularity, max, out)
             .map(|slot| slot * self.granularity)
     }
 
     /// Takes up to `max` keys with the earliest slots, due or not, starting at part `from`
     /// (callers rotate it so no part is drained first every time): eviction candidates.
-    pub fn take_earliest(&self, from: usize, max: usize, out: &mut Vec<SessionKey>) {
+    pub(crate) fn take_earliest(&self, from: usize, max: usize, out: &mut Vec<SessionKey>) {
         self.take(from, u64::MAX, max, out);
     }
 
@@ -123,19 +128,19 @@ impl Wheel {
     }
 
     /// Starts a sweep unless one is under way.
-    pub fn start_sweep(&self) {
+    pub(crate) fn start_sweep(&self) {
         lock(&self.sweep).get_or_insert(Cursor { part: 0, slot: 0 });
     }
 
     /// Whether a sweep is under way.
-    pub fn sweeping(&self) -> bool {
+    pub(crate) fn sweeping(&self) -> bool {
         lock(&self.sweep).is_some()
     }
 
     /// One step of the sweep under way: looks at about `budget` filed keys (whole slots, so
     /// a step may go a slot over), drops those `keep` says no to, and returns how many it
     /// dropped. `keep` runs under a part's lock, so it must not file or take.
-    pub fn sweep(&self, budget: usize, keep: impl Fn(&SessionKey) -> bool) -> usize {
+    pub(crate) fn sweep(&self, budget: usize, keep: impl Fn(&SessionKey) -> bool) -> usize {
         let mut cursor = lock(&self.sweep);
         let mut dropped = 0;
         let mut seen = 0;
@@ -179,12 +184,13 @@ impl Wheel {
     }
 
     /// How many keys are filed, live or not. Takes every part's lock in turn, briefly.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.parts.iter().map(|p| lock(p).len).sum()
     }
 
     /// Whether nothing is filed.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 

@@ -30,7 +30,7 @@ use crate::persist::log::{FsyncPolicy, Log};
 use crate::store::{Limits, MemoryPool, Store};
 
 /// The name of the one tenant in single-tenant mode.
-pub const DEFAULT_TENANT: &str = "default";
+pub(crate) const DEFAULT_TENANT: &str = "default";
 
 /// One tenant's share of the daemon.
 pub struct Tenant {
@@ -63,7 +63,7 @@ impl Tenant {
 }
 
 /// How a tenant is recognised.
-pub enum Credential {
+pub(crate) enum Credential {
     /// SHA-256 of a bearer token.
     TokenSha256([u8; 32]),
     /// Subject (or common name) of a verified client certificate.
@@ -72,7 +72,7 @@ pub enum Credential {
 
 /// Why a request has no tenant. The messages name what was wrong, never the token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// No token and no client certificate.
     #[error("credentials required: send `authorization: Bearer <token>` metadata or a client certificate")]
     Missing,
@@ -104,7 +104,7 @@ impl Tenants {
     }
 
     /// Several tenants, each with its credentials.
-    pub fn with_credentials(tenants: Vec<(Arc<Tenant>, Vec<Credential>)>) -> Self {
+    pub(crate) fn with_credentials(tenants: Vec<(Arc<Tenant>, Vec<Credential>)>) -> Self {
         let mut all = Vec::new();
         let mut credentials = Vec::new();
         for (i, (tenant, creds)) in tenants.into_iter().enumerate() {
@@ -120,13 +120,13 @@ impl Tenants {
     }
 
     /// Whether requests must carry credentials.
-    pub fn requires_credentials(&self) -> bool {
+    pub(crate) fn requires_credentials(&self) -> bool {
         !self.credentials.is_empty()
     }
 
     /// The tenant of a request with this `authorization` value and these verified client
     /// certificates (leaf first). A token, when present, decides; otherwise the certificate.
-    pub fn authenticate(
+    pub(crate) fn authenticate(
         &self,
         authorization: Option<&[u8]>,
         certs: Option<&[CertificateDer<'static>]>,
@@ -181,14 +181,14 @@ impl Tenants {
 
 /// The daemon-wide memory pool: `max_memory_bytes`, shared by every tenant's store, with an
 /// equal share guaranteed to each (see [`MemoryPool`]).
-pub fn memory_pool(config: &Config) -> Arc<MemoryPool> {
+pub(crate) fn memory_pool(config: &Config) -> Arc<MemoryPool> {
     MemoryPool::shared(config.limits.max_memory_bytes, config.tenants.len().max(1))
 }
 
 /// A tenant's limits: its own quotas over the daemon-wide settings. Without a
 /// `max_memory_bytes` of its own, it gets an equal share of the daemon-wide one, the share
 /// [`memory_pool`] guarantees it.
-pub fn tenant_limits(config: &Config, t: &TenantConfig) -> Limits {
+pub(crate) fn tenant_limits(config: &Config, t: &TenantConfig) -> Limits {
     let mut limits = t.limits.apply(&config.limits);
     if t.limits.max_memory_bytes.is_none() {
         limits.max_memory_bytes = memory_pool(config).share();
@@ -197,7 +197,7 @@ pub fn tenant_limits(config: &Config, t: &TenantConfig) -> Limits {
 }
 
 /// Parses the hex of a `token_sha256` setting (validated by the config already).
-pub fn parse_token_sha256(hex: &str) -> Option<[u8; 32]> {
+pub(crate) fn parse_token_sha256(hex: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     if hex.len() != 64 {
         return None;
