@@ -7,21 +7,8 @@ use rand::rngs::SmallRng;
 
 use crate::grpc::Grpc;
 use crate::redis::Redis;
-use crate::workload::{attributes, Op, Pool};
+use crate::workload::{attributes, Op, OpResult, Pool, Slot};
 use crate::Args;
-
-/// An operation's outcome: `Err` names what failed, for the error counts.
-pub(crate) type OpResult = Result<(), String>;
-
-/// What an operation on one session did to it, and so to its pool slot.
-pub(crate) enum Slot {
-    /// Still there under the same ID.
-    Kept,
-    /// Ended: the slot is refilled by a later create.
-    Ended,
-    /// Moved to this new ID (Regenerate).
-    Moved(String),
-}
 
 /// One backend's connections.
 #[derive(Clone)]

@@ -11,8 +11,7 @@ use sessiond_client::pb;
 use sessiond_client::pb::session_store_client::SessionStoreClient;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::backend::{OpResult, Slot};
-use crate::workload::Op;
+use crate::workload::{Op, OpResult, Slot};
 
 /// One connection to sessiond: unary RPCs, or one Pipeline stream.
 #[derive(Clone)]

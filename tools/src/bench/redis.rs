@@ -10,8 +10,7 @@ use rand::rngs::SmallRng;
 use rand::Rng;
 use redis::aio::MultiplexedConnection;
 
-use crate::backend::{OpResult, Slot};
-use crate::workload::Op;
+use crate::workload::{Op, OpResult, Slot};
 
 /// Session lifetime used for Redis keys, as a session library would set it.
 const TTL_SECS: u64 = 1800;

@@ -7,8 +7,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::backend::OpResult;
-use crate::workload::{op_name, Op, OPS};
+use crate::workload::{op_name, Op, OpResult, OPS};
 use crate::Args;
 
 /// What a worker measured: requests sent (or due) from `from` on.

@@ -8,6 +8,19 @@ use bytes::Bytes;
 
 use crate::Args;
 
+/// An operation's outcome: `Err` names what failed, for the error counts.
+pub(crate) type OpResult = Result<(), String>;
+
+/// What an operation on one session did to it, and so to its pool slot.
+pub(crate) enum Slot {
+    /// Still there under the same ID.
+    Kept,
+    /// Ended: the slot is refilled by a later create.
+    Ended,
+    /// Moved to this new ID (Regenerate).
+    Moved(String),
+}
+
 /// The logical operations.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Op {
