@@ -121,13 +121,7 @@ impl Store {
         }
         let bytes = size_of(s);
         self.add_bytes(bytes as isize);
-        if emit == Emit::Yes {
-            self.inner.sink.record(&Event {
-                effect,
-                bytes_delta: bytes as isize,
-                lifetime: 0,
-            });
-        }
+        self.tell(emit, effect, bytes as isize, 0);
         let entry = Box::new(Entry::new(s, s.user.clone(), bytes));
         match self.inner.sessions.insert(s.key, entry) {
             Some(replaced) => {
@@ -167,13 +161,7 @@ impl Store {
         entry.version = version;
         entry.slide(at);
         self.add_bytes(delta);
-        if emit == Emit::Yes {
-            self.inner.sink.record(&Event {
-                effect,
-                bytes_delta: delta,
-                lifetime: 0,
-            });
-        }
+        self.tell(emit, effect, delta, 0);
     }
 
     /// Moves the held session to `session`'s fresh key: the old key is gone once its entry
@@ -189,13 +177,7 @@ impl Store {
         let bytes = size_of(session);
         let delta = bytes as isize - entry.bytes as isize;
         self.add_bytes(delta);
-        if emit == Emit::Yes {
-            self.inner.sink.record(&Event {
-                effect,
-                bytes_delta: delta,
-                lifetime: 0,
-            });
-        }
+        self.tell(emit, effect, delta, 0);
         let new = Box::new(Entry::new(session, session.user.clone(), bytes));
         self.inner.sessions.insert(session.key, new);
         self.inner.wheel.file(session.key, session.expires_at());
@@ -235,18 +217,25 @@ impl Store {
             let (_, entry) = held.remove_entry();
             self.inner.count.fetch_sub(1, Ordering::Relaxed);
             self.add_bytes(-(entry.bytes as isize));
-            if emit == Emit::Yes {
-                self.inner.sink.record(&Event {
-                    effect: &Effect::End { key, cause, at },
-                    bytes_delta: -(entry.bytes as isize),
-                    lifetime: at.saturating_sub(entry.created_at),
-                });
-            }
+            let lifetime = at.saturating_sub(entry.created_at);
+            let end = Effect::End { key, cause, at };
+            self.tell(emit, &end, -(entry.bytes as isize), lifetime);
             if let Some(keys) = keys {
                 keys.retain(|k| *k != key);
             }
             Some(cause)
         })
+    }
+
+    /// Hands an applied effect to the sinks, if it is news to them.
+    fn tell(&self, emit: Emit, effect: &Effect, bytes_delta: isize, lifetime: Millis) {
+        if emit == Emit::Yes {
+            self.inner.sink.record(&Event {
+                effect,
+                bytes_delta,
+                lifetime,
+            });
+        }
     }
 
     /// Loads recovered sessions, as `Create` effects applied without events (they are
