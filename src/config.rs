@@ -15,10 +15,10 @@ use crate::persist::log::FsyncPolicy;
 use crate::store::{LimitOverrides, Limits, LimitsError};
 
 /// The config file read when `--config` is not given, if it exists.
-pub const DEFAULT_CONFIG_FILE: &str = "config/sessiond.toml";
+pub(crate) const DEFAULT_CONFIG_FILE: &str = "config/sessiond.toml";
 
 /// Prefix of the environment variables that override the file.
-pub const ENV_PREFIX: &str = "SESSIOND_";
+pub(crate) const ENV_PREFIX: &str = "SESSIOND_";
 
 /// Every setting of the daemon. Field names are the config-file keys; the environment variable
 /// is the name upper-cased behind `SESSIOND_`.

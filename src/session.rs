@@ -68,7 +68,7 @@ impl SessionKey {
     }
 
     /// A short, non-reversible name for logs: enough to correlate lines, useless to an attacker.
-    pub fn fingerprint(&self) -> Fingerprint {
+    pub(crate) fn fingerprint(&self) -> Fingerprint {
         // The key is uniformly random, so a slice of it hashed with a fixed mixer is as good as
         // a cryptographic hash for correlation, and 32 bits cannot be used to forge the other 224.
         let mut h = u32::from_le_bytes([self.0[28], self.0[29], self.0[30], self.0[31]]);
@@ -112,7 +112,7 @@ impl fmt::Display for SessionKey {
 
 /// What logs print instead of a session ID.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Fingerprint(u32);
+pub(crate) struct Fingerprint(u32);
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -62,7 +62,7 @@ pub enum TlsError {
 
 /// Which port a handshake is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Port {
+pub(crate) enum Port {
     /// gRPC: HTTP/2, and a client certificate when `client_ca` is set.
     Grpc,
     /// Admin: HTTP/1.1, no client certificate (Prometheus and probes scrape it).
@@ -103,7 +103,7 @@ impl ReloadableTls {
     }
 
     /// Reloads if any file's modification time changed since the last load.
-    pub fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
+    pub(crate) fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
         let now = stamps(&self.files);
         let changed = *self.stamp.read().unwrap_or_else(|p| p.into_inner()) != now;
         changed.then(|| self.reload())
@@ -112,7 +112,7 @@ impl ReloadableTls {
     /// Reloads the files whenever they change, looking every `every`, until `stop` turns
     /// true: a certificate renewed on disk (by cert-manager, certbot, ...) takes effect
     /// without anyone sending SIGHUP.
-    pub async fn watch(self: Arc<Self>, every: Duration, stop: watch::Receiver<bool>) {
+    pub(crate) async fn watch(self: Arc<Self>, every: Duration, stop: watch::Receiver<bool>) {
         let mut ticker = Ticker::new(every, stop);
         while ticker.tick().await {
             match self.reload_if_changed() {
@@ -126,7 +126,7 @@ impl ReloadableTls {
     }
 
     /// An acceptor with the current certificate, for one connection to `port`.
-    pub fn acceptor(&self, port: Port) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self, port: Port) -> TlsAcceptor {
         let configs = self.current.read().unwrap_or_else(|p| p.into_inner());
         TlsAcceptor::from(match port {
             Port::Grpc => configs.grpc.clone(),

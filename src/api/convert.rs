@@ -59,7 +59,7 @@ pub fn session(s: Session) -> pb::Session {
 }
 
 /// A CreateRequest for the Store.
-pub fn new_session(r: pb::CreateRequest) -> Result<NewSession, Status> {
+pub(crate) fn new_session(r: pb::CreateRequest) -> Result<NewSession, Status> {
     Ok(NewSession {
         user: Some(r.user_id),
         attributes: r.attributes.into_iter().collect(),

@@ -31,7 +31,7 @@ use crate::transport::ConnInfo;
 pub use crate::proto::pb;
 
 /// The encoded descriptor set of the public API, served by gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
+pub(crate) const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sessiond_descriptor.bin"));
 
 /// What `DestroyAllSessionsRequest.confirm` must say: a phrase, not a flag, so that no
@@ -325,7 +325,7 @@ type Reply<T> = Result<Response<T>, Status>;
 
 /// Responses a pipeline may have ready before the client reads them; past it, the server
 /// stops reading requests from that stream (backpressure instead of an unbounded queue).
-pub const PIPELINE_WINDOW: usize = 256;
+pub(crate) const PIPELINE_WINDOW: usize = 256;
 
 #[tonic::async_trait]
 impl pb::session_store_server::SessionStore for SessionStoreService {

@@ -19,9 +19,8 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-pub use self::tenant_metrics::{
-    GuessMetrics, LogMetrics, ReaperMetrics, SessionMetrics, SnapshotMetrics, TenantMetrics,
-};
+pub use self::tenant_metrics::{GuessMetrics, LogMetrics};
+pub(crate) use self::tenant_metrics::{ReaperMetrics, SnapshotMetrics};
 use crate::store::Stats;
 
 /// Metric names, with their help text and unit. The one list: code refers to these consts.

@@ -15,7 +15,7 @@ use crate::store::reaper::ReaperObserver;
 use crate::store::Reaped;
 
 /// Every metric handle of one tenant, a part for each owner.
-pub struct TenantMetrics {
+pub(crate) struct TenantMetrics {
     /// The store's event sink: sessions created, updated, regenerated and ended.
     pub sessions: SessionMetrics,
     /// The durable log's.
@@ -76,7 +76,7 @@ impl Telemetry {
 }
 
 /// Counts sessions as they change. Plain atomic handles: no lock, no allocation.
-pub struct SessionMetrics {
+pub(crate) struct SessionMetrics {
     created: Counter,
     updated: Counter,
     destroyed: Counter,
@@ -130,7 +130,7 @@ impl LogMetrics {
 }
 
 /// What the snapshot task records.
-pub struct SnapshotMetrics {
+pub(crate) struct SnapshotMetrics {
     /// Snapshots written.
     pub written: Counter,
     /// Seconds since the last snapshot (or since start, before the first).
@@ -148,7 +148,7 @@ impl SnapshotMetrics {
 }
 
 /// Records each reaper batch.
-pub struct ReaperMetrics {
+pub(crate) struct ReaperMetrics {
     runs: Counter,
     lag: Gauge,
     batch: Histogram,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use bytes::{Bytes, BytesMut};
 
 /// The format version this build writes and the newest it reads.
-pub const FORMAT_VERSION: u16 = 1;
+pub(crate) const FORMAT_VERSION: u16 = 1;
 
 /// Magic of a log segment.
 pub const LOG_MAGIC: &[u8; 6] = b"SDLOG\0";
@@ -22,13 +22,13 @@ pub const LOG_MAGIC: &[u8; 6] = b"SDLOG\0";
 pub const SNAPSHOT_MAGIC: &[u8; 6] = b"SDSNP\0";
 
 /// Bytes before the first frame.
-pub const HEADER_BYTES: u64 = 8;
+pub(crate) const HEADER_BYTES: u64 = 8;
 
 /// Bytes of a frame's length and checksum.
-pub const FRAME_HEADER_BYTES: u64 = 8;
+pub(crate) const FRAME_HEADER_BYTES: u64 = 8;
 
 /// No record is this large (a session is capped far below); a bigger length is damage.
-pub const MAX_FRAME_BYTES: u32 = 256 * 1024 * 1024;
+pub(crate) const MAX_FRAME_BYTES: u32 = 256 * 1024 * 1024;
 
 /// The size of the buffers `scan` reads payloads into.
 const ARENA_BYTES: usize = 4 << 20;
@@ -112,7 +112,7 @@ pub enum End {
 /// Payloads are slices of large shared buffers, so the `bytes` fields prost decodes from
 /// them (keys, attribute values) are views, not copies: recovery allocates per session only
 /// what it must.
-pub fn scan(
+pub(crate) fn scan(
     path: &Path,
     magic: &[u8; 6],
     kind: &'static str,

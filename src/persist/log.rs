@@ -61,7 +61,7 @@ pub enum FsyncPolicy {
 
 /// How far the log is on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Durable {
+pub(crate) struct Durable {
     /// Records up to this sequence number are written (and fsynced, under `always`). While
     /// the log fails, this stays at the last record really on disk.
     pub seq: u64,
@@ -179,12 +179,12 @@ impl Log {
     }
 
     /// Bytes in the current segment (written so far).
-    pub fn segment_bytes(&self) -> u64 {
+    pub(crate) fn segment_bytes(&self) -> u64 {
         self.shared.segment_bytes.load(Ordering::Relaxed)
     }
 
     /// `Ok` while the log writes; otherwise why not (the file and OS error, or shutdown).
-    pub fn writable(&self) -> Result<(), Refused> {
+    pub(crate) fn writable(&self) -> Result<(), Refused> {
         if self.shared.writable.load(Ordering::Acquire) {
             Ok(())
         } else {
@@ -193,7 +193,7 @@ impl Log {
     }
 
     /// Waits until record `seq` is durable. `Err` if the log failed before it got there.
-    pub async fn wait_durable(&self, seq: u64) -> Result<(), LogFailed> {
+    pub(crate) async fn wait_durable(&self, seq: u64) -> Result<(), LogFailed> {
         let mut rx = self.shared.durable.subscribe();
         // `seq` is only ever published as far as the disk really is, failed or not, so
         // reaching it is the one way to succeed; a failure short of it fails at once.
@@ -211,7 +211,7 @@ impl Log {
     /// Starts a new segment; returns its number. Every record appended before this call is
     /// in an older segment, so a snapshot begun after it holds all of their effects. Fails
     /// while the log cannot write.
-    pub fn rotate(&self) -> io::Result<u64> {
+    pub(crate) fn rotate(&self) -> io::Result<u64> {
         let _one = lock(&self.rotating);
         let (tx, rx) = mpsc::channel();
         {
@@ -242,7 +242,7 @@ impl Log {
 /// The log cannot make records durable any more (a write or fsync failed).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the durable log could not write this change: it is applied in memory and is logged if the disk recovers, but it may not survive a restart")]
-pub struct LogFailed;
+pub(crate) struct LogFailed;
 
 impl EventSink for Arc<Log> {
     fn record(&self, event: &Event<'_>) {
@@ -322,7 +322,7 @@ fn create_segment(dir: &Path, seq: u64) -> io::Result<(File, u64)> {
 }
 
 /// Makes a file's creation, rename or removal in `dir` durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

@@ -37,7 +37,7 @@ pub mod pb {
 }
 
 /// The lock file that keeps two daemons off one data directory.
-pub const LOCK_FILE: &str = "LOCK";
+pub(crate) const LOCK_FILE: &str = "LOCK";
 
 /// The file name of snapshot `seq`.
 pub fn snapshot_name(seq: u64) -> String {
@@ -178,7 +178,7 @@ fn nonsense(path: &Path) -> FormatError {
 
 impl Recovery {
     /// The segment number the new log starts at: after every segment there is.
-    pub fn next_segment(&self) -> u64 {
+    pub(crate) fn next_segment(&self) -> u64 {
         let base = self.listing.snapshots.last().copied().unwrap_or(0);
         self.listing
             .segments
@@ -410,7 +410,7 @@ pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStat
 }
 
 /// The size of the newest snapshot in `dir`; 0 if there is none.
-pub fn newest_snapshot_bytes(dir: &Path) -> u64 {
+pub(crate) fn newest_snapshot_bytes(dir: &Path) -> u64 {
     list(dir)
         .ok()
         .and_then(|l| l.snapshots.last().copied())
@@ -424,7 +424,7 @@ pub fn newest_snapshot_bytes(dir: &Path) -> u64 {
 /// snapshot for every small slice of log; relative to the snapshot, the work of snapshots
 /// stays proportional to the writes, and recovery replays at most about `percent` percent of
 /// a snapshot's worth of log on top of it. `percent = 0` leaves `min_bytes` alone.
-pub fn snapshot_due(
+pub(crate) fn snapshot_due(
     log_bytes: u64,
     last_snapshot_bytes: u64,
     min_bytes: u64,

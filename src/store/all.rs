@@ -13,7 +13,7 @@ impl Store {
     /// first, 32 bytes per session, so the map is never locked while sessions are ended.
     /// Refused up front if the log cannot keep the changes; once under way it finishes (the
     /// log keeps every record through a disk failure, and the caller's sync reports one).
-    pub fn destroy_all(&self) -> Result<u64, StoreError> {
+    pub(crate) fn destroy_all(&self) -> Result<u64, StoreError> {
         self.check_writable()?;
         let keys: Vec<SessionKey> = self.inner.sessions.iter().map(|e| *e.key()).collect();
         let mut destroyed = 0;

@@ -109,7 +109,7 @@ impl EventSink for Discard {
 }
 
 /// Fans events out to several sinks, in order.
-pub struct Fanout(pub Vec<Box<dyn EventSink>>);
+pub(crate) struct Fanout(pub Vec<Box<dyn EventSink>>);
 
 impl EventSink for Fanout {
     fn record(&self, event: &Event<'_>) {

@@ -158,7 +158,7 @@ const WHEEL_SWEEP_SLACK: usize = 4096;
 
 /// Granularity of the expiry wheel. Reads are exact regardless; this only sets how soon after
 /// its deadline a dead session's memory is freed.
-pub const WHEEL_GRANULARITY: Duration = Duration::from_secs(1);
+pub(crate) const WHEEL_GRANULARITY: Duration = Duration::from_secs(1);
 
 impl Store {
     /// A store with `shards` map shards (a power of two).

@@ -14,7 +14,7 @@ use crate::observe::GuessMetrics;
 
 /// Peers tracked at once; past it, windows that have ended are dropped to make room, so a
 /// flood of source addresses cannot grow the map without bound.
-pub const MAX_TRACKED_PEERS: usize = 100_000;
+pub(crate) const MAX_TRACKED_PEERS: usize = 100_000;
 
 /// The per-peer miss counter.
 pub struct GuessWatch {
@@ -36,7 +36,7 @@ impl GuessWatch {
     }
 
     /// Records one miss by `peer` (unknown when the transport gives no address).
-    pub fn miss(&self, peer: Option<IpAddr>) {
+    pub(crate) fn miss(&self, peer: Option<IpAddr>) {
         self.metrics.misses.increment(1);
         let Some(ip) = peer else { return };
         let now = Instant::now();
