@@ -199,6 +199,7 @@ impl Recovery {
         repair: bool,
         make: impl FnOnce(usize) -> Store,
     ) -> Result<Recovered, RecoveryError> {
+        let next_segment = self.next_segment();
         let Recovery {
             dir,
             lock,
@@ -281,18 +282,12 @@ impl Recovery {
             truncate(&path, offset)?;
             break;
         }
-        let next_segment = Recovery {
-            dir: dir.to_owned(),
-            lock,
-            listing,
-            started,
-        };
         Ok(Recovered {
             store,
             from_snapshot,
             records,
-            next_segment: next_segment.next_segment(),
-            lock: Some(next_segment.lock),
+            next_segment,
+            lock: Some(lock),
             took: started.elapsed(),
         })
     }

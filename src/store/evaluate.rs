@@ -61,12 +61,7 @@ impl Store {
         let _latch = self.latch_users(user.as_deref(), None);
         // Under the latch nobody else adds to the user's list, so the count stands until
         // this session joins it; the victims go once it has.
-        let victims = match &user {
-            Some(u) => self.in_user_index(Some(u), |keys| {
-                keys.map_or(Ok(Vec::new()), |keys| self.user_room(keys, now))
-            })?,
-            None => Vec::new(),
-        };
+        let victims = self.user_room(user.as_ref(), now)?;
         let effect = Effect::Create(Session {
             key: SessionKey::generate(),
             user,
@@ -259,12 +254,7 @@ impl Store {
         // Nobody can add to the new user's list while its latch is held, so this check
         // stands until the new key joins it. Victims are only picked here, and evicted once
         // the move is done, so a Regenerate that fails evicts nobody.
-        let victims = match (login, &user) {
-            (true, Some(u)) => self.in_user_index(Some(u), |keys| {
-                keys.map_or(Ok(Vec::new()), |keys| self.user_room(keys, now))
-            })?,
-            _ => Vec::new(),
-        };
+        let victims = self.user_room(user.as_ref().filter(|_| login), now)?;
         let held = match self.inner.sessions.entry(old) {
             Slot::Occupied(o) if o.get().is_live(now) => o,
             _ => return Err(StoreError::NotFound),

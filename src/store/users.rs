@@ -84,10 +84,26 @@ impl Store {
         [first.map(take), second.map(take)]
     }
 
-    /// Drops dead keys from a user's list, then checks `max_sessions_per_user` for one more
+    /// Drops dead keys from `user`'s list, then checks `max_sessions_per_user` for one more
     /// session: `Err` under `deny` if the user is at it; under `evict-oldest`, the sessions
-    /// to evict for room (none if there is room). Evicts nothing itself.
+    /// to evict for room (none if there is room, or no user). Evicts nothing itself. The
+    /// caller holds the user's latch, so the answer stands until it adds the session.
     pub(crate) fn user_room(
+        &self,
+        user: Option<&Arc<str>>,
+        now: Millis,
+    ) -> Result<Vec<SessionKey>, StoreError> {
+        match user {
+            Some(u) => self.in_user_index(Some(u), |keys| match keys {
+                Some(keys) => self.room_in(keys, now),
+                None => Ok(Vec::new()),
+            }),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// [`Store::user_room`] on the user's locked list.
+    fn room_in(
         &self,
         keys: &mut Vec<SessionKey>,
         now: Millis,
