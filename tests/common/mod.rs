@@ -4,7 +4,14 @@
 #![allow(dead_code)]
 
 pub mod certs;
+mod config;
+/// The tools' reader of Prometheus samples, the same file.
+#[path = "../../tools/src/exposition.rs"]
+mod exposition;
 pub mod proc;
+
+pub use config::{sha256_hex, test_config, T0};
+pub use exposition::sample;
 
 use std::time::Duration;
 
@@ -16,28 +23,6 @@ use sessiond::server::Daemon;
 use tonic::codegen::{Body, Bytes, StdError};
 use tonic::transport::Channel;
 use tonic::IntoRequest;
-
-/// Start of the manual clock: an arbitrary fixed wall-clock time.
-pub const T0: u64 = 1_750_000_000_000;
-
-/// A config for tests: ephemeral ports, everything else default.
-pub fn test_config() -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_listen: "127.0.0.1:0".parse().unwrap(),
-        persist: false,
-        ..Config::default()
-    }
-}
-
-/// The hex SHA-256 of a tenant token: what `token_sha256` holds.
-pub fn sha256_hex(token: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// A tenant picked by the bearer token `token`.
 pub fn token_tenant(name: &str, token: &str) -> TenantConfig {
@@ -138,30 +123,6 @@ impl TestServer {
     pub async fn stop(self) {
         self.daemon.stop().await.unwrap();
     }
-}
-
-/// A value from a Prometheus text exposition. `name` with labels (`m{a="b"}`, as written
-/// there) is that one series; a bare metric name is the sum of all its series (across
-/// tenants, say). `None` when no series matches. (The tools have the same reader; the daemon's
-/// tests keep their own, so the daemon's crate does not depend on the tools'.)
-pub fn sample(exposition: &str, name: &str) -> Option<f64> {
-    let series = exposition.lines().filter(|l| !l.starts_with('#'));
-    if name.contains('{') {
-        return series
-            .into_iter()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok());
-    }
-    let values: Vec<f64> = series
-        .filter_map(|l| {
-            let rest = l.strip_prefix(name)?;
-            let value = match rest.strip_prefix('{') {
-                Some(labelled) => labelled.rsplit_once("} ")?.1,
-                None => rest.strip_prefix(' ')?,
-            };
-            value.trim().parse().ok()
-        })
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// A client of the daemon at `url` (`http://host:port`).

@@ -8,6 +8,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+pub use crate::exposition::sample;
+
 /// GETs `path` from an admin endpoint (`host:port` or `http://host:port`) and returns the body
 /// of a successful reply; the error says why not.
 pub async fn fetch(addr: &str, path: &str, timeout: Duration) -> Result<String, String> {
@@ -37,29 +39,6 @@ pub async fn fetch(addr: &str, path: &str, timeout: Duration) -> Result<String, 
     tokio::time::timeout(timeout, get)
         .await
         .map_err(|_| "timed out".to_string())?
-}
-
-/// A value from a Prometheus text exposition. `name` with labels (`m{a="b"}`, as written
-/// there) is that one series; a bare metric name is the sum of all its series (across
-/// tenants, say). `None` when no series matches.
-pub fn sample(exposition: &str, name: &str) -> Option<f64> {
-    let series = exposition.lines().filter(|l| !l.starts_with('#'));
-    if name.contains('{') {
-        return series
-            .into_iter()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok());
-    }
-    let values: Vec<f64> = series
-        .filter_map(|l| {
-            let rest = l.strip_prefix(name)?;
-            let value = match rest.strip_prefix('{') {
-                Some(labelled) => labelled.rsplit_once("} ")?.1,
-                None => rest.strip_prefix(' ')?,
-            };
-            value.trim().parse().ok()
-        })
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 #[cfg(test)]

@@ -10,3 +10,4 @@
 //!   Prometheus samples.
 
 pub mod admin;
+mod exposition;
