@@ -16,7 +16,7 @@ use sessiond::clock::Clock;
 use sessiond::session::{Millis, Session};
 use sessiond::store::events::{Discard, Event, EventSink};
 use sessiond::store::{
-    Change, Effect, Limits, NewSession, Rotation, Store, StoreError, TOUCH_REPORT_FRACTION,
+    Applied, Change, Effect, Limits, NewSession, Rotation, Store, StoreError, TOUCH_REPORT_FRACTION,
 };
 
 const T0: Millis = 1_000_000_000_000;
@@ -183,7 +183,8 @@ impl Effects {
     fn apply_to(&self, replica: &Store, applied: &mut usize) {
         let effects = self.0.lock().unwrap();
         for effect in &effects[*applied..] {
-            replica.apply(effect);
+            // Applied in the order the store made them, every effect changes something.
+            assert_eq!(replica.apply(effect), Applied::Done, "{effect:?}");
         }
         *applied = effects.len();
     }

@@ -315,10 +315,10 @@ impl Layout {
             let raw = Bytes::copy_from_slice(&f.bytes);
             for p in f.payloads.iter().chain([&raw]) {
                 if let Some(effect) = decode(p.clone()) {
-                    store.apply(&effect);
+                    let _ = store.apply(&effect);
                 }
                 if let Some(s) = decode_snapshot_entry(p.clone()) {
-                    store.apply(&Effect::Create(s));
+                    let _ = store.apply(&Effect::Create(s));
                 }
             }
         }
@@ -392,8 +392,17 @@ impl Model {
                 }
             }
             Effect::Regenerate { old, session } => {
-                self.0.remove(&old);
-                self.upsert(session);
+                // A move applies onto the version it was decided on, unless it was applied
+                // before (the new key is there).
+                let overtaken = !self.0.contains_key(&session.key)
+                    && self
+                        .0
+                        .get(&old)
+                        .is_some_and(|o| o.version.checked_add(1) != Some(session.version));
+                if !overtaken {
+                    self.0.remove(&old);
+                    self.upsert(session);
+                }
             }
             Effect::End { key, .. } => {
                 self.0.remove(&key);

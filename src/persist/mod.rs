@@ -241,7 +241,7 @@ impl Recovery {
             let path = dir.join(segment_name(n));
             let last = i + 1 == segments.len();
             let end = scan(&path, format::LOG_MAGIC, "log", |p| {
-                store.apply(&records::decode(p).ok_or_else(|| nonsense(&path))?);
+                let _ = store.apply(&records::decode(p).ok_or_else(|| nonsense(&path))?);
                 records += 1;
                 Ok(())
             })?;

@@ -38,15 +38,30 @@ pub(crate) enum Emit {
     No,
 }
 
+/// What [`Store::apply`] did with an effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Applied {
+    /// The change is made.
+    Done,
+    /// Nothing changed: the effect was already applied (replay), its session is gone, or a
+    /// newer write overtook the state it was planned on.
+    Stale,
+}
+
 /// A session's map entry, held for writing.
 pub(crate) type Held<'a> = dashmap::mapref::entry::OccupiedEntry<'a, SessionKey, Box<Entry>>;
 
 impl Store {
-    /// Applies an effect decided elsewhere: a log record at recovery (next, a leader's effect
-    /// on a replica). Idempotent (see the module docs). Emits no events: the effect is
-    /// already durable.
-    pub fn apply(&self, effect: &Effect) {
-        match effect {
+    /// Applies an effect decided elsewhere: a log record at recovery, or a committed effect
+    /// of the group's log on every node of a replicated group. Idempotent (see the module
+    /// docs). Emits no events: the effect is already durable.
+    ///
+    /// Says whether the effect changed anything: a group's leader planned it against an
+    /// older state ([`super::plan`]), and a newer write may have overtaken it.
+    pub fn apply(&self, effect: &Effect) -> Applied {
+        self.inner.floor.fetch_max(effect.at(), Ordering::Relaxed);
+        let done = match effect {
             Effect::Create(s) => self.apply_create(effect, s, None, Emit::No),
             Effect::Update {
                 key,
@@ -56,10 +71,10 @@ impl Store {
                 at,
             } => {
                 let Some(mut entry) = self.inner.sessions.get_mut(key) else {
-                    return;
+                    return Applied::Stale;
                 };
                 if entry.version.checked_add(1) != Some(*version) {
-                    return;
+                    return Applied::Stale;
                 }
                 let gone: HashSet<&str> = set
                     .iter()
@@ -68,13 +83,16 @@ impl Store {
                     .collect();
                 let shape = entry.reshaped(set, |k| gone.contains(k));
                 self.apply_update(&mut entry, effect, shape, (*version, *at), Emit::No);
+                true
             }
-            Effect::Touch { key, at } => {
-                if let Some(entry) = self.inner.sessions.get(key) {
+            Effect::Touch { key, at } => match self.inner.sessions.get(key) {
+                Some(entry) => {
                     entry.slide(*at);
                     entry.reported(*at);
+                    true
                 }
-            }
+                None => false,
+            },
             Effect::Regenerate { old, session } => {
                 // Applied before, the new key is there already: only the old may be left.
                 let held = match self.inner.sessions.contains_key(&session.key) {
@@ -85,18 +103,28 @@ impl Store {
                     },
                 };
                 match held {
-                    Some(o) => self.apply_regenerate(o, effect, session, Emit::No),
+                    // The move starts from the version it was decided on, or a write that
+                    // overtook the plan would be lost in the rotation.
+                    Some(o) if o.get().version.checked_add(1) != Some(session.version) => false,
+                    Some(o) => {
+                        self.apply_regenerate(o, effect, session, Emit::No);
+                        true
+                    }
                     None => {
                         self.end_if(*old, session.created_at, Emit::No, |_| {
                             Some(EndCause::Destroyed)
                         });
-                        self.apply_create(effect, session, None, Emit::No);
+                        self.apply_create(effect, session, None, Emit::No)
                     }
                 }
             }
             Effect::End { key, cause, at } => {
-                self.end_if(*key, *at, Emit::No, |_| Some(*cause));
+                self.end_if(*key, *at, Emit::No, |_| Some(*cause)).is_some()
             }
+        };
+        match done {
+            true => Applied::Done,
+            false => Applied::Stale,
         }
     }
 
@@ -109,7 +137,7 @@ impl Store {
         s: &Session,
         claim: Option<SlotClaim<'_>>,
         emit: Emit,
-    ) {
+    ) -> bool {
         if emit == Emit::No
             && self
                 .inner
@@ -117,7 +145,7 @@ impl Store {
                 .get(&s.key)
                 .is_some_and(|cur| cur.version >= s.version)
         {
-            return;
+            return false;
         }
         let bytes = size_of(s);
         self.add_bytes(bytes as isize);
@@ -143,6 +171,7 @@ impl Store {
             }
         }
         self.inner.wheel.file(s.key, s.expires_at());
+        true
     }
 
     /// Stores an Update's attributes (worked out by [`Entry::reshaped`]) at `version`, and
@@ -252,7 +281,7 @@ impl Store {
             for part in parts {
                 scope.spawn(move || {
                     for s in part {
-                        self.apply(&Effect::Create(s));
+                        let _ = self.apply(&Effect::Create(s));
                     }
                 });
             }

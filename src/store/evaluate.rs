@@ -19,60 +19,24 @@ use super::entry::{attribute_bytes, session_bytes, Entry};
 use super::events::{Effect, EndCause, Event};
 use super::limits::pick_timeout;
 use super::{Change, NewSession, Rotation, Store, StoreError};
-use crate::session::{Attributes, Millis, Session, SessionKey};
+use crate::session::{Attributes, ClientInfo, Millis, Session, SessionKey};
 
 impl Store {
     /// Starts a session under a fresh server-generated ID.
     pub fn create(&self, req: NewSession) -> Result<Session, StoreError> {
         self.check_writable()?;
-        let l = &self.inner.limits;
-        let idle = pick_timeout(
-            req.idle_timeout,
-            l.default_idle_timeout,
-            l.max_idle_timeout,
-            "idle_timeout",
-            "max_idle_timeout",
-        )?;
-        let absolute = pick_timeout(
-            req.absolute_timeout,
-            l.default_absolute_timeout,
-            l.max_absolute_timeout,
-            "absolute_timeout",
-            "max_absolute_timeout",
-        )?;
-        let user = l.check_user(req.user)?;
-        l.check_client(&req.client)?;
-        let mut attrs = Attributes::with_capacity(req.attributes.len());
-        let mut bytes = session_bytes(user.as_deref(), &req.client, []);
-        for (k, v) in req.attributes {
-            l.check_attribute(&k, &v)?;
-            if let Some(old) = attrs.get(&k) {
-                bytes -= attribute_bytes(&k, old.len());
-            }
-            bytes += attribute_bytes(&k, v.len());
-            attrs.insert(k, v);
-        }
-        l.check_shape(attrs.len(), bytes)?;
+        let new = self.check_new(req)?;
+        let bytes = new.bytes;
         self.take_create_token()?;
 
         // Eviction takes time: the session starts once there is room for it.
         let now = self.make_room(bytes, self.now())?;
         let claim = self.claim_slot()?;
-        let _latch = self.latch_users(user.as_deref(), None);
+        let _latch = self.latch_users(new.user.as_deref(), None);
         // Under the latch nobody else adds to the user's list, so the count stands until
         // this session joins it; the victims go once it has.
-        let victims = self.user_room(user.as_ref(), now)?;
-        let effect = Effect::Create(Session {
-            key: SessionKey::generate(),
-            user,
-            attributes: attrs,
-            version: 1,
-            created_at: now,
-            last_access_at: now,
-            idle_timeout: idle,
-            absolute_expires_at: now.saturating_add(absolute),
-            client: req.client,
-        });
+        let victims = self.user_room(new.user.as_ref(), now)?;
+        let effect = Effect::Create(new.session(now));
         let Effect::Create(session) = &effect else {
             unreachable!("built as a Create just above")
         };
@@ -131,6 +95,82 @@ impl Store {
         self.check_writable()?;
         let key = SessionKey::parse(id)?;
         let l = &self.inner.limits;
+        let checked = self.check_change(&change)?;
+        let (set, remove, growth) = (&checked.set, &checked.remove, checked.growth);
+        // Look the session up before making room, so an Update that fails anyway evicts
+        // nobody. Room for the worst case (every key new) is made before this session's
+        // lock is taken: eviction locks other sessions.
+        let now = self.now();
+        self.check_update_target(key, change.expected_version, now)?;
+        // Eviction takes time: the session may have expired meanwhile, so it is checked
+        // again, at the time the change happens.
+        let now = self.make_room(growth, now)?;
+        let mut entry = self
+            .inner
+            .sessions
+            .get_mut(&key)
+            .ok_or(StoreError::NotFound)?;
+        check_entry(&entry, change.expected_version, now)?;
+        // The result's shape first, so a limit failure leaves the session untouched.
+        let shape = entry.reshaped(&change.set, |k| set.contains(k) || remove.contains(k));
+        l.check_shape(shape.count, shape.bytes)?;
+        let version = entry.version + 1;
+        let effect = Effect::Update {
+            key,
+            set: change.set,
+            remove: change.remove,
+            version,
+            at: now,
+        };
+        self.apply_update(&mut entry, &effect, shape, (version, now), Emit::Yes);
+        Ok(entry.snapshot(key, true))
+    }
+
+    /// A Create's request, checked against every rule and per-request limit: all that is
+    /// left to decide is the room it needs and its time.
+    pub(crate) fn check_new(&self, req: NewSession) -> Result<Checked, StoreError> {
+        let l = &self.inner.limits;
+        let idle = pick_timeout(
+            req.idle_timeout,
+            l.default_idle_timeout,
+            l.max_idle_timeout,
+            "idle_timeout",
+            "max_idle_timeout",
+        )?;
+        let absolute = pick_timeout(
+            req.absolute_timeout,
+            l.default_absolute_timeout,
+            l.max_absolute_timeout,
+            "absolute_timeout",
+            "max_absolute_timeout",
+        )?;
+        let user = l.check_user(req.user)?;
+        l.check_client(&req.client)?;
+        let mut attrs = Attributes::with_capacity(req.attributes.len());
+        let mut bytes = session_bytes(user.as_deref(), &req.client, []);
+        for (k, v) in req.attributes {
+            l.check_attribute(&k, &v)?;
+            if let Some(old) = attrs.get(&k) {
+                bytes -= attribute_bytes(&k, old.len());
+            }
+            bytes += attribute_bytes(&k, v.len());
+            attrs.insert(k, v);
+        }
+        l.check_shape(attrs.len(), bytes)?;
+        Ok(Checked {
+            user,
+            attrs,
+            bytes,
+            idle,
+            absolute,
+            client: req.client,
+        })
+    }
+
+    /// An Update's change, checked on its own (before the session is looked at): the keys it
+    /// sets and removes, and how much it can grow the session at most.
+    pub(crate) fn check_change<'c>(&self, change: &'c Change) -> Result<Changed<'c>, StoreError> {
+        let l = &self.inner.limits;
         for (what, n) in [
             ("the number of keys in set", change.set.len()),
             ("the number of keys in remove", change.remove.len()),
@@ -176,33 +216,11 @@ impl Store {
             .iter()
             .map(|(k, v)| attribute_bytes(k, v.len()))
             .sum();
-        // Look the session up before making room, so an Update that fails anyway evicts
-        // nobody. Room for the worst case (every key new) is made before this session's
-        // lock is taken: eviction locks other sessions.
-        let now = self.now();
-        self.check_update_target(key, change.expected_version, now)?;
-        // Eviction takes time: the session may have expired meanwhile, so it is checked
-        // again, at the time the change happens.
-        let now = self.make_room(growth, now)?;
-        let mut entry = self
-            .inner
-            .sessions
-            .get_mut(&key)
-            .ok_or(StoreError::NotFound)?;
-        check_entry(&entry, change.expected_version, now)?;
-        // The result's shape first, so a limit failure leaves the session untouched.
-        let shape = entry.reshaped(&change.set, |k| set.contains(k) || remove.contains(k));
-        l.check_shape(shape.count, shape.bytes)?;
-        let version = entry.version + 1;
-        let effect = Effect::Update {
-            key,
-            set: change.set,
-            remove: change.remove,
-            version,
-            at: now,
-        };
-        self.apply_update(&mut entry, &effect, shape, (version, now), Emit::Yes);
-        Ok(entry.snapshot(key, true))
+        Ok(Changed {
+            set,
+            remove,
+            growth,
+        })
     }
 
     /// Fails as a write to `key` would: missing, dead, or at another version.
@@ -344,7 +362,11 @@ impl Store {
 }
 
 /// Fails as a write to `entry` would at `now`: dead, or at another version than `expected`.
-fn check_entry(entry: &Entry, expected: Option<u64>, now: Millis) -> Result<(), StoreError> {
+pub(crate) fn check_entry(
+    entry: &Entry,
+    expected: Option<u64>,
+    now: Millis,
+) -> Result<(), StoreError> {
     if !entry.is_live(now) {
         return Err(StoreError::NotFound);
     }
@@ -360,7 +382,12 @@ fn check_entry(entry: &Entry, expected: Option<u64>, now: Millis) -> Result<(), 
 /// The session a Regenerate makes of `entry`, under a fresh key. Binding a different user is
 /// a login: a fresh absolute lifetime of the same length. Otherwise the absolute deadline is
 /// kept, so rotation never extends a session.
-fn rotated(entry: &Entry, user: &Option<Arc<str>>, now: Millis, drop_attributes: bool) -> Session {
+pub(crate) fn rotated(
+    entry: &Entry,
+    user: &Option<Arc<str>>,
+    now: Millis,
+    drop_attributes: bool,
+) -> Session {
     let mut s = entry.snapshot(SessionKey::generate(), !drop_attributes);
     s.version = entry.version + 1;
     s.last_access_at = now;
@@ -371,4 +398,44 @@ fn rotated(entry: &Entry, user: &Option<Arc<str>>, now: Millis, drop_attributes:
         s.absolute_expires_at = now.saturating_add(lifetime);
     }
     s
+}
+
+/// A Create's request after [`Store::check_new`].
+pub(crate) struct Checked {
+    /// The user to bind, checked.
+    pub(crate) user: Option<Arc<str>>,
+    /// The attributes, checked, a key given twice kept once (the last).
+    pub(crate) attrs: Attributes,
+    /// The session's size by the store's accounting.
+    pub(crate) bytes: usize,
+    idle: Millis,
+    absolute: Millis,
+    client: ClientInfo,
+}
+
+impl Checked {
+    /// The session this request starts at `now`, under a fresh key.
+    pub(crate) fn session(self, now: Millis) -> Session {
+        Session {
+            key: SessionKey::generate(),
+            user: self.user,
+            attributes: self.attrs,
+            version: 1,
+            created_at: now,
+            last_access_at: now,
+            idle_timeout: self.idle,
+            absolute_expires_at: now.saturating_add(self.absolute),
+            client: self.client,
+        }
+    }
+}
+
+/// An Update's change after [`Store::check_change`].
+pub(crate) struct Changed<'c> {
+    /// The keys it sets.
+    pub(crate) set: HashSet<&'c str>,
+    /// The keys it removes.
+    pub(crate) remove: HashSet<&'c str>,
+    /// The most it can grow the session by (every key new).
+    pub(crate) growth: usize,
 }

@@ -70,6 +70,16 @@ pub enum Effect {
     },
 }
 
+impl Effect {
+    /// The time the change happened, as decided.
+    pub fn at(&self) -> Millis {
+        match self {
+            Effect::Create(s) | Effect::Regenerate { session: s, .. } => s.last_access_at,
+            Effect::Update { at, .. } | Effect::Touch { at, .. } | Effect::End { at, .. } => *at,
+        }
+    }
+}
+
 /// An applied effect, as the sinks see it.
 #[derive(Debug, Clone, Copy)]
 pub struct Event<'a> {

@@ -26,6 +26,7 @@ mod evaluate;
 pub mod events;
 mod limits;
 mod packed;
+mod plan;
 pub(crate) mod reaper;
 mod room;
 mod users;
@@ -33,7 +34,7 @@ mod wheel;
 
 use std::hash::RandomState;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,12 +45,14 @@ use governor::nanos::Nanos;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
+pub use self::apply::Applied;
 use self::entry::Entry;
 pub use self::entry::{ATTRIBUTE_OVERHEAD_BYTES, SESSION_OVERHEAD_BYTES, TOUCH_REPORT_FRACTION};
 pub use self::error::StoreError;
 pub use self::events::Effect;
 use self::events::EventSink;
 pub use self::limits::{LimitOverrides, Limits, LimitsError, PerUserPolicy};
+pub use self::plan::Plan;
 pub use self::room::MemoryPool;
 use self::room::RateClock;
 use self::users::USER_LATCHES;
@@ -135,6 +138,8 @@ struct Inner {
     limits: Limits,
     /// Sessions in `sessions`, kept beside the map so the `max_sessions` check is one atomic.
     count: AtomicUsize,
+    /// The newest time carried by an effect applied through [`Store::apply`].
+    floor: AtomicU64,
     /// Sum of `Entry::bytes`.
     bytes: AtomicUsize,
     /// The daemon-wide memory budget this store draws on with the others.
@@ -206,6 +211,7 @@ impl Store {
                 clock,
                 limits,
                 count: AtomicUsize::new(0),
+                floor: AtomicU64::new(0),
                 bytes: AtomicUsize::new(0),
                 reserved,
                 pool,
@@ -272,8 +278,13 @@ impl Store {
         self.inner.wheel.len()
     }
 
+    /// The clock's time, but never earlier than the newest time an applied effect carries:
+    /// a replica that becomes leader never decides with a clock behind its predecessor's.
     fn now(&self) -> Millis {
-        self.inner.clock.now()
+        self.inner
+            .clock
+            .now()
+            .max(self.inner.floor.load(Ordering::Relaxed))
     }
 }
 
