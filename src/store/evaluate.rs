@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use dashmap::mapref::entry::Entry as Slot;
+use dashmap::mapref::entry::Entry as MapEntry;
 
 use super::apply::Emit;
 use super::entry::{attribute_bytes, session_bytes, Entry};
@@ -256,7 +256,7 @@ impl Store {
         // the move is done, so a Regenerate that fails evicts nobody.
         let victims = self.user_room(user.as_ref().filter(|_| login), now)?;
         let held = match self.inner.sessions.entry(old) {
-            Slot::Occupied(o) if o.get().is_live(now) => o,
+            MapEntry::Occupied(o) if o.get().is_live(now) => o,
             _ => return Err(StoreError::NotFound),
         };
         let effect = Effect::Regenerate {
