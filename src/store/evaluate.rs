@@ -19,7 +19,7 @@ use super::entry::{attribute_bytes, session_bytes, Entry};
 use super::events::{Effect, EndCause, Event};
 use super::limits::pick_timeout;
 use super::{Change, NewSession, Rotation, Store, StoreError};
-use crate::session::{Attributes, Millis, Session, SessionKey};
+use crate::session::{Attributes, Millis, Session, SessionKey, Slot};
 
 impl Store {
     /// Starts a session under a fresh server-generated ID.
@@ -261,7 +261,7 @@ impl Store {
         };
         let effect = Effect::Regenerate {
             old,
-            session: rotated(held.get(), &user, now, rotation.drop_attributes),
+            session: rotated(old, held.get(), &user, now, rotation.drop_attributes),
         };
         let Effect::Regenerate { session, .. } = &effect else {
             unreachable!("built as a Regenerate just above")
@@ -357,11 +357,20 @@ fn check_entry(entry: &Entry, expected: Option<u64>, now: Millis) -> Result<(), 
     }
 }
 
-/// The session a Regenerate makes of `entry`, under a fresh key. Binding a different user is
-/// a login: a fresh absolute lifetime of the same length. Otherwise the absolute deadline is
-/// kept, so rotation never extends a session.
-fn rotated(entry: &Entry, user: &Option<Arc<str>>, now: Millis, drop_attributes: bool) -> Session {
-    let mut s = entry.snapshot(SessionKey::generate(), !drop_attributes);
+/// The session a Regenerate makes of `entry`, stored under `old`, under a fresh key in the
+/// same slot: the session stays where it was when the slots are split across groups, so a
+/// rotation never has to move it. Binding a different user is a login: a fresh absolute
+/// lifetime of the same length. Otherwise the absolute deadline is kept, so rotation never
+/// extends a session.
+fn rotated(
+    old: SessionKey,
+    entry: &Entry,
+    user: &Option<Arc<str>>,
+    now: Millis,
+    drop_attributes: bool,
+) -> Session {
+    let key = SessionKey::generate_in(Slot::of(&old));
+    let mut s = entry.snapshot(key, !drop_attributes);
     s.version = entry.version + 1;
     s.last_access_at = now;
     if *user != entry.user {
