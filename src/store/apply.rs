@@ -19,7 +19,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
-use dashmap::mapref::entry::Entry as Slot;
+use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::mapref::one::RefMut;
 
 use super::entry::{size_of, Entry, Reshaped};
@@ -98,8 +98,8 @@ impl Store {
                 let held = match self.inner.sessions.contains_key(&session.key) {
                     true => None,
                     false => match self.inner.sessions.entry(*old) {
-                        Slot::Occupied(o) => Some(o),
-                        Slot::Vacant(_) => None,
+                        MapEntry::Occupied(o) => Some(o),
+                        MapEntry::Vacant(_) => None,
                     },
                 };
                 match held {
@@ -239,8 +239,8 @@ impl Store {
         let user = self.inner.sessions.get(&key)?.user.clone();
         self.in_user_index(user.as_ref(), |keys| {
             let held = match self.inner.sessions.entry(key) {
-                Slot::Occupied(o) => o,
-                Slot::Vacant(_) => return None,
+                MapEntry::Occupied(o) => o,
+                MapEntry::Vacant(_) => return None,
             };
             let cause = decide(held.get())?;
             let (_, entry) = held.remove_entry();

@@ -12,14 +12,14 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use dashmap::mapref::entry::Entry as Slot;
+use dashmap::mapref::entry::Entry as MapEntry;
 
 use super::apply::Emit;
 use super::entry::{attribute_bytes, session_bytes, Entry};
 use super::events::{Effect, EndCause, Event};
 use super::limits::pick_timeout;
 use super::{Change, NewSession, Rotation, Store, StoreError};
-use crate::session::{Attributes, ClientInfo, Millis, Session, SessionKey};
+use crate::session::{Attributes, ClientInfo, Millis, Session, SessionKey, Slot};
 
 impl Store {
     /// Starts a session under a fresh server-generated ID.
@@ -274,12 +274,12 @@ impl Store {
         // the move is done, so a Regenerate that fails evicts nobody.
         let victims = self.user_room(user.as_ref().filter(|_| login), now)?;
         let held = match self.inner.sessions.entry(old) {
-            Slot::Occupied(o) if o.get().is_live(now) => o,
+            MapEntry::Occupied(o) if o.get().is_live(now) => o,
             _ => return Err(StoreError::NotFound),
         };
         let effect = Effect::Regenerate {
             old,
-            session: rotated(held.get(), &user, now, rotation.drop_attributes),
+            session: rotated(old, held.get(), &user, now, rotation.drop_attributes),
         };
         let Effect::Regenerate { session, .. } = &effect else {
             unreachable!("built as a Regenerate just above")
@@ -379,16 +379,20 @@ pub(crate) fn check_entry(
     }
 }
 
-/// The session a Regenerate makes of `entry`, under a fresh key. Binding a different user is
-/// a login: a fresh absolute lifetime of the same length. Otherwise the absolute deadline is
-/// kept, so rotation never extends a session.
+/// The session a Regenerate makes of `entry`, stored under `old`, under a fresh key in the
+/// same slot: the session stays where it was when the slots are split across groups, so a
+/// rotation never has to move it. Binding a different user is a login: a fresh absolute
+/// lifetime of the same length. Otherwise the absolute deadline is kept, so rotation never
+/// extends a session.
 pub(crate) fn rotated(
+    old: SessionKey,
     entry: &Entry,
     user: &Option<Arc<str>>,
     now: Millis,
     drop_attributes: bool,
 ) -> Session {
-    let mut s = entry.snapshot(SessionKey::generate(), !drop_attributes);
+    let key = SessionKey::generate_in(Slot::of(&old));
+    let mut s = entry.snapshot(key, !drop_attributes);
     s.version = entry.version + 1;
     s.last_access_at = now;
     if *user != entry.user {

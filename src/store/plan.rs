@@ -139,7 +139,7 @@ impl Store {
         if !entry.is_live(now) {
             return Err(StoreError::NotFound);
         }
-        let session = super::evaluate::rotated(&entry, &user, now, rotation.drop_attributes);
+        let session = super::evaluate::rotated(old, &entry, &user, now, rotation.drop_attributes);
         drop(entry);
         let mut effects = Vec::with_capacity(1 + victims.len());
         effects.push(Effect::Regenerate {

@@ -324,6 +324,31 @@ fn regenerate_moves_the_session_and_kills_the_old_id() {
 }
 
 #[test]
+fn regenerate_keeps_the_slot_and_draws_fresh_random_bits() {
+    use crate::session::Slot;
+    let st = store();
+    for _ in 0..4 {
+        let first = create(&st, None);
+        let slot = Slot::of(&first.key);
+        let mut current = first.key;
+        let mut tails = HashSet::from([*current.random_tail()]);
+        for round in 0..100 {
+            // Plain rotations, logins and attribute drops all keep the slot.
+            let rotation = Rotation {
+                user: (round % 3 == 1).then(|| format!("user{round}")),
+                drop_attributes: round % 5 == 4,
+            };
+            let r = st.regenerate(&current.encode(), rotation).unwrap();
+            assert_eq!(Slot::of(&r.key), slot, "round {round}");
+            assert!(tails.insert(*r.key.random_tail()), "random bits repeat");
+            current = r.key;
+        }
+        assert_eq!(st.get(&current.encode(), true).unwrap().key, current);
+    }
+    assert_eq!(st.stats().sessions, 4);
+}
+
+#[test]
 fn login_regenerate_binds_the_user_and_starts_a_fresh_lifetime() {
     let st = store();
     let anon = create(&st, None);

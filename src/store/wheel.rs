@@ -195,9 +195,16 @@ impl Wheel {
     }
 
     fn part(&self, key: &SessionKey) -> std::sync::MutexGuard<'_, Part> {
-        let b = key.as_bytes();
+        lock(&self.parts[self.part_of(key)])
+    }
+
+    /// Which part files `key`. It reads random bits only, the key's bytes 10..12: not the
+    /// ID's slot, which the server may choose (a regenerate keeps it), and not the map's hash
+    /// (bytes 2..10), so a part's keys are neither one slot's nor one map shard's.
+    fn part_of(&self, key: &SessionKey) -> usize {
+        let b = key.random_tail();
         let i = usize::from(b[8]) | usize::from(b[9]) << 8;
-        lock(&self.parts[i % self.parts.len()])
+        i % self.parts.len()
     }
 }
 
@@ -241,6 +248,26 @@ mod tests {
         assert!(out.is_empty());
         wheel.take_due(2000, 10, &mut out);
         assert_eq!(out, vec![k]);
+    }
+
+    #[test]
+    fn parts_are_chosen_by_random_bits_not_by_the_slot() {
+        use crate::session::{Slot, SLOTS};
+        let wheel = Wheel::new(1000, 64);
+        // Keys in one slot still spread over every part.
+        let slot = Slot::new(77).unwrap();
+        let parts: std::collections::HashSet<_> = (0..2000)
+            .map(|_| wheel.part_of(&SessionKey::generate_in(slot)))
+            .collect();
+        assert_eq!(parts.len(), 64);
+        // Keys that differ only in their slot bits share a part.
+        let key = SessionKey::generate();
+        let home = Slot::of(&key).get();
+        for step in [1, 2, 8192, 16383] {
+            let moved = key.with_slot(Slot::new((home + step) % SLOTS).unwrap());
+            assert_ne!(moved, key);
+            assert_eq!(wheel.part_of(&moved), wheel.part_of(&key));
+        }
     }
 
     #[test]

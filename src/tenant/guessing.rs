@@ -2,8 +2,8 @@
 //! live session are counted per peer in a fixed window, and a peer that crosses the threshold
 //! is logged once per window, with its address and count but never the IDs it tried.
 //!
-//! With 256-bit IDs guessing cannot succeed; what this catches is a client replaying stolen or
-//! stale cookies at scale, or a scanner, which operators want to hear about.
+//! With 242 random bits in every ID guessing cannot succeed; what this catches is a client
+//! replaying stolen or stale cookies at scale, or a scanner, which operators want to hear about.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
