@@ -9,6 +9,7 @@ mod config;
 #[path = "../../tools/src/exposition.rs"]
 mod exposition;
 pub mod faultproxy;
+pub mod history;
 pub mod proc;
 
 pub use config::{sha256_hex, test_config, T0};
