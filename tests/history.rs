@@ -411,4 +411,3 @@ fn only_decided_refusals_are_definite() {
         assert_eq!(Outcome::from_status(&status), Outcome::Indeterminate);
     }
 }
-
