@@ -8,6 +8,8 @@ mod config;
 /// The tools' reader of Prometheus samples, the same file.
 #[path = "../../tools/src/exposition.rs"]
 mod exposition;
+pub mod faultproxy;
+pub mod history;
 pub mod proc;
 
 pub use config::{sha256_hex, test_config, T0};
