@@ -405,6 +405,7 @@ async fn build_servers(listeners: Listeners, serving: &Serving) -> anyhow::Resul
             .zip(persistence)
             .filter_map(|(t, p)| Some((t.name.clone(), p.as_ref()?.log.clone())))
             .collect(),
+        group: None,
     });
     let service = SessionStoreServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)

@@ -9,6 +9,7 @@
 
 pub(crate) mod budget;
 pub mod convert;
+pub mod group;
 mod pipeline;
 pub(crate) mod status;
 
@@ -22,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use self::budget::Budget;
+pub use self::group::Group;
 use crate::observe::grpc::EdgeMetrics;
 use crate::persist::log::Log;
 use crate::store::StoreError;
@@ -64,6 +66,8 @@ pub(crate) struct Settings {
     /// Each tenant's log, by tenant name (under every fsync policy), for the calls that
     /// must force their effect to disk before they reply.
     pub(crate) logs: HashMap<Arc<str>, Arc<Log>>,
+    /// The replicated group this node serves in; `None` on a single node.
+    pub(crate) group: Option<Arc<dyn Group>>,
 }
 
 impl Default for Settings {
@@ -76,6 +80,7 @@ impl Default for Settings {
             metrics: None,
             shutdown: None,
             logs: HashMap::new(),
+            group: None,
         }
     }
 }
@@ -89,6 +94,7 @@ struct Edge {
     metrics: Arc<EdgeMetrics>,
     shutdown: Option<watch::Receiver<bool>>,
     logs: HashMap<Arc<str>, Arc<Log>>,
+    group: Option<Arc<dyn Group>>,
 }
 
 impl SessionStoreService {
@@ -111,6 +117,7 @@ impl SessionStoreService {
             metrics,
             shutdown,
             logs,
+            group,
         } = settings;
         SessionStoreService {
             edge: Arc::new(Edge {
@@ -121,6 +128,7 @@ impl SessionStoreService {
                 metrics: metrics.unwrap_or_else(|| Arc::new(EdgeMetrics::noop())),
                 shutdown,
                 logs,
+                group,
             }),
         }
     }
@@ -224,49 +232,102 @@ impl Caller {
     // way: a unary call in `durable_reply`, a pipelined one in `finish`, within its own
     // `request_timeout`.
 
-    fn create(&self, r: pb::CreateRequest) -> Result<pb::Session, Status> {
+    async fn create(&self, r: pb::CreateRequest) -> Result<pb::Session, Status> {
         let new = convert::new_session(r)?;
-        Ok(convert::session(self.tenant.store.create(new)?))
+        let store = &self.tenant.store;
+        let session = match self.group() {
+            None => store.create(new)?,
+            Some(group) => group::write(group, || store.plan_create(new.clone())).await?,
+        };
+        Ok(convert::session(session))
     }
 
-    fn get(&self, id: &str, peek: bool) -> Result<pb::Session, Status> {
+    async fn get(&self, id: &str, peek: bool) -> Result<pb::Session, Status> {
+        self.read_lease().await?;
         self.lookup(self.tenant.store.get(id, peek))
             .map(convert::session)
     }
 
-    fn touch(&self, r: &pb::TouchRequest) -> Result<pb::TouchResponse, Status> {
+    async fn touch(&self, r: &pb::TouchRequest) -> Result<pb::TouchResponse, Status> {
+        self.read_lease().await?;
         let at = self.lookup(self.tenant.store.touch(&r.id))?;
         Ok(pb::TouchResponse {
             expires_at: Some(convert::timestamp(at)),
         })
     }
 
-    fn update(&self, mut r: pb::UpdateRequest) -> Result<pb::Session, Status> {
+    async fn update(&self, mut r: pb::UpdateRequest) -> Result<pb::Session, Status> {
         let id = std::mem::take(&mut r.id);
-        self.lookup(self.tenant.store.update(&id, convert::change(r)))
-            .map(convert::session)
+        let change = convert::change(r);
+        let store = &self.tenant.store;
+        let session = match self.group() {
+            None => self.lookup(store.update(&id, change))?,
+            Some(group) => {
+                let planned = group::write(group, || {
+                    self.lookup_plan(store.plan_update(&id, change.clone()))
+                });
+                planned.await?
+            }
+        };
+        Ok(convert::session(session))
     }
 
-    fn regenerate(&self, r: &pb::RegenerateRequest) -> Result<pb::Session, Status> {
-        self.lookup(self.tenant.store.regenerate(&r.id, convert::rotation(r)))
-            .map(convert::session)
+    async fn regenerate(&self, r: &pb::RegenerateRequest) -> Result<pb::Session, Status> {
+        let rotation = convert::rotation(r);
+        let store = &self.tenant.store;
+        let session = match self.group() {
+            None => self.lookup(store.regenerate(&r.id, rotation))?,
+            Some(group) => {
+                let planned = group::write(group, || {
+                    self.lookup_plan(store.plan_regenerate(&r.id, rotation.clone()))
+                });
+                planned.await?
+            }
+        };
+        Ok(convert::session(session))
     }
 
-    fn destroy(&self, r: &pb::DestroyRequest) -> Result<pb::DestroyResponse, Status> {
-        let existed = self.tenant.store.destroy(&r.id)?;
+    async fn destroy(&self, r: &pb::DestroyRequest) -> Result<pb::DestroyResponse, Status> {
+        let store = &self.tenant.store;
+        let existed = match self.group() {
+            None => store.destroy(&r.id)?,
+            Some(group) => group::write(group, || store.plan_destroy(&r.id)).await?,
+        };
         if !existed {
             self.tenant.guesses.miss(self.peer);
         }
         Ok(pb::DestroyResponse { existed })
     }
 
+    /// The replicated group this node serves in, if any.
+    fn group(&self) -> Option<&dyn Group> {
+        self.edge.group.as_deref()
+    }
+
+    /// In a group, waits until this node may serve a linearizable read.
+    async fn read_lease(&self) -> Result<(), Status> {
+        match self.group() {
+            Some(group) => group.lease_read().await,
+            None => Ok(()),
+        }
+    }
+
+    /// A plan's failure counts a miss against the peer, as a lookup's does.
+    fn lookup_plan<T>(&self, planned: Result<T, StoreError>) -> Result<T, StoreError> {
+        if matches!(planned, Err(StoreError::NotFound)) {
+            self.tenant.guesses.miss(self.peer);
+        }
+        planned
+    }
+
     /// A user's sessions, oldest first. With attributes, each session is read on its own and
     /// the response's size is counted as it grows, so a user with many large sessions costs
     /// at most `max_message_bytes` before the call is refused.
-    fn list_user(
+    async fn list_user(
         &self,
         r: &pb::ListUserSessionsRequest,
     ) -> Result<pb::ListUserSessionsResponse, Status> {
+        self.read_lease().await?;
         let store = &self.tenant.store;
         let listed = store.list_user(&r.user_id, false)?;
         let mut out = Bounded::new(self.edge.max_message_bytes, listed.len());
@@ -288,12 +349,23 @@ impl Caller {
         })
     }
 
-    fn destroy_user(
+    async fn destroy_user(
         &self,
         r: &pb::DestroyUserSessionsRequest,
     ) -> Result<pb::DestroyUserSessionsResponse, Status> {
         let except = (!r.except_id.is_empty()).then_some(r.except_id.as_str());
-        let destroyed = self.tenant.store.destroy_user(&r.user_id, except)?;
+        let store = &self.tenant.store;
+        let destroyed = match self.group() {
+            None => store.destroy_user(&r.user_id, except)?,
+            Some(group) => {
+                // Ends overtaken by another write ended their session anyway: no replan.
+                let plan = store.plan_destroy_user(&r.user_id, except)?;
+                if !plan.effects.is_empty() {
+                    group.propose(plan.effects).await?;
+                }
+                plan.reply
+            }
+        };
         Ok(pb::DestroyUserSessionsResponse { destroyed })
     }
 
@@ -331,39 +403,47 @@ pub(crate) const PIPELINE_WINDOW: usize = 256;
 impl pb::session_store_server::SessionStore for SessionStoreService {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Reply<pb::Session> {
         let caller = self.caller(&req)?;
-        caller.durable_reply(caller.create(req.into_inner())).await
+        let created = caller.create(req.into_inner()).await;
+        caller.durable_reply(created).await
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::Session> {
         let r = req.get_ref();
-        let session = self.caller(&req)?.get(&r.id, r.peek)?;
+        let session = self.caller(&req)?.get(&r.id, r.peek).await?;
         Ok(Response::new(session))
     }
 
     async fn touch(&self, req: Request<pb::TouchRequest>) -> Reply<pb::TouchResponse> {
-        Ok(Response::new(self.caller(&req)?.touch(req.get_ref())?))
+        Ok(Response::new(
+            self.caller(&req)?.touch(req.get_ref()).await?,
+        ))
     }
 
     async fn update(&self, req: Request<pb::UpdateRequest>) -> Reply<pb::Session> {
         let caller = self.caller(&req)?;
-        caller.durable_reply(caller.update(req.into_inner())).await
+        let updated = caller.update(req.into_inner()).await;
+        caller.durable_reply(updated).await
     }
 
     async fn regenerate(&self, req: Request<pb::RegenerateRequest>) -> Reply<pb::Session> {
         let caller = self.caller(&req)?;
-        caller.durable_reply(caller.regenerate(req.get_ref())).await
+        let moved = caller.regenerate(req.get_ref()).await;
+        caller.durable_reply(moved).await
     }
 
     async fn destroy(&self, req: Request<pb::DestroyRequest>) -> Reply<pb::DestroyResponse> {
         let caller = self.caller(&req)?;
-        caller.durable_reply(caller.destroy(req.get_ref())).await
+        let destroyed = caller.destroy(req.get_ref()).await;
+        caller.durable_reply(destroyed).await
     }
 
     async fn list_user_sessions(
         &self,
         req: Request<pb::ListUserSessionsRequest>,
     ) -> Reply<pb::ListUserSessionsResponse> {
-        Ok(Response::new(self.caller(&req)?.list_user(req.get_ref())?))
+        Ok(Response::new(
+            self.caller(&req)?.list_user(req.get_ref()).await?,
+        ))
     }
 
     async fn destroy_user_sessions(
@@ -371,9 +451,8 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         req: Request<pb::DestroyUserSessionsRequest>,
     ) -> Reply<pb::DestroyUserSessionsResponse> {
         let caller = self.caller(&req)?;
-        caller
-            .durable_reply(caller.destroy_user(req.get_ref()))
-            .await
+        let destroyed = caller.destroy_user(req.get_ref()).await;
+        caller.durable_reply(destroyed).await
     }
 
     async fn get_many(&self, req: Request<pb::GetManyRequest>) -> Reply<pb::GetManyResponse> {
@@ -401,7 +480,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
                 continue;
             }
             first.insert(id, i);
-            let result = match caller.get(id, r.peek) {
+            let result = match caller.get(id, r.peek).await {
                 Ok(s) => pb::get_result::Result::Session(s),
                 Err(e) => pb::get_result::Result::Error(status::error(&e)),
             };

@@ -63,17 +63,22 @@ fn op_name(op: &Op) -> &'static str {
 impl Caller {
     /// Runs one operation through the function its unary RPC runs: its result, and whether
     /// it is a change (one whose reply must wait until it is durable, failed or not).
-    fn dispatch(&self, op: Op) -> (Result<Outcome, Status>, bool) {
+    async fn dispatch(&self, op: Op) -> (Result<Outcome, Status>, bool) {
         match op {
-            Op::Create(r) => (self.create(r).map(Outcome::Session), true),
-            Op::Get(r) => (self.get(&r.id, r.peek).map(Outcome::Session), false),
-            Op::Touch(r) => (self.touch(&r).map(Outcome::Touch), false),
-            Op::Update(r) => (self.update(r).map(Outcome::Session), true),
-            Op::Regenerate(r) => (self.regenerate(&r).map(Outcome::Session), true),
-            Op::Destroy(r) => (self.destroy(&r).map(Outcome::Destroy), true),
-            Op::ListUserSessions(r) => (self.list_user(&r).map(Outcome::ListUserSessions), false),
+            Op::Create(r) => (self.create(r).await.map(Outcome::Session), true),
+            Op::Get(r) => (self.get(&r.id, r.peek).await.map(Outcome::Session), false),
+            Op::Touch(r) => (self.touch(&r).await.map(Outcome::Touch), false),
+            Op::Update(r) => (self.update(r).await.map(Outcome::Session), true),
+            Op::Regenerate(r) => (self.regenerate(&r).await.map(Outcome::Session), true),
+            Op::Destroy(r) => (self.destroy(&r).await.map(Outcome::Destroy), true),
+            Op::ListUserSessions(r) => (
+                self.list_user(&r).await.map(Outcome::ListUserSessions),
+                false,
+            ),
             Op::DestroyUserSessions(r) => (
-                self.destroy_user(&r).map(Outcome::DestroyUserSessions),
+                self.destroy_user(&r)
+                    .await
+                    .map(Outcome::DestroyUserSessions),
                 true,
             ),
         }
@@ -114,7 +119,7 @@ impl Caller {
 
     /// Applies one pipelined request, if the budget has a permit for it; its response, and
     /// the log position the response must wait for if it changed anything.
-    fn pipelined(&self, request: pb::PipelineRequest) -> Applied {
+    async fn pipelined(&self, request: pb::PipelineRequest) -> Applied {
         let op = request.op.as_ref().map_or("none", op_name);
         let deadline = self.edge.request_timeout.map(|t| Instant::now() + t);
         let permit = match &self.edge.budget {
@@ -138,7 +143,7 @@ impl Caller {
         };
         let (result, position) = match request.op {
             Some(op) => {
-                let (result, mutated) = self.dispatch(op);
+                let (result, mutated) = self.dispatch(op).await;
                 let position = if mutated { self.log_position() } else { None };
                 (
                     result.unwrap_or_else(|e| Outcome::Error(status::error(&e))),
@@ -241,7 +246,7 @@ impl Caller {
                         }
                         return;
                     }
-                    Some(Ok(Some(request))) => Step::Reply(self.pipelined(request)),
+                    Some(Ok(Some(request))) => Step::Reply(self.pipelined(request).await),
                     Some(Ok(None)) => return,
                     Some(Err(e)) => Step::End(e),
                 };

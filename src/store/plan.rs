@@ -153,8 +153,9 @@ impl Store {
         })
     }
 
-    /// Plans a Destroy: `None` if there is no live session under that ID.
-    pub fn plan_destroy(&self, id: &str) -> Result<Option<Effect>, StoreError> {
+    /// Plans a Destroy: the reply says whether there was a live session under that ID (no
+    /// effect if there was none).
+    pub fn plan_destroy(&self, id: &str) -> Result<Plan<bool>, StoreError> {
         self.check_writable()?;
         let key = SessionKey::parse(id)?;
         let now = self.now();
@@ -163,11 +164,18 @@ impl Store {
             .sessions
             .get(&key)
             .is_some_and(|e| e.is_live(now));
-        Ok(live.then_some(Effect::End {
-            key,
-            cause: EndCause::Destroyed,
-            at: now,
-        }))
+        let effects = match live {
+            true => vec![Effect::End {
+                key,
+                cause: EndCause::Destroyed,
+                at: now,
+            }],
+            false => Vec::new(),
+        };
+        Ok(Plan {
+            effects,
+            reply: live,
+        })
     }
 
     /// Plans a DestroyUserSessions: an `End` for each of the user's sessions but `except`
@@ -399,7 +407,7 @@ mod tests {
         let left = store.list_user("bob", false).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].key, keep.key);
-        assert!(store.plan_destroy(&keep.key.encode()).unwrap().is_some());
+        assert!(store.plan_destroy(&keep.key.encode()).unwrap().reply);
     }
 
     #[test]
@@ -455,7 +463,11 @@ mod tests {
         assert_eq!(ends.len(), 1);
         assert_eq!(apply_all(&store, &ends), vec![Applied::Done]);
         assert_eq!(store.stats().sessions, 0);
-        assert_eq!(store.plan_destroy(&s.key.encode()).unwrap(), None);
+        assert!(store
+            .plan_destroy(&s.key.encode())
+            .unwrap()
+            .effects
+            .is_empty());
     }
 
     #[test]
