@@ -9,6 +9,7 @@
 
 pub(crate) mod budget;
 pub mod convert;
+pub mod forward;
 pub mod group;
 mod pipeline;
 pub(crate) mod status;
