@@ -82,6 +82,7 @@ async fn every_rpc_round_trips() {
             set: attrs(&[("theme", "dark")]),
             remove: vec!["cart".into()],
             expected_version: Some(1),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap()
@@ -94,6 +95,7 @@ async fn every_rpc_round_trips() {
             id: s.id.clone(),
             user_id: Some("alice".into()),
             drop_attributes: false,
+            idempotency_key: String::new(),
         })
         .await
         .unwrap()

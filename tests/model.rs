@@ -326,6 +326,7 @@ fn run(ops: Vec<Op>) {
                         set: set.clone(),
                         remove: remove.clone(),
                         expected_version: expected,
+                        idempotency_key: None,
                     },
                 );
                 if overlap {
@@ -363,6 +364,7 @@ fn run(ops: Vec<Op>) {
                     Rotation {
                         user: user.clone().map(|u| u.unwrap_or_default()),
                         drop_attributes: drop,
+                        idempotency_key: None,
                     },
                 );
                 let Some(old) = model.live(&id).cloned() else {

@@ -125,6 +125,7 @@ fn workload(store: &Store, clock: &Clock) -> Vec<String> {
                         Rotation {
                             user: Some("login".into()),
                             drop_attributes: false,
+                            idempotency_key: None,
                         },
                     )
                     .unwrap();
@@ -427,6 +428,7 @@ fn a_record_at_the_last_possible_version_is_refused_as_damage() {
             version: u64::MAX,
             ..Default::default()
         })),
+        idempotency_key: String::new(),
     };
     assert!(records::decode(Bytes::from(update.encode_to_vec())).is_none());
 }
