@@ -268,3 +268,376 @@ fn remember_in(keys: &mut Keys, record: IdempotencyRecord, window: Millis, max: 
         keys.records.remove(&key);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::super::events::{Discard, Event, EventSink};
+    use super::super::{Applied, Change, Limits, NewSession, Rotation};
+    use super::*;
+    use crate::clock::Clock;
+
+    const T0: Millis = 1_700_000_000_000;
+
+    /// Keeps every effect the store emits, for a replica to apply.
+    #[derive(Default, Clone)]
+    struct Effects(Arc<Mutex<Vec<Effect>>>);
+
+    impl EventSink for Effects {
+        fn record(&self, event: &Event<'_>) {
+            self.0.lock().unwrap().push(event.effect.clone());
+        }
+    }
+
+    impl Effects {
+        fn take(&self) -> Vec<Effect> {
+            std::mem::take(&mut self.0.lock().unwrap())
+        }
+    }
+
+    fn store_with(limits: Limits) -> Store {
+        Store::new(limits, 8, Clock::manual(T0), Box::new(Discard))
+    }
+
+    fn store() -> Store {
+        store_with(Limits::default())
+    }
+
+    fn keyed(key: &str) -> NewSession {
+        NewSession {
+            idempotency_key: Some(key.into()),
+            ..NewSession::default()
+        }
+    }
+
+    fn change(key: Option<&str>, expected: Option<u64>, value: &str) -> Change {
+        Change {
+            set: vec![("cart".into(), Bytes::copy_from_slice(value.as_bytes()))],
+            expected_version: expected,
+            idempotency_key: key.map(str::to_owned),
+            ..Change::default()
+        }
+    }
+
+    fn rotation(key: &str) -> Rotation {
+        Rotation {
+            user: Some("alice".into()),
+            idempotency_key: Some(key.into()),
+            ..Rotation::default()
+        }
+    }
+
+    #[test]
+    fn a_retried_create_returns_the_same_session_and_makes_no_second() {
+        let effects = Effects::default();
+        let store = Store::new(
+            Limits::default(),
+            8,
+            Clock::manual(T0),
+            Box::new(effects.clone()),
+        );
+        let first = store.create(keyed("k1")).unwrap();
+        assert_eq!(effects.take().len(), 1);
+        store.clock().advance(Duration::from_secs(30));
+        let again = store.create(keyed("k1")).unwrap();
+        assert_eq!(again.key, first.key);
+        assert_eq!(store.stats().sessions, 1);
+        assert!(effects.take().is_empty(), "a retry changes nothing");
+        // Another key is another session; no key is never a retry.
+        assert_ne!(store.create(keyed("k2")).unwrap().key, first.key);
+        store.create(NewSession::default()).unwrap();
+        store.create(NewSession::default()).unwrap();
+        assert_eq!(store.stats().sessions, 4);
+        assert_eq!(store.idempotency_keys(), 2);
+    }
+
+    #[test]
+    fn a_retried_update_bumps_the_version_once() {
+        let store = store();
+        let id = store.create(NewSession::default()).unwrap().key.encode();
+        let first = store
+            .update(&id, change(Some("u1"), None, "apple"))
+            .unwrap();
+        assert_eq!(first.version, 2);
+        let again = store
+            .update(&id, change(Some("u1"), None, "apple"))
+            .unwrap();
+        assert_eq!(again.version, 2);
+        assert_eq!(store.get(&id, true).unwrap().version, 2);
+        // A later write shows: the retry returns the session as it is now.
+        store.update(&id, change(None, None, "pear")).unwrap();
+        let later = store
+            .update(&id, change(Some("u1"), None, "apple"))
+            .unwrap();
+        assert_eq!(later.version, 3);
+        assert_eq!(later.attributes["cart"], Bytes::from_static(b"pear"));
+    }
+
+    #[test]
+    fn a_compare_and_set_retried_after_it_succeeded_returns_the_success() {
+        let store = store();
+        let id = store.create(NewSession::default()).unwrap().key.encode();
+        let cas = |key| change(key, Some(1), "apple");
+        assert_eq!(store.update(&id, cas(Some("c1"))).unwrap().version, 2);
+        let again = store.update(&id, cas(Some("c1"))).unwrap();
+        assert_eq!(again.version, 2);
+        assert_eq!(again.attributes["cart"], Bytes::from_static(b"apple"));
+        // Without the key, the same retry is a version mismatch.
+        assert_eq!(
+            store.update(&id, cas(None)).unwrap_err(),
+            StoreError::VersionMismatch {
+                expected: 1,
+                current: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_retried_regenerate_returns_the_session_under_its_new_id() {
+        let store = store();
+        let old = store.create(NewSession::default()).unwrap().key.encode();
+        let moved = store.regenerate(&old, rotation("r1")).unwrap();
+        let again = store.regenerate(&old, rotation("r1")).unwrap();
+        assert_eq!(again.key, moved.key);
+        assert_eq!(again.version, moved.version);
+        assert_eq!(store.stats().sessions, 1);
+        assert_eq!(store.get(&old, true), Err(StoreError::NotFound));
+        assert_eq!(store.list_user("alice", false).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_key_reused_for_another_request_is_invalid_and_names_no_session() {
+        let store = store();
+        let a = store.create(keyed("k")).unwrap().key.encode();
+        let b = store.create(NewSession::default()).unwrap().key.encode();
+        let mismatch = [
+            store.update(&a, change(Some("k"), None, "x")),
+            store.regenerate(&a, rotation("k")),
+        ];
+        store.update(&a, change(Some("u"), None, "x")).unwrap();
+        let other_session = store.update(&b, change(Some("u"), None, "x"));
+        let create_with_update_key = store.create(keyed("u"));
+        for err in mismatch
+            .into_iter()
+            .chain([other_session])
+            .map(|r| r.unwrap_err())
+            .chain([create_with_update_key.unwrap_err()])
+        {
+            assert_eq!(
+                err,
+                StoreError::Invalid("idempotency key was used for a different request".into())
+            );
+            assert!(!err.to_string().contains(&a) && !err.to_string().contains(&b));
+        }
+        assert_eq!(store.get(&b, true).unwrap().version, 1, "nothing changed");
+    }
+
+    #[test]
+    fn a_retry_after_its_session_ended_is_not_found_and_says_so() {
+        let store = store();
+        let s = store.create(keyed("k")).unwrap();
+        assert!(store.destroy(&s.key.encode()).unwrap());
+        let err = store.create(keyed("k")).unwrap_err();
+        assert_eq!(err, StoreError::RetryEnded("created"));
+        assert!(err.to_string().contains("has ended"), "{err}");
+        assert_eq!(store.stats().sessions, 0, "and no second session");
+    }
+
+    #[test]
+    fn a_key_over_the_limit_is_invalid_naming_the_setting() {
+        let store = store_with(Limits {
+            max_idempotency_key_bytes: 8,
+            ..Limits::default()
+        });
+        let err = store.create(keyed("123456789")).unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)));
+        assert!(
+            err.to_string().contains("max_idempotency_key_bytes"),
+            "{err}"
+        );
+        store.create(keyed("12345678")).unwrap();
+        // "" is no key at all.
+        store.create(keyed("")).unwrap();
+        store.create(keyed("")).unwrap();
+        assert_eq!(store.stats().sessions, 3);
+        assert_eq!(store.idempotency_keys(), 1);
+    }
+
+    #[test]
+    fn keys_are_forgotten_after_the_window_and_pruned_by_later_writes() {
+        let store = store_with(Limits {
+            idempotency_window: Duration::from_secs(60),
+            ..Limits::default()
+        });
+        let first = store.create(keyed("k")).unwrap();
+        store.clock().advance(Duration::from_millis(59_999));
+        assert_eq!(store.create(keyed("k")).unwrap().key, first.key);
+        store.clock().advance(Duration::from_millis(1));
+        // The window has passed: the record answers no more, even before it is pruned.
+        let second = store.create(keyed("k")).unwrap();
+        assert_ne!(second.key, first.key);
+        assert_eq!(store.stats().sessions, 2);
+        assert_eq!(store.create(keyed("k")).unwrap().key, second.key);
+        // A keyed write at a later time prunes the records that are past the window.
+        store.create(keyed("other")).unwrap();
+        assert_eq!(store.idempotency_keys(), 2);
+        store.clock().advance(Duration::from_secs(60));
+        store.create(keyed("last")).unwrap();
+        assert_eq!(store.idempotency_keys(), 1);
+    }
+
+    #[test]
+    fn the_oldest_key_is_dropped_at_max_idempotency_keys() {
+        let store = store_with(Limits {
+            max_idempotency_keys: 2,
+            ..Limits::default()
+        });
+        let k1 = store.create(keyed("k1")).unwrap();
+        store.clock().advance(Duration::from_millis(1));
+        store.create(keyed("k2")).unwrap();
+        store.clock().advance(Duration::from_millis(1));
+        let k3 = store.create(keyed("k3")).unwrap();
+        assert_eq!(store.idempotency_keys(), 2);
+        let keys: Vec<_> = store
+            .idempotency_records()
+            .into_iter()
+            .map(|r| r.key.to_string())
+            .collect();
+        assert_eq!(keys, ["k2", "k3"]);
+        assert_eq!(store.create(keyed("k3")).unwrap().key, k3.key);
+        assert_ne!(store.create(keyed("k1")).unwrap().key, k1.key);
+    }
+
+    #[test]
+    fn a_key_in_progress_is_refused_until_its_write_is_done() {
+        let store = store();
+        let held = store
+            .idempotent(Some("k"), IdempotentOp::Create, None, true)
+            .unwrap();
+        assert_eq!(store.create(keyed("k")), Err(StoreError::InProgress));
+        drop(held);
+        let s = store.create(keyed("k")).unwrap();
+        // A write that fails releases its key.
+        let err = store.update("not an id", change(Some("x"), None, "v"));
+        assert!(err.is_err());
+        let bad = Change {
+            remove: vec!["cart".into()],
+            ..change(Some("x"), None, "v")
+        };
+        assert!(store.update(&s.key.encode(), bad).is_err());
+        assert!(store
+            .update(&s.key.encode(), change(Some("x"), None, "v"))
+            .is_ok());
+    }
+
+    #[test]
+    fn a_replica_fed_the_effects_answers_a_retry_as_the_leader_does() {
+        let effects = Effects::default();
+        let leader = Store::new(
+            Limits::default(),
+            8,
+            Clock::manual(T0),
+            Box::new(effects.clone()),
+        );
+        let created = leader.create(keyed("c")).unwrap();
+        let id = created.key.encode();
+        let updated = leader
+            .update(&id, change(Some("u"), Some(1), "kiwi"))
+            .unwrap();
+        let moved = leader.regenerate(&id, rotation("r")).unwrap();
+        let replica = store();
+        for e in effects.take() {
+            assert_eq!(replica.apply(&e), Applied::Done);
+        }
+        assert_eq!(replica.idempotency_records(), leader.idempotency_records());
+        for store in [&leader, &replica] {
+            let c = store.create(keyed("c"));
+            let u = store.update(&id, change(Some("u"), Some(1), "kiwi"));
+            let r = store.regenerate(&id, rotation("r")).unwrap();
+            assert_eq!(c.unwrap_err(), StoreError::RetryEnded("created"));
+            assert_eq!(u.unwrap_err(), StoreError::RetryEnded("updated"));
+            assert_eq!(r.key, moved.key);
+            assert_eq!(store.stats().sessions, 1);
+        }
+        assert_eq!(updated.version, 2);
+        // Replaying an effect again (recovery over a snapshot) changes nothing.
+        let replayed = store();
+        let create = Effect::Create {
+            session: created.clone(),
+            idempotency: Some("c".into()),
+        };
+        assert_eq!(replayed.apply(&create), Applied::Done);
+        assert_eq!(replayed.apply(&create), Applied::Stale);
+        assert_eq!(replayed.idempotency_keys(), 1);
+    }
+
+    #[test]
+    fn plans_answer_retries_like_live_writes() {
+        let store = store();
+        let plan = store.plan_create(keyed("c")).unwrap();
+        assert_eq!(store.apply(&plan.effects[0]), Applied::Done);
+        let retry = store.plan_create(keyed("c")).unwrap();
+        assert!(retry.effects.is_empty());
+        assert_eq!(retry.reply.key, plan.reply.key);
+        let id = plan.reply.key.encode();
+
+        let cas = store
+            .plan_update(&id, change(Some("u"), Some(1), "fig"))
+            .unwrap();
+        assert_eq!(store.apply(&cas.effects[0]), Applied::Done);
+        let retry = store
+            .plan_update(&id, change(Some("u"), Some(1), "fig"))
+            .unwrap();
+        assert!(retry.effects.is_empty());
+        assert_eq!(retry.reply.version, 2);
+        assert_eq!(
+            store
+                .plan_update(&id, change(Some("u"), Some(1), "fig"))
+                .unwrap()
+                .reply,
+            store
+                .update(&id, change(Some("u"), Some(1), "fig"))
+                .unwrap()
+        );
+
+        let moved = store.plan_regenerate(&id, rotation("r")).unwrap();
+        assert_eq!(store.apply(&moved.effects[0]), Applied::Done);
+        let retry = store.plan_regenerate(&id, rotation("r")).unwrap();
+        assert!(retry.effects.is_empty());
+        assert_eq!(retry.reply.key, moved.reply.key);
+        assert_eq!(
+            store
+                .plan_update(&id, change(Some("r"), None, "x"))
+                .unwrap_err(),
+            StoreError::Invalid("idempotency key was used for a different request".into())
+        );
+        assert_eq!(store.stats().sessions, 1);
+    }
+
+    #[test]
+    fn one_key_planned_twice_applies_once_and_the_replan_is_the_retry() {
+        let store = store();
+        let first = store.plan_create(keyed("c")).unwrap();
+        let second = store.plan_create(keyed("c")).unwrap();
+        assert_eq!(store.apply(&first.effects[0]), Applied::Done);
+        assert_eq!(store.apply(&second.effects[0]), Applied::Stale);
+        assert_eq!(store.stats().sessions, 1);
+        let again = store.plan_create(keyed("c")).unwrap();
+        assert!(again.effects.is_empty());
+        assert_eq!(again.reply.key, first.reply.key);
+
+        // Past the window, the key is free again, also at apply time.
+        let window = store.limits().idempotency_window;
+        let late = store.plan_create(keyed("c")).unwrap();
+        store.clock().advance(window);
+        let fresh = store.plan_create(keyed("c")).unwrap();
+        assert_eq!(fresh.effects.len(), 1);
+        assert!(late.effects.is_empty());
+        assert_eq!(store.apply(&fresh.effects[0]), Applied::Done);
+        assert_eq!(store.stats().sessions, 2);
+    }
+}
