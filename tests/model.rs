@@ -276,7 +276,7 @@ fn run(ops: Vec<Op>) {
     let mut writes = 0u32;
     let mut next_key = || {
         writes += 1;
-        (writes % 2 == 0).then(|| format!("key-{writes}"))
+        writes.is_multiple_of(2).then(|| format!("key-{writes}"))
     };
     let mut keyed: Vec<Keyed> = Vec::new();
 
