@@ -238,8 +238,8 @@ impl Store {
         }
     }
 
-    /// Every idempotency record kept, oldest first. For snapshots: copies them under the
-    /// lock, then calls `f` with no lock held.
+    /// Every idempotency record kept, oldest first: copies, so a snapshot writes them with
+    /// no lock held.
     pub fn idempotency_records(&self) -> Vec<IdempotencyRecord> {
         let keys = lock(&self.inner.idempotency);
         keys.by_age
