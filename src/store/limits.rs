@@ -73,7 +73,7 @@ pub struct Limits {
     #[serde(with = "humantime_serde")]
     pub idempotency_window: Duration,
     /// Idempotency keys remembered per store; past it the oldest is forgotten early. Their
-    /// memory (about 100 bytes plus the key each) is not counted in `max_memory_bytes`: this
+    /// memory (about 250 bytes plus the key each) is not counted in `max_memory_bytes`: this
     /// bounds it instead. Like the window, the same on every node of a group.
     pub max_idempotency_keys: usize,
 }
