@@ -82,6 +82,7 @@ async fn every_rpc_round_trips() {
             set: attrs(&[("theme", "dark")]),
             remove: vec!["cart".into()],
             expected_version: Some(1),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap()
@@ -94,6 +95,7 @@ async fn every_rpc_round_trips() {
             id: s.id.clone(),
             user_id: Some("alice".into()),
             drop_attributes: false,
+            idempotency_key: String::new(),
         })
         .await
         .unwrap()
@@ -773,5 +775,119 @@ async fn destroy_all_sessions_ends_only_the_callers_tenant_and_needs_confirmatio
             .await,
         5.0
     );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_write_retried_with_its_idempotency_key_gets_the_original_result() {
+    let srv = TestServer::start().await;
+    let mut c = srv.client().await;
+    let keyed = pb::CreateRequest {
+        idempotency_key: "create-7f3a".into(),
+        ..create_req("bob", &[("cart", "apple")])
+    };
+    let first = create(&mut c, keyed.clone()).await;
+    srv.advance(MIN);
+    let again = create(&mut c, keyed.clone()).await;
+    assert_eq!(again.id, first.id);
+    assert_eq!(srv.metric("sessiond_sessions_created_total").await, 1.0);
+    assert_eq!(srv.metric("sessiond_sessions_active").await, 1.0);
+    assert_eq!(
+        c.list_user_sessions(list("bob", false))
+            .await
+            .unwrap()
+            .into_inner()
+            .sessions
+            .len(),
+        1
+    );
+
+    let cas = pb::UpdateRequest {
+        expected_version: Some(1),
+        idempotency_key: "update-91c2".into(),
+        ..set(&first.id, &[("cart", "pear")])
+    };
+    let updated = c.update(cas.clone()).await.unwrap().into_inner();
+    let retried = c.update(cas.clone()).await.unwrap().into_inner();
+    assert_eq!((updated.version, retried.version), (2, 2));
+    assert_eq!(
+        c.get(get(&first.id, true))
+            .await
+            .unwrap()
+            .into_inner()
+            .version,
+        2
+    );
+
+    // A key used for another request is refused, naming no session.
+    let err = c
+        .update(pb::UpdateRequest {
+            idempotency_key: "create-7f3a".into(),
+            ..set(&first.id, &[("cart", "fig")])
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("different request"),
+        "{}",
+        err.message()
+    );
+    assert!(!err.message().contains(&first.id));
+    let err = c
+        .create(pb::CreateRequest {
+            idempotency_key: "k".repeat(129),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("max_idempotency_key_bytes"),
+        "{}",
+        err.message()
+    );
+
+    // Inside a Pipeline the same fields work the same.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut responses = c
+        .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for id in [1, 2] {
+        let op = pb::pipeline_request::Op::Regenerate(pb::RegenerateRequest {
+            id: first.id.clone(),
+            idempotency_key: "login-44d0".into(),
+            ..Default::default()
+        });
+        tx.send(pb::PipelineRequest { id, op: Some(op) })
+            .await
+            .unwrap();
+    }
+    let mut moved = Vec::new();
+    for _ in 0..2 {
+        let r = responses.message().await.unwrap().unwrap();
+        match r.result {
+            Some(pb::pipeline_response::Result::Session(s)) => moved.push(s),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(moved[0].id, moved[1].id);
+    assert_ne!(moved[0].id, first.id);
+    assert_eq!(moved[0].version, 3);
+    assert_eq!(srv.metric("sessiond_sessions_regenerated_total").await, 1.0);
+
+    // Once the session is gone, a retry says so instead of starting another.
+    c.destroy(pb::DestroyRequest {
+        id: moved[0].id.clone(),
+    })
+    .await
+    .unwrap();
+    let err = c.create(keyed).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("has ended"), "{}", err.message());
+    assert_eq!(srv.metric("sessiond_sessions_active").await, 0.0);
+    drop(tx);
     srv.stop().await;
 }

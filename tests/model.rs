@@ -4,7 +4,11 @@
 //! shrinks it to a minimal sequence.
 //!
 //! Every effect the Store emits is also applied, in order, to a second, empty Store, as a
-//! replica (or recovery) will apply them: it must end holding the same sessions.
+//! replica (or recovery) will apply them: it must end holding the same sessions and the same
+//! idempotency records.
+//!
+//! Every other write carries an idempotency key, and `Retry` sends a successful keyed write
+//! again: within the window it must get the original result as it is now, changing nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -25,6 +29,8 @@ const ABSOLUTE: Millis = 25_000;
 const PER_USER: usize = 3;
 const USERS: [&str; 3] = ["ann", "ben", "cat"];
 const KEYS: [&str; 4] = ["a", "b", "c", "d"];
+/// `idempotency_window`: short, so runs cross it and prune.
+const WINDOW: Millis = 20_000;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -64,6 +70,26 @@ enum Op {
         ms: u32,
     },
     Reap,
+    /// Sends a successful keyed write again.
+    Retry {
+        w: usize,
+    },
+}
+
+/// A keyed write as sent.
+#[derive(Debug, Clone)]
+enum Sent {
+    Create(NewSession),
+    Update(String, Change),
+    Regenerate(String, Rotation),
+}
+
+/// A keyed write that succeeded: what it sent, the session it left, its version and time.
+struct Keyed {
+    sent: Sent,
+    result: String,
+    version: u64,
+    at: Millis,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -106,6 +132,7 @@ fn op() -> impl Strategy<Value = Op> {
         ]
         .prop_map(|ms| Op::Advance { ms }),
         Just(Op::Reap),
+        (0usize..16).prop_map(|w| Op::Retry { w }),
     ]
 }
 
@@ -230,6 +257,7 @@ fn run(ops: Vec<Op>) {
         default_idle_timeout: Duration::from_millis(IDLE),
         default_absolute_timeout: Duration::from_millis(ABSOLUTE),
         max_sessions_per_user: PER_USER,
+        idempotency_window: Duration::from_millis(WINDOW),
         ..Limits::default()
     };
     let effects = Effects::default();
@@ -244,20 +272,30 @@ fn run(ops: Vec<Op>) {
     // Every ID ever issued, dead or alive, so operations also hit dead sessions.
     let mut ids: Vec<String> = Vec::new();
     let pick = |ids: &Vec<String>, s: usize| ids.get(s % ids.len().max(1)).cloned();
+    // Every other write gets a fresh key.
+    let mut writes = 0u32;
+    let mut next_key = || {
+        writes += 1;
+        writes.is_multiple_of(2).then(|| format!("key-{writes}"))
+    };
+    let mut keyed: Vec<Keyed> = Vec::new();
 
     for op in ops {
         // The replica keeps up after every step, not only at the end.
         effects.apply_to(&replica, &mut applied);
         same_sessions(&store, &replica);
+        assert_eq!(store.idempotency_records(), replica.idempotency_records());
         let now = model.now;
         match op {
             Op::Create { user, set } => {
                 let user = user.map(|u| USERS[u].to_string());
-                let real = store.create(NewSession {
+                let req = NewSession {
                     user: user.clone(),
                     attributes: kv(&set),
+                    idempotency_key: next_key(),
                     ..NewSession::default()
-                });
+                };
+                let real = store.create(req.clone());
                 let full = user
                     .as_deref()
                     .is_some_and(|u| model.user_count(u) >= PER_USER);
@@ -279,6 +317,14 @@ fn run(ops: Vec<Op>) {
                     absolute: now + ABSOLUTE,
                 };
                 same(&real, &id, &m, true);
+                if req.idempotency_key.is_some() {
+                    keyed.push(Keyed {
+                        sent: Sent::Create(req),
+                        result: id.clone(),
+                        version: 1,
+                        at: now,
+                    });
+                }
                 model.sessions.insert(id.clone(), m);
                 ids.push(id);
             }
@@ -320,14 +366,13 @@ fn run(ops: Vec<Op>) {
                 let overlap = remove.iter().any(|r| set.iter().any(|(k, _)| k == r));
                 let current = model.live(&id).map(|m| m.version);
                 let expected = cas.map(|d| current.unwrap_or(1).saturating_add_signed(d as i64));
-                let real = store.update(
-                    &id,
-                    Change {
-                        set: set.clone(),
-                        remove: remove.clone(),
-                        expected_version: expected,
-                    },
-                );
+                let change = Change {
+                    set: set.clone(),
+                    remove: remove.clone(),
+                    expected_version: expected,
+                    idempotency_key: next_key(),
+                };
+                let real = store.update(&id, change.clone());
                 if overlap {
                     assert!(matches!(real, Err(StoreError::Invalid(_))), "{real:?}");
                     continue;
@@ -354,17 +399,24 @@ fn run(ops: Vec<Op>) {
                 m.version += 1;
                 m.last = now;
                 same(&real.unwrap(), &id, m, true);
+                if change.idempotency_key.is_some() {
+                    keyed.push(Keyed {
+                        sent: Sent::Update(id.clone(), change),
+                        result: id,
+                        version: m.version,
+                        at: now,
+                    });
+                }
             }
             Op::Regenerate { s, user, drop } => {
                 let Some(id) = pick(&ids, s) else { continue };
                 let user = user.map(|u| u.map(|u| USERS[u].to_string()));
-                let real = store.regenerate(
-                    &id,
-                    Rotation {
-                        user: user.clone().map(|u| u.unwrap_or_default()),
-                        drop_attributes: drop,
-                    },
-                );
+                let rotation = Rotation {
+                    user: user.clone().map(|u| u.unwrap_or_default()),
+                    drop_attributes: drop,
+                    idempotency_key: next_key(),
+                };
+                let real = store.regenerate(&id, rotation.clone());
                 let Some(old) = model.live(&id).cloned() else {
                     assert_eq!(real, Err(StoreError::NotFound));
                     continue;
@@ -397,6 +449,14 @@ fn run(ops: Vec<Op>) {
                     absolute: if login { now + ABSOLUTE } else { old.absolute },
                 };
                 same(&real, &new_id, &m, true);
+                if rotation.idempotency_key.is_some() {
+                    keyed.push(Keyed {
+                        sent: Sent::Regenerate(id.clone(), rotation),
+                        result: new_id.clone(),
+                        version: m.version,
+                        at: now,
+                    });
+                }
                 model.sessions.remove(&id);
                 model.sessions.insert(new_id.clone(), m);
                 ids.push(new_id);
@@ -446,6 +506,30 @@ fn run(ops: Vec<Op>) {
             Op::Advance { ms } => {
                 clock.advance(Duration::from_millis(ms.into()));
                 model.now += Millis::from(ms);
+            }
+            Op::Retry { w } => {
+                let Some(k) = keyed.get(w % keyed.len().max(1)) else {
+                    continue;
+                };
+                // Past the window the key is forgotten and the write would be new.
+                if now >= k.at + WINDOW {
+                    continue;
+                }
+                let before = effects.0.lock().unwrap().len();
+                let (real, what) = match k.sent.clone() {
+                    Sent::Create(req) => (store.create(req), "created"),
+                    Sent::Update(id, change) => (store.update(&id, change), "updated"),
+                    Sent::Regenerate(id, rotation) => (store.regenerate(&id, rotation), "moved to"),
+                };
+                match model.live(&k.result).filter(|m| m.version >= k.version) {
+                    Some(m) => same(&real.unwrap(), &k.result, m, true),
+                    None => assert_eq!(real, Err(StoreError::RetryEnded(what))),
+                }
+                assert_eq!(
+                    effects.0.lock().unwrap().len(),
+                    before,
+                    "a retry changes nothing"
+                );
             }
             Op::Reap => {
                 while store.reap(1000).more {}

@@ -14,6 +14,7 @@ use sessiond::api::pb::{self, pipeline_request::Op};
 use sessiond::persist::records;
 use sessiond::session::{ClientInfo, Session, SessionKey};
 use sessiond::store::events::{Effect, EndCause};
+use sessiond::store::{IdempotencyRecord, IdempotentOp};
 
 fn main() -> std::io::Result<()> {
     let dir = std::env::args_os().nth(1).map_or_else(
@@ -74,6 +75,7 @@ fn ops() -> Vec<(&'static str, Op)> {
                     ip: "198.51.100.7".into(),
                     user_agent: "Mozilla/5.0".into(),
                 }),
+                idempotency_key: "create-1".into(),
             }),
         ),
         (
@@ -91,6 +93,7 @@ fn ops() -> Vec<(&'static str, Op)> {
                 set: attributes(&[("cart", "plum"), ("step", "2")]),
                 remove: vec!["theme".into()],
                 expected_version: Some(1),
+                idempotency_key: String::new(),
             }),
         ),
         (
@@ -99,6 +102,7 @@ fn ops() -> Vec<(&'static str, Op)> {
                 id: "@2".into(),
                 user_id: Some("bob".into()),
                 drop_attributes: false,
+                idempotency_key: String::new(),
             }),
         ),
         (
@@ -195,14 +199,21 @@ fn persist_records() -> Seeds {
     rotated.key = SessionKey::generate();
     rotated.version = 3;
     let log = vec![
-        records::encode(&Effect::Create(a.clone())),
-        records::encode(&Effect::Create(b.clone())),
+        records::encode(&Effect::Create {
+            session: a.clone(),
+            idempotency: Some("create-a".into()),
+        }),
+        records::encode(&Effect::Create {
+            session: b.clone(),
+            idempotency: None,
+        }),
         records::encode(&Effect::Update {
             key: a.key,
             set: vec![("cart".into(), Bytes::from_static(b"kiwi"))],
             remove: vec!["gone".into()],
             version: 2,
             at: 1_700_000_000_000,
+            idempotency: Some("update-a".into()),
         }),
         records::encode(&Effect::Touch {
             key: b.key,
@@ -211,6 +222,7 @@ fn persist_records() -> Seeds {
         records::encode(&Effect::Regenerate {
             old: a.key,
             session: rotated,
+            idempotency: None,
         }),
         records::encode(&Effect::End {
             key: b.key,
@@ -221,6 +233,15 @@ fn persist_records() -> Seeds {
     let snapshot = vec![
         records::stored(a.clone()).encode_to_vec(),
         records::stored(b).encode_to_vec(),
+        records::stored_idempotency(&IdempotencyRecord {
+            key: "create-a".into(),
+            op: IdempotentOp::Create,
+            target: None,
+            result: a.key,
+            version: 1,
+            at: a.created_at,
+        })
+        .encode_to_vec(),
     ];
     let log_chunks = chunks(&log);
     let mut torn = log_chunks.clone();

@@ -14,7 +14,8 @@
 //! files and directly (every payload through both decoders, and what decodes applied to a
 //! Store); failures are format errors, never I/O or lock errors; on well-formed files,
 //! recovery agrees with `Model`, a plain map replaying the same records by the rules
-//! `Store::apply` documents; `--repair` on files that recover
+//! `Store::apply` documents (idempotency keys included: an effect whose key another write
+//! holds, in force at the effect's time, is stale); `--repair` on files that recover
 //! without it changes nothing; a directory that recovered once recovers again to the same
 //! sessions; and the sessions load into a Store that reads back exactly what was recovered
 //! and takes Touch, Update and Regenerate on each.
@@ -28,11 +29,11 @@ use libfuzzer_sys::fuzz_target;
 use sessiond::clock::Clock;
 use sessiond::persist::format::{frame, write_header, FormatError, LOG_MAGIC, SNAPSHOT_MAGIC};
 use sessiond::persist::log::segment_name;
-use sessiond::persist::records::{decode, decode_snapshot_entry};
+use sessiond::persist::records::{decode, decode_snapshot_entry, SnapshotEntry};
 use sessiond::persist::{snapshot_name, Recovered, RecoveryError};
 use sessiond::session::{KeyHasherBuilder, Millis, Session, SessionKey};
 use sessiond::store::events::Discard;
-use sessiond::store::{Change, Effect, Limits, Rotation, Store};
+use sessiond::store::{Change, Effect, IdempotencyRecord, Limits, Rotation, Store};
 
 /// Recovery's "now": records are judged live or dead against it.
 const NOW: Millis = 1_700_000_000_000;
@@ -191,9 +192,18 @@ fn restore(sessions: &[Session]) {
         let _ = store.touch(&id);
         let change = Change {
             set: vec![("fuzz".into(), Bytes::from_static(b"1"))],
+            idempotency_key: Some(format!("fuzz-{id}")),
             ..Change::default()
         };
+        let _ = store.update(&id, change.clone());
+        // The retry of a keyed write changes nothing.
+        let version = store.get(&id, true).map(|s| s.version);
         let _ = store.update(&id, change);
+        assert_eq!(
+            store.get(&id, true).map(|s| s.version),
+            version,
+            "a retried update"
+        );
         let _ = store.regenerate(&id, Rotation::default());
     }
     let mut seen = 0;
@@ -317,8 +327,15 @@ impl Layout {
                 if let Some(effect) = decode(p.clone()) {
                     let _ = store.apply(&effect);
                 }
-                if let Some(s) = decode_snapshot_entry(p.clone()) {
-                    let _ = store.apply(&Effect::Create(s));
+                match decode_snapshot_entry(p.clone()) {
+                    Some(SnapshotEntry::Session(s)) => {
+                        let _ = store.apply(&Effect::Create {
+                            session: s,
+                            idempotency: None,
+                        });
+                    }
+                    Some(SnapshotEntry::Idempotency(r)) => store.restore_idempotency(vec![r]),
+                    None => {}
                 }
             }
         }
@@ -334,13 +351,17 @@ impl Layout {
         }
         let mut model = Model::default();
         let (mut from_snapshot, mut records) = (0, 0);
+        let mut keys = Vec::new();
         for f in &self.files {
             for p in &f.payloads {
                 if f.snapshot {
-                    let Some(s) = decode_snapshot_entry(p.clone()) else {
-                        return Some(Err(()));
-                    };
-                    model.0.insert(s.key, s);
+                    match decode_snapshot_entry(p.clone()) {
+                        Some(SnapshotEntry::Session(s)) => {
+                            model.sessions.insert(s.key, s);
+                        }
+                        Some(SnapshotEntry::Idempotency(r)) => keys.push(r),
+                        None => return Some(Err(())),
+                    }
                 } else {
                     let Some(effect) = decode(p.clone()) else {
                         return Some(Err(()));
@@ -350,71 +371,115 @@ impl Layout {
                 }
             }
             if f.snapshot {
-                from_snapshot = model.0.len();
+                from_snapshot = model.sessions.len();
+                // Recovery loads a snapshot's records after its sessions, oldest first.
+                keys.sort_by(|a, b| (a.at, &a.key).cmp(&(b.at, &b.key)));
+                for r in keys.drain(..) {
+                    model.remember(r);
+                }
             }
         }
-        let live = model.0.into_values().filter(|s| NOW < s.expires_at());
+        let live = model
+            .sessions
+            .into_values()
+            .filter(|s| NOW < s.expires_at());
         Some(Ok(Outcome::new(live.collect(), from_snapshot, records)))
     }
 }
 
 /// Replay by the rules `Store::apply` documents, on a plain map: creates and regenerates
 /// keep the higher version of a key, an update applies only onto the version just before
-/// its own, touches only move time forward, and ends remove whatever is there.
+/// its own, touches only move time forward, and ends remove whatever is there. A keyed
+/// write is stale while another write's record holds its key (in force at its time), and
+/// records what it did once applied, forgetting records past the window of its time.
 #[derive(Default)]
-struct Model(std::collections::HashMap<SessionKey, Session, KeyHasherBuilder>);
+struct Model {
+    sessions: std::collections::HashMap<SessionKey, Session, KeyHasherBuilder>,
+    keys: std::collections::HashMap<std::sync::Arc<str>, IdempotencyRecord>,
+}
+
+/// The default `idempotency_window` the scratch stores use, in milliseconds.
+fn window() -> Millis {
+    Limits::default().idempotency_window.as_millis() as Millis
+}
 
 impl Model {
     fn apply(&mut self, effect: Effect) {
-        match effect {
-            Effect::Create(s) => self.upsert(s),
+        let record = IdempotencyRecord::of(&effect);
+        if let Some(r) = &record {
+            let taken = self
+                .keys
+                .get(&r.key)
+                .is_some_and(|held| r.at < held.at.saturating_add(window()) && held != r);
+            if taken {
+                return;
+            }
+        }
+        let done = match effect {
+            Effect::Create { session, .. } => self.upsert(session),
             Effect::Update {
                 key,
                 set,
                 remove,
                 version,
                 at,
-            } => {
-                if let Some(s) = self.0.get_mut(&key) {
-                    if s.version.checked_add(1) == Some(version) {
-                        for r in &remove {
-                            s.attributes.remove(r);
-                        }
-                        s.attributes.extend(set);
-                        s.version = version;
-                        s.last_access_at = s.last_access_at.max(at);
+                ..
+            } => match self.sessions.get_mut(&key) {
+                Some(s) if s.version.checked_add(1) == Some(version) => {
+                    for r in &remove {
+                        s.attributes.remove(r);
                     }
+                    s.attributes.extend(set);
+                    s.version = version;
+                    s.last_access_at = s.last_access_at.max(at);
+                    true
                 }
-            }
+                _ => false,
+            },
             Effect::Touch { key, at } => {
-                if let Some(s) = self.0.get_mut(&key) {
+                if let Some(s) = self.sessions.get_mut(&key) {
                     s.last_access_at = s.last_access_at.max(at);
                 }
+                false
             }
-            Effect::Regenerate { old, session } => {
+            Effect::Regenerate { old, session, .. } => {
                 // A move applies onto the version it was decided on, unless it was applied
                 // before (the new key is there).
-                let overtaken = !self.0.contains_key(&session.key)
+                let overtaken = !self.sessions.contains_key(&session.key)
                     && self
-                        .0
+                        .sessions
                         .get(&old)
                         .is_some_and(|o| o.version.checked_add(1) != Some(session.version));
                 if !overtaken {
-                    self.0.remove(&old);
-                    self.upsert(session);
+                    self.sessions.remove(&old);
                 }
+                !overtaken && self.upsert(session)
             }
             Effect::End { key, .. } => {
-                self.0.remove(&key);
+                self.sessions.remove(&key);
+                false
             }
+        };
+        if let Some(r) = record.filter(|_| done) {
+            self.remember(r);
         }
     }
 
-    fn upsert(&mut self, s: Session) {
-        match self.0.get(&s.key) {
-            Some(cur) if cur.version >= s.version => {}
+    /// Stores a record at its time and forgets those past the window then.
+    fn remember(&mut self, r: IdempotencyRecord) {
+        let t = r.at;
+        self.keys.insert(r.key.clone(), r);
+        self.keys
+            .retain(|_, held| held.at.saturating_add(window()) > t);
+    }
+
+    /// Whether it stored `s`.
+    fn upsert(&mut self, s: Session) -> bool {
+        match self.sessions.get(&s.key) {
+            Some(cur) if cur.version >= s.version => false,
             _ => {
-                self.0.insert(s.key, s);
+                self.sessions.insert(s.key, s);
+                true
             }
         }
     }

@@ -66,7 +66,13 @@ pub(crate) fn new_session(r: pb::CreateRequest) -> Result<NewSession, Status> {
         idle_timeout: std_duration("idle_timeout", r.idle_timeout)?,
         absolute_timeout: std_duration("absolute_timeout", r.absolute_timeout)?,
         client: client(r.client),
+        idempotency_key: key(r.idempotency_key),
     })
+}
+
+/// An `idempotency_key` for the Store: "" is none.
+fn key(k: String) -> Option<String> {
+    (!k.is_empty()).then_some(k)
 }
 
 /// An UpdateRequest's change for the Store.
@@ -75,6 +81,7 @@ pub fn change(r: pb::UpdateRequest) -> Change {
         set: r.set.into_iter().collect(),
         remove: r.remove,
         expected_version: r.expected_version,
+        idempotency_key: key(r.idempotency_key),
     }
 }
 
@@ -83,5 +90,6 @@ pub fn rotation(r: &pb::RegenerateRequest) -> Rotation {
     Rotation {
         user: r.user_id.clone(),
         drop_attributes: r.drop_attributes,
+        idempotency_key: key(r.idempotency_key.clone()),
     }
 }

@@ -8,8 +8,8 @@ impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         let code = match &e {
             StoreError::BadId(_) | StoreError::Invalid(_) => Code::InvalidArgument,
-            StoreError::NotFound => Code::NotFound,
-            StoreError::VersionMismatch { .. } => Code::Aborted,
+            StoreError::NotFound | StoreError::RetryEnded(_) => Code::NotFound,
+            StoreError::VersionMismatch { .. } | StoreError::InProgress => Code::Aborted,
             StoreError::Exhausted { .. } => Code::ResourceExhausted,
             StoreError::Unavailable(_) => Code::Unavailable,
         };

@@ -89,7 +89,7 @@ pub(crate) struct SessionMetrics {
 impl EventSink for SessionMetrics {
     fn record(&self, event: &Event<'_>) {
         match event.effect {
-            Effect::Create(_) => self.created.increment(1),
+            Effect::Create { .. } => self.created.increment(1),
             Effect::Update { .. } => self.updated.increment(1),
             Effect::Touch { .. } => {}
             Effect::Regenerate { .. } => self.regenerated.increment(1),

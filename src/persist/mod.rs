@@ -212,11 +212,15 @@ impl Recovery {
             source,
         };
         let mut snapshot = Vec::new();
+        let mut keys = Vec::new();
         let base = listing.snapshots.last().copied().unwrap_or(0);
         if listing.snapshots.last().is_some() {
             let path = dir.join(snapshot_name(base));
             let end = scan(&path, SNAPSHOT_MAGIC, "snapshot", |p| {
-                snapshot.push(records::decode_snapshot_entry(p).ok_or_else(|| nonsense(&path))?);
+                match records::decode_snapshot_entry(p).ok_or_else(|| nonsense(&path))? {
+                    records::SnapshotEntry::Session(s) => snapshot.push(s),
+                    records::SnapshotEntry::Idempotency(r) => keys.push(r),
+                }
                 Ok(())
             })?;
             // Snapshots are renamed into place only when complete, so any damage is corruption.
@@ -230,6 +234,7 @@ impl Recovery {
         let from_snapshot = snapshot.len();
         let store = make(from_snapshot);
         store.restore(snapshot);
+        store.restore_idempotency(keys);
         let mut records = 0u64;
         let segments: Vec<u64> = listing
             .segments
@@ -379,6 +384,23 @@ pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStat
             failed = Some(e);
         }
     });
+    // After the sessions: a live write records its key before its session is reachable,
+    // so every keyed change the sessions above hold has its record here.
+    if failed.is_none() {
+        for r in store.idempotency_records() {
+            payload.clear();
+            buf.clear();
+            records::stored_idempotency(&r)
+                .encode(&mut payload)
+                .expect("a Vec grows to fit");
+            frame(&payload, &mut buf);
+            bytes += buf.len() as u64;
+            if let Err(e) = w.write_all(&buf) {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
     if let Some(e) = failed {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);

@@ -1,4 +1,5 @@
-//! Records <-> domain: a log record is an [`Effect`], and a snapshot entry a [`Session`].
+//! Records <-> domain: a log record is an [`Effect`], and a snapshot entry a [`Session`] or
+//! an [`IdempotencyRecord`].
 //!
 //! Recovery decodes them here and hands them to the Store, which applies them through the
 //! same code as live writes (`Store::apply`).
@@ -10,6 +11,7 @@ use prost::Message;
 use super::pb;
 use crate::session::{ClientInfo, Session, SessionKey, ID_BYTES};
 use crate::store::events::{Effect, EndCause};
+use crate::store::{IdempotencyRecord, IdempotentOp};
 
 /// A session as stored.
 pub fn stored(s: Session) -> pb::StoredSession {
@@ -59,13 +61,14 @@ pub fn encode(effect: &Effect) -> Vec<u8> {
     use pb::record::Op;
     let key = |k: &SessionKey| bytes::Bytes::copy_from_slice(k.as_bytes());
     let op = match effect {
-        Effect::Create(session) => Op::Create(stored(session.clone())),
+        Effect::Create { session, .. } => Op::Create(stored(session.clone())),
         Effect::Update {
             key: k,
             set,
             remove,
             version,
             at,
+            ..
         } => Op::Update(pb::Update {
             key: key(k),
             set: set.iter().cloned().collect(),
@@ -77,7 +80,7 @@ pub fn encode(effect: &Effect) -> Vec<u8> {
             key: key(k),
             at: *at,
         }),
-        Effect::Regenerate { old, session } => Op::Regenerate(pb::Regenerate {
+        Effect::Regenerate { old, session, .. } => Op::Regenerate(pb::Regenerate {
             old_key: key(old),
             session: Some(stored(session.clone())),
         }),
@@ -91,15 +94,27 @@ pub fn encode(effect: &Effect) -> Vec<u8> {
             at: *at,
         }),
     };
-    pb::Record { op: Some(op) }.encode_to_vec()
+    pb::Record {
+        op: Some(op),
+        idempotency_key: effect
+            .idempotency()
+            .map_or_else(String::new, |k| k.to_string()),
+    }
+    .encode_to_vec()
 }
 
 /// A log record back as the effect it stores; `None` if it decodes but makes no sense
 /// (damage that slipped past the checksum).
 pub fn decode(payload: bytes::Bytes) -> Option<Effect> {
     use pb::record::Op;
-    Some(match pb::Record::decode(payload).ok()?.op? {
-        Op::Create(s) => Effect::Create(session(s)?),
+    let record = pb::Record::decode(payload).ok()?;
+    let idempotency =
+        (!record.idempotency_key.is_empty()).then(|| Arc::from(record.idempotency_key));
+    Some(match record.op? {
+        Op::Create(s) => Effect::Create {
+            session: session(s)?,
+            idempotency,
+        },
         Op::Update(u) => {
             if u.version == u64::MAX {
                 return None;
@@ -110,6 +125,7 @@ pub fn decode(payload: bytes::Bytes) -> Option<Effect> {
                 remove: u.remove,
                 version: u.version,
                 at: u.at,
+                idempotency,
             }
         }
         Op::Touch(t) => Effect::Touch {
@@ -119,6 +135,7 @@ pub fn decode(payload: bytes::Bytes) -> Option<Effect> {
         Op::Regenerate(r) => Effect::Regenerate {
             old: key(&r.old_key)?,
             session: session(r.session?)?,
+            idempotency,
         },
         Op::End(e) => Effect::End {
             key: key(&e.key)?,
@@ -133,7 +150,74 @@ pub fn decode(payload: bytes::Bytes) -> Option<Effect> {
     })
 }
 
-/// A snapshot entry back as its session; `None` if it makes no sense.
-pub fn decode_snapshot_entry(payload: bytes::Bytes) -> Option<Session> {
-    pb::StoredSession::decode(payload).ok().and_then(session)
+/// One frame of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotEntry {
+    /// A session (every frame of a snapshot written before idempotency records existed).
+    Session(Session),
+    /// An idempotency record; they follow the sessions.
+    Idempotency(IdempotencyRecord),
+}
+
+/// An idempotency record as a snapshot frame.
+pub fn stored_idempotency(r: &IdempotencyRecord) -> pb::SnapshotIdempotency {
+    let op = match r.op {
+        IdempotentOp::Create => pb::IdempotentOp::Create,
+        IdempotentOp::Update => pb::IdempotentOp::Update,
+        IdempotentOp::Regenerate => pb::IdempotentOp::Regenerate,
+    };
+    pb::SnapshotIdempotency {
+        record: Some(pb::IdempotencyRecord {
+            key: r.key.to_string(),
+            op: op as i32,
+            target: r
+                .target
+                .map(|t| bytes::Bytes::copy_from_slice(t.as_bytes()))
+                .unwrap_or_default(),
+            result: bytes::Bytes::copy_from_slice(r.result.as_bytes()),
+            version: r.version,
+            at: r.at,
+        }),
+    }
+}
+
+fn idempotency_record(p: pb::IdempotencyRecord) -> Option<IdempotencyRecord> {
+    let op = match pb::IdempotentOp::try_from(p.op).ok()? {
+        pb::IdempotentOp::Create => IdempotentOp::Create,
+        pb::IdempotentOp::Update => IdempotentOp::Update,
+        pb::IdempotentOp::Regenerate => IdempotentOp::Regenerate,
+        pb::IdempotentOp::Unspecified => return None,
+    };
+    let target = match (op, p.target.is_empty()) {
+        (IdempotentOp::Create, true) => None,
+        (IdempotentOp::Update | IdempotentOp::Regenerate, false) => Some(key(&p.target)?),
+        _ => return None,
+    };
+    if p.key.is_empty() {
+        return None;
+    }
+    Some(IdempotencyRecord {
+        key: Arc::from(p.key),
+        op,
+        target,
+        result: key(&p.result)?,
+        version: p.version,
+        at: p.at,
+    })
+}
+
+/// A snapshot frame back as its entry; `None` if it makes no sense. A frame is an
+/// idempotency record exactly when it sets `SnapshotIdempotency.record`, a field number
+/// sessions never use.
+pub fn decode_snapshot_entry(payload: bytes::Bytes) -> Option<SnapshotEntry> {
+    if let Some(record) = pb::SnapshotIdempotency::decode(payload.clone())
+        .ok()?
+        .record
+    {
+        return idempotency_record(record).map(SnapshotEntry::Idempotency);
+    }
+    pb::StoredSession::decode(payload)
+        .ok()
+        .and_then(session)
+        .map(SnapshotEntry::Session)
 }

@@ -125,6 +125,7 @@ fn workload(store: &Store, clock: &Clock) -> Vec<String> {
                         Rotation {
                             user: Some("login".into()),
                             drop_attributes: false,
+                            idempotency_key: None,
                         },
                     )
                     .unwrap();
@@ -427,6 +428,7 @@ fn a_record_at_the_last_possible_version_is_refused_as_damage() {
             version: u64::MAX,
             ..Default::default()
         })),
+        idempotency_key: String::new(),
     };
     assert!(records::decode(Bytes::from(update.encode_to_vec())).is_none());
 }
@@ -545,4 +547,132 @@ fn a_snapshot_is_due_at_the_larger_of_the_size_and_the_share_of_the_last() {
     assert!(snapshot_due(64 * MIB, big, 64 * MIB, 0));
     // No overflow near the top.
     assert!(!snapshot_due(u64::MAX - 1, u64::MAX, 0, 1000));
+}
+
+/// Keyed writes: a Create, a compare-and-set Update and a login Regenerate, each with its
+/// own key; the session they leave.
+fn keyed_writes(store: &Store) -> Session {
+    let created = store
+        .create(NewSession {
+            idempotency_key: Some("create-1".into()),
+            ..NewSession::default()
+        })
+        .unwrap();
+    let id = created.key.encode();
+    store.update(&id, keyed_cas()).unwrap();
+    store.regenerate(&id, keyed_login()).unwrap()
+}
+
+fn keyed_cas() -> Change {
+    Change {
+        set: attrs(&[("cart", "kiwi")]),
+        expected_version: Some(1),
+        idempotency_key: Some("update-1".into()),
+        ..Change::default()
+    }
+}
+
+fn keyed_login() -> Rotation {
+    Rotation {
+        user: Some("alice".into()),
+        idempotency_key: Some("login-1".into()),
+        ..Rotation::default()
+    }
+}
+
+/// Retries every keyed write of [`keyed_writes`] on a recovered store: each gets the
+/// original result and nothing changes.
+fn retries_get_the_original(store: &Store, moved: &Session, old_id: &str) {
+    let records = store.idempotency_records();
+    assert_eq!(records.len(), 3, "{records:?}");
+    let again = store.regenerate(old_id, keyed_login()).unwrap();
+    assert_eq!(again.key, moved.key);
+    assert_eq!(again.version, moved.version);
+    // The Create's and the Update's session has moved on: their retries say so instead of
+    // making a second session or a second version.
+    let create = store.create(NewSession {
+        idempotency_key: Some("create-1".into()),
+        ..NewSession::default()
+    });
+    assert_eq!(create.unwrap_err(), StoreError::RetryEnded("created"));
+    let update = store.update(old_id, keyed_cas()).unwrap_err();
+    assert_eq!(update, StoreError::RetryEnded("updated"));
+    assert_eq!(store.stats().sessions, 1);
+    assert_eq!(
+        store.idempotency_records(),
+        records,
+        "retries record nothing"
+    );
+}
+
+#[test]
+fn a_retry_after_a_restart_gets_the_original_result_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(T0);
+    let (store, p) = open(dir.path(), &clock);
+    let moved = keyed_writes(&store);
+    let old_id = store.idempotency_records()[0].result.encode();
+    let before = store.idempotency_records();
+    p.log.close();
+    drop((store, p));
+
+    let (store, _p) = open(dir.path(), &clock);
+    assert_eq!(store.idempotency_records(), before);
+    retries_get_the_original(&store, &moved, &old_id);
+}
+
+#[test]
+fn a_retry_after_a_restart_gets_the_original_result_from_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual(T0);
+    let (store, p) = open(dir.path(), &clock);
+    let moved = keyed_writes(&store);
+    let old_id = store.idempotency_records()[0].result.encode();
+    let before = store.idempotency_records();
+    let stats = snapshot(dir.path(), &p.log, &store).unwrap();
+    assert_eq!(stats.sessions, 1);
+    p.log.close();
+    drop((store, p));
+    // Only the snapshot is left to hold the records: the log after it is empty.
+    let segments: Vec<_> = list(dir.path()).unwrap().segments;
+    assert_eq!(segments, vec![stats.seq]);
+
+    let (store, _p) = open(dir.path(), &clock);
+    assert_eq!(store.idempotency_records(), before);
+    retries_get_the_original(&store, &moved, &old_id);
+}
+
+#[test]
+fn idempotency_records_round_trip_through_log_records_and_snapshot_frames() {
+    let store = Store::new(Limits::default(), 4, Clock::manual(T0), Box::new(Discard));
+    keyed_writes(&store);
+    for r in store.idempotency_records() {
+        let frame = Bytes::from(records::stored_idempotency(&r).encode_to_vec());
+        assert_eq!(
+            records::decode_snapshot_entry(frame),
+            Some(records::SnapshotEntry::Idempotency(r))
+        );
+    }
+    // A session frame still reads as a session.
+    store.for_each_session(|s| {
+        let frame = Bytes::from(records::stored(s.clone()).encode_to_vec());
+        assert_eq!(
+            records::decode_snapshot_entry(frame),
+            Some(records::SnapshotEntry::Session(s))
+        );
+    });
+    // A log record keeps its key, and one written without it reads as none.
+    let key = crate::session::SessionKey::generate();
+    let update = |idempotency: Option<&str>| crate::store::Effect::Update {
+        key,
+        set: vec![],
+        remove: vec![],
+        version: 2,
+        at: T0,
+        idempotency: idempotency.map(Into::into),
+    };
+    for effect in [update(Some("k")), update(None)] {
+        let bytes = Bytes::from(records::encode(&effect));
+        assert_eq!(records::decode(bytes), Some(effect));
+    }
 }

@@ -15,6 +15,15 @@
 //! Record order: a new key (Create, Regenerate) becomes reachable (map, wheel, eviction
 //! sample, user list) only after its event is emitted, so the log never holds an `End`
 //! before the record that made the key.
+//!
+//! A write's idempotency key is recorded (see [`super::idempotency`]) only when the write is
+//! applied, never when it is stale. A live write records it before its session becomes
+//! reachable (or under its entry's lock), so a snapshot that holds the change holds the
+//! record too (snapshots read the records after the sessions); the key stays reserved until
+//! the write is done, so no retry sees the record early. [`Store::apply`] records it after
+//! the change, so a leader's plan that finds the record finds the change. An effect whose
+//! key another write recorded, still in force at the effect's time, is stale: a leader
+//! planned one key twice.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -58,17 +67,22 @@ impl Store {
     /// docs). Emits no events: the effect is already durable.
     ///
     /// Says whether the effect changed anything: a group's leader planned it against an
-    /// older state ([`super::plan`]), and a newer write may have overtaken it.
+    /// older state ([`super::plan`]), and a newer write may have overtaken it, or taken its
+    /// idempotency key.
     pub fn apply(&self, effect: &Effect) -> Applied {
         self.inner.floor.fetch_max(effect.at(), Ordering::Relaxed);
+        if self.key_taken(effect) {
+            return Applied::Stale;
+        }
         let done = match effect {
-            Effect::Create(s) => self.apply_create(effect, s, None, Emit::No),
+            Effect::Create { session, .. } => self.apply_create(effect, session, None, Emit::No),
             Effect::Update {
                 key,
                 set,
                 remove,
                 version,
                 at,
+                ..
             } => {
                 let Some(mut entry) = self.inner.sessions.get_mut(key) else {
                     return Applied::Stale;
@@ -93,7 +107,7 @@ impl Store {
                 }
                 None => false,
             },
-            Effect::Regenerate { old, session } => {
+            Effect::Regenerate { old, session, .. } => {
                 // Applied before, the new key is there already: only the old may be left.
                 let held = match self.inner.sessions.contains_key(&session.key) {
                     true => None,
@@ -123,7 +137,10 @@ impl Store {
             }
         };
         match done {
-            true => Applied::Done,
+            true => {
+                self.remember(effect);
+                Applied::Done
+            }
             false => Applied::Stale,
         }
     }
@@ -150,6 +167,9 @@ impl Store {
         let bytes = size_of(s);
         self.add_bytes(bytes as isize);
         self.tell(emit, effect, bytes as isize, 0);
+        if emit == Emit::Yes {
+            self.remember(effect);
+        }
         let entry = Box::new(Entry::new(s, s.user.clone(), bytes));
         match self.inner.sessions.insert(s.key, entry) {
             Some(replaced) => {
@@ -191,6 +211,9 @@ impl Store {
         entry.slide(at);
         self.add_bytes(delta);
         self.tell(emit, effect, delta, 0);
+        if emit == Emit::Yes {
+            self.remember(effect);
+        }
     }
 
     /// Moves the held session to `session`'s fresh key: the old key is gone once its entry
@@ -207,6 +230,9 @@ impl Store {
         let delta = bytes as isize - entry.bytes as isize;
         self.add_bytes(delta);
         self.tell(emit, effect, delta, 0);
+        if emit == Emit::Yes {
+            self.remember(effect);
+        }
         let new = Box::new(Entry::new(session, session.user.clone(), bytes));
         self.inner.sessions.insert(session.key, new);
         self.inner.wheel.file(session.key, session.expires_at());
@@ -281,7 +307,10 @@ impl Store {
             for part in parts {
                 scope.spawn(move || {
                     for s in part {
-                        let _ = self.apply(&Effect::Create(s));
+                        let _ = self.apply(&Effect::Create {
+                            session: s,
+                            idempotency: None,
+                        });
                     }
                 });
             }

@@ -34,6 +34,13 @@ pub enum StoreError {
         /// What the caller can do about it, if anything.
         hint: &'static str,
     },
+    /// A write's idempotency key was used before, and what that write made is gone since: the
+    /// text says which ("created", "updated", "moved to"). NOT_FOUND, like any missing session.
+    #[error("the session this idempotency key {0} has ended since")]
+    RetryEnded(&'static str),
+    /// Another request with the same idempotency key is still being served; retry it.
+    #[error("a request with this idempotency key is still in progress; retry it")]
+    InProgress,
     /// Writes cannot be kept now (the durable log cannot write, or the daemon is shutting
     /// down); reads still work. The text says why, naming the file and the OS error.
     #[error("{0}")]

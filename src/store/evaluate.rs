@@ -17,14 +17,22 @@ use dashmap::mapref::entry::Entry as MapEntry;
 use super::apply::Emit;
 use super::entry::{attribute_bytes, session_bytes, Entry};
 use super::events::{Effect, EndCause, Event};
+use super::idempotency::{Idem, IdempotentOp};
 use super::limits::pick_timeout;
 use super::{Change, NewSession, Rotation, Store, StoreError};
 use crate::session::{Attributes, ClientInfo, Millis, Session, SessionKey, Slot};
 
 impl Store {
-    /// Starts a session under a fresh server-generated ID.
-    pub fn create(&self, req: NewSession) -> Result<Session, StoreError> {
+    /// Starts a session under a fresh server-generated ID; a retry with a key seen before
+    /// returns the session that key created (see [`super::idempotency`]).
+    pub fn create(&self, mut req: NewSession) -> Result<Session, StoreError> {
         self.check_writable()?;
+        let key = req.idempotency_key.take();
+        let (idempotency, _held) =
+            match self.idempotent(key.as_deref(), IdempotentOp::Create, None, true)? {
+                Idem::Retry(original) => return Ok(original),
+                Idem::Fresh { key, held } => (key, held),
+            };
         let new = self.check_new(req)?;
         let bytes = new.bytes;
         self.take_create_token()?;
@@ -36,13 +44,16 @@ impl Store {
         // Under the latch nobody else adds to the user's list, so the count stands until
         // this session joins it; the victims go once it has.
         let victims = self.user_room(new.user.as_ref(), now)?;
-        let effect = Effect::Create(new.session(now));
-        let Effect::Create(session) = &effect else {
+        let effect = Effect::Create {
+            session: new.session(now),
+            idempotency,
+        };
+        let Effect::Create { session, .. } = &effect else {
             unreachable!("built as a Create just above")
         };
         self.apply_create(&effect, session, Some(claim), Emit::Yes);
         self.evict_victims(&victims, now);
-        let Effect::Create(session) = effect else {
+        let Effect::Create { session, .. } = effect else {
             unreachable!("built as a Create just above")
         };
         Ok(session)
@@ -87,13 +98,20 @@ impl Store {
         });
     }
 
-    /// Applies a partial update atomically: every check passes before anything changes.
+    /// Applies a partial update atomically: every check passes before anything changes. A
+    /// retry with a key seen before returns the session as it is, unchanged.
     ///
     /// Bounded work: the counts are checked first, every check after them is linear in the
     /// request, and the work under the session's lock is linear in `max_attributes`.
-    pub fn update(&self, id: &str, change: Change) -> Result<Session, StoreError> {
+    pub fn update(&self, id: &str, mut change: Change) -> Result<Session, StoreError> {
         self.check_writable()?;
         let key = SessionKey::parse(id)?;
+        let idem = change.idempotency_key.take();
+        let (idempotency, _held) =
+            match self.idempotent(idem.as_deref(), IdempotentOp::Update, Some(key), true)? {
+                Idem::Retry(original) => return Ok(original),
+                Idem::Fresh { key, held } => (key, held),
+            };
         let l = &self.inner.limits;
         let checked = self.check_change(&change)?;
         let (set, remove, growth) = (&checked.set, &checked.remove, checked.growth);
@@ -121,6 +139,7 @@ impl Store {
             remove: change.remove,
             version,
             at: now,
+            idempotency,
         };
         self.apply_update(&mut entry, &effect, shape, (version, now), Emit::Yes);
         Ok(entry.snapshot(key, true))
@@ -241,9 +260,17 @@ impl Store {
     /// per-user cap it is one step: a DestroyUserSessions of either user runs wholly before
     /// it (and the new session is not yet the user's) or wholly after it (and sees the new
     /// session in the user's list).
-    pub fn regenerate(&self, id: &str, rotation: Rotation) -> Result<Session, StoreError> {
+    ///
+    /// A retry with a key seen before returns the session under the ID that key moved to.
+    pub fn regenerate(&self, id: &str, mut rotation: Rotation) -> Result<Session, StoreError> {
         self.check_writable()?;
         let old = SessionKey::parse(id)?;
+        let idem = rotation.idempotency_key.take();
+        let (idempotency, _held) =
+            match self.idempotent(idem.as_deref(), IdempotentOp::Regenerate, Some(old), true)? {
+                Idem::Retry(original) => return Ok(original),
+                Idem::Fresh { key, held } => (key, held),
+            };
         let new_user = match rotation.user {
             None => None,
             Some(u) => Some(self.inner.limits.check_user(Some(u))?),
@@ -280,6 +307,7 @@ impl Store {
         let effect = Effect::Regenerate {
             old,
             session: rotated(old, held.get(), &user, now, rotation.drop_attributes),
+            idempotency,
         };
         let Effect::Regenerate { session, .. } = &effect else {
             unreachable!("built as a Regenerate just above")

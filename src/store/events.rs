@@ -12,6 +12,8 @@
 //!
 //! [`Store::apply`]: super::Store::apply
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::session::{Millis, Session, SessionKey};
@@ -28,10 +30,19 @@ pub enum EndCause {
 }
 
 /// One change to the store, as decided: what the log stores and what apply makes happen.
+///
+/// A write made with an idempotency key carries it (`idempotency`), and applying the write
+/// records what it did under that key (see [`super::idempotency`]): the record is replicated
+/// state, like the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// A new session, as stored.
-    Create(Session),
+    /// A new session.
+    Create {
+        /// The session, as stored.
+        session: Session,
+        /// The request's idempotency key, if it had one.
+        idempotency: Option<Arc<str>>,
+    },
     /// A partial update onto version `version - 1`.
     Update {
         /// Which session.
@@ -44,6 +55,8 @@ pub enum Effect {
         version: u64,
         /// When it happened (it also slid the idle deadline).
         at: Millis,
+        /// The request's idempotency key, if it had one.
+        idempotency: Option<Arc<str>>,
     },
     /// The idle deadline slid (Get without peek, or Touch).
     Touch {
@@ -58,6 +71,8 @@ pub enum Effect {
         old: SessionKey,
         /// The session under its new ID, as stored.
         session: Session,
+        /// The request's idempotency key, if it had one.
+        idempotency: Option<Arc<str>>,
     },
     /// A session ended.
     End {
@@ -74,8 +89,20 @@ impl Effect {
     /// The time the change happened, as decided.
     pub fn at(&self) -> Millis {
         match self {
-            Effect::Create(s) | Effect::Regenerate { session: s, .. } => s.last_access_at,
+            Effect::Create { session: s, .. } | Effect::Regenerate { session: s, .. } => {
+                s.last_access_at
+            }
             Effect::Update { at, .. } | Effect::Touch { at, .. } | Effect::End { at, .. } => *at,
+        }
+    }
+
+    /// The idempotency key the write carries, if any.
+    pub fn idempotency(&self) -> Option<&Arc<str>> {
+        match self {
+            Effect::Create { idempotency, .. }
+            | Effect::Update { idempotency, .. }
+            | Effect::Regenerate { idempotency, .. } => idempotency.as_ref(),
+            Effect::Touch { .. } | Effect::End { .. } => None,
         }
     }
 }

@@ -65,6 +65,17 @@ pub struct Limits {
     pub create_rate: u32,
     /// Sessions that may be created at once before `create_rate` applies: the bucket's size.
     pub create_burst: u32,
+    /// Bytes in one idempotency key (Create, Update and Regenerate may carry one).
+    pub max_idempotency_key_bytes: usize,
+    /// How long a keyed write is remembered: a retry with its key within this gets the
+    /// original result. Part of the replicated state's rules, so every node of a group must
+    /// have the same value.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_window: Duration,
+    /// Idempotency keys remembered per store; past it the oldest is forgotten early. Their
+    /// memory (about 250 bytes plus the key each) is not counted in `max_memory_bytes`: this
+    /// bounds it instead. Like the window, the same on every node of a group.
+    pub max_idempotency_keys: usize,
 }
 
 impl Default for Limits {
@@ -86,6 +97,9 @@ impl Default for Limits {
             max_memory_bytes: 2 << 30,
             create_rate: 10_000,
             create_burst: 100_000,
+            max_idempotency_key_bytes: 128,
+            idempotency_window: Duration::from_secs(10 * 60),
+            max_idempotency_keys: 1_000_000,
         }
     }
 }
@@ -124,6 +138,7 @@ impl Limits {
         for (setting, d) in [
             ("idle_timeout", self.default_idle_timeout),
             ("absolute_timeout", self.default_absolute_timeout),
+            ("idempotency_window", self.idempotency_window),
         ] {
             if d.is_zero() {
                 return bad(setting, "must be longer than zero");
@@ -146,6 +161,8 @@ impl Limits {
             ("max_memory_bytes", self.max_memory_bytes),
             ("create_rate", self.create_rate as usize),
             ("create_burst", self.create_burst as usize),
+            ("max_idempotency_key_bytes", self.max_idempotency_key_bytes),
+            ("max_idempotency_keys", self.max_idempotency_keys),
         ] {
             if n == 0 {
                 return bad(setting, "must be at least 1");
@@ -156,6 +173,9 @@ impl Limits {
         }
         if self.create_rate > MAX_CREATE_RATE {
             return bad("create_rate", &format!("must be at most {MAX_CREATE_RATE}"));
+        }
+        if self.idempotency_window.as_millis() == 0 {
+            return bad("idempotency_window", "must be at least 1ms");
         }
         Ok(())
     }
@@ -292,6 +312,29 @@ impl Limits {
         Ok(())
     }
 
+    /// A write's idempotency key: `None` for none ("" on the wire), else at most
+    /// `max_idempotency_key_bytes`.
+    pub(crate) fn check_idempotency_key(
+        &self,
+        key: Option<&str>,
+    ) -> Result<Option<Arc<str>>, StoreError> {
+        match key {
+            None | Some("") => Ok(None),
+            Some(k) if k.len() > self.max_idempotency_key_bytes => Err(StoreError::over(
+                "idempotency_key's length",
+                k.len(),
+                "max_idempotency_key_bytes",
+                self.max_idempotency_key_bytes,
+            )),
+            Some(k) => Ok(Some(Arc::from(k))),
+        }
+    }
+
+    /// `idempotency_window` in milliseconds.
+    pub(crate) fn idempotency_window_ms(&self) -> Millis {
+        self.idempotency_window.as_millis() as Millis
+    }
+
     pub(crate) fn check_shape(&self, attributes: usize, bytes: usize) -> Result<(), StoreError> {
         let l = self;
         if attributes > l.max_attributes {
@@ -415,6 +458,26 @@ mod tests {
                 "must be at most 1000000000",
             ),
             (|l| l.create_burst = 0, "create_burst", "must be at least 1"),
+            (
+                |l| l.max_idempotency_key_bytes = 0,
+                "max_idempotency_key_bytes",
+                "must be at least 1",
+            ),
+            (
+                |l| l.max_idempotency_keys = 0,
+                "max_idempotency_keys",
+                "must be at least 1",
+            ),
+            (
+                |l| l.idempotency_window = Duration::ZERO,
+                "idempotency_window",
+                "must be longer than zero",
+            ),
+            (
+                |l| l.idempotency_window = Duration::from_micros(500),
+                "idempotency_window",
+                "must be at least 1ms",
+            ),
         ];
         for (spoil, setting, problem) in cases {
             let mut limits = Limits::default();

@@ -13,7 +13,8 @@
 //! - [`entry`]: one stored session and its size;
 //! - [`room`]: the memory pool, the create rate and eviction;
 //! - [`users`]: the user index, and the lock order every path keeps;
-//! - [`all`]: tenant-wide operations.
+//! - [`all`]: tenant-wide operations;
+//! - [`idempotency`]: idempotency keys, so a retried write gets its original result.
 //!
 //! Every read checks the deadline itself, so correctness never rests on the reaper keeping
 //! up; the reaper only frees memory.
@@ -24,6 +25,7 @@ mod entry;
 mod error;
 mod evaluate;
 pub mod events;
+mod idempotency;
 mod limits;
 mod packed;
 mod plan;
@@ -51,6 +53,7 @@ pub use self::entry::{ATTRIBUTE_OVERHEAD_BYTES, SESSION_OVERHEAD_BYTES, TOUCH_RE
 pub use self::error::StoreError;
 pub use self::events::Effect;
 use self::events::EventSink;
+pub use self::idempotency::{IdempotencyRecord, IdempotentOp};
 pub use self::limits::{LimitOverrides, Limits, LimitsError, PerUserPolicy};
 pub use self::plan::Plan;
 pub use self::room::MemoryPool;
@@ -73,6 +76,9 @@ pub struct NewSession {
     pub absolute_timeout: Option<Duration>,
     /// Where the session comes from.
     pub client: ClientInfo,
+    /// Makes a retry safe: a Create with a key seen within `idempotency_window` returns the
+    /// session that key created (see [`idempotency`]).
+    pub idempotency_key: Option<String>,
 }
 
 /// A partial update: `set` and `remove` apply together or not at all.
@@ -84,6 +90,9 @@ pub struct Change {
     pub remove: Vec<String>,
     /// Compare-and-set: apply only at this version.
     pub expected_version: Option<u64>,
+    /// Makes a retry safe: an Update of the same session with a key seen within
+    /// `idempotency_window` returns the session as it is, without a second change.
+    pub idempotency_key: Option<String>,
 }
 
 /// What a Regenerate asks for.
@@ -93,6 +102,9 @@ pub struct Rotation {
     pub user: Option<String>,
     /// Start the new ID with no attributes.
     pub drop_attributes: bool,
+    /// Makes a retry safe: a Regenerate of the same (old) ID with a key seen within
+    /// `idempotency_window` returns the session under the ID it moved to.
+    pub idempotency_key: Option<String>,
 }
 
 /// What one reaper step did.
@@ -154,6 +166,8 @@ struct Inner {
     latch_hasher: RandomState,
     /// `create_rate` and `create_burst`, on the store's clock.
     creates: RateLimiter<NotKeyed, InMemoryState, RateClock, NoOpMiddleware<Nanos>>,
+    /// Idempotency records and the keys of live writes in progress.
+    idempotency: Mutex<idempotency::Keys>,
     sink: Box<dyn EventSink>,
 }
 
@@ -219,6 +233,7 @@ impl Store {
                 latches: (0..USER_LATCHES).map(|_| Mutex::new(())).collect(),
                 latch_hasher: RandomState::new(),
                 creates,
+                idempotency: Mutex::default(),
                 sink,
             }),
         }

@@ -27,11 +27,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::events::{Effect, EndCause};
+use super::idempotency::{Idem, IdempotentOp};
 use super::{Change, NewSession, Rotation, Store, StoreError};
 use crate::session::{Millis, Session, SessionKey};
 
 /// A planned write: the effects to propose, in order, as one entry of the group's log, and
 /// the reply the caller gets once they are applied (if the first one is not stale).
+///
+/// A retry of a keyed write that was applied before plans no effects: its reply is the
+/// original result, as it is now (see [`super::idempotency`]).
 #[derive(Debug, Clone)]
 pub struct Plan<T> {
     /// What to propose: the write, then what it evicts.
@@ -40,11 +44,27 @@ pub struct Plan<T> {
     pub reply: T,
 }
 
+impl Plan<Session> {
+    /// A retry's plan: nothing to propose, the original result to reply.
+    fn retry(original: Session) -> Self {
+        Plan {
+            effects: Vec::new(),
+            reply: original,
+        }
+    }
+}
+
 impl Store {
     /// Plans a Create: the session under a fresh key, and the user's oldest sessions it
     /// evicts under `evict-oldest`.
-    pub fn plan_create(&self, req: NewSession) -> Result<Plan<Session>, StoreError> {
+    pub fn plan_create(&self, mut req: NewSession) -> Result<Plan<Session>, StoreError> {
         self.check_writable()?;
+        let key = req.idempotency_key.take();
+        let idempotency =
+            match self.idempotent(key.as_deref(), IdempotentOp::Create, None, false)? {
+                Idem::Retry(original) => return Ok(Plan::retry(original)),
+                Idem::Fresh { key, .. } => key,
+            };
         let new = self.check_new(req)?;
         self.take_create_token()?;
         self.check_room(new.bytes)?;
@@ -63,7 +83,10 @@ impl Store {
         };
         let session = new.session(now);
         let mut effects = Vec::with_capacity(1 + victims.len());
-        effects.push(Effect::Create(session.clone()));
+        effects.push(Effect::Create {
+            session: session.clone(),
+            idempotency,
+        });
         effects.extend(evictions(&victims, now));
         Ok(Plan {
             effects,
@@ -75,6 +98,11 @@ impl Store {
     pub fn plan_update(&self, id: &str, change: Change) -> Result<Plan<Session>, StoreError> {
         self.check_writable()?;
         let key = SessionKey::parse(id)?;
+        let idem = change.idempotency_key.as_deref();
+        let idempotency = match self.idempotent(idem, IdempotentOp::Update, Some(key), false)? {
+            Idem::Retry(original) => return Ok(Plan::retry(original)),
+            Idem::Fresh { key, .. } => key,
+        };
         let checked = self.check_change(&change)?;
         let now = self.now();
         let entry = self.inner.sessions.get(&key).ok_or(StoreError::NotFound)?;
@@ -97,6 +125,7 @@ impl Store {
                 remove: change.remove,
                 version,
                 at: now,
+                idempotency,
             }],
             reply,
         })
@@ -111,6 +140,11 @@ impl Store {
     ) -> Result<Plan<Session>, StoreError> {
         self.check_writable()?;
         let old = SessionKey::parse(id)?;
+        let idem = rotation.idempotency_key.as_deref();
+        let idempotency = match self.idempotent(idem, IdempotentOp::Regenerate, Some(old), false)? {
+            Idem::Retry(original) => return Ok(Plan::retry(original)),
+            Idem::Fresh { key, .. } => key,
+        };
         let new_user = match rotation.user {
             None => None,
             Some(u) => Some(self.inner.limits.check_user(Some(u))?),
@@ -145,6 +179,7 @@ impl Store {
         effects.push(Effect::Regenerate {
             old,
             session: session.clone(),
+            idempotency,
         });
         effects.extend(evictions(&victims, now));
         Ok(Plan {

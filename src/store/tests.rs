@@ -193,6 +193,7 @@ fn update_is_partial_and_versioned() {
                 set: attrs(&[("theme", "dark")]),
                 remove: vec!["cart".into(), "missing".into()],
                 expected_version: Some(1),
+                idempotency_key: None,
             },
         )
         .unwrap();
@@ -337,6 +338,7 @@ fn regenerate_keeps_the_slot_and_draws_fresh_random_bits() {
             let rotation = Rotation {
                 user: (round % 3 == 1).then(|| format!("user{round}")),
                 drop_attributes: round % 5 == 4,
+                idempotency_key: None,
             };
             let r = st.regenerate(&current.encode(), rotation).unwrap();
             assert_eq!(Slot::of(&r.key), slot, "round {round}");
@@ -362,6 +364,7 @@ fn login_regenerate_binds_the_user_and_starts_a_fresh_lifetime() {
             Rotation {
                 user: Some("carol".into()),
                 drop_attributes: false,
+                idempotency_key: None,
             },
         )
         .unwrap();
@@ -381,6 +384,7 @@ fn login_regenerate_binds_the_user_and_starts_a_fresh_lifetime() {
             Rotation {
                 user: None,
                 drop_attributes: true,
+                idempotency_key: None,
             },
         )
         .unwrap();
@@ -466,6 +470,7 @@ fn per_user_limit_can_evict_the_oldest_session_instead() {
         Rotation {
             user: Some("gil".into()),
             drop_attributes: false,
+            idempotency_key: None,
         },
     )
     .unwrap();
@@ -660,7 +665,7 @@ struct Recorder(Mutex<Vec<String>>);
 impl EventSink for std::sync::Arc<Recorder> {
     fn record(&self, event: &Event<'_>) {
         let name = match event.effect {
-            Effect::Create(_) => "created".to_string(),
+            Effect::Create { .. } => "created".to_string(),
             Effect::Update { version, .. } => format!("updated v{version}"),
             Effect::Touch { .. } => "touched".to_string(),
             Effect::Regenerate { .. } => "regenerated".to_string(),
@@ -986,6 +991,7 @@ fn a_failing_update_near_the_memory_cap_evicts_nobody() {
     let login = Rotation {
         user: Some("u".repeat(200)),
         drop_attributes: false,
+        idempotency_key: None,
     };
     assert_eq!(st.regenerate(&missing, login), Err(StoreError::NotFound));
     assert_eq!(st.stats().sessions, 4);
@@ -1036,6 +1042,7 @@ fn a_session_that_expires_while_room_is_made_stays_dead() {
     let login = Rotation {
         user: Some("u".repeat(250)),
         drop_attributes: false,
+        idempotency_key: None,
     };
     let err = st.regenerate(&id(&made[3]), login);
     assert!(st.stats().sessions < before, "the login had to make room");
@@ -1057,7 +1064,7 @@ struct Reachability {
 impl EventSink for Arc<Reachability> {
     fn record(&self, event: &Event<'_>) {
         let (what, key) = match event.effect {
-            Effect::Create(session) => ("created", session.key),
+            Effect::Create { session, .. } => ("created", session.key),
             Effect::Regenerate { session, .. } => ("regenerated", session.key),
             _ => return,
         };
@@ -1088,6 +1095,7 @@ fn a_new_key_is_reachable_only_after_its_event_is_out() {
         Rotation {
             user: Some("jo".into()),
             drop_attributes: false,
+            idempotency_key: None,
         },
     )
     .unwrap();
@@ -1110,7 +1118,9 @@ struct Order(Mutex<Vec<(bool, SessionKey)>>);
 impl EventSink for Arc<Order> {
     fn record(&self, event: &Event<'_>) {
         let entry = match event.effect {
-            Effect::Create(session) | Effect::Regenerate { session, .. } => (true, session.key),
+            Effect::Create { session, .. } | Effect::Regenerate { session, .. } => {
+                (true, session.key)
+            }
             Effect::End { key, .. } => (false, *key),
             _ => return,
         };
@@ -1254,6 +1264,7 @@ fn log_in(st: &Store, id: &str, user: &str) -> Result<Session, StoreError> {
         Rotation {
             user: Some(user.into()),
             drop_attributes: false,
+            idempotency_key: None,
         },
     )
 }
@@ -1342,6 +1353,7 @@ fn concurrent_logins_keep_the_per_user_cap_and_logouts_stay_linearizable() {
                             Rotation {
                                 user: Some("max".into()),
                                 drop_attributes: false,
+                                idempotency_key: None,
                             },
                         );
                         match login {
@@ -1427,6 +1439,7 @@ fn a_login_that_fails_evicts_none_of_the_users_sessions() {
         Rotation {
             user: Some("ned".into()),
             drop_attributes: false,
+            idempotency_key: None,
         },
     );
     let left = mine.iter().filter(|s| st.get(&id(s), true).is_ok()).count();

@@ -179,12 +179,16 @@ class SessionClient:
         absolute_timeout: Optional[Seconds] = None,
         ip: str = "",
         user_agent: str = "",
+        idempotency_key: str = "",
     ) -> Session:
-        """Starts a session under a fresh server-generated ID. Never retried."""
+        """Starts a session under a fresh server-generated ID. Never retried here; with an
+        idempotency_key (a fresh UUID per session you mean to start), calling it again with
+        the same key returns the session the first call created, never a second one."""
         req = pb.CreateRequest(
             user_id=user_id,
             attributes=_encode_map(attributes),
             client=pb.ClientInfo(ip=ip or "", user_agent=user_agent or ""),
+            idempotency_key=idempotency_key,
         )
         if idle_timeout is not None:
             req.idle_timeout.CopyFrom(_duration(idle_timeout))
@@ -209,20 +213,37 @@ class SessionClient:
         remove: Iterable[str] = (),
         *,
         expected_version: Optional[int] = None,
+        idempotency_key: str = "",
     ) -> Session:
         """Sets and removes attributes atomically. With expected_version: compare-and-set,
-        raising Conflict (with .current_version) on a mismatch. Never retried."""
-        req = pb.UpdateRequest(id=session_id, set=_encode_map(set), remove=list(remove))
+        raising Conflict (with .current_version) on a mismatch. Never retried here; with an
+        idempotency_key, calling it again with the same key returns the session without a
+        second change (a compare-and-set that succeeded returns that success)."""
+        req = pb.UpdateRequest(
+            id=session_id,
+            set=_encode_map(set),
+            remove=list(remove),
+            idempotency_key=idempotency_key,
+        )
         if expected_version is not None:
             req.expected_version = expected_version
         return Session.from_proto(self._call(self._stub.Update, req, retry=False))
 
     def regenerate(
-        self, session_id: str, user_id: Optional[str] = None, *, drop_attributes: bool = False
+        self,
+        session_id: str,
+        user_id: Optional[str] = None,
+        *,
+        drop_attributes: bool = False,
+        idempotency_key: str = "",
     ) -> Session:
         """Moves the session to a fresh ID (the old one is dead); binds user_id if given.
-        Never retried (a lost reply would leave the caller with a dead ID)."""
-        req = pb.RegenerateRequest(id=session_id, drop_attributes=drop_attributes)
+        Never retried here (a lost reply would leave the caller with a dead ID); with an
+        idempotency_key, calling it again with the same old ID and key returns the session
+        under the ID the first call moved it to."""
+        req = pb.RegenerateRequest(
+            id=session_id, drop_attributes=drop_attributes, idempotency_key=idempotency_key
+        )
         if user_id is not None:
             req.user_id = user_id
         return Session.from_proto(self._call(self._stub.Regenerate, req, retry=False))

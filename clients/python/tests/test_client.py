@@ -100,6 +100,20 @@ def test_update_compare_and_set(client):
     assert after.version == 3 and after.attributes["n"] == b"2"  # nothing changed
 
 
+def test_writes_sent_again_with_their_idempotency_key_change_nothing_twice(client):
+    key = unique("checkout")
+    s = client.create(attributes={"cart": "apple"}, idempotency_key=key)
+    assert client.create(attributes={"cart": "apple"}, idempotency_key=key).id == s.id
+    u = client.update(s.id, {"cart": "pear"}, expected_version=1, idempotency_key=key + "-u")
+    again = client.update(s.id, {"cart": "pear"}, expected_version=1, idempotency_key=key + "-u")
+    assert (u.version, again.version) == (2, 2)
+    user = unique("alice")
+    r = client.regenerate(s.id, user, idempotency_key=key + "-r")
+    assert client.regenerate(s.id, user, idempotency_key=key + "-r").id == r.id
+    with pytest.raises(InvalidArgument):
+        client.update(r.id, {"x": "y"}, idempotency_key=key)
+
+
 def test_regenerate_moves_to_fresh_id(client):
     user = unique("alice")
     s = client.create(attributes={"cart:apple": "2"})

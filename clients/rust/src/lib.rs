@@ -171,9 +171,20 @@ pub struct NewSession {
     pub ip: String,
     /// The client's User-Agent, for "active devices".
     pub user_agent: String,
+    /// Makes a retry safe: a Create sent again with the same key (within the server's
+    /// `idempotency_window`, 10 min by default) returns the session the first one created,
+    /// never a second one. Use a fresh unique key (a UUID) per session you mean to start.
+    pub idempotency_key: Option<String>,
 }
 
 impl NewSession {
+    /// Sets the idempotency key, so the Create can be sent again safely after a timeout or
+    /// a lost connection.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
     /// Adds an initial attribute.
     pub fn attribute(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Self {
         self.attributes.insert(key.into(), value.into());
@@ -290,7 +301,8 @@ impl SessionClient {
         })
     }
 
-    /// Starts a session under a fresh server-generated ID. Never retried.
+    /// Starts a session under a fresh server-generated ID. Never retried here; with an
+    /// [`NewSession::idempotency_key`], the caller may send it again safely.
     pub async fn create(&self, new: NewSession) -> Result<Session, Error> {
         let req = pb::CreateRequest {
             user_id: new.user_id.unwrap_or_default(),
@@ -301,6 +313,7 @@ impl SessionClient {
                 ip: new.ip,
                 user_agent: new.user_agent,
             }),
+            idempotency_key: new.idempotency_key.unwrap_or_default(),
         };
         Ok(self.stub.clone().create(req).await?.into_inner().into())
     }
@@ -356,6 +369,7 @@ impl SessionClient {
             set: set.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
             remove: remove.into_iter().map(Into::into).collect(),
             expected_version,
+            idempotency_key: String::new(),
         };
         Ok(self.stub.clone().update(req).await?.into_inner().into())
     }
@@ -367,6 +381,7 @@ impl SessionClient {
             id: id.to_string(),
             user_id: user_id.map(str::to_string),
             drop_attributes: false,
+            idempotency_key: String::new(),
         };
         Ok(self.stub.clone().regenerate(req).await?.into_inner().into())
     }

@@ -135,3 +135,20 @@ async fn destroy_all_sessions_with_the_confirmation_ends_every_session() {
     assert_eq!(c.peek(&s.id).await, Err(Error::NotFound));
     d.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_create_sent_again_with_its_idempotency_key_returns_the_same_session() {
+    let d = daemon(vec![]).await;
+    let c = SessionClient::connect(&d.grpc_addr.to_string())
+        .await
+        .unwrap();
+    let new = NewSession::default()
+        .attribute("cart", "apple")
+        .idempotency_key("checkout-5d1e");
+    let first = c.create(new.clone()).await.unwrap();
+    let again = c.create(new).await.unwrap();
+    assert_eq!(again.id, first.id);
+    let other = c.create(NewSession::default()).await.unwrap();
+    assert_ne!(other.id, first.id);
+    d.stop().await.unwrap();
+}

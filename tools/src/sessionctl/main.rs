@@ -314,6 +314,7 @@ async fn run(cli: &Cli) -> Result<Value, Failure> {
                 idle_timeout: ttl.map(proto_duration),
                 absolute_timeout: absolute.map(proto_duration),
                 client: None,
+                idempotency_key: String::new(),
             };
             let s = connect(cli).await?.create(req).await?.into_inner();
             Ok(session_json(&s))
@@ -337,6 +338,7 @@ async fn run(cli: &Cli) -> Result<Value, Failure> {
                 set: pairs.iter().cloned().collect(),
                 remove: vec![],
                 expected_version: *expect_version,
+                idempotency_key: String::new(),
             };
             Ok(session_json(
                 &connect(cli).await?.update(req).await?.into_inner(),
@@ -352,6 +354,7 @@ async fn run(cli: &Cli) -> Result<Value, Failure> {
                 set: Default::default(),
                 remove: keys.clone(),
                 expected_version: *expect_version,
+                idempotency_key: String::new(),
             };
             Ok(session_json(
                 &connect(cli).await?.update(req).await?.into_inner(),
@@ -374,6 +377,7 @@ async fn run(cli: &Cli) -> Result<Value, Failure> {
                 id: id.clone(),
                 user_id: user.clone(),
                 drop_attributes: *drop_attributes,
+                idempotency_key: String::new(),
             };
             Ok(session_json(
                 &connect(cli).await?.regenerate(req).await?.into_inner(),
