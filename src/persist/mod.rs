@@ -359,30 +359,14 @@ pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStat
     let _ = std::fs::remove_file(&tmp);
     let mut w = BufWriter::with_capacity(1 << 20, create_private(&tmp, false)?);
     write_header(&mut w, SNAPSHOT_MAGIC)?;
-    let mut sessions = 0u64;
-    let mut bytes = format::HEADER_BYTES;
-    let (mut payload, mut buf) = (Vec::new(), Vec::new());
-    let mut failed = None;
-    store.for_each_session(|s| {
-        if failed.is_some() {
-            return;
+    let (sessions, written) = match write_sessions(store, &mut w) {
+        Ok(counts) => counts,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
-        payload.clear();
-        buf.clear();
-        records::stored(s)
-            .encode(&mut payload)
-            .expect("a Vec grows to fit");
-        frame(&payload, &mut buf);
-        bytes += buf.len() as u64;
-        sessions += 1;
-        if let Err(e) = w.write_all(&buf) {
-            failed = Some(e);
-        }
-    });
-    if let Some(e) = failed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    };
+    let bytes = format::HEADER_BYTES + written;
     let file = w.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     std::fs::rename(&tmp, dir.join(snapshot_name(seq)))?;
@@ -402,6 +386,36 @@ pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStat
         sessions,
         bytes,
     })
+}
+
+/// Writes every session of `store` to `w` as snapshot frames (the body of a snapshot file,
+/// after its header), beside live traffic as [`Store::for_each_session`] allows. Returns the
+/// sessions and bytes written. The cluster's snapshots share this body.
+pub(crate) fn write_sessions(store: &Store, w: &mut impl Write) -> io::Result<(u64, u64)> {
+    let mut sessions = 0u64;
+    let mut bytes = 0u64;
+    let (mut payload, mut buf) = (Vec::new(), Vec::new());
+    let mut failed = None;
+    store.for_each_session(|s| {
+        if failed.is_some() {
+            return;
+        }
+        payload.clear();
+        buf.clear();
+        records::stored(s)
+            .encode(&mut payload)
+            .expect("a Vec grows to fit");
+        frame(&payload, &mut buf);
+        bytes += buf.len() as u64;
+        sessions += 1;
+        if let Err(e) = w.write_all(&buf) {
+            failed = Some(e);
+        }
+    });
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((sessions, bytes)),
+    }
 }
 
 /// The size of the newest snapshot in `dir`; 0 if there is none.
