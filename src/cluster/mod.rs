@@ -41,7 +41,8 @@
 //!
 //! The peer service speaks plain HTTP/2: it authenticates nobody, and whoever reaches it can
 //! rewrite every session. So a node refuses to serve it on anything but a loopback address
-//! ([`node::PeerListenRefused`]); mutual TLS between peers comes with the step that lets nodes
+//! (`cluster.peer_listen` is checked by [`crate::config::ClusterConfig::validate`]); mutual TLS
+//! between peers comes with the step that lets nodes
 //! live on different hosts.
 //!
 //! [`Effect`]: crate::store::Effect

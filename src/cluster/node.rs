@@ -99,6 +99,13 @@ pub enum ProposeError {
 
 impl ProposeError {
     fn forward(f: &openraft::errors::ForwardToLeader<TypeConfig>) -> ProposeError {
+        if f.reason == openraft::errors::ForwardReason::LeaseExpired {
+            return ProposeError::Unavailable(
+                "this node leads, but no quorum has acknowledged it within its lease (it was \
+                 just elected, or it is cut off from the others)"
+                    .into(),
+            );
+        }
         match (f.leader_id, &f.leader_node) {
             (Some(leader_id), Some(leader)) => ProposeError::ForwardToLeader {
                 leader_id,
