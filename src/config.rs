@@ -846,6 +846,51 @@ mod tests {
 
     #[test]
     #[allow(clippy::result_large_err)] // figment's Jail API, not ours
+    fn a_cluster_section_turns_the_cluster_on_and_its_errors_name_the_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("single.toml", "fsync = \"always\"")?;
+            let c = Config::load(Some(Path::new("single.toml")), NoFlags {}).unwrap();
+            assert_eq!(c.cluster, None, "no section, no cluster");
+
+            jail.create_file(
+                "c.toml",
+                "fsync = \"always\"\n[cluster]\nheartbeat_interval = \"200ms\"\n",
+            )?;
+            let c = Config::load(Some(Path::new("c.toml")), NoFlags {}).unwrap();
+            let cluster = c.cluster.unwrap();
+            assert_eq!(cluster.heartbeat_interval, Duration::from_millis(200));
+            assert_eq!(cluster.election_timeout_min, Duration::from_secs(1));
+            assert_eq!(cluster.fsync, Some(FsyncPolicy::Always), "inherits fsync");
+
+            for (body, want) in [
+                (
+                    "election_timeout_min = \"500ms\"",
+                    "cluster.election_timeout_min",
+                ),
+                (
+                    "election_timeout_max = \"1s\"",
+                    "cluster.election_timeout_max",
+                ),
+                ("peer_listen = \"0.0.0.0:7422\"", "cluster.peer_listen"),
+                (
+                    "snapshot_every_entries = 0",
+                    "cluster.snapshot_every_entries",
+                ),
+                ("advertise_peer = \"nohost\"", "cluster.advertise_peer"),
+            ] {
+                jail.create_file("bad.toml", &format!("[cluster]\n{body}\n"))?;
+                let err = Config::load(Some(Path::new("bad.toml")), NoFlags {}).unwrap_err();
+                assert!(err.to_string().contains(want), "{body}: {err}");
+            }
+            jail.create_file("typo.toml", "[cluster]\nheartbeat = \"1s\"\n")?;
+            let err = Config::load(Some(Path::new("typo.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("heartbeat"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API, not ours
     fn environment_variables_still_set_the_limits_by_their_old_names() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("s.toml", "create_burst = 50\nmax_sessions = 1000")?;

@@ -176,7 +176,7 @@ impl Mem {
         let mut out = Vec::new();
         write_header(&mut out, RAFT_LOG_MAGIC).expect("a Vec grows");
         if let Some(v) = &self.vote {
-            push(&mut out, Rec::Vote(v.clone()));
+            push(&mut out, Rec::Vote(*v));
         }
         if let Some(p) = self.purged {
             push(&mut out, Rec::Purge(p.into()));
@@ -624,7 +624,7 @@ impl RaftLogReader<TypeConfig> for LogReader {
     }
 
     async fn read_vote(&mut self) -> Result<Option<pb::Vote>, io::Error> {
-        Ok(lock(&self.shared.mem).vote.clone())
+        Ok(lock(&self.shared.mem).vote)
     }
 }
 
@@ -637,7 +637,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<pb::Vote>, io::Error> {
-        Ok(lock(&self.shared.mem).vote.clone())
+        Ok(lock(&self.shared.mem).vote)
     }
 }
 
@@ -660,10 +660,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &pb::Vote) -> Result<(), io::Error> {
         let mut bytes = Vec::new();
-        push(&mut bytes, Rec::Vote(vote.clone()));
+        push(&mut bytes, Rec::Vote(*vote));
         let rx = {
             let mut mem = lock(&self.shared.mem);
-            mem.vote = Some(vote.clone());
+            mem.vote = Some(*vote);
             self.queue_reply(mem, bytes, true)?
         };
         written(rx).await

@@ -7,7 +7,7 @@
 //! replication or membership logic is written here. This room supplies what the engine asks of an
 //! application, and nothing else:
 //!
-//! - [`pb_impl`](self) (crate-private): openraft's traits on our protobuf messages, so the
+//! - `pb_impl` (crate-private): openraft's traits on our protobuf messages, so the
 //!   leader encodes an entry once, and the same bytes go to the peers and into every log. The
 //!   entry payload is a [`Proposal`]: the [`Effect`]s of one write, each encoded as the
 //!   single-node log already encodes it (`persist::records`).
@@ -42,8 +42,7 @@
 //! The peer service speaks plain HTTP/2: it authenticates nobody, and whoever reaches it can
 //! rewrite every session. So a node refuses to serve it on anything but a loopback address
 //! (`cluster.peer_listen` is checked by [`crate::config::ClusterConfig::validate`]); mutual TLS
-//! between peers comes with the step that lets nodes
-//! live on different hosts.
+//! between peers comes with the step that lets nodes live on different hosts.
 //!
 //! [`Effect`]: crate::store::Effect
 //! [`Store`]: crate::store::Store

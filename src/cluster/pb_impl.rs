@@ -352,7 +352,7 @@ impl TryFrom<pb::AppendEntriesResponse> for AppendEntriesResponse<TypeConfig> {
 impl From<TransferLeaderRequest<TypeConfig>> for pb::TransferLeaderRequest {
     fn from(r: TransferLeaderRequest<TypeConfig>) -> Self {
         pb::TransferLeaderRequest {
-            from_leader: Some(r.from_leader().clone()),
+            from_leader: Some(*r.from_leader()),
             to_node_id: *r.to_node_id(),
             last_log_id: r.last_log_id().map(Into::into),
         }
