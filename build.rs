@@ -24,5 +24,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .bytes(".sessiond.persist.v1")
         .compile_fds(protox::compile([persist], ["proto"])?)?;
+    // The cluster's peer service and its records. The Raft types are openraft's own types
+    // (src/cluster/pb_impl.rs), which want ordered maps for a membership.
+    let cluster = ".sessiond.cluster.v1";
+    tonic_prost_build::configure()
+        .bytes(cluster)
+        .btree_map(cluster)
+        .compile_fds(protox::compile(
+            ["proto/sessiond/cluster/v1/cluster.proto"],
+            ["proto"],
+        )?)?;
     Ok(())
 }

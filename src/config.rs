@@ -136,6 +136,140 @@ pub struct Config {
     /// Apps sharing this daemon, each with its own sessions, credentials and quotas. Empty:
     /// single-tenant mode, where every client that can connect shares one store.
     pub tenants: Vec<TenantConfig>,
+
+    /// The `[cluster]` section: present, this node is a member of a replicated group; absent,
+    /// sessiond is a single node exactly as without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node's part in a replicated group (see `src/cluster/`).
+///
+/// The timeouts are raised from openraft's LAN defaults (50 ms heartbeats, 150-300 ms
+/// elections): on a loaded two-core machine those elect spuriously.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Where the peer service listens (Raft RPCs from the other members, and sessionctl's
+    /// cluster calls). Loopback only until the peer port has mutual TLS: anyone who reaches it
+    /// can rewrite every session. Port 0 takes a free port.
+    pub peer_listen: SocketAddr,
+    /// The peer address the other members reach this node at; empty: `peer_listen` as bound.
+    pub advertise_peer: String,
+    /// The client address handed to clients that must go to this node when it leads; empty:
+    /// the daemon's `listen`.
+    pub advertise_client: String,
+    /// How often the leader sends heartbeats, renewing its lease.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A follower that hears from no leader for a random time between this and
+    /// `election_timeout_max` stands for election. At least three heartbeat intervals.
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_min: Duration,
+    /// See `election_timeout_min`. The leader's lease for reads lasts this long.
+    #[serde(with = "humantime_serde")]
+    pub election_timeout_max: Duration,
+    /// How long sending one snapshot to a member, and its installing it, may take.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_timeout: Duration,
+    /// Take a snapshot after this many log entries since the last one; the log before a
+    /// snapshot is then purged.
+    pub snapshot_every_entries: u64,
+    /// Entries a snapshot already holds that are kept in the log anyway, so a member a little
+    /// behind catches up from the log rather than by a whole snapshot.
+    pub keep_entries_after_snapshot: u64,
+    /// Log entries in one replication message.
+    pub max_entries_per_append: u64,
+    /// When the Raft log is fsynced: `always`, `everysec` or `no` (as `fsync`; the vote is
+    /// always fsynced). Unset: the daemon's `fsync`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fsync: Option<FsyncPolicy>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 7422)),
+            advertise_peer: String::new(),
+            advertise_client: String::new(),
+            heartbeat_interval: Duration::from_millis(250),
+            election_timeout_min: Duration::from_secs(1),
+            election_timeout_max: Duration::from_secs(2),
+            snapshot_timeout: Duration::from_secs(300),
+            snapshot_every_entries: 10_000,
+            keep_entries_after_snapshot: 1000,
+            max_entries_per_append: 300,
+            fsync: None,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Checks what types alone cannot; errors name the setting as `cluster.NAME`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |setting: &str, why: String| Err(ConfigError(format!("cluster.{setting} {why}")));
+        if !self.peer_listen.ip().is_loopback() {
+            return bad(
+                "peer_listen",
+                format!(
+                    "is {}: refusing to serve the peer port beyond loopback, since it has no \
+                     TLS or peer authentication yet and anyone who can reach it could rewrite \
+                     every session; bind it to 127.0.0.1",
+                    self.peer_listen
+                ),
+            );
+        }
+        for (name, d) in [
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("snapshot_timeout", self.snapshot_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(name, "must be longer than zero".into());
+            }
+        }
+        if self.election_timeout_min < self.heartbeat_interval * 3 {
+            return bad(
+                "election_timeout_min",
+                format!(
+                    "({:?}) must be at least three heartbeat_intervals ({:?}), or a couple of \
+                     late heartbeats start an election",
+                    self.election_timeout_min,
+                    self.heartbeat_interval * 3
+                ),
+            );
+        }
+        if self.election_timeout_max <= self.election_timeout_min {
+            return bad(
+                "election_timeout_max",
+                format!(
+                    "({:?}) must be longer than election_timeout_min ({:?}): the spread keeps \
+                     members from standing for election at once",
+                    self.election_timeout_max, self.election_timeout_min
+                ),
+            );
+        }
+        for (name, n) in [
+            ("snapshot_every_entries", self.snapshot_every_entries),
+            ("max_entries_per_append", self.max_entries_per_append),
+        ] {
+            if n == 0 {
+                return bad(name, "must be at least 1".into());
+            }
+        }
+        for (name, addr) in [
+            ("advertise_peer", &self.advertise_peer),
+            ("advertise_client", &self.advertise_client),
+        ] {
+            let valid = addr.is_empty()
+                || addr
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return bad(name, format!("must be host:port, got {addr:?}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One tenant: `[[tenants]]` in the config file.
@@ -213,6 +347,7 @@ impl Default for Config {
             shutdown_delay: Duration::ZERO,
             shutdown_grace: Duration::from_secs(10),
             tenants: Vec::new(),
+            cluster: None,
         }
     }
 }
@@ -221,6 +356,13 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 #[error("configuration error: {0}")]
 pub struct ConfigError(String);
+
+impl ConfigError {
+    /// An error with this message; it should name the setting.
+    pub(crate) fn new(msg: String) -> Self {
+        ConfigError(msg)
+    }
+}
 
 impl From<LimitsError> for ConfigError {
     fn from(e: LimitsError) -> Self {
@@ -269,7 +411,10 @@ impl Config {
         Self::refuse_unknown_keys(&figment)?;
         figment.extract::<Limits>().map_err(error)?;
         figment.extract::<TenantsLimits>().map_err(error)?;
-        let config: Config = figment.extract().map_err(error)?;
+        let mut config: Config = figment.extract().map_err(error)?;
+        if let Some(cluster) = &mut config.cluster {
+            cluster.fsync.get_or_insert(config.fsync);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -297,12 +442,15 @@ impl Config {
 
     /// The names of all settings.
     pub fn keys() -> Vec<String> {
-        Serialized::defaults(Config::default())
+        let mut keys: Vec<String> = Serialized::defaults(Config::default())
             .data()
             .ok()
             .and_then(|mut d| d.remove(&figment::Profile::Default))
             .map(|d| d.into_keys().collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        // A section that is absent by default, so the defaults do not name it.
+        keys.push("cluster".into());
+        keys
     }
 
     /// Checks what types alone cannot.
@@ -370,6 +518,9 @@ impl Config {
         }
         if self.admin_tls && !set(&self.tls_cert) {
             return bad("admin_tls", "needs tls_cert and tls_key".into());
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         self.validate_tenants()
     }
@@ -493,6 +644,23 @@ mod tests {
             if key == "tenants" {
                 // An array of tables: shown as a commented-out example.
                 assert!(text.contains("\n# [[tenants]]"), "tenants example missing");
+                continue;
+            }
+            if key == "cluster" {
+                // A section that is absent by default: shown commented out, every setting
+                // with its default.
+                assert!(text.contains("\n# [cluster]"), "cluster example missing");
+                let defaults = Serialized::defaults(ClusterConfig::default())
+                    .data()
+                    .unwrap()
+                    .remove(&figment::Profile::Default)
+                    .unwrap();
+                for k in defaults.keys().chain([&"fsync".to_string()]) {
+                    assert!(
+                        text.contains(&format!("\n# {k} = ")),
+                        "cluster.{k} missing from {DEFAULT_CONFIG_FILE}"
+                    );
+                }
                 continue;
             }
             assert!(
@@ -672,6 +840,51 @@ mod tests {
 
             let err = Config::load(Some(Path::new("missing.toml")), NoFlags {}).unwrap_err();
             assert!(err.to_string().contains("missing.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API, not ours
+    fn a_cluster_section_turns_the_cluster_on_and_its_errors_name_the_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("single.toml", "fsync = \"always\"")?;
+            let c = Config::load(Some(Path::new("single.toml")), NoFlags {}).unwrap();
+            assert_eq!(c.cluster, None, "no section, no cluster");
+
+            jail.create_file(
+                "c.toml",
+                "fsync = \"always\"\n[cluster]\nheartbeat_interval = \"200ms\"\n",
+            )?;
+            let c = Config::load(Some(Path::new("c.toml")), NoFlags {}).unwrap();
+            let cluster = c.cluster.unwrap();
+            assert_eq!(cluster.heartbeat_interval, Duration::from_millis(200));
+            assert_eq!(cluster.election_timeout_min, Duration::from_secs(1));
+            assert_eq!(cluster.fsync, Some(FsyncPolicy::Always), "inherits fsync");
+
+            for (body, want) in [
+                (
+                    "election_timeout_min = \"500ms\"",
+                    "cluster.election_timeout_min",
+                ),
+                (
+                    "election_timeout_max = \"1s\"",
+                    "cluster.election_timeout_max",
+                ),
+                ("peer_listen = \"0.0.0.0:7422\"", "cluster.peer_listen"),
+                (
+                    "snapshot_every_entries = 0",
+                    "cluster.snapshot_every_entries",
+                ),
+                ("advertise_peer = \"nohost\"", "cluster.advertise_peer"),
+            ] {
+                jail.create_file("bad.toml", &format!("[cluster]\n{body}\n"))?;
+                let err = Config::load(Some(Path::new("bad.toml")), NoFlags {}).unwrap_err();
+                assert!(err.to_string().contains(want), "{body}: {err}");
+            }
+            jail.create_file("typo.toml", "[cluster]\nheartbeat = \"1s\"\n")?;
+            let err = Config::load(Some(Path::new("typo.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("heartbeat"), "{err}");
             Ok(())
         });
     }

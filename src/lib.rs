@@ -18,6 +18,8 @@
 //!   log, the snapshot task, the reaper and the guess watch, and one for the gRPC port.
 //! - [`admin`]: the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`config`]: one `Config`, layered from defaults, file, environment and flags.
+//! - [`cluster`]: the replicated sessiond on openraft: the Raft log store, the state machine
+//!   over the Store, the peer transport, and the node that starts them (`[cluster]` settings).
 //! - [`server`]: wiring: builds the servers, starts the background tasks and runs the
 //!   ordered shutdown; shared by `main` and the tests.
 //! - [`persist`]: the durable log, snapshots (and the task that takes them) and recovery.
@@ -31,6 +33,7 @@
 pub(crate) mod admin;
 pub mod api;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod observe;
 pub mod persist;

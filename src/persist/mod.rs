@@ -364,8 +364,42 @@ pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStat
     let _ = std::fs::remove_file(&tmp);
     let mut w = BufWriter::with_capacity(1 << 20, create_private(&tmp, false)?);
     write_header(&mut w, SNAPSHOT_MAGIC)?;
+    let (sessions, written) = match write_sessions(store, &mut w) {
+        Ok(counts) => counts,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let bytes = format::HEADER_BYTES + written;
+    let file = w.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join(snapshot_name(seq)))?;
+    sync_dir(dir)?;
+    // Only now is everything before `seq` redundant.
+    if let Ok(listing) = list(dir) {
+        for n in listing.snapshots.into_iter().filter(|&n| n < seq) {
+            let _ = std::fs::remove_file(dir.join(snapshot_name(n)));
+        }
+        for n in listing.segments.into_iter().filter(|&n| n < seq) {
+            let _ = std::fs::remove_file(dir.join(segment_name(n)));
+        }
+        let _ = sync_dir(dir);
+    }
+    Ok(SnapshotStats {
+        seq,
+        sessions,
+        bytes,
+    })
+}
+
+/// Writes every session of `store` to `w` as snapshot frames (the body of a snapshot file,
+/// after its header), beside live traffic as [`Store::for_each_session`] allows, then the
+/// store's idempotency records. Returns the sessions and bytes written. The cluster's
+/// snapshots share this body.
+pub(crate) fn write_sessions(store: &Store, w: &mut impl Write) -> io::Result<(u64, u64)> {
     let mut sessions = 0u64;
-    let mut bytes = format::HEADER_BYTES;
+    let mut bytes = 0u64;
     let (mut payload, mut buf) = (Vec::new(), Vec::new());
     let mut failed = None;
     store.for_each_session(|s| {
@@ -401,29 +435,10 @@ pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStat
             }
         }
     }
-    if let Some(e) = failed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    match failed {
+        Some(e) => Err(e),
+        None => Ok((sessions, bytes)),
     }
-    let file = w.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, dir.join(snapshot_name(seq)))?;
-    sync_dir(dir)?;
-    // Only now is everything before `seq` redundant.
-    if let Ok(listing) = list(dir) {
-        for n in listing.snapshots.into_iter().filter(|&n| n < seq) {
-            let _ = std::fs::remove_file(dir.join(snapshot_name(n)));
-        }
-        for n in listing.segments.into_iter().filter(|&n| n < seq) {
-            let _ = std::fs::remove_file(dir.join(segment_name(n)));
-        }
-        let _ = sync_dir(dir);
-    }
-    Ok(SnapshotStats {
-        seq,
-        sessions,
-        bytes,
-    })
 }
 
 /// The size of the newest snapshot in `dir`; 0 if there is none.

@@ -238,6 +238,16 @@ impl Store {
         }
     }
 
+    /// Replaces every idempotency record with `records` (a replica installing a snapshot).
+    pub fn replace_idempotency(&self, records: Vec<IdempotencyRecord>) {
+        {
+            let mut keys = lock(&self.inner.idempotency);
+            keys.records.clear();
+            keys.by_age.clear();
+        }
+        self.restore_idempotency(records);
+    }
+
     /// Every idempotency record kept, oldest first: copies, so a snapshot writes them with
     /// no lock held.
     pub fn idempotency_records(&self) -> Vec<IdempotencyRecord> {

@@ -1,0 +1,752 @@
+//! The durable Raft log: openraft's [`RaftLogStorage`] on one append-only file.
+//!
+//! `raft/log.sdl` is a file of the format `persist::format` defines (header, then framed,
+//! CRC-checked records), whose records are [`pb::LogRecord`]s: an entry, a vote, a
+//! truncate-after, a purge, or the last committed log ID. The file is the history of the log's
+//! changes; at start-up it is replayed in order to rebuild the state, which lives in memory
+//! while the node runs: the vote, the last purged log ID, the committed log ID, and every entry
+//! since the last purge (a snapshot holds the rest). A torn last record, as a crash mid-write
+//! leaves, is cut off, as persist's recovery does; any other damage stops the node with an
+//! error that names the file and offset.
+//!
+//! # Ordering and durability
+//!
+//! Every write goes through one writer thread, in the order openraft asked for it: openraft's
+//! `docs/protocol/io_ordering.md` explains how a vote and an append that reach the disk
+//! reordered can lose committed entries. Since the file is append-only and written in that
+//! order, what a crash leaves is always a prefix of the history: a state the log really was in.
+//!
+//! - `save_vote` returns once the vote is written and fsynced, whatever the policy.
+//! - `append` returns at once (the entries are readable from memory), and fires its callback
+//!   once the entries are durable under the fsync policy: fsynced under `always`; written to
+//!   the page cache under `everysec` (fsynced within the second) and `no`. A killed process
+//!   loses nothing under any policy; a machine that loses power loses what was not fsynced.
+//! - `truncate_after` and `purge` return once written.
+//! - `save_committed` is written in order but waits for nothing: a committed log ID that is
+//!   lost only means less is re-applied from the log at the next start.
+//!
+//! Group commit: the writer takes every request queued while it was busy and writes them with
+//! one `write(2)` and (when one is due) one fsync, then answers all of them.
+//!
+//! A failed write or fsync is not retried: the writer refuses everything from then on, and
+//! openraft, told of the error, stops the node. A Raft member with a failing disk must not go
+//! on acknowledging entries; the others carry on without it.
+//!
+//! # Compaction
+//!
+//! Purged entries stay in the file until it is rewritten. After a purge, once the file is over
+//! [`LogOptions::compact_at_bytes`] and more than twice the size of what it still needs, the
+//! writer writes a fresh file (the vote, the committed log ID, the purge point and the remaining
+//! entries) to `log.sdl.tmp`, fsyncs it and renames it over `log.sdl`: the rename is atomic, so a
+//! crash leaves either the old file or the new, each a whole history.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::ops::RangeBounds;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::OptionalSend;
+use prost::Message;
+
+use super::pb::log_record::Op as Rec;
+use super::pb_impl::check_vote;
+use super::{pb, LogId, TypeConfig};
+use crate::persist::format::{self, frame, scan, write_header, End, FormatError};
+use crate::persist::log::FsyncPolicy;
+
+/// Magic of the Raft log file.
+pub const RAFT_LOG_MAGIC: &[u8; 6] = b"SDRLG\0";
+
+/// The log file's name in the Raft directory.
+const LOG_FILE: &str = "log.sdl";
+
+/// Where a compaction writes the new file before renaming it into place.
+const LOG_TMP: &str = "log.sdl.tmp";
+
+/// The lock that keeps two nodes off one Raft directory.
+const LOCK_FILE: &str = "LOCK";
+
+/// A writer pass takes at most this many queued requests, so one pass's answers are not held
+/// back behind an unbounded queue.
+const MAX_BATCH: usize = 4096;
+
+/// How the log behaves, beyond its directory.
+#[derive(Debug, Clone, Copy)]
+pub struct LogOptions {
+    /// When appends are fsynced (see the module docs).
+    pub fsync: FsyncPolicy,
+    /// The file is rewritten after a purge once it is this large and more than twice what it
+    /// still needs.
+    pub compact_at_bytes: u64,
+}
+
+impl LogOptions {
+    /// The default compaction threshold: 64 MiB, a fraction of a second to replay at start-up.
+    pub const COMPACT_AT_BYTES: u64 = 64 << 20;
+
+    /// Options with the default compaction threshold.
+    pub fn new(fsync: FsyncPolicy) -> Self {
+        LogOptions {
+            fsync,
+            compact_at_bytes: Self::COMPACT_AT_BYTES,
+        }
+    }
+}
+
+/// Why the log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The file is unreadable, foreign, too new or damaged.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The directory or a file in it cannot be used.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The directory or file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Another node holds the directory.
+    #[error("{} is in use by another sessiond (it holds {LOCK_FILE})", path.display())]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+    },
+}
+
+/// The log's state, as the records so far make it.
+#[derive(Debug, Default)]
+struct Mem {
+    vote: Option<pb::Vote>,
+    committed: Option<LogId>,
+    purged: Option<LogId>,
+    entries: BTreeMap<u64, pb::Entry>,
+    /// Bytes of the file, counting what is queued for the writer.
+    file_bytes: u64,
+}
+
+impl Mem {
+    /// Applies one record, at replay or as it is made.
+    fn apply(&mut self, rec: Rec) -> Result<(), &'static str> {
+        match rec {
+            Rec::Entry(e) => {
+                if self.purged.is_some_and(|p| e.index <= p.index) {
+                    return Ok(());
+                }
+                // An entry replaces the one at its index and everything after it.
+                drop(self.entries.split_off(&e.index));
+                self.entries.insert(e.index, e);
+            }
+            Rec::Vote(v) => self.vote = Some(check_vote(Some(v)).map_err(|_| "vote")?),
+            Rec::TruncateAfter(t) => match t.last_kept {
+                Some(id) => drop(self.entries.split_off(&(id.index + 1))),
+                None => self.entries.clear(),
+            },
+            Rec::Purge(id) => {
+                let id = LogId::from(id);
+                self.entries = self.entries.split_off(&(id.index + 1));
+                if self.purged.is_none_or(|p| p.index < id.index) {
+                    self.purged = Some(id);
+                }
+            }
+            Rec::Committed(id) => self.committed = Some(id.into()),
+        }
+        Ok(())
+    }
+
+    fn last_log_id(&self) -> Option<LogId> {
+        self.entries
+            .last_key_value()
+            .map(|(_, e)| e.log_id())
+            .or(self.purged)
+    }
+
+    /// The whole state as a fresh file: what a compaction writes.
+    fn image(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_header(&mut out, RAFT_LOG_MAGIC).expect("a Vec grows");
+        if let Some(v) = &self.vote {
+            push(&mut out, Rec::Vote(*v));
+        }
+        if let Some(p) = self.purged {
+            push(&mut out, Rec::Purge(p.into()));
+        }
+        if let Some(c) = self.committed {
+            push(&mut out, Rec::Committed(c.into()));
+        }
+        for e in self.entries.values() {
+            push_entry(&mut out, e);
+        }
+        out
+    }
+
+    /// Bytes the entries kept need in the file.
+    fn live_bytes(&self) -> u64 {
+        self.entries
+            .values()
+            .map(|e| e.encoded_len() as u64 + 16)
+            .sum()
+    }
+}
+
+/// Frames one record onto `out`.
+fn push(out: &mut Vec<u8>, rec: Rec) {
+    frame(&pb::LogRecord { op: Some(rec) }.encode_to_vec(), out);
+}
+
+/// Frames an entry's record onto `out` without copying the entry: the record's encoding is its
+/// field 1, the entry.
+fn push_entry(out: &mut Vec<u8>, e: &pb::Entry) {
+    let mut payload = Vec::with_capacity(e.encoded_len() + 8);
+    prost::encoding::message::encode(1, e, &mut payload);
+    frame(&payload, out);
+}
+
+/// Where the writer answers a caller that awaits its write.
+type Reply = tokio::sync::oneshot::Receiver<io::Result<()>>;
+
+/// Waits for the writer's answer.
+async fn written(rx: Reply) -> io::Result<()> {
+    rx.await
+        .unwrap_or_else(|_| Err(io::Error::other("the Raft log writer stopped")))
+}
+
+/// What the writer tells when a request is done.
+enum Done {
+    /// Nobody waits.
+    Nothing,
+    /// openraft's append callback.
+    Flushed(IOFlushed<TypeConfig>),
+    /// A caller awaiting the write.
+    Reply(tokio::sync::oneshot::Sender<io::Result<()>>),
+}
+
+impl Done {
+    fn finish(self, result: Result<(), &str>) {
+        let result = result.map_err(|e| io::Error::other(e.to_string()));
+        match self {
+            Done::Nothing => {}
+            Done::Flushed(cb) => cb.io_completed(result),
+            Done::Reply(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
+/// A request to the writer.
+enum Op {
+    /// Append framed records; fsync first if `sync`.
+    Write {
+        bytes: Vec<u8>,
+        sync: bool,
+        done: Done,
+    },
+    /// Replace the file with this image.
+    Compact { image: Vec<u8> },
+    /// Write and fsync what is queued, answer, and stop.
+    Close(mpsc::Sender<()>),
+}
+
+/// The state both the store and its readers see.
+struct Shared {
+    mem: Mutex<Mem>,
+    /// Requests go in under the `mem` lock, so the queue's order is the order of the state's
+    /// changes.
+    tx: Mutex<Option<mpsc::Sender<Op>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    options: LogOptions,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    /// Queues `op`. Called with `mem` locked, so requests queue in the order of the changes.
+    fn send(&self, op: Op) -> io::Result<()> {
+        let closed = || io::Error::other("the Raft log is closed");
+        match &*lock(&self.tx) {
+            Some(tx) => tx.send(op).map_err(|_| closed()),
+            None => Err(closed()),
+        }
+    }
+}
+
+/// The Raft log store. openraft owns it; [`LogStore::closer`] lets the node stop its writer.
+pub struct LogStore {
+    shared: Arc<Shared>,
+}
+
+/// A reader of the log, for openraft's replication tasks.
+#[derive(Clone)]
+pub struct LogReader {
+    shared: Arc<Shared>,
+}
+
+/// Stops a log's writer: what is queued is written and fsynced first. Kept by the node, which
+/// closes the log after openraft has stopped, so a restart in the same process finds the
+/// directory free.
+#[derive(Clone)]
+pub struct LogCloser {
+    shared: Arc<Shared>,
+}
+
+impl LogCloser {
+    /// Closes the log and waits for its writer to finish.
+    pub fn close(&self) {
+        let (tx, rx) = mpsc::channel();
+        let sent = {
+            let _mem = lock(&self.shared.mem);
+            self.shared.send(Op::Close(tx)).is_ok()
+        };
+        lock(&self.shared.tx).take();
+        if sent {
+            let _ = rx.recv();
+        }
+        if let Some(handle) = lock(&self.shared.writer).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl LogStore {
+    /// Opens the log in `dir` (created if missing), replaying its file, and starts the writer.
+    pub fn open(dir: &Path, options: LogOptions) -> Result<LogStore, OpenError> {
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| OpenError::Io { path, source }
+        };
+        create_private_dir(dir).map_err(io_err(dir))?;
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(dir.join(LOCK_FILE))
+            .map_err(io_err(dir))?;
+        if lock_file.try_lock().is_err() {
+            return Err(OpenError::Locked {
+                path: dir.to_owned(),
+            });
+        }
+        let _ = std::fs::remove_file(dir.join(LOG_TMP));
+        let path = dir.join(LOG_FILE);
+        let mut mem = Mem::default();
+        if path.exists() {
+            replay(&path, &mut mem)?;
+        } else {
+            let mut f = create_file(&path).map_err(io_err(&path))?;
+            write_header(&mut f, RAFT_LOG_MAGIC).map_err(io_err(&path))?;
+            f.sync_all().map_err(io_err(&path))?;
+            sync_dir(dir).map_err(io_err(dir))?;
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        mem.file_bytes = file.metadata().map_err(io_err(&path))?.len();
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            mem: Mutex::new(mem),
+            tx: Mutex::new(Some(tx)),
+            writer: Mutex::new(None),
+            options,
+        });
+        let writer = Writer {
+            dir: dir.to_owned(),
+            file,
+            policy: options.fsync,
+            dirty: false,
+            last_sync: Instant::now(),
+            failed: None,
+            _lock: lock_file,
+        };
+        let handle = std::thread::Builder::new()
+            .name("sessiond-raft-log".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io_err(dir))?;
+        *lock(&shared.writer) = Some(handle);
+        Ok(LogStore { shared })
+    }
+
+    /// A handle that stops this log's writer.
+    pub fn closer(&self) -> LogCloser {
+        LogCloser {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Queues `bytes`, releasing `mem`; the receiver hears when the writer has written them.
+    fn queue_reply(
+        &self,
+        mem: MutexGuard<'_, Mem>,
+        bytes: Vec<u8>,
+        sync: bool,
+    ) -> io::Result<Reply> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.queue(mem, bytes, sync, Done::Reply(tx))?;
+        Ok(rx)
+    }
+
+    /// Queues `bytes` with `done` and releases `mem`.
+    fn queue(
+        &self,
+        mut mem: MutexGuard<'_, Mem>,
+        bytes: Vec<u8>,
+        sync: bool,
+        done: Done,
+    ) -> io::Result<()> {
+        mem.file_bytes += bytes.len() as u64;
+        let result = self.shared.send(Op::Write { bytes, sync, done });
+        drop(mem);
+        result
+    }
+}
+
+fn replay(path: &Path, mem: &mut Mem) -> Result<(), OpenError> {
+    let end = scan(path, RAFT_LOG_MAGIC, "Raft log", |payload| {
+        let bad = || FormatError::Corrupt {
+            path: path.to_owned(),
+            offset: 0,
+        };
+        let rec = pb::LogRecord::decode(payload)
+            .ok()
+            .and_then(|r| r.op)
+            .ok_or_else(bad)?;
+        mem.apply(rec).map_err(|_| bad())
+    })?;
+    match end {
+        End::Clean => Ok(()),
+        End::Torn { offset } => {
+            tracing::warn!(file = %path.display(), offset, "Raft log ends in a torn record (a crash mid-write); truncating there");
+            let err = |source| OpenError::Io {
+                path: path.to_owned(),
+                source,
+            };
+            let mut f = OpenOptions::new().write(true).open(path).map_err(err)?;
+            if offset < format::HEADER_BYTES {
+                f.set_len(0).map_err(err)?;
+                write_header(&mut f, RAFT_LOG_MAGIC).map_err(err)?;
+            } else {
+                f.set_len(offset).map_err(err)?;
+            }
+            f.sync_all().map_err(err)
+        }
+        End::Corrupt { offset, .. } => Err(FormatError::Corrupt {
+            path: path.to_owned(),
+            offset,
+        }
+        .into()),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+fn create_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The one thread that writes the log file.
+struct Writer {
+    dir: PathBuf,
+    file: File,
+    policy: FsyncPolicy,
+    /// Written since the last fsync.
+    dirty: bool,
+    last_sync: Instant,
+    /// Why the log stopped writing, once it has.
+    failed: Option<String>,
+    _lock: File,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Op>) {
+        let mut batch = Vec::new();
+        loop {
+            let first = if self.policy == FsyncPolicy::Everysec && self.dirty {
+                let wait = Duration::from_secs(1).saturating_sub(self.last_sync.elapsed());
+                match rx.recv_timeout(wait) {
+                    Ok(op) => Some(op),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return self.finish(),
+                }
+            } else {
+                match rx.recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => return self.finish(),
+                }
+            };
+            batch.extend(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            if self.pass(&mut batch) {
+                return;
+            }
+        }
+    }
+
+    /// Writes one batch and answers it; true once closed.
+    fn pass(&mut self, batch: &mut Vec<Op>) -> bool {
+        let mut bytes = Vec::new();
+        let mut dones = Vec::new();
+        let mut sync = false;
+        let mut close = None;
+        for op in batch.drain(..) {
+            match op {
+                Op::Write {
+                    bytes: b,
+                    sync: s,
+                    done,
+                } => {
+                    bytes.extend_from_slice(&b);
+                    sync |=
+                        s || (self.policy == FsyncPolicy::Always && !matches!(done, Done::Nothing));
+                    dones.push(done);
+                }
+                Op::Compact { image } => {
+                    // The image is the state after every request before it: what they would
+                    // have written is in it.
+                    bytes.clear();
+                    if self.failed.is_none() {
+                        if let Err(e) = self.compact(&image) {
+                            self.fail("rewrite", &e);
+                        }
+                    }
+                }
+                Op::Close(reply) => {
+                    close = Some(reply);
+                    sync = true;
+                    break;
+                }
+            }
+        }
+        if self.failed.is_none() && !bytes.is_empty() {
+            match self.file.write_all(&bytes) {
+                Ok(()) => self.dirty = true,
+                Err(e) => self.fail("write", &e),
+            }
+        }
+        let due = self.policy == FsyncPolicy::Everysec
+            && self.last_sync.elapsed() >= Duration::from_secs(1);
+        if self.failed.is_none() && self.dirty && (sync || due) {
+            match self.file.sync_data() {
+                Ok(()) => {
+                    self.dirty = false;
+                    self.last_sync = Instant::now();
+                }
+                Err(e) => self.fail("fsync", &e),
+            }
+        }
+        let result = match &self.failed {
+            None => Ok(()),
+            Some(why) => Err(why.as_str()),
+        };
+        for done in dones {
+            done.finish(result);
+        }
+        match close {
+            Some(reply) => {
+                let _ = reply.send(());
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn compact(&mut self, image: &[u8]) -> io::Result<()> {
+        let tmp = self.dir.join(LOG_TMP);
+        let mut f = create_file(&tmp)?;
+        f.write_all(image)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join(LOG_FILE))?;
+        sync_dir(&self.dir)?;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(self.dir.join(LOG_FILE))?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    fn fail(&mut self, op: &str, e: &io::Error) {
+        let why = format!(
+            "the Raft log cannot {op} {}: {e}; this node stops taking part until it is restarted",
+            self.dir.join(LOG_FILE).display()
+        );
+        tracing::error!(error = %e, op, "Raft log {op} failed: the node stops");
+        self.failed = Some(why);
+    }
+
+    fn finish(mut self) {
+        if self.dirty && self.failed.is_none() {
+            let _ = self.file.sync_data();
+            self.dirty = false;
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<pb::Entry>, io::Error> {
+        let mem = lock(&self.shared.mem);
+        Ok(mem.entries.range(range).map(|(_, e)| e.clone()).collect())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<pb::Vote>, io::Error> {
+        Ok(lock(&self.shared.mem).vote)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<pb::Entry>, io::Error> {
+        self.get_log_reader().await.try_get_log_entries(range).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<pb::Vote>, io::Error> {
+        Ok(lock(&self.shared.mem).vote)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let mem = lock(&self.shared.mem);
+        Ok(LogState {
+            last_purged_log_id: mem.purged,
+            last_log_id: mem.last_log_id(),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> LogReader {
+        LogReader {
+            shared: self.shared.clone(),
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &pb::Vote) -> Result<(), io::Error> {
+        let mut bytes = Vec::new();
+        push(&mut bytes, Rec::Vote(*vote));
+        let rx = {
+            let mut mem = lock(&self.shared.mem);
+            mem.vote = Some(*vote);
+            self.queue_reply(mem, bytes, true)?
+        };
+        written(rx).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        let Some(id) = committed else {
+            return Ok(());
+        };
+        let mut bytes = Vec::new();
+        push(&mut bytes, Rec::Committed(id.into()));
+        let mut mem = lock(&self.shared.mem);
+        mem.committed = Some(id);
+        self.queue(mem, bytes, false, Done::Nothing)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(lock(&self.shared.mem).committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = pb::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut bytes = Vec::new();
+        let entries: Vec<pb::Entry> = entries.into_iter().collect();
+        for e in &entries {
+            push_entry(&mut bytes, e);
+        }
+        let mut mem = lock(&self.shared.mem);
+        for e in entries {
+            mem.entries.insert(e.index, e);
+        }
+        self.queue(mem, bytes, false, Done::Flushed(callback))
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let mut bytes = Vec::new();
+        let rec = Rec::TruncateAfter(pb::TruncateAfter {
+            last_kept: last_log_id.map(Into::into),
+        });
+        push(&mut bytes, rec.clone());
+        let rx = {
+            let mut mem = lock(&self.shared.mem);
+            mem.apply(rec).map_err(io::Error::other)?;
+            self.queue_reply(mem, bytes, false)?
+        };
+        written(rx).await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let mut bytes = Vec::new();
+        let rec = Rec::Purge(log_id.into());
+        push(&mut bytes, rec.clone());
+        let rx = {
+            let mut mem = lock(&self.shared.mem);
+            mem.apply(rec).map_err(io::Error::other)?;
+            let after = mem.file_bytes + bytes.len() as u64;
+            let compact = after >= self.shared.options.compact_at_bytes
+                && after > 2 * (mem.live_bytes() + format::HEADER_BYTES + 256);
+            if compact {
+                let image = mem.image();
+                tracing::info!(
+                    from_bytes = after,
+                    to_bytes = image.len(),
+                    "rewriting the Raft log without its purged entries"
+                );
+                mem.file_bytes = image.len() as u64;
+                self.shared.send(Op::Compact { image })?;
+                // Answered once the rewrite is done: it is ahead in the queue.
+                self.queue_reply(mem, Vec::new(), false)?
+            } else {
+                self.queue_reply(mem, bytes, false)?
+            }
+        };
+        written(rx).await
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,128 @@
+//! The replicated sessiond: a group of nodes on the openraft engine.
+//!
+//! # What is ours and what is openraft's
+//!
+//! openraft does the consensus: elections, log replication, commit, membership changes (joint
+//! consensus), leader leases, leadership transfer, and when to snapshot and purge. No election,
+//! replication or membership logic is written here. This room supplies what the engine asks of an
+//! application, and nothing else:
+//!
+//! - `pb_impl` (crate-private): openraft's traits on our protobuf messages, so the
+//!   leader encodes an entry once, and the same bytes go to the peers and into every log. The
+//!   entry payload is a [`Proposal`]: the [`Effect`]s of one write, each encoded as the
+//!   single-node log already encodes it (`persist::records`).
+//! - [`log_store`]: the durable Raft log ([`openraft::storage::RaftLogStorage`]), one
+//!   append-only file in the framed, checksummed format of `persist::format`, written by one
+//!   ordered writer thread with group commit under the daemon's fsync policy.
+//! - [`state_machine`]: the node's one [`Store`], driven by committed entries through
+//!   `Store::apply`, the code recovery uses; snapshots in the single-node snapshot format, with
+//!   the Raft metadata as the first frame.
+//! - [`network`] and [`peer_service`]: the Raft RPCs over tonic (HTTP/2), client and server,
+//!   and the admin calls (`Init`, `AddLearner`, `ChangeMembership`, `Status`).
+//! - [`node`]: [`ClusterNode`], which starts all of the above from a `[cluster]` config section
+//!   and offers what the daemon needs: propose, lease reads, leader, membership, shutdown.
+//!
+//! # Why openraft 0.10.0-alpha.37
+//!
+//! The stable 0.9 line lacks what the design needs: lease reads (`ReadPolicy::LeaseRead`, a
+//! leader serving reads locally while its lease holds) and leadership transfer (used on graceful
+//! shutdown, so a rolling restart costs no election timeout). The 0.10 line has both and is the
+//! one Databend's meta-service runs in production. It is an alpha, so the version is pinned
+//! exactly (`=0.10.0-alpha.37`) and every bump must pass this module's tests, openraft's storage
+//! suite among them, before it lands. The engine stays behind this module: an upgrade that
+//! changes its traits touches this room only.
+//!
+//! raft-rs (TiKV's core) was the alternative engine: proven, but it leaves the driving loop,
+//! transport and snapshot transfer to the application, pulls protobuf 2.x (RUSTSEC-2024-0437)
+//! and logs through slog. An outside coordinator (etcd) would leave fencing, choosing the most
+//! up-to-date replica and rewinding a deposed primary to us, and adds a cluster to run.
+//!
+//! # The peer port
+//!
+//! The peer service speaks plain HTTP/2: it authenticates nobody, and whoever reaches it can
+//! rewrite every session. So a node refuses to serve it on anything but a loopback address
+//! (`cluster.peer_listen` is checked by [`crate::config::ClusterConfig::validate`]); mutual TLS
+//! between peers comes with the step that lets nodes live on different hosts.
+//!
+//! [`Effect`]: crate::store::Effect
+//! [`Store`]: crate::store::Store
+
+pub mod log_store;
+pub mod network;
+pub mod node;
+mod pb_impl;
+pub mod peer_service;
+pub mod state_machine;
+
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+
+use crate::store::Effect;
+
+pub use self::node::{ClusterNode, ProposeError, Role, StartError};
+pub use self::pb_impl::Malformed;
+
+/// The generated peer protocol and on-disk records (`proto/sessiond/cluster/v1/cluster.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("sessiond.cluster.v1");
+}
+
+/// A node's ID in the cluster: random, kept in `data_dir/node-id`, never reused.
+pub type NodeId = u64;
+
+/// A member of the cluster as the membership records it: where peers and clients reach it.
+pub type Node = pb::Node;
+
+/// What applying one effect did: changed the store, or was overtaken (see `store::plan`).
+pub type Outcome = crate::store::Applied;
+
+/// The effects of one write, proposed as one log entry and applied in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Proposal(pub Vec<Effect>);
+
+impl fmt::Display for Proposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Proposal({} effects)", self.0.len())
+    }
+}
+
+/// What applying a [`Proposal`] yielded: one [`Outcome`] per effect, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied(pub Vec<Outcome>);
+
+openraft::declare_raft_types!(
+    /// sessiond's choice of openraft's types: protobuf messages for everything that is stored
+    /// or sent, so no serde format sits between the engine and the disk.
+    pub TypeConfig:
+        D = Proposal,
+        R = Applied,
+        NodeId = NodeId,
+        Node = Node,
+        Term = u64,
+        LeaderId = pb::LeaderId,
+        Vote = pb::Vote,
+        Entry = pb::Entry,
+);
+
+/// The openraft handle of a node.
+pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachine>;
+
+/// A log position.
+pub type LogId = openraft::LogId<u64>;
+
+/// A membership as openraft holds it.
+pub type Membership = openraft::Membership<NodeId, Node>;
+
+/// A membership and the entry that set it.
+pub type StoredMembership = openraft::StoredMembership<u64, NodeId, Node>;
+
+/// A snapshot's metadata.
+pub type SnapshotMeta = openraft::SnapshotMeta<u64, NodeId, Node>;
+
+/// What openraft's metrics watch carries.
+pub type Metrics = openraft::RaftMetrics<TypeConfig>;

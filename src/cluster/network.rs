@@ -1,0 +1,292 @@
+//! The peer client: openraft's [`RaftNetworkFactory`] and [`RaftNetworkV2`] over tonic.
+//!
+//! One HTTP/2 channel per peer, connected lazily on first use and reused by every client
+//! openraft makes for that peer (replication, heartbeats, snapshots: HTTP/2 multiplexes them, so
+//! a snapshot in flight does not hold heartbeats back). Each RPC carries the deadline openraft
+//! gives it ([`RPCOption::soft_ttl`]). A peer that cannot be reached is reported as
+//! `Unreachable`, which makes openraft back off before it tries again.
+//!
+//! A snapshot is streamed from its file, chunk by chunk, by a blocking reader thread, behind one
+//! message with the leader's vote; the peer rebuilds the file and installs it
+//! ([`super::peer_service`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::errors::{
+    NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RPCTypes};
+use openraft::raft::TransferLeaderError;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::storage::Snapshot;
+use openraft::{AnyError, RaftNetworkFactory, RaftNetworkV2};
+use tonic::transport::{Channel, Endpoint};
+
+use super::pb::cluster_client::ClusterClient;
+use super::pb_impl::{check_vote, Malformed};
+use super::state_machine::SnapshotFile;
+use super::{pb, NodeId, TypeConfig};
+
+/// A snapshot is sent in chunks of at most this many bytes (openraft may ask for fewer): well
+/// under tonic's default 4 MiB message limit.
+const MAX_CHUNK_BYTES: usize = 1 << 20;
+
+/// How long a connection attempt to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Makes the clients openraft sends RPCs through, one channel per peer.
+#[derive(Clone, Default)]
+pub struct PeerNetwork {
+    /// The channel of each peer, with the address it was made for.
+    channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+}
+
+impl PeerNetwork {
+    /// A network with no channels yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The channel to `target` at `addr`: the one made before, unless the address changed.
+    fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, String> {
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((known, ch)) = channels.get(&target) {
+            if known == addr {
+                return Ok(ch.clone());
+            }
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("node {target}: bad peer address {addr:?}: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(target, (addr.to_owned(), ch.clone()));
+        Ok(ch)
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &pb::Node) -> PeerClient {
+        PeerClient {
+            target,
+            client: self
+                .channel(target, &node.peer_addr)
+                .map(ClusterClient::new),
+        }
+    }
+}
+
+/// Sends one peer its RPCs.
+pub struct PeerClient {
+    target: NodeId,
+    /// The client, or why there is none (an address that does not parse).
+    client: Result<ClusterClient<Channel>, String>,
+}
+
+/// A status from the peer as openraft's error: unreachable when the peer could not be reached
+/// (so openraft backs off), a timeout when the deadline passed, a network error otherwise.
+fn rpc_error(
+    target: NodeId,
+    action: RPCTypes,
+    option: &RPCOption,
+    s: tonic::Status,
+) -> RPCError<TypeConfig> {
+    match s.code() {
+        tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&s)),
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => RPCError::Timeout(Timeout {
+            action,
+            id: target,
+            target,
+            timeout: option.soft_ttl(),
+        }),
+        _ => RPCError::Network(NetworkError::new(&s)),
+    }
+}
+
+fn malformed(e: Malformed) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl PeerClient {
+    fn client(&self) -> Result<ClusterClient<Channel>, RPCError<TypeConfig>> {
+        self.client
+            .clone()
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&AnyError::error(e))))
+    }
+}
+
+/// A request with openraft's deadline.
+fn request<T>(msg: T, option: &RPCOption) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(option.soft_ttl());
+    req
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let resp = self
+            .client()?
+            .append_entries(request(pb::AppendEntriesRequest::from(rpc), &option))
+            .await
+            .map_err(|s| rpc_error(self.target, RPCTypes::AppendEntries, &option, s))?;
+        resp.into_inner().try_into().map_err(malformed)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.send_vote(rpc, false, option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.send_vote(rpc, true, option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: pb::Vote,
+        snapshot: Snapshot<u64, u64, pb::Node, SnapshotFile>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let mut client = self.client()?;
+        let chunk = option
+            .snapshot_chunk_size()
+            .unwrap_or(MAX_CHUNK_BYTES)
+            .clamp(4096, MAX_CHUNK_BYTES);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let first = pb::SnapshotChunk {
+            payload: Some(pb::snapshot_chunk::Payload::Vote(vote)),
+        };
+        // The channel holds 4: the first message never waits.
+        let _ = tx.try_send(first);
+        let mut file = snapshot.snapshot.file;
+        let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            loop {
+                let mut buf = vec![0u8; chunk];
+                let n = read_full(&mut file, &mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.truncate(n);
+                let msg = pb::SnapshotChunk {
+                    payload: Some(pb::snapshot_chunk::Payload::Data(buf.into())),
+                };
+                if tx.blocking_send(msg).is_err() {
+                    // The RPC ended (failed or cancelled): stop reading.
+                    return Ok(());
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let call = async {
+            let mut req = tonic::Request::new(stream);
+            req.set_timeout(option.soft_ttl());
+            client.snapshot(req).await
+        };
+        let resp = tokio::select! {
+            r = call => r,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        match reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(StreamingError::Network(NetworkError::new(&e)));
+            }
+            Err(e) => return Err(StreamingError::Network(NetworkError::new(&e))),
+        }
+        let resp = resp.map_err(|s| {
+            match rpc_error(self.target, RPCTypes::InstallSnapshot, &option, s) {
+                RPCError::Timeout(t) => StreamingError::Timeout(t),
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                RPCError::Network(n) => StreamingError::Network(n),
+                RPCError::RemoteError(r) => StreamingError::Network(NetworkError::new(&r)),
+            }
+        })?;
+        let vote = check_vote(resp.into_inner().vote)
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        Ok(SnapshotResponse::new(vote))
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let resp = self
+            .client()?
+            .transfer_leader(request(pb::TransferLeaderRequest::from(req), &option))
+            .await
+            .map_err(|s| rpc_error(self.target, RPCTypes::TransferLeader, &option, s))?
+            .into_inner();
+        if let Some(v) = resp.vote_changed {
+            return Ok(Err(TransferLeaderError::VoteChanged {
+                expected: check_vote(v.expected).map_err(malformed)?,
+                actual: check_vote(v.actual).map_err(malformed)?,
+            }));
+        }
+        if let Some(l) = resp.log_not_flushed {
+            return Ok(Err(TransferLeaderError::LogNotFlushed {
+                expected: l.expected.map(Into::into),
+                actual: l.actual.map(Into::into),
+            }));
+        }
+        Ok(Ok(()))
+    }
+}
+
+impl PeerClient {
+    async fn send_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        pre_vote: bool,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let mut msg = pb::VoteRequest::from(rpc);
+        msg.pre_vote = pre_vote;
+        let resp = self
+            .client()?
+            .vote(request(msg, &option))
+            .await
+            .map_err(|s| rpc_error(self.target, RPCTypes::Vote, &option, s))?;
+        resp.into_inner().try_into().map_err(malformed)
+    }
+}
+
+/// Reads until `buf` is full or the file ends; returns how much was read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

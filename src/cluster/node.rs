@@ -1,0 +1,509 @@
+//! A cluster node: its ID, log, state machine, peer server and openraft, started together.
+//!
+//! Files under `data_dir`:
+//! - `node-id`: this node's ID, a random u64 drawn on first start. Never derived from an
+//!   address or a pod ordinal, and never reused: a node whose data is lost comes back under a
+//!   fresh ID and is swapped in by a membership change (openraft's FAQ, "reuse node id").
+//! - `raft/`: the Raft log (`log.sdl`, see [`super::log_store`]), the current snapshot
+//!   (`snapshot.sds`, see [`super::state_machine`]) and the lock that keeps a second node out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
+use openraft::{ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::log_store::{LogCloser, LogOptions, LogStore, OpenError};
+use super::network::PeerNetwork;
+use super::pb::cluster_server::ClusterServer;
+use super::peer_service::PeerService;
+use super::state_machine::StateMachine;
+use super::{Applied, Metrics, Node, NodeId, Proposal, Raft, TypeConfig};
+use crate::config::{ClusterConfig, ConfigError};
+use crate::persist::format::FormatError;
+use crate::persist::log::FsyncPolicy;
+use crate::store::{Effect, Store};
+
+/// The file in `data_dir` that keeps this node's ID.
+pub const NODE_ID_FILE: &str = "node-id";
+
+/// The directory in `data_dir` that holds the Raft log and snapshot.
+pub const RAFT_DIR: &str = "raft";
+
+/// The largest peer message, in bytes: an append of `max_entries_per_append` large writes, or a
+/// snapshot chunk. The client API's own limit caps each write far below.
+pub const MAX_PEER_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A node's role, as `Status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// It leads: writes and lease reads are served here.
+    Leader,
+    /// It follows a leader.
+    Follower,
+    /// It stands for election.
+    Candidate,
+    /// It receives the log but does not vote.
+    Learner,
+    /// It has stopped.
+    Shutdown,
+}
+
+impl Role {
+    /// The role's name in `Status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Learner => "learner",
+            Role::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Why a proposal, a read or a membership change did not go through. Each message says what
+/// an operator (or a client library) should do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// Another node leads: send the request there.
+    #[error("this node is not the leader: node {leader_id} is (peer {}, clients {}); send the request there", leader.peer_addr, leader.client_addr)]
+    ForwardToLeader {
+        /// The leader's ID.
+        leader_id: NodeId,
+        /// Where it is reached.
+        leader: Node,
+    },
+    /// No leader is known, or the leader cannot reach a quorum (an election, a partition, or
+    /// too few members up). Nothing was applied; retry once a leader is elected.
+    #[error("no leader with a quorum right now: {0}; nothing was applied, retry shortly")]
+    Unavailable(String),
+    /// The leader changed before the proposal committed: it may or may not have been applied.
+    #[error("the leader changed while the write was in flight: {0}; it may or may not have been applied")]
+    Indeterminate(String),
+    /// The request was refused as it stands (a membership change while another is in
+    /// progress, an unknown learner, a node that is already initialized).
+    #[error("refused: {0}")]
+    Rejected(String),
+    /// This node's Raft has stopped (shut down, or its storage failed): it serves nothing.
+    #[error("this node's Raft has stopped: {0}")]
+    Fatal(String),
+}
+
+impl ProposeError {
+    fn forward(f: &openraft::errors::ForwardToLeader<TypeConfig>) -> ProposeError {
+        if f.reason == openraft::errors::ForwardReason::LeaseExpired {
+            return ProposeError::Unavailable(
+                "this node leads, but no quorum has acknowledged it within its lease (it was \
+                 just elected, or it is cut off from the others)"
+                    .into(),
+            );
+        }
+        match (f.leader_id, &f.leader_node) {
+            (Some(leader_id), Some(leader)) => ProposeError::ForwardToLeader {
+                leader_id,
+                leader: leader.clone(),
+            },
+            (Some(id), None) => {
+                ProposeError::Unavailable(format!("node {id} leads, but its address is unknown"))
+            }
+            _ => ProposeError::Unavailable("no leader is known (an election is under way?)".into()),
+        }
+    }
+}
+
+impl From<RaftError<TypeConfig, ClientWriteError<TypeConfig>>> for ProposeError {
+    fn from(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Self {
+        match e {
+            RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::forward(&f),
+            RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => {
+                ProposeError::Indeterminate(f.to_string())
+            }
+            RaftError::APIError(e) => ProposeError::Rejected(e.to_string()),
+        }
+    }
+}
+
+impl From<RaftError<TypeConfig, LinearizableReadError<TypeConfig>>> for ProposeError {
+    fn from(e: RaftError<TypeConfig, LinearizableReadError<TypeConfig>>) -> Self {
+        match e {
+            RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
+            RaftError::APIError(LinearizableReadError::ForwardToLeader(f)) => {
+                ProposeError::forward(&f)
+            }
+            RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)) => {
+                ProposeError::Unavailable(q.to_string())
+            }
+        }
+    }
+}
+
+/// Why a node could not start. Each variant names the setting or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A `[cluster]` setting is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The node ID file cannot be read or written, or holds no ID.
+    #[error("{}: {why}", path.display())]
+    NodeId {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The Raft log cannot be opened.
+    #[error(transparent)]
+    Log(#[from] OpenError),
+    /// The snapshot cannot be read.
+    #[error(transparent)]
+    Snapshot(#[from] FormatError),
+    /// The peer address cannot be bound.
+    #[error("cluster.peer_listen {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// openraft refused to start.
+    #[error("cannot start Raft: {0}")]
+    Raft(String),
+}
+
+/// A running cluster node. Dropping it does not stop it: call [`ClusterNode::shutdown`].
+pub struct ClusterNode {
+    id: NodeId,
+    raft: Raft,
+    node: Node,
+    peer_addr: SocketAddr,
+    store: Store,
+    /// How long a leadership transfer may take before shutdown goes on without it.
+    transfer_timeout: Duration,
+    server: Mutex<Option<(oneshot::Sender<()>, JoinHandle<()>)>>,
+    log: LogCloser,
+}
+
+impl ClusterNode {
+    /// Starts the node: its ID (drawn on first start), log and snapshot from
+    /// `data_dir/raft`, openraft, and the peer server on `config.peer_listen`. `store` is the
+    /// node's one Store (a cheap handle): committed writes are applied to it.
+    ///
+    /// A node that has never been part of a cluster waits to be initialized
+    /// ([`ClusterNode::initialize`]) or added by a leader ([`ClusterNode::add_member`]).
+    pub async fn start(
+        config: &ClusterConfig,
+        data_dir: &Path,
+        store: Store,
+    ) -> Result<ClusterNode, StartError> {
+        config.validate()?;
+        let raft_config = raft_config(config)?;
+        let id = node_id(data_dir)?;
+        let dir = data_dir.join(RAFT_DIR);
+        let options = LogOptions::new(config.fsync.unwrap_or(FsyncPolicy::Always));
+        let log = LogStore::open(&dir, options)?;
+        let closer = log.closer();
+        let sm = match StateMachine::open(&dir, store.clone()) {
+            Ok(sm) => sm,
+            Err(e) => {
+                closer.close();
+                return Err(e.into());
+            }
+        };
+        let listener = match tokio::net::TcpListener::bind(config.peer_listen).await {
+            Ok(l) => l,
+            Err(source) => {
+                closer.close();
+                return Err(StartError::Bind {
+                    addr: config.peer_listen,
+                    source,
+                });
+            }
+        };
+        let peer_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.peer_listen,
+            source,
+        })?;
+        let node = Node {
+            peer_addr: match config.advertise_peer.is_empty() {
+                true => peer_addr.to_string(),
+                false => config.advertise_peer.clone(),
+            },
+            client_addr: config.advertise_client.clone(),
+        };
+        let raft = match Raft::new(id, Arc::new(raft_config), PeerNetwork::new(), log, sm).await {
+            Ok(r) => r,
+            Err(e) => {
+                closer.close();
+                return Err(StartError::Raft(e.to_string()));
+            }
+        };
+        let service = ClusterServer::new(PeerService::new(raft.clone(), dir))
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let server = tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the cluster peer server failed");
+            }
+        });
+        tracing::info!(node_id = id, peer = %peer_addr, "cluster node started");
+        Ok(ClusterNode {
+            id,
+            raft,
+            node,
+            peer_addr,
+            store,
+            transfer_timeout: config.election_timeout_max * 3,
+            server: Mutex::new(Some((stop, server))),
+            log: closer,
+        })
+    }
+
+    /// This node's ID.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The openraft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// This node as a membership records it: its advertised addresses.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The address the peer server is bound to (the port, when `peer_listen` asked for 0).
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// The Store committed writes are applied to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Proposes `effects` as one entry, and returns once a majority has it and this node has
+    /// applied it, with one outcome per effect. Only the leader takes proposals.
+    pub async fn propose(&self, effects: Vec<Effect>) -> Result<Applied, ProposeError> {
+        let resp = self.raft.client_write(Proposal(effects)).await?;
+        Ok(resp.data)
+    }
+
+    /// Returns once a read of this node's Store is linearizable: this node leads, its lease
+    /// (renewed by a quorum's heartbeat acknowledgements) holds, and it has applied every
+    /// entry committed before the call. A stale lease fails at once with `Unavailable`.
+    pub async fn lease_read(&self) -> Result<(), ProposeError> {
+        self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await?;
+        Ok(())
+    }
+
+    /// The leader this node knows of, and where it is reached.
+    pub fn leader(&self) -> Option<(NodeId, Node)> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let id = m.current_leader?;
+        let node = m.membership_config.get_node(&id)?.clone();
+        Some((id, node))
+    }
+
+    /// openraft's metrics: role, term, leader, log indexes, membership, replication.
+    pub fn metrics(&self) -> openraft::type_config::alias::WatchReceiverOf<TypeConfig, Metrics> {
+        self.raft.metrics()
+    }
+
+    /// Makes a new cluster of `members` (this node among them). Call it on one node only, once.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, Node>) -> Result<(), ProposeError> {
+        initialize(&self.raft, members).await
+    }
+
+    /// Adds `id` as a voter: first as a learner, returning once it has caught up, then by a
+    /// membership change. Call it on the leader.
+    pub async fn add_member(&self, id: NodeId, node: Node) -> Result<(), ProposeError> {
+        self.raft.add_learner(id, node, true).await?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes `id` from the cluster, voter or learner. Call it on the leader.
+    pub async fn remove_member(&self, id: NodeId) -> Result<(), ProposeError> {
+        let is_voter = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .voter_ids()
+            .any(|v| v == id);
+        let change = match is_voter {
+            true => ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+            false => ChangeMembers::RemoveNodes(BTreeSet::from([id])),
+        };
+        self.raft.change_membership(change, false).await?;
+        Ok(())
+    }
+
+    /// Hands leadership to `to` and returns once another node leads (or the transfer timed
+    /// out: then `Unavailable`). Call it on the leader.
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), ProposeError> {
+        self.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| ProposeError::Fatal(e.to_string()))?;
+        let me = self.id;
+        self.raft
+            .wait(Some(self.transfer_timeout))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != me),
+                "leadership transfer",
+            )
+            .await
+            .map_err(|e| {
+                ProposeError::Unavailable(format!("leadership transfer to node {to}: {e}"))
+            })?;
+        Ok(())
+    }
+
+    /// Stops the node. A leader first hands leadership to the most up-to-date other voter, so
+    /// the cluster does not wait out an election timeout; then openraft stops, then the peer
+    /// server, and the log is written, fsynced and closed.
+    pub async fn shutdown(&self) {
+        if let Some(to) = self.successor() {
+            match self.transfer_leader(to).await {
+                Ok(()) => tracing::info!(node_id = self.id, to, "handed leadership over"),
+                Err(e) => {
+                    tracing::warn!(node_id = self.id, to, error = %e, "leadership transfer failed; shutting down anyway")
+                }
+            }
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "Raft shutdown");
+        }
+        let server = self
+            .server
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some((stop, handle)) = server {
+            let _ = stop.send(());
+            let _ = handle.await;
+        }
+        let log = self.log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        tracing::info!(node_id = self.id, "cluster node stopped");
+    }
+
+    /// If this node leads: the other voter that holds the most of the log.
+    fn successor(&self) -> Option<NodeId> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        if m.state != ServerState::Leader {
+            return None;
+        }
+        let replication = m.replication.unwrap_or_default();
+        m.membership_config
+            .voter_ids()
+            .filter(|v| *v != self.id)
+            .max_by_key(|v| replication.get(v).cloned().flatten().map(|l| l.index))
+    }
+}
+
+/// Initializes a new cluster of `members` on `raft`.
+pub(crate) async fn initialize(
+    raft: &Raft,
+    members: BTreeMap<NodeId, Node>,
+) -> Result<(), ProposeError> {
+    raft.initialize(members).await.map_err(|e| match e {
+        RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
+        RaftError::APIError(e @ InitializeError::NotAllowed(_)) => {
+            ProposeError::Rejected(format!("this node is already part of a cluster ({e})"))
+        }
+        RaftError::APIError(e @ InitializeError::NotInMembers(_)) => {
+            ProposeError::Rejected(format!("the members must include this node ({e})"))
+        }
+    })
+}
+
+/// openraft's settings from the `[cluster]` section.
+fn raft_config(c: &ClusterConfig) -> Result<openraft::Config, ConfigError> {
+    let ms = |d: Duration| d.as_millis() as u64;
+    openraft::Config {
+        cluster_name: "sessiond".into(),
+        heartbeat_interval: ms(c.heartbeat_interval),
+        election_timeout_min: ms(c.election_timeout_min),
+        election_timeout_max: ms(c.election_timeout_max),
+        install_snapshot_timeout: ms(c.snapshot_timeout),
+        max_payload_entries: c.max_entries_per_append,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every_entries),
+        max_in_snapshot_log_to_keep: c.keep_entries_after_snapshot,
+        ..openraft::Config::default()
+    }
+    .validate()
+    .map_err(|e| ConfigError::new(format!("cluster: {e}")))
+}
+
+/// This node's ID from `data_dir/node-id`, drawn at random and written there on first start.
+fn node_id(data_dir: &Path) -> Result<NodeId, StartError> {
+    let path = data_dir.join(NODE_ID_FILE);
+    let err = |why: String| StartError::NodeId {
+        path: path.clone(),
+        why,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match text.trim().parse::<NodeId>() {
+            Ok(id) if id != 0 => Ok(id),
+            _ => Err(err(format!(
+                "holds {:?}, not a node ID; restore the file, or move the data directory away \
+                 to join as a new node (never reuse an ID)",
+                text.trim()
+            ))),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir).map_err(|e| err(e.to_string()))?;
+            // 0 is no node: Status reports it for "no leader".
+            let id = loop {
+                let id = rand::random::<NodeId>();
+                if id != 0 {
+                    break id;
+                }
+            };
+            write_node_id(data_dir, &path, id).map_err(|e| err(e.to_string()))?;
+            tracing::info!(node_id = id, "drew a new node ID");
+            Ok(id)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+fn write_node_id(dir: &Path, path: &Path, id: NodeId) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!("{NODE_ID_FILE}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    writeln!(f, "{id}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}

@@ -1,0 +1,297 @@
+//! The peer service: the server side of the Raft RPCs, and the admin calls.
+//!
+//! Handlers only convert the request, call openraft, and map the result; a malformed request
+//! is refused with `INVALID_ARGUMENT` before it reaches the engine. A snapshot arrives as a
+//! stream of chunks: it is written to a temporary file in the Raft directory, every frame's
+//! checksum is verified, and only then is it handed to openraft to install, so a transfer cut
+//! short or damaged on the way is refused instead of stopping the node.
+//!
+//! The admin calls (`Init`, `AddLearner`, `ChangeMembership`, `Status`) are what `sessionctl`
+//! will use; they act on this node, and membership changes must be made on the leader (a
+//! follower answers `FAILED_PRECONDITION`, naming the leader).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::PathBuf;
+
+use futures_util::StreamExt;
+use openraft::async_runtime::WatchReceiver;
+use openraft::raft::TransferLeaderRequest;
+use openraft::storage::Snapshot;
+use openraft::ServerState;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::node::{ProposeError, Role};
+use super::pb::cluster_server::Cluster;
+use super::pb_impl::{check_vote, Malformed};
+use super::state_machine::{temp_file, verify_snapshot, SnapshotFile};
+use super::{pb, Raft};
+
+/// The peer service of one node.
+pub struct PeerService {
+    raft: Raft,
+    /// The Raft directory: where incoming snapshots are received.
+    dir: PathBuf,
+}
+
+impl PeerService {
+    /// The service for `raft`, receiving snapshots into `dir`.
+    pub fn new(raft: Raft, dir: PathBuf) -> Self {
+        PeerService { raft, dir }
+    }
+}
+
+impl From<Malformed> for Status {
+    fn from(e: Malformed) -> Status {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+impl From<ProposeError> for Status {
+    fn from(e: ProposeError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ProposeError::ForwardToLeader { .. } => Status::failed_precondition(msg),
+            ProposeError::Unavailable(_) | ProposeError::Indeterminate(_) => {
+                Status::unavailable(msg)
+            }
+            ProposeError::Rejected(_) => Status::failed_precondition(msg),
+            ProposeError::Fatal(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// openraft stopped on this node: nothing it can answer.
+fn stopped(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("this node's Raft has stopped: {e}"))
+}
+
+#[tonic::async_trait]
+impl Cluster for PeerService {
+    async fn vote(
+        &self,
+        request: Request<pb::VoteRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        let req = request.into_inner();
+        let pre_vote = req.pre_vote;
+        let req = req.try_into()?;
+        let resp = match pre_vote {
+            true => self.raft.pre_vote(req).await,
+            false => self.raft.vote(req).await,
+        }
+        .map_err(stopped)?;
+        Ok(Response::new(resp.into()))
+    }
+
+    async fn append_entries(
+        &self,
+        request: Request<pb::AppendEntriesRequest>,
+    ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        let req = request.into_inner().try_into()?;
+        let resp = self.raft.append_entries(req).await.map_err(stopped)?;
+        Ok(Response::new(resp.into()))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let mut stream = request.into_inner();
+        let vote = match stream.next().await {
+            Some(Ok(pb::SnapshotChunk {
+                payload: Some(pb::snapshot_chunk::Payload::Vote(v)),
+            })) => check_vote(Some(v))?,
+            Some(Err(s)) => return Err(s),
+            _ => {
+                return Err(Malformed("snapshot stream: the first message must be the vote").into())
+            }
+        };
+        let (file, path) = temp_file(&self.dir, "incoming")
+            .map_err(|e| Status::internal(format!("cannot receive a snapshot: {e}")))?;
+        let received = receive(&mut stream, file).await;
+        let result = match received {
+            Ok(()) => self.install(vote, path.clone()).await,
+            Err(s) => Err(s),
+        };
+        // Installed, it was renamed away; otherwise it is of no use.
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let req: TransferLeaderRequest<_> = request.into_inner().try_into()?;
+        let resp = self
+            .raft
+            .handle_transfer_leader(req)
+            .await
+            .map_err(stopped)?;
+        use openraft::raft::TransferLeaderError as E;
+        let mut out = pb::TransferLeaderResponse::default();
+        match resp {
+            Ok(()) => {}
+            Err(E::VoteChanged { expected, actual }) => {
+                out.vote_changed = Some(pb::VoteChanged {
+                    expected: Some(expected),
+                    actual: Some(actual),
+                })
+            }
+            Err(E::LogNotFlushed { expected, actual }) => {
+                out.log_not_flushed = Some(pb::LogNotFlushed {
+                    expected: expected.map(Into::into),
+                    actual: actual.map(Into::into),
+                })
+            }
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn init(
+        &self,
+        request: Request<pb::InitRequest>,
+    ) -> Result<Response<pb::InitResponse>, Status> {
+        let members: BTreeMap<_, _> = request.into_inner().members;
+        if members.is_empty() {
+            return Err(Status::invalid_argument("Init needs at least one member"));
+        }
+        super::node::initialize(&self.raft, members).await?;
+        Ok(Response::new(pb::InitResponse {}))
+    }
+
+    async fn add_learner(
+        &self,
+        request: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::AddLearnerResponse>, Status> {
+        let req = request.into_inner();
+        let node = req
+            .node
+            .ok_or_else(|| Status::invalid_argument("AddLearner needs the node's addresses"))?;
+        self.raft
+            .add_learner(req.node_id, node, true)
+            .await
+            .map_err(ProposeError::from)?;
+        Ok(Response::new(pb::AddLearnerResponse {}))
+    }
+
+    async fn change_membership(
+        &self,
+        request: Request<pb::ChangeMembershipRequest>,
+    ) -> Result<Response<pb::ChangeMembershipResponse>, Status> {
+        let req = request.into_inner();
+        let voters: BTreeSet<u64> = req.voters.into_iter().collect();
+        if voters.is_empty() {
+            return Err(Status::invalid_argument(
+                "ChangeMembership needs at least one voter",
+            ));
+        }
+        self.raft
+            .change_membership(voters, req.retain)
+            .await
+            .map_err(ProposeError::from)?;
+        Ok(Response::new(pb::ChangeMembershipResponse {}))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(status(&self.raft)))
+    }
+}
+
+impl PeerService {
+    async fn install(
+        &self,
+        vote: pb::Vote,
+        path: PathBuf,
+    ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        let check = path.clone();
+        let meta = tokio::task::spawn_blocking(move || verify_snapshot(&check))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::data_loss(format!("snapshot refused: {e}")))?;
+        let file = SnapshotFile::open(path)
+            .map_err(|e| Status::internal(format!("cannot reopen a received snapshot: {e}")))?;
+        let resp = self
+            .raft
+            .install_full_snapshot(
+                vote,
+                Snapshot {
+                    meta,
+                    snapshot: file,
+                },
+            )
+            .await
+            .map_err(stopped)?;
+        Ok(Response::new(pb::SnapshotResponse {
+            vote: Some(resp.vote),
+        }))
+    }
+}
+
+/// Writes the chunks of a snapshot stream to `file`, and fsyncs it.
+async fn receive(
+    stream: &mut Streaming<pb::SnapshotChunk>,
+    file: std::fs::File,
+) -> Result<(), Status> {
+    let write_err =
+        |e: std::io::Error| Status::internal(format!("cannot write a received snapshot: {e}"));
+    let mut file = Some(file);
+    while let Some(msg) = stream.next().await {
+        let data = match msg?.payload {
+            Some(pb::snapshot_chunk::Payload::Data(d)) => d,
+            _ => return Err(Malformed("snapshot stream: a later message must be data").into()),
+        };
+        let mut f = file.take().expect("put back after every write");
+        let f = tokio::task::spawn_blocking(move || f.write_all(&data).map(|()| f))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(write_err)?;
+        file = Some(f);
+    }
+    let f = file.take().expect("put back after every write");
+    tokio::task::spawn_blocking(move || f.sync_all())
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(write_err)
+}
+
+/// This node's view of the cluster, from openraft's metrics.
+pub(crate) fn status(raft: &Raft) -> pb::StatusResponse {
+    let m = raft.metrics().borrow_watched().clone();
+    let membership = m.membership_config.membership();
+    let leader = m
+        .current_leader
+        .and_then(|id| membership.get_node(&id).cloned());
+    pb::StatusResponse {
+        node_id: m.id,
+        role: Role::from(m.state).as_str().into(),
+        term: m.current_term,
+        leader_id: m.current_leader.unwrap_or(0),
+        leader,
+        committed_index: m.local_committed.map_or(0, |c| c.index),
+        applied_index: m.last_applied.map_or(0, |c| c.index),
+        last_log_index: m.last_log_index.unwrap_or(0),
+        membership: Some(membership.into()),
+        matched_index: m
+            .replication
+            .iter()
+            .flatten()
+            .map(|(id, matched)| (*id, matched.map_or(0, |l| l.index)))
+            .collect(),
+    }
+}
+
+impl From<ServerState> for Role {
+    fn from(s: ServerState) -> Role {
+        match s {
+            ServerState::Leader => Role::Leader,
+            ServerState::Follower => Role::Follower,
+            ServerState::Candidate => Role::Candidate,
+            ServerState::Learner => Role::Learner,
+            ServerState::Shutdown => Role::Shutdown,
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! In-process cluster tests: real nodes on real tonic servers on 127.0.0.1 ephemeral ports,
+//! each with its own data directory. Nothing sleeps to let things settle: every wait is on
+//! openraft's metrics, bounded by [`WAIT`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::ServerState;
+
+use super::testing::{create, sessions, store, update};
+use super::{ClusterNode, Metrics, NodeId, ProposeError};
+use crate::config::ClusterConfig;
+use crate::persist::log::FsyncPolicy;
+use crate::store::Effect;
+
+/// The longest any wait may take: generous, for a loaded two-core machine.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn config() -> ClusterConfig {
+    ClusterConfig {
+        peer_listen: "127.0.0.1:0".parse().unwrap(),
+        heartbeat_interval: Duration::from_millis(100),
+        election_timeout_min: Duration::from_millis(1000),
+        election_timeout_max: Duration::from_millis(2000),
+        snapshot_timeout: Duration::from_secs(20),
+        fsync: Some(FsyncPolicy::No),
+        ..ClusterConfig::default()
+    }
+}
+
+struct Member {
+    node: ClusterNode,
+    dir: PathBuf,
+}
+
+/// One in-process cluster at a time: three nodes of a debug build on a two-core machine are
+/// busy enough that two clusters side by side starve each other's heartbeats into elections.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Cluster {
+    _root: tempfile::TempDir,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+    config: ClusterConfig,
+    members: Vec<Option<Member>>,
+    /// The highest log index a write through [`Cluster::propose`] was applied at.
+    written: std::sync::Mutex<u64>,
+}
+
+impl Cluster {
+    /// Three nodes, initialized as one group, with a leader.
+    async fn start(config: ClusterConfig) -> Cluster {
+        let turn = ONE_AT_A_TIME.lock().await;
+        let root = tempfile::tempdir().unwrap();
+        let mut members = Vec::new();
+        for i in 0..3 {
+            let dir = root.path().join(format!("n{i}"));
+            let node = ClusterNode::start(&config, &dir, store()).await.unwrap();
+            members.push(Some(Member { node, dir }));
+        }
+        let cluster = Cluster {
+            _root: root,
+            _turn: turn,
+            config,
+            members,
+            written: std::sync::Mutex::new(0),
+        };
+        let all: BTreeMap<NodeId, super::Node> = cluster
+            .up()
+            .map(|m| (m.node.id(), m.node.node().clone()))
+            .collect();
+        cluster.nth(0).initialize(all).await.unwrap();
+        cluster.leader().await;
+        cluster
+    }
+
+    fn up(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().flatten()
+    }
+
+    fn nth(&self, i: usize) -> &ClusterNode {
+        &self.members[i].as_ref().expect("up").node
+    }
+
+    /// The leader every running node agrees on.
+    async fn leader(&self) -> usize {
+        let first = self.up().next().unwrap();
+        let m = wait_for(&first.node, "a leader", |m| m.current_leader.is_some()).await;
+        let mut id = m.current_leader.unwrap();
+        // Every running member follows the same leader, which knows it leads.
+        for member in self.up() {
+            let m = wait_for(&member.node, "agreement on the leader", |m| {
+                m.current_leader.is_some()
+            })
+            .await;
+            if m.current_leader != Some(id) {
+                let m =
+                    wait_for(&member.node, "one leader", |m| m.current_leader == Some(id)).await;
+                id = m.current_leader.unwrap();
+            }
+        }
+        let i = self.index_of(id);
+        wait_for(self.nth(i), "the leader to lead", |m| {
+            m.state == ServerState::Leader
+        })
+        .await;
+        i
+    }
+
+    fn index_of(&self, id: NodeId) -> usize {
+        self.members
+            .iter()
+            .position(|m| m.as_ref().is_some_and(|m| m.node.id() == id))
+            .expect("a running member")
+    }
+
+    /// Waits until every running member has applied every write made through
+    /// [`Cluster::propose`]; returns the leader.
+    async fn converge(&self) -> usize {
+        let leader = self.leader().await;
+        let index = Some(*self.written.lock().unwrap());
+        for member in self.up() {
+            member
+                .node
+                .raft()
+                .wait(Some(WAIT))
+                .applied_index_at_least(index, "catch up with the leader")
+                .await
+                .unwrap();
+        }
+        leader
+    }
+
+    /// Stops member `i` gracefully; returns its data directory and peer address.
+    async fn stop(&mut self, i: usize) -> (PathBuf, std::net::SocketAddr) {
+        let m = self.members[i].take().expect("up");
+        let addr = m.node.peer_addr();
+        m.node.shutdown().await;
+        (m.dir, addr)
+    }
+
+    /// Starts member `i` again from `dir`, at its old peer address, with an empty Store.
+    async fn restart(&mut self, i: usize, dir: &Path, addr: std::net::SocketAddr) {
+        let config = ClusterConfig {
+            peer_listen: addr,
+            ..self.config.clone()
+        };
+        let node = ClusterNode::start(&config, dir, store()).await.unwrap();
+        self.members[i] = Some(Member {
+            node,
+            dir: dir.to_owned(),
+        });
+    }
+
+    async fn shutdown(mut self) {
+        for i in 0..self.members.len() {
+            if self.members[i].is_some() {
+                self.stop(i).await;
+            }
+        }
+    }
+}
+
+async fn wait_for(node: &ClusterNode, what: &str, f: impl Fn(&Metrics) -> bool + Send) -> Metrics {
+    node.raft()
+        .wait(Some(WAIT))
+        .metrics(f, what)
+        .await
+        .unwrap_or_else(|e| panic!("node {}: waiting for {what}: {e}", node.id()))
+}
+
+impl Cluster {
+    /// Proposes `effects` on whichever node leads, as a client would: an election that is
+    /// still settling (a leader stepping down for a higher term) is waited out on the metrics
+    /// and the write retried, a bounded number of times. The effects are idempotent, so a
+    /// retry after an indeterminate answer is safe.
+    async fn propose(&self, effects: Vec<Effect>) -> super::Applied {
+        for _ in 0..20 {
+            let l = self.leader().await;
+            let raft = self.nth(l).raft();
+            match raft.client_write(super::Proposal(effects.clone())).await {
+                Ok(resp) => {
+                    let mut written = self.written.lock().unwrap();
+                    *written = (*written).max(resp.log_id.index);
+                    return resp.data;
+                }
+                Err(e) => match ProposeError::from(e) {
+                    e @ (ProposeError::ForwardToLeader { .. }
+                    | ProposeError::Unavailable(_)
+                    | ProposeError::Indeterminate(_)) => {
+                        // A new leader's lease starts with a quorum's acknowledgement; a
+                        // deposed one learns of its successor. Wait for either, not a clock.
+                        let acked = raft.metrics().borrow_watched().last_quorum_acked;
+                        eprintln!("write retried after: {e}");
+                        wait_for(self.nth(l), "a quorum acknowledgement or a new role", |m| {
+                            m.last_quorum_acked != acked || m.state != ServerState::Leader
+                        })
+                        .await;
+                    }
+                    e => panic!("write failed: {e}"),
+                },
+            }
+        }
+        panic!("no write went through in 20 tries");
+    }
+
+    /// Creates sessions `range` through [`Cluster::propose`], one entry each.
+    async fn write(&self, range: std::ops::Range<u32>) {
+        for n in range {
+            self.propose(vec![create(n)]).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_the_leader_reaches_every_store_and_followers_forward() {
+    let c = Cluster::start(config()).await;
+    let applied = c
+        .propose(vec![create(1), create(2), update(1, 2, "cart")])
+        .await;
+    assert_eq!(applied.0.len(), 3, "one outcome per effect");
+    c.write(3..6).await;
+    let l = c.converge().await;
+    let leader = c.nth(l);
+    let want = sessions(leader.store());
+    assert_eq!(want.len(), 5);
+    // ClusterNode::propose itself, on the leader: one outcome per effect.
+    assert_eq!(
+        leader
+            .propose(vec![create(1), create(2)])
+            .await
+            .unwrap()
+            .0
+            .len(),
+        2
+    );
+    for m in c.up() {
+        assert_eq!(sessions(m.node.store()), want, "node {}", m.node.id());
+    }
+    leader.lease_read().await.unwrap();
+
+    let f = (l + 1) % 3;
+    let follower = c.nth(f);
+    let err = follower.propose(vec![create(9)]).await.unwrap_err();
+    match &err {
+        ProposeError::ForwardToLeader {
+            leader_id,
+            leader: node,
+        } => {
+            assert_eq!(*leader_id, leader.id());
+            assert_eq!(node.peer_addr, leader.peer_addr().to_string());
+        }
+        other => panic!("expected ForwardToLeader, got {other:?}"),
+    }
+    assert!(err.to_string().contains(&leader.id().to_string()), "{err}");
+    assert!(matches!(
+        follower.lease_read().await,
+        Err(ProposeError::ForwardToLeader { .. })
+    ));
+    assert_eq!(follower.leader().map(|(id, _)| id), Some(leader.id()));
+    // The refused write changed nothing anywhere.
+    assert!(!sessions(follower.store())
+        .iter()
+        .any(|s| s.key == super::testing::session(9).key));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_leader_dies_another_is_elected_and_two_nodes_commit() {
+    let mut c = Cluster::start(config()).await;
+    let l = c.leader().await;
+    c.write(0..3).await;
+    // A crash, not a shutdown: no leadership transfer, and peers get only errors from it.
+    let dead = c.members[l].take().unwrap();
+    let old_id = dead.node.id();
+    dead.node.raft().shutdown().await.unwrap();
+    let first = c.up().next().unwrap();
+    wait_for(&first.node, "a new leader", |m| {
+        m.current_leader.is_some_and(|id| id != old_id)
+    })
+    .await;
+    c.write(3..6).await;
+    let l2 = c.converge().await;
+    assert_ne!(c.nth(l2).id(), old_id);
+    let want = sessions(c.nth(l2).store());
+    assert_eq!(want.len(), 6);
+    for m in c.up() {
+        assert_eq!(sessions(m.node.store()), want);
+    }
+    dead.node.shutdown().await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_of_the_leader_hands_leadership_over() {
+    let mut c = Cluster::start(config()).await;
+    let l = c.leader().await;
+    let old_id = c.nth(l).id();
+    c.write(0..2).await;
+    c.stop(l).await;
+    // Shutdown returned only after the transfer: another node leads already, with no
+    // election timeout waited out (nothing here waits at all).
+    let leaders: Vec<NodeId> = c
+        .up()
+        .filter(|m| m.node.metrics().borrow_watched().state == ServerState::Leader)
+        .map(|m| m.node.id())
+        .collect();
+    assert_eq!(leaders.len(), 1, "one new leader at once: {leaders:?}");
+    assert_ne!(leaders[0], old_id);
+    c.write(2..4).await;
+    let l2 = c.converge().await;
+    assert_eq!(sessions(c.nth(l2).store()).len(), 4);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_recovers_from_its_data_dir_and_catches_up() {
+    let mut c = Cluster::start(config()).await;
+    c.write(0..5).await;
+    let l = c.converge().await;
+    let f = (l + 1) % 3;
+    let id = c.nth(f).id();
+    let (dir, addr) = c.stop(f).await;
+    c.write(5..10).await;
+    c.propose(vec![
+        update(2, 2, "late"),
+        Effect::End {
+            key: super::testing::session(3).key,
+            cause: crate::store::events::EndCause::Destroyed,
+            at: super::testing::T0 + 5,
+        },
+    ])
+    .await;
+    c.restart(f, &dir, addr).await;
+    assert_eq!(c.nth(f).id(), id, "the node keeps its ID");
+    let l = c.converge().await;
+    let want = sessions(c.nth(l).store());
+    assert_eq!(want.len(), 9);
+    assert_eq!(sessions(c.nth(f).store()), want);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_far_behind_is_sent_a_snapshot() {
+    let config = ClusterConfig {
+        snapshot_every_entries: 5,
+        keep_entries_after_snapshot: 0,
+        ..config()
+    };
+    let mut c = Cluster::start(config).await;
+    c.write(0..3).await;
+    let l = c.converge().await;
+    let f = (l + 1) % 3;
+    let behind = c.nth(f).metrics().borrow_watched().last_log_index;
+    let (dir, addr) = c.stop(f).await;
+    c.write(3..40).await;
+    let l = c.leader().await;
+    // The leader has purged past the stopped node's last entry: the log alone cannot bring it
+    // back, only a snapshot can.
+    let purged = wait_for(c.nth(l), "a purge past the stopped node", |m| {
+        m.purged.map(|p| p.index) > behind
+    })
+    .await
+    .purged;
+    assert!(purged.map(|p| p.index) > behind);
+    c.restart(f, &dir, addr).await;
+    let l = c.converge().await;
+    let want = sessions(c.nth(l).store());
+    assert_eq!(want.len(), 40);
+    assert_eq!(sessions(c.nth(f).store()), want);
+    let snap = c.nth(f).metrics().borrow_watched().snapshot;
+    assert!(
+        snap.map(|s| s.index) > behind,
+        "installed a snapshot: {snap:?}"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_peer_port_beyond_loopback_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ClusterConfig {
+        peer_listen: "0.0.0.0:0".parse().unwrap(),
+        ..config()
+    };
+    let err = ClusterNode::start(&config, dir.path(), store())
+        .await
+        .err()
+        .expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cluster.peer_listen") && msg.contains("loopback"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_node_keeps_its_random_id_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = ClusterNode::start(&config(), dir.path(), store())
+        .await
+        .unwrap();
+    let id = a.id();
+    assert_ne!(id, 0);
+    a.shutdown().await;
+    let b = ClusterNode::start(&config(), dir.path(), store())
+        .await
+        .unwrap();
+    assert_eq!(b.id(), id);
+    b.shutdown().await;
+    let other = tempfile::tempdir().unwrap();
+    let c = ClusterNode::start(&config(), other.path(), store())
+        .await
+        .unwrap();
+    assert_ne!(c.id(), id, "a new data directory is a new node");
+    c.shutdown().await;
+}
