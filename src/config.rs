@@ -3,6 +3,7 @@
 //! `config/sessiond.toml` lists every setting with its default; a unit test keeps the two in
 //! step. Durations are written the human way (`30m`, `24h`, `500ms`).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -180,6 +181,14 @@ pub struct ClusterConfig {
     pub keep_entries_after_snapshot: u64,
     /// Log entries in one replication message.
     pub max_entries_per_append: u64,
+    /// Peer addresses as the membership records them (`advertise_peer`), mapped to the
+    /// address this node dials instead: a local proxy or sidecar on the way to that peer.
+    /// Empty: every peer is dialled at its recorded address.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub dial_overrides: BTreeMap<String, String>,
+    /// On a node that has never been part of a cluster, make a new cluster with this node as
+    /// its only member at start (what `--bootstrap` sets). Ignored once the node is a member.
+    pub bootstrap: bool,
     /// When the Raft log is fsynced: `always`, `everysec` or `no` (as `fsync`; the vote is
     /// always fsynced). Unset: the daemon's `fsync`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -199,6 +208,8 @@ impl Default for ClusterConfig {
             snapshot_every_entries: 10_000,
             keep_entries_after_snapshot: 1000,
             max_entries_per_append: 300,
+            dial_overrides: BTreeMap::new(),
+            bootstrap: false,
             fsync: None,
         }
     }

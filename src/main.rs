@@ -77,6 +77,11 @@ struct Flags {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     shards: Option<usize>,
+    /// Make a new cluster with this node as its only member, if it has never been part of
+    /// one (needs a [cluster] section; sets cluster.bootstrap)
+    #[arg(long)]
+    #[serde(skip)]
+    bootstrap: bool,
 }
 
 /// Serialise `persist` only when `--no-persist` turned it off.
@@ -86,13 +91,22 @@ fn is_true(b: &bool) -> bool {
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
-    let config = match Config::load(flags.config.as_deref(), &flags) {
+    let mut config = match Config::load(flags.config.as_deref(), &flags) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("sessiond: {e}");
             return ExitCode::from(2);
         }
     };
+    if flags.bootstrap {
+        match config.cluster.as_mut() {
+            Some(cluster) => cluster.bootstrap = true,
+            None => {
+                eprintln!("sessiond: --bootstrap makes a cluster: it needs a [cluster] section in the config");
+                return ExitCode::from(2);
+            }
+        }
+    }
     init_tracing(config.log_format);
     if flags.repair {
         return repair(&config);
@@ -222,7 +236,7 @@ async fn shutdown_signal() -> std::io::Result<()> {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));

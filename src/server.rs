@@ -19,10 +19,13 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::api::budget::Budget;
+use crate::api::forward::{ForwardLayer, Leadership};
 use crate::api::pb::session_store_server::SessionStoreServer;
-use crate::api::{SessionStoreService, Settings, FILE_DESCRIPTOR_SET};
+use crate::api::{Group, SessionStoreService, Settings, FILE_DESCRIPTOR_SET};
 use crate::clock::Clock;
-use crate::config::{Config, TenantConfig};
+use crate::cluster::member::{self, touch_queue, Member, TouchQueue};
+use crate::cluster::node::ClusterNode;
+use crate::config::{ClusterConfig, Config, TenantConfig};
 use crate::observe::{ReaperMetrics, SnapshotMetrics, Telemetry};
 use crate::persist::{snapshotter, Persistence};
 use crate::store::events::{EventSink, Fanout};
@@ -156,6 +159,95 @@ fn start_tenant(
     })
 }
 
+/// This node's part in a replicated group, as started.
+struct Membership {
+    node: Arc<ClusterNode>,
+    member: Arc<Member>,
+    /// The touches the store's sliding reads queue, until the task that proposes them starts.
+    touches: std::sync::Mutex<Option<TouchQueue>>,
+}
+
+/// Starts the default tenant as a member of a replicated group: its store fed by the
+/// group's committed log instead of a single-node log, and the node's Raft.
+async fn start_member(
+    config: &Config,
+    cluster: &ClusterConfig,
+    telemetry: &Telemetry,
+    clock: &Clock,
+    pool: &Arc<MemoryPool>,
+    grpc_addr: SocketAddr,
+) -> anyhow::Result<(Started, Membership)> {
+    if !config.tenants.is_empty() {
+        anyhow::bail!(
+            "a cluster member serves the default tenant only for now: remove [[tenants]] or [cluster]"
+        );
+    }
+    if !config.persist {
+        anyhow::bail!(
+            "a cluster member keeps its Raft log in data_dir: it cannot run with persist = false"
+        );
+    }
+    let mut cluster = cluster.clone();
+    if cluster.advertise_client.is_empty() {
+        if grpc_addr.ip().is_unspecified() {
+            anyhow::bail!(
+                "listen is {grpc_addr}: set cluster.advertise_client to the address clients reach this node at"
+            );
+        }
+        cluster.advertise_client = grpc_addr.to_string();
+    }
+    if cluster.fsync.is_none() {
+        cluster.fsync = Some(config.fsync);
+    }
+    let metrics = telemetry.tenant(DEFAULT_TENANT, false);
+    let (touch_sink, touches) = touch_queue();
+    let sinks: Vec<Box<dyn EventSink>> = vec![Box::new(metrics.sessions), Box::new(touch_sink)];
+    let store = Store::in_pool(
+        config.limits.clone(),
+        config.shards,
+        clock.clone(),
+        Box::new(Fanout(sinks)),
+        0,
+        pool.clone(),
+    );
+    let node = ClusterNode::start(&cluster, &config.data_dir, store.clone())
+        .await
+        .context("cannot start the cluster node")?;
+    let node = Arc::new(node);
+    if cluster.bootstrap && !node.is_member() {
+        let me = std::collections::BTreeMap::from([(node.id(), node.node().clone())]);
+        node.initialize(me)
+            .await
+            .context("cannot bootstrap a new cluster")?;
+        tracing::info!(node_id = node.id(), "bootstrapped a new cluster of one");
+    }
+    let client_addr = cluster.advertise_client.parse().with_context(|| {
+        format!(
+            "cluster.advertise_client {:?} must be an IP address and port",
+            cluster.advertise_client
+        )
+    })?;
+    let member = Arc::new(Member::new(node.clone(), client_addr));
+    let guesses = GuessWatch::new(config.guess_threshold, config.guess_window, metrics.guesses);
+    let started = Started {
+        tenant: Tenant::new(DEFAULT_TENANT, store, guesses, None),
+        credentials: Vec::new(),
+        persistence: None,
+        background: BackgroundMetrics {
+            reaper: metrics.reaper,
+            snapshots: metrics.snapshots,
+        },
+    };
+    Ok((
+        started,
+        Membership {
+            node,
+            member,
+            touches: std::sync::Mutex::new(Some(touches)),
+        },
+    ))
+}
+
 impl Daemon {
     /// Binds both listeners, builds the stores and starts serving.
     pub async fn start(config: Config, clock: Clock) -> anyhow::Result<Daemon> {
@@ -180,7 +272,13 @@ impl Daemon {
         let admin_addr = admin.local_addr()?;
         let telemetry = Telemetry::new();
         let pool = memory_pool(&config);
-        let started = if config.tenants.is_empty() {
+        let mut membership = None;
+        let started = if let Some(cluster) = &config.cluster {
+            let (started, m) =
+                start_member(&config, cluster, &telemetry, &clock, &pool, grpc_addr).await?;
+            membership = Some(m);
+            vec![started]
+        } else if config.tenants.is_empty() {
             vec![start_tenant(&config, &telemetry, &clock, &pool, None)?]
         } else {
             config
@@ -206,6 +304,7 @@ impl Daemon {
                 config,
                 tls: tls.clone(),
                 persistence,
+                membership,
             },
             background,
             rx,
@@ -267,6 +366,8 @@ struct Serving {
     tls: Option<Arc<ReloadableTls>>,
     /// Each tenant's, in the order of `tenants`.
     persistence: Vec<Option<Persistence>>,
+    /// This node's part in a replicated group; `None` on a single node.
+    membership: Option<Membership>,
 }
 
 /// Serves until the first message (or the closing) of `signals`, then shuts down in order
@@ -281,6 +382,10 @@ async fn run(
 ) -> anyhow::Result<()> {
     let servers = build_servers(listeners, &serving).await?;
     let background = start_background(&serving, background, servers.stop_serving.subscribe());
+    let member_tasks = serving
+        .membership
+        .as_ref()
+        .map(|m| MemberTasks::start(m, &servers));
     let mut running = servers.serve();
     tokio::select! {
         _ = signals.recv() => {}
@@ -295,8 +400,37 @@ async fn run(
             };
         }
     }
-    shut_down(running, background, signals, &serving).await;
+    shut_down(running, background, member_tasks, signals, &serving).await;
     Ok(())
+}
+
+/// A member's tasks that shutdown stops on their own schedule, before the drain: touches
+/// are flushed and leadership handed over while the node still serves and forwards.
+struct MemberTasks {
+    stop_touches: watch::Sender<bool>,
+    touches: JoinHandle<()>,
+    readiness: JoinHandle<()>,
+}
+
+impl MemberTasks {
+    fn start(m: &Membership, servers: &Servers) -> MemberTasks {
+        let (stop_touches, stop) = watch::channel(false);
+        let queue = m
+            .touches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .expect("a member's tasks start once");
+        MemberTasks {
+            stop_touches,
+            touches: tokio::spawn(member::touches(m.node.clone(), queue, stop)),
+            readiness: tokio::spawn(member::readiness(
+                m.node.clone(),
+                servers.ready.clone(),
+                servers.health.clone(),
+            )),
+        }
+    }
 }
 
 /// What the gRPC server's task returns.
@@ -356,6 +490,7 @@ async fn build_servers(listeners: Listeners, serving: &Serving) -> anyhow::Resul
         config,
         tls,
         persistence,
+        membership,
     } = serving;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -405,7 +540,9 @@ async fn build_servers(listeners: Listeners, serving: &Serving) -> anyhow::Resul
             .zip(persistence)
             .filter_map(|(t, p)| Some((t.name.clone(), p.as_ref()?.log.clone())))
             .collect(),
-        group: None,
+        group: membership
+            .as_ref()
+            .map(|m| m.member.clone() as Arc<dyn Group>),
     });
     let service = SessionStoreServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
@@ -432,6 +569,11 @@ async fn build_servers(listeners: Listeners, serving: &Serving) -> anyhow::Resul
             config.max_unauthenticated_message_bytes,
             conn_metrics.clone(),
         ))
+        // In a group, after authentication: a call is forwarded to the leader only once
+        // this node has checked who makes it.
+        .layer(tower::util::option_layer(membership.as_ref().map(|m| {
+            ForwardLayer::new(m.member.clone() as Arc<dyn Leadership>)
+        })))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service);
@@ -478,9 +620,26 @@ fn start_background(
         config,
         tls,
         persistence,
+        membership,
     } = serving;
     let mut background = Vec::new();
-    for ((tenant, p), metrics) in tenants.all().iter().zip(persistence).zip(metrics) {
+    if let Some(m) = membership {
+        // A member's expiry is the leader's proposal, and its snapshots are the group's.
+        background.push(tokio::spawn(member::reaper(
+            m.node.clone(),
+            tenants.all()[0].store.clone(),
+            config.reaper_interval,
+            config.reaper_batch,
+            stop.clone(),
+        )));
+    }
+    for ((tenant, p), metrics) in tenants
+        .all()
+        .iter()
+        .zip(persistence)
+        .zip(metrics)
+        .filter(|_| membership.is_none())
+    {
         background.push(tokio::spawn(reaper::run(
             tenant.store.clone(),
             config.reaper_interval,
@@ -517,6 +676,7 @@ fn start_background(
 async fn shut_down(
     running: Running,
     background: Vec<JoinHandle<()>>,
+    member_tasks: Option<MemberTasks>,
     mut signals: mpsc::Receiver<()>,
     serving: &Serving,
 ) {
@@ -530,6 +690,10 @@ async fn shut_down(
         admin,
     } = running;
     let config = &serving.config;
+    if let Some(tasks) = &member_tasks {
+        // From here on, shutdown alone says whether this node is ready.
+        tasks.readiness.abort();
+    }
     tracing::info!("shutdown: reporting NOT_SERVING on health and /readyz");
     ready.store(false, Ordering::Release);
     health
@@ -543,6 +707,20 @@ async fn shut_down(
         let _ = tokio::time::timeout(config.shutdown_delay, signals.recv()).await;
     }
 
+    if let (Some(tasks), Some(m)) = (member_tasks, &serving.membership) {
+        // Touches first, so the next leader has them; then leadership, so the group does
+        // not wait out an election. This node still serves meanwhile, forwarding to the new
+        // leader once there is one.
+        let _ = tasks.stop_touches.send(true);
+        if tokio::time::timeout(config.shutdown_grace, tasks.touches)
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown: touches not flushed within shutdown_grace");
+        }
+        tracing::info!("shutdown: touches flushed; handing leadership over if this node leads");
+        m.node.hand_over().await;
+    }
     tracing::info!(grace = ?config.shutdown_grace, "shutdown: draining in-flight requests");
     let _ = stop_serving.send(true);
     match tokio::time::timeout(config.shutdown_grace, &mut grpc).await {
@@ -571,6 +749,10 @@ async fn shut_down(
         }
     }
     tracing::info!("shutdown: reapers and snapshots stopped");
+    if let Some(m) = &serving.membership {
+        m.node.shutdown().await;
+        tracing::info!("shutdown: cluster node stopped, Raft log flushed and synced");
+    }
     for p in serving.persistence.iter().flatten() {
         let log = p.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;

@@ -32,6 +32,30 @@ impl From<crate::persist::log::LogFailed> for Status {
     }
 }
 
+impl From<crate::cluster::Malformed> for Status {
+    fn from(e: crate::cluster::Malformed) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+impl From<crate::cluster::node::ProposeError> for Status {
+    fn from(e: crate::cluster::node::ProposeError) -> Self {
+        use crate::cluster::node::ProposeError as E;
+        let code = match &e {
+            E::ForwardToLeader { .. } | E::Unavailable(_) | E::Indeterminate(_) | E::Fatal(_) => {
+                Code::Unavailable
+            }
+            E::Rejected(_) => Code::FailedPrecondition,
+        };
+        // An indeterminate write is the case idempotency keys are for: say so.
+        let hint = match e {
+            E::Indeterminate(_) => "; retry with the same idempotency_key to learn its outcome",
+            _ => "",
+        };
+        Status::new(code, format!("{e}{hint}"))
+    }
+}
+
 /// A malformed request field the Store never saw (a negative duration, say).
 pub(crate) fn invalid(field: &str, why: &str) -> Status {
     Status::invalid_argument(format!("{field} {why}"))

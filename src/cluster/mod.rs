@@ -48,6 +48,7 @@
 //! [`Store`]: crate::store::Store
 
 pub mod log_store;
+pub mod member;
 pub mod network;
 pub mod node;
 mod pb_impl;

@@ -10,7 +10,7 @@
 //! message with the leader's vote; the peer rebuilds the file and installs it
 //! ([`super::peer_service`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -46,12 +46,23 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct PeerNetwork {
     /// The channel of each peer, with the address it was made for.
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+    /// Peer addresses as the membership records them -> the address this node dials
+    /// instead (`cluster.dial_overrides`).
+    overrides: Arc<BTreeMap<String, String>>,
 }
 
 impl PeerNetwork {
-    /// A network with no channels yet.
+    /// A network with no channels yet, dialling each peer at its recorded address.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A network that dials the addresses in `overrides` instead of the recorded ones.
+    pub fn with_overrides(overrides: BTreeMap<String, String>) -> Self {
+        PeerNetwork {
+            overrides: Arc::new(overrides),
+            ..Self::default()
+        }
     }
 
     /// The channel to `target` at `addr`: the one made before, unless the address changed.
@@ -79,11 +90,14 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &pb::Node) -> PeerClient {
+        let addr = self
+            .overrides
+            .get(&node.peer_addr)
+            .unwrap_or(&node.peer_addr)
+            .clone();
         PeerClient {
             target,
-            client: self
-                .channel(target, &node.peer_addr)
-                .map(ClusterClient::new),
+            client: self.channel(target, &addr).map(ClusterClient::new),
         }
     }
 }

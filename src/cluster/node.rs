@@ -239,7 +239,8 @@ impl ClusterNode {
             },
             client_addr: config.advertise_client.clone(),
         };
-        let raft = match Raft::new(id, Arc::new(raft_config), PeerNetwork::new(), log, sm).await {
+        let network = PeerNetwork::with_overrides(config.dial_overrides.clone());
+        let raft = match Raft::new(id, Arc::new(raft_config), network, log, sm).await {
             Ok(r) => r,
             Err(e) => {
                 closer.close();
@@ -387,14 +388,7 @@ impl ClusterNode {
     /// the cluster does not wait out an election timeout; then openraft stops, then the peer
     /// server, and the log is written, fsynced and closed.
     pub async fn shutdown(&self) {
-        if let Some(to) = self.successor() {
-            match self.transfer_leader(to).await {
-                Ok(()) => tracing::info!(node_id = self.id, to, "handed leadership over"),
-                Err(e) => {
-                    tracing::warn!(node_id = self.id, to, error = %e, "leadership transfer failed; shutting down anyway")
-                }
-            }
-        }
+        self.hand_over().await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "Raft shutdown");
         }
@@ -410,6 +404,30 @@ impl ClusterNode {
         let log = self.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
         tracing::info!(node_id = self.id, "cluster node stopped");
+    }
+
+    /// If this node leads, hands leadership to the most up-to-date other voter and waits
+    /// until another node leads (or the transfer times out: then it logs and returns).
+    pub async fn hand_over(&self) {
+        if let Some(to) = self.successor() {
+            match self.transfer_leader(to).await {
+                Ok(()) => tracing::info!(node_id = self.id, to, "handed leadership over"),
+                Err(e) => {
+                    tracing::warn!(node_id = self.id, to, error = %e, "leadership transfer failed; shutting down anyway")
+                }
+            }
+        }
+    }
+
+    /// Whether this node has ever been part of a cluster (initialized, or added by a leader).
+    pub fn is_member(&self) -> bool {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .voter_ids()
+            .next()
+            .is_some()
     }
 
     /// If this node leads: the other voter that holds the most of the log.

@@ -41,26 +41,6 @@ impl PeerService {
     }
 }
 
-impl From<Malformed> for Status {
-    fn from(e: Malformed) -> Status {
-        Status::invalid_argument(e.to_string())
-    }
-}
-
-impl From<ProposeError> for Status {
-    fn from(e: ProposeError) -> Status {
-        let msg = e.to_string();
-        match e {
-            ProposeError::ForwardToLeader { .. } => Status::failed_precondition(msg),
-            ProposeError::Unavailable(_) | ProposeError::Indeterminate(_) => {
-                Status::unavailable(msg)
-            }
-            ProposeError::Rejected(_) => Status::failed_precondition(msg),
-            ProposeError::Fatal(_) => Status::internal(msg),
-        }
-    }
-}
-
 /// openraft stopped on this node: nothing it can answer.
 fn stopped(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("this node's Raft has stopped: {e}"))

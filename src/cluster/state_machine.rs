@@ -371,7 +371,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             for effect in &effects {
                 // One outcome per effect: when `Store::apply` reports one, it lands here.
                 #[allow(clippy::unit_arg)]
-                outcomes.push(self.shared.store.apply(effect));
+                outcomes.push(self.shared.store.apply_committed(effect));
             }
             {
                 let mut applied = lock(&self.shared.applied);

@@ -70,12 +70,22 @@ impl Store {
     /// older state ([`super::plan`]), and a newer write may have overtaken it, or taken its
     /// idempotency key.
     pub fn apply(&self, effect: &Effect) -> Applied {
+        self.apply_as(effect, Emit::No)
+    }
+
+    /// [`Store::apply`] for a replicated group's committed effect: the same change, and the
+    /// sinks hear of it (the metrics count it; a group keeps no single-node log to refill).
+    pub fn apply_committed(&self, effect: &Effect) -> Applied {
+        self.apply_as(effect, Emit::Yes)
+    }
+
+    fn apply_as(&self, effect: &Effect, emit: Emit) -> Applied {
         self.inner.floor.fetch_max(effect.at(), Ordering::Relaxed);
         if self.key_taken(effect) {
             return Applied::Stale;
         }
         let done = match effect {
-            Effect::Create { session, .. } => self.apply_create(effect, session, None, Emit::No),
+            Effect::Create { session, .. } => self.apply_create(effect, session, None, emit),
             Effect::Update {
                 key,
                 set,
@@ -96,7 +106,7 @@ impl Store {
                     .chain(remove.iter().map(String::as_str))
                     .collect();
                 let shape = entry.reshaped(set, |k| gone.contains(k));
-                self.apply_update(&mut entry, effect, shape, (*version, *at), Emit::No);
+                self.apply_update(&mut entry, effect, shape, (*version, *at), emit);
                 true
             }
             Effect::Touch { key, at } => match self.inner.sessions.get(key) {
@@ -121,19 +131,19 @@ impl Store {
                     // overtook the plan would be lost in the rotation.
                     Some(o) if o.get().version.checked_add(1) != Some(session.version) => false,
                     Some(o) => {
-                        self.apply_regenerate(o, effect, session, Emit::No);
+                        self.apply_regenerate(o, effect, session, emit);
                         true
                     }
                     None => {
-                        self.end_if(*old, session.created_at, Emit::No, |_| {
+                        self.end_if(*old, session.created_at, emit, |_| {
                             Some(EndCause::Destroyed)
                         });
-                        self.apply_create(effect, session, None, Emit::No)
+                        self.apply_create(effect, session, None, emit)
                     }
                 }
             }
             Effect::End { key, cause, at } => {
-                self.end_if(*key, *at, Emit::No, |_| Some(*cause)).is_some()
+                self.end_if(*key, *at, emit, |_| Some(*cause)).is_some()
             }
         };
         match done {
@@ -146,8 +156,9 @@ impl Store {
     }
 
     /// Stores `s`, the session of a `Create` (or of a `Regenerate` whose old key is gone).
-    /// A live Create hands over the `max_sessions` slot it claimed; replay counts the
-    /// session here. A key already stored at this version or later is left alone.
+    /// A live Create hands over the `max_sessions` slot it claimed; an applied one (replay,
+    /// a group's commit) counts the session here, and leaves alone a key already stored at
+    /// this version or later.
     pub(crate) fn apply_create(
         &self,
         effect: &Effect,
@@ -155,7 +166,7 @@ impl Store {
         claim: Option<SlotClaim<'_>>,
         emit: Emit,
     ) -> bool {
-        if emit == Emit::No
+        if claim.is_none()
             && self
                 .inner
                 .sessions

@@ -255,9 +255,12 @@ impl Store {
         })
     }
 
-    /// Plans one bounded reaper step on the leader: an `End` for each due session that is
-    /// dead, and re-files touched ones (the wheel is the leader's own index, not replicated
-    /// state). A due key that was re-filed is filed again if its `End` turns out stale.
+    /// Plans one bounded reaper step: an `End` for each due session that is dead, to be
+    /// proposed by the leader. Every node runs it, so every node's expiry wheel (its own
+    /// index, not replicated state) stays bounded: touched keys are filed again at their
+    /// deadline, and dead ones a wheel slot later, so that one whose `End` never commits
+    /// (a follower's, or a leader's that lost its lead) comes round again. Stale keys are
+    /// swept out as [`Store::reap`] does.
     pub fn plan_reap(&self, max: usize) -> Vec<Effect> {
         let now = self.now();
         let mut due = Vec::with_capacity(max.min(4096));
@@ -270,6 +273,9 @@ impl Store {
             if expires > now {
                 self.inner.wheel.file(key, expires);
             } else {
+                self.inner
+                    .wheel
+                    .file(key, now + super::WHEEL_GRANULARITY.as_millis() as Millis);
                 ends.push(Effect::End {
                     key,
                     cause: EndCause::Expired,
@@ -277,6 +283,7 @@ impl Store {
                 });
             }
         }
+        self.sweep_wheel(max);
         ends
     }
 

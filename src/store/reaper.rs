@@ -77,6 +77,15 @@ impl Store {
                 out.expired += 1;
             }
         }
+        let (swept, sweeping) = self.sweep_wheel(max);
+        out.swept = swept;
+        out.more |= sweeping;
+        out
+    }
+
+    /// Sweeps up to `max` stale keys out of the wheel, once they outnumber the live ones.
+    /// Returns how many it swept and whether a sweep is still under way.
+    pub(crate) fn sweep_wheel(&self, max: usize) -> (usize, bool) {
         // A session that ended early (destroyed, regenerated, evicted) leaves its key in the
         // wheel until the slot comes due, days away; under churn those would pile up. Once
         // they outnumber the live keys, sweep them out, `max` keys a step.
@@ -85,10 +94,10 @@ impl Store {
         if !wheel.sweeping() && wheel.len() > sessions.saturating_mul(2) + WHEEL_SWEEP_SLACK {
             wheel.start_sweep();
         }
-        if wheel.sweeping() {
-            out.swept = wheel.sweep(max, |k| self.inner.sessions.contains_key(k));
-            out.more |= wheel.sweeping();
+        if !wheel.sweeping() {
+            return (0, false);
         }
-        out
+        let swept = wheel.sweep(max, |k| self.inner.sessions.contains_key(k));
+        (swept, wheel.sweeping())
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod cluster;
 mod config;
 /// The tools' reader of Prometheus samples, the same file.
 #[path = "../../tools/src/exposition.rs"]

@@ -1,0 +1,164 @@
+//! A replicated group of three real sessiond processes on loopback: replication, routing
+//! through any node, and failover when the leader dies or shuts down.
+//!
+//! Failover times are printed, not asserted: this machine is shared, and the figures belong
+//! in the chaos suite's report.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use sessiond::api::forward::LEADER_HEADER;
+use sessiond::api::pb;
+use tonic::Code;
+
+/// Creates a session through node `via`, retrying while the group has no leader (UNAVAILABLE)
+/// for at most `within`; returns it and how long the first success took.
+async fn create_until_served(
+    cluster: &Cluster,
+    via: usize,
+    user: &str,
+    within: Duration,
+) -> (pb::Session, Duration) {
+    let started = Instant::now();
+    let mut client = cluster.client(via).await;
+    loop {
+        let req = pb::CreateRequest {
+            user_id: user.into(),
+            attributes: common::attrs(&[("cart", "apple")]),
+            ..Default::default()
+        };
+        match client.create(req).await {
+            Ok(r) => return (r.into_inner(), started.elapsed()),
+            Err(s) if s.code() == Code::Unavailable && started.elapsed() < within => {
+                tokio::task::yield_now().await;
+            }
+            Err(s) => panic!(
+                "create through node {via} after {:?}: {s}",
+                started.elapsed()
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_serves_any_call_and_acknowledged_writes_survive_the_leaders_death() {
+    let mut cluster = Cluster::start(3, "always").await;
+    let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let leader_client_addr = cluster.nodes[leader].proc.as_ref().unwrap().grpc.clone();
+
+    // A write through a follower is forwarded, and the reply names the leader.
+    let mut via_follower = cluster.client(followers[0]).await;
+    let created = via_follower
+        .create(pb::CreateRequest {
+            user_id: "alice".into(),
+            attributes: common::attrs(&[("cart", "apple")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        created
+            .metadata()
+            .get(LEADER_HEADER)
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        leader_client_addr
+    );
+    let id = created.into_inner().id;
+
+    // An update through the other follower, a read through each node: one state.
+    let mut other = cluster.client(followers[1]).await;
+    let updated = other
+        .update(pb::UpdateRequest {
+            id: id.clone(),
+            set: common::attrs(&[("theme", "dark")]),
+            expected_version: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.version, 2);
+    for i in 0..3 {
+        let got = cluster
+            .client(i)
+            .await
+            .get(pb::GetRequest {
+                id: id.clone(),
+                peek: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.version, 2, "node {i}");
+        assert_eq!(got.attributes.len(), 2, "node {i}");
+    }
+
+    // Acknowledged writes, then the leader dies without a word.
+    let mut acknowledged = vec![id];
+    for n in 0..20 {
+        let (s, _) = create_until_served(&cluster, followers[n % 2], "bob", Duration::ZERO).await;
+        acknowledged.push(s.id);
+    }
+    cluster.kill(leader);
+    let (after, took) =
+        create_until_served(&cluster, followers[0], "carol", Duration::from_secs(20)).await;
+    println!("unplanned failover (kill -9 of the leader until a write succeeds): {took:?}");
+    acknowledged.push(after.id);
+
+    let new_leader = cluster.wait_for_leader(&followers).await;
+    assert_ne!(new_leader, leader);
+    let mut client = cluster.client(followers[1]).await;
+    for id in &acknowledged {
+        let got = client
+            .get(pb::GetRequest {
+                id: id.clone(),
+                peek: true,
+            })
+            .await;
+        assert!(got.is_ok(), "an acknowledged session is gone: {got:?}");
+    }
+    let bob = client
+        .list_user_sessions(pb::ListUserSessionsRequest {
+            user_id: "bob".into(),
+            include_attributes: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bob.sessions.len(), 20);
+
+    // The dead node comes back on its data and catches up with the group.
+    cluster.restart(leader);
+    let commit = cluster.status(new_leader).await.unwrap().committed_index;
+    cluster.wait_applied(leader, commit).await;
+    assert_eq!(cluster.wait_for_leader(&[0, 1, 2]).await, new_leader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_shuts_down_hands_over_and_no_write_is_refused_for_long() {
+    let mut cluster = Cluster::start(3, "always").await;
+    let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let (s, _) = create_until_served(&cluster, follower, "dave", Duration::ZERO).await;
+
+    let (status, output) = cluster.terminate(leader);
+    assert!(status.success(), "{output}");
+    assert!(output.contains("handed leadership over"), "{output}");
+    let (_, took) = create_until_served(&cluster, follower, "erin", Duration::from_secs(10)).await;
+    println!("planned leader transfer (SIGTERM of the leader until a write succeeds): {took:?}");
+    let mut client = cluster.client(follower).await;
+    let got = client
+        .get(pb::GetRequest {
+            id: s.id,
+            peek: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.user_id, "dave");
+}
