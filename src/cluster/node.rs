@@ -308,6 +308,31 @@ impl ClusterNode {
         Ok(resp.data)
     }
 
+    /// Submits `effects` as one entry behind every entry submitted before it, and returns
+    /// once it is queued: the returned future answers as [`ClusterNode::propose`] does. A
+    /// Pipeline stream submits its writes this way, so they commit in the stream's order
+    /// without waiting for each other.
+    pub async fn submit(
+        &self,
+        effects: Vec<Effect>,
+    ) -> Result<impl std::future::Future<Output = Result<Applied, ProposeError>> + Send + 'static, ProposeError>
+    {
+        let (responder, _log_id, rx) = openraft::impls::ProgressResponder::new();
+        self.raft
+            .client_write_ff(Proposal(effects), Some(responder))
+            .await
+            .map_err(|f| ProposeError::Fatal(f.to_string()))?;
+        Ok(async move {
+            match rx.await {
+                Ok(Ok(resp)) => Ok(resp.data),
+                Ok(Err(e)) => Err(ProposeError::from(RaftError::APIError(e))),
+                Err(_) => Err(ProposeError::Indeterminate(
+                    "this node's Raft stopped before answering".into(),
+                )),
+            }
+        })
+    }
+
     /// Returns once a read of this node's Store is linearizable: this node leads, its lease
     /// (renewed by a quorum's heartbeat acknowledgements) holds, and it has applied every
     /// entry committed before the call. A stale lease fails at once with `Unavailable`.
