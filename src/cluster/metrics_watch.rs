@@ -1,6 +1,6 @@
 //! The task that follows openraft's metrics watch into the daemon's cluster metrics: on each
-//! change it reads the engine's [`Metrics`] into a [`ClusterView`] (no engine type leaves
-//! this room) and hands it to [`ClusterMetrics::observe`].
+//! change it reads the engine's [`Metrics`] into a `ClusterView` (no engine type leaves
+//! this room) and hands it to `ClusterMetrics::observe`.
 //!
 //! openraft's watch keeps only the latest value, so a burst of changes between two wake-ups
 //! is recorded once, as its last state: the gauges are exact at each wake-up, and the

@@ -307,7 +307,8 @@ impl ClusterNode {
 
     /// Proposes `effects` as one entry, and returns once a majority has it and this node has
     /// applied it, with one outcome per effect. Only the leader takes proposals.
-    /// Each proposal is recorded in the metrics given to [`ClusterNode::observe`], if any
+    ///
+    /// Each proposal is recorded in the metrics given to `ClusterNode::observe`, if any
     /// (one whose caller goes away before it returns is not).
     pub async fn propose(&self, effects: Vec<Effect>) -> Result<Applied, ProposeError> {
         let started = Instant::now();
