@@ -616,7 +616,7 @@ fn start_background(
 ) -> Vec<JoinHandle<()>> {
     let Serving {
         tenants,
-        telemetry: _,
+        telemetry,
         config,
         tls,
         persistence,
@@ -624,6 +624,9 @@ fn start_background(
     } = serving;
     let mut background = Vec::new();
     if let Some(m) = membership {
+        background.push(tokio::spawn(
+            m.node.observe(telemetry.cluster(), stop.clone()),
+        ));
         // A member's expiry is the leader's proposal, and its snapshots are the group's.
         background.push(tokio::spawn(member::reaper(
             m.node.clone(),

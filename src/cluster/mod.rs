@@ -21,6 +21,8 @@
 //!   and the admin calls (`Init`, `AddLearner`, `ChangeMembership`, `Status`).
 //! - [`node`]: [`ClusterNode`], which starts all of the above from a `[cluster]` config section
 //!   and offers what the daemon needs: propose, lease reads, leader, membership, shutdown.
+//! - [`metrics_watch`]: the task that follows openraft's metrics into the daemon's
+//!   (`observe::ClusterMetrics`), so no engine type reaches the metrics room.
 //!
 //! # Why openraft 0.10.0-alpha.37
 //!
@@ -49,6 +51,7 @@
 
 pub mod log_store;
 pub mod member;
+pub mod metrics_watch;
 pub mod network;
 pub mod node;
 mod pb_impl;

@@ -8,16 +8,17 @@
 //!   (`snapshot.sds`, see [`super::state_machine`]) and the lock that keeps a second node out.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
 use openraft::{ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::log_store::{LogCloser, LogOptions, LogStore, OpenError};
@@ -27,6 +28,7 @@ use super::peer_service::PeerService;
 use super::state_machine::StateMachine;
 use super::{Applied, Metrics, Node, NodeId, Proposal, Raft, TypeConfig};
 use crate::config::{ClusterConfig, ConfigError};
+use crate::observe::ClusterMetrics;
 use crate::persist::format::FormatError;
 use crate::persist::log::FsyncPolicy;
 use crate::store::{Effect, Store};
@@ -190,6 +192,8 @@ pub struct ClusterNode {
     transfer_timeout: Duration,
     server: Mutex<Option<(oneshot::Sender<()>, JoinHandle<()>)>>,
     log: LogCloser,
+    /// Where proposals are recorded, once [`ClusterNode::observe`] was called.
+    recorder: OnceLock<ClusterMetrics>,
 }
 
 impl ClusterNode {
@@ -273,6 +277,7 @@ impl ClusterNode {
             transfer_timeout: config.election_timeout_max * 3,
             server: Mutex::new(Some((stop, server))),
             log: closer,
+            recorder: OnceLock::new(),
         })
     }
 
@@ -303,9 +308,30 @@ impl ClusterNode {
 
     /// Proposes `effects` as one entry, and returns once a majority has it and this node has
     /// applied it, with one outcome per effect. Only the leader takes proposals.
+    ///
+    /// Each proposal is recorded in the metrics given to `ClusterNode::observe`, if any
+    /// (one whose caller goes away before it returns is not).
     pub async fn propose(&self, effects: Vec<Effect>) -> Result<Applied, ProposeError> {
-        let resp = self.raft.client_write(Proposal(effects)).await?;
-        Ok(resp.data)
+        let started = Instant::now();
+        let result = self.raft.client_write(Proposal(effects)).await;
+        let result = result.map(|r| r.data).map_err(ProposeError::from);
+        if let Some(m) = self.recorder.get() {
+            m.proposal(&result, started.elapsed());
+        }
+        result
+    }
+
+    /// Reports this node in `metrics`: from now on every [`ClusterNode::propose`] is recorded
+    /// there, and the returned task (spawn it) follows openraft's metrics into them until
+    /// `stop` turns true or Raft stops. Call it once; a second call's metrics get only the
+    /// watch, the proposals stay with the first.
+    pub(crate) fn observe(
+        &self,
+        metrics: ClusterMetrics,
+        stop: watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let _ = self.recorder.set(metrics.clone());
+        super::metrics_watch::watch(self.metrics(), metrics, stop)
     }
 
     /// Submits `effects` as one entry behind every entry submitted before it, and returns
@@ -315,21 +341,29 @@ impl ClusterNode {
     pub async fn submit(
         &self,
         effects: Vec<Effect>,
-    ) -> Result<impl std::future::Future<Output = Result<Applied, ProposeError>> + Send + 'static, ProposeError>
-    {
+    ) -> Result<
+        impl std::future::Future<Output = Result<Applied, ProposeError>> + Send + 'static,
+        ProposeError,
+    > {
+        let started = Instant::now();
+        let recorder = self.recorder.get().cloned();
         let (responder, _log_id, rx) = openraft::impls::ProgressResponder::new();
         self.raft
             .client_write_ff(Proposal(effects), Some(responder))
             .await
             .map_err(|f| ProposeError::Fatal(f.to_string()))?;
         Ok(async move {
-            match rx.await {
+            let result = match rx.await {
                 Ok(Ok(resp)) => Ok(resp.data),
                 Ok(Err(e)) => Err(ProposeError::from(RaftError::APIError(e))),
                 Err(_) => Err(ProposeError::Indeterminate(
                     "this node's Raft stopped before answering".into(),
                 )),
+            };
+            if let Some(m) = recorder {
+                m.proposal(&result, started.elapsed());
             }
+            result
         })
     }
 

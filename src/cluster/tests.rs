@@ -416,3 +416,79 @@ async fn a_node_keeps_its_random_id_across_restarts() {
     assert_ne!(c.id(), id, "a new data directory is a new node");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_leader_reports_itself_and_its_proposals_in_the_metrics() {
+    use crate::observe::exposition::sample;
+    use crate::observe::Telemetry;
+
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = ClusterNode::start(&config(), dir.path(), store())
+        .await
+        .unwrap();
+    let telemetry = Telemetry::new();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(node.observe(telemetry.cluster(), stopped));
+
+    let refused = node.propose(vec![create(1)]).await;
+    assert!(
+        matches!(refused, Err(ProposeError::Unavailable(_))),
+        "{refused:?}"
+    );
+    let me = node.id();
+    node.initialize(BTreeMap::from([(me, node.node().clone())]))
+        .await
+        .unwrap();
+    wait_for(&node, "leading", |m| m.state == ServerState::Leader).await;
+    node.propose(vec![create(1)]).await.unwrap();
+    let m = wait_for(&node, "the write applied", |m| {
+        let applied = m.last_applied.map(|l| l.index);
+        applied == m.last_log_index && applied == m.local_committed.map(|l| l.index)
+    })
+    .await;
+
+    // Stopping records the latest state: nothing is left to chance between the two tasks.
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let text = telemetry.render(std::iter::empty());
+    let get = |series: &str| sample(&text, series);
+    assert_eq!(
+        get(r#"sessiond_cluster_role{role="leader"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(get(r#"sessiond_cluster_role{role="learner"}"#), Some(0.0));
+    assert_eq!(get("sessiond_cluster_term"), Some(m.current_term as f64));
+    assert!(m.current_term >= 1);
+    assert_eq!(
+        get(&format!(r#"sessiond_cluster_leader{{node_id="{me}"}}"#)),
+        Some(1.0)
+    );
+    assert_eq!(
+        get(&format!(r#"sessiond_cluster_node_info{{node_id="{me}"}}"#)),
+        Some(1.0)
+    );
+    let applied = m.last_applied.unwrap().index as f64;
+    assert!(applied >= 1.0);
+    assert_eq!(get("sessiond_cluster_applied_index"), Some(applied));
+    assert_eq!(get("sessiond_cluster_commit_index"), Some(applied));
+    assert_eq!(get("sessiond_cluster_last_log_index"), Some(applied));
+    assert_eq!(get(r#"sessiond_cluster_members{kind="voter"}"#), Some(1.0));
+    assert_eq!(
+        get("sessiond_cluster_replication_lag_entries"),
+        None,
+        "no followers"
+    );
+    assert_eq!(get("sessiond_cluster_leader_changes_total"), Some(1.0));
+    assert_eq!(
+        get(r#"sessiond_cluster_proposals_total{result="ok"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        get(r#"sessiond_cluster_proposals_total{result="unavailable"}"#),
+        Some(1.0)
+    );
+    assert_eq!(get("sessiond_cluster_proposal_seconds_count"), Some(1.0));
+    node.shutdown().await;
+}

@@ -1,17 +1,26 @@
 //! Everything an operator watches: every metric name (declared here and nowhere else), the
 //! Prometheus rendering, and the bundles of handles that keep the numbers moving: one per
 //! tenant ([`TenantMetrics`], whose parts are the store's event sink, the log's, the
-//! snapshot task's, the reaper's and the guess watch's) and the gRPC port's
-//! ([`ConnMetrics`]). Telemetry builds every bundle; their owners only record.
+//! snapshot task's, the reaper's and the guess watch's), the gRPC port's
+//! ([`ConnMetrics`]) and the cluster node's ([`ClusterMetrics`]). Telemetry builds every
+//! bundle; their owners only record.
 //!
 //! Counters are registered once, at start-up, into handles that are plain atomics, so
 //! updating one on the hot path takes no lock and allocates nothing. Gauges that mirror the
-//! Store's own counters (sessions, bytes, users) are read from it at scrape time instead.
+//! Store's own counters (sessions, bytes, users) are read from it at scrape time instead, and
+//! so are the cluster's series whose label values come and go (the leader, each follower's
+//! lag): the registry cannot forget a series, so those are written into each scrape.
 
+mod cluster_metrics;
 pub(crate) mod grpc;
 mod tenant_metrics;
 
-use std::sync::Arc;
+/// The tools' reader of Prometheus samples (the same file), for the daemon's unit tests.
+#[cfg(test)]
+#[path = "../../tools/src/exposition.rs"]
+pub(crate) mod exposition;
+
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use metrics::{Counter, Gauge, Unit};
@@ -19,6 +28,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
+pub(crate) use self::cluster_metrics::{ClusterMetrics, ClusterView};
 pub use self::tenant_metrics::{GuessMetrics, LogMetrics};
 pub(crate) use self::tenant_metrics::{ReaperMetrics, SnapshotMetrics};
 use crate::store::Stats;
@@ -94,6 +104,47 @@ pub(crate) mod names {
     /// Connections closed for spending `unauthenticated_requests`.
     pub(crate) const CONNECTIONS_CLOSED_UNAUTHENTICATED: &str =
         "sessiond_connections_closed_unauthenticated_total";
+    /// This node's role: one series per role, 1 for the current one and 0 for the others.
+    pub(crate) const CLUSTER_ROLE: &str = "sessiond_cluster_role";
+    /// The label of [`CLUSTER_ROLE`]: `leader`, `follower`, `candidate`, `learner`, `shutdown`.
+    pub(crate) const ROLE: &str = "role";
+    /// The Raft term this node is in.
+    pub(crate) const CLUSTER_TERM: &str = "sessiond_cluster_term";
+    /// Always 1; `node_id` names the leader this node knows of (`0`: none). Node IDs are
+    /// random u64s, which a gauge's f64 would round, so an ID is only ever a label value.
+    pub(crate) const CLUSTER_LEADER: &str = "sessiond_cluster_leader";
+    /// Always 1; `node_id` names this node, to match the IDs in other series to instances.
+    pub(crate) const CLUSTER_NODE_INFO: &str = "sessiond_cluster_node_info";
+    /// The label carrying a node ID on [`CLUSTER_LEADER`] and [`CLUSTER_NODE_INFO`].
+    pub(crate) const NODE_ID: &str = "node_id";
+    /// The last log index this node knows to be committed.
+    pub(crate) const CLUSTER_COMMIT_INDEX: &str = "sessiond_cluster_commit_index";
+    /// The last log index this node has applied to its store.
+    pub(crate) const CLUSTER_APPLIED_INDEX: &str = "sessiond_cluster_applied_index";
+    /// The last log index in this node's log.
+    pub(crate) const CLUSTER_LAST_LOG_INDEX: &str = "sessiond_cluster_last_log_index";
+    /// The last log index this node's current snapshot covers (0: no snapshot).
+    pub(crate) const CLUSTER_SNAPSHOT_INDEX: &str = "sessiond_cluster_snapshot_index";
+    /// Members of the cluster as this node's membership config has them, by [`KIND`].
+    pub(crate) const CLUSTER_MEMBERS: &str = "sessiond_cluster_members";
+    /// The label of [`CLUSTER_MEMBERS`]: `voter` or `learner`.
+    pub(crate) const KIND: &str = "kind";
+    /// On the leader only: entries each node it replicates to lacks (the leader's last log
+    /// index minus the node's matched index), by [`FOLLOWER`].
+    pub(crate) const CLUSTER_REPLICATION_LAG: &str = "sessiond_cluster_replication_lag_entries";
+    /// The label naming a follower (or learner) by node ID on [`CLUSTER_REPLICATION_LAG`].
+    pub(crate) const FOLLOWER: &str = "follower";
+    /// Times this node saw the term rise (one per election it stood in or learned of).
+    pub(crate) const CLUSTER_ELECTIONS: &str = "sessiond_cluster_elections_total";
+    /// Times this node learned of a leader other than the last one it knew.
+    pub(crate) const CLUSTER_LEADER_CHANGES: &str = "sessiond_cluster_leader_changes_total";
+    /// Proposals made on this node, by [`RESULT`].
+    pub(crate) const CLUSTER_PROPOSALS: &str = "sessiond_cluster_proposals_total";
+    /// The label of [`CLUSTER_PROPOSALS`]: `ok`, `stale`, `unavailable`, `indeterminate`,
+    /// `rejected` or `fatal`.
+    pub(crate) const RESULT: &str = "result";
+    /// Time from proposing to applied on this node, for proposals that committed.
+    pub(crate) const CLUSTER_PROPOSAL_SECONDS: &str = "sessiond_cluster_proposal_seconds";
     /// Prefix of the process metrics (RSS, open fds, CPU seconds, ...).
     pub(crate) const PROCESS_PREFIX: &str = "sessiond_";
     /// The label naming the tenant on every per-tenant metric.
@@ -102,7 +153,8 @@ pub(crate) mod names {
 
 use names::*;
 
-/// Latency buckets for gRPC requests and reaper batches: 50 µs to 5 s.
+/// Latency buckets for gRPC requests, reaper batches, fsyncs and cluster proposals: 50 µs
+/// to 5 s.
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0,
@@ -136,6 +188,9 @@ struct Inner {
     process: metrics_process::Collector,
     started: Instant,
     uptime: Gauge,
+    /// The cluster's handles, once [`Telemetry::cluster`] made them: their labelled series
+    /// are written into each scrape by [`Telemetry::render`].
+    cluster: OnceLock<ClusterMetrics>,
 }
 
 impl Default for Telemetry {
@@ -153,6 +208,12 @@ impl Telemetry {
                 b.set_buckets_for_metric(Matcher::Full(REAPER_BATCH.into()), LATENCY_BUCKETS)
             })
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FSYNC.into()), LATENCY_BUCKETS))
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(CLUSTER_PROPOSAL_SECONDS.into()),
+                    LATENCY_BUCKETS,
+                )
+            })
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(SESSION_LIFETIME.into()), LIFETIME_BUCKETS)
             })
@@ -173,6 +234,7 @@ impl Telemetry {
                 process,
                 started: Instant::now(),
                 uptime,
+                cluster: OnceLock::new(),
             }),
         }
     }
@@ -197,7 +259,20 @@ impl Telemetry {
         i.uptime.set(i.started.elapsed().as_secs_f64());
         self.register(|| i.process.collect());
         i.handle.run_upkeep();
-        i.handle.render()
+        let mut text = i.handle.render();
+        if let Some(cluster) = i.cluster.get() {
+            cluster.render_into(&mut text);
+        }
+        text
+    }
+
+    /// The cluster's metric handles: one bundle per daemon, made on the first call (a daemon
+    /// without a cluster never calls it, and shows no cluster metrics).
+    pub(crate) fn cluster(&self) -> ClusterMetrics {
+        self.inner
+            .cluster
+            .get_or_init(|| self.register(ClusterMetrics::register))
+            .clone()
     }
 
     /// Records how many of `tenant`'s sessions recovery loaded.
@@ -316,6 +391,45 @@ fn describe() {
         "Connections closed for spending unauthenticated_requests."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+    describe_gauge!(
+        CLUSTER_ROLE,
+        "This node's Raft role: 1 on the series of the current role, 0 on the others."
+    );
+    describe_gauge!(CLUSTER_TERM, "The Raft term this node is in.");
+    describe_gauge!(
+        CLUSTER_COMMIT_INDEX,
+        "The last log index this node knows to be committed."
+    );
+    describe_gauge!(
+        CLUSTER_APPLIED_INDEX,
+        "The last log index this node has applied to its store."
+    );
+    describe_gauge!(
+        CLUSTER_LAST_LOG_INDEX,
+        "The last log index in this node's Raft log."
+    );
+    describe_gauge!(
+        CLUSTER_SNAPSHOT_INDEX,
+        "The last log index this node's snapshot covers (0: no snapshot)."
+    );
+    describe_gauge!(
+        CLUSTER_MEMBERS,
+        "Members of the cluster in this node's membership config, by kind (voter or learner)."
+    );
+    describe_counter!(
+        CLUSTER_ELECTIONS,
+        "Times this node saw the Raft term rise: one per election it stood in or learned of."
+    );
+    describe_counter!(
+        CLUSTER_LEADER_CHANGES,
+        "Times this node learned of a leader other than the last one it knew."
+    );
+    describe_counter!(CLUSTER_PROPOSALS, "Proposals made on this node, by result.");
+    describe_histogram!(
+        CLUSTER_PROPOSAL_SECONDS,
+        Unit::Seconds,
+        "Time from proposing a write to applying it on this node, for proposals that committed."
+    );
 }
 
 /// The gRPC port's connection metrics (per daemon: a connection has no tenant until its
