@@ -162,3 +162,72 @@ async fn a_leader_that_shuts_down_hands_over_and_no_write_is_refused_for_long() 
         .into_inner();
     assert_eq!(got.user_id, "dave");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_through_a_follower_keeps_its_order_while_its_writes_commit_together() {
+    use pb::pipeline_request::Op;
+    use pb::pipeline_response::Result as Res;
+    use tokio_stream::StreamExt as _;
+
+    let cluster = Cluster::start(3, "always").await;
+    let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let (s, _) = create_until_served(&cluster, follower, "fay", Duration::ZERO).await;
+        ids.push(s.id);
+    }
+    let mut client = cluster.client(follower).await;
+    // Every operation is sent before any reply is read: each session's second update is a
+    // compare-and-set on the version its first update makes, and the read must see both.
+    let mut requests = Vec::new();
+    for (n, id) in ids.iter().enumerate() {
+        let n = n as u64 * 3;
+        requests.push(pb::PipelineRequest {
+            id: n,
+            op: Some(Op::Update(pb::UpdateRequest {
+                id: id.clone(),
+                set: common::attrs(&[("step", "one")]),
+                ..Default::default()
+            })),
+        });
+        requests.push(pb::PipelineRequest {
+            id: n + 1,
+            op: Some(Op::Update(pb::UpdateRequest {
+                id: id.clone(),
+                set: common::attrs(&[("theme", "dark")]),
+                expected_version: Some(2),
+                ..Default::default()
+            })),
+        });
+        requests.push(pb::PipelineRequest {
+            id: n + 2,
+            op: Some(Op::Get(pb::GetRequest {
+                id: id.clone(),
+                peek: true,
+            })),
+        });
+    }
+    let sent = requests.len();
+    let mut responses = client
+        .pipeline(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = 0;
+    while let Some(r) = responses.next().await {
+        let r = r.unwrap();
+        assert_eq!(r.id, seen as u64, "replies come in the stream's order");
+        match (r.id % 3, r.result) {
+            (0, Some(Res::Session(s))) => assert_eq!(s.version, 2),
+            (1, Some(Res::Session(s))) => assert_eq!(s.version, 3),
+            (2, Some(Res::Session(s))) => {
+                assert_eq!(s.version, 3);
+                assert_eq!(s.attributes.len(), 3, "{:?}", s.attributes.keys());
+            }
+            (_, other) => panic!("reply {}: {other:?}", r.id),
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, sent);
+}

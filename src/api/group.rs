@@ -10,9 +10,13 @@
 //! The edge knows the group only through [`Group`]; `crate::cluster` implements it on the
 //! Raft engine.
 
+use futures_util::future::BoxFuture;
 use tonic::Status;
 
-use crate::store::{Applied, Effect, Plan, StoreError};
+use crate::store::{Applied, Effect, Plan};
+
+/// A write submitted to the group: resolves as [`Group::propose`] does.
+pub type Pending = BoxFuture<'static, Result<Vec<Applied>, Status>>;
 
 /// A replicated group, as the edge uses it.
 #[tonic::async_trait]
@@ -22,6 +26,11 @@ pub trait Group: Send + Sync + 'static {
     /// UNAVAILABLE when this node cannot lead the write (no leader, no quorum, not the
     /// leader), saying which.
     async fn propose(&self, effects: Vec<Effect>) -> Result<Vec<Applied>, Status>;
+
+    /// Submits `effects` as one entry behind every entry this node submitted before, and
+    /// returns once it is queued; the [`Pending`] answers as [`Group::propose`] does. A
+    /// Pipeline stream's writes go this way, so they commit in the stream's order.
+    async fn submit(&self, effects: Vec<Effect>) -> Result<Pending, Status>;
 
     /// Returns once this node may serve a linearizable read: it leads, and its lease holds.
     async fn lease_read(&self) -> Result<(), Status>;
@@ -36,7 +45,7 @@ const REPLANS: usize = 8;
 /// write, say) replies at once.
 pub(super) async fn write<T>(
     group: &dyn Group,
-    mut plan: impl FnMut() -> Result<Plan<T>, StoreError>,
+    mut plan: impl FnMut() -> Result<Plan<T>, Status>,
 ) -> Result<T, Status> {
     for _ in 0..REPLANS {
         let Plan { effects, reply } = plan()?;
@@ -48,7 +57,10 @@ pub(super) async fn write<T>(
             return Ok(reply);
         }
     }
-    Err(Status::aborted(
-        "the session kept changing under this write; read it again and retry",
-    ))
+    Err(overtaken())
+}
+
+/// The failure of a write that newer writes overtook every time it was planned.
+pub(super) fn overtaken() -> Status {
+    Status::aborted("the session kept changing under this write; read it again and retry")
 }

@@ -27,7 +27,7 @@ use self::budget::Budget;
 pub use self::group::Group;
 use crate::observe::grpc::EdgeMetrics;
 use crate::persist::log::Log;
-use crate::store::StoreError;
+use crate::store::{Plan, StoreError};
 use crate::tenant::Tenant;
 use crate::transport::ConnInfo;
 
@@ -175,6 +175,8 @@ struct Caller {
     tenant: Arc<Tenant>,
     peer: Option<IpAddr>,
     edge: Arc<Edge>,
+    /// On a group's Pipeline stream: its writes submitted and not yet settled.
+    unsettled: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl Caller {
@@ -194,6 +196,7 @@ impl Caller {
             tenant,
             peer,
             edge: edge.clone(),
+            unsettled: None,
         })
     }
 
@@ -234,13 +237,13 @@ impl Caller {
     // `request_timeout`.
 
     async fn create(&self, r: pb::CreateRequest) -> Result<pb::Session, Status> {
-        let new = convert::new_session(r)?;
-        let store = &self.tenant.store;
-        let session = match self.group() {
-            None => store.create(new)?,
-            Some(group) => group::write(group, || store.plan_create(new.clone())).await?,
-        };
-        Ok(convert::session(session))
+        match self.group() {
+            None => {
+                let new = convert::new_session(r)?;
+                Ok(convert::session(self.tenant.store.create(new)?))
+            }
+            Some(group) => group::write(group, || self.plan_create(&r)).await,
+        }
     }
 
     async fn get(&self, id: &str, peek: bool) -> Result<pb::Session, Status> {
@@ -258,46 +261,78 @@ impl Caller {
     }
 
     async fn update(&self, mut r: pb::UpdateRequest) -> Result<pb::Session, Status> {
-        let id = std::mem::take(&mut r.id);
-        let change = convert::change(r);
-        let store = &self.tenant.store;
-        let session = match self.group() {
-            None => self.lookup(store.update(&id, change))?,
-            Some(group) => {
-                let planned = group::write(group, || {
-                    self.lookup_plan(store.plan_update(&id, change.clone()))
-                });
-                planned.await?
+        match self.group() {
+            None => {
+                let id = std::mem::take(&mut r.id);
+                let updated = self.tenant.store.update(&id, convert::change(r));
+                self.lookup(updated).map(convert::session)
             }
-        };
-        Ok(convert::session(session))
+            Some(group) => group::write(group, || self.plan_update(&r)).await,
+        }
     }
 
     async fn regenerate(&self, r: &pb::RegenerateRequest) -> Result<pb::Session, Status> {
-        let rotation = convert::rotation(r);
-        let store = &self.tenant.store;
-        let session = match self.group() {
-            None => self.lookup(store.regenerate(&r.id, rotation))?,
-            Some(group) => {
-                let planned = group::write(group, || {
-                    self.lookup_plan(store.plan_regenerate(&r.id, rotation.clone()))
-                });
-                planned.await?
+        match self.group() {
+            None => {
+                let moved = self.tenant.store.regenerate(&r.id, convert::rotation(r));
+                self.lookup(moved).map(convert::session)
             }
-        };
-        Ok(convert::session(session))
+            Some(group) => group::write(group, || self.plan_regenerate(r)).await,
+        }
     }
 
     async fn destroy(&self, r: &pb::DestroyRequest) -> Result<pb::DestroyResponse, Status> {
-        let store = &self.tenant.store;
-        let existed = match self.group() {
-            None => store.destroy(&r.id)?,
-            Some(group) => group::write(group, || store.plan_destroy(&r.id)).await?,
-        };
-        if !existed {
+        match self.group() {
+            None => {
+                let existed = self.tenant.store.destroy(&r.id)?;
+                if !existed {
+                    self.tenant.guesses.miss(self.peer);
+                }
+                Ok(pb::DestroyResponse { existed })
+            }
+            Some(group) => group::write(group, || self.plan_destroy(r)).await,
+        }
+    }
+
+    // The plans of the writes in a group: the same checks as a single node's, the effects
+    // to propose and the reply once they are applied. A unary call and a Pipeline stream
+    // take the same ones.
+
+    fn plan_create(&self, r: &pb::CreateRequest) -> Result<Plan<pb::Session>, Status> {
+        let new = convert::new_session(r.clone())?;
+        Ok(self.tenant.store.plan_create(new)?.map(convert::session))
+    }
+
+    fn plan_update(&self, r: &pb::UpdateRequest) -> Result<Plan<pb::Session>, Status> {
+        let mut r = r.clone();
+        let id = std::mem::take(&mut r.id);
+        let planned = self.tenant.store.plan_update(&id, convert::change(r));
+        Ok(self.lookup(planned)?.map(convert::session))
+    }
+
+    fn plan_regenerate(&self, r: &pb::RegenerateRequest) -> Result<Plan<pb::Session>, Status> {
+        let planned = self
+            .tenant
+            .store
+            .plan_regenerate(&r.id, convert::rotation(r));
+        Ok(self.lookup(planned)?.map(convert::session))
+    }
+
+    fn plan_destroy(&self, r: &pb::DestroyRequest) -> Result<Plan<pb::DestroyResponse>, Status> {
+        let plan = self.tenant.store.plan_destroy(&r.id)?;
+        if !plan.reply {
             self.tenant.guesses.miss(self.peer);
         }
-        Ok(pb::DestroyResponse { existed })
+        Ok(plan.map(|existed| pb::DestroyResponse { existed }))
+    }
+
+    fn plan_destroy_user(
+        &self,
+        r: &pb::DestroyUserSessionsRequest,
+    ) -> Result<Plan<pb::DestroyUserSessionsResponse>, Status> {
+        let except = (!r.except_id.is_empty()).then_some(r.except_id.as_str());
+        let plan = self.tenant.store.plan_destroy_user(&r.user_id, except)?;
+        Ok(plan.map(|destroyed| pb::DestroyUserSessionsResponse { destroyed }))
     }
 
     /// The replicated group this node serves in, if any.
@@ -311,14 +346,6 @@ impl Caller {
             Some(group) => group.lease_read().await,
             None => Ok(()),
         }
-    }
-
-    /// A plan's failure counts a miss against the peer, as a lookup's does.
-    fn lookup_plan<T>(&self, planned: Result<T, StoreError>) -> Result<T, StoreError> {
-        if matches!(planned, Err(StoreError::NotFound)) {
-            self.tenant.guesses.miss(self.peer);
-        }
-        planned
     }
 
     /// A user's sessions, oldest first. With attributes, each session is read on its own and
@@ -354,20 +381,21 @@ impl Caller {
         &self,
         r: &pb::DestroyUserSessionsRequest,
     ) -> Result<pb::DestroyUserSessionsResponse, Status> {
-        let except = (!r.except_id.is_empty()).then_some(r.except_id.as_str());
-        let store = &self.tenant.store;
-        let destroyed = match self.group() {
-            None => store.destroy_user(&r.user_id, except)?,
+        match self.group() {
+            None => {
+                let except = (!r.except_id.is_empty()).then_some(r.except_id.as_str());
+                let destroyed = self.tenant.store.destroy_user(&r.user_id, except)?;
+                Ok(pb::DestroyUserSessionsResponse { destroyed })
+            }
             Some(group) => {
                 // Ends overtaken by another write ended their session anyway: no replan.
-                let plan = store.plan_destroy_user(&r.user_id, except)?;
+                let plan = self.plan_destroy_user(r)?;
                 if !plan.effects.is_empty() {
                     group.propose(plan.effects).await?;
                 }
-                plan.reply
+                Ok(plan.reply)
             }
-        };
-        Ok(pb::DestroyUserSessionsResponse { destroyed })
+        }
     }
 
     /// Makes every change of this tenant so far durable under any fsync policy: the log

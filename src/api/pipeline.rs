@@ -6,6 +6,7 @@
 //! answers the ones it took and ends with UNAVAILABLE "shutting down", so an open stream
 //! never holds the drain until `shutdown_grace` runs out.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -13,6 +14,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
+use super::group::Pending;
 use super::{pb, status, Caller, PIPELINE_WINDOW};
 use pb::pipeline_request::Op;
 use pb::pipeline_response::Result as Outcome;
@@ -20,8 +22,8 @@ use pb::pipeline_response::Result as Outcome;
 /// One pipelined operation, applied, on its way to its reply.
 struct Applied {
     response: pb::PipelineResponse,
-    /// The log position its reply waits for, if it changed anything.
-    position: Option<u64>,
+    /// What its reply waits for.
+    wait: Wait,
     /// Its name as a metrics label.
     op: &'static str,
     /// When its `request_timeout` runs out.
@@ -31,6 +33,27 @@ struct Applied {
 }
 
 /// What the applying stage of a Pipeline stream hands on: a reply, or the stream's end.
+/// What an applied operation's reply waits for before it is sent.
+enum Wait {
+    /// Nothing: the reply is ready.
+    Nothing,
+    /// The single-node log, durable up to this position.
+    Log(u64),
+    /// In a group: the commit of a write submitted in the stream's order. `op` is planned
+    /// again if the write comes back overtaken (unless `replan` is false: DestroyUserSessions,
+    /// whose overtaken ends ended their sessions anyway).
+    Group {
+        pending: Pending,
+        op: Op,
+        replan: bool,
+    },
+    /// In a group: an operation run once every earlier operation of the stream has its
+    /// reply, so it sees the stream's own writes: a read, or a write whose plan failed while
+    /// earlier writes of the stream were still in flight (an update of a session the stream
+    /// has just created, say).
+    Later(Op),
+}
+
 // Nearly every step is a reply: boxing it would cost an allocation per operation to save
 // channel slots.
 #[allow(clippy::large_enum_variant)]
@@ -86,19 +109,23 @@ impl Caller {
 
     /// Serves one Pipeline stream: the stream of its replies.
     pub(super) fn serve_pipeline(
-        self,
+        mut self,
         requests: tonic::Streaming<pb::PipelineRequest>,
     ) -> ReceiverStream<Result<pb::PipelineResponse, Status>> {
         let (tx, rx) = mpsc::channel(PIPELINE_WINDOW);
-        if self.tenant.durable_log.is_none() {
+        if self.group().is_some() {
+            self.unsettled = Some(Default::default());
+        }
+        if self.tenant.durable_log.is_none() && self.group().is_none() {
             // Replies need not wait for the disk: one task applies each request in order and
             // sends its reply.
             self.apply_stream(requests, Sink::Direct(tx));
             return ReceiverStream::new(rx);
         }
-        // Two stages, so a stream does not stop at every fsync: the first applies requests in
-        // order, the second holds each reply until its change is durable (one fsync covers
-        // everything applied meanwhile) and sends it. Both channels are bounded.
+        // Two stages, so a stream does not stop at every fsync or commit: the first applies
+        // requests in order (in a group: plans and submits its writes in order), the second
+        // holds each reply until its change is durable (one fsync covers everything applied
+        // meanwhile) or committed, and sends it. Both channels are bounded.
         let (applied_tx, mut applied) = mpsc::channel(PIPELINE_WINDOW);
         self.clone()
             .apply_stream(requests, Sink::Staged(applied_tx));
@@ -132,7 +159,7 @@ impl Caller {
                             id: request.id,
                             result: Some(Outcome::Error(status::error(&budget.exhausted()))),
                         },
-                        position: None,
+                        wait: Wait::Nothing,
                         op,
                         deadline,
                         permit: None,
@@ -141,18 +168,22 @@ impl Caller {
             },
             None => None,
         };
-        let (result, position) = match request.op {
+        let (result, wait) = match request.op {
+            Some(op) if self.group().is_some() => self.submit(op).await,
             Some(op) => {
                 let (result, mutated) = self.dispatch(op).await;
-                let position = if mutated { self.log_position() } else { None };
+                let wait = match mutated.then(|| self.log_position()).flatten() {
+                    Some(position) => Wait::Log(position),
+                    None => Wait::Nothing,
+                };
                 (
                     result.unwrap_or_else(|e| Outcome::Error(status::error(&e))),
-                    position,
+                    wait,
                 )
             }
             None => (
                 Outcome::Error(status::error(&status::invalid("op", "is missing"))),
-                None,
+                Wait::Nothing,
             ),
         };
         Applied {
@@ -160,10 +191,89 @@ impl Caller {
                 id: request.id,
                 result: Some(result),
             },
-            position,
+            wait,
             op,
             deadline,
             permit,
+        }
+    }
+
+    /// In a group: plans a write and submits it behind the stream's earlier ones (its reply,
+    /// as it will be once applied, and the commit to wait for); defers a read to the second
+    /// stage.
+    async fn submit(&self, op: Op) -> (Outcome, Wait) {
+        let Some(group) = self.group() else {
+            unreachable!("submit is for a group's streams")
+        };
+        let planned = match &op {
+            Op::Create(r) => self.plan_create(r).map(|p| p.map(Outcome::Session)),
+            Op::Update(r) => self.plan_update(r).map(|p| p.map(Outcome::Session)),
+            Op::Regenerate(r) => self.plan_regenerate(r).map(|p| p.map(Outcome::Session)),
+            Op::Destroy(r) => self.plan_destroy(r).map(|p| p.map(Outcome::Destroy)),
+            Op::DestroyUserSessions(r) => self
+                .plan_destroy_user(r)
+                .map(|p| p.map(Outcome::DestroyUserSessions)),
+            Op::Get(_) | Op::Touch(_) | Op::ListUserSessions(_) => {
+                // The reply is made in the second stage.
+                return (Outcome::Error(pb::Error::default()), Wait::Later(op));
+            }
+        };
+        let unsettled = self.unsettled.as_deref();
+        let plan = match planned {
+            Ok(plan) => plan,
+            Err(_) if unsettled.is_some_and(|n| n.load(Ordering::Acquire) > 0) => {
+                return (Outcome::Error(pb::Error::default()), Wait::Later(op));
+            }
+            Err(e) => return (Outcome::Error(status::error(&e)), Wait::Nothing),
+        };
+        if plan.effects.is_empty() {
+            return (plan.reply, Wait::Nothing);
+        }
+        match group.submit(plan.effects).await {
+            Ok(pending) => {
+                if let Some(n) = unsettled {
+                    n.fetch_add(1, Ordering::AcqRel);
+                }
+                let replan = !matches!(op, Op::DestroyUserSessions(_));
+                (
+                    plan.reply,
+                    Wait::Group {
+                        pending,
+                        op,
+                        replan,
+                    },
+                )
+            }
+            Err(e) => (Outcome::Error(status::error(&e)), Wait::Nothing),
+        }
+    }
+
+    /// The result `wait` leaves for a reply that was `planned`: the change made durable or
+    /// committed (or an error saying why not), or a deferred read run now.
+    async fn settle(&self, wait: Wait, planned: Outcome) -> Result<Outcome, Status> {
+        match wait {
+            Wait::Nothing => Ok(planned),
+            Wait::Log(position) => {
+                self.durable_up_to(Some(position)).await?;
+                Ok(planned)
+            }
+            Wait::Group {
+                pending,
+                op,
+                replan,
+            } => {
+                let applied = pending.await;
+                if let Some(n) = &self.unsettled {
+                    n.fetch_sub(1, Ordering::AcqRel);
+                }
+                let applied = applied?;
+                if !replan || applied.first() == Some(&crate::store::Applied::Done) {
+                    return Ok(planned);
+                }
+                // Overtaken: the unary path plans again until it is not.
+                self.dispatch(op).await.0
+            }
+            Wait::Later(op) => self.dispatch(op).await.0,
         }
     }
 
@@ -172,22 +282,24 @@ impl Caller {
     async fn finish(&self, applied: Applied) -> pb::PipelineResponse {
         let Applied {
             mut response,
-            position,
+            wait,
             op,
             deadline,
             permit,
         } = applied;
-        if position.is_some() {
-            let wait = self.durable_up_to(position);
-            let waited = match deadline {
-                Some(at) => tokio::time::timeout_at(at, wait)
+        if !matches!(wait, Wait::Nothing) {
+            let planned = response
+                .result
+                .take()
+                .unwrap_or_else(|| Outcome::Error(pb::Error::default()));
+            let settled = self.settle(wait, planned);
+            let settled = match deadline {
+                Some(at) => tokio::time::timeout_at(at, settled)
                     .await
                     .unwrap_or_else(|_| Err(self.timed_out())),
-                None => wait.await,
+                None => settled.await,
             };
-            if let Err(e) = waited {
-                response.result = Some(Outcome::Error(status::error(&e)));
-            }
+            response.result = Some(settled.unwrap_or_else(|e| Outcome::Error(status::error(&e))));
         }
         drop(permit);
         let code = match &response.result {

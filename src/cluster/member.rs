@@ -27,6 +27,7 @@ use tonic_health::ServingStatus;
 
 use super::node::ClusterNode;
 use crate::api::forward::{Leadership, Route};
+use crate::api::group::Pending;
 use crate::api::Group;
 use crate::proto::SERVICE_NAME;
 use crate::session::{Millis, SessionKey};
@@ -63,6 +64,11 @@ impl Member {
 impl Group for Member {
     async fn propose(&self, effects: Vec<Effect>) -> Result<Vec<Applied>, Status> {
         Ok(self.node.propose(effects).await?.0)
+    }
+
+    async fn submit(&self, effects: Vec<Effect>) -> Result<Pending, Status> {
+        let pending = self.node.submit(effects).await?;
+        Ok(Box::pin(async move { Ok(pending.await?.0) }))
     }
 
     async fn lease_read(&self) -> Result<(), Status> {

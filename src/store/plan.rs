@@ -44,6 +44,16 @@ pub struct Plan<T> {
     pub reply: T,
 }
 
+impl<T> Plan<T> {
+    /// The same plan with its reply made into another form.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Plan<U> {
+        Plan {
+            effects: self.effects,
+            reply: f(self.reply),
+        }
+    }
+}
+
 impl Plan<Session> {
     /// A retry's plan: nothing to propose, the original result to reply.
     fn retry(original: Session) -> Self {
