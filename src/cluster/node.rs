@@ -251,7 +251,7 @@ impl ClusterNode {
                 return Err(StartError::Raft(e.to_string()));
             }
         };
-        let service = ClusterServer::new(PeerService::new(raft.clone(), dir))
+        let service = ClusterServer::new(PeerService::new(raft.clone(), node.clone(), dir))
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         let (stop, stopped) = oneshot::channel::<()>();
@@ -406,40 +406,13 @@ impl ClusterNode {
 
     /// Removes `id` from the cluster, voter or learner. Call it on the leader.
     pub async fn remove_member(&self, id: NodeId) -> Result<(), ProposeError> {
-        let is_voter = self
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .voter_ids()
-            .any(|v| v == id);
-        let change = match is_voter {
-            true => ChangeMembers::RemoveVoters(BTreeSet::from([id])),
-            false => ChangeMembers::RemoveNodes(BTreeSet::from([id])),
-        };
-        self.raft.change_membership(change, false).await?;
-        Ok(())
+        remove_member(&self.raft, id).await
     }
 
-    /// Hands leadership to `to` and returns once another node leads (or the transfer timed
-    /// out: then `Unavailable`). Call it on the leader.
+    /// Hands leadership to voter `to` and returns once another node leads (or the transfer
+    /// timed out: then `Unavailable`). Call it on the leader.
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), ProposeError> {
-        self.raft
-            .trigger()
-            .transfer_leader(to)
-            .await
-            .map_err(|e| ProposeError::Fatal(e.to_string()))?;
-        let me = self.id;
-        self.raft
-            .wait(Some(self.transfer_timeout))
-            .metrics(
-                |m| m.current_leader.is_some_and(|l| l != me),
-                "leadership transfer",
-            )
-            .await
-            .map_err(|e| {
-                ProposeError::Unavailable(format!("leadership transfer to node {to}: {e}"))
-            })?;
+        move_leader(&self.raft, to, self.transfer_timeout).await?;
         Ok(())
     }
 
@@ -517,6 +490,71 @@ pub(crate) async fn initialize(
             ProposeError::Rejected(format!("the members must include this node ({e})"))
         }
     })
+}
+
+/// Removes `id` from `raft`'s cluster, voter or learner. Only the leader can.
+pub(crate) async fn remove_member(raft: &Raft, id: NodeId) -> Result<(), ProposeError> {
+    let membership = raft.metrics().borrow_watched().membership_config.clone();
+    if membership.get_node(&id).is_none() {
+        return Err(ProposeError::Rejected(format!(
+            "node {id} is not a member of this node's cluster"
+        )));
+    }
+    let change = match membership.voter_ids().any(|v| v == id) {
+        true => ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+        false => ChangeMembers::RemoveNodes(BTreeSet::from([id])),
+    };
+    raft.change_membership(change, false).await?;
+    Ok(())
+}
+
+/// Hands the leadership of `raft`'s cluster to voter `to`. Returns the node that leads once
+/// another does (`to`, unless another voter won the election), or `Unavailable` when none does
+/// within `timeout`. Only the leader can: openraft would ignore the request on a follower.
+pub(crate) async fn move_leader(
+    raft: &Raft,
+    to: NodeId,
+    timeout: Duration,
+) -> Result<NodeId, ProposeError> {
+    let m = raft.metrics().borrow_watched().clone();
+    if m.state != ServerState::Leader {
+        return Err(not_the_leader(&m));
+    }
+    if !m.membership_config.voter_ids().any(|v| v == to) {
+        return Err(ProposeError::Rejected(format!(
+            "node {to} is not a voter of this cluster; leadership goes to voters only"
+        )));
+    }
+    if to == m.id {
+        return Ok(to);
+    }
+    raft.trigger()
+        .transfer_leader(to)
+        .await
+        .map_err(|e| ProposeError::Fatal(e.to_string()))?;
+    let me = m.id;
+    let m = raft
+        .wait(Some(timeout))
+        .metrics(
+            |m| m.current_leader.is_some_and(|l| l != me),
+            "leadership transfer",
+        )
+        .await
+        .map_err(|e| ProposeError::Unavailable(format!("leadership transfer to node {to}: {e}")))?;
+    Ok(m.current_leader.unwrap_or(to))
+}
+
+/// The refusal of a leader's request on a node that does not lead, naming the leader.
+fn not_the_leader(m: &Metrics) -> ProposeError {
+    let leader = m
+        .current_leader
+        .and_then(|id| Some((id, m.membership_config.get_node(&id)?.clone())));
+    match leader {
+        Some((leader_id, leader)) if leader_id != m.id => {
+            ProposeError::ForwardToLeader { leader_id, leader }
+        }
+        _ => ProposeError::Unavailable("no leader is known (an election is under way?)".into()),
+    }
 }
 
 /// openraft's settings from the `[cluster]` section.

@@ -6,13 +6,15 @@
 //! checksum is verified, and only then is it handed to openraft to install, so a transfer cut
 //! short or damaged on the way is refused instead of stopping the node.
 //!
-//! The admin calls (`Init`, `AddLearner`, `ChangeMembership`, `Status`) are what `sessionctl`
-//! will use; they act on this node, and membership changes must be made on the leader (a
-//! follower answers `FAILED_PRECONDITION`, naming the leader).
+//! The admin calls (`Init`, `AddLearner`, `ChangeMembership`, `RemoveMember`, `MoveLeader`,
+//! `Status`) are what `sessionctl cluster` uses; they act on this node, and membership changes
+//! and leadership moves must be made on the leader (a follower answers `FAILED_PRECONDITION`,
+//! naming the leader).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use openraft::async_runtime::WatchReceiver;
@@ -25,19 +27,21 @@ use super::node::{ProposeError, Role};
 use super::pb::cluster_server::Cluster;
 use super::pb_impl::{check_vote, Malformed};
 use super::state_machine::{temp_file, verify_snapshot, SnapshotFile};
-use super::{pb, Raft};
+use super::{pb, Node, Raft};
 
 /// The peer service of one node.
 pub struct PeerService {
     raft: Raft,
+    /// This node's advertised addresses, which `Status` reports.
+    node: Node,
     /// The Raft directory: where incoming snapshots are received.
     dir: PathBuf,
 }
 
 impl PeerService {
-    /// The service for `raft`, receiving snapshots into `dir`.
-    pub fn new(raft: Raft, dir: PathBuf) -> Self {
-        PeerService { raft, dir }
+    /// The service for `raft`, advertised as `node`, receiving snapshots into `dir`.
+    pub fn new(raft: Raft, node: Node, dir: PathBuf) -> Self {
+        PeerService { raft, node, dir }
     }
 }
 
@@ -173,11 +177,30 @@ impl Cluster for PeerService {
         Ok(Response::new(pb::ChangeMembershipResponse {}))
     }
 
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
+        super::node::remove_member(&self.raft, request.into_inner().node_id).await?;
+        Ok(Response::new(pb::RemoveMemberResponse {}))
+    }
+
+    async fn move_leader(
+        &self,
+        request: Request<pb::MoveLeaderRequest>,
+    ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        let to = request.into_inner().to_node_id;
+        // As long as a graceful shutdown waits for its transfer: a few election timeouts.
+        let timeout = Duration::from_millis(self.raft.config().election_timeout_max * 3);
+        let leader_id = super::node::move_leader(&self.raft, to, timeout).await?;
+        Ok(Response::new(pb::MoveLeaderResponse { leader_id }))
+    }
+
     async fn status(
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        Ok(Response::new(status(&self.raft)))
+        Ok(Response::new(status(&self.raft, &self.node)))
     }
 }
 
@@ -238,8 +261,8 @@ async fn receive(
         .map_err(write_err)
 }
 
-/// This node's view of the cluster, from openraft's metrics.
-pub(crate) fn status(raft: &Raft) -> pb::StatusResponse {
+/// This node's view of the cluster, from openraft's metrics; `node` is its own addresses.
+pub(crate) fn status(raft: &Raft, node: &Node) -> pb::StatusResponse {
     let m = raft.metrics().borrow_watched().clone();
     let membership = m.membership_config.membership();
     let leader = m
@@ -259,8 +282,10 @@ pub(crate) fn status(raft: &Raft) -> pb::StatusResponse {
             .replication
             .iter()
             .flatten()
-            .map(|(id, matched)| (*id, matched.map_or(0, |l| l.index)))
+            // None: nothing acknowledged yet (a new replication stream), so nothing known.
+            .filter_map(|(id, matched)| Some((*id, matched.as_ref()?.index)))
             .collect(),
+        node: Some(node.clone()),
     }
 }
 

@@ -8,6 +8,9 @@
 //!   same logical workload against Redis.
 //! - [`admin`]: what both read from the daemon's admin endpoint: an HTTP GET and a reader of
 //!   Prometheus samples.
+//! - [`cluster`]: `sessionctl cluster`: the admin calls of a node's peer service (status,
+//!   init, add, remove, transfer-leader), as functions the tests run against real nodes.
 
 pub mod admin;
+pub mod cluster;
 mod exposition;

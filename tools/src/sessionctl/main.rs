@@ -5,7 +5,8 @@
 //! success, and 2 for a command line clap cannot parse.
 //!
 //! This file holds the command line and the calls; `output` renders the answers, `stats`
-//! summarises the admin endpoint's `/metrics`.
+//! summarises the admin endpoint's `/metrics`. `sessionctl cluster` lives in the library
+//! (`sessiond_tools::cluster`), where its tests run it against real nodes.
 
 mod output;
 mod stats;
@@ -21,6 +22,7 @@ use serde_json::{json, Value};
 use sessiond_client::pb;
 use sessiond_client::pb::session_store_client::SessionStoreClient;
 use sessiond_client::{Bearer, ClientOptions, Error, Stub};
+use sessiond_tools::cluster::{self, render, ClusterError};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -176,6 +178,25 @@ enum Command {
     Stats,
     /// Check that sessiond is up and serving.
     Ping,
+    /// Manage a replicated sessiond through a node's peer port (--peer): status, init, add,
+    /// remove, transfer-leader.
+    Cluster {
+        /// A node's peer address (its cluster.peer_listen). Changes go to the leader, found
+        /// from this node's status: any member will do.
+        #[arg(
+            long,
+            env = "SESSIOND_PEER_ADDR",
+            default_value = cluster::DEFAULT_PEER,
+            global = true
+        )]
+        peer: String,
+        /// How long a membership change, a new node's catching up or a leadership move may
+        /// take.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration, global = true)]
+        wait: Duration,
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Run the load generator against --addr: `sessionctl bench -- --duration 5s ...`
     /// passes the rest to sessiond-bench (see `sessiond-bench --help`).
     Bench {
@@ -185,10 +206,46 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// The node's view of the cluster: role, term, leader, log indexes, the members and, on
+    /// the leader, how far each one is behind.
+    Status,
+    /// Start a new cluster with --peer's node as its only voter (once, on the first node).
+    Init,
+    /// Add a node as a voter: it joins as a learner, catches up, then votes.
+    Add {
+        /// The new node's peer address; its ID and addresses are read from its status.
+        #[arg(long, value_name = "PEER_ADDR")]
+        node: String,
+    },
+    /// Remove a member, voter or learner.
+    Remove {
+        /// The member's node ID (see `cluster status`).
+        #[arg(long, value_name = "NODE_ID")]
+        id: u64,
+    },
+    /// Hand leadership to another voter, e.g. before restarting the leader's host.
+    TransferLeader {
+        /// The voter to lead (see `cluster status`).
+        #[arg(long, value_name = "NODE_ID")]
+        to: u64,
+    },
+}
+
 /// A failure, with the exit code it maps to.
 struct Failure {
     code: u8,
     message: String,
+}
+
+impl From<ClusterError> for Failure {
+    fn from(e: ClusterError) -> Self {
+        Failure {
+            code: e.code() as u8,
+            message: format!("{}: {e}", code_name(e.code())),
+        }
+    }
 }
 
 impl From<Status> for Failure {
@@ -244,12 +301,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(&cli)) {
-        Ok(out) => {
+    let answer = match &cli.command {
+        Command::Cluster {
+            peer,
+            wait,
+            command,
+        } => runtime.block_on(cluster(&cli, peer, *wait, command)),
+        _ => runtime.block_on(run(&cli)).map(|json| {
+            let text = human(&json);
+            (json, text)
+        }),
+    };
+    match answer {
+        Ok((json, text)) => {
             if cli.json {
-                println!("{out}");
+                println!("{json}");
             } else {
-                print!("{}", human(&out));
+                print!("{text}");
             }
             ExitCode::SUCCESS
         }
@@ -436,7 +504,43 @@ async fn run(cli: &Cli) -> Result<Value, Failure> {
         Command::Ping => ping(cli).await,
         Command::Stats => stats(cli).await,
         Command::Bench { .. } => unreachable!("bench runs before any connection"),
+        Command::Cluster { .. } => unreachable!("cluster commands have their own rendering"),
     }
+}
+
+/// A `cluster` command: its answer as JSON, and as text for a person.
+async fn cluster(
+    cli: &Cli,
+    peer: &str,
+    wait: Duration,
+    command: &ClusterCommand,
+) -> Result<(Value, String), Failure> {
+    let o = cluster::Options {
+        timeout: cli.timeout,
+        wait,
+    };
+    Ok(match command {
+        ClusterCommand::Status => {
+            let s = cluster::status(peer, &o).await?;
+            (render::status_json(&s), render::status_text(&s))
+        }
+        ClusterCommand::Init => {
+            let s = cluster::init(peer, &o).await?;
+            (render::init_json(&s), render::init_text(&s))
+        }
+        ClusterCommand::Add { node } => {
+            let a = cluster::add(peer, node, &o).await?;
+            (render::added_json(&a), render::added_text(&a))
+        }
+        ClusterCommand::Remove { id } => {
+            let s = cluster::remove(peer, *id, &o).await?;
+            (render::removed_json(*id, &s), render::removed_text(*id, &s))
+        }
+        ClusterCommand::TransferLeader { to } => {
+            let m = cluster::transfer_leader(peer, *to, &o).await?;
+            (render::moved_json(&m), render::moved_text(&m))
+        }
+    })
 }
 
 /// Hands over to `sessiond-bench`, installed beside this binary, aimed at `--addr`.
@@ -523,5 +627,29 @@ mod tests {
             let cli = Cli::try_parse_from(std::iter::once("sessionctl").chain(args.clone()));
             assert!(cli.is_ok(), "{args:?}: {}", cli.err().unwrap());
         }
+    }
+
+    /// --peer defaults to the daemon's default peer_listen, and may follow the subcommand.
+    #[test]
+    fn cluster_commands_parse_with_the_default_peer() {
+        let cli = Cli::try_parse_from(["sessionctl", "cluster", "status"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Cluster { ref peer, command: ClusterCommand::Status, .. } if peer == "127.0.0.1:7422"
+        ));
+        let cli = Cli::try_parse_from([
+            "sessionctl",
+            "cluster",
+            "transfer-leader",
+            "--to",
+            "7",
+            "--peer",
+            "10.0.0.1:7422",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Cluster { ref peer, command: ClusterCommand::TransferLeader { to: 7 }, .. } if peer == "10.0.0.1:7422"
+        ));
     }
 }

@@ -1,0 +1,222 @@
+//! `sessionctl cluster` against real nodes: three `ClusterNode`s of the `sessiond` library,
+//! in-process, each with its own data directory and Store, their peer services on ephemeral
+//! loopback ports. The commands' library functions drive them (and the binary, once, for its
+//! exit code and output); they are also the first tests of the peer service's admin calls.
+//!
+//! One test, run in sequence: two clusters side by side on a two-core machine starve each
+//! other's heartbeats into elections. Nothing sleeps to let things settle: every wait polls a
+//! node's status up to [`WAIT`].
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sessiond::clock::Clock;
+use sessiond::cluster::node::ClusterNode;
+use sessiond::config::ClusterConfig;
+use sessiond::persist::log::FsyncPolicy;
+use sessiond::store::{events, Limits, Store};
+use sessiond_tools::cluster::{self, pb, render, ClusterError, Options};
+use tonic::Code;
+
+/// The longest any wait may take: generous, for a loaded two-core machine.
+const WAIT: Duration = Duration::from_secs(30);
+
+const OPTIONS: Options = Options {
+    timeout: Duration::from_secs(5),
+    wait: WAIT,
+};
+
+fn config() -> ClusterConfig {
+    ClusterConfig {
+        peer_listen: "127.0.0.1:0".parse().unwrap(),
+        heartbeat_interval: Duration::from_millis(100),
+        election_timeout_min: Duration::from_millis(1000),
+        election_timeout_max: Duration::from_millis(2000),
+        fsync: Some(FsyncPolicy::No),
+        ..ClusterConfig::default()
+    }
+}
+
+fn store() -> Store {
+    Store::new(
+        Limits::default(),
+        8,
+        Clock::manual(1_700_000_000_000),
+        Box::new(events::Discard),
+    )
+}
+
+/// The status of the node at `addr`, once `done` holds.
+async fn status_when(
+    addr: &str,
+    what: &str,
+    done: impl Fn(&pb::StatusResponse) -> bool,
+) -> pb::StatusResponse {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = cluster::status(addr, &OPTIONS).await.unwrap();
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{addr}: {what}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the sessionctl binary; its exit code, stdout and stderr.
+async fn sessionctl(args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessionctl"));
+    cmd.args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ids(s: &pb::StatusResponse) -> BTreeSet<u64> {
+    cluster::members(s).into_keys().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_add_transfer_and_remove_through_the_admin_calls() {
+    let root = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let dir = root.path().join(format!("n{i}"));
+        nodes.push(ClusterNode::start(&config(), &dir, store()).await.unwrap());
+    }
+    let addr: Vec<String> = nodes.iter().map(|n| n.peer_addr().to_string()).collect();
+    let id: Vec<u64> = nodes.iter().map(ClusterNode::id).collect();
+
+    // A fresh node: its own ID and addresses, no members, no leader, and a warning that says
+    // how to start.
+    let s = cluster::status(&addr[0], &OPTIONS).await.unwrap();
+    assert_eq!(s.node_id, id[0]);
+    assert_eq!(s.node.as_ref().unwrap().peer_addr, addr[0]);
+    assert_eq!(s.leader_id, 0);
+    assert!(ids(&s).is_empty());
+    let text = render::status_text(&s);
+    assert!(text.contains("not part of a cluster yet"), "{text}");
+    let json = render::status_json(&s);
+    assert_eq!(json["node_id"], id[0].to_string());
+    assert_eq!(json["leader"], serde_json::Value::Null);
+
+    // Nothing to lead yet.
+    let e = cluster::add(&addr[0], &addr[1], &OPTIONS)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClusterError::NotInitialized { .. }), "{e}");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    // init: node 0 leads a cluster of one.
+    let s = cluster::init(&addr[0], &OPTIONS).await.unwrap();
+    assert_eq!(s.role, cluster::LEADER);
+    assert_eq!(s.leader_id, id[0]);
+    assert_eq!(cluster::voters(&s), BTreeSet::from([id[0]]));
+    let e = cluster::init(&addr[0], &OPTIONS).await.unwrap_err();
+    assert!(matches!(e, ClusterError::AlreadyInitialized { .. }), "{e}");
+
+    // add, once on the leader and once through a follower: both become voters.
+    let a = cluster::add(&addr[0], &addr[1], &OPTIONS).await.unwrap();
+    assert_eq!((a.node_id, a.already_voter), (id[1], false));
+    assert_eq!(cluster::voters(&a.status), BTreeSet::from([id[0], id[1]]));
+    // Node 1 knows the group once its leader's membership entries have reached it.
+    status_when(&addr[1], "node 1 follows node 0", |s| s.leader_id == id[0]).await;
+    let a = match cluster::add(&addr[1], &addr[2], &OPTIONS).await {
+        Ok(a) => a,
+        Err(e) => panic!(
+            "{e}; node 1 now: {:?}",
+            cluster::status(&addr[1], &OPTIONS).await
+        ),
+    };
+    assert_eq!((a.node_id, a.already_voter), (id[2], false));
+    let all = BTreeSet::from_iter(id.iter().copied());
+    assert_eq!(cluster::voters(&a.status), all);
+    let again = cluster::add(&addr[2], &addr[2], &OPTIONS).await.unwrap();
+    assert!(again.already_voter);
+
+    // The leader's status: three voters, no learner, one leader, everyone's progress.
+    let s = status_when(&addr[0], "every follower's progress known", |s| {
+        ids(s)
+            .iter()
+            .all(|i| *i == s.node_id || s.matched_index.contains_key(i))
+    })
+    .await;
+    let json = render::status_json(&s);
+    assert_eq!(json["voters"].as_array().unwrap().len(), 3, "{json}");
+    assert!(json["learners"].as_array().unwrap().is_empty());
+    let members = json["members"].as_array().unwrap();
+    let leaders: Vec<_> = members.iter().filter(|m| m["role"] == "leader").collect();
+    assert_eq!(leaders.len(), 1, "{json}");
+    assert_eq!(leaders[0]["node_id"], id[0].to_string());
+    assert!(
+        members.iter().all(|m| m["matched_index"].is_u64()),
+        "{json}"
+    );
+    let text = render::status_text(&s);
+    assert!(text.contains("3 voters, 0 learners"), "{text}");
+    // Every member agrees on the leader.
+    for a in &addr {
+        status_when(a, "node 0 leads, three voters", |s| {
+            s.leader_id == id[0] && cluster::voters(s) == all
+        })
+        .await;
+    }
+
+    // The binary: --json status through a follower, and init refused with its exit code.
+    let (code, out, err) = sessionctl(&["--json", "cluster", "status", "--peer", &addr[1]]).await;
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["leader"]["node_id"], id[0].to_string());
+    let (code, out, err) = sessionctl(&["cluster", "status", "--peer", &addr[1]]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("<- this node"), "{out}");
+    let (code, _, err) = sessionctl(&["cluster", "init", "--peer", &addr[2]]).await;
+    assert_eq!(code, Code::FailedPrecondition as i32, "{err}");
+    assert!(err.contains("already part of a cluster"), "{err}");
+
+    // transfer-leader, asked of a follower: node 1 leads.
+    let m = cluster::transfer_leader(&addr[2], id[1], &OPTIONS)
+        .await
+        .unwrap();
+    assert_eq!((m.from, m.to, m.leader_id), (id[0], id[1], id[1]));
+    for a in &addr {
+        status_when(a, "node 1 leads", |s| s.leader_id == id[1]).await;
+    }
+    let e = cluster::transfer_leader(&addr[0], 42, &OPTIONS)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+
+    // remove node 2, asked of node 0 (a follower now): two members remain.
+    let s = cluster::remove(&addr[0], id[2], &OPTIONS).await.unwrap();
+    assert_eq!(s.node_id, id[1]);
+    assert_eq!(ids(&s), BTreeSet::from([id[0], id[1]]));
+    for a in &addr[..2] {
+        status_when(a, "node 2 gone", |s| {
+            ids(s) == BTreeSet::from([id[0], id[1]])
+        })
+        .await;
+    }
+    let e = cluster::remove(&addr[0], id[2], &OPTIONS)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClusterError::NotAMember { .. }), "{e}");
+
+    // The leader first: it hands over to node 0 rather than waiting on a stopped successor.
+    for i in [1, 0, 2] {
+        nodes[i].shutdown().await;
+    }
+
+    // Nobody home: unreachable, exit code UNAVAILABLE.
+    let e = cluster::status(&addr[0], &OPTIONS).await.unwrap_err();
+    assert!(matches!(e, ClusterError::Unreachable { .. }), "{e}");
+    let (code, _, err) = sessionctl(&["cluster", "status", "--peer", &addr[0]]).await;
+    assert_eq!(code, Code::Unavailable as i32, "{err}");
+    assert!(err.contains("cannot reach the peer port"), "{err}");
+}
