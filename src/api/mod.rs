@@ -388,7 +388,10 @@ impl Caller {
                 Ok(pb::DestroyUserSessionsResponse { destroyed })
             }
             Some(group) => {
-                // Ends overtaken by another write ended their session anyway: no replan.
+                // The plan lists the user's sessions: a read, so under the lease (see
+                // `group`). Ends overtaken by another write ended their session anyway: no
+                // replan.
+                group.lease_read().await?;
                 let plan = self.plan_destroy_user(r)?;
                 if !plan.effects.is_empty() {
                     group.propose(plan.effects).await?;

@@ -205,6 +205,13 @@ impl Caller {
         let Some(group) = self.group() else {
             unreachable!("submit is for a group's streams")
         };
+        // A plan that replies without proposing is a read of this node's state: under the
+        // lease, as `group::write` takes it.
+        if !matches!(op, Op::Get(_) | Op::Touch(_) | Op::ListUserSessions(_)) {
+            if let Err(e) = group.lease_read().await {
+                return (Outcome::Error(status::error(&e)), Wait::Nothing);
+            }
+        }
         let planned = match &op {
             Op::Create(r) => self.plan_create(r).map(|p| p.map(Outcome::Session)),
             Op::Update(r) => self.plan_update(r).map(|p| p.map(Outcome::Session)),
