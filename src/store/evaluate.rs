@@ -271,25 +271,13 @@ impl Store {
                 Idem::Retry(original) => return Ok(original),
                 Idem::Fresh { key, held } => (key, held),
             };
-        let new_user = match rotation.user {
-            None => None,
-            Some(u) => Some(self.inner.limits.check_user(Some(u))?),
-        };
-        let current_user = {
-            let entry = self.inner.sessions.get(&old).ok_or(StoreError::NotFound)?;
-            if !entry.is_live(self.now()) {
-                return Err(StoreError::NotFound);
-            }
-            entry.user.clone()
-        };
-        let user = new_user.unwrap_or_else(|| current_user.clone());
-        let login = user != current_user;
-        // A login may bind a longer user ID than the session had. Room is made after the
-        // lookup, so a Regenerate of a missing session evicts nobody.
-        let growth = user
-            .as_deref()
-            .map_or(0, str::len)
-            .saturating_sub(current_user.as_deref().map_or(0, str::len));
+        let Binding {
+            current_user,
+            user,
+            login,
+            growth,
+        } = self.binding(old, rotation.user.take(), self.now())?;
+        // Room is made after the lookup, so a Regenerate of a missing session evicts nobody.
         if growth > 0 {
             self.make_room(growth, self.now())?;
         }
@@ -318,6 +306,39 @@ impl Store {
             unreachable!("built as a Regenerate just above")
         };
         Ok(session)
+    }
+
+    /// Who a Regenerate of the live session `old` binds: its current user, the user it will
+    /// have (the rotation's, checked, or the same), whether that is a login, and how many
+    /// bytes a longer user ID adds.
+    pub(crate) fn binding(
+        &self,
+        old: SessionKey,
+        requested: Option<String>,
+        now: Millis,
+    ) -> Result<Binding, StoreError> {
+        let new_user = match requested {
+            None => None,
+            Some(u) => Some(self.inner.limits.check_user(Some(u))?),
+        };
+        let current_user = {
+            let entry = self.inner.sessions.get(&old).ok_or(StoreError::NotFound)?;
+            if !entry.is_live(now) {
+                return Err(StoreError::NotFound);
+            }
+            entry.user.clone()
+        };
+        let user = new_user.unwrap_or_else(|| current_user.clone());
+        let growth = user
+            .as_deref()
+            .map_or(0, str::len)
+            .saturating_sub(current_user.as_deref().map_or(0, str::len));
+        Ok(Binding {
+            login: user != current_user,
+            current_user,
+            user,
+            growth,
+        })
     }
 
     /// Ends one session. `Ok(false)` if there was no live session under that ID.
@@ -469,5 +490,17 @@ pub(crate) struct Changed<'c> {
     /// The keys it removes.
     pub(crate) remove: HashSet<&'c str>,
     /// The most it can grow the session by (every key new).
+    pub(crate) growth: usize,
+}
+
+/// Who a Regenerate binds, after [`Store::binding`].
+pub(crate) struct Binding {
+    /// The session's user now.
+    pub(crate) current_user: Option<Arc<str>>,
+    /// Its user after the move.
+    pub(crate) user: Option<Arc<str>>,
+    /// Whether the move binds another user: a login.
+    pub(crate) login: bool,
+    /// The bytes a longer user ID adds.
     pub(crate) growth: usize,
 }

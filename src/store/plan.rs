@@ -26,6 +26,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::evaluate::Binding;
 use super::events::{Effect, EndCause};
 use super::idempotency::{Idem, IdempotentOp};
 use super::{Change, NewSession, Rotation, Store, StoreError};
@@ -92,16 +93,11 @@ impl Store {
             self.user_room(new.user.as_ref(), now)?
         };
         let session = new.session(now);
-        let mut effects = Vec::with_capacity(1 + victims.len());
-        effects.push(Effect::Create {
+        let create = Effect::Create {
             session: session.clone(),
             idempotency,
-        });
-        effects.extend(evictions(&victims, now));
-        Ok(Plan {
-            effects,
-            reply: session,
-        })
+        };
+        Ok(evicting(create, &victims, now, session))
     }
 
     /// Plans a partial Update: the effect, and the session as it will read once applied.
@@ -155,24 +151,13 @@ impl Store {
             Idem::Retry(original) => return Ok(Plan::retry(original)),
             Idem::Fresh { key, .. } => key,
         };
-        let new_user = match rotation.user {
-            None => None,
-            Some(u) => Some(self.inner.limits.check_user(Some(u))?),
-        };
         let now = self.now();
-        let current_user = {
-            let entry = self.inner.sessions.get(&old).ok_or(StoreError::NotFound)?;
-            if !entry.is_live(now) {
-                return Err(StoreError::NotFound);
-            }
-            entry.user.clone()
-        };
-        let user = new_user.unwrap_or_else(|| current_user.clone());
-        let login = user != current_user;
-        let growth = user
-            .as_deref()
-            .map_or(0, str::len)
-            .saturating_sub(current_user.as_deref().map_or(0, str::len));
+        let Binding {
+            current_user,
+            user,
+            login,
+            growth,
+        } = self.binding(old, rotation.user.clone(), now)?;
         self.check_room(growth)?;
         let victims = {
             let _latches = self.latch_users(current_user.as_deref(), user.as_deref());
@@ -185,17 +170,12 @@ impl Store {
         }
         let session = super::evaluate::rotated(old, &entry, &user, now, rotation.drop_attributes);
         drop(entry);
-        let mut effects = Vec::with_capacity(1 + victims.len());
-        effects.push(Effect::Regenerate {
+        let moved = Effect::Regenerate {
             old,
             session: session.clone(),
             idempotency,
-        });
-        effects.extend(evictions(&victims, now));
-        Ok(Plan {
-            effects,
-            reply: session,
-        })
+        };
+        Ok(evicting(moved, &victims, now, session))
     }
 
     /// Plans a Destroy: the reply says whether there was a live session under that ID (no
@@ -315,13 +295,16 @@ impl Store {
     }
 }
 
-/// The `End` effects that evict `victims` at `now`.
-fn evictions(victims: &[SessionKey], now: Millis) -> impl Iterator<Item = Effect> + '_ {
-    victims.iter().map(move |&key| Effect::End {
+/// The plan of `write`, followed by the `End`s that evict `victims` at `now`.
+fn evicting<T>(write: Effect, victims: &[SessionKey], now: Millis, reply: T) -> Plan<T> {
+    let mut effects = Vec::with_capacity(1 + victims.len());
+    effects.push(write);
+    effects.extend(victims.iter().map(|&key| Effect::End {
         key,
         cause: EndCause::Evicted,
         at: now,
-    })
+    }));
+    Plan { effects, reply }
 }
 
 #[cfg(test)]
