@@ -162,3 +162,61 @@ async fn a_leader_that_shuts_down_hands_over_and_no_write_is_refused_for_long() 
         .into_inner();
     assert_eq!(got.user_id, "dave");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_reports_the_same_digest_and_a_write_changes_it_a_read_does_not() {
+    let cluster = Cluster::start(3, "always").await;
+    let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+    let mut client = cluster.client(leader).await;
+    let mut ids = Vec::new();
+    for user in ["ann", "ben", "cy"] {
+        let s = common::create(
+            &mut client,
+            pb::CreateRequest {
+                user_id: user.into(),
+                attributes: common::attrs(&[("cart", user)]),
+                ..Default::default()
+            },
+        )
+        .await;
+        ids.push(s.id);
+    }
+    let before = cluster.settled_digests().await;
+    assert_eq!(before[0].sessions, 3);
+    assert_eq!(before[0].sha256.len(), 32);
+    assert!(
+        before.iter().all(|d| d.sha256 == before[0].sha256),
+        "{before:?}"
+    );
+
+    // A sliding read moves last_access_at (on the leader at once, on the others through a
+    // touch): not part of the digest.
+    client
+        .get(pb::GetRequest {
+            id: ids[0].clone(),
+            peek: false,
+        })
+        .await
+        .unwrap();
+    let read = cluster.settled_digests().await;
+    assert!(
+        read.iter().all(|d| d.sha256 == before[0].sha256),
+        "{read:?}"
+    );
+
+    client
+        .update(pb::UpdateRequest {
+            id: ids[1].clone(),
+            set: common::attrs(&[("theme", "dark")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let written = cluster.settled_digests().await;
+    assert!(
+        written.iter().all(|d| d.sha256 == written[0].sha256),
+        "{written:?}"
+    );
+    assert_ne!(written[0].sha256, before[0].sha256);
+    assert!(written[0].applied_index > before[0].applied_index);
+}

@@ -18,7 +18,7 @@
 //!   `Store::apply`, the code recovery uses; snapshots in the single-node snapshot format, with
 //!   the Raft metadata as the first frame.
 //! - [`network`] and [`peer_service`]: the Raft RPCs over tonic (HTTP/2), client and server,
-//!   and the admin calls (`Init`, `AddLearner`, `ChangeMembership`, `Status`).
+//!   and the admin calls (`Init`, `AddLearner`, `ChangeMembership`, `Status`, `Digest`).
 //! - [`node`]: [`ClusterNode`], which starts all of the above from a `[cluster]` config section
 //!   and offers what the daemon needs: propose, lease reads, leader, membership, shutdown.
 //!

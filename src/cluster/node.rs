@@ -247,7 +247,7 @@ impl ClusterNode {
                 return Err(StartError::Raft(e.to_string()));
             }
         };
-        let service = ClusterServer::new(PeerService::new(raft.clone(), dir))
+        let service = ClusterServer::new(PeerService::new(raft.clone(), dir, store.clone()))
             .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         let (stop, stopped) = oneshot::channel::<()>();
