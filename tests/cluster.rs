@@ -220,3 +220,66 @@ async fn every_replica_reports_the_same_digest_and_a_write_changes_it_a_read_doe
     assert_ne!(written[0].sha256, before[0].sha256);
     assert!(written[0].applied_index > before[0].applied_index);
 }
+
+/// A leader cut off from the others keeps believing it leads for a while. Writes it plans
+/// against its old state must not be answered from that state: a Destroy or an Update of a
+/// session the new leader created is refused (UNAVAILABLE), never answered "not found".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_answers_no_write_from_its_old_state() {
+    let cluster = Cluster::start(3, "always").await;
+    let old = cluster.wait_for_leader(&[0, 1, 2]).await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let mut via_old = cluster.client(old).await;
+    cluster
+        .mesh
+        .partition(&common::faultproxy::Partition::isolate(old));
+    cluster.wait_for_new_leader(&others, old).await;
+    let (s, _) = create_until_served(&cluster, others[0], "fay", Duration::from_secs(20)).await;
+    let status = cluster.status(old).await.unwrap();
+    println!("the isolated node's role: {}", status.role);
+
+    let destroyed = via_old
+        .destroy(pb::DestroyRequest { id: s.id.clone() })
+        .await;
+    assert_eq!(
+        destroyed.as_ref().map_err(|e| e.code()).err(),
+        Some(Code::Unavailable),
+        "a Destroy through the deposed leader: {destroyed:?}"
+    );
+    let updated = via_old
+        .update(pb::UpdateRequest {
+            id: s.id.clone(),
+            set: common::attrs(&[("theme", "dark")]),
+            expected_version: Some(1),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        updated.as_ref().map_err(|e| e.code()).err(),
+        Some(Code::Unavailable),
+        "an Update through the deposed leader: {updated:?}"
+    );
+    let gone = via_old
+        .destroy_user_sessions(pb::DestroyUserSessionsRequest {
+            user_id: "fay".into(),
+            except_id: String::new(),
+        })
+        .await;
+    assert_eq!(
+        gone.as_ref().map_err(|e| e.code()).err(),
+        Some(Code::Unavailable),
+        "a DestroyUserSessions through the deposed leader: {gone:?}"
+    );
+
+    cluster.mesh.heal();
+    let mut client = cluster.client(others[1]).await;
+    let got = client
+        .get(pb::GetRequest {
+            id: s.id,
+            peek: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.version, 1);
+}

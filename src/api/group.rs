@@ -6,6 +6,10 @@
 //! replies once a majority has them and they are applied here. A plan that a newer write
 //! overtook comes back [`Applied::Stale`] and is planned again against the newer state.
 //! Reads wait for the leader's lease, so a deposed leader never answers from old state.
+//! Writes wait for it too, before they plan: a plan may reply without proposing anything
+//! (not found, a version mismatch, a retry's replay), and such a reply is a read of this
+//! node's state. Without the lease, a leader cut off from the group would answer "not found"
+//! for a session the new leader created.
 //!
 //! The edge knows the group only through [`Group`]; `crate::cluster` implements it on the
 //! Raft engine.
@@ -31,13 +35,15 @@ pub trait Group: Send + Sync + 'static {
 /// caller is told to retry.
 const REPLANS: usize = 8;
 
-/// Plans with `plan`, proposes, and replies once applied; plans again while the first
-/// effect comes back stale. An empty plan (a retry answered from the record of an earlier
-/// write, say) replies at once.
+/// Waits for the lease (see the module docs), plans with `plan`, proposes, and replies once
+/// applied; plans again while the first effect comes back stale. An empty plan (a retry
+/// answered from the record of an earlier write, say) replies at once.
 pub(super) async fn write<T>(
     group: &dyn Group,
     mut plan: impl FnMut() -> Result<Plan<T>, StoreError>,
 ) -> Result<T, Status> {
+    // Once is enough: a replan follows an apply on this node, which is newer still.
+    group.lease_read().await?;
     for _ in 0..REPLANS {
         let Plan { effects, reply } = plan()?;
         if effects.is_empty() {

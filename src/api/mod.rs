@@ -359,7 +359,10 @@ impl Caller {
         let destroyed = match self.group() {
             None => store.destroy_user(&r.user_id, except)?,
             Some(group) => {
-                // Ends overtaken by another write ended their session anyway: no replan.
+                // The plan lists the user's sessions: a read, so under the lease (see
+                // `group`). Ends overtaken by another write ended their session anyway: no
+                // replan.
+                group.lease_read().await?;
                 let plan = store.plan_destroy_user(&r.user_id, except)?;
                 if !plan.effects.is_empty() {
                     group.propose(plan.effects).await?;
