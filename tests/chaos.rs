@@ -871,8 +871,10 @@ impl Driver<'_> {
     async fn run(&mut self, faults: Faults, budget: Duration) {
         let started = Instant::now();
         let end = started + budget;
+        let mut turn = self.rng.random_range(0..8);
         while Instant::now() < end {
-            let episode = self.pick(faults);
+            turn += 1;
+            let episode = self.pick(faults, turn);
             println!(
                 "   [{} {:.1}s] {episode:?}",
                 self.report.name,
@@ -884,7 +886,9 @@ impl Driver<'_> {
         }
     }
 
-    fn pick(&mut self, faults: Faults) -> Episode {
+    /// The episode for turn `turn`: in `mixed`, every kind in turn (so that a short run sees
+    /// each), elsewhere one at random.
+    fn pick(&mut self, faults: Faults, turn: usize) -> Episode {
         use Episode::*;
         let choices: &[Episode] = match faults {
             Faults::Kills => &[KillLeader, KillLeader, KillFollower],
@@ -902,7 +906,10 @@ impl Driver<'_> {
             ],
             Faults::EverysecKills => &[KillLeader, KillLeader, KillFollower, KillAll],
         };
-        choices[self.rng.random_range(0..choices.len())]
+        match faults {
+            Faults::Mixed => choices[turn % choices.len()],
+            _ => choices[self.rng.random_range(0..choices.len())],
+        }
     }
 
     /// Sleeps a random number of milliseconds in `range`.

@@ -283,3 +283,27 @@ async fn a_deposed_leader_answers_no_write_from_its_old_state() {
         .into_inner();
     assert_eq!(got.version, 1);
 }
+
+/// Two Regenerates of one session at once: at most one may move it. Found by the chaos suite:
+/// both are planned at the same version, the first applied moves the session, and applying
+/// the second finds neither its old ID nor its new one, which `Store::apply` takes for a
+/// replay over a fuzzy snapshot and so creates the new session a second time. One old ID
+/// then lives on as two sessions. Ignored until the fix (see the report of h-chaos).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: concurrent Regenerates of one session both succeed"]
+async fn two_regenerates_of_one_session_at_once_move_it_once() {
+    let cluster = Cluster::start(3, "always").await;
+    let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+    let (mut a, mut b) = (cluster.client(leader).await, cluster.client(leader).await);
+    let mut both = 0;
+    for _ in 0..20 {
+        let (s, _) = create_until_served(&cluster, leader, "gus", Duration::ZERO).await;
+        let req = || pb::RegenerateRequest {
+            id: s.id.clone(),
+            ..Default::default()
+        };
+        let (x, y) = tokio::join!(a.regenerate(req()), b.regenerate(req()));
+        both += usize::from(x.is_ok() && y.is_ok());
+    }
+    assert_eq!(both, 0, "both Regenerates succeeded {both} times in 20");
+}

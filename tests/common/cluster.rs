@@ -354,7 +354,8 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "no agreed leader among {among:?} within {AGREE:?}: {leaders:?}"
+                "no agreed leader among {among:?} within {AGREE:?}: {leaders:?} (node IDs {:?})",
+                self.nodes.iter().map(|n| n.id).collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
