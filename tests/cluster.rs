@@ -231,3 +231,147 @@ async fn a_pipeline_through_a_follower_keeps_its_order_while_its_writes_commit_t
     }
     assert_eq!(seen, sent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_reports_the_same_digest_and_a_write_changes_it_a_read_does_not() {
+    let cluster = Cluster::start(3, "always").await;
+    let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+    let mut client = cluster.client(leader).await;
+    let mut ids = Vec::new();
+    for user in ["ann", "ben", "cy"] {
+        let s = common::create(
+            &mut client,
+            pb::CreateRequest {
+                user_id: user.into(),
+                attributes: common::attrs(&[("cart", user)]),
+                ..Default::default()
+            },
+        )
+        .await;
+        ids.push(s.id);
+    }
+    let before = cluster.settled_digests().await;
+    assert_eq!(before[0].sessions, 3);
+    assert_eq!(before[0].sha256.len(), 32);
+    assert!(
+        before.iter().all(|d| d.sha256 == before[0].sha256),
+        "{before:?}"
+    );
+
+    // A sliding read moves last_access_at (on the leader at once, on the others through a
+    // touch): not part of the digest.
+    client
+        .get(pb::GetRequest {
+            id: ids[0].clone(),
+            peek: false,
+        })
+        .await
+        .unwrap();
+    let read = cluster.settled_digests().await;
+    assert!(
+        read.iter().all(|d| d.sha256 == before[0].sha256),
+        "{read:?}"
+    );
+
+    client
+        .update(pb::UpdateRequest {
+            id: ids[1].clone(),
+            set: common::attrs(&[("theme", "dark")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let written = cluster.settled_digests().await;
+    assert!(
+        written.iter().all(|d| d.sha256 == written[0].sha256),
+        "{written:?}"
+    );
+    assert_ne!(written[0].sha256, before[0].sha256);
+    assert!(written[0].applied_index > before[0].applied_index);
+}
+
+/// A leader cut off from the others keeps believing it leads for a while. Writes it plans
+/// against its old state must not be answered from that state: a Destroy or an Update of a
+/// session the new leader created is refused (UNAVAILABLE), never answered "not found".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_answers_no_write_from_its_old_state() {
+    let cluster = Cluster::start(3, "always").await;
+    let old = cluster.wait_for_leader(&[0, 1, 2]).await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let mut via_old = cluster.client(old).await;
+    cluster
+        .mesh
+        .partition(&common::faultproxy::Partition::isolate(old));
+    cluster.wait_for_new_leader(&others, old).await;
+    let (s, _) = create_until_served(&cluster, others[0], "fay", Duration::from_secs(20)).await;
+    let status = cluster.status(old).await.unwrap();
+    println!("the isolated node's role: {}", status.role);
+
+    let destroyed = via_old
+        .destroy(pb::DestroyRequest { id: s.id.clone() })
+        .await;
+    assert_eq!(
+        destroyed.as_ref().map_err(|e| e.code()).err(),
+        Some(Code::Unavailable),
+        "a Destroy through the deposed leader: {destroyed:?}"
+    );
+    let updated = via_old
+        .update(pb::UpdateRequest {
+            id: s.id.clone(),
+            set: common::attrs(&[("theme", "dark")]),
+            expected_version: Some(1),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        updated.as_ref().map_err(|e| e.code()).err(),
+        Some(Code::Unavailable),
+        "an Update through the deposed leader: {updated:?}"
+    );
+    let gone = via_old
+        .destroy_user_sessions(pb::DestroyUserSessionsRequest {
+            user_id: "fay".into(),
+            except_id: String::new(),
+        })
+        .await;
+    assert_eq!(
+        gone.as_ref().map_err(|e| e.code()).err(),
+        Some(Code::Unavailable),
+        "a DestroyUserSessions through the deposed leader: {gone:?}"
+    );
+
+    cluster.mesh.heal();
+    let mut client = cluster.client(others[1]).await;
+    let got = client
+        .get(pb::GetRequest {
+            id: s.id,
+            peek: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.version, 1);
+}
+
+/// Two Regenerates of one session at once: at most one may move it. Found by the chaos suite:
+/// both are planned at the same version, the first applied moves the session, and applying
+/// the second finds neither its old ID nor its new one, which `Store::apply` takes for a
+/// replay over a fuzzy snapshot and so creates the new session a second time. One old ID
+/// then lives on as two sessions. Ignored until the fix (see the report of h-chaos).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regenerates_of_one_session_at_once_move_it_once() {
+    let cluster = Cluster::start(3, "always").await;
+    let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+    let (mut a, mut b) = (cluster.client(leader).await, cluster.client(leader).await);
+    let mut both = 0;
+    for _ in 0..20 {
+        let (s, _) = create_until_served(&cluster, leader, "gus", Duration::ZERO).await;
+        let req = || pb::RegenerateRequest {
+            id: s.id.clone(),
+            ..Default::default()
+        };
+        let (x, y) = tokio::join!(a.regenerate(req()), b.regenerate(req()));
+        both += usize::from(x.is_ok() && y.is_ok());
+    }
+    assert_eq!(both, 0, "both Regenerates succeeded {both} times in 20");
+}

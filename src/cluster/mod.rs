@@ -18,8 +18,8 @@
 //!   `Store::apply`, the code recovery uses; snapshots in the single-node snapshot format, with
 //!   the Raft metadata as the first frame.
 //! - [`network`] and [`peer_service`]: the Raft RPCs over tonic (HTTP/2), client and server,
-//!   and the admin calls `sessionctl cluster` makes (`Init`, `AddLearner`, `ChangeMembership`,
-//!   `RemoveMember`, `MoveLeader`, `Status`).
+//!   and the admin calls `sessionctl cluster` and the tests make (`Init`, `AddLearner`,
+//!   `ChangeMembership`, `RemoveMember`, `MoveLeader`, `Status`, `Digest`).
 //! - [`node`]: [`ClusterNode`], which starts all of the above from a `[cluster]` config section
 //!   and offers what the daemon needs: propose, lease reads, leader, membership, shutdown.
 //! - [`metrics_watch`]: the task that follows openraft's metrics into the daemon's

@@ -251,9 +251,14 @@ impl ClusterNode {
                 return Err(StartError::Raft(e.to_string()));
             }
         };
-        let service = ClusterServer::new(PeerService::new(raft.clone(), node.clone(), dir))
-            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        let service = ClusterServer::new(PeerService::new(
+            raft.clone(),
+            node.clone(),
+            dir,
+            store.clone(),
+        ))
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
         let (stop, stopped) = oneshot::channel::<()>();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let server = tokio::spawn(async move {

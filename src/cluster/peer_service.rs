@@ -7,9 +7,10 @@
 //! short or damaged on the way is refused instead of stopping the node.
 //!
 //! The admin calls (`Init`, `AddLearner`, `ChangeMembership`, `RemoveMember`, `MoveLeader`,
-//! `Status`) are what `sessionctl cluster` uses; they act on this node, and membership changes
-//! and leadership moves must be made on the leader (a follower answers `FAILED_PRECONDITION`,
-//! naming the leader).
+//! `Status`, `Digest`) are what `sessionctl cluster` and the tests use; they act on this
+//! node, and membership changes and leadership moves must be made on the leader (a follower
+//! answers `FAILED_PRECONDITION`, naming the leader). `Digest` hashes this node's sessions,
+//! so tests and operators can tell whether the replicas agree.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -28,6 +29,8 @@ use super::pb::cluster_server::Cluster;
 use super::pb_impl::{check_vote, Malformed};
 use super::state_machine::{temp_file, verify_snapshot, SnapshotFile};
 use super::{pb, Node, Raft};
+use crate::session::Session;
+use crate::store::Store;
 
 /// The peer service of one node.
 pub struct PeerService {
@@ -36,12 +39,20 @@ pub struct PeerService {
     node: Node,
     /// The Raft directory: where incoming snapshots are received.
     dir: PathBuf,
+    /// The Store committed entries are applied to: what `Digest` hashes.
+    store: Store,
 }
 
 impl PeerService {
-    /// The service for `raft`, advertised as `node`, receiving snapshots into `dir`.
-    pub fn new(raft: Raft, node: Node, dir: PathBuf) -> Self {
-        PeerService { raft, node, dir }
+    /// The service for `raft`, advertised as `node`, receiving snapshots into `dir`; `store`
+    /// is its state machine's.
+    pub fn new(raft: Raft, node: Node, dir: PathBuf, store: Store) -> Self {
+        PeerService {
+            raft,
+            node,
+            dir,
+            store,
+        }
     }
 }
 
@@ -202,6 +213,23 @@ impl Cluster for PeerService {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(status(&self.raft, &self.node)))
     }
+
+    async fn digest(
+        &self,
+        _request: Request<pb::DigestRequest>,
+    ) -> Result<Response<pb::DigestResponse>, Status> {
+        let applied_index = status(&self.raft, &self.node).applied_index;
+        let store = self.store.clone();
+        // Every session is copied and hashed: off the runtime's threads.
+        let (sessions, sha256) = tokio::task::spawn_blocking(move || digest(&store))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::DigestResponse {
+            applied_index,
+            sessions,
+            sha256: sha256.to_vec().into(),
+        }))
+    }
 }
 
 impl PeerService {
@@ -287,6 +315,40 @@ pub(crate) fn status(raft: &Raft, node: &Node) -> pb::StatusResponse {
             .collect(),
         node: Some(node.clone()),
     }
+}
+
+/// How many sessions `store` holds, and a SHA-256 over them sorted by ID: what replicas that
+/// applied the same entries agree on. Every field is length-prefixed or fixed-width, so no two
+/// different stores hash the same bytes. `last_access_at` is left out: the leader slides it in
+/// memory between throttled touches (see `member`), so replicas differ there by design.
+pub(crate) fn digest(store: &Store) -> (u64, [u8; 32]) {
+    let mut sessions: Vec<Session> = Vec::new();
+    store.for_each_session(|s| sessions.push(s));
+    sessions.sort_unstable_by_key(|s| *s.key.as_bytes());
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut bytes = |b: &[u8]| {
+        ctx.update(&(b.len() as u64).to_le_bytes());
+        ctx.update(b);
+    };
+    for s in &sessions {
+        bytes(s.key.as_bytes());
+        bytes(&s.version.to_le_bytes());
+        bytes(s.user.as_deref().unwrap_or("").as_bytes());
+        bytes(&[u8::from(s.user.is_some())]);
+        let mut attrs: Vec<_> = s.attributes.iter().collect();
+        attrs.sort_unstable_by_key(|(k, _)| k.as_str());
+        bytes(&(attrs.len() as u64).to_le_bytes());
+        for (k, v) in attrs {
+            bytes(k.as_bytes());
+            bytes(v);
+        }
+        bytes(&s.created_at.to_le_bytes());
+        bytes(&s.idle_timeout.to_le_bytes());
+        bytes(&s.absolute_expires_at.to_le_bytes());
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    (sessions.len() as u64, out)
 }
 
 impl From<ServerState> for Role {

@@ -44,7 +44,7 @@ use crate::persist::format::{
 use crate::persist::{records, write_sessions};
 use crate::session::Session;
 use crate::store::events::EndCause;
-use crate::store::{IdempotencyRecord, Store};
+use crate::store::{Applied as Outcome, Effect, IdempotencyRecord, Store};
 
 /// Magic of a Raft snapshot file.
 pub const RAFT_SNAPSHOT_MAGIC: &[u8; 6] = b"SDRSN\0";
@@ -85,6 +85,11 @@ struct Shared {
     /// The metadata of `snapshot.sds`, if there is one. Its lock is held while the file is
     /// replaced, so an older snapshot never replaces a newer one.
     current: Mutex<Option<SnapshotMeta>>,
+    /// While a snapshot is being built: the sessions the Regenerates applied meanwhile made.
+    /// The build lists the keys before it reads them, so a move applied in between has its old
+    /// key gone and its new key unlisted; written after the listed sessions, these keep the
+    /// snapshot from missing the session altogether (see `Store::apply_committed`).
+    moves: Mutex<Option<Vec<Session>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -129,6 +134,7 @@ impl StateMachine {
                 dir: dir.to_owned(),
                 applied: Mutex::new(AppliedState::default()),
                 current: Mutex::new(current),
+                moves: Mutex::new(None),
             }),
         })
     }
@@ -139,6 +145,8 @@ impl StateMachine {
     }
 
     fn builder(&self) -> SnapshotBuilder {
+        // Between applies: every move from here on is kept for the snapshot.
+        *lock(&self.shared.moves) = Some(Vec::new());
         let applied = lock(&self.shared.applied).clone();
         SnapshotBuilder {
             shared: self.shared.clone(),
@@ -271,7 +279,12 @@ pub(crate) fn verify_snapshot(path: &Path) -> Result<SnapshotMeta, FormatError> 
 }
 
 /// Writes a snapshot of `store` with `meta` to a temporary file, fsynced; returns its path.
-fn write_snapshot(dir: &Path, store: &Store, meta: &SnapshotMeta) -> io::Result<PathBuf> {
+fn write_snapshot(
+    dir: &Path,
+    store: &Store,
+    moves: &Mutex<Option<Vec<Session>>>,
+    meta: &SnapshotMeta,
+) -> io::Result<PathBuf> {
     let (file, tmp) = temp_file(dir, "snapshot")?;
     let written = (|| {
         let mut w = BufWriter::with_capacity(1 << 20, file);
@@ -279,7 +292,14 @@ fn write_snapshot(dir: &Path, store: &Store, meta: &SnapshotMeta) -> io::Result<
         let mut buf = Vec::new();
         frame(&meta_to_pb(meta).encode_to_vec(), &mut buf);
         w.write_all(&buf)?;
-        let (sessions, bytes) = write_sessions(store, &mut w)?;
+        let listed = write_sessions(store, &mut w);
+        let moved = lock(moves).take().unwrap_or_default();
+        let (sessions, bytes) = listed?;
+        for s in moved {
+            buf.clear();
+            frame(&records::stored(s).encode_to_vec(), &mut buf);
+            w.write_all(&buf)?;
+        }
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         tracing::info!(sessions, bytes, last_log_id = ?meta.last_log_id, "Raft snapshot written");
@@ -336,7 +356,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let shared = self.shared.clone();
         let meta = self.meta.clone();
         tokio::task::spawn_blocking(move || {
-            let tmp = write_snapshot(&shared.dir, &shared.store, &meta)?;
+            let written = write_snapshot(&shared.dir, &shared.store, &shared.moves, &meta);
+            // A failed build keeps no moves either.
+            lock(&shared.moves).take();
+            let tmp = written?;
             let file = shared.keep(&tmp, &meta)?;
             Ok(Snapshot {
                 meta,
@@ -369,9 +392,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             })?;
             let mut outcomes = Vec::with_capacity(effects.len());
             for effect in &effects {
-                // One outcome per effect: when `Store::apply` reports one, it lands here.
-                #[allow(clippy::unit_arg)]
-                outcomes.push(self.shared.store.apply_committed(effect));
+                let outcome = self.shared.store.apply_committed(effect);
+                if let (Effect::Regenerate { session, .. }, Outcome::Done) = (effect, outcome) {
+                    if let Some(moves) = lock(&self.shared.moves).as_mut() {
+                        moves.push(session.clone());
+                    }
+                }
+                outcomes.push(outcome);
             }
             {
                 let mut applied = lock(&self.shared.applied);

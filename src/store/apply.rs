@@ -47,6 +47,15 @@ pub(crate) enum Emit {
     No,
 }
 
+/// How [`Store::apply_as`] treats a Regenerate that finds neither of its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// Recreate the moved session: a single-node log replayed over a fuzzy snapshot.
+    Lenient,
+    /// Stale: the session was gone before the move (a group's committed entries).
+    Strict,
+}
+
 /// What [`Store::apply`] did with an effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
@@ -70,16 +79,21 @@ impl Store {
     /// older state ([`super::plan`]), and a newer write may have overtaken it, or taken its
     /// idempotency key.
     pub fn apply(&self, effect: &Effect) -> Applied {
-        self.apply_as(effect, Emit::No)
+        self.apply_as(effect, Emit::No, Replay::Lenient)
     }
 
     /// [`Store::apply`] for a replicated group's committed effect: the same change, and the
     /// sinks hear of it (the metrics count it; a group keeps no single-node log to refill).
+    ///
+    /// Unlike a replay of the single-node log, a Regenerate whose old and new keys are both
+    /// absent is stale here: the session ended (or moved) before the move committed. The
+    /// group's snapshots carry the moves applied while they were taken, so a replay after
+    /// one never meets a move it missed (see `cluster::state_machine`).
     pub fn apply_committed(&self, effect: &Effect) -> Applied {
-        self.apply_as(effect, Emit::Yes)
+        self.apply_as(effect, Emit::Yes, Replay::Strict)
     }
 
-    fn apply_as(&self, effect: &Effect, emit: Emit) -> Applied {
+    fn apply_as(&self, effect: &Effect, emit: Emit, replay: Replay) -> Applied {
         self.inner.floor.fetch_max(effect.at(), Ordering::Relaxed);
         if self.key_taken(effect) {
             return Applied::Stale;
@@ -133,6 +147,14 @@ impl Store {
                     Some(o) => {
                         self.apply_regenerate(o, effect, session, emit);
                         true
+                    }
+                    // Neither key: gone before the move, unless a fuzzy single-node
+                    // snapshot missed both (the old key listed after the move took it,
+                    // the new one before the move made it).
+                    None if replay == Replay::Strict
+                        && !self.inner.sessions.contains_key(&session.key) =>
+                    {
+                        false
                     }
                     None => {
                         self.end_if(*old, session.created_at, emit, |_| {

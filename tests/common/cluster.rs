@@ -21,6 +21,10 @@ use super::proc::{self, Proc};
 /// How long a cluster may take to agree on something before a test gives up.
 pub const AGREE: Duration = Duration::from_secs(30);
 
+/// How long one admin call may take: a paused (SIGSTOPped) node accepts connections and never
+/// answers.
+const ADMIN_CALL: Duration = Duration::from_secs(2);
+
 /// One node: its process (when running), and where it is.
 pub struct Node {
     pub proc: Option<Proc>,
@@ -28,6 +32,10 @@ pub struct Node {
     pub peer: SocketAddr,
     /// Its ID, from `data_dir/node-id`.
     pub id: u64,
+    /// Its client address, kept across restarts: the group's membership names it.
+    pub grpc: String,
+    /// Stopped with SIGSTOP ([`Cluster::pause`]) and not yet resumed.
+    pub paused: bool,
 }
 
 /// A group of `n` nodes.
@@ -60,7 +68,7 @@ impl Cluster {
         };
         for i in 0..n {
             cluster.write_config(i);
-            let node = cluster.spawn(i, i == 0);
+            let node = cluster.spawn(i, i == 0, None);
             cluster.nodes.push(node);
         }
         cluster.wait_for_leader(&[0]).await;
@@ -96,37 +104,141 @@ impl Cluster {
         std::fs::write(dir.join("sessiond.toml"), config).unwrap();
     }
 
-    /// Starts node `i`'s process (again, after a kill: with its data intact).
-    fn spawn(&self, i: usize, bootstrap: bool) -> Node {
+    /// Starts node `i`'s process (again, after a kill: with its data intact), with gRPC on
+    /// `grpc` if given (a restart), else on an ephemeral port.
+    fn spawn(&self, i: usize, bootstrap: bool, grpc: Option<&str>) -> Node {
         let dir = self.node_dir(i);
         let config = dir.join("sessiond.toml");
         let mut args = vec!["--config", config.to_str().unwrap()];
         if bootstrap {
             args.push("--bootstrap");
         }
-        let proc = proc::spawn(&dir, &args, &[("RUST_LOG", "info,openraft=warn")])
+        let env = [("RUST_LOG", "info,openraft=warn")];
+        let listen = grpc.unwrap_or("127.0.0.1:0");
+        let proc = proc::spawn_listening(&dir, listen, &args, &env)
             .unwrap_or_else(|out| panic!("node {i} did not start:\n{out}"));
         let peer = reported_peer(&proc.output());
         self.mesh.set_upstream(i, peer);
         let id = node_id(&dir.join("data"));
         Node {
+            grpc: proc.grpc.clone(),
             proc: Some(proc),
             peer,
             id,
+            paused: false,
         }
     }
 
-    /// Starts node `i` again after [`Cluster::kill`], on its data directory.
+    /// Starts node `i` again after [`Cluster::kill`], on its data directory and its client
+    /// address: the membership records that address, and followers forward to it.
     pub fn restart(&mut self, i: usize) {
         assert!(self.nodes[i].proc.is_none(), "node {i} is running");
-        self.nodes[i] = self.spawn(i, false);
+        let grpc = self.nodes[i].grpc.clone();
+        self.nodes[i] = self.spawn(i, false, Some(&grpc));
     }
 
-    /// `kill -9` of node `i`.
+    /// `kill -9` of node `i` (paused or not).
     pub fn kill(&mut self, i: usize) {
         if let Some(p) = self.nodes[i].proc.take() {
             p.kill();
         }
+        self.nodes[i].paused = false;
+    }
+
+    /// SIGSTOP of node `i`: it holds its sockets open and answers nothing until
+    /// [`Cluster::resume`].
+    pub fn pause(&mut self, i: usize) {
+        self.nodes[i].proc.as_ref().expect("running").pause();
+        self.nodes[i].paused = true;
+    }
+
+    /// SIGCONT of node `i` after [`Cluster::pause`].
+    pub fn resume(&mut self, i: usize) {
+        self.nodes[i].proc.as_ref().expect("running").resume();
+        self.nodes[i].paused = false;
+    }
+
+    /// Whether node `i` runs and is not paused.
+    pub fn up(&self, i: usize) -> bool {
+        self.nodes[i].proc.is_some() && !self.nodes[i].paused
+    }
+
+    /// Node `i` lost its disk: it is killed, its data directory is deleted, and it starts
+    /// empty under a fresh ID (never reuse an ID). Through the leader's peer service, the old
+    /// ID is removed from the group and the new one added as a learner, then made a voter.
+    /// Each step is retried while the group elects or is busy with another change, until
+    /// [`AGREE`] runs out; returns the new ID.
+    pub async fn wipe_and_rejoin(&mut self, i: usize) -> u64 {
+        self.kill(i);
+        let old = self.nodes[i].id;
+        std::fs::remove_dir_all(self.node_dir(i).join("data")).unwrap();
+        let grpc = self.nodes[i].grpc.clone();
+        self.nodes[i] = self.spawn(i, false, Some(&grpc));
+        let new = self.nodes[i].id;
+        assert_ne!(new, old, "a wiped node drew its old ID again");
+        let others: Vec<usize> = (0..self.n).filter(|&j| j != i).collect();
+        let deadline = Instant::now() + AGREE;
+        loop {
+            let leader = self.wait_for_leader(&others).await;
+            match self.swap_member(leader, old, new, i).await {
+                Ok(()) => return new,
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "node {i} could not rejoin as {new} within {AGREE:?}: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Through node `leader`: voters without `old`, then `new` (node `i`) as a learner, then
+    /// as a voter. Every step is idempotent, so a failed attempt can be repeated whole.
+    async fn swap_member(
+        &self,
+        leader: usize,
+        old: u64,
+        new: u64,
+        i: usize,
+    ) -> Result<(), tonic::Status> {
+        let mut admin = self
+            .try_admin(leader)
+            .await
+            .ok_or_else(|| tonic::Status::unavailable("the leader does not answer"))?;
+        let voters = |s: &cpb::StatusResponse| -> Vec<u64> {
+            s.membership
+                .as_ref()
+                .and_then(|m| m.configs.last().map(|c| c.ids.clone()))
+                .unwrap_or_default()
+        };
+        let status = admin.status(cpb::StatusRequest {}).await?.into_inner();
+        let without_old: Vec<u64> = voters(&status)
+            .into_iter()
+            .filter(|&v| v != old && v != new)
+            .collect();
+        admin
+            .change_membership(cpb::ChangeMembershipRequest {
+                voters: without_old.clone(),
+                retain: false,
+            })
+            .await?;
+        admin
+            .add_learner(cpb::AddLearnerRequest {
+                node_id: new,
+                node: Some(cpb::Node {
+                    peer_addr: peer_name(i),
+                    client_addr: self.nodes[i].grpc.clone(),
+                }),
+            })
+            .await?;
+        let mut all = without_old;
+        all.push(new);
+        admin
+            .change_membership(cpb::ChangeMembershipRequest {
+                voters: all,
+                retain: false,
+            })
+            .await?;
+        Ok(())
     }
 
     /// SIGTERM to node `i`, and its exit status and output once it has shut down.
@@ -145,37 +257,105 @@ impl Cluster {
         ClusterClient::new(super::channel(url).await)
     }
 
-    /// Node `i`'s status.
-    pub async fn status(&self, i: usize) -> Option<cpb::StatusResponse> {
-        let mut admin = self.admin(i).await;
-        admin
-            .status(cpb::StatusRequest {})
+    /// A client of node `i`'s peer service whose calls give up after [`ADMIN_CALL`]; `None`
+    /// if it cannot be reached.
+    pub async fn try_admin(&self, i: usize) -> Option<ClusterClient<Channel>> {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.nodes[i].peer))
+                .unwrap()
+                .connect_timeout(ADMIN_CALL)
+                .timeout(ADMIN_CALL);
+        let channel = tokio::time::timeout(ADMIN_CALL, endpoint.connect())
             .await
-            .ok()
-            .map(|r| r.into_inner())
+            .ok()?
+            .ok()?;
+        Some(ClusterClient::new(channel))
+    }
+
+    /// Node `i`'s status; `None` if it does not answer within [`ADMIN_CALL`].
+    pub async fn status(&self, i: usize) -> Option<cpb::StatusResponse> {
+        let mut admin = self.try_admin(i).await?;
+        let call = admin.status(cpb::StatusRequest {});
+        match tokio::time::timeout(ADMIN_CALL, call).await {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            _ => None,
+        }
+    }
+
+    /// Node `i`'s digest of its sessions; `None` if it does not answer within [`ADMIN_CALL`].
+    pub async fn digest(&self, i: usize) -> Option<cpb::DigestResponse> {
+        let mut admin = self.try_admin(i).await?;
+        let call = admin.digest(cpb::DigestRequest {});
+        match tokio::time::timeout(ADMIN_CALL, call).await {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            _ => None,
+        }
+    }
+
+    /// Waits until every node reports the same applied index twice in a row, then returns
+    /// each node's digest. Call it with every node up and the clients stopped. Panics if they
+    /// do not settle within [`AGREE`].
+    pub async fn settled_digests(&self) -> Vec<cpb::DigestResponse> {
+        let deadline = Instant::now() + AGREE;
+        let mut last: Option<Vec<cpb::DigestResponse>> = None;
+        loop {
+            let mut now = Vec::new();
+            for i in 0..self.n {
+                if let Some(d) = self.digest(i).await {
+                    now.push(d);
+                }
+            }
+            let agreed = now.len() == self.n
+                && now.iter().all(|d| d.applied_index == now[0].applied_index)
+                && last.as_ref().is_some_and(|l| {
+                    l.len() == self.n && l.iter().all(|d| d.applied_index == now[0].applied_index)
+                });
+            if agreed {
+                return now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "applied indexes did not settle within {AGREE:?}: {:?}",
+                now.iter().map(|d| d.applied_index).collect::<Vec<_>>()
+            );
+            last = Some(now);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     }
 
     /// Waits until every node of `among` that runs reports the same leader, a member of the
     /// group; returns its index.
     pub async fn wait_for_leader(&self, among: &[usize]) -> usize {
+        self.wait_for_leader_but(among, None).await
+    }
+
+    /// Like [`Cluster::wait_for_leader`], for a leader other than node `not`: the group has
+    /// moved on from it.
+    pub async fn wait_for_new_leader(&self, among: &[usize], not: usize) -> usize {
+        self.wait_for_leader_but(among, Some(not)).await
+    }
+
+    async fn wait_for_leader_but(&self, among: &[usize], not: Option<usize>) -> usize {
         let deadline = Instant::now() + AGREE;
         loop {
             let mut leaders = Vec::new();
             for &i in among {
-                if self.nodes[i].proc.is_some() {
+                if self.up(i) {
                     leaders.push(self.status(i).await.map(|s| s.leader_id));
                 }
             }
             if let Some(Some(l)) = leaders.first().copied() {
                 if l != 0 && leaders.iter().all(|x| *x == Some(l)) {
-                    if let Some(i) = self.nodes.iter().position(|n| n.id == l) {
-                        return i;
+                    match self.nodes.iter().position(|n| n.id == l) {
+                        Some(i) if Some(i) != not => return i,
+                        _ => {}
                     }
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "no agreed leader among {among:?} within {AGREE:?}: {leaders:?}"
+                "no agreed leader among {among:?} within {AGREE:?}: {leaders:?} (node IDs {:?})",
+                self.nodes.iter().map(|n| n.id).collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -202,6 +382,7 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for n in &mut self.nodes {
             if let Some(p) = n.proc.take() {
+                // SIGKILL works on a stopped process too.
                 p.kill();
             }
         }

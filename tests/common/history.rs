@@ -9,6 +9,8 @@
 //! - [`acknowledged_writes_survive`]: after the faults heal, every acknowledged write can still be
 //!   read.
 //! - [`digests_agree`]: the replicas hold the same state.
+//! - [`stale_reads`]: no read returned less than a write that had been acknowledged before the
+//!   read began (implied by linearizability, and counted on its own for the chaos report).
 //!
 //! A timeout or `UNAVAILABLE` is *indeterminate*: the operation may have taken effect, at any
 //! time after it was invoked, even after the client gave up, or it may never take effect.
@@ -118,7 +120,7 @@ pub enum Op {
 /// How an operation ended, as the client saw it. Which outcomes fit which operations:
 /// - Create: `Created`, `Failed` or `Indeterminate`.
 /// - Get: `Found`, `NotFound` or `Indeterminate`.
-/// - Update: `Updated`, `Conflict`, `NotFound` or `Indeterminate`.
+/// - Update: `Updated`, `Replayed`, `Conflict`, `NotFound` or `Indeterminate`.
 /// - Destroy: `Destroyed`, `NotFound` or `Indeterminate`.
 /// - Regenerate: `Created`, `NotFound` or `Indeterminate`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -135,6 +137,13 @@ pub enum Outcome {
     /// Update applied. This is the session's new version.
     Updated {
         /// The version after the update.
+        version: u64,
+    },
+    /// An Update retried with its idempotency key after an attempt that may have applied
+    /// returned a session. It applied exactly once, but the reply may be a replay: the
+    /// session as it is now, so `version` is the one the update made or a later one.
+    Replayed {
+        /// The version the reply carried: at least the one the update made.
         version: u64,
     },
     /// Destroy returned. `existed` says whether a live session was destroyed.
@@ -292,6 +301,13 @@ pub enum Violation {
         /// Every node's digest, printed.
         digests: String,
     },
+    /// A read returned an older state than a write acknowledged before the read began.
+    StaleRead {
+        /// The session.
+        session: SessionId,
+        /// The write and the read, printed.
+        detail: String,
+    },
 }
 
 impl fmt::Display for Violation {
@@ -314,6 +330,9 @@ impl fmt::Display for Violation {
                 write!(f, "session {} has no final read", short(session))
             }
             Violation::DigestsDiffer { digests } => write!(f, "replicas differ: {digests}"),
+            Violation::StaleRead { session, detail } => {
+                write!(f, "session {} had a stale read: {detail}", short(session))
+            }
         }
     }
 }
@@ -405,7 +424,10 @@ pub fn acknowledged_writes_survive(
                 let acked = sessions.entry(id).or_default();
                 acked.version = acked.version.max(Some(value.version));
             }
-            (Op::Update { id, .. }, Outcome::Updated { version }) => {
+            (
+                Op::Update { id, .. },
+                Outcome::Updated { version } | Outcome::Replayed { version },
+            ) => {
                 let acked = sessions.entry(id).or_default();
                 acked.version = acked.version.max(Some(*version));
             }
@@ -474,6 +496,74 @@ pub fn digests_agree<N: fmt::Debug, D: PartialEq + fmt::Debug>(
             })
         }
         _ => Ok(()),
+    }
+}
+
+/// Checks that no read returned an older state than a write acknowledged before the read was
+/// invoked: a version below that write's, or nothing at all when no removal of the session
+/// (Destroy or Regenerate, whatever its outcome) had been invoked before the read completed.
+/// Linearizability implies this; it is checked on its own to count stale reads, the failure a
+/// deposed leader serving from its old state would show.
+pub fn stale_reads(history: &[Record]) -> Result<(), Vec<Violation>> {
+    // Per session: its acknowledged writes (completed, version) and its removals' invocations.
+    let mut writes: HashMap<&SessionId, Vec<(Instant, u64, usize)>> = HashMap::new();
+    let mut removals: HashMap<&SessionId, Vec<Instant>> = HashMap::new();
+    for (i, record) in history.iter().enumerate() {
+        match (&record.op, &record.outcome) {
+            (Op::Create { .. } | Op::Regenerate { .. }, Outcome::Created { id, value }) => {
+                writes
+                    .entry(id)
+                    .or_default()
+                    .push((record.completed, value.version, i));
+            }
+            (Op::Update { id, .. }, Outcome::Updated { version }) => {
+                writes
+                    .entry(id)
+                    .or_default()
+                    .push((record.completed, *version, i));
+            }
+            _ => {}
+        }
+        if let Op::Destroy { id } | Op::Regenerate { id } = &record.op {
+            removals.entry(id).or_default().push(record.invoked);
+        }
+    }
+    let origin = history.first().map(|r| r.invoked);
+    let mut violations = Vec::new();
+    for read in history {
+        let (Op::Get { id }, seen) = (&read.op, &read.outcome) else {
+            continue;
+        };
+        let Some(acked) = writes.get(id) else {
+            continue;
+        };
+        let before: Vec<_> = acked.iter().filter(|w| w.0 < read.invoked).collect();
+        let Some(&&(_, newest, w)) = before.iter().max_by_key(|w| w.1) else {
+            continue;
+        };
+        let stale = match seen {
+            Outcome::Found(value) => value.version < newest,
+            Outcome::NotFound => !removals
+                .get(id)
+                .is_some_and(|r| r.iter().any(|&t| t < read.completed)),
+            _ => false,
+        };
+        if stale {
+            let origin = origin.expect("a history with a read");
+            violations.push(Violation::StaleRead {
+                session: id.clone(),
+                detail: format!(
+                    "{} was followed by {}",
+                    show(&history[w], origin),
+                    show(read, origin)
+                ),
+            });
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(violations)
     }
 }
 

@@ -19,8 +19,19 @@ pub struct Proc {
 /// Runs sessiond with `args` and `env` in `cwd`, on ephemeral loopback ports, and waits for
 /// the log line that says where it listens. `Err` carries the output if it exited first.
 pub fn spawn(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Proc, String> {
+    spawn_listening(cwd, "127.0.0.1:0", args, env)
+}
+
+/// Like [`spawn`], with gRPC on `listen`: a node restarted where its clients (and its group's
+/// membership) expect it.
+pub fn spawn_listening(
+    cwd: &Path,
+    listen: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Proc, String> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessiond"));
-    cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+    cmd.args(["--listen", listen, "--admin-listen", "127.0.0.1:0"])
         .args(args);
     spawn_command(cmd, cwd, env)
 }
@@ -142,6 +153,21 @@ impl Proc {
     /// Everything it printed so far.
     pub fn output(&self) -> String {
         self.output.lock().unwrap().clone()
+    }
+
+    /// SIGSTOP: the process stops where it is, sockets open, until [`Proc::resume`].
+    pub fn pause(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    /// SIGCONT after [`Proc::pause`].
+    pub fn resume(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a child's pid");
+        rustix::process::kill_process(pid, signal).expect("signalling the child");
     }
 
     /// kill -9.

@@ -170,6 +170,7 @@ fn after(step: &Step, state: &Option<Value>) -> Option<Option<Value>> {
             updated.version += 1;
             let valid = match outcome {
                 Outcome::Updated { version } => *version == updated.version,
+                Outcome::Replayed { version } => *version >= updated.version,
                 Outcome::Indeterminate => true,
                 _ => false,
             };
