@@ -141,10 +141,17 @@ impl PeerClient {
     }
 }
 
-/// A request with openraft's deadline.
-fn request<T>(msg: T, option: &RPCOption) -> tonic::Request<T> {
+/// Request metadata naming the node a Raft RPC is meant for. A node refuses an RPC meant
+/// for another ID: a member wiped and restarted at the same address under a new ID must not
+/// answer (vote, acknowledge appends) for the member it replaced, or it could lend two
+/// leaders a quorum.
+pub const TARGET_HEADER: &str = "sessiond-raft-target";
+
+/// A request for `target` with openraft's deadline.
+fn request<T>(target: NodeId, msg: T, option: &RPCOption) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
     req.set_timeout(option.soft_ttl());
+    req.metadata_mut().insert(TARGET_HEADER, target.into());
     req
 }
 
@@ -158,7 +165,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let resp = self
             .client()?
-            .append_entries(request(pb::AppendEntriesRequest::from(rpc), &option))
+            .append_entries(request(
+                self.target,
+                pb::AppendEntriesRequest::from(rpc),
+                &option,
+            ))
             .await
             .map_err(|s| rpc_error(self.target, RPCTypes::AppendEntries, &option, s))?;
         resp.into_inner().try_into().map_err(malformed)
@@ -217,11 +228,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             }
         });
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let call = async {
-            let mut req = tonic::Request::new(stream);
-            req.set_timeout(option.soft_ttl());
-            client.snapshot(req).await
-        };
+        let call = async { client.snapshot(request(self.target, stream, &option)).await };
         let resp = tokio::select! {
             r = call => r,
             closed = cancel => return Err(StreamingError::Closed(closed)),
@@ -253,7 +260,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         let resp = self
             .client()?
-            .transfer_leader(request(pb::TransferLeaderRequest::from(req), &option))
+            .transfer_leader(request(
+                self.target,
+                pb::TransferLeaderRequest::from(req),
+                &option,
+            ))
             .await
             .map_err(|s| rpc_error(self.target, RPCTypes::TransferLeader, &option, s))?
             .into_inner();
@@ -284,7 +295,7 @@ impl PeerClient {
         msg.pre_vote = pre_vote;
         let resp = self
             .client()?
-            .vote(request(msg, &option))
+            .vote(request(self.target, msg, &option))
             .await
             .map_err(|s| rpc_error(self.target, RPCTypes::Vote, &option, s))?;
         resp.into_inner().try_into().map_err(malformed)

@@ -24,6 +24,7 @@ use openraft::storage::Snapshot;
 use openraft::ServerState;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::network::TARGET_HEADER;
 use super::node::{ProposeError, Role};
 use super::pb::cluster_server::Cluster;
 use super::pb_impl::{check_vote, Malformed};
@@ -56,6 +57,28 @@ impl PeerService {
     }
 }
 
+impl PeerService {
+    /// Refuses a Raft RPC meant for another node ID (see [`TARGET_HEADER`]): this node may
+    /// have replaced, at the same address, the member the sender means.
+    fn check_target<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let me = self.raft.metrics().borrow_watched().id;
+        let target = request
+            .metadata()
+            .get(TARGET_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match target {
+            Some(t) if t == me => Ok(()),
+            Some(t) => Err(Status::failed_precondition(format!(
+                "this is node {me}, not node {t}: the member at this address was replaced"
+            ))),
+            None => Err(Status::invalid_argument(format!(
+                "a Raft call must name the node it is meant for in {TARGET_HEADER}"
+            ))),
+        }
+    }
+}
+
 /// openraft stopped on this node: nothing it can answer.
 fn stopped(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("this node's Raft has stopped: {e}"))
@@ -67,6 +90,7 @@ impl Cluster for PeerService {
         &self,
         request: Request<pb::VoteRequest>,
     ) -> Result<Response<pb::VoteResponse>, Status> {
+        self.check_target(&request)?;
         let req = request.into_inner();
         let pre_vote = req.pre_vote;
         let req = req.try_into()?;
@@ -82,6 +106,7 @@ impl Cluster for PeerService {
         &self,
         request: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        self.check_target(&request)?;
         let req = request.into_inner().try_into()?;
         let resp = self.raft.append_entries(req).await.map_err(stopped)?;
         Ok(Response::new(resp.into()))
@@ -91,6 +116,7 @@ impl Cluster for PeerService {
         &self,
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
+        self.check_target(&request)?;
         let mut stream = request.into_inner();
         let vote = match stream.next().await {
             Some(Ok(pb::SnapshotChunk {
@@ -117,6 +143,7 @@ impl Cluster for PeerService {
         &self,
         request: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        self.check_target(&request)?;
         let req: TransferLeaderRequest<_> = request.into_inner().try_into()?;
         let resp = self
             .raft
