@@ -68,8 +68,9 @@ use std::fmt;
 
 use crate::store::Effect;
 
-pub use self::node::{ClusterNode, ProposeError, Role, StartError};
+pub use self::node::{ClusterNode, ProposeError, StartError};
 pub use self::pb_impl::Malformed;
+pub use crate::observe::Role;
 
 /// The generated peer protocol and on-disk records (`proto/sessiond/cluster/v1/cluster.proto`).
 #[allow(missing_docs, clippy::all)]

@@ -28,7 +28,7 @@ use super::peer_service::PeerService;
 use super::state_machine::StateMachine;
 use super::{Applied, Metrics, Node, NodeId, Proposal, Raft, TypeConfig};
 use crate::config::{ClusterConfig, ConfigError};
-use crate::observe::ClusterMetrics;
+use crate::observe::{ClusterMetrics, ProposalResult};
 use crate::persist::format::FormatError;
 use crate::persist::log::FsyncPolicy;
 use crate::store::{Effect, Store};
@@ -42,34 +42,6 @@ pub const RAFT_DIR: &str = "raft";
 /// The largest peer message, in bytes: an append of `max_entries_per_append` large writes, or a
 /// snapshot chunk. The client API's own limit caps each write far below.
 pub const MAX_PEER_MESSAGE_BYTES: usize = 64 << 20;
-
-/// A node's role, as `Status` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// It leads: writes and lease reads are served here.
-    Leader,
-    /// It follows a leader.
-    Follower,
-    /// It stands for election.
-    Candidate,
-    /// It receives the log but does not vote.
-    Learner,
-    /// It has stopped.
-    Shutdown,
-}
-
-impl Role {
-    /// The role's name in `Status`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Leader => "leader",
-            Role::Follower => "follower",
-            Role::Candidate => "candidate",
-            Role::Learner => "learner",
-            Role::Shutdown => "shutdown",
-        }
-    }
-}
 
 /// Why a proposal, a read or a membership change did not go through. Each message says what
 /// an operator (or a client library) should do.
@@ -100,6 +72,18 @@ pub enum ProposeError {
 }
 
 impl ProposeError {
+    /// How the metrics count a proposal that ended with `result`.
+    fn counted<T>(result: &Result<T, ProposeError>) -> ProposalResult {
+        match result {
+            Ok(_) => ProposalResult::Ok,
+            Err(ProposeError::ForwardToLeader { .. }) => ProposalResult::Stale,
+            Err(ProposeError::Unavailable(_)) => ProposalResult::Unavailable,
+            Err(ProposeError::Indeterminate(_)) => ProposalResult::Indeterminate,
+            Err(ProposeError::Rejected(_)) => ProposalResult::Rejected,
+            Err(ProposeError::Fatal(_)) => ProposalResult::Fatal,
+        }
+    }
+
     fn forward(f: &openraft::errors::ForwardToLeader<TypeConfig>) -> ProposeError {
         if f.reason == openraft::errors::ForwardReason::LeaseExpired {
             return ProposeError::Unavailable(
@@ -321,7 +305,7 @@ impl ClusterNode {
         let result = self.raft.client_write(Proposal(effects)).await;
         let result = result.map(|r| r.data).map_err(ProposeError::from);
         if let Some(m) = self.recorder.get() {
-            m.proposal(&result, started.elapsed());
+            m.proposal(ProposeError::counted(&result), started.elapsed());
         }
         result
     }
@@ -366,7 +350,7 @@ impl ClusterNode {
                 )),
             };
             if let Some(m) = recorder {
-                m.proposal(&result, started.elapsed());
+                m.proposal(ProposeError::counted(&result), started.elapsed());
             }
             result
         })

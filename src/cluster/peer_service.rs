@@ -25,10 +25,11 @@ use openraft::ServerState;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::network::TARGET_HEADER;
-use super::node::{ProposeError, Role};
+use super::node::ProposeError;
 use super::pb::cluster_server::Cluster;
 use super::pb_impl::{check_vote, Malformed};
 use super::state_machine::{temp_file, verify_snapshot, SnapshotFile};
+use super::Role;
 use super::{pb, Node, Raft};
 use crate::session::Session;
 use crate::store::Store;

@@ -24,7 +24,53 @@ use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::formatting::{write_help_line, write_type_line};
 
 use super::names::*;
-use crate::cluster::{NodeId, ProposeError, Role};
+/// A node's ID in its cluster: a random u64, carried here as a label, never as a value.
+type NodeId = u64;
+
+/// A node's role in its cluster, as its status and its metrics report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// It leads: writes and lease reads are served here.
+    Leader,
+    /// It follows a leader.
+    Follower,
+    /// It stands for election.
+    Candidate,
+    /// It receives the log but does not vote.
+    Learner,
+    /// It has stopped.
+    Shutdown,
+}
+
+impl Role {
+    /// The role's name in `Status` and in the `role` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Learner => "learner",
+            Role::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// How a proposal ended, as the `result` label counts it (in the order of [`RESULTS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProposalResult {
+    /// Committed and applied.
+    Ok,
+    /// This node no longer, or not yet, leads (asked to forward to the leader).
+    Stale,
+    /// No leader with a quorum.
+    Unavailable,
+    /// The leader changed in flight: applied or not.
+    Indeterminate,
+    /// Refused as it stands.
+    Rejected,
+    /// This node's Raft has stopped.
+    Fatal,
+}
 
 /// Every role, in the order of [`Handles::roles`].
 const ROLES: [Role; 5] = [
@@ -176,18 +222,9 @@ impl ClusterMetrics {
     }
 
     /// Records one proposal: its result, and for one that committed, how long it took.
-    /// `ForwardToLeader` counts as `stale` (this node no longer, or not yet, leads).
-    pub(crate) fn proposal<T>(&self, result: &Result<T, ProposeError>, took: Duration) {
-        let i = match result {
-            Ok(_) => 0,
-            Err(ProposeError::ForwardToLeader { .. }) => 1,
-            Err(ProposeError::Unavailable(_)) => 2,
-            Err(ProposeError::Indeterminate(_)) => 3,
-            Err(ProposeError::Rejected(_)) => 4,
-            Err(ProposeError::Fatal(_)) => 5,
-        };
-        self.inner.proposals[i].increment(1);
-        if result.is_ok() {
+    pub(crate) fn proposal(&self, result: ProposalResult, took: Duration) {
+        self.inner.proposals[result as usize].increment(1);
+        if result == ProposalResult::Ok {
             self.inner.proposal_seconds.record(took.as_secs_f64());
         }
     }
@@ -228,7 +265,6 @@ impl ClusterMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::Node;
     use crate::observe::exposition::sample;
     use crate::observe::Telemetry;
 
@@ -382,22 +418,17 @@ mod tests {
     fn proposals_count_by_result_and_time_the_committed() {
         let t = Telemetry::new();
         let m = t.cluster();
-        let ok: Result<(), ProposeError> = Ok(());
-        m.proposal(&ok, Duration::from_millis(3));
-        m.proposal(&ok, Duration::from_millis(5));
-        let stale: Result<(), _> = Err(ProposeError::ForwardToLeader {
-            leader_id: B,
-            leader: Node::default(),
-        });
-        m.proposal(&stale, Duration::from_micros(10));
+        m.proposal(ProposalResult::Ok, Duration::from_millis(3));
+        m.proposal(ProposalResult::Ok, Duration::from_millis(5));
+        m.proposal(ProposalResult::Stale, Duration::from_micros(10));
         let errors = [
-            ProposeError::Unavailable("x".into()),
-            ProposeError::Indeterminate("x".into()),
-            ProposeError::Rejected("x".into()),
-            ProposeError::Fatal("x".into()),
+            ProposalResult::Unavailable,
+            ProposalResult::Indeterminate,
+            ProposalResult::Rejected,
+            ProposalResult::Fatal,
         ];
         for e in errors {
-            m.proposal(&Err::<(), _>(e), Duration::from_secs(1));
+            m.proposal(e, Duration::from_secs(1));
         }
         let text = scrape(&t);
         let count = |r: &str| {

@@ -28,7 +28,8 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-pub(crate) use self::cluster_metrics::{ClusterMetrics, ClusterView};
+pub use self::cluster_metrics::Role;
+pub(crate) use self::cluster_metrics::{ClusterMetrics, ClusterView, ProposalResult};
 pub use self::tenant_metrics::{GuessMetrics, LogMetrics};
 pub(crate) use self::tenant_metrics::{ReaperMetrics, SnapshotMetrics};
 use crate::store::Stats;
