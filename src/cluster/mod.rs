@@ -50,6 +50,7 @@
 //! [`Effect`]: crate::store::Effect
 //! [`Store`]: crate::store::Store
 
+pub mod admin;
 pub mod log_store;
 pub mod member;
 pub mod metrics_watch;

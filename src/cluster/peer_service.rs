@@ -24,8 +24,8 @@ use openraft::storage::Snapshot;
 use openraft::ServerState;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::admin::{self, ProposeError};
 use super::network::TARGET_HEADER;
-use super::node::ProposeError;
 use super::pb::cluster_server::Cluster;
 use super::pb_impl::{check_vote, Malformed};
 use super::state_machine::{temp_file, verify_snapshot, SnapshotFile};
@@ -179,7 +179,7 @@ impl Cluster for PeerService {
         if members.is_empty() {
             return Err(Status::invalid_argument("Init needs at least one member"));
         }
-        super::node::initialize(&self.raft, members).await?;
+        admin::initialize(&self.raft, members).await?;
         Ok(Response::new(pb::InitResponse {}))
     }
 
@@ -220,7 +220,7 @@ impl Cluster for PeerService {
         &self,
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
-        super::node::remove_member(&self.raft, request.into_inner().node_id).await?;
+        admin::remove_member(&self.raft, request.into_inner().node_id).await?;
         Ok(Response::new(pb::RemoveMemberResponse {}))
     }
 
@@ -231,7 +231,7 @@ impl Cluster for PeerService {
         let to = request.into_inner().to_node_id;
         // As long as a graceful shutdown waits for its transfer: a few election timeouts.
         let timeout = Duration::from_millis(self.raft.config().election_timeout_max * 3);
-        let leader_id = super::node::move_leader(&self.raft, to, timeout).await?;
+        let leader_id = admin::move_leader(&self.raft, to, timeout).await?;
         Ok(Response::new(pb::MoveLeaderResponse { leader_id }))
     }
 
