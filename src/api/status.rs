@@ -32,27 +32,33 @@ impl From<crate::persist::log::LogFailed> for Status {
     }
 }
 
-impl From<crate::cluster::Malformed> for Status {
-    fn from(e: crate::cluster::Malformed) -> Self {
-        Status::invalid_argument(e.to_string())
-    }
+/// A failure of the replicated group under the edge, by what the client should make of it.
+/// The group sorts its own errors into these; the codes and the wording added for clients
+/// are decided here, with the rest of the mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupFailure {
+    /// No leader with a quorum can take the call now (an election, a partition, a stopped
+    /// node): nothing was applied, retry shortly.
+    Unavailable(String),
+    /// The write may or may not have been applied (the leader changed under it).
+    Indeterminate(String),
+    /// Refused as it stands (a membership change while another runs, say).
+    Rejected(String),
+    /// A peer's message was malformed.
+    Malformed(String),
 }
 
-impl From<crate::cluster::node::ProposeError> for Status {
-    fn from(e: crate::cluster::node::ProposeError) -> Self {
-        use crate::cluster::node::ProposeError as E;
-        let code = match &e {
-            E::ForwardToLeader { .. } | E::Unavailable(_) | E::Indeterminate(_) | E::Fatal(_) => {
-                Code::Unavailable
-            }
-            E::Rejected(_) => Code::FailedPrecondition,
-        };
-        // An indeterminate write is the case idempotency keys are for: say so.
-        let hint = match e {
-            E::Indeterminate(_) => "; retry with the same idempotency_key to learn its outcome",
-            _ => "",
-        };
-        Status::new(code, format!("{e}{hint}"))
+impl From<GroupFailure> for Status {
+    fn from(f: GroupFailure) -> Self {
+        match f {
+            GroupFailure::Unavailable(m) => Status::unavailable(m),
+            // An indeterminate write is the case idempotency keys are for: say so.
+            GroupFailure::Indeterminate(m) => Status::unavailable(format!(
+                "{m}; retry with the same idempotency_key to learn its outcome"
+            )),
+            GroupFailure::Rejected(m) => Status::failed_precondition(m),
+            GroupFailure::Malformed(m) => Status::invalid_argument(m),
+        }
     }
 }
 

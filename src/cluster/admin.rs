@@ -10,6 +10,7 @@ use openraft::errors::{ClientWriteError, InitializeError, LinearizableReadError,
 use openraft::{ChangeMembers, ServerState};
 
 use super::{Metrics, Node, NodeId, Raft, TypeConfig};
+use crate::api::status::GroupFailure;
 use crate::observe::ProposalResult;
 
 /// Why a proposal, a read or a membership change did not go through. Each message says what
@@ -38,6 +39,20 @@ pub enum ProposeError {
     /// This node's Raft has stopped (shut down, or its storage failed): it serves nothing.
     #[error("this node's Raft has stopped: {0}")]
     Fatal(String),
+}
+
+impl From<ProposeError> for tonic::Status {
+    fn from(e: ProposeError) -> Self {
+        let message = e.to_string();
+        match e {
+            ProposeError::ForwardToLeader { .. }
+            | ProposeError::Unavailable(_)
+            | ProposeError::Fatal(_) => GroupFailure::Unavailable(message),
+            ProposeError::Indeterminate(_) => GroupFailure::Indeterminate(message),
+            ProposeError::Rejected(_) => GroupFailure::Rejected(message),
+        }
+        .into()
+    }
 }
 
 impl ProposeError {

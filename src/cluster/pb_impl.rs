@@ -20,6 +20,7 @@ use openraft::vote::{LeaderIdCompare, RaftLeaderId, RaftVote};
 use openraft::EntryPayload;
 
 use super::{pb, LogId, Membership, NodeId, Proposal, TypeConfig};
+use crate::api::status::GroupFailure;
 use crate::persist::records;
 use crate::store::Effect;
 
@@ -28,6 +29,12 @@ use crate::store::Effect;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed {0}")]
 pub struct Malformed(pub &'static str);
+
+impl From<Malformed> for tonic::Status {
+    fn from(e: Malformed) -> Self {
+        GroupFailure::Malformed(e.to_string()).into()
+    }
+}
 
 // ---- LeaderId -------------------------------------------------------------------------------
 
