@@ -1016,7 +1016,10 @@ mod tests {
                     "cluster.snapshot_every_entries",
                 ),
                 ("advertise_peer = \"nohost\"", "cluster.advertise_peer"),
-                ("tls_cert = \"peer.pem\"", "missing: cluster.tls_key, cluster.tls_ca"),
+                (
+                    "tls_cert = \"peer.pem\"",
+                    "missing: cluster.tls_key, cluster.tls_ca",
+                ),
                 (
                     "tls_cert = \"p.pem\"\ntls_key = \"p.key\"\ntls_ca = \"ca.pem\"\n\
                      tls_server_name = \"not a name!\"",

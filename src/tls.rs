@@ -235,9 +235,9 @@ fn build(files: &TlsFiles) -> Result<Configs, TlsError> {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in certs(ca_setting, ca)? {
-                roots.add(cert).map_err(|e| {
-                    TlsError::Rustls(format!("{ca_setting} {}: {e}", ca.display()))
-                })?;
+                roots
+                    .add(cert)
+                    .map_err(|e| TlsError::Rustls(format!("{ca_setting} {}: {e}", ca.display())))?;
             }
             Some(Arc::new(roots))
         }

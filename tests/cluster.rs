@@ -12,8 +12,8 @@ use common::cluster::Cluster;
 use sessiond::api::forward::LEADER_HEADER;
 use sessiond::api::pb;
 use sessiond::api::pb::session_store_client::SessionStoreClient;
-use sessiond::cluster::pb::cluster_client::ClusterClient;
 use sessiond::cluster::pb as cpb;
+use sessiond::cluster::pb::cluster_client::ClusterClient;
 use tonic::Code;
 
 /// Creates a session through node `via`, retrying while the group has no leader (UNAVAILABLE)
@@ -403,7 +403,9 @@ async fn with_peer_mutual_tls_the_group_replicates_and_followers_forward_over_th
     assert_eq!(named.unwrap(), leader_client_addr);
     let id = created.into_inner().id;
     let digests = cluster.settled_digests().await;
-    assert!(digests.iter().all(|d| d.sessions == 1 && d.sha256 == digests[0].sha256));
+    assert!(digests
+        .iter()
+        .all(|d| d.sessions == 1 && d.sha256 == digests[0].sha256));
     let mut other = cluster.client(followers[1]).await;
     let got = other
         .get(pb::GetRequest {

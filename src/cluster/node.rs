@@ -35,9 +35,9 @@ use super::state_machine::StateMachine;
 use super::{Applied, Metrics, Node, NodeId, Proposal, Raft, TypeConfig};
 use crate::config::{ClusterConfig, ConfigError};
 use crate::observe::ClusterMetrics;
+use crate::observe::ConnMetrics;
 use crate::persist::format::FormatError;
 use crate::persist::log::FsyncPolicy;
-use crate::observe::ConnMetrics;
 use crate::store::{Effect, Store};
 use crate::tls::{Port, ReloadableTls};
 use crate::transport::{Accept, Connections};
@@ -458,8 +458,14 @@ impl ClusterNode {
             let _ = stop.send(());
             // The server stops accepting and lets its connections finish their calls; a
             // peer that keeps its connection open is cut.
-            if tokio::time::timeout(self.transfer_timeout, task).await.is_err() {
-                tracing::warn!(node_id = self.id, "peer server: connections still open; cutting them");
+            if tokio::time::timeout(self.transfer_timeout, task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    node_id = self.id,
+                    "peer server: connections still open; cutting them"
+                );
             }
             connections.cut();
         }
