@@ -263,6 +263,17 @@ impl Daemon {
     /// Binds both listeners, builds the stores and starts serving.
     pub async fn start(config: Config, clock: Clock) -> anyhow::Result<Daemon> {
         config.validate()?;
+        let protected = config.tls().is_some()
+            && (!config.tls_client_ca.as_os_str().is_empty() || !config.tenants.is_empty());
+        if config.insecure_listen && !config.listen.ip().is_loopback() && !protected {
+            tracing::warn!(
+                listen = %config.listen,
+                "insecure_listen: serving beyond loopback WITHOUT TLS and client \
+                 authentication; anyone who can reach the port can read and forge every \
+                 session. Set tls_cert, tls_key and tls_client_ca or [[tenants]] unless every \
+                 host on that network is trusted"
+            );
+        }
         let tls = config
             .tls()
             .map(ReloadableTls::load)
