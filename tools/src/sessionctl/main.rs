@@ -575,23 +575,23 @@ async fn cluster(
 ) -> Result<(Value, String), Failure> {
     Ok(match command {
         ClusterCommand::Status => {
-            let s = cluster::status(peer, &o).await?;
+            let s = cluster::status(peer, o).await?;
             (render::status_json(&s), render::status_text(&s))
         }
         ClusterCommand::Init => {
-            let s = cluster::init(peer, &o).await?;
+            let s = cluster::init(peer, o).await?;
             (render::init_json(&s), render::init_text(&s))
         }
         ClusterCommand::Add { node } => {
-            let a = cluster::add(peer, node, &o).await?;
+            let a = cluster::add(peer, node, o).await?;
             (render::added_json(&a), render::added_text(&a))
         }
         ClusterCommand::Remove { id } => {
-            let s = cluster::remove(peer, *id, &o).await?;
+            let s = cluster::remove(peer, *id, o).await?;
             (render::removed_json(*id, &s), render::removed_text(*id, &s))
         }
         ClusterCommand::TransferLeader { to } => {
-            let m = cluster::transfer_leader(peer, *to, &o).await?;
+            let m = cluster::transfer_leader(peer, *to, o).await?;
             (render::moved_json(&m), render::moved_text(&m))
         }
     })
