@@ -7,6 +7,10 @@
 //! Membership changes and leadership moves are made on the leader. Every command that needs
 //! it finds the leader from the `Status` of the node it is pointed at, following that node's
 //! word for who leads: the operator can name any member.
+//!
+//! A peer port with mutual TLS is reached with [`Options::tls`]: the cluster CA, and a
+//! certificate it signed (the peer port asks every dialler for one). The leader a node names
+//! is dialled the same way, by the peer address its membership records.
 
 pub mod render;
 
