@@ -21,6 +21,11 @@
 //! settings (its TLS, its connection limits). The header is no credential: whoever can talk
 //! to the peer port is a member anyway (see SECURITY.md).
 //!
+//! Credentials travel as metadata only: on the peer port the TLS client certificate is the
+//! forwarding member's, not the client's, so a tenant known by its certificate
+//! (`client_subject`) could not be recognised there. A group serves the default tenant only
+//! today; tenants in a group will need the client's verified subject carried along.
+//!
 //! Health, reflection and the admin calls are never forwarded: they describe this node.
 
 use std::collections::HashMap;
