@@ -470,15 +470,17 @@ async fn with_peer_mutual_tls_the_group_replicates_and_followers_forward_over_th
 
 /// Protected mode on the peer port: a plaintext peer port beyond loopback is refused at
 /// start, naming the settings that would secure it, unless `insecure_listen` says the
-/// network is trusted, which starts with a warning.
-#[test]
-fn a_plaintext_peer_port_beyond_loopback_needs_insecure_listen() {
+/// network is trusted, which starts with a warning. And `advertise_client` may be a DNS
+/// name: it is only ever named to clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_peer_port_beyond_loopback_needs_insecure_listen() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("sessiond.toml");
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[cluster]\npeer_listen = \"0.0.0.0:0\"\n",
+            "data_dir = {:?}\n[cluster]\npeer_listen = \"0.0.0.0:0\"\n\
+             advertise_client = \"sessiond.test:7420\"\n",
             dir.path().join("data")
         ),
     )
@@ -503,5 +505,21 @@ fn a_plaintext_peer_port_beyond_loopback_needs_insecure_listen() {
     .unwrap_or_else(|out| panic!("did not start with --insecure-listen:\n{out}"));
     let out = proc.output();
     assert!(out.contains("WITHOUT TLS"), "no warning:\n{out}");
+    let mut client = common::connect(proc.url()).await;
+    let started = Instant::now();
+    let created = loop {
+        match client.create(pb::CreateRequest::default()).await {
+            Ok(r) => break r,
+            // The new cluster of one may still be electing itself.
+            Err(s)
+                if s.code() == Code::Unavailable && started.elapsed() < Duration::from_secs(30) =>
+            {
+                tokio::task::yield_now().await
+            }
+            Err(s) => panic!("create: {s}"),
+        }
+    };
+    let named = created.metadata().get(LEADER_HEADER).unwrap().to_str();
+    assert_eq!(named.unwrap(), "sessiond.test:7420");
     proc.kill();
 }
