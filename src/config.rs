@@ -151,15 +151,34 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// Where the peer service listens (Raft RPCs from the other members, and sessionctl's
-    /// cluster calls). Loopback only until the peer port has mutual TLS: anyone who reaches it
-    /// can rewrite every session. Port 0 takes a free port.
+    /// Where the peer service listens: Raft RPCs and forwarded calls from the other members,
+    /// and sessionctl's cluster calls. Whoever can talk to it can rewrite every session, so
+    /// beyond loopback it needs mutual TLS (`tls_cert`, `tls_key`, `tls_ca`) or the daemon's
+    /// `insecure_listen`. Port 0 takes a free port.
     pub peer_listen: SocketAddr,
-    /// The peer address the other members reach this node at; empty: `peer_listen` as bound.
+    /// The peer address (`host:port`, a DNS name or an IP) the other members reach this node
+    /// at; empty: `peer_listen` as bound. With peer TLS, this node's certificate must name
+    /// its host (or every node shares one certificate: see `tls_server_name`).
     pub advertise_peer: String,
-    /// The client address handed to clients that must go to this node when it leads; empty:
-    /// the daemon's `listen`.
+    /// The client address (`host:port`, a DNS name or an IP) named to clients in the
+    /// `sessiond-leader` reply header when this node leads; empty: the daemon's `listen`.
     pub advertise_client: String,
+    /// PEM certificate chain of this node for the peer port: the peer server's certificate,
+    /// and the client certificate this node presents when it dials a peer. Set with
+    /// `tls_key` and `tls_ca`, or not at all; empty: the peer port speaks plaintext
+    /// (loopback only, unless `insecure_listen`).
+    pub tls_cert: PathBuf,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: PathBuf,
+    /// PEM bundle of the cluster CA: a peer that dials this node must present a client
+    /// certificate that chains to it, and a peer this node dials must present a server
+    /// certificate that chains to it. Dedicate a CA to the cluster: whoever holds a
+    /// certificate it signed is a member, able to rewrite every session.
+    pub tls_ca: PathBuf,
+    /// The name peer server certificates are verified against; empty: the host of the peer
+    /// address as the membership records it (`advertise_peer`, not a `dial_overrides`
+    /// target). For clusters whose nodes share one certificate.
+    pub tls_server_name: String,
     /// How often the leader sends heartbeats, renewing its lease.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -201,6 +220,10 @@ impl Default for ClusterConfig {
             peer_listen: SocketAddr::from(([127, 0, 0, 1], 7422)),
             advertise_peer: String::new(),
             advertise_client: String::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            tls_ca: PathBuf::new(),
+            tls_server_name: String::new(),
             heartbeat_interval: Duration::from_millis(250),
             election_timeout_min: Duration::from_secs(1),
             election_timeout_max: Duration::from_secs(2),
@@ -216,19 +239,43 @@ impl Default for ClusterConfig {
 }
 
 impl ClusterConfig {
-    /// Checks what types alone cannot; errors name the setting as `cluster.NAME`.
+    /// Checks what types alone cannot; errors name the setting as `cluster.NAME`. Protected
+    /// mode needs the daemon's `insecure_listen` as well: see
+    /// [`ClusterConfig::validate_protected_mode`].
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |setting: &str, why: String| Err(ConfigError(format!("cluster.{setting} {why}")));
-        if !self.peer_listen.ip().is_loopback() {
-            return bad(
-                "peer_listen",
-                format!(
-                    "is {}: refusing to serve the peer port beyond loopback, since it has no \
-                     TLS or peer authentication yet and anyone who can reach it could rewrite \
-                     every session; bind it to 127.0.0.1",
-                    self.peer_listen
-                ),
-            );
+        let set = |p: &PathBuf| !p.as_os_str().is_empty();
+        let files = [
+            ("tls_cert", set(&self.tls_cert)),
+            ("tls_key", set(&self.tls_key)),
+            ("tls_ca", set(&self.tls_ca)),
+        ];
+        if files.iter().any(|(_, s)| *s) && !files.iter().all(|(_, s)| *s) {
+            let missing: Vec<String> = files
+                .iter()
+                .filter(|(_, s)| !*s)
+                .map(|(n, _)| format!("cluster.{n}"))
+                .collect();
+            return Err(ConfigError(format!(
+                "cluster.tls_cert, cluster.tls_key and cluster.tls_ca are set together or not \
+                 at all (peer TLS is mutual: each node presents its certificate and checks the \
+                 other's against the cluster CA); missing: {}",
+                missing.join(", ")
+            )));
+        }
+        if !self.tls_server_name.is_empty() {
+            if !set(&self.tls_cert) {
+                return bad(
+                    "tls_server_name",
+                    "needs peer TLS (cluster.tls_cert, cluster.tls_key, cluster.tls_ca)".into(),
+                );
+            }
+            if rustls::pki_types::ServerName::try_from(self.tls_server_name.as_str()).is_err() {
+                return bad(
+                    "tls_server_name",
+                    format!("{:?} is not a DNS name or IP address", self.tls_server_name),
+                );
+            }
         }
         for (name, d) in [
             ("heartbeat_interval", self.heartbeat_interval),
@@ -280,6 +327,37 @@ impl ClusterConfig {
             }
         }
         Ok(())
+    }
+
+    /// Protected mode on the peer port: beyond loopback, a peer must prove it is a member
+    /// (mutual TLS against the cluster CA), unless the operator says, with the daemon's
+    /// `insecure_listen`, that every host that can reach the port is trusted.
+    pub fn validate_protected_mode(&self, insecure_listen: bool) -> Result<(), ConfigError> {
+        if self.peer_listen.ip().is_loopback() || insecure_listen || self.tls().is_some() {
+            return Ok(());
+        }
+        Err(ConfigError(format!(
+            "refusing to serve the peer port on cluster.peer_listen {} without TLS: anyone who \
+             can reach it could join the cluster's traffic and rewrite every session. Set \
+             cluster.tls_cert, cluster.tls_key and cluster.tls_ca (mutual TLS with a cluster \
+             CA), or set insecure_listen = true (--insecure-listen) if every host that can \
+             reach that address is trusted.",
+            self.peer_listen
+        )))
+    }
+
+    /// The peer port's TLS files, if peer TLS is on: the cluster CA verifies client
+    /// certificates (and, dialling, server certificates).
+    pub fn tls(&self) -> Option<crate::tls::TlsFiles> {
+        if self.tls_cert.as_os_str().is_empty() {
+            return None;
+        }
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            client_ca: Some(self.tls_ca.clone()),
+            section: crate::tls::Section::Cluster,
+        })
     }
 }
 
@@ -532,6 +610,7 @@ impl Config {
         }
         if let Some(cluster) = &self.cluster {
             cluster.validate()?;
+            cluster.validate_protected_mode(self.insecure_listen)?;
         }
         self.validate_tenants()
     }
@@ -632,6 +711,7 @@ impl Config {
             key: self.tls_key.clone(),
             client_ca: (!self.tls_client_ca.as_os_str().is_empty())
                 .then(|| self.tls_client_ca.clone()),
+            section: crate::tls::Section::Daemon,
         })
     }
 }
@@ -756,6 +836,54 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(err.to_string().contains("tls_key"), "{err}");
+    }
+
+    #[test]
+    fn protected_mode_on_the_peer_port_needs_peer_tls_or_insecure_listen_beyond_loopback() {
+        let public = ClusterConfig {
+            peer_listen: "0.0.0.0:7422".parse().unwrap(),
+            ..ClusterConfig::default()
+        };
+        let member = |cluster: &ClusterConfig, insecure_listen: bool| Config {
+            cluster: Some(cluster.clone()),
+            insecure_listen,
+            ..Config::default()
+        };
+        let err = member(&public, false).validate().unwrap_err().to_string();
+        for named in [
+            "cluster.peer_listen 0.0.0.0:7422 without TLS",
+            "cluster.tls_cert",
+            "cluster.tls_key",
+            "cluster.tls_ca",
+            "insecure_listen",
+        ] {
+            assert!(err.contains(named), "{err} lacks {named}");
+        }
+        let tls = ClusterConfig {
+            tls_cert: "peer.pem".into(),
+            tls_key: "peer.key".into(),
+            tls_ca: "cluster-ca.pem".into(),
+            ..public.clone()
+        };
+        for (cluster, insecure) in [
+            (&public, true),
+            (&tls, false),
+            (&ClusterConfig::default(), false),
+            (
+                &ClusterConfig {
+                    tls_server_name: "peers.test".into(),
+                    ..tls.clone()
+                },
+                false,
+            ),
+        ] {
+            member(cluster, insecure).validate().unwrap();
+        }
+        assert_eq!(
+            tls.tls().map(|f| f.client_ca),
+            Some(Some("cluster-ca.pem".into())),
+            "the cluster CA verifies peers' client certificates"
+        );
     }
 
     #[test]
@@ -888,6 +1016,16 @@ mod tests {
                     "cluster.snapshot_every_entries",
                 ),
                 ("advertise_peer = \"nohost\"", "cluster.advertise_peer"),
+                (
+                    "tls_cert = \"peer.pem\"",
+                    "missing: cluster.tls_key, cluster.tls_ca",
+                ),
+                (
+                    "tls_cert = \"p.pem\"\ntls_key = \"p.key\"\ntls_ca = \"ca.pem\"\n\
+                     tls_server_name = \"not a name!\"",
+                    "cluster.tls_server_name",
+                ),
+                ("tls_server_name = \"peers.test\"", "needs peer TLS"),
             ] {
                 jail.create_file("bad.toml", &format!("[cluster]\n{body}\n"))?;
                 let err = Config::load(Some(Path::new("bad.toml")), NoFlags {}).unwrap_err();

@@ -206,16 +206,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     });
-    let tls = daemon.tls_handle();
+    let tls = daemon.tls_handles();
     tokio::spawn(async move {
-        let Some(tls) = tls else { return };
+        if tls.is_empty() {
+            return;
+        }
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
             tracing::error!("cannot listen for SIGHUP; TLS files reload on change only");
             return;
         };
         while hup.recv().await.is_some() {
-            match tls.reload() {
+            match tls.iter().try_for_each(|t| t.reload()) {
                 Ok(()) => tracing::info!("SIGHUP: TLS files reloaded"),
                 Err(e) => {
                     tracing::error!(error = %e, "SIGHUP: cannot reload TLS files; keeping the previous certificate")

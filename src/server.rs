@@ -24,7 +24,7 @@ use crate::api::pb::session_store_server::SessionStoreServer;
 use crate::api::{Group, SessionStoreService, Settings, FILE_DESCRIPTOR_SET};
 use crate::clock::Clock;
 use crate::cluster::member::{self, touch_queue, Member, TouchQueue};
-use crate::cluster::node::ClusterNode;
+use crate::cluster::node::{ClusterNode, PeerPort};
 use crate::config::{ClusterConfig, Config, TenantConfig};
 use crate::observe::{ReaperMetrics, SnapshotMetrics, Telemetry};
 use crate::persist::{snapshotter, Persistence};
@@ -56,6 +56,8 @@ pub struct Daemon {
     pub tenants: Arc<Tenants>,
     signals: mpsc::Sender<()>,
     tls: Option<Arc<ReloadableTls>>,
+    /// The peer port's TLS, on a cluster member with peer TLS.
+    peer_tls: Option<Arc<ReloadableTls>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -210,7 +212,22 @@ async fn start_member(
         0,
         pool.clone(),
     );
-    let node = ClusterNode::start(&cluster, &config.data_dir, store.clone())
+    let port = PeerPort {
+        insecure_listen: config.insecure_listen,
+        max_connections: config.max_connections,
+        handshake_timeout: config.handshake_timeout,
+    };
+    if config.insecure_listen && !cluster.peer_listen.ip().is_loopback() && cluster.tls().is_none()
+    {
+        tracing::warn!(
+            peer_listen = %cluster.peer_listen,
+            "insecure_listen: serving the peer port beyond loopback WITHOUT TLS; anyone who can \
+             reach it can rewrite every session. Set cluster.tls_cert, cluster.tls_key and \
+             cluster.tls_ca unless every host on that network is trusted"
+        );
+    }
+    // Served once the daemon's session store service, which needs the node, is built.
+    let node = ClusterNode::open(&cluster, &config.data_dir, store.clone(), port)
         .await
         .context("cannot start the cluster node")?;
     let node = Arc::new(node);
@@ -221,13 +238,7 @@ async fn start_member(
             .context("cannot bootstrap a new cluster")?;
         tracing::info!(node_id = node.id(), "bootstrapped a new cluster of one");
     }
-    let client_addr = cluster.advertise_client.parse().with_context(|| {
-        format!(
-            "cluster.advertise_client {:?} must be an IP address and port",
-            cluster.advertise_client
-        )
-    })?;
-    let member = Arc::new(Member::new(node.clone(), client_addr));
+    let member = Arc::new(Member::new(node.clone(), &cluster.advertise_client));
     let guesses = GuessWatch::new(config.guess_threshold, config.guess_window, metrics.guesses);
     let started = Started {
         tenant: Tenant::new(DEFAULT_TENANT, store, guesses, None),
@@ -252,6 +263,17 @@ impl Daemon {
     /// Binds both listeners, builds the stores and starts serving.
     pub async fn start(config: Config, clock: Clock) -> anyhow::Result<Daemon> {
         config.validate()?;
+        let protected = config.tls().is_some()
+            && (!config.tls_client_ca.as_os_str().is_empty() || !config.tenants.is_empty());
+        if config.insecure_listen && !config.listen.ip().is_loopback() && !protected {
+            tracing::warn!(
+                listen = %config.listen,
+                "insecure_listen: serving beyond loopback WITHOUT TLS and client \
+                 authentication; anyone who can reach the port can read and forge every \
+                 session. Set tls_cert, tls_key and tls_client_ca or [[tenants]] unless every \
+                 host on that network is trusted"
+            );
+        }
         let tls = config
             .tls()
             .map(ReloadableTls::load)
@@ -295,6 +317,7 @@ impl Daemon {
         // configured tenants always have some (the config requires it).
         let tenants = Arc::new(Tenants::with_credentials(tenants));
         let store = tenants.all()[0].store.clone();
+        let peer_tls = membership.as_ref().and_then(|m| m.node.peer_tls());
         let (signals, rx) = mpsc::channel(4);
         let task = tokio::spawn(run(
             Listeners { grpc, admin },
@@ -317,21 +340,24 @@ impl Daemon {
             tenants,
             signals,
             tls,
+            peer_tls,
             task,
         })
     }
 
-    /// The live TLS configuration, for a SIGHUP handler; `None` without TLS.
-    pub fn tls_handle(&self) -> Option<Arc<ReloadableTls>> {
-        self.tls.clone()
+    /// The live TLS configurations (the client port's, the peer port's), for a SIGHUP
+    /// handler; empty without TLS.
+    pub fn tls_handles(&self) -> Vec<Arc<ReloadableTls>> {
+        self.tls.iter().chain(&self.peer_tls).cloned().collect()
     }
 
-    /// Reloads the TLS certificate files now (what SIGHUP does). Without TLS, does nothing.
+    /// Reloads the TLS certificate files now (what SIGHUP does): the client port's, then the
+    /// peer port's. Without TLS, does nothing.
     pub fn reload_tls(&self) -> Result<(), TlsError> {
-        match &self.tls {
-            Some(tls) => tls.reload(),
-            None => Ok(()),
+        for tls in self.tls_handles() {
+            tls.reload()?;
         }
+        Ok(())
     }
 
     /// A handle that starts the shutdown (a second call skips `shutdown_delay`).
@@ -547,11 +573,33 @@ async fn build_servers(listeners: Listeners, serving: &Serving) -> anyhow::Resul
     let service = SessionStoreServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    let conn_metrics = telemetry.conn_metrics();
+    let auth = AuthLayer::new(
+        tenants.clone(),
+        config.unauthenticated_requests,
+        config.max_unauthenticated_message_bytes,
+        conn_metrics.clone(),
+    );
+    if let Some(m) = membership {
+        // The calls other members forward: the same service under the same budget and
+        // authentication (the call carries its client's metadata), not counted in the gRPC
+        // metrics again (the member that took the call counted it).
+        let forwarded = tower::ServiceBuilder::new()
+            .layer(budget.layer(edge_metrics.clone()))
+            .layer(auth.clone())
+            .layer(ForwardLayer::peer_port(
+                m.member.clone() as Arc<dyn Leadership>
+            ))
+            .service(service.clone());
+        m.node
+            .serve_peer(tonic::service::Routes::new(SessionStoreOnPeerPort(
+                forwarded,
+            )));
+    }
     let mut drained = stopping;
     let until_drained = async move {
         let _ = drained.wait_for(|s| *s).await;
     };
-    let conn_metrics = telemetry.conn_metrics();
     let router = Server::builder()
         .timeout(config.request_timeout)
         .load_shed(true)
@@ -563,12 +611,7 @@ async fn build_servers(listeners: Listeners, serving: &Serving) -> anyhow::Resul
         // One budget for the whole daemon: a full budget answers RESOURCE_EXHAUSTED at once
         // instead of queueing.
         .layer(budget.layer(edge_metrics))
-        .layer(AuthLayer::new(
-            tenants.clone(),
-            config.unauthenticated_requests,
-            config.max_unauthenticated_message_bytes,
-            conn_metrics.clone(),
-        ))
+        .layer(auth)
         // In a group, after authentication: a call is forwarded to the leader only once
         // this node has checked who makes it.
         .layer(tower::util::option_layer(membership.as_ref().map(|m| {
@@ -663,10 +706,40 @@ fn start_background(
             )));
         }
     }
-    if let Some(tls) = tls {
-        tokio::spawn(tls.clone().watch(config.tls_watch_interval, stop));
+    let peer_tls = membership.as_ref().and_then(|m| m.node.peer_tls());
+    for tls in tls.iter().chain(&peer_tls) {
+        tokio::spawn(tls.clone().watch(config.tls_watch_interval, stop.clone()));
     }
     background
+}
+
+/// The session store's stack for forwarded calls, under the session store's service name,
+/// so the peer server routes its calls to it beside the peer service.
+#[derive(Clone)]
+struct SessionStoreOnPeerPort<S>(S);
+
+impl<S> tonic::server::NamedService for SessionStoreOnPeerPort<S> {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for SessionStoreOnPeerPort<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        self.0.call(req)
+    }
 }
 
 /// Shuts down in order, one log line a step, each step making the next one safe:

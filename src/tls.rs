@@ -7,6 +7,11 @@
 //! config stays and the error is logged, so a botched certificate rotation never takes the
 //! daemon down.
 //! Established connections keep the config they were accepted with.
+//!
+//! The cluster's peer port loads its own [`ReloadableTls`] from the `[cluster]` files
+//! ([`Section::Cluster`]): the same server side, with client certificates always required,
+//! and beside it the rustls `ClientConfig` a node dials its peers with (the cluster CA as the
+//! only root, the node's certificate as its client certificate), reloaded with it.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -15,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
@@ -30,6 +35,29 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// PEM CA bundle for client certificates; `Some` turns on mutual TLS.
     pub client_ca: Option<PathBuf>,
+    /// Which settings name the files: in error messages, and whether a client config for
+    /// dialling peers is built too.
+    pub section: Section,
+}
+
+/// Where a set of TLS files is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    /// The daemon's `tls_cert`, `tls_key`, `tls_client_ca`: the client and admin ports.
+    Daemon,
+    /// `cluster.tls_cert`, `cluster.tls_key`, `cluster.tls_ca`: the peer port, and the
+    /// client side of the connections to peers.
+    Cluster,
+}
+
+impl Section {
+    /// The settings naming the certificate, the key and the CA bundle.
+    fn names(self) -> [&'static str; 3] {
+        match self {
+            Section::Daemon => ["tls_cert", "tls_key", "tls_client_ca"],
+            Section::Cluster => ["cluster.tls_cert", "cluster.tls_key", "cluster.tls_ca"],
+        }
+    }
 }
 
 /// Why certificate material could not be loaded. Names the file.
@@ -73,6 +101,8 @@ pub(crate) enum Port {
 struct Configs {
     grpc: Arc<ServerConfig>,
     admin: Arc<ServerConfig>,
+    /// For dialling peers ([`Section::Cluster`] only).
+    dial: Option<Arc<ClientConfig>>,
 }
 
 /// The live TLS configuration.
@@ -125,6 +155,13 @@ impl ReloadableTls {
         }
     }
 
+    /// The current client config for dialling peers; `None` unless these are the
+    /// cluster's files.
+    pub(crate) fn dial_config(&self) -> Option<Arc<ClientConfig>> {
+        let configs = self.current.read().unwrap_or_else(|p| p.into_inner());
+        configs.dial.clone()
+    }
+
     /// An acceptor with the current certificate, for one connection to `port`.
     pub(crate) fn acceptor(&self, port: Port) -> TlsAcceptor {
         let configs = self.current.read().unwrap_or_else(|p| p.into_inner());
@@ -171,10 +208,12 @@ fn certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateDer<'stati
 }
 
 fn build(files: &TlsFiles) -> Result<Configs, TlsError> {
-    let chain = certs("tls_cert", &files.cert)?;
-    let key = PrivateKeyDer::from_pem_slice(&read("tls_key", &files.key)?).map_err(|_| {
+    let [cert_setting, key_setting, ca_setting] = files.section.names();
+    let pair = format!("{cert_setting} and {key_setting}");
+    let chain = certs(cert_setting, &files.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(&read(key_setting, &files.key)?).map_err(|_| {
         TlsError::Empty {
-            setting: "tls_key",
+            setting: key_setting,
             path: files.key.clone(),
             what: "PEM private key",
         }
@@ -188,30 +227,51 @@ fn build(files: &TlsFiles) -> Result<Configs, TlsError> {
     let mut admin = builder()?
         .with_no_client_auth()
         .with_single_cert(chain.clone(), key.clone_key())
-        .map_err(|e| TlsError::Rustls(format!("tls_cert and tls_key: {e}")))?;
+        .map_err(|e| TlsError::Rustls(format!("{pair}: {e}")))?;
     admin.alpn_protocols = vec![b"http/1.1".to_vec()];
     let builder = builder()?;
-    let builder = match &files.client_ca {
-        None => builder.with_no_client_auth(),
+    let roots = match &files.client_ca {
+        None => None,
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in certs("tls_client_ca", ca)? {
-                roots.add(cert).map_err(|e| {
-                    TlsError::Rustls(format!("tls_client_ca {}: {e}", ca.display()))
-                })?;
+            for cert in certs(ca_setting, ca)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| TlsError::Rustls(format!("{ca_setting} {}: {e}", ca.display())))?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| TlsError::Rustls(e.to_string()))?;
+            Some(Arc::new(roots))
+        }
+    };
+    let builder = match &roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::Rustls(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Rustls(format!("tls_cert and tls_key: {e}")))?;
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(|e| TlsError::Rustls(format!("{pair}: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    let dial = match (files.section, roots) {
+        (Section::Cluster, Some(roots)) => {
+            let mut dial = ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| TlsError::Rustls(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::Rustls(format!("{pair}: {e}")))?;
+            dial.alpn_protocols = vec![b"h2".to_vec()];
+            Some(Arc::new(dial))
+        }
+        _ => None,
+    };
     Ok(Configs {
         grpc: Arc::new(config),
         admin: Arc::new(admin),
+        dial,
     })
 }

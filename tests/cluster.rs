@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use common::cluster::Cluster;
 use sessiond::api::forward::LEADER_HEADER;
 use sessiond::api::pb;
+use sessiond::api::pb::session_store_client::SessionStoreClient;
+use sessiond::cluster::pb as cpb;
+use sessiond::cluster::pb::cluster_client::ClusterClient;
 use tonic::Code;
 
 /// Creates a session through node `via`, retrying while the group has no leader (UNAVAILABLE)
@@ -374,4 +377,149 @@ async fn two_regenerates_of_one_session_at_once_move_it_once() {
         both += usize::from(x.is_ok() && y.is_ok());
     }
     assert_eq!(both, 0, "both Regenerates succeeded {both} times in 20");
+}
+
+/// Peer mutual TLS, and TLS on the client ports: the group elects and replicates over the
+/// peer port, and a follower forwards a write to the leader's peer port (it could not reach
+/// the leader's client port without trusting its CA). The peer port takes only diallers
+/// with a certificate from the cluster CA, and serves the session store only to calls
+/// another member forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_peer_mutual_tls_the_group_replicates_and_followers_forward_over_the_peer_port() {
+    let cluster = Cluster::start_tls(3, "no").await;
+    let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let leader_client_addr = cluster.nodes[leader].proc.as_ref().unwrap().grpc.clone();
+
+    let mut via_follower = cluster.client(followers[0]).await;
+    let created = via_follower
+        .create(pb::CreateRequest {
+            user_id: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("a write through a follower: {s}"));
+    let named = created.metadata().get(LEADER_HEADER).unwrap().to_str();
+    assert_eq!(named.unwrap(), leader_client_addr);
+    let id = created.into_inner().id;
+    let digests = cluster.settled_digests().await;
+    assert!(digests
+        .iter()
+        .all(|d| d.sessions == 1 && d.sha256 == digests[0].sha256));
+    let mut other = cluster.client(followers[1]).await;
+    let got = other
+        .get(pb::GetRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.user_id, "alice");
+
+    // Diallers of the peer port: only a certificate from the cluster CA gets an answer.
+    let tls = cluster.tls.as_ref().unwrap();
+    let peer = cluster.nodes[leader].peer;
+    let status = |config: Option<tonic::transport::ClientTlsConfig>| async move {
+        let scheme = if config.is_some() { "https" } else { "http" };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{peer}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(c) = config {
+            endpoint = endpoint.tls_config(c).unwrap();
+        }
+        let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
+        ClusterClient::new(channel)
+            .status(cpb::StatusRequest {})
+            .await
+            .map(|r| r.into_inner().node_id)
+            .map_err(|s| s.to_string())
+    };
+    assert_eq!(
+        status(Some(tls.peer_config(leader, Some(&tls.admin)))).await,
+        Ok(cluster.nodes[leader].id)
+    );
+    let refused = [
+        ("no client certificate", Some(tls.peer_config(leader, None))),
+        (
+            "a certificate from another CA",
+            Some(tls.peer_config(
+                leader,
+                Some(&common::certs::Ca::new("rogue").issue("sessionctl")),
+            )),
+        ),
+        ("plaintext", None),
+    ];
+    for (what, config) in refused {
+        let answer = status(config).await;
+        assert!(answer.is_err(), "{what}: answered {answer:?}");
+    }
+
+    // A member's peer port is no client port: a call that no member forwarded is refused.
+    let channel = cluster.peer_endpoint(leader).connect().await.unwrap();
+    let err = SessionStoreClient::new(channel)
+        .get(pb::GetRequest {
+            id,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("peer port"), "{err}");
+}
+
+/// Protected mode on the peer port: a plaintext peer port beyond loopback is refused at
+/// start, naming the settings that would secure it, unless `insecure_listen` says the
+/// network is trusted, which starts with a warning. And `advertise_client` may be a DNS
+/// name: it is only ever named to clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_peer_port_beyond_loopback_needs_insecure_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sessiond.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[cluster]\npeer_listen = \"0.0.0.0:0\"\n\
+             advertise_client = \"sessiond.test:7420\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (status, out) = common::proc::run_to_exit(dir.path(), &["--config", config]);
+    assert!(!status.success(), "{out}");
+    for named in [
+        "cluster.peer_listen",
+        "cluster.tls_cert",
+        "cluster.tls_key",
+        "cluster.tls_ca",
+        "insecure_listen",
+    ] {
+        assert!(out.contains(named), "{named} not named:\n{out}");
+    }
+    let proc = common::proc::spawn(
+        dir.path(),
+        &["--config", config, "--insecure-listen", "--bootstrap"],
+        &[],
+    )
+    .unwrap_or_else(|out| panic!("did not start with --insecure-listen:\n{out}"));
+    let out = proc.output();
+    assert!(out.contains("WITHOUT TLS"), "no warning:\n{out}");
+    let mut client = common::connect(proc.url()).await;
+    let started = Instant::now();
+    let created = loop {
+        match client.create(pb::CreateRequest::default()).await {
+            Ok(r) => break r,
+            // The new cluster of one may still be electing itself.
+            Err(s)
+                if s.code() == Code::Unavailable && started.elapsed() < Duration::from_secs(30) =>
+            {
+                tokio::task::yield_now().await
+            }
+            Err(s) => panic!("create: {s}"),
+        }
+    };
+    let named = created.metadata().get(LEADER_HEADER).unwrap().to_str();
+    assert_eq!(named.unwrap(), "sessiond.test:7420");
+    proc.kill();
 }

@@ -13,7 +13,6 @@
 //!   replicated as records, never a lease that a leader change resets.
 //! - **Readiness.** [`readiness`] reports ready while the node knows a leader.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,14 +43,17 @@ const TOUCH_BATCH: usize = 1024;
 /// A node of a group, as the edge uses it.
 pub struct Member {
     node: Arc<ClusterNode>,
-    /// Where clients reach this node.
-    client_addr: SocketAddr,
+    /// Where clients reach this node (`host:port`).
+    client_addr: Arc<str>,
 }
 
 impl Member {
-    /// The edge's view of `node`, which clients reach at `client_addr`.
-    pub fn new(node: Arc<ClusterNode>, client_addr: SocketAddr) -> Self {
-        Member { node, client_addr }
+    /// The edge's view of `node`, which clients reach at `client_addr` (`host:port`).
+    pub fn new(node: Arc<ClusterNode>, client_addr: &str) -> Self {
+        Member {
+            node,
+            client_addr: client_addr.into(),
+        }
     }
 
     /// The node.
@@ -81,19 +83,22 @@ impl Leadership for Member {
         let metrics = self.node.metrics();
         let m = metrics.borrow_watched();
         if m.state == ServerState::Leader {
-            return Route::Here(self.client_addr);
+            return Route::Here(self.client_addr.clone());
         }
         let Some(leader) = m.current_leader else {
             return Route::NoLeader;
         };
-        match m
-            .membership_config
-            .get_node(&leader)
-            .and_then(|n| n.client_addr.parse().ok())
-        {
-            Some(addr) => Route::Leader(addr),
-            None => Route::NoLeader,
+        match m.membership_config.get_node(&leader) {
+            Some(n) if !n.peer_addr.is_empty() => Route::Leader {
+                peer_addr: n.peer_addr.clone(),
+                client_addr: n.client_addr.clone(),
+            },
+            _ => Route::NoLeader,
         }
+    }
+
+    fn dial(&self, peer_addr: &str) -> Result<tonic::transport::Channel, String> {
+        self.node.dialer().channel(peer_addr)
     }
 }
 

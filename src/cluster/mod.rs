@@ -17,7 +17,8 @@
 //! - [`state_machine`]: the node's one [`Store`], driven by committed entries through
 //!   `Store::apply`, the code recovery uses; snapshots in the single-node snapshot format, with
 //!   the Raft metadata as the first frame.
-//! - [`network`] and [`peer_service`]: the Raft RPCs over tonic (HTTP/2), client and server,
+//! - [`network`] and [`peer_service`]: the Raft RPCs over tonic (HTTP/2, mutual TLS when
+//!   configured), client and server,
 //!   and the admin calls `sessionctl cluster` and the tests make (`Init`, `AddLearner`,
 //!   `ChangeMembership`, `RemoveMember`, `MoveLeader`, `Status`, `Digest`).
 //! - [`node`]: [`ClusterNode`], which starts all of the above from a `[cluster]` config section
@@ -42,10 +43,28 @@
 //!
 //! # The peer port
 //!
-//! The peer service speaks plain HTTP/2: it authenticates nobody, and whoever reaches it can
-//! rewrite every session. So a node refuses to serve it on anything but a loopback address
-//! (`cluster.peer_listen` is checked by [`crate::config::ClusterConfig::validate`]); mutual TLS
-//! between peers comes with the step that lets nodes live on different hosts.
+//! One port (`cluster.peer_listen`) carries everything between members: the Raft RPCs, the
+//! session store calls a follower forwards to the leader (`api::forward`: the leader's peer
+//! address is what the membership records, so `advertise_client` may be any name clients
+//! resolve, and the client port's TLS is no member's business), and `sessionctl cluster`.
+//! Whoever can talk to it can rewrite every session, so:
+//!
+//! - With `cluster.tls_cert`, `cluster.tls_key` and `cluster.tls_ca`, it speaks mutual TLS:
+//!   the server asks every dialler for a certificate that chains to the cluster CA, and a
+//!   node dials its peers with its own certificate, checking theirs against the same CA and
+//!   the host of their recorded address (or `cluster.tls_server_name`). The server side is
+//!   the client port's `tls::ReloadableTls`, loaded from the `[cluster]` files, so the files
+//!   are reloaded the same way (`tls_watch_interval`, SIGHUP); the client side's rustls config
+//!   is rebuilt with it, and each new connection takes the current one.
+//! - Protected mode: without peer TLS, the port is refused beyond loopback
+//!   ([`crate::config::ClusterConfig::validate_protected_mode`]) unless the daemon's
+//!   `insecure_listen` says every host that can reach it is trusted.
+//! - A peer certificate is a membership card, not a narrower right: its holder can send
+//!   votes, appends and snapshots. The cluster CA must be dedicated to the cluster.
+//! - The session store on the peer port serves only calls that carry the forwarded header;
+//!   the header proves nothing (a member could set it), it keeps a client pointed at the
+//!   wrong port from being served past the client port's own TLS and limits. A forwarded
+//!   call is authenticated again from the metadata it carries.
 //!
 //! [`Effect`]: crate::store::Effect
 //! [`Store`]: crate::store::Store

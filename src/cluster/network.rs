@@ -6,6 +6,11 @@
 //! gives it ([`RPCOption::soft_ttl`]). A peer that cannot be reached is reported as
 //! `Unreachable`, which makes openraft back off before it tries again.
 //!
+//! A peer is dialled at the address its membership records, or at the one
+//! `cluster.dial_overrides` puts in its place, through a [`Dialer`]: over mutual TLS with the
+//! cluster CA when peer TLS is on. The follower's forwarding of client calls to the leader
+//! dials through the same [`Dialer`], on channels of its own.
+//!
 //! A snapshot is streamed from its file, chunk by chunk, by a blocking reader thread, behind one
 //! message with the leader's vote; the peer rebuilds the file and installs it
 //! ([`super::peer_service`]).
@@ -13,8 +18,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::Read;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use http::Uri;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use openraft::errors::{
     NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
@@ -33,6 +46,7 @@ use super::pb::cluster_client::ClusterClient;
 use super::pb_impl::{check_vote, Malformed};
 use super::state_machine::SnapshotFile;
 use super::{pb, NodeId, TypeConfig};
+use crate::tls::ReloadableTls;
 
 /// A snapshot is sent in chunks of at most this many bytes (openraft may ask for fewer): well
 /// under tonic's default 4 MiB message limit.
@@ -41,31 +55,139 @@ const MAX_CHUNK_BYTES: usize = 1 << 20;
 /// How long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How this node dials its peers (see the module docs). A cheap handle.
+#[derive(Clone, Default)]
+pub struct Dialer {
+    /// Peer addresses as the membership records them -> the address this node dials
+    /// instead (`cluster.dial_overrides`).
+    overrides: Arc<BTreeMap<String, String>>,
+    /// Peer TLS: the live configs, and the name to verify every peer's certificate against
+    /// (`cluster.tls_server_name`) instead of the host of its recorded address.
+    tls: Option<(Arc<ReloadableTls>, Option<ServerName<'static>>)>,
+}
+
+impl Dialer {
+    /// Dials the addresses in `overrides` instead of the recorded ones, over `tls` if given
+    /// (whose client config must be the cluster's: [`crate::tls::Section::Cluster`]),
+    /// verifying certificates against `server_name` if not empty.
+    pub fn new(
+        overrides: BTreeMap<String, String>,
+        tls: Option<Arc<ReloadableTls>>,
+        server_name: &str,
+    ) -> Result<Self, String> {
+        let name = match server_name {
+            "" => None,
+            n => Some(ServerName::try_from(n.to_string()).map_err(|e| {
+                format!("cluster.tls_server_name {n:?} is not a DNS name or IP address: {e}")
+            })?),
+        };
+        Ok(Dialer {
+            overrides: Arc::new(overrides),
+            tls: tls.map(|t| (t, name)),
+        })
+    }
+
+    /// A channel to the peer the membership records at `addr`, connected on first use (and
+    /// again after a failure).
+    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let target = self.overrides.get(addr).map_or(addr, String::as_str);
+        // The scheme says HTTP: with peer TLS, the connector below wraps the connection.
+        let endpoint = Endpoint::from_shared(format!("http://{target}"))
+            .map_err(|e| format!("bad peer address {target:?}: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let Some((tls, name)) = &self.tls else {
+            return Ok(endpoint.connect_lazy());
+        };
+        let name = match name {
+            Some(n) => n.clone(),
+            None => server_name(addr)?,
+        };
+        Ok(endpoint.connect_with_connector_lazy(TlsConnector {
+            tls: tls.clone(),
+            name,
+        }))
+    }
+}
+
+/// The name a peer recorded at `addr` (`host:port`) must have in its certificate: its host.
+fn server_name(addr: &str) -> Result<ServerName<'static>, String> {
+    let host = addr
+        .rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    ServerName::try_from(host.to_string()).map_err(|e| {
+        format!(
+            "peer address {addr:?}: {host:?} cannot be checked against a certificate ({e}); \
+             set cluster.tls_server_name"
+        )
+    })
+}
+
+/// Connects to a peer over TCP, then TLS with the current peer client config: a renewed
+/// certificate is used from the next connection on.
+#[derive(Clone)]
+struct TlsConnector {
+    tls: Arc<ReloadableTls>,
+    name: ServerName<'static>,
+}
+
+impl tower::Service<Uri> for TlsConnector {
+    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, std::io::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (tls, name) = (self.tls.clone(), self.name.clone());
+        Box::pin(async move {
+            let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+            let authority = uri
+                .authority()
+                .ok_or_else(|| invalid(format!("no host:port in {uri}")))?;
+            let config = tls
+                .dial_config()
+                .ok_or_else(|| invalid("no peer client TLS config".into()))?;
+            let tcp = TcpStream::connect(authority.as_str()).await?;
+            let _ = tcp.set_nodelay(true);
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
 /// Makes the clients openraft sends RPCs through, one channel per peer.
 #[derive(Clone, Default)]
 pub struct PeerNetwork {
     /// The channel of each peer, with the address it was made for.
     channels: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
-    /// Peer addresses as the membership records them -> the address this node dials
-    /// instead (`cluster.dial_overrides`).
-    overrides: Arc<BTreeMap<String, String>>,
+    dialer: Dialer,
 }
 
 impl PeerNetwork {
-    /// A network with no channels yet, dialling each peer at its recorded address.
+    /// A network with no channels yet, dialling each peer at its recorded address in
+    /// plaintext.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// A network that dials the addresses in `overrides` instead of the recorded ones.
-    pub fn with_overrides(overrides: BTreeMap<String, String>) -> Self {
+    /// A network that dials its peers through `dialer`.
+    pub fn with_dialer(dialer: Dialer) -> Self {
         PeerNetwork {
-            overrides: Arc::new(overrides),
+            dialer,
             ..Self::default()
         }
     }
 
-    /// The channel to `target` at `addr`: the one made before, unless the address changed.
+    /// The channel to `target` recorded at `addr`: the one made before, unless the address
+    /// changed.
     fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, String> {
         let mut channels = self
             .channels
@@ -76,11 +198,10 @@ impl PeerNetwork {
                 return Ok(ch.clone());
             }
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("node {target}: bad peer address {addr:?}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let ch = self
+            .dialer
+            .channel(addr)
+            .map_err(|e| format!("node {target}: {e}"))?;
         channels.insert(target, (addr.to_owned(), ch.clone()));
         Ok(ch)
     }
@@ -90,14 +211,11 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &pb::Node) -> PeerClient {
-        let addr = self
-            .overrides
-            .get(&node.peer_addr)
-            .unwrap_or(&node.peer_addr)
-            .clone();
         PeerClient {
             target,
-            client: self.channel(target, &addr).map(ClusterClient::new),
+            client: self
+                .channel(target, &node.peer_addr)
+                .map(ClusterClient::new),
         }
     }
 }

@@ -6,6 +6,10 @@
 //!   fresh ID and is swapped in by a membership change (openraft's FAQ, "reuse node id").
 //! - `raft/`: the Raft log (`log.sdl`, see [`super::log_store`]), the current snapshot
 //!   (`snapshot.sds`, see [`super::state_machine`]) and the lock that keeps a second node out.
+//!
+//! The peer port is bound at start and served by [`ClusterNode::serve_peer`], with whatever
+//! the daemon mounts beside the peer service (the session store, for forwarded calls), which
+//! it can build only once the node exists. [`ClusterNode::start`] does both at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -24,16 +28,19 @@ use tokio::task::JoinHandle;
 pub use super::admin::ProposeError;
 use super::admin::{initialize, move_leader, remove_member};
 use super::log_store::{LogCloser, LogOptions, LogStore, OpenError};
-use super::network::PeerNetwork;
+use super::network::{Dialer, PeerNetwork};
 use super::pb::cluster_server::ClusterServer;
 use super::peer_service::PeerService;
 use super::state_machine::StateMachine;
 use super::{Applied, Metrics, Node, NodeId, Proposal, Raft, TypeConfig};
 use crate::config::{ClusterConfig, ConfigError};
 use crate::observe::ClusterMetrics;
+use crate::observe::ConnMetrics;
 use crate::persist::format::FormatError;
 use crate::persist::log::FsyncPolicy;
 use crate::store::{Effect, Store};
+use crate::tls::{Port, ReloadableTls};
+use crate::transport::{Accept, Connections};
 
 /// The file in `data_dir` that keeps this node's ID.
 pub const NODE_ID_FILE: &str = "node-id";
@@ -65,6 +72,9 @@ pub enum StartError {
     /// The snapshot cannot be read.
     #[error(transparent)]
     Snapshot(#[from] FormatError),
+    /// The peer TLS files cannot be loaded (the message names the setting and file).
+    #[error("peer TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The peer address cannot be bound.
     #[error("cluster.peer_listen {addr}: {source}")]
     Bind {
@@ -78,6 +88,43 @@ pub enum StartError {
     Raft(String),
 }
 
+/// How the peer port is served, beyond the `[cluster]` section: the daemon's settings that
+/// apply to it as to the client port.
+#[derive(Debug, Clone)]
+pub struct PeerPort {
+    /// The daemon's `insecure_listen`: a plaintext peer port beyond loopback is allowed.
+    pub insecure_listen: bool,
+    /// Connections open at once (the daemon's `max_connections`).
+    pub max_connections: usize,
+    /// The time a new connection has to finish its TLS handshake and send the HTTP/2
+    /// preface (the daemon's `handshake_timeout`).
+    pub handshake_timeout: Duration,
+}
+
+impl Default for PeerPort {
+    fn default() -> Self {
+        PeerPort {
+            insecure_listen: false,
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The peer server: bound, then serving, then stopped.
+enum PeerServer {
+    /// Bound by [`ClusterNode::open`], not yet served.
+    Bound(Box<(tokio::net::TcpListener, ClusterServer<PeerService>, Accept)>),
+    /// Served by [`ClusterNode::serve_peer`].
+    Serving {
+        stop: oneshot::Sender<()>,
+        task: JoinHandle<()>,
+        connections: Connections,
+    },
+    /// Stopped by [`ClusterNode::shutdown`].
+    Stopped,
+}
+
 /// A running cluster node. Dropping it does not stop it: call [`ClusterNode::shutdown`].
 pub struct ClusterNode {
     id: NodeId,
@@ -87,7 +134,11 @@ pub struct ClusterNode {
     store: Store,
     /// How long a leadership transfer may take before shutdown goes on without it.
     transfer_timeout: Duration,
-    server: Mutex<Option<(oneshot::Sender<()>, JoinHandle<()>)>>,
+    server: Mutex<PeerServer>,
+    /// How peers are dialled: by Raft, and by the forwarding of client calls.
+    dialer: Dialer,
+    /// Peer TLS, when on: for the daemon's reload on SIGHUP and file changes.
+    tls: Option<Arc<ReloadableTls>>,
     log: LogCloser,
     /// Where proposals are recorded, once [`ClusterNode::observe`] was called.
     recorder: OnceLock<ClusterMetrics>,
@@ -105,8 +156,33 @@ impl ClusterNode {
         data_dir: &Path,
         store: Store,
     ) -> Result<ClusterNode, StartError> {
+        let node = Self::open(config, data_dir, store, PeerPort::default()).await?;
+        node.serve_peer(tonic::service::Routes::default());
+        Ok(node)
+    }
+
+    /// Starts the node as [`ClusterNode::start`] does, with the peer port bound but not yet
+    /// served: [`ClusterNode::serve_peer`] serves it.
+    pub async fn open(
+        config: &ClusterConfig,
+        data_dir: &Path,
+        store: Store,
+        port: PeerPort,
+    ) -> Result<ClusterNode, StartError> {
         config.validate()?;
+        config.validate_protected_mode(port.insecure_listen)?;
         let raft_config = raft_config(config)?;
+        let tls = config
+            .tls()
+            .map(ReloadableTls::load)
+            .transpose()?
+            .map(Arc::new);
+        let dialer = Dialer::new(
+            config.dial_overrides.clone(),
+            tls.clone(),
+            &config.tls_server_name,
+        )
+        .map_err(ConfigError::new)?;
         let id = node_id(data_dir)?;
         let dir = data_dir.join(RAFT_DIR);
         let options = LogOptions::new(config.fsync.unwrap_or(FsyncPolicy::Always));
@@ -140,7 +216,7 @@ impl ClusterNode {
             },
             client_addr: config.advertise_client.clone(),
         };
-        let network = PeerNetwork::with_overrides(config.dial_overrides.clone());
+        let network = PeerNetwork::with_dialer(dialer.clone());
         let raft = match Raft::new(id, Arc::new(raft_config), network, log, sm).await {
             Ok(r) => r,
             Err(e) => {
@@ -156,11 +232,48 @@ impl ClusterNode {
         ))
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+        let accept = Accept {
+            tls: tls.clone().map(|t| (t, Port::Grpc)),
+            max_connections: port.max_connections,
+            handshake_timeout: port.handshake_timeout,
+            http2_preface: true,
+            metrics: ConnMetrics::noop(),
+        };
+        tracing::info!(node_id = id, peer = %peer_addr, tls = tls.is_some(), "cluster node started");
+        Ok(ClusterNode {
+            id,
+            raft,
+            node,
+            peer_addr,
+            store,
+            transfer_timeout: config.election_timeout_max * 3,
+            server: Mutex::new(PeerServer::Bound(Box::new((listener, service, accept)))),
+            dialer,
+            tls,
+            log: closer,
+            recorder: OnceLock::new(),
+        })
+    }
+
+    /// Serves the peer port: the peer service, and `beside` it (the daemon mounts the
+    /// session store there, for the calls other members forward). Only the first call
+    /// serves; later ones do nothing.
+    pub fn serve_peer(&self, beside: tonic::service::Routes) {
+        let mut server = self
+            .server
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let PeerServer::Bound(bound) = std::mem::replace(&mut *server, PeerServer::Stopped) else {
+            return;
+        };
+        let (listener, service, accept) = *bound;
         let (stop, stopped) = oneshot::channel::<()>();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let server = tokio::spawn(async move {
+        let connections = Connections::new();
+        let incoming = crate::transport::incoming(listener, accept, connections.clone());
+        let routes = beside.add_service(service);
+        let task = tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
-                .add_service(service)
+                .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 })
@@ -169,18 +282,21 @@ impl ClusterNode {
                 tracing::error!(error = %e, "the cluster peer server failed");
             }
         });
-        tracing::info!(node_id = id, peer = %peer_addr, "cluster node started");
-        Ok(ClusterNode {
-            id,
-            raft,
-            node,
-            peer_addr,
-            store,
-            transfer_timeout: config.election_timeout_max * 3,
-            server: Mutex::new(Some((stop, server))),
-            log: closer,
-            recorder: OnceLock::new(),
-        })
+        *server = PeerServer::Serving {
+            stop,
+            task,
+            connections,
+        };
+    }
+
+    /// How this node dials its peers.
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
+    }
+
+    /// Peer TLS, when on: what the daemon reloads on SIGHUP and watches for changes.
+    pub fn peer_tls(&self) -> Option<Arc<ReloadableTls>> {
+        self.tls.clone()
     }
 
     /// This node's ID.
@@ -326,14 +442,32 @@ impl ClusterNode {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "Raft shutdown");
         }
-        let server = self
-            .server
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some((stop, handle)) = server {
+        let server = std::mem::replace(
+            &mut *self
+                .server
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            PeerServer::Stopped,
+        );
+        if let PeerServer::Serving {
+            stop,
+            task,
+            connections,
+        } = server
+        {
             let _ = stop.send(());
-            let _ = handle.await;
+            // The server stops accepting and lets its connections finish their calls; a
+            // peer that keeps its connection open is cut.
+            if tokio::time::timeout(self.transfer_timeout, task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    node_id = self.id,
+                    "peer server: connections still open; cutting them"
+                );
+            }
+            connections.cut();
         }
         let log = self.log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;

@@ -377,8 +377,56 @@ async fn a_node_far_behind_is_sent_a_snapshot() {
     c.shutdown().await;
 }
 
+/// A CA made in the test (rcgen), and a certificate and key it signed for `name`, as PEM.
+fn ca_and_cert(name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "cluster ca");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(params, ca_key);
+    let leaf = CertificateParams::new(vec![name.to_string()]).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    (ca_pem, cert.pem(), key.serialize_pem())
+}
+
+/// Peer mutual TLS, every node on one shared certificate checked under
+/// `cluster.tls_server_name`: the group elects and replicates as in
+/// plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_peer_mutual_tls_elects_and_replicates() {
+    let files = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = ca_and_cert("peers.test");
+    let write = |name: &str, pem: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let config = ClusterConfig {
+        tls_cert: write("peer.pem", &cert),
+        tls_key: write("peer.key", &key),
+        tls_ca: write("ca.pem", &ca),
+        tls_server_name: "peers.test".into(),
+        ..config()
+    };
+    let c = Cluster::start(config).await;
+    assert!(c.nth(0).peer_tls().is_some());
+    c.write(0..5).await;
+    let l = c.converge().await;
+    let want = sessions(c.nth(l).store());
+    assert_eq!(want.len(), 5);
+    for m in c.up() {
+        assert_eq!(sessions(m.node.store()), want, "node {}", m.node.id());
+    }
+    c.shutdown().await;
+}
+
 #[tokio::test]
-async fn a_peer_port_beyond_loopback_is_refused() {
+async fn a_plaintext_peer_port_beyond_loopback_is_refused_unless_insecure_listen() {
     let dir = tempfile::tempdir().unwrap();
     let config = ClusterConfig {
         peer_listen: "0.0.0.0:0".parse().unwrap(),
@@ -389,10 +437,24 @@ async fn a_peer_port_beyond_loopback_is_refused() {
         .err()
         .expect("refused");
     let msg = err.to_string();
-    assert!(
-        msg.contains("cluster.peer_listen") && msg.contains("loopback"),
-        "{msg}"
-    );
+    for named in [
+        "cluster.peer_listen",
+        "cluster.tls_cert",
+        "cluster.tls_key",
+        "cluster.tls_ca",
+        "insecure_listen",
+    ] {
+        assert!(msg.contains(named), "{msg} lacks {named}");
+    }
+    let port = super::node::PeerPort {
+        insecure_listen: true,
+        ..Default::default()
+    };
+    let node = ClusterNode::open(&config, dir.path(), store(), port)
+        .await
+        .unwrap();
+    assert!(node.peer_addr().ip().is_unspecified());
+    node.shutdown().await;
 }
 
 #[tokio::test]

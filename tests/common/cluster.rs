@@ -5,6 +5,10 @@
 //! node's name through its own proxy (`cluster.dial_overrides`), so a test can cut, delay or
 //! reset any directed link. The real peer ports are ephemeral; the proxies learn them when
 //! the nodes report them.
+//!
+//! [`Cluster::start_tls`] turns on peer mutual TLS (a cluster CA, each node's certificate
+//! naming its advertised peer host, which the proxies pass through untouched) and TLS on
+//! the client ports.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,8 +17,9 @@ use std::time::{Duration, Instant};
 use sessiond::api::pb::session_store_client::SessionStoreClient;
 use sessiond::cluster::pb::cluster_client::ClusterClient;
 use sessiond::cluster::pb::{self as cpb};
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use super::certs::{self, Ca};
 use super::faultproxy::Mesh;
 use super::proc::{self, Proc};
 
@@ -45,6 +50,47 @@ pub struct Cluster {
     pub mesh: Mesh,
     n: usize,
     fsync: &'static str,
+    /// Peer and client-port TLS, when on.
+    pub tls: Option<Tls>,
+}
+
+/// The certificates of a cluster with TLS on.
+pub struct Tls {
+    /// The cluster CA: every node's peer certificate, and [`Tls::admin`].
+    pub cluster_ca: Ca,
+    /// A peer certificate and key of the tests' own, for the admin calls.
+    pub admin: (String, String),
+    /// The CA of the client ports' certificates (issued for `localhost`).
+    pub client_ca: Ca,
+}
+
+impl Tls {
+    fn new() -> Tls {
+        let cluster_ca = Ca::new("cluster ca");
+        let admin = cluster_ca.issue("sessionctl");
+        Tls {
+            cluster_ca,
+            admin,
+            client_ca: Ca::new("client port ca"),
+        }
+    }
+
+    /// TLS to node `i`'s peer port with `identity`, verified against the cluster CA under
+    /// its advertised name.
+    pub fn peer_config(&self, i: usize, identity: Option<&(String, String)>) -> ClientTlsConfig {
+        let config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.cluster_ca.pem))
+            .domain_name(peer_host(i));
+        match identity {
+            Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
+            None => config,
+        }
+    }
+}
+
+/// The host of [`peer_name`].
+pub fn peer_host(i: usize) -> String {
+    format!("n{i}.test")
 }
 
 /// The name node `i` advertises as its peer address.
@@ -56,6 +102,15 @@ impl Cluster {
     /// Starts `n` nodes under `fsync`: node 0 bootstraps the group, the others are added
     /// one by one, and the call returns once every node knows the same leader.
     pub async fn start(n: usize, fsync: &'static str) -> Cluster {
+        Self::start_with(n, fsync, None).await
+    }
+
+    /// Like [`Cluster::start`], with peer mutual TLS and TLS on the client ports.
+    pub async fn start_tls(n: usize, fsync: &'static str) -> Cluster {
+        Self::start_with(n, fsync, Some(Tls::new())).await
+    }
+
+    async fn start_with(n: usize, fsync: &'static str, tls: Option<Tls>) -> Cluster {
         let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let mesh = Mesh::start(&vec![placeholder; n]).await;
         let dir = tempfile::tempdir().unwrap();
@@ -65,6 +120,7 @@ impl Cluster {
             mesh,
             n,
             fsync,
+            tls,
         };
         for i in 0..n {
             cluster.write_config(i);
@@ -93,9 +149,25 @@ impl Cluster {
             .filter(|&j| j != i)
             .map(|j| format!("\"{}\" = \"{}\"", peer_name(j), self.mesh.addr(i, j)))
             .collect();
+        let (mut client_tls, mut peer_tls) = (String::new(), String::new());
+        if let Some(tls) = &self.tls {
+            let (cert, key) = tls.client_ca.issue("localhost");
+            client_tls = format!(
+                "tls_cert = {:?}\ntls_key = {:?}\n",
+                certs::write(&dir, "client-port.pem", &cert),
+                certs::write(&dir, "client-port.key", &key),
+            );
+            let (cert, key) = tls.cluster_ca.issue(&peer_host(i));
+            peer_tls = format!(
+                "tls_cert = {:?}\ntls_key = {:?}\ntls_ca = {:?}\n",
+                certs::write(&dir, "peer.pem", &cert),
+                certs::write(&dir, "peer.key", &key),
+                certs::write(&dir, "cluster-ca.pem", &tls.cluster_ca.pem),
+            );
+        }
         let config = format!(
-            "data_dir = {data:?}\nfsync = \"{fsync}\"\n\n[cluster]\npeer_listen = \"127.0.0.1:0\"\n\
-             advertise_peer = \"{name}\"\nheartbeat_interval = \"150ms\"\nelection_timeout_min = \"500ms\"\nelection_timeout_max = \"1s\"\ndial_overrides = {{ {overrides} }}\n",
+            "data_dir = {data:?}\nfsync = \"{fsync}\"\n{client_tls}\n[cluster]\npeer_listen = \"127.0.0.1:0\"\n\
+             advertise_peer = \"{name}\"\nheartbeat_interval = \"150ms\"\nelection_timeout_min = \"500ms\"\nelection_timeout_max = \"1s\"\ndial_overrides = {{ {overrides} }}\n{peer_tls}",
             data = dir.join("data"),
             fsync = self.fsync,
             name = peer_name(i),
@@ -248,23 +320,40 @@ impl Cluster {
 
     /// A client of node `i`'s session store.
     pub async fn client(&self, i: usize) -> SessionStoreClient<Channel> {
-        super::connect(self.nodes[i].proc.as_ref().expect("running").url()).await
+        let proc = self.nodes[i].proc.as_ref().expect("running");
+        match &self.tls {
+            None => super::connect(proc.url()).await,
+            Some(tls) => {
+                let addr = proc.grpc.parse().unwrap();
+                SessionStoreClient::new(certs::channel(addr, &tls.client_ca, None).await.unwrap())
+            }
+        }
+    }
+
+    /// Node `i`'s peer port, over TLS with the tests' own peer certificate when TLS is on.
+    pub fn peer_endpoint(&self, i: usize) -> Endpoint {
+        let endpoint = match &self.tls {
+            None => Endpoint::from_shared(format!("http://{}", self.nodes[i].peer)).unwrap(),
+            Some(tls) => Endpoint::from_shared(format!("https://{}", self.nodes[i].peer))
+                .unwrap()
+                .tls_config(tls.peer_config(i, Some(&tls.admin)))
+                .unwrap(),
+        };
+        endpoint.connect_timeout(AGREE)
     }
 
     /// A client of node `i`'s peer service.
     pub async fn admin(&self, i: usize) -> ClusterClient<Channel> {
-        let url = format!("http://{}", self.nodes[i].peer);
-        ClusterClient::new(super::channel(url).await)
+        ClusterClient::new(self.peer_endpoint(i).connect().await.unwrap())
     }
 
     /// A client of node `i`'s peer service whose calls give up after [`ADMIN_CALL`]; `None`
     /// if it cannot be reached.
     pub async fn try_admin(&self, i: usize) -> Option<ClusterClient<Channel>> {
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.nodes[i].peer))
-                .unwrap()
-                .connect_timeout(ADMIN_CALL)
-                .timeout(ADMIN_CALL);
+        let endpoint = self
+            .peer_endpoint(i)
+            .connect_timeout(ADMIN_CALL)
+            .timeout(ADMIN_CALL);
         let channel = tokio::time::timeout(ADMIN_CALL, endpoint.connect())
             .await
             .ok()?

@@ -3,9 +3,11 @@
 //! loopback ports. The commands' library functions drive them (and the binary, once, for its
 //! exit code and output); they are also the first tests of the peer service's admin calls.
 //!
-//! One test, run in sequence: two clusters side by side on a two-core machine starve each
-//! other's heartbeats into elections. Nothing sleeps to let things settle: every wait polls a
+//! The tests take turns ([`ONE_AT_A_TIME`]): two clusters side by side on a two-core machine
+//! starve each other's heartbeats into elections. Nothing sleeps to let things settle: every wait polls a
 //! node's status up to [`WAIT`].
+
+mod common;
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -19,12 +21,16 @@ use sessiond::store::{events, Limits, Store};
 use sessiond_tools::cluster::{self, pb, render, ClusterError, Options};
 use tonic::Code;
 
+/// One cluster at a time (see the module docs).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The longest any wait may take: generous, for a loaded two-core machine.
 const WAIT: Duration = Duration::from_secs(30);
 
 const OPTIONS: Options = Options {
     timeout: Duration::from_secs(5),
     wait: WAIT,
+    tls: None,
 };
 
 fn config() -> ClusterConfig {
@@ -84,6 +90,7 @@ fn ids(s: &pb::StatusResponse) -> BTreeSet<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_add_transfer_and_remove_through_the_admin_calls() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let root = tempfile::tempdir().unwrap();
     let mut nodes = Vec::new();
     for i in 0..3 {
@@ -219,4 +226,74 @@ async fn init_add_transfer_and_remove_through_the_admin_calls() {
     let (code, _, err) = sessionctl(&["cluster", "status", "--peer", &addr[0]]).await;
     assert_eq!(code, Code::Unavailable as i32, "{err}");
     assert!(err.contains("cannot reach the peer port"), "{err}");
+}
+
+/// With peer TLS, the cluster commands speak mutual TLS to the peer port (--peer-ca,
+/// --peer-cert, --peer-key); without a certificate from the cluster CA they get no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_commands_speak_mutual_tls_to_a_peer_port_with_tls() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let root = tempfile::tempdir().unwrap();
+    let ca = common::certs::Ca::new("cluster ca");
+    let write = |name: &str, pem: &str| common::certs::write(root.path(), name, pem);
+    let (cert, key) = ca.issue("127.0.0.1");
+    let tls_config = ClusterConfig {
+        tls_cert: write("node.pem", &cert),
+        tls_key: write("node.key", &key),
+        tls_ca: write("ca.pem", &ca.pem),
+        ..config()
+    };
+    let node = ClusterNode::start(&tls_config, &root.path().join("n0"), store())
+        .await
+        .unwrap();
+    let addr = node.peer_addr().to_string();
+    let (admin_cert, admin_key) = ca.issue("sessionctl");
+    let (admin_cert_file, admin_key_file) = (
+        write("admin.pem", &admin_cert),
+        write("admin.key", &admin_key),
+    );
+    let tls = Options {
+        tls: Some(cluster::PeerTls {
+            ca_pem: ca.pem.clone().into_bytes(),
+            identity_pem: Some((admin_cert.into_bytes(), admin_key.into_bytes())),
+            server_name: None,
+        }),
+        ..OPTIONS
+    };
+    let s = cluster::init(&addr, &tls).await.unwrap();
+    assert_eq!(s.role, cluster::LEADER);
+    assert!(
+        cluster::status(&addr, &OPTIONS).await.is_err(),
+        "plaintext answered"
+    );
+
+    let ca_file = root.path().join("ca.pem");
+    let flags = |with_cert: bool| {
+        let mut args = vec![
+            "--json".to_string(),
+            "cluster".into(),
+            "status".into(),
+            "--peer".into(),
+            addr.clone(),
+            "--peer-ca".into(),
+            ca_file.display().to_string(),
+        ];
+        if with_cert {
+            args.extend([
+                "--peer-cert".into(),
+                admin_cert_file.display().to_string(),
+                "--peer-key".into(),
+                admin_key_file.display().to_string(),
+            ]);
+        }
+        args
+    };
+    let args = flags(true);
+    let (code, out, err) = sessionctl(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&node.id().to_string()), "{out}");
+    let args = flags(false);
+    let (code, _, err) = sessionctl(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_ne!(code, 0, "answered a dialler without a certificate: {err}");
+    node.shutdown().await;
 }

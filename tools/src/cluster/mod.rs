@@ -7,6 +7,10 @@
 //! Membership changes and leadership moves are made on the leader. Every command that needs
 //! it finds the leader from the `Status` of the node it is pointed at, following that node's
 //! word for who leads: the operator can name any member.
+//!
+//! A peer port with mutual TLS is reached with [`Options::tls`]: the cluster CA, and a
+//! certificate it signed (the peer port asks every dialler for one). The leader a node names
+//! is dialled the same way, by the peer address its membership records.
 
 pub mod render;
 
@@ -14,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Response};
 
 use self::pb::cluster_client::ClusterClient;
@@ -38,14 +42,28 @@ const LEADER_HOPS: usize = 3;
 /// The role a node's `Status` reports when it leads.
 pub const LEADER: &str = "leader";
 
-/// How long the calls may take.
-#[derive(Debug, Clone, Copy)]
+/// How long the calls may take, and how the peer port is reached.
+#[derive(Debug, Clone)]
 pub struct Options {
     /// Connecting, and each `Status`.
     pub timeout: Duration,
     /// A membership change, a new node's catching up, a leadership move, and a new
     /// cluster's first election.
     pub wait: Duration,
+    /// Peer TLS (the cluster's `cluster.tls_*`); `None`: plaintext.
+    pub tls: Option<PeerTls>,
+}
+
+/// Mutual TLS to the peer port: the cluster CA, and a certificate it signed.
+#[derive(Debug, Clone)]
+pub struct PeerTls {
+    /// PEM bundle of the cluster CA (the nodes' `cluster.tls_ca`).
+    pub ca_pem: Vec<u8>,
+    /// PEM certificate and key from the cluster CA: the peer port asks every dialler for one.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name node certificates are verified against (the nodes'
+    /// `cluster.tls_server_name`); `None`: the host of the address dialled.
+    pub server_name: Option<String>,
 }
 
 /// Why a cluster command failed; each message says what to do about it.
@@ -191,22 +209,37 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// Connects to the peer service at `addr` (host:port, or http://host:port).
-    pub async fn connect(addr: &str, timeout: Duration) -> Result<Peer, ClusterError> {
-        Self::connect_to(addr, "", timeout).await
+    /// Connects to the peer service at `addr` (host:port, or http(s)://host:port), over
+    /// mutual TLS with `o.tls` if set.
+    pub async fn connect(addr: &str, o: &Options) -> Result<Peer, ClusterError> {
+        Self::connect_to(addr, "", o).await
     }
 
-    async fn connect_to(addr: &str, whose: &str, timeout: Duration) -> Result<Peer, ClusterError> {
+    async fn connect_to(addr: &str, whose: &str, o: &Options) -> Result<Peer, ClusterError> {
+        let timeout = o.timeout;
+        let scheme = if o.tls.is_some() { "https" } else { "http" };
         let uri = match addr.contains("://") {
             true => addr.to_string(),
-            false => format!("http://{addr}"),
+            false => format!("{scheme}://{addr}"),
         };
-        let endpoint = Endpoint::from_shared(uri)
-            .map_err(|e| ClusterError::BadAddress {
-                addr: addr.into(),
-                why: chain(&e),
-            })?
+        let bad = |why: String| ClusterError::BadAddress {
+            addr: addr.into(),
+            why,
+        };
+        let mut endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| bad(chain(&e)))?
             .connect_timeout(timeout);
+        if let Some(tls) = &o.tls {
+            let mut config =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity_pem {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(name) = &tls.server_name {
+                config = config.domain_name(name);
+            }
+            endpoint = endpoint.tls_config(config).map_err(|e| bad(chain(&e)))?;
+        }
         let unreachable = |why: String| ClusterError::Unreachable {
             addr: addr.into(),
             whose: whose.into(),
@@ -265,13 +298,13 @@ impl Peer {
 
 /// The status of the node at `addr`.
 pub async fn status(addr: &str, o: &Options) -> Result<pb::StatusResponse, ClusterError> {
-    Peer::connect(addr, o.timeout).await?.status().await
+    Peer::connect(addr, o).await?.status().await
 }
 
 /// Starts a new cluster with the node at `addr` as its only voter, and returns its status
 /// once it leads.
 pub async fn init(addr: &str, o: &Options) -> Result<pb::StatusResponse, ClusterError> {
-    let peer = Peer::connect(addr, o.timeout).await?;
+    let peer = Peer::connect(addr, o).await?;
     let s = peer.status().await?;
     let members = members(&s);
     if !members.is_empty() {
@@ -307,7 +340,7 @@ pub struct Added {
 /// Adds the node whose peer service is at `node_addr` to the cluster `peer_addr` belongs to:
 /// as a learner on the leader, returning once it has caught up, then as a voter.
 pub async fn add(peer_addr: &str, node_addr: &str, o: &Options) -> Result<Added, ClusterError> {
-    let new = Peer::connect(node_addr, o.timeout).await?;
+    let new = Peer::connect(node_addr, o).await?;
     let ns = new.status().await?;
     let id = ns.node_id;
     let node = own_node(&ns, node_addr)?;
@@ -429,7 +462,7 @@ pub async fn find_leader(
     addr: &str,
     o: &Options,
 ) -> Result<(Peer, pb::StatusResponse), ClusterError> {
-    let first = Peer::connect(addr, o.timeout).await?;
+    let first = Peer::connect(addr, o).await?;
     let deadline = Instant::now() + o.timeout;
     loop {
         match leader_from(&first, o).await {
@@ -472,7 +505,7 @@ async fn leader_from(
             ", the leader (node {id}) as node {} reports it",
             status.node_id
         );
-        peer = Peer::connect_to(&leader_addr, &whose, o.timeout).await?;
+        peer = Peer::connect_to(&leader_addr, &whose, o).await?;
         status = peer.status().await?;
     }
     Err(ClusterError::NoLeader {

@@ -190,6 +190,20 @@ enum Command {
             global = true
         )]
         peer: String,
+        /// PEM bundle of the cluster CA (the nodes' cluster.tls_ca); turns on peer TLS.
+        #[arg(long, env = "SESSIOND_PEER_CA", global = true)]
+        peer_ca: Option<std::path::PathBuf>,
+        /// PEM certificate from the cluster CA: the peer port asks every dialler for one
+        /// (with --peer-key).
+        #[arg(long, env = "SESSIOND_PEER_CERT", global = true, requires = "peer_key")]
+        peer_cert: Option<std::path::PathBuf>,
+        /// PEM private key of --peer-cert.
+        #[arg(long, env = "SESSIOND_PEER_KEY", global = true, requires = "peer_cert")]
+        peer_key: Option<std::path::PathBuf>,
+        /// The name node certificates are verified against (the nodes'
+        /// cluster.tls_server_name); default: the host of each address dialled.
+        #[arg(long, env = "SESSIOND_PEER_SERVER_NAME", global = true)]
+        peer_server_name: Option<String>,
         /// How long a membership change, a new node's catching up or a leadership move may
         /// take.
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration, global = true)]
@@ -304,9 +318,20 @@ fn main() -> ExitCode {
     let answer = match &cli.command {
         Command::Cluster {
             peer,
+            peer_ca,
+            peer_cert,
+            peer_key,
+            peer_server_name,
             wait,
             command,
-        } => runtime.block_on(cluster(&cli, peer, *wait, command)),
+        } => peer_tls(peer_ca, peer_cert, peer_key, peer_server_name).and_then(|tls| {
+            let o = cluster::Options {
+                timeout: cli.timeout,
+                wait: *wait,
+                tls,
+            };
+            runtime.block_on(cluster(peer, &o, command))
+        }),
         _ => runtime.block_on(run(&cli)).map(|json| {
             let text = human(&json);
             (json, text)
@@ -508,36 +533,65 @@ async fn run(cli: &Cli) -> Result<Value, Failure> {
     }
 }
 
+/// Peer TLS from the `cluster` flags: on with --peer-ca.
+fn peer_tls(
+    ca: &Option<std::path::PathBuf>,
+    cert: &Option<std::path::PathBuf>,
+    key: &Option<std::path::PathBuf>,
+    server_name: &Option<String>,
+) -> Result<Option<cluster::PeerTls>, Failure> {
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| Failure {
+            code: 2,
+            message: format!("cannot read {flag} {}: {e}", path.display()),
+        })
+    };
+    let Some(ca) = ca else {
+        if cert.is_some() || server_name.is_some() {
+            return Err(Failure {
+                code: 2,
+                message: "--peer-cert and --peer-server-name need --peer-ca (the cluster CA)"
+                    .into(),
+            });
+        }
+        return Ok(None);
+    };
+    let identity_pem = match (cert, key) {
+        (Some(cert), Some(key)) => Some((read("--peer-cert", cert)?, read("--peer-key", key)?)),
+        _ => None,
+    };
+    Ok(Some(cluster::PeerTls {
+        ca_pem: read("--peer-ca", ca)?,
+        identity_pem,
+        server_name: server_name.clone(),
+    }))
+}
+
 /// A `cluster` command: its answer as JSON, and as text for a person.
 async fn cluster(
-    cli: &Cli,
     peer: &str,
-    wait: Duration,
+    o: &cluster::Options,
     command: &ClusterCommand,
 ) -> Result<(Value, String), Failure> {
-    let o = cluster::Options {
-        timeout: cli.timeout,
-        wait,
-    };
     Ok(match command {
         ClusterCommand::Status => {
-            let s = cluster::status(peer, &o).await?;
+            let s = cluster::status(peer, o).await?;
             (render::status_json(&s), render::status_text(&s))
         }
         ClusterCommand::Init => {
-            let s = cluster::init(peer, &o).await?;
+            let s = cluster::init(peer, o).await?;
             (render::init_json(&s), render::init_text(&s))
         }
         ClusterCommand::Add { node } => {
-            let a = cluster::add(peer, node, &o).await?;
+            let a = cluster::add(peer, node, o).await?;
             (render::added_json(&a), render::added_text(&a))
         }
         ClusterCommand::Remove { id } => {
-            let s = cluster::remove(peer, *id, &o).await?;
+            let s = cluster::remove(peer, *id, o).await?;
             (render::removed_json(*id, &s), render::removed_text(*id, &s))
         }
         ClusterCommand::TransferLeader { to } => {
-            let m = cluster::transfer_leader(peer, *to, &o).await?;
+            let m = cluster::transfer_leader(peer, *to, o).await?;
             (render::moved_json(&m), render::moved_text(&m))
         }
     })
