@@ -31,7 +31,7 @@ ENV SESSIOND_LISTEN=0.0.0.0:7420 \
 USER 65532:65532
 WORKDIR /data
 VOLUME ["/data"]
-EXPOSE 7420 7421
+EXPOSE 7420 7421 7422
 # Probes: HTTP /healthz and /readyz on 7421, which need no client certificate; gRPC health on
 # 7420 answers only clients that pass the TLS handshake. The check reads the admin port.
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \

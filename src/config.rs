@@ -1136,4 +1136,49 @@ mod tests {
             Ok(())
         });
     }
+
+    /// The deployment manifests give each pod its own `[cluster]` settings in one variable
+    /// (the image has no shell to write a file): a dict in figment's syntax, merged key by key
+    /// over the file's section.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API, not ours
+    fn one_variable_sets_the_cluster_section_key_by_key_over_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[cluster]\nheartbeat_interval = \"200ms\"\n")?;
+            jail.set_env(
+                "SESSIOND_CLUSTER",
+                "{peer_listen=\"127.0.0.1:7422\", \
+                 advertise_peer=\"sessiond-0.sessiond-peers.default.svc.cluster.local:7422\"}",
+            );
+            let c = Config::load(Some(Path::new("c.toml")), NoFlags {}).unwrap();
+            let cluster = c.cluster.unwrap();
+            assert_eq!(
+                cluster.advertise_peer,
+                "sessiond-0.sessiond-peers.default.svc.cluster.local:7422"
+            );
+            assert_eq!(
+                cluster.heartbeat_interval,
+                Duration::from_millis(200),
+                "the file's"
+            );
+            assert_eq!(
+                cluster.peer_listen,
+                SocketAddr::from(([127, 0, 0, 1], 7422))
+            );
+
+            // Without a section in the file, the variable alone makes the node a member.
+            jail.create_file("single.toml", "")?;
+            let c = Config::load(Some(Path::new("single.toml")), NoFlags {}).unwrap();
+            assert_eq!(
+                c.cluster.unwrap().heartbeat_interval,
+                Duration::from_millis(250)
+            );
+
+            // A misspelt key inside it is refused by name.
+            jail.set_env("SESSIOND_CLUSTER", "{advertise_pear=\"a:1\"}");
+            let err = Config::load(Some(Path::new("single.toml")), NoFlags {}).unwrap_err();
+            assert!(err.to_string().contains("advertise_pear"), "{err}");
+            Ok(())
+        });
+    }
 }

@@ -120,6 +120,24 @@ async fn init_add_transfer_and_remove_through_the_admin_calls() {
     assert!(matches!(e, ClusterError::NotInitialized { .. }), "{e}");
     assert_eq!(e.code(), Code::FailedPrecondition);
 
+    // init --group waits for a node it cannot reach, then fails, starting nothing: that node
+    // may be in a cluster already.
+    let short = Options {
+        timeout: Duration::from_secs(1),
+        wait: Duration::from_millis(300),
+        tls: None,
+    };
+    let e = cluster::init_once(&addr[1], &["127.0.0.1:1".to_string()], &short)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClusterError::Unreachable { .. }), "{e}");
+    assert!(ids(&cluster::status(&addr[1], &OPTIONS).await.unwrap()).is_empty());
+    // A list where one address is wanted is refused, not half-parsed.
+    let e = cluster::status(&format!("{},{}", addr[0], addr[1]), &OPTIONS)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+
     // init: node 0 leads a cluster of one.
     let s = cluster::init(&addr[0], &OPTIONS).await.unwrap();
     assert_eq!(s.role, cluster::LEADER);
@@ -127,9 +145,30 @@ async fn init_add_transfer_and_remove_through_the_admin_calls() {
     assert_eq!(cluster::voters(&s), BTreeSet::from([id[0]]));
     let e = cluster::init(&addr[0], &OPTIONS).await.unwrap_err();
     assert!(matches!(e, ClusterError::AlreadyInitialized { .. }), "{e}");
+    // With its group, init repeats harmlessly, and never founds a second cluster on a node
+    // that is not a member yet (one whose data was lost) while another node of the group is.
+    let again = [addr[1].clone(), addr[2].clone()];
+    let i = cluster::init_once(&addr[0], &again, &OPTIONS)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&i, cluster::InitOnce::Exists { addr: a, .. } if *a == addr[0]),
+        "{i:?}"
+    );
+    let group = [addr[0].clone(), addr[2].clone()];
+    let i = cluster::init_once(&addr[1], &group, &OPTIONS)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&i, cluster::InitOnce::Exists { addr: a, .. } if *a == addr[0]),
+        "{i:?}"
+    );
+    assert!(ids(&cluster::status(&addr[1], &OPTIONS).await.unwrap()).is_empty());
 
-    // add, once on the leader and once through a follower: both become voters.
-    let a = cluster::add(&addr[0], &addr[1], &OPTIONS).await.unwrap();
+    // add, once on the leader and once through a follower: both become voters. Several --peer
+    // addresses are tried in turn: node 1, not a member yet, is passed over.
+    let peers = format!("{},{}", addr[1], addr[0]);
+    let a = cluster::add(&peers, &addr[1], &OPTIONS).await.unwrap();
     assert_eq!((a.node_id, a.already_voter), (id[1], false));
     assert_eq!(cluster::voters(&a.status), BTreeSet::from([id[0], id[1]]));
     // Node 1 knows the group once its leader's membership entries have reached it.
@@ -186,6 +225,22 @@ async fn init_add_transfer_and_remove_through_the_admin_calls() {
     let (code, _, err) = sessionctl(&["cluster", "init", "--peer", &addr[2]]).await;
     assert_eq!(code, Code::FailedPrecondition as i32, "{err}");
     assert!(err.contains("already part of a cluster"), "{err}");
+    // What a deployment's one-shot job runs, run again: init with its group, and add of
+    // every node through any member; both succeed and change nothing.
+    let (p0, others) = (&addr[0], format!("{},{}", addr[1], addr[2]));
+    let (code, out, err) = sessionctl(&["cluster", "init", "--peer", p0, "--group", &others]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no new cluster started"), "{out}");
+    let all_addrs = addr.join(",");
+    let (code, out, err) = sessionctl(&[
+        "--json", "cluster", "add", "--peer", &all_addrs, "--node", &all_addrs,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let answers = json["nodes"].as_array().unwrap();
+    assert_eq!(answers.len(), 3, "{json}");
+    assert!(answers.iter().all(|n| n["already_voter"] == true), "{json}");
 
     // transfer-leader, asked of a follower: node 1 leads.
     let m = cluster::transfer_leader(&addr[2], id[1], &OPTIONS)
@@ -199,6 +254,29 @@ async fn init_add_transfer_and_remove_through_the_admin_calls() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
+
+    // Node 2 loses its data and comes back at the same address under a new ID: add refuses
+    // it while the member it replaced still holds the address.
+    nodes.pop().unwrap().shutdown().await;
+    let fresh = ClusterConfig {
+        peer_listen: addr[2].parse().unwrap(),
+        ..config()
+    };
+    nodes.push(
+        ClusterNode::start(&fresh, &root.path().join("n2-new"), store())
+            .await
+            .unwrap(),
+    );
+    let new_id = nodes[2].id();
+    assert_ne!(new_id, id[2]);
+    let e = cluster::add(&addr[0], &addr[2], &OPTIONS)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ClusterError::AddressTaken { id: now, old, .. } if now == new_id && old == id[2]),
+        "{e}"
+    );
+    assert_eq!(e.code(), Code::FailedPrecondition);
 
     // remove node 2, asked of node 0 (a follower now): two members remain.
     let s = cluster::remove(&addr[0], id[2], &OPTIONS).await.unwrap();
@@ -214,6 +292,13 @@ async fn init_add_transfer_and_remove_through_the_admin_calls() {
         .await
         .unwrap_err();
     assert!(matches!(e, ClusterError::NotAMember { .. }), "{e}");
+    // Now the new node 2 joins under its new ID.
+    let a = cluster::add(&addr[0], &addr[2], &OPTIONS).await.unwrap();
+    assert_eq!((a.node_id, a.already_voter), (new_id, false));
+    assert_eq!(
+        cluster::voters(&a.status),
+        BTreeSet::from([id[0], id[1], new_id])
+    );
 
     // The leader first: it hands over to node 0 rather than waiting on a stopped successor.
     for i in [1, 0, 2] {

@@ -6,11 +6,16 @@
 //!
 //! Membership changes and leadership moves are made on the leader. Every command that needs
 //! it finds the leader from the `Status` of the node it is pointed at, following that node's
-//! word for who leads: the operator can name any member.
+//! word for who leads: the operator can name any member, or several (`a:7422,b:7422`), tried
+//! in turn until one is a member, so a script need not know which node is up.
 //!
 //! A peer port with mutual TLS is reached with [`Options::tls`]: the cluster CA, and a
 //! certificate it signed (the peer port asks every dialler for one). The leader a node names
 //! is dialled the same way, by the peer address its membership records.
+//!
+//! A deployment forms its cluster with `init_once` and `add`, both safe to repeat: a node of
+//! the group already in a cluster means "formed", never "start another" (a node that lost its
+//! data would otherwise found a second cluster beside the first).
 
 pub mod render;
 
@@ -153,6 +158,20 @@ pub enum ClusterError {
         /// The members it knows of.
         members: String,
     },
+    /// `add` of a node at an address that another member still holds: the node it replaced.
+    #[error(
+        "node {old} is still a member at {addr}, where node {id} answers now: {old} is the node \
+         this one replaced (its data directory was lost). Remove it first with `sessionctl \
+         cluster remove --id {old}`, then add {addr} again"
+    )]
+    AddressTaken {
+        /// The node at the address now.
+        id: u64,
+        /// The member recorded at that address.
+        old: u64,
+        /// The address.
+        addr: String,
+    },
     /// The node ID is not a member (or not a voter, where one is needed).
     #[error("node {id} is not {what} of the cluster (members: {members})")]
     NotAMember {
@@ -193,6 +212,7 @@ impl ClusterError {
             ClusterError::NotInitialized { .. }
             | ClusterError::AlreadyInitialized { .. }
             | ClusterError::InAnotherCluster { .. }
+            | ClusterError::AddressTaken { .. }
             | ClusterError::NoAddresses { .. } => Code::FailedPrecondition,
             ClusterError::NotAMember { .. } => Code::NotFound,
             ClusterError::TimedOut { .. } => Code::DeadlineExceeded,
@@ -216,6 +236,14 @@ impl Peer {
     }
 
     async fn connect_to(addr: &str, whose: &str, o: &Options) -> Result<Peer, ClusterError> {
+        if addr.contains(',') {
+            return Err(ClusterError::BadAddress {
+                addr: addr.into(),
+                why: "this command asks one node; a list is taken where any member will do \
+                      (add, remove, transfer-leader)"
+                    .into(),
+            });
+        }
         let timeout = o.timeout;
         let scheme = if o.tls.is_some() { "https" } else { "http" };
         let uri = match addr.contains("://") {
@@ -326,6 +354,50 @@ pub async fn init(addr: &str, o: &Options) -> Result<pb::StatusResponse, Cluster
     .await
 }
 
+/// What `init_once` did.
+#[derive(Debug)]
+pub enum InitOnce {
+    /// No node of the group was in a cluster: a new one was started. Its first node's status.
+    Started(pb::StatusResponse),
+    /// The node at `addr` is in a cluster already, so none was started. Its status.
+    Exists {
+        /// The node found in a cluster.
+        addr: String,
+        /// Its status.
+        status: pb::StatusResponse,
+    },
+}
+
+/// `init` made safe to repeat, for a deployment's one-shot job: starts a new cluster on the
+/// node at `addr` only if neither it nor any node of `group` (the other nodes meant to form
+/// it) is in a cluster yet. A node that cannot be reached is waited for up to `o.wait`, and
+/// past that stops it, since that node may be in a cluster.
+pub async fn init_once(
+    addr: &str,
+    group: &[String],
+    o: &Options,
+) -> Result<InitOnce, ClusterError> {
+    let deadline = Instant::now() + o.wait;
+    for a in std::iter::once(addr).chain(group.iter().map(String::as_str)) {
+        let s = loop {
+            match status(a, o).await {
+                Err(ClusterError::Unreachable { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(POLL).await
+                }
+                other => break other?,
+            }
+        };
+        // A node being added knows its leader before the membership reaches it.
+        if !members(&s).is_empty() || s.leader_id != 0 {
+            return Ok(InitOnce::Exists {
+                addr: a.into(),
+                status: s,
+            });
+        }
+    }
+    init(addr, o).await.map(InitOnce::Started)
+}
+
 /// What `add` did.
 #[derive(Debug)]
 pub struct Added {
@@ -359,6 +431,16 @@ pub async fn add(peer_addr: &str, node_addr: &str, o: &Options) -> Result<Added,
             id,
             addr: node_addr.into(),
             members: list(theirs.keys()),
+        });
+    }
+    let held = ours
+        .iter()
+        .find(|(other, n)| **other != id && n.peer_addr == node.peer_addr);
+    if let Some((old, _)) = held {
+        return Err(ClusterError::AddressTaken {
+            id,
+            old: *old,
+            addr: node.peer_addr.clone(),
         });
     }
     let mut c = leader.client.clone();
@@ -455,10 +537,39 @@ pub async fn transfer_leader(peer_addr: &str, to: u64, o: &Options) -> Result<Mo
     })
 }
 
-/// The leader of the cluster the node at `addr` belongs to, and its status: that node, if it
+/// The leader of the cluster the node at `addrs` belongs to, and its status: that node, if it
 /// leads, else the leader it names. An election under way is waited out for up to
-/// `o.timeout`.
+/// `o.timeout`. `addrs` may list several nodes, comma-separated: each is asked in turn until
+/// one that can be reached is in a cluster (a node with no leader is passed over too, in
+/// case another knows one).
 pub async fn find_leader(
+    addrs: &str,
+    o: &Options,
+) -> Result<(Peer, pb::StatusResponse), ClusterError> {
+    let mut failed: Option<ClusterError> = None;
+    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        match find_leader_from(addr, o).await {
+            Err(
+                e @ (ClusterError::Unreachable { .. }
+                | ClusterError::NotInitialized { .. }
+                | ClusterError::NoLeader { .. }),
+            ) => {
+                // Of several failures, "no leader" says the most about the cluster.
+                if !matches!(failed, Some(ClusterError::NoLeader { .. })) {
+                    failed = Some(e);
+                }
+            }
+            found => return found,
+        }
+    }
+    Err(failed.unwrap_or_else(|| ClusterError::BadAddress {
+        addr: addrs.into(),
+        why: "no address given".into(),
+    }))
+}
+
+/// [`find_leader`] from one node.
+async fn find_leader_from(
     addr: &str,
     o: &Options,
 ) -> Result<(Peer, pb::StatusResponse), ClusterError> {

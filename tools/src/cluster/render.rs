@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
-use super::{members, pb, Added, Moved, LEADER};
+use super::{members, pb, Added, InitOnce, Moved, LEADER};
 
 /// One row of the members table.
 struct Row {
@@ -265,6 +265,53 @@ pub fn init_text(s: &pb::StatusResponse) -> String {
     )
 }
 
+/// `init --group`'s answer: the new cluster's, or the existing one's.
+pub fn init_once_json(i: &InitOnce) -> Value {
+    match i {
+        InitOnce::Started(s) => init_json(s),
+        InitOnce::Exists { addr, status } => json!({
+            "initialized": Value::Null,
+            "exists_at": addr,
+            "status": status_json(status),
+        }),
+    }
+}
+
+/// `init --group`'s answer for a person.
+pub fn init_once_text(i: &InitOnce) -> String {
+    match i {
+        InitOnce::Started(s) => init_text(s),
+        InitOnce::Exists { addr, status } => format!(
+            "node {} at {addr} is already part of a cluster; no new cluster started (add the \
+             nodes that are not members with `sessionctl cluster add`)\n\n{}",
+            status.node_id,
+            status_text(status)
+        ),
+    }
+}
+
+/// `add`'s answer for several nodes, in the order they were added.
+pub fn added_all_json(all: &[Added]) -> Value {
+    match all {
+        [one] => added_json(one),
+        _ => json!({ "nodes": all.iter().map(added_json).collect::<Vec<_>>() }),
+    }
+}
+
+/// `add`'s answer for several nodes, for a person: a line each, then the leader's status.
+pub fn added_all_text(all: &[Added]) -> String {
+    match all {
+        [.., last] => {
+            let mut out = String::new();
+            for a in all {
+                let _ = writeln!(out, "{}", added_line(a));
+            }
+            format!("{out}\n{}", status_text(&last.status))
+        }
+        [] => String::new(),
+    }
+}
+
 /// `add`'s answer.
 pub fn added_json(a: &Added) -> Value {
     json!({
@@ -276,11 +323,14 @@ pub fn added_json(a: &Added) -> Value {
 
 /// `add`'s answer for a person.
 pub fn added_text(a: &Added) -> String {
-    let what = match a.already_voter {
+    format!("{}\n\n{}", added_line(a), status_text(&a.status))
+}
+
+fn added_line(a: &Added) -> String {
+    match a.already_voter {
         true => format!("node {} is already a voter; nothing changed", a.node_id),
         false => format!("node {} caught up and is now a voter", a.node_id),
-    };
-    format!("{what}\n\n{}", status_text(&a.status))
+    }
 }
 
 /// `remove`'s answer.

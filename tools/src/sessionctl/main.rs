@@ -182,7 +182,8 @@ enum Command {
     /// remove, transfer-leader.
     Cluster {
         /// A node's peer address (its cluster.peer_listen). Changes go to the leader, found
-        /// from this node's status: any member will do.
+        /// from this node's status: any member will do. add, remove and transfer-leader take
+        /// several, comma-separated, and use the first that is a member.
         #[arg(
             long,
             env = "SESSIOND_PEER_ADDR",
@@ -226,12 +227,21 @@ enum ClusterCommand {
     /// the leader, how far each one is behind.
     Status,
     /// Start a new cluster with --peer's node as its only voter (once, on the first node).
-    Init,
-    /// Add a node as a voter: it joins as a learner, catches up, then votes.
+    Init {
+        /// The peer addresses of the other nodes meant to form the cluster (comma-separated or
+        /// repeated). With them init is safe to repeat: if --peer's node or any of these is in
+        /// a cluster already it starts none and succeeds, saying so; one that stays
+        /// unreachable for --wait fails it, since that node may be in a cluster.
+        #[arg(long, value_name = "PEER_ADDR", value_delimiter = ',')]
+        group: Vec<String>,
+    },
+    /// Add nodes as voters, one after another: each joins as a learner, catches up, then votes.
+    /// A node that is a voter already is left as it is.
     Add {
-        /// The new node's peer address; its ID and addresses are read from its status.
-        #[arg(long, value_name = "PEER_ADDR")]
-        node: String,
+        /// The new node's peer address (comma-separated or repeated for several); its ID and
+        /// addresses are read from its status.
+        #[arg(long, value_name = "PEER_ADDR", value_delimiter = ',', required = true)]
+        node: Vec<String>,
     },
     /// Remove a member, voter or learner.
     Remove {
@@ -578,13 +588,23 @@ async fn cluster(
             let s = cluster::status(peer, o).await?;
             (render::status_json(&s), render::status_text(&s))
         }
-        ClusterCommand::Init => {
+        ClusterCommand::Init { group } if group.is_empty() => {
             let s = cluster::init(peer, o).await?;
             (render::init_json(&s), render::init_text(&s))
         }
+        ClusterCommand::Init { group } => {
+            let i = cluster::init_once(peer, group, o).await?;
+            (render::init_once_json(&i), render::init_once_text(&i))
+        }
         ClusterCommand::Add { node } => {
-            let a = cluster::add(peer, node, o).await?;
-            (render::added_json(&a), render::added_text(&a))
+            let mut added = Vec::new();
+            for n in node {
+                added.push(cluster::add(peer, n, o).await?);
+            }
+            (
+                render::added_all_json(&added),
+                render::added_all_text(&added),
+            )
         }
         ClusterCommand::Remove { id } => {
             let s = cluster::remove(peer, *id, o).await?;
