@@ -224,9 +224,9 @@ impl Default for ClusterConfig {
             tls_key: PathBuf::new(),
             tls_ca: PathBuf::new(),
             tls_server_name: String::new(),
-            heartbeat_interval: Duration::from_millis(250),
-            election_timeout_min: Duration::from_secs(1),
-            election_timeout_max: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_millis(150),
+            election_timeout_min: Duration::from_millis(500),
+            election_timeout_max: Duration::from_secs(1),
             snapshot_timeout: Duration::from_secs(300),
             snapshot_every_entries: 10_000,
             keep_entries_after_snapshot: 1000,
@@ -993,21 +993,21 @@ mod tests {
 
             jail.create_file(
                 "c.toml",
-                "fsync = \"always\"\n[cluster]\nheartbeat_interval = \"200ms\"\n",
+                "fsync = \"always\"\n[cluster]\nheartbeat_interval = \"100ms\"\n",
             )?;
             let c = Config::load(Some(Path::new("c.toml")), NoFlags {}).unwrap();
             let cluster = c.cluster.unwrap();
-            assert_eq!(cluster.heartbeat_interval, Duration::from_millis(200));
-            assert_eq!(cluster.election_timeout_min, Duration::from_secs(1));
+            assert_eq!(cluster.heartbeat_interval, Duration::from_millis(100));
+            assert_eq!(cluster.election_timeout_min, Duration::from_millis(500));
             assert_eq!(cluster.fsync, Some(FsyncPolicy::Always), "inherits fsync");
 
             for (body, want) in [
                 (
-                    "election_timeout_min = \"500ms\"",
+                    "election_timeout_min = \"400ms\"",
                     "cluster.election_timeout_min",
                 ),
                 (
-                    "election_timeout_max = \"1s\"",
+                    "election_timeout_max = \"500ms\"",
                     "cluster.election_timeout_max",
                 ),
                 ("peer_listen = \"0.0.0.0:7422\"", "cluster.peer_listen"),
@@ -1144,7 +1144,7 @@ mod tests {
     #[allow(clippy::result_large_err)] // figment's Jail API, not ours
     fn one_variable_sets_the_cluster_section_key_by_key_over_the_file() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("c.toml", "[cluster]\nheartbeat_interval = \"200ms\"\n")?;
+            jail.create_file("c.toml", "[cluster]\nheartbeat_interval = \"100ms\"\n")?;
             jail.set_env(
                 "SESSIOND_CLUSTER",
                 "{peer_listen=\"127.0.0.1:7422\", \
@@ -1158,7 +1158,7 @@ mod tests {
             );
             assert_eq!(
                 cluster.heartbeat_interval,
-                Duration::from_millis(200),
+                Duration::from_millis(100),
                 "the file's"
             );
             assert_eq!(
@@ -1171,7 +1171,7 @@ mod tests {
             let c = Config::load(Some(Path::new("single.toml")), NoFlags {}).unwrap();
             assert_eq!(
                 c.cluster.unwrap().heartbeat_interval,
-                Duration::from_millis(250)
+                Duration::from_millis(150)
             );
 
             // A misspelt key inside it is refused by name.

@@ -42,7 +42,7 @@
 //! running totals: faults injected, operations acknowledged / failed / indeterminate, the
 //! violations of each kind, unplanned failover times (kill -9 of the leader until a write
 //! succeeds again) and the planned transfer's refused-write window (SIGTERM of the leader),
-//! under the harness's heartbeat 150 ms and election timeout 500 ms–1 s. Figures are printed,
+//! under the default heartbeat (150 ms) and election timeouts (500 ms–1 s). Figures are printed,
 //! never asserted: this machine is shared.
 
 mod common;

@@ -167,7 +167,7 @@ impl Cluster {
         }
         let config = format!(
             "data_dir = {data:?}\nfsync = \"{fsync}\"\n{client_tls}\n[cluster]\npeer_listen = \"127.0.0.1:0\"\n\
-             advertise_peer = \"{name}\"\nheartbeat_interval = \"150ms\"\nelection_timeout_min = \"500ms\"\nelection_timeout_max = \"1s\"\ndial_overrides = {{ {overrides} }}\n{peer_tls}",
+             advertise_peer = \"{name}\"\ndial_overrides = {{ {overrides} }}\n{peer_tls}",
             data = dir.join("data"),
             fsync = self.fsync,
             name = peer_name(i),
