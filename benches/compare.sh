@@ -21,7 +21,8 @@
 # nodes: add the replicated group and Redis + replica to every round), VIA_FOLLOWER (1, with
 # CLUSTER: also a run with the load on a follower, which forwards everything to the leader),
 # CLUSTER_TOML (lines added to each node's [cluster] section, e.g.
-# 'max_entries_per_append = 1000'), RUN_TIMEOUT (600s: the most one run may take).
+# 'max_entries_per_append = 1000'), RUN_TIMEOUT (600s: the most one run may take), ONLY (the
+# servers to run, of sessiond,cluster,via-follower,redis,redis+replica; e.g. to profile one).
 # Everything it starts listens on 127.0.0.1 on free ports, and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -192,6 +193,10 @@ if [ -n "$CLUSTER" ]; then
   [ "$VIA_FOLLOWER" = "1" ] && VARIANTS+=(via-follower)
   VARIANTS+=(redis redis+replica)
 fi
+if [ -n "${ONLY:-}" ]; then IFS=, read -r -a VARIANTS <<<"$ONLY"; fi
+case ",${VARIANTS[*]}," in
+  *cluster*|*via-follower*) [ -n "$CLUSTER" ] || { echo "compare.sh: ONLY=$ONLY needs CLUSTER" >&2; exit 2; } ;;
+esac
 
 # compare LABEL SESSIOND_FSYNC REDIS_FSYNC MIX
 compare() {
@@ -206,6 +211,7 @@ compare() {
         via-follower) run_cluster "$2" "$4" "$out/$v-$r.json" follower ;;
         redis) run_redis "$3" "$4" "$out/$v-$r.json" ;;
         redis+replica) run_redis "$3" "$4" "$out/$v-$r.json" replica ;;
+        *) echo "compare.sh: no server called $v" >&2; exit 2 ;;
       esac
     done
   done
