@@ -5,6 +5,10 @@
 #
 #   bash benches/compare.sh                  # default mix, fsync everysec on both sides
 #   MODE=durability bash benches/compare.sh  # write-only mix under no / everysec / always
+#   PIPELINE=1 CLUSTER=3 bash benches/compare.sh
+#       # replicated: also a 3-node sessiond group (load on its leader) and Redis with one
+#       # replica (async replication, both with the AOF), each round running single-node
+#       # sessiond, the group, Redis and Redis + replica in turn
 #
 # Environment: ROUNDS (3), DURATION (10s), WARMUP (2s), SESSIONS (100000),
 # CONCURRENCY (50), CONNECTIONS (4), FSYNC (everysec; MODE=mix only),
@@ -12,9 +16,14 @@
 # sends sessiond's operations over Pipeline streams; Redis's multiplexed connections always
 # pipeline concurrent commands), RATE (open loop: offer this many ops/s to both servers and
 # compare latency at that load, e.g. half of sessiond's measured throughput), BIN (a directory
-# holding prebuilt sessiond and sessiond-bench binaries: skips the build, e.g. to measure an
-# older build against Redis in the same way).
-# Everything it starts listens on 127.0.0.1 and is stopped on exit.
+# holding prebuilt sessiond and sessiond-bench binaries, and sessionctl for CLUSTER: skips the
+# build, e.g. to measure an older build against Redis in the same way), CLUSTER (N >= 2
+# nodes: add the replicated group and Redis + replica to every round), VIA_FOLLOWER (1, with
+# CLUSTER: also a run with the load on a follower, which forwards everything to the leader),
+# CLUSTER_TOML (lines added to each node's [cluster] section, e.g.
+# 'max_entries_per_append = 1000'), RUN_TIMEOUT (600s: the most one run may take), ONLY (the
+# servers to run, of sessiond,cluster,via-follower,redis,redis+replica; e.g. to profile one).
+# Everything it starts listens on 127.0.0.1 on free ports, and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +37,13 @@ CONNECTIONS=${CONNECTIONS:-4}
 REDIS_UPDATE=${REDIS_UPDATE:-blob}
 PIPELINE_FLAG=(); [ "${PIPELINE:-0}" = "1" ] && PIPELINE_FLAG=(--pipeline)
 RATE_FLAG=(); [ -n "${RATE:-}" ] && RATE_FLAG=(--rate "$RATE")
+CLUSTER=${CLUSTER:-}
+VIA_FOLLOWER=${VIA_FOLLOWER:-0}
+CLUSTER_TOML=${CLUSTER_TOML:-}
+RUN_TIMEOUT=${RUN_TIMEOUT:-600s}
+if [ -n "$CLUSTER" ] && ! [ "$CLUSTER" -ge 2 ] 2>/dev/null; then
+  echo "compare.sh: CLUSTER is a number of nodes, at least 2" >&2; exit 2
+fi
 
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "compare.sh: installing redis-server from Debian's packages" >&2
@@ -37,17 +53,19 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 if [ -z "${BIN:-}" ]; then
-  cargo build --release --locked --bin sessiond --bin sessiond-bench >&2
+  cargo build --release --locked --bin sessiond --bin sessiond-bench --bin sessionctl >&2
   BIN=target/release
 fi
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  local p
+  for p in "${PIDS[@]:-}"; do if [ -n "$p" ]; then kill -KILL "$p" 2>/dev/null || true; fi; done
   wait 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 # N distinct free loopback ports (all held open while choosing, so none repeats).
 free_ports() {
@@ -67,7 +85,29 @@ wait_port() {
   return 1
 }
 
-stop_last() { kill "${PIDS[-1]}" 2>/dev/null || true; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'; }
+# Stops every server of the run (SIGTERM; SIGKILL after 10 s) and deletes the data in DIR.
+stop_all() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  PIDS=()
+  rm -rf "$1"
+}
+
+# The servers' PIDs, comma-separated, for sessiond-bench --pids.
+pid_list() { local IFS=,; echo "${PIDS[*]}"; }
+
+# bench TARGET OUT ARGS...: one sessiond-bench run with the settings of this comparison.
+bench() {
+  local target=$1 out=$2; shift 2
+  timeout --kill-after=10s "$RUN_TIMEOUT" "$BIN/sessiond-bench" --target "$target" \
+    --sessions "$SESSIONS" --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
+    --duration "$DURATION" --warmup "$WARMUP" --pids "$(pid_list)" "${RATE_FLAG[@]}" --json "$@" >"$out"
+}
 
 # run_sessiond FSYNC MIX OUT
 run_sessiond() {
@@ -77,76 +117,157 @@ run_sessiond() {
     --data-dir "$dir" --fsync "$1" >"$WORK/sessiond.log" 2>&1 &
   PIDS+=($!)
   wait_port "$gp"
-  "$BIN/sessiond-bench" --target "grpc://127.0.0.1:$gp" --admin-addr "127.0.0.1:$ap" \
-    --sessions "$SESSIONS" --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
-    --duration "$DURATION" --warmup "$WARMUP" --mix "$2" "${PIPELINE_FLAG[@]}" "${RATE_FLAG[@]}" --json >"$3"
-  stop_last
+  bench "grpc://127.0.0.1:$gp" "$3" --admin-addr "127.0.0.1:$ap" --mix "$2" "${PIPELINE_FLAG[@]}"
+  stop_all "$dir"
 }
 
-# run_redis APPENDFSYNC MIX OUT
+# run_cluster FSYNC MIX OUT [follower]: a group of CLUSTER nodes on loopback, the first
+# bootstrapped and the others added with `sessionctl cluster add` (learner, catch up, voter),
+# the load on the leader, or on a follower, which forwards to it.
+run_cluster() {
+  local dir="$WORK/cluster-$RANDOM" ports i peer1 leader target
+  local -a grpc=() admin=() peer=()
+  read -r -a ports < <(free_ports $((3 * CLUSTER)))
+  for i in $(seq 0 $((CLUSTER - 1))); do
+    grpc+=("${ports[3 * i]}"); admin+=("${ports[3 * i + 1]}"); peer+=("${ports[3 * i + 2]}")
+    mkdir -p "$dir/n$i"
+    printf '%s\n' "listen = \"127.0.0.1:${grpc[i]}\"" "admin_listen = \"127.0.0.1:${admin[i]}\"" \
+      "data_dir = \"$dir/n$i/data\"" "fsync = \"$1\"" "[cluster]" \
+      "peer_listen = \"127.0.0.1:${peer[i]}\"" "$CLUSTER_TOML" >"$dir/n$i/sessiond.toml"
+    local boot=(); [ "$i" -eq 0 ] && boot=(--bootstrap)
+    "$BIN/sessiond" --config "$dir/n$i/sessiond.toml" "${boot[@]}" >"$WORK/cluster-n$i.log" 2>&1 &
+    PIDS+=($!)
+  done
+  for i in $(seq 0 $((CLUSTER - 1))); do wait_port "${grpc[i]}"; wait_port "${peer[i]}"; done
+  peer1="127.0.0.1:${peer[0]}"
+  for i in $(seq 1 $((CLUSTER - 1))); do
+    timeout 150s "$BIN/sessionctl" cluster --peer "$peer1" --wait 120s add --node "127.0.0.1:${peer[i]}" >/dev/null
+  done
+  leader=$(timeout 30s "$BIN/sessionctl" --json cluster --peer "$peer1" status |
+    python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["leader"]["client_addr"] if s["leader"] and len(s["voters"]) == int(sys.argv[1]) else "")' "$CLUSTER")
+  [ -n "$leader" ] || { echo "compare.sh: the group has no leader with $CLUSTER voters" >&2; cat "$WORK"/cluster-n*.log >&2; return 1; }
+  for i in $(seq 0 $((CLUSTER - 1))); do
+    case "${4:-leader}:127.0.0.1:${grpc[i]}" in
+      "leader:$leader") target=$i; break ;;
+      follower:"$leader") ;;
+      follower:*) target=$i; break ;;
+    esac
+  done
+  bench "grpc://127.0.0.1:${grpc[target]}" "$3" --admin-addr "127.0.0.1:${admin[target]}" \
+    --mix "$2" "${PIPELINE_FLAG[@]}"
+  stop_all "$dir"
+}
+
+# run_redis APPENDFSYNC MIX OUT [replica]: Redis, and with `replica` a second redis-server
+# replicating it (asynchronously, as Redis does), both under the same AOF policy; the load
+# goes to the primary.
 run_redis() {
-  local rp dir
-  rp=$(free_ports 1); dir="$WORK/redis-$RANDOM"; mkdir -p "$dir"
+  local rp rp2 dir aof
+  read -r rp rp2 < <(free_ports 2); dir="$WORK/redis-$RANDOM"; mkdir -p "$dir/primary" "$dir/replica"
   if [ "$1" = "off" ]; then aof=(--appendonly no); else aof=(--appendonly yes --appendfsync "$1"); fi
-  redis-server --port "$rp" --bind 127.0.0.1 --dir "$dir" --save '' "${aof[@]}" \
+  redis-server --port "$rp" --bind 127.0.0.1 --dir "$dir/primary" --save '' "${aof[@]}" \
     --daemonize no --protected-mode yes >"$WORK/redis.log" 2>&1 &
   PIDS+=($!)
   wait_port "$rp"
-  "$BIN/sessiond-bench" --target "redis://127.0.0.1:$rp" --redis-update "$REDIS_UPDATE" \
-    --sessions "$SESSIONS" --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
-    --duration "$DURATION" --warmup "$WARMUP" --mix "$2" "${RATE_FLAG[@]}" --json >"$3"
-  stop_last
+  if [ "${4:-}" = "replica" ]; then
+    redis-server --port "$rp2" --bind 127.0.0.1 --dir "$dir/replica" --save '' "${aof[@]}" \
+      --replicaof 127.0.0.1 "$rp" --daemonize no --protected-mode yes >"$WORK/redis-replica.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "$rp2"
+    for _ in $(seq 1 200); do
+      redis-cli -p "$rp2" info replication 2>/dev/null | grep -q '^master_link_status:up' && break
+      sleep 0.05
+    done
+    redis-cli -p "$rp2" info replication | grep -q '^master_link_status:up' ||
+      { echo "compare.sh: the Redis replica did not connect" >&2; cat "$WORK"/redis*.log >&2; return 1; }
+  fi
+  bench "redis://127.0.0.1:$rp" "$3" --redis-update "$REDIS_UPDATE" --mix "$2"
+  stop_all "$dir"
 }
+
+# The servers each round runs, in this order: sessiond and Redis, and with CLUSTER the group
+# (and through a follower) and Redis with a replica.
+VARIANTS=(sessiond redis)
+if [ -n "$CLUSTER" ]; then
+  VARIANTS=(sessiond cluster)
+  [ "$VIA_FOLLOWER" = "1" ] && VARIANTS+=(via-follower)
+  VARIANTS+=(redis redis+replica)
+fi
+if [ -n "${ONLY:-}" ]; then IFS=, read -r -a VARIANTS <<<"$ONLY"; fi
+case ",${VARIANTS[*]}," in
+  *cluster*|*via-follower*) [ -n "$CLUSTER" ] || { echo "compare.sh: ONLY=$ONLY needs CLUSTER" >&2; exit 2; } ;;
+esac
 
 # compare LABEL SESSIOND_FSYNC REDIS_FSYNC MIX
 compare() {
-  local label=$1 out="$WORK/$1"
+  local label=$1 out="$WORK/$1" r v
   mkdir -p "$out"
   for r in $(seq 1 "$ROUNDS"); do
-    echo "[$label] round $r/$ROUNDS: sessiond" >&2
-    run_sessiond "$2" "$4" "$out/a$r.json"
-    echo "[$label] round $r/$ROUNDS: redis" >&2
-    run_redis "$3" "$4" "$out/b$r.json"
+    for v in "${VARIANTS[@]}"; do
+      echo "[$label] round $r/$ROUNDS: $v" >&2
+      case "$v" in
+        sessiond) run_sessiond "$2" "$4" "$out/$v-$r.json" ;;
+        cluster) run_cluster "$2" "$4" "$out/$v-$r.json" leader ;;
+        via-follower) run_cluster "$2" "$4" "$out/$v-$r.json" follower ;;
+        redis) run_redis "$3" "$4" "$out/$v-$r.json" ;;
+        redis+replica) run_redis "$3" "$4" "$out/$v-$r.json" replica ;;
+        *) echo "compare.sh: no server called $v" >&2; exit 2 ;;
+      esac
+    done
   done
-  python3 - "$label" "$out" "$ROUNDS" <<'PY'
+  python3 - "$label" "$out" "$ROUNDS" "${CLUSTER:-1}" "${VARIANTS[@]}" <<'PY'
 import json, statistics, sys
-label, out, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-load = lambda p: [json.load(open(f"{out}/{p}{r}.json")) for r in range(1, rounds + 1)]
-a, b = load("a"), load("b")
+label, out, rounds, nodes, variants = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:]
+runs = {v: [json.load(open(f"{out}/{v}-{r}.json")) for r in range(1, rounds + 1)] for v in variants}
 med = lambda runs, f: statistics.median(f(x) for x in runs)
+nan = float("nan")
 rows = [
     ("ops/s (all operations)", lambda x: x["overall"]["ops_per_second"]),
     ("p50 latency (us)", lambda x: x["overall"]["p50_us"]),
     ("p99 latency (us)", lambda x: x["overall"]["p99_us"]),
     ("p99.9 latency (us)", lambda x: x["overall"]["p999_us"]),
-    ("server CPU (cores busy)", lambda x: (x["server"] or {}).get("cpu_per_second", float("nan"))),
-    ("memory per session (bytes)", lambda x: (x["memory_after_populate"] or {}).get("bytes_per_session", float("nan"))),
+    ("server CPU (cores busy)", lambda x: (x["server"] or {}).get("cpu_per_second", nan)),
+    ("all servers' CPU (cores busy)", lambda x: (x.get("processes") or {}).get("cpu_per_second", nan)),
+    ("memory per session (bytes)", lambda x: (x["memory_after_populate"] or {}).get("bytes_per_session", nan)),
 ]
-ops = sorted(set(a[0]["operations"]) & set(b[0]["operations"]))
+ops = sorted(set.intersection(*(set(runs[v][0]["operations"]) for v in variants)))
 rows += [(f"  {op} ops/s", (lambda op: lambda x: x["operations"][op]["ops_per_second"])(op)) for op in ops]
-print(f"\n== {label}: medians of {rounds} alternating rounds ==")
-print(f"{'metric':<30} {'sessiond':>12} {'redis':>12} {'sessiond/redis':>15}")
-for name, f in rows:
-    x, y = med(a, f), med(b, f)
-    ratio = x / y if y else float("nan")
-    print(f"{name:<30} {x:>12.0f} {y:>12.0f} {ratio:>15.2f}")
-errs = [sum(r["errors"].values()) for r in a], [sum(r["errors"].values()) for r in b]
-print(f"{'errors per run':<30} {str(errs[0]):>12} {str(errs[1]):>12}")
+# Column names, and the ratios printed: (numerator, denominator).
+names = {"sessiond": "sessiond", "cluster": f"{nodes}-node", "via-follower": "via follower",
+         "redis": "redis", "redis+replica": "redis+replica"}
+pairs = [(a, b) for a, b in [("sessiond", "redis"), ("cluster", "sessiond"), ("cluster", "redis+replica"),
+                             ("via-follower", "cluster"), ("redis+replica", "redis")]
+         if a in variants and b in variants]
+med_of = {(name, v): med(runs[v], f) for name, f in rows for v in variants}
+fmt = lambda x: f"{x:.2f}" if abs(x) < 10 else f"{x:.0f}"
+print(f"\n== {label}: medians of {rounds} rounds, each running {', '.join(names[v] for v in variants)} in turn ==")
+def table(cols, cells):
+    w = max(13, *(len(c) + 2 for c in cols))
+    print(f"{'metric':<30}" + "".join(f"{c:>{w}}" for c in cols))
+    for name, _ in rows:
+        print(f"{name:<30}" + "".join(f"{c:>{w}}" for c in cells(name)))
+    return w
+w = table([names[v] for v in variants], lambda name: [fmt(med_of[(name, v)]) for v in variants])
+errs = [str([sum(r["errors"].values()) for r in runs[v]]) for v in variants]
+print(f"{'errors per run':<30}" + "".join(f"{e:>{w}}" for e in errs))
+print(f"\nratios of the medians (throughput: above 1 is better for the first; latency, CPU, memory: below 1)")
+ratio = lambda name, a, b: med_of[(name, a)] / med_of[(name, b)] if med_of[(name, b)] else nan
+table([f"{names[a]}/{names[b]}" for a, b in pairs], lambda name: [f"{ratio(name, a, b):.2f}" for a, b in pairs])
 PY
 }
 
 echo "compare.sh: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%Y-%m-%dT%H:%MZ)," \
-  "sessions=$SESSIONS concurrency=$CONCURRENCY connections=$CONNECTIONS duration=$DURATION rounds=$ROUNDS"
+  "sessions=$SESSIONS concurrency=$CONCURRENCY connections=$CONNECTIONS duration=$DURATION rounds=$ROUNDS${CLUSTER:+ cluster=$CLUSTER}"
 case "$MODE" in
   mix)
     FSYNC=${FSYNC:-everysec}
     MIX=${MIX:-get=80,update=12,create=4,destroy=2,regenerate=1,list=1}
-    compare "mix-fsync-$FSYNC${PIPELINE_FLAG[*]:+-pipelined}${RATE:+-at-$RATE-ops}" "$FSYNC" "$FSYNC" "$MIX"
+    compare "mix-fsync-$FSYNC${PIPELINE_FLAG[*]:+-pipelined}${RATE:+-at-$RATE-ops}${CLUSTER:+-cluster-$CLUSTER}" "$FSYNC" "$FSYNC" "$MIX"
     ;;
   durability)
     MIX=${MIX:-update=80,create=10,destroy=10}
     for policy in no everysec always; do
-      compare "writes-fsync-$policy${PIPELINE_FLAG[*]:+-pipelined}" "$policy" "$policy" "$MIX"
+      compare "writes-fsync-$policy${PIPELINE_FLAG[*]:+-pipelined}${CLUSTER:+-cluster-$CLUSTER}" "$policy" "$policy" "$MIX"
     done
     ;;
   *) echo "compare.sh: MODE is mix or durability" >&2; exit 2 ;;

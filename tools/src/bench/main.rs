@@ -22,9 +22,11 @@
 //! - `backend`: one interface over the two backends, and what each operation does to the
 //!   pool; `grpc` (unary or Pipeline) and `redis` send the operations.
 //! - `report`: latency histograms and error counts, merged into the table or JSON report.
+//! - `procs`: the CPU time of every server process of a run (`--pids`), from `/proc`.
 
 mod backend;
 mod grpc;
+mod procs;
 mod redis;
 mod report;
 mod schedule;
@@ -100,6 +102,11 @@ pub(crate) struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Every server process of the run, as Linux PIDs (e.g. a replicated group's members, or
+    /// Redis and its replica): their CPU over the measured time is reported together, beside
+    /// the target's own.
+    #[arg(long, value_delimiter = ',', value_name = "PID,...")]
+    pub(crate) pids: Vec<u32>,
 }
 
 #[tokio::main]
@@ -230,17 +237,20 @@ async fn run(args: Args) -> Result<(), String> {
     }
     tokio::time::sleep_until(measure_from.into()).await;
     let before = backend.server_stats(&args).await;
+    let procs_before = procs::cpu_seconds(&args.pids);
     let mut merged = Tally::new(measure_from);
     for w in workers {
         merged.add(w.await.map_err(|e| e.to_string())?);
     }
     let after = backend.server_stats(&args).await;
+    let procs_after = procs::cpu_seconds(&args.pids);
     let report = report::build(
         &args,
         merged,
         populate_secs,
         before,
         after,
+        procs_before.zip(procs_after),
         memory_after_populate,
     );
     if args.json {

@@ -66,13 +66,15 @@ impl Tally {
 }
 
 /// The report of a run: the settings, the merged tally over `--duration`, the server's CPU
-/// from `before` to `after` (CPU seconds, RSS bytes), and the memory the population took.
+/// from `before` to `after` (CPU seconds, RSS bytes), the CPU seconds of each of `--pids`
+/// at the same two moments, and the memory the population took.
 pub(crate) fn build(
     args: &Args,
     tally: Tally,
     populate_secs: f64,
     before: Option<(f64, f64)>,
     after: Option<(f64, f64)>,
+    procs: Option<(Vec<f64>, Vec<f64>)>,
     memory_after_populate: Option<Value>,
 ) -> Value {
     let secs = args.duration.as_secs_f64();
@@ -91,6 +93,17 @@ pub(crate) fn build(
         }
         _ => json!(null),
     };
+    let processes = match procs {
+        Some((cpu0, cpu1)) if !args.pids.is_empty() => {
+            let each: Vec<f64> = cpu0
+                .iter()
+                .zip(&cpu1)
+                .map(|(a, b)| (b - a) / secs)
+                .collect();
+            json!({"pids": args.pids, "cpu_per_second": each.iter().sum::<f64>(), "cpu_per_second_each": each})
+        }
+        _ => json!(null),
+    };
     json!({
         "target": args.target,
         "redis_update": (args.target.starts_with("redis://")).then(|| format!("{:?}", args.redis_update).to_lowercase()),
@@ -106,6 +119,7 @@ pub(crate) fn build(
         "operations": per_op,
         "errors": tally.errors,
         "server": server,
+        "processes": processes,
         "memory_after_populate": memory_after_populate,
     })
 }
@@ -152,5 +166,8 @@ pub(crate) fn print_table(r: &Value) {
         }
     }
     println!("server  {}", r["server"]);
+    if !r["processes"].is_null() {
+        println!("processes  {}", r["processes"]);
+    }
     println!("memory  {}", r["memory_after_populate"]);
 }
