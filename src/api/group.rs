@@ -6,10 +6,13 @@
 //! replies once a majority has them and they are applied here. A plan that a newer write
 //! overtook comes back [`Applied::Stale`] and is planned again against the newer state.
 //! Reads wait for the leader's lease, so a deposed leader never answers from old state.
-//! Writes wait for it too, before they plan: a plan may reply without proposing anything
-//! (not found, a version mismatch, a retry's replay), and such a reply is a read of this
-//! node's state. Without the lease, a leader cut off from the group would answer "not found"
-//! for a session the new leader created.
+//! So does a write whose plan replies without proposing anything (not found, a version
+//! mismatch, a retry's replay): such a reply is a read of this node's state. Without the
+//! lease, a leader cut off from the group would answer "not found" for a session the new
+//! leader created. A plan that proposes takes no lease round: its effects are checked again
+//! when the entry is applied, in log order (a stale plan comes back overtaken), an entry of a
+//! deposed leader never commits, and the engine refuses a proposal at once (UNAVAILABLE) on a
+//! leader whose lease has lapsed, as a leader cut off from the others is.
 //!
 //! The edge knows the group only through [`Group`]; `crate::cluster` implements it on the
 //! Raft engine.
@@ -44,23 +47,29 @@ pub trait Group: Send + Sync + 'static {
 /// caller is told to retry.
 const REPLANS: usize = 8;
 
-/// Waits for the lease (see the module docs), plans with `plan`, proposes, and replies once
-/// applied; plans again while the first effect comes back stale. An empty plan (a retry
-/// answered from the record of an earlier write, say) replies at once.
+/// Plans with `plan`, proposes, and replies once applied; plans again while the first
+/// effect comes back stale. A plan that replies without proposing (an error, or a retry
+/// answered from the record of an earlier write, say) is planned again under the lease (see
+/// the module docs), and that plan's reply stands.
 pub(super) async fn write<T>(
     group: &dyn Group,
     mut plan: impl FnMut() -> Result<Plan<T>, Status>,
 ) -> Result<T, Status> {
     // Once is enough: a replan follows an apply on this node, which is newer still.
-    group.lease_read().await?;
+    let mut leased = false;
     for _ in 0..REPLANS {
-        let Plan { effects, reply } = plan()?;
-        if effects.is_empty() {
-            return Ok(reply);
-        }
-        let applied = group.propose(effects).await?;
-        if applied.first() == Some(&Applied::Done) {
-            return Ok(reply);
+        match plan() {
+            Ok(Plan { effects, reply }) if !effects.is_empty() => {
+                let applied = group.propose(effects).await?;
+                if applied.first() == Some(&Applied::Done) {
+                    return Ok(reply);
+                }
+            }
+            planned if leased => return planned.map(|p| p.reply),
+            _ => {
+                group.lease_read().await?;
+                leased = true;
+            }
         }
     }
     Err(overtaken())

@@ -248,12 +248,22 @@ impl Caller {
 
     async fn get(&self, id: &str, peek: bool) -> Result<pb::Session, Status> {
         self.read_lease().await?;
+        self.get_leased(id, peek)
+    }
+
+    /// `get` once the caller holds the lease (see `read_lease`).
+    fn get_leased(&self, id: &str, peek: bool) -> Result<pb::Session, Status> {
         self.lookup(self.tenant.store.get(id, peek))
             .map(convert::session)
     }
 
     async fn touch(&self, r: &pb::TouchRequest) -> Result<pb::TouchResponse, Status> {
         self.read_lease().await?;
+        self.touch_leased(r)
+    }
+
+    /// `touch` once the caller holds the lease.
+    fn touch_leased(&self, r: &pb::TouchRequest) -> Result<pb::TouchResponse, Status> {
         let at = self.lookup(self.tenant.store.touch(&r.id))?;
         Ok(pb::TouchResponse {
             expires_at: Some(convert::timestamp(at)),
@@ -356,6 +366,14 @@ impl Caller {
         r: &pb::ListUserSessionsRequest,
     ) -> Result<pb::ListUserSessionsResponse, Status> {
         self.read_lease().await?;
+        self.list_user_leased(r)
+    }
+
+    /// `list_user` once the caller holds the lease.
+    fn list_user_leased(
+        &self,
+        r: &pb::ListUserSessionsRequest,
+    ) -> Result<pb::ListUserSessionsResponse, Status> {
         let store = &self.tenant.store;
         let listed = store.list_user(&r.user_id, false)?;
         let mut out = Bounded::new(self.edge.max_message_bytes, listed.len());

@@ -32,7 +32,13 @@ struct Applied {
     permit: Option<OwnedSemaphorePermit>,
 }
 
-/// What the applying stage of a Pipeline stream hands on: a reply, or the stream's end.
+impl Applied {
+    /// Whether it is a read waiting for the lease.
+    fn is_read(&self) -> bool {
+        matches!(self.wait, Wait::Read(_))
+    }
+}
+
 /// What an applied operation's reply waits for before it is sent.
 enum Wait {
     /// Nothing: the reply is ready.
@@ -47,15 +53,20 @@ enum Wait {
         op: Op,
         replan: bool,
     },
-    /// In a group: an operation run once every earlier operation of the stream has its
-    /// reply, so it sees the stream's own writes: a read, or a write whose plan failed while
-    /// earlier writes of the stream were still in flight (an update of a session the stream
-    /// has just created, say).
+    /// In a group: a write run through the unary path once every earlier operation of the
+    /// stream has its reply, so it sees the stream's own writes: one whose plan proposed
+    /// nothing (failed, or replied from this node's state), which may be an update of a
+    /// session the stream has just created, say.
     Later(Op),
+    /// In a group: a read (Get, Touch, ListUserSessions), served once every earlier
+    /// operation of the stream has its reply, under a lease taken after it arrived. A run of
+    /// reads waiting together takes one lease for all of them.
+    Read(Op),
 }
 
 // Nearly every step is a reply: boxing it would cost an allocation per operation to save
 // channel slots.
+/// What the applying stage of a Pipeline stream hands on: a reply, or the stream's end.
 #[allow(clippy::large_enum_variant)]
 enum Step {
     Reply(Applied),
@@ -130,14 +141,47 @@ impl Caller {
         self.clone()
             .apply_stream(requests, Sink::Staged(applied_tx));
         tokio::spawn(async move {
-            while let Some(step) = applied.recv().await {
-                let reply = match step {
-                    Step::Reply(a) => Ok(self.finish(a).await),
-                    Step::End(status) => Err(status),
+            // A step taken from the channel that did not belong to the run of reads before it.
+            let mut held = None;
+            loop {
+                let step = match held.take() {
+                    Some(step) => step,
+                    None => match applied.recv().await {
+                        Some(step) => step,
+                        None => return,
+                    },
                 };
-                // A failed send means the client went away: stop quietly.
-                if tx.send(reply).await.is_err() {
-                    return;
+                let replies = match step {
+                    Step::Reply(a) if a.is_read() => {
+                        // The reads queued behind it share one lease, taken now: after each
+                        // of them arrived, and after the stream's earlier writes settled.
+                        let mut run = vec![a];
+                        while run.len() < PIPELINE_WINDOW {
+                            match applied.try_recv() {
+                                Ok(Step::Reply(a)) if a.is_read() => run.push(a),
+                                Ok(other) => {
+                                    held = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        let deadline = run.iter().filter_map(|a| a.deadline).min();
+                        let lease = self.run_lease(deadline).await;
+                        let mut replies = Vec::with_capacity(run.len());
+                        for a in run {
+                            replies.push(Ok(self.finish(a, Some(&lease)).await));
+                        }
+                        replies
+                    }
+                    Step::Reply(a) => vec![Ok(self.finish(a, None).await)],
+                    Step::End(status) => vec![Err(status)],
+                };
+                for reply in replies {
+                    // A failed send means the client went away: stop quietly.
+                    if tx.send(reply).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -199,19 +243,12 @@ impl Caller {
     }
 
     /// In a group: plans a write and submits it behind the stream's earlier ones (its reply,
-    /// as it will be once applied, and the commit to wait for); defers a read to the second
-    /// stage.
+    /// as it will be once applied, and the commit to wait for); defers a read, and a write
+    /// whose plan proposes nothing, to the second stage.
     async fn submit(&self, op: Op) -> (Outcome, Wait) {
         let Some(group) = self.group() else {
             unreachable!("submit is for a group's streams")
         };
-        // A plan that replies without proposing is a read of this node's state: under the
-        // lease, as `group::write` takes it.
-        if !matches!(op, Op::Get(_) | Op::Touch(_) | Op::ListUserSessions(_)) {
-            if let Err(e) = group.lease_read().await {
-                return (Outcome::Error(status::error(&e)), Wait::Nothing);
-            }
-        }
         let planned = match &op {
             Op::Create(r) => self.plan_create(r).map(|p| p.map(Outcome::Session)),
             Op::Update(r) => self.plan_update(r).map(|p| p.map(Outcome::Session)),
@@ -221,21 +258,18 @@ impl Caller {
                 .plan_destroy_user(r)
                 .map(|p| p.map(Outcome::DestroyUserSessions)),
             Op::Get(_) | Op::Touch(_) | Op::ListUserSessions(_) => {
-                // The reply is made in the second stage.
-                return (Outcome::Error(pb::Error::default()), Wait::Later(op));
+                // The reply is made in the second stage, under the lease.
+                return (Outcome::Error(pb::Error::default()), Wait::Read(op));
             }
+        };
+        // A plan that replies without proposing is a read of this node's state, and may
+        // depend on the stream's writes still in flight: the unary path plans it again in
+        // the second stage, under the lease (see `group::write`).
+        let plan = match planned {
+            Ok(plan) if !plan.effects.is_empty() => plan,
+            _ => return (Outcome::Error(pb::Error::default()), Wait::Later(op)),
         };
         let unsettled = self.unsettled.as_deref();
-        let plan = match planned {
-            Ok(plan) => plan,
-            Err(_) if unsettled.is_some_and(|n| n.load(Ordering::Acquire) > 0) => {
-                return (Outcome::Error(pb::Error::default()), Wait::Later(op));
-            }
-            Err(e) => return (Outcome::Error(status::error(&e)), Wait::Nothing),
-        };
-        if plan.effects.is_empty() {
-            return (plan.reply, Wait::Nothing);
-        }
         match group.submit(plan.effects).await {
             Ok(pending) => {
                 if let Some(n) = unsettled {
@@ -255,9 +289,26 @@ impl Caller {
         }
     }
 
+    /// The lease a run of reads shares, within `deadline`: the earliest of their
+    /// `request_timeout`s.
+    async fn run_lease(&self, deadline: Option<Instant>) -> Result<(), Status> {
+        match deadline {
+            Some(at) => tokio::time::timeout_at(at, self.read_lease())
+                .await
+                .unwrap_or_else(|_| Err(self.timed_out())),
+            None => self.read_lease().await,
+        }
+    }
+
     /// The result `wait` leaves for a reply that was `planned`: the change made durable or
-    /// committed (or an error saying why not), or a deferred read run now.
-    async fn settle(&self, wait: Wait, planned: Outcome) -> Result<Outcome, Status> {
+    /// committed (or an error saying why not), or a deferred operation run now; a read under
+    /// `lease` if its run took one.
+    async fn settle(
+        &self,
+        wait: Wait,
+        planned: Outcome,
+        lease: Option<&Result<(), Status>>,
+    ) -> Result<Outcome, Status> {
         match wait {
             Wait::Nothing => Ok(planned),
             Wait::Log(position) => {
@@ -281,12 +332,34 @@ impl Caller {
                 self.dispatch(op).await.0
             }
             Wait::Later(op) => self.dispatch(op).await.0,
+            Wait::Read(op) => {
+                match lease {
+                    Some(lease) => lease.clone()?,
+                    None => self.read_lease().await?,
+                }
+                self.read_leased(op)
+            }
+        }
+    }
+
+    /// A read once the lease is held.
+    fn read_leased(&self, op: Op) -> Result<Outcome, Status> {
+        match op {
+            Op::Get(r) => self.get_leased(&r.id, r.peek).map(Outcome::Session),
+            Op::Touch(r) => self.touch_leased(&r).map(Outcome::Touch),
+            Op::ListUserSessions(r) => self.list_user_leased(&r).map(Outcome::ListUserSessions),
+            _ => Err(Status::internal("a write was queued as a read")),
         }
     }
 
     /// Waits until an applied operation's change is durable (within its `request_timeout`),
-    /// gives its permit back and counts it: its reply.
-    async fn finish(&self, applied: Applied) -> pb::PipelineResponse {
+    /// or serves it if it is a read (under `lease`, if its run took one), gives its permit
+    /// back and counts it: its reply.
+    async fn finish(
+        &self,
+        applied: Applied,
+        lease: Option<&Result<(), Status>>,
+    ) -> pb::PipelineResponse {
         let Applied {
             mut response,
             wait,
@@ -299,7 +372,7 @@ impl Caller {
                 .result
                 .take()
                 .unwrap_or_else(|| Outcome::Error(pb::Error::default()));
-            let settled = self.settle(wait, planned);
+            let settled = self.settle(wait, planned, lease);
             let settled = match deadline {
                 Some(at) => tokio::time::timeout_at(at, settled)
                     .await
@@ -331,7 +404,7 @@ impl Caller {
             Sink::Staged(tx) => tx.send(step).await.is_ok(),
             Sink::Direct(tx) => {
                 let reply = match step {
-                    Step::Reply(applied) => Ok(self.finish(applied).await),
+                    Step::Reply(applied) => Ok(self.finish(applied, None).await),
                     Step::End(status) => Err(status),
                 };
                 tx.send(reply).await.is_ok()
