@@ -25,9 +25,9 @@ class CountingClient(SessionClient):
         super().__init__(*a, **kw)
         self.calls = Counter()
 
-    def _call(self, method, request, retry):
-        self.calls[type(request).__name__.removesuffix("Request")] += 1
-        return super()._call(method, request, retry)
+    def _run(self, call):
+        self.calls[call.rpc] += 1
+        return super()._run(call)
 
 
 @pytest.fixture(scope="module")
