@@ -17,7 +17,8 @@ requirements=(
   "setuptools>=77,<90"
   "grpcio>=1.66,<2"
   "grpcio-tools>=1.66,<2"
-  "flask>=3.0,<4"
+  "flask>=3.1,<4"
+  "flask-login>=0.6.3,<1"
   "pytest>=8,<10"
 )
 
