@@ -175,9 +175,10 @@ class SessiondSession(SessionMixin):
             ) from None
 
     def _changed_in_place(self) -> None:
-        """Queues the mutable values handed out this request whose JSON changed since."""
+        """Queues the mutable values set or handed out this request whose JSON changed
+        since (as Flask's own session, which serializes at the end of the request)."""
         for key, value in self._handed.items():
-            if key in self._set or key not in self._data:
+            if key not in self._data:
                 continue
             encoded = self._encode_value(key, value)
             if encoded != self._data[key]:
@@ -248,7 +249,10 @@ class SessiondSession(SessionMixin):
         if not isinstance(key, str):
             raise TypeError("session keys must be str")
         encoded = self._encode_value(key, value)
-        self._handed.pop(key, None)
+        if isinstance(value, (list, dict)):
+            self._handed[key] = value  # changed after this, it is written as it ends up
+        else:
+            self._handed.pop(key, None)
         self._set[key] = encoded
         self._remove.discard(key)
         if self._loaded:

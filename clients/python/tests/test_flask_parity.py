@@ -74,6 +74,14 @@ def make_app(client, **config) -> Flask:
         session["nested"]["list"].append(item)  # changed in place, not set again
         return "ok"
 
+    @app.post("/set-then-change")
+    def set_then_change():
+        cart = []
+        session["cart"] = cart
+        cart.append("set")  # after the assignment, as Flask's own session allows
+        session["cart"].append("read")  # and through the session
+        return "ok"
+
     @app.get("/read/<key>")
     def read(key):
         value = session.get(key)
@@ -120,6 +128,12 @@ def test_tagged_json_values_round_trip_and_in_place_changes_are_written(app, cli
     assert client.get(tab.sid, peek=True).version == v + 1
     tab.call("GET", "/typed")  # reading a list without changing it writes nothing
     assert client.get(tab.sid, peek=True).version == v + 1
+
+
+def test_a_value_changed_after_it_was_set_is_written_as_it_ends_up(app, client):
+    tab = Tab(app)
+    tab.call("POST", "/set-then-change")
+    assert client.get(tab.sid, peek=True).attributes["cart"] == b'["set","read"]'
 
 
 def test_values_stored_raw_by_earlier_versions_still_read(app, client):
