@@ -590,7 +590,8 @@ def regenerate_on_login(app: Flask, *, bind_user: bool = True) -> None:
     """Regenerates the session whenever Flask-Login logs a user in or out of `app`, so no
     session ID lives across a login (session fixation; OWASP ASVS 7.2.4).
 
-    On `user_logged_in` the session moves to a fresh ID bound to `user.get_id()` (with
+    On `user_logged_in`, and on `user_loaded_from_cookie` (a "remember me" cookie logging
+    the user back in), the session moves to a fresh ID bound to `user.get_id()` (with
     bind_user; otherwise it stays anonymous in sessiond), so `session.user_id`,
     `destroy_all_for_user()` and sessiond's per-user listing follow the login. On
     `user_logged_out` it moves to a fresh anonymous ID. Attributes are carried over both
@@ -598,7 +599,7 @@ def regenerate_on_login(app: Flask, *, bind_user: bool = True) -> None:
     setting the app's session_interface.
     """
     try:
-        from flask_login import user_logged_in, user_logged_out
+        from flask_login import user_loaded_from_cookie, user_logged_in, user_logged_out
     except ImportError as err:  # pragma: no cover - flask_login is optional
         raise RuntimeError("regenerate_on_login needs Flask-Login (pip install flask-login)") from err
 
@@ -612,4 +613,5 @@ def regenerate_on_login(app: Flask, *, bind_user: bool = True) -> None:
     # Blinker holds receivers weakly: keep them alive as long as the app.
     app.extensions["sessiond_regenerate_on_login"] = (logged_in, logged_out)
     user_logged_in.connect(logged_in, app)
+    user_loaded_from_cookie.connect(logged_in, app)
     user_logged_out.connect(logged_out, app)

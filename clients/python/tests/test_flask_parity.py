@@ -229,7 +229,7 @@ def login_app(client):
 
     @app.post("/login/<name>")
     def login(name):
-        assert login_user(User(name))
+        assert login_user(User(name), remember=request.args.get("remember") == "1")
         return jsonify(sid=session.sid)
 
     @app.post("/logout")
@@ -272,3 +272,18 @@ def test_flask_login_login_and_logout_regenerate_the_session(login_app, client):
     assert tab.call("GET", "/me").json == {"user": None, "sessiond_user": None}
     # The logged-in cookie replayed: nobody.
     assert Tab(login_app, logged_in).call("GET", "/me").json == {"user": None, "sessiond_user": None}
+
+
+def test_a_remember_me_cookie_logs_in_with_a_fresh_bound_session(login_app, client):
+    tab = Tab(login_app)
+    tab.call("POST", "/login/bob?remember=1")
+    remember = [h for h in tab.set_cookies if h.startswith("remember_token=")]
+    assert remember, tab.set_cookies
+    token = remember[0].split(";", 1)[0]
+
+    # The browser restarted: the session cookie is gone, the remember-me cookie is not.
+    later = Tab(login_app)
+    r = later.call("GET", "/me", headers={"Cookie": token})
+    assert r.json == {"user": "bob", "sessiond_user": "bob"}
+    assert later.sid and later.sid != tab.sid
+    assert client.get(later.sid, peek=True).user_id == "bob"
