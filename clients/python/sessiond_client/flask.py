@@ -116,7 +116,7 @@ class SessiondSession(SessionMixin):
     # --- state ----------------------------------------------------------------------
 
     def _load(self) -> None:
-        if self._loaded:
+        if self._loaded or self._sid is None:  # unloaded means a cookie's ID to read
             return
         try:
             self._adopt(self._client.get(self._sid))
@@ -347,7 +347,7 @@ class SessiondSession(SessionMixin):
         if user is None:
             return 0
         n = self._client.destroy_user_sessions(
-            user, except_id=self._sid if except_current else ""
+            user, except_id=(self._sid or "") if except_current else ""
         )
         if not except_current:
             if self._from_cookie:
@@ -568,7 +568,7 @@ class SessiondSessionInterface(SessionInterface):
     # Conveniences on the current request's session (flask.session).
     @staticmethod
     def current() -> SessiondSession:
-        sess = _current_session._get_current_object()
+        sess = _current_session._get_current_object()  # type: ignore[attr-defined]
         if not isinstance(sess, SessiondSession):
             raise RuntimeError("the app's session_interface is not SessiondSessionInterface")
         return sess
