@@ -230,7 +230,8 @@ class SessiondSession(SessionMixin):
         return self._remote
 
     def raw(self) -> Dict[str, bytes]:
-        """All attributes as bytes, pending changes included."""
+        """All attributes as stored (each value's JSON, or raw bytes from earlier versions),
+        with the pending changes set or deleted so far."""
         self._load()
         return dict(self._data)
 
@@ -361,7 +362,10 @@ class SessiondSession(SessionMixin):
     ) -> Session:
         """Read-modify-write without lost updates: calls `change(attributes)` on the current
         attributes (bytes values) and writes what it returns (key -> value, None = remove)
-        with Update's expected_version, re-reading and retrying on a conflict. Without a
+        with Update's expected_version, re-reading and retrying on a conflict. It works on
+        the raw stored bytes, not through the JSON encoding of `session[key]`: a str or bytes
+        it returns is stored as is (so text that is valid JSON reads back through
+        `session[key]` as that JSON). Without a
         live session, creates one with the changes. Returns the session as written.
 
         Raises NotFound if the session disappears midway (the cookie is then cleared),
