@@ -267,6 +267,70 @@ async fn a_cas_counter_raced_by_many_tasks_ends_exact() {
 }
 
 #[tokio::test]
+async fn a_lost_compare_and_set_carries_the_current_version_in_metadata_and_pipeline_errors() {
+    use sessiond::api::pb::pipeline_response::Result as Res;
+    use tokio_stream::StreamExt;
+
+    let srv = TestServer::start().await;
+    let mut c = srv.client().await;
+    let s = create(&mut c, create_req("", &[("n", "0")])).await;
+    c.update(set(&s.id, &[("n", "1")])).await.unwrap(); // version 2
+    c.update(set(&s.id, &[("n", "2")])).await.unwrap(); // version 3
+    let stale = pb::UpdateRequest {
+        expected_version: Some(1),
+        ..set(&s.id, &[("n", "9")])
+    };
+
+    let e = c.update(stale.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+    let header = e.metadata().get("sessiond-current-version");
+    assert_eq!(header.map(|v| v.to_str().unwrap()), Some("3"), "{e:?}");
+    // Other errors carry no version.
+    let e = c
+        .update(set(&"A".repeat(43), &[("n", "1")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.metadata().get("sessiond-current-version").is_none());
+
+    // The same mismatch in a Pipeline: a structured field of its Error.
+    let ops = [
+        pb::PipelineRequest {
+            id: 1,
+            op: Some(pb::pipeline_request::Op::Update(stale)),
+        },
+        pb::PipelineRequest {
+            id: 2,
+            op: Some(pb::pipeline_request::Op::Get(get("bad", true))),
+        },
+    ];
+    let mut responses = c
+        .pipeline(tokio_stream::iter(ops))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut errors = Vec::new();
+    while let Some(r) = responses.next().await {
+        let r = r.unwrap();
+        let Some(Res::Error(e)) = r.result else {
+            panic!("{r:?}")
+        };
+        errors.push((r.id, e.code, e.current_version));
+    }
+    errors.sort();
+    assert_eq!(
+        errors,
+        vec![
+            (1, Code::Aborted as i32, Some(3)),
+            (2, Code::InvalidArgument as i32, None)
+        ]
+    );
+    let after = c.get(get(&s.id, true)).await.unwrap().into_inner();
+    assert_eq!((after.version, &after.attributes["n"][..]), (3, &b"2"[..]));
+    srv.stop().await;
+}
+
+#[tokio::test]
 async fn regenerate_raced_by_writers_keeps_every_acknowledged_write() {
     let mut config = common::test_config();
     config.limits.max_attributes = 100_000;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) the Python venv at <repo>/target/python-venv with grpcio,
-# grpcio-tools, flask and pytest, then installs sessiond-client from clients/python in
+# grpcio-tools, flask, pytest and the test tools (flask-login for the login tests, build for
+# the packaging test), then installs sessiond-client from clients/python in
 # editable mode; installing it generates the gRPC stubs from proto/ (see setup.py).
 #
 # Idempotent and quiet: a second run with nothing changed installs nothing. Prints the
@@ -17,8 +18,10 @@ requirements=(
   "setuptools>=77,<90"
   "grpcio>=1.66,<2"
   "grpcio-tools>=1.66,<2"
-  "flask>=3.0,<4"
+  "flask>=3.1,<4"
+  "flask-login>=0.6.3,<1"
   "pytest>=8,<10"
+  "build>=1.2,<2"
 )
 
 if [ ! -x "$py" ]; then

@@ -1,17 +1,23 @@
-"""Build hook: generate the protobuf/gRPC stubs from ../../proto before packaging.
+"""Build hook: generate the protobuf/gRPC stubs from the .proto before packaging.
 
 The stubs are written into sessiond_client/_proto/ (git-ignored), so both a regular install
-and an editable install (`pip install -e`) end up with them. Set SESSIOND_PROTO_DIR to build
-from a proto tree elsewhere.
+and an editable install (`pip install -e`) end up with them. The proto is read from
+SESSIOND_PROTO_DIR, else ./proto (an unpacked sdist), else ../../proto (a checkout).
+
+The sdist carries both the proto (under proto/) and the stubs generated from it, so a wheel
+built from it, or `pip install` of it, works away from the repository; the build regenerates
+the stubs with the build's own grpcio-tools.
 """
 
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 from setuptools import Command, setup
 from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 HERE = Path(__file__).resolve().parent
 PROTO_FILE = "sessiond/v1/session_store.proto"
@@ -19,7 +25,11 @@ OUT_DIR = HERE / "sessiond_client" / "_proto"
 
 
 def proto_root() -> Path:
-    return Path(os.environ.get("SESSIOND_PROTO_DIR", HERE.parent.parent / "proto")).resolve()
+    if os.environ.get("SESSIOND_PROTO_DIR"):
+        return Path(os.environ["SESSIOND_PROTO_DIR"]).resolve()
+    if (HERE / "proto" / PROTO_FILE).is_file():
+        return HERE / "proto"
+    return (HERE.parent.parent / "proto").resolve()
 
 
 def generate_stubs() -> None:
@@ -85,8 +95,24 @@ class BuildPy(build_py):
         super().run()
 
 
+class Sdist(sdist):
+    """Generates the stubs first (so the package carries them) and adds the proto."""
+
+    def run(self):
+        generate_stubs()
+        super().run()
+
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, files)
+        source = proto_root() / PROTO_FILE
+        if source.is_file():
+            target = Path(base_dir) / "proto" / PROTO_FILE
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+
+
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "generate":
     generate_stubs()
     sys.exit(0)
 
-setup(cmdclass={"build_py": BuildPy, "generate": GenerateStubs})
+setup(cmdclass={"build_py": BuildPy, "sdist": Sdist, "generate": GenerateStubs})

@@ -1,8 +1,14 @@
 //! The one mapping from Store errors to gRPC statuses.
 
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 use crate::store::StoreError;
+
+/// Response metadata on every `ABORTED` version mismatch: the session's current version in
+/// ASCII decimal, so a client can retry its compare-and-set without parsing the message.
+/// A Pipeline operation's `Error` carries the same number in `current_version`.
+pub(crate) const CURRENT_VERSION_HEADER: &str = "sessiond-current-version";
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
@@ -15,7 +21,13 @@ impl From<StoreError> for Status {
         };
         // Store messages never hold a session ID or an attribute value, so they are safe to
         // hand back verbatim.
-        Status::new(code, e.to_string())
+        let mut status = Status::new(code, e.to_string());
+        if let StoreError::VersionMismatch { current, .. } = e {
+            status
+                .metadata_mut()
+                .insert(CURRENT_VERSION_HEADER, MetadataValue::from(current));
+        }
+        status
     }
 }
 
@@ -75,10 +87,15 @@ pub(crate) fn too_large(max: usize) -> Status {
     ))
 }
 
-/// A Status as the `Error` message of a batch or pipeline result.
+/// A Status as the `Error` message of a batch or pipeline result, with the current version
+/// of a version mismatch lifted out of its metadata.
 pub(crate) fn error(status: &Status) -> super::pb::Error {
     super::pb::Error {
         code: status.code() as i32,
         message: status.message().to_string(),
+        current_version: status
+            .metadata()
+            .get(CURRENT_VERSION_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse().ok()),
     }
 }

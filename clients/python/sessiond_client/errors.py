@@ -17,6 +17,7 @@ __all__ = [
     "Unavailable",
     "from_rpc_error",
     "from_status",
+    "CURRENT_VERSION_HEADER",
 ]
 
 
@@ -45,17 +46,25 @@ class NotFound(SessiondError):
 class Conflict(SessiondError):
     """Update's expected_version did not match; nothing changed.
 
-    `current_version` is the session's version as the server reported it (None if the
-    message did not carry it).
+    `current_version` is the session's version now, from the server's
+    `sessiond-current-version` response metadata (a Pipeline error's `current_version`),
+    or, from a server too old to send it, from the message text; None if neither has it.
     """
 
     code = grpc.StatusCode.ABORTED
     _AT = re.compile(r"session is at (\d+)")
 
-    def __init__(self, message: str = "", code: Optional[grpc.StatusCode] = None):
+    def __init__(
+        self,
+        message: str = "",
+        code: Optional[grpc.StatusCode] = None,
+        current_version: Optional[int] = None,
+    ):
         super().__init__(message, code)
-        m = self._AT.search(message or "")
-        self.current_version: Optional[int] = int(m.group(1)) if m else None
+        if current_version is None:
+            m = self._AT.search(message or "")
+            current_version = int(m.group(1)) if m else None
+        self.current_version: Optional[int] = current_version
 
 
 class InvalidArgument(SessiondError):
@@ -88,17 +97,45 @@ _BY_CODE = {
 }
 
 
-def from_status(code: grpc.StatusCode, message: str) -> SessiondError:
+CURRENT_VERSION_HEADER = "sessiond-current-version"
+"""Response metadata of an ABORTED version mismatch: the session's version, ASCII decimal."""
+
+
+def from_status(
+    code: grpc.StatusCode, message: str, current_version: Optional[int] = None
+) -> SessiondError:
+    """The typed exception for a status code and message (and, for a version mismatch, the
+    session's current version if the server sent it)."""
     cls = _BY_CODE.get(code)
     if cls is None:
         return SessiondError(message, code)
+    if cls is Conflict:
+        return Conflict(message, current_version=current_version)
     return cls(message)
 
 
+_DECIMAL = re.compile(r"[0-9]{1,20}")
+
+
+def _metadata_version(err: grpc.RpcError) -> Optional[int]:
+    for getter in ("trailing_metadata", "initial_metadata"):
+        try:
+            pairs = getattr(err, getter)() or ()
+        except Exception:  # not a grpc.Call (a channel-level failure)
+            continue
+        for key, value in pairs:
+            if key == CURRENT_VERSION_HEADER:
+                text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+                return int(text) if _DECIMAL.fullmatch(text) else None
+    return None
+
+
 def from_rpc_error(err: grpc.RpcError) -> SessiondError:
+    """The typed exception for a failed call (sync or grpc.aio)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    exc = from_status(code, details or "")
+    version = _metadata_version(err) if code == grpc.StatusCode.ABORTED else None
+    exc = from_status(code, details or "", version)
     exc.__cause__ = err
     return exc
 

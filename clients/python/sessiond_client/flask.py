@@ -7,8 +7,12 @@
     app = Flask(__name__)
     app.session_interface = SessiondSessionInterface(SessionClient("127.0.0.1:7420"))
 
-The browser's cookie (`__Host-sid`, HttpOnly, Secure, SameSite=Lax, Path=/) holds only the
-session ID. Per request:
+The browser's cookie holds only the session ID. It follows the app's SESSION_COOKIE_*
+settings as Flask's own session does (NAME, DOMAIN, PATH, SECURE, HTTPONLY, SAMESITE,
+PARTITIONED), with safer defaults where the app leaves Flask's: the name `__Host-sid`
+instead of `session` (Secure, Path=/ and no Domain, as that prefix requires) and
+SameSite=Lax instead of none. `session.permanent = True` makes it a persistent cookie that
+lasts PERMANENT_SESSION_LIFETIME. Per request:
 
 - nothing is read until the session is first used (lazy `Get`);
 - the keys the request set or deleted, and only those, are written back in one `Update`
@@ -26,27 +30,34 @@ session ID. Per request:
   from before a login in another tab, and the browser may already hold the login's new
   cookie; clearing "the" cookie would delete that one and log the user out.
 
-Values are bytes in sessiond. A `str` is stored as UTF-8; on reading, a value that is valid
-UTF-8 comes back as `str`, anything else as `bytes` (pass `decode_values=False` to always get
-bytes). Other types are refused with TypeError: encode them yourself (e.g. json.dumps).
+Values are anything Flask's own session can hold: each is stored as one attribute in Flask's
+tagged JSON (`flask.json.tag.TaggedJSONSerializer`, with the app's JSON provider), so
+`flash()`, Flask-Login, tuples, bytes, datetimes and UUIDs work, and plain values (str,
+numbers, lists, dicts) are plain JSON any other client can read. A list or dict read from the
+session and changed in place is written back too. Values stored raw by earlier versions
+(UTF-8 text, bytes) still read as `str` or `bytes`, unless the text happens to be valid JSON:
+then it reads as that JSON (`"2"` stored raw reads as `2`).
 """
 
 from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Callable, Dict, Iterator, Mapping, Optional, Set, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, NamedTuple, Optional, Set, Union
 
 from flask import Flask, Request, Response
 from flask import session as _current_session
-from flask.sessions import SessionInterface, SessionMixin
+from flask.json.tag import TaggedJSONSerializer
+from flask.sessions import SessionInterface, SessionMixin, session_json_serializer
 
 from .client import Session, SessionClient, _encode
 from .errors import Conflict, NotFound
 
-__all__ = ["SessiondSession", "SessiondSessionInterface", "COOKIE_NAME"]
+__all__ = ["SessiondSession", "SessiondSessionInterface", "COOKIE_NAME", "regenerate_on_login"]
 
 COOKIE_NAME = "__Host-sid"
+"""The cookie's name while the app's SESSION_COOKIE_NAME is Flask's default ("session")."""
+_FLASK_DEFAULT_COOKIE_NAME = "session"
 # sessiond refuses client info over max_client_info_bytes (1024 by default); a User-Agent
 # header is cut to this many bytes so an absurd one cannot make Create fail.
 MAX_USER_AGENT_BYTES = 512
@@ -68,9 +79,7 @@ def _truncate_utf8(text: str, limit: int) -> str:
 class SessiondSession(SessionMixin):
     """One request's view of a sessiond session. Created by SessiondSessionInterface."""
 
-    # SessionMixin keeps `permanent` in the dict; here the cookie is always a session
-    # cookie and lifetime is sessiond's business, so it is a plain attribute.
-    permanent = False
+    # `permanent` is SessionMixin's: the key "_permanent", stored like any other.
 
     def __init__(
         self,
@@ -88,6 +97,8 @@ class SessiondSession(SessionMixin):
         self._loaded = sid is None
         self._remote: Optional[Session] = None  # the server's state as last seen
         self._data: Dict[str, bytes] = {}  # _remote's attributes with the pending changes applied
+        # Mutable values handed out (lists, dicts), to write back those changed in place.
+        self._handed: Dict[str, Any] = {}
         self._set: Dict[str, bytes] = {}  # pending: keys to set
         self._remove: Set[str] = set()  # pending: keys to remove
         self._expired = False  # the cookie named a session that is gone
@@ -105,7 +116,7 @@ class SessiondSession(SessionMixin):
     # --- state ----------------------------------------------------------------------
 
     def _load(self) -> None:
-        if self._loaded:
+        if self._loaded or self._sid is None:  # unloaded means a cookie's ID to read
             return
         try:
             self._adopt(self._client.get(self._sid))
@@ -134,6 +145,7 @@ class SessiondSession(SessionMixin):
         self._loaded = True
 
     def _reset(self) -> None:
+        self._handed.clear()
         self._sid = None
         self._from_cookie = False
         self._remote = None
@@ -142,13 +154,38 @@ class SessiondSession(SessionMixin):
         self._remove.clear()
         self._loaded = True
 
-    def _decode(self, value: bytes) -> Union[str, bytes]:
+    def _decode(self, value: bytes) -> Any:
         if not self._interface.decode_values:
             return value
         try:
-            return value.decode("utf-8")
+            text = value.decode("utf-8")
         except UnicodeDecodeError:
-            return value
+            return value  # raw bytes, as stored by earlier versions
+        try:
+            return self._interface.serializer.loads(text)
+        except ValueError:
+            return text  # raw UTF-8 text, as stored by earlier versions
+
+    def _encode_value(self, key: str, value: Any) -> bytes:
+        try:
+            return self._interface.serializer.dumps(value).encode("utf-8")
+        except TypeError as err:
+            raise TypeError(
+                f"session[{key!r}]: {type(value).__name__} is not serializable to JSON: {err}"
+            ) from None
+
+    def _changed_in_place(self) -> None:
+        """Queues the mutable values set or handed out this request whose JSON changed
+        since (as Flask's own session, which serializes at the end of the request)."""
+        for key, value in self._handed.items():
+            if key not in self._data:
+                continue
+            encoded = self._encode_value(key, value)
+            if encoded != self._data[key]:
+                self._set[key] = encoded
+                self._remove.discard(key)
+                self._data[key] = encoded
+        self._handed.clear()
 
     # --- what the app can ask --------------------------------------------------------
 
@@ -193,25 +230,30 @@ class SessiondSession(SessionMixin):
         return self._remote
 
     def raw(self) -> Dict[str, bytes]:
-        """All attributes as bytes, pending changes included."""
+        """All attributes as stored (each value's JSON, or raw bytes from earlier versions),
+        with the pending changes set or deleted so far."""
         self._load()
         return dict(self._data)
 
     # --- the mapping ---------------------------------------------------------------
 
-    def __getitem__(self, key: str) -> Union[str, bytes]:
+    def __getitem__(self, key: str) -> Any:
         self._load()
-        return self._decode(self._data[key])
+        if key in self._handed:
+            return self._handed[key]
+        value = self._decode(self._data[key])
+        if isinstance(value, (list, dict)):
+            self._handed[key] = value
+        return value
 
-    def __setitem__(self, key: str, value: Union[str, bytes]) -> None:
+    def __setitem__(self, key: str, value: Any) -> None:
         if not isinstance(key, str):
             raise TypeError("session keys must be str")
-        try:
-            encoded = _encode(value)
-        except TypeError:
-            raise TypeError(
-                f"session[{key!r}]: sessiond stores str or bytes, not {type(value).__name__}"
-            ) from None
+        encoded = self._encode_value(key, value)
+        if isinstance(value, (list, dict)):
+            self._handed[key] = value  # changed after this, it is written as it ends up
+        else:
+            self._handed.pop(key, None)
         self._set[key] = encoded
         self._remove.discard(key)
         if self._loaded:
@@ -223,6 +265,7 @@ class SessiondSession(SessionMixin):
         if key not in self._data:
             raise KeyError(key)
         del self._data[key]
+        self._handed.pop(key, None)
         self._set.pop(key, None)
         if self._sid is not None:
             self._remove.add(key)
@@ -305,7 +348,7 @@ class SessiondSession(SessionMixin):
         if user is None:
             return 0
         n = self._client.destroy_user_sessions(
-            user, except_id=self._sid if except_current else ""
+            user, except_id=(self._sid or "") if except_current else ""
         )
         if not except_current:
             if self._from_cookie:
@@ -319,7 +362,10 @@ class SessiondSession(SessionMixin):
     ) -> Session:
         """Read-modify-write without lost updates: calls `change(attributes)` on the current
         attributes (bytes values) and writes what it returns (key -> value, None = remove)
-        with Update's expected_version, re-reading and retrying on a conflict. Without a
+        with Update's expected_version, re-reading and retrying on a conflict. It works on
+        the raw stored bytes, not through the JSON encoding of `session[key]`: a str or bytes
+        it returns is stored as is (so text that is valid JSON reads back through
+        `session[key]` as that JSON). Without a
         live session, creates one with the changes. Returns the session as written.
 
         Raises NotFound if the session disappears midway (the cookie is then cleared),
@@ -359,16 +405,40 @@ class SessiondSession(SessionMixin):
         raise last
 
 
+class _Cookie(NamedTuple):
+    """The session cookie's attributes for one app, resolved from its config."""
+
+    name: str
+    domain: Optional[str]
+    path: str
+    secure: bool
+    httponly: bool
+    samesite: Optional[str]
+    partitioned: bool
+
+
+_UNSET: Any = object()
+
+
 class SessiondSessionInterface(SessionInterface):
     """Keeps Flask's `session` in sessiond; the cookie holds only the session ID.
 
     client: a SessionClient (share one per process).
     idle_timeout / absolute_timeout: asked for at Create (seconds or timedelta); None =
-    the server's defaults.
-    cookie_name: "__Host-sid" (the __Host- prefix needs Secure and Path=/, no Domain).
-    secure: the Secure attribute; keep it on outside local plain-HTTP development (a
-    "__Host-" cookie without it is ignored by browsers).
+    the server's defaults. They bound the session; the cookie of a permanent session lasts
+    PERMANENT_SESSION_LIFETIME, but names a dead session once sessiond's timeouts end it.
+    cookie_name / secure / samesite: override SESSION_COOKIE_NAME / _SECURE / _SAMESITE.
+    Otherwise the cookie follows the app's SESSION_COOKIE_* settings, except that Flask's
+    default name ("session") becomes "__Host-sid" and its default SameSite (none) "Lax";
+    a "__Host-" or "__Secure-" name is always Secure. A "__Host-" cookie with a Domain or a
+    Path other than "/" is refused with a ValueError naming the setting (browsers drop it).
+    decode_values: False hands out the stored bytes as they are, undecoded.
+    serializer: how each value is encoded (Flask's session serializer by default: tagged
+    JSON through the app's JSON provider); any object with dumps(value) -> str and
+    loads(str) -> value raising ValueError on what it cannot read.
     """
+
+    serializer: TaggedJSONSerializer = session_json_serializer
 
     def __init__(
         self,
@@ -376,10 +446,11 @@ class SessiondSessionInterface(SessionInterface):
         *,
         idle_timeout: Union[None, int, float, timedelta] = None,
         absolute_timeout: Union[None, int, float, timedelta] = None,
-        cookie_name: str = COOKIE_NAME,
-        secure: bool = True,
-        samesite: Optional[str] = "Lax",
+        cookie_name: Optional[str] = None,
+        secure: Optional[bool] = None,
+        samesite: Optional[str] = _UNSET,
         decode_values: bool = True,
+        serializer: Any = None,
     ):
         self.client = client
         self.idle_timeout = idle_timeout
@@ -388,35 +459,73 @@ class SessiondSessionInterface(SessionInterface):
         self.secure = secure
         self.samesite = samesite
         self.decode_values = decode_values
+        if serializer is not None:
+            self.serializer = serializer
 
-    # Flask asks for these; the cookie's attributes are fixed here, not in app.config.
+    # --- the cookie, from the app's config ---------------------------------------------
+
     def get_cookie_name(self, app: Flask) -> str:
-        return self.cookie_name
+        if self.cookie_name is not None:
+            return self.cookie_name
+        name = app.config["SESSION_COOKIE_NAME"]
+        return COOKIE_NAME if name == _FLASK_DEFAULT_COOKIE_NAME else name
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        if self.secure is not None:
+            return self.secure
+        name = self.get_cookie_name(app)
+        return bool(app.config["SESSION_COOKIE_SECURE"]) or name.startswith(("__Host-", "__Secure-"))
+
+    def get_cookie_samesite(self, app: Flask) -> Optional[str]:
+        if self.samesite is not _UNSET:
+            return self.samesite
+        return app.config["SESSION_COOKIE_SAMESITE"] or "Lax"
+
+    def get_cookie_partitioned(self, app: Flask) -> bool:
+        return bool(app.config.get("SESSION_COOKIE_PARTITIONED", False))
+
+    def cookie(self, app: Flask) -> _Cookie:
+        """The cookie's attributes as this app's config and the interface's arguments say."""
+        c = _Cookie(
+            name=self.get_cookie_name(app),
+            domain=self.get_cookie_domain(app),
+            path=self.get_cookie_path(app),
+            secure=self.get_cookie_secure(app),
+            httponly=self.get_cookie_httponly(app),
+            samesite=self.get_cookie_samesite(app),
+            partitioned=self.get_cookie_partitioned(app),
+        )
+        if c.name.startswith("__Host-"):
+            if c.domain:
+                raise ValueError(
+                    f"SESSION_COOKIE_DOMAIN is set, but the cookie name {c.name!r} has the "
+                    "__Host- prefix, which forbids a Domain: set SESSION_COOKIE_NAME too"
+                )
+            if c.path != "/":
+                raise ValueError(
+                    f"the session cookie's path is {c.path!r} (SESSION_COOKIE_PATH or "
+                    f"APPLICATION_ROOT), but the name {c.name!r} has the __Host- prefix, "
+                    "which needs Path=/: set SESSION_COOKIE_NAME too"
+                )
+            if not c.secure:
+                raise ValueError(
+                    f"the cookie name {c.name!r} has the __Host- prefix, which needs Secure "
+                    "(secure=False was given): pass another cookie_name"
+                )
+        return c
 
     def open_session(self, app: Flask, request: Request) -> SessiondSession:
-        sid = request.cookies.get(self.cookie_name) or None
+        sid = request.cookies.get(self.cookie(app).name) or None
         ua = _truncate_utf8(request.headers.get("User-Agent", ""), MAX_USER_AGENT_BYTES)
         return SessiondSession(self, sid, ip=request.remote_addr or "", user_agent=ua)
-
-    def _cookie_attributes(self) -> str:
-        parts = ["Path=/", "HttpOnly"]
-        if self.secure:
-            parts.append("Secure")
-        if self.samesite:
-            parts.append(f"SameSite={self.samesite}")
-        return "; ".join(parts)
-
-    def set_cookie_header(self, sid: str) -> str:
-        return f"{self.cookie_name}={sid}; {self._cookie_attributes()}"
-
-    def clear_cookie_header(self) -> str:
-        attrs = self._cookie_attributes().replace("Path=/", "Path=/; Max-Age=0", 1)
-        return f"{self.cookie_name}=; {attrs}"
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         if not isinstance(session, SessiondSession):  # pragma: no cover - a foreign session
             return
         s = session
+        cookie = self.cookie(app)
+        s._changed_in_place()
+        permanence_changed = "_permanent" in s._set or "_permanent" in s._remove
         if s._set or s._remove:
             s.accessed = True
             if s._sid is not None:
@@ -433,17 +542,37 @@ class SessiondSessionInterface(SessionInterface):
         if s.accessed:
             response.vary.add("Cookie")
         # The cookie changes only when this response knows better than the browser: a new ID
-        # to learn, or the cookie's own session ended by this request. A cookie that named a
-        # dead session is not cleared (see the module docs).
-        if s._sid is not None and s._sid != s._cookie_sid:
-            response.headers.add("Set-Cookie", self.set_cookie_header(s._sid))
+        # to learn, the session made permanent or not, or the cookie's own session ended by
+        # this request. A cookie that named a dead session is not cleared (see the module
+        # docs); nor is an unchanged one sent again to slide a permanent cookie's expiry: a
+        # request that started before a login elsewhere would overwrite the login's cookie.
+        if s._sid is not None and (s._sid != s._cookie_sid or permanence_changed):
+            response.set_cookie(
+                cookie.name,
+                s._sid,
+                expires=self.get_expiration_time(app, s),
+                domain=cookie.domain,
+                path=cookie.path,
+                secure=cookie.secure,
+                httponly=cookie.httponly,
+                samesite=cookie.samesite,
+                partitioned=cookie.partitioned,
+            )
         elif s._sid is None and s._clear_cookie:
-            response.headers.add("Set-Cookie", self.clear_cookie_header())
+            response.delete_cookie(
+                cookie.name,
+                domain=cookie.domain,
+                path=cookie.path,
+                secure=cookie.secure,
+                httponly=cookie.httponly,
+                samesite=cookie.samesite,
+                partitioned=cookie.partitioned,
+            )
 
     # Conveniences on the current request's session (flask.session).
     @staticmethod
     def current() -> SessiondSession:
-        sess = _current_session._get_current_object()
+        sess = _current_session._get_current_object()  # type: ignore[attr-defined]
         if not isinstance(sess, SessiondSession):
             raise RuntimeError("the app's session_interface is not SessiondSessionInterface")
         return sess
@@ -459,3 +588,34 @@ class SessiondSessionInterface(SessionInterface):
     def destroy_all_for_user(self, *, except_current: bool = False) -> int:
         """session.destroy_all_for_user() on the current request's session."""
         return self.current().destroy_all_for_user(except_current=except_current)
+
+
+def regenerate_on_login(app: Flask, *, bind_user: bool = True) -> None:
+    """Regenerates the session whenever Flask-Login logs a user in or out of `app`, so no
+    session ID lives across a login (session fixation; OWASP ASVS 7.2.4).
+
+    On `user_logged_in`, and on `user_loaded_from_cookie` (a "remember me" cookie logging
+    the user back in), the session moves to a fresh ID bound to `user.get_id()` (with
+    bind_user; otherwise it stays anonymous in sessiond), so `session.user_id`,
+    `destroy_all_for_user()` and sessiond's per-user listing follow the login. On
+    `user_logged_out` it moves to a fresh anonymous ID. Attributes are carried over both
+    times, like Flask-Login's own keys that `login_user` just wrote. Call it once, after
+    setting the app's session_interface.
+    """
+    try:
+        from flask_login import user_loaded_from_cookie, user_logged_in, user_logged_out
+    except ImportError as err:  # pragma: no cover - flask_login is optional
+        raise RuntimeError("regenerate_on_login needs Flask-Login (pip install flask-login)") from err
+
+    def logged_in(sender: Flask, user: Any = None, **_: Any) -> None:
+        user_id = str(user.get_id()) if bind_user and user is not None else None
+        SessiondSessionInterface.current().regenerate(user_id)
+
+    def logged_out(sender: Flask, user: Any = None, **_: Any) -> None:
+        SessiondSessionInterface.current().regenerate("" if bind_user else None)
+
+    # Blinker holds receivers weakly: keep them alive as long as the app.
+    app.extensions["sessiond_regenerate_on_login"] = (logged_in, logged_out)
+    user_logged_in.connect(logged_in, app)
+    user_loaded_from_cookie.connect(logged_in, app)
+    user_logged_out.connect(logged_out, app)

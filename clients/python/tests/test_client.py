@@ -22,6 +22,7 @@ from sessiond_client import (
     Unavailable,
     to_unix_ms,
 )
+from sessiond_client.errors import CURRENT_VERSION_HEADER, from_rpc_error
 
 # Well-formed (43 URL-safe base64 chars) but never issued.
 UNKNOWN_ID = "A" * 43
@@ -98,6 +99,33 @@ def test_update_compare_and_set(client):
     assert "version mismatch" in str(info.value)
     after = client.get(s.id)
     assert after.version == 3 and after.attributes["n"] == b"2"  # nothing changed
+
+
+def test_conflict_version_comes_from_the_metadata_not_the_text(client):
+    s = client.create()
+    client.update(s.id, set={"a": "1"})  # version 2
+    with pytest.raises(Conflict) as info:
+        client.update(s.id, set={"a": "2"}, expected_version=1)
+    metadata = dict(info.value.__cause__.trailing_metadata())
+    assert metadata[CURRENT_VERSION_HEADER] == "2"
+    assert info.value.current_version == 2
+
+    class Failed(grpc.RpcError):
+        """A failed call whose metadata and text disagree: the metadata wins."""
+
+        def code(self):
+            return grpc.StatusCode.ABORTED
+
+        def details(self):
+            return "version mismatch: expected 1, session is at 3"
+
+        def trailing_metadata(self):
+            return ((CURRENT_VERSION_HEADER, "7"),)
+
+    assert from_rpc_error(Failed()).current_version == 7
+    # An older server sends only the text.
+    assert Conflict("version mismatch: expected 1, session is at 3").current_version == 3
+    assert Conflict("a request with this idempotency key is still in progress").current_version is None
 
 
 def test_writes_sent_again_with_their_idempotency_key_change_nothing_twice(client):

@@ -4,6 +4,7 @@ and what each response does to the cookie."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 
@@ -14,8 +15,16 @@ from sessiond_client import NotFound, SessionClient
 from sessiond_client.flask import SessiondSessionInterface
 
 COOKIE = "__Host-sid"
-SET_COOKIE_SUFFIX = "; Path=/; HttpOnly; Secure; SameSite=Lax"
-CLEAR_COOKIE = "__Host-sid=; Path=/; Max-Age=0; HttpOnly; Secure; SameSite=Lax"
+SET_COOKIE_SUFFIX = "; Secure; HttpOnly; Path=/; SameSite=Lax"
+CLEAR_COOKIE = (
+    "__Host-sid=; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0; Secure; HttpOnly; Path=/;"
+    " SameSite=Lax"
+)
+
+
+def stored(**values):
+    """Attributes as the interface stores them: each value as compact (tagged) JSON."""
+    return {k: json.dumps(v, separators=(",", ":")).encode() for k, v in values.items()}
 
 
 class CountingClient(SessionClient):
@@ -25,9 +34,9 @@ class CountingClient(SessionClient):
         super().__init__(*a, **kw)
         self.calls = Counter()
 
-    def _call(self, method, request, retry):
-        self.calls[type(request).__name__.removesuffix("Request")] += 1
-        return super()._call(method, request, retry)
+    def _run(self, call):
+        self.calls[call.rpc] += 1
+        return super()._run(call)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +122,7 @@ def app(rpc, gates):
 
     @app.post("/bad-value")
     def bad_value():
-        session["n"] = 5
+        session["n"] = object()
         return "unreachable"
 
     return app
@@ -123,20 +132,21 @@ class Tab:
     """One browser tab: the Flask test client with the cookie kept by hand, so that the
     exact Set-Cookie headers can be checked."""
 
-    def __init__(self, app, sid=None):
+    def __init__(self, app, sid=None, cookie=COOKIE):
         self.client = app.test_client(use_cookies=False)
         self.sid = sid
+        self.cookie = cookie
         self.set_cookies = []
 
     def call(self, method, path, **kw):
         headers = kw.pop("headers", {})
         if self.sid:
-            headers["Cookie"] = f"{COOKIE}={self.sid}"
+            headers["Cookie"] = f"{self.cookie}={self.sid}"
         resp = self.client.open(path, method=method, headers=headers, **kw)
         self.set_cookies = resp.headers.getlist("Set-Cookie")
         for h in self.set_cookies:
             name, _, rest = h.partition("=")
-            if name == COOKIE:
+            if name == self.cookie:
                 self.sid = rest.split(";", 1)[0] or None
         return resp
 
@@ -166,7 +176,7 @@ def test_first_data_creates_session_and_sets_cookie(app, rpc, client):
     assert len(tab.set_cookies) == 1
     assert tab.set_cookies[0] == f"{COOKIE}={tab.sid}{SET_COOKIE_SUFFIX}"
     s = client.get(tab.sid, peek=True)
-    assert s.attributes == {"theme": b"dark", "name": "Zoë".encode("utf-8")}  # str -> UTF-8
+    assert s.attributes == stored(theme="dark", name="Zoë")  # each value as JSON
     assert s.version == 1 and s.user_id == ""
     assert s.client_ip == "127.0.0.1" and s.client_user_agent == "ua/1"
     assert tab.call("GET", "/read").json["data"] == {"theme": "dark", "name": "Zoë"}
@@ -199,7 +209,7 @@ def test_one_update_per_changing_request_and_version_plus_one(app, rpc, client):
     assert rpc.calls == Counter(Get=1, Update=1)
     s = client.get(tab.sid, peek=True)
     assert s.version == v + 2
-    assert s.attributes == {"keep": b"yes", "b": b"2", "c": b"3"}
+    assert s.attributes == stored(keep="yes", b="2", c="3")
     assert tab.set_cookies == []  # same ID: the cookie is not re-sent
 
 
@@ -230,12 +240,7 @@ def test_interleaved_requests_keep_each_others_keys(app, client, gates):
     assert not t.is_alive() and not errors
 
     s = client.get(tab.sid, peek=True)
-    assert s.attributes == {
-        "keep": b"yes",
-        "shared": b"from-fast",
-        "fast": b"1",
-        "slow": b"from-slow",
-    }
+    assert s.attributes == stored(keep="yes", shared="from-fast", fast="1", slow="from-slow")
     assert s.version == v + 2  # one per changing request
 
 
@@ -250,7 +255,7 @@ def test_regenerate_on_login(app, client):
         client.get(old)
     s = client.get(new, peek=True)
     assert s.user_id == "alice"
-    assert s.attributes == {"cart": b"apple", "pending": b"written-after-regenerate"}
+    assert s.attributes == stored(cart="apple", pending="written-after-regenerate")
     assert tab.call("GET", "/read").json["user"] == "alice"
     # The old cookie is dead for the app too, and a late answer to it leaves the cookie alone.
     stale = Tab(app, old)
@@ -262,7 +267,7 @@ def test_login_without_session_creates_bound_session(app, client):
     tab = Tab(app)
     tab.call("POST", "/login/dave")
     s = client.get(tab.sid, peek=True)
-    assert s.user_id == "dave" and s.attributes == {"pending": b"written-after-regenerate"}
+    assert s.user_id == "dave" and s.attributes == stored(pending="written-after-regenerate")
 
 
 def test_destroy_clears_cookie(app, client):
@@ -301,7 +306,7 @@ def test_gone_cookie_is_left_alone_and_new_data_starts_fresh(app, client):
     tab.sid = dead
     tab.call("POST", "/set", json={"new": "y"})
     assert tab.sid and tab.sid != dead
-    assert client.get(tab.sid, peek=True).attributes == {"new": b"y"}
+    assert client.get(tab.sid, peek=True).attributes == stored(new="y")
 
 
 def test_late_request_with_the_pre_login_cookie_leaves_the_new_one_alone(app, client):
@@ -326,7 +331,7 @@ def test_writes_to_a_session_ended_during_the_request_start_a_new_one(app, clien
     assert tab.call("POST", "/end-then-set/late").status_code == 200
     assert tab.sid and tab.sid != ended
     assert tab.set_cookies == [f"{COOKIE}={tab.sid}{SET_COOKIE_SUFFIX}"]
-    assert client.get(tab.sid, peek=True).attributes == {"late": b"written-after-the-end"}
+    assert client.get(tab.sid, peek=True).attributes == stored(late="written-after-the-end")
 
 
 def test_malformed_cookie_counts_as_gone(app, rpc):
@@ -337,10 +342,10 @@ def test_malformed_cookie_counts_as_gone(app, rpc):
     assert sum(rpc.calls.values()) == 0
 
 
-def test_non_str_values_are_refused(app):
+def test_values_json_cannot_encode_are_refused(app):
     app.testing = True  # let the TypeError through the test client
     try:
-        with pytest.raises(TypeError, match="sessiond stores str or bytes"):
+        with pytest.raises(TypeError, match=r"session\['n'\]: object is not serializable to JSON"):
             Tab(app).call("POST", "/bad-value")
     finally:
         app.testing = False

@@ -12,8 +12,11 @@ import pytest
 from conftest import TENANT_MAX_SESSIONS_PER_USER, TENANT_TOKEN, start_storefront
 from sessiond_client import NotFound
 
-SET_COOKIE_SUFFIX = "; Path=/; HttpOnly; Secure; SameSite=Lax"
-CLEAR_COOKIE = "__Host-sid=; Path=/; Max-Age=0; HttpOnly; Secure; SameSite=Lax"
+SET_COOKIE_SUFFIX = "; Secure; HttpOnly; Path=/; SameSite=Lax"
+CLEAR_COOKIE = (
+    "__Host-sid=; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0; Secure; HttpOnly; Path=/;"
+    " SameSite=Lax"
+)
 EXPIRED = {"error": "session expired"}
 
 ENDPOINTS = [
