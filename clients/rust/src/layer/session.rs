@@ -1,209 +1,73 @@
-//! Sessions for axum (any tower service over `http`), kept in sessiond.
-//!
-//! [`SessiondLayer`] reads the session cookie of each request and puts a [`Session`] handle in
-//! its extensions; handlers take it as an extractor. The session is loaded lazily, on the
-//! first read, with a sliding `Get`: a request that only reads needs no write-back. Changed
-//! keys are collected during the request and written back after the handler as one partial
-//! `Update` (never the whole session). A write-back that fails turns the response into a 503,
-//! so no handler's "done" is a lie; writes whose session has ended meanwhile start a new
-//! session that carries them, as a request without a session does.
-//!
-//! The cookie is touched only when this response knows better than the browser:
-//! - a new ID (a session created for the request's writes, or regenerated) is sent;
-//! - a session the cookie named, live when this request used it, that the handler ended
-//!   (`destroy`, `destroy_all_for_user`) is cleared;
-//! - a cookie that names a dead session is left alone. Such a request is often a late one
-//!   from before a login in another tab, and the browser may already hold that login's new
-//!   cookie: clearing or replacing "the" cookie would delete it and log the user out.
-//!
-//! The ergonomics follow tower-sessions. Its `SessionStore` trait cannot be implemented
-//! faithfully on sessiond: its IDs are client-generated `i128`s, and sessiond never accepts an
-//! ID it did not generate (that is what makes session fixation through the store impossible).
-//!
-//! ```no_run
-//! use axum::{http::StatusCode, routing::post, Router};
-//! use sessiond_client::{layer::Session, SessionClient, SessiondLayer};
-//!
-//! async fn login(session: Session) -> Result<&'static str, StatusCode> {
-//!     // A new ID bound to the user, the old one dead, the cookie replaced, the cart kept.
-//!     session
-//!         .regenerate(Some("alice"))
-//!         .await
-//!         .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-//!     Ok("welcome")
-//! }
-//!
-//! # async fn app() -> Result<(), sessiond_client::Error> {
-//! let client = SessionClient::connect("http://127.0.0.1:7420").await?;
-//! let app: Router = Router::new()
-//!     .route("/login", post(login))
-//!     .layer(SessiondLayer::new(client));
-//! # Ok(()) }
-//! ```
+//! One request's session: the [`Session`] extractor, its lazy load, the writes it collects and
+//! their write-back after the handler, and what the response does to the cookie.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::FromRequestParts;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use cookie::{Cookie, SameSite};
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::sync::Mutex;
-use tower::{Layer, Service};
 
+use super::codec::{Codec, CodecError, Json};
+use super::Shared;
 use crate::{Error, NewSession, SessionClient};
-
-/// The default cookie: `__Host-` pins it to this host, path `/` and `Secure`.
-pub const DEFAULT_COOKIE: &str = "__Host-sid";
 
 /// Compare-and-set attempts [`Session::modify`] makes before giving up with the conflict.
 const MAX_CAS_ATTEMPTS: usize = 32;
 
-/// The layer. See the module docs.
-#[derive(Clone)]
-pub struct SessiondLayer {
-    shared: Arc<Shared>,
+/// What a [`Session`] call can fail with: sessiond's answer, or a value the codec could not
+/// turn into bytes or back. Messages name the attribute key, never the session ID.
+///
+/// As an axum response (`IntoResponse`), it is a 503 when sessiond could not be used and a
+/// 500 otherwise, with a short body that gives nothing away; log the error itself if you
+/// need the detail.
+///
+/// ```no_run
+/// use sessiond_client::layer::{Session, SessionError};
+///
+/// async fn handler(session: Session) -> Result<String, SessionError> {
+///     match session.get::<u32>("visits").await {
+///         Err(SessionError::Decode { key, .. }) => Ok(format!("{key} holds something else")),
+///         other => Ok(format!("{:?}", other?)),
+///     }
+/// }
+/// ```
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// sessiond refused the call or could not be reached.
+    #[error(transparent)]
+    Store(#[from] Error),
+    /// The stored value of `key` is not what the caller asked for (another type, another
+    /// codec, or bytes written raw).
+    #[error("session value {key:?} does not decode: {source}")]
+    Decode {
+        /// The attribute.
+        key: String,
+        /// The codec's reason.
+        source: CodecError,
+    },
+    /// The value for `key` cannot be encoded (for JSON: a map whose keys are not strings).
+    #[error("session value {key:?} does not encode: {source}")]
+    Encode {
+        /// The attribute.
+        key: String,
+        /// The codec's reason.
+        source: CodecError,
+    },
 }
 
-#[derive(Clone)]
-struct Shared {
-    client: SessionClient,
-    cookie_name: String,
-    secure: bool,
-    idle_timeout: Option<Duration>,
-}
-
-impl SessiondLayer {
-    /// Sessions in sessiond through `client`, in the cookie [`DEFAULT_COOKIE`].
-    pub fn new(client: SessionClient) -> Self {
-        SessiondLayer {
-            shared: Arc::new(Shared {
-                client,
-                cookie_name: DEFAULT_COOKIE.into(),
-                secure: true,
-                idle_timeout: None,
-            }),
-        }
-    }
-
-    fn with(self, f: impl FnOnce(&mut Shared)) -> Self {
-        let mut shared = Arc::unwrap_or_clone(self.shared);
-        f(&mut shared);
-        SessiondLayer {
-            shared: Arc::new(shared),
-        }
-    }
-
-    /// Another cookie name (a `__Host-` name needs `secure`).
-    pub fn with_cookie_name(self, name: impl Into<String>) -> Self {
-        let name = name.into();
-        self.with(|s| s.cookie_name = name)
-    }
-
-    /// Whether the cookie is `Secure` (default true; turn off only for plain-HTTP development,
-    /// with a cookie name without the `__Host-` prefix).
-    pub fn with_secure(self, secure: bool) -> Self {
-        self.with(|s| s.secure = secure)
-    }
-
-    /// The idle timeout new sessions ask for (the server's default otherwise).
-    pub fn with_idle_timeout(self, idle: Duration) -> Self {
-        self.with(|s| s.idle_timeout = Some(idle))
-    }
-}
-
-impl<S> Layer<S> for SessiondLayer {
-    type Service = SessiondService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        SessiondService {
-            inner,
-            shared: self.shared.clone(),
-        }
-    }
-}
-
-/// The service [`SessiondLayer`] wraps.
-#[derive(Clone)]
-pub struct SessiondService<S> {
-    inner: S,
-    shared: Arc<Shared>,
-}
-
-impl<S, B, ResBody> Service<Request<B>> for SessiondService<S>
-where
-    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = Response<ResBody>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let shared = self.shared.clone();
-        let cookie_id = req
-            .headers()
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(Cookie::split_parse)
-            .filter_map(Result::ok)
-            .find(|c| c.name() == shared.cookie_name)
-            .map(|c| c.value().to_string())
-            .filter(|v| !v.is_empty());
-        let ip = req
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip().to_string())
-            .unwrap_or_default();
-        let user_agent = req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let session = Session {
-            shared: shared.clone(),
-            state: Arc::new(Mutex::new(State {
-                cookie_id,
-                ip,
-                user_agent,
-                ..State::default()
-            })),
-        };
-        req.extensions_mut().insert(session.clone());
-        // The usual tower dance: the clone that was polled ready is the one that is called.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let mut res = inner.call(req).await?;
-            match session.finish().await {
-                Ok(Some(cookie)) => {
-                    if let Ok(v) = HeaderValue::from_str(&cookie) {
-                        res.headers_mut().append(header::SET_COOKIE, v);
-                    }
-                }
-                Ok(None) => {}
-                Err(_) => {
-                    // The handler's changes did not reach the store: say so.
-                    let mut failed = Response::new(ResBody::default());
-                    *failed.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                    return Ok(failed);
-                }
+impl IntoResponse for SessionError {
+    fn into_response(self) -> Response {
+        match self {
+            SessionError::Store(Error::Unavailable(_) | Error::ResourceExhausted(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "session store unavailable").into_response()
             }
-            Ok(res)
-        })
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "session error").into_response(),
+        }
     }
 }
 
@@ -244,28 +108,68 @@ impl State {
     }
 }
 
-/// One request's session. Take it as an extractor in handlers under [`SessiondLayer`].
-#[derive(Clone)]
-pub struct Session {
-    shared: Arc<Shared>,
+/// One request's session. Take it as an extractor in handlers under
+/// [`SessiondLayer`](super::SessiondLayer); `C` is the layer's [`Codec`]. Clones share the
+/// request's state.
+///
+/// Without the layer on the route (or with another codec), extracting it is a 500 that says
+/// so.
+///
+/// ```no_run
+/// use sessiond_client::layer::{Session, SessionError};
+///
+/// async fn visits(session: Session) -> Result<String, SessionError> {
+///     let n = session.get::<u64>("visits").await?.unwrap_or(0) + 1;
+///     session.insert("visits", &n).await?;
+///     Ok(format!("visit {n}"))
+/// }
+/// ```
+pub struct Session<C = Json> {
+    shared: Arc<Shared<C>>,
     state: Arc<Mutex<State>>,
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Session {
+impl<C> Clone for Session<C> {
+    fn clone(&self) -> Self {
+        Session {
+            shared: self.shared.clone(),
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<S: Send + Sync, C: Codec> FromRequestParts<S> for Session<C> {
     type Rejection = (StatusCode, &'static str);
 
     async fn from_request_parts(
         parts: &mut http::request::Parts,
         _: &S,
     ) -> Result<Self, Self::Rejection> {
-        parts.extensions.get::<Session>().cloned().ok_or((
+        parts.extensions.get::<Session<C>>().cloned().ok_or((
             StatusCode::INTERNAL_SERVER_ERROR,
-            "SessiondLayer is not installed on this route",
+            "SessiondLayer with this codec is not installed on this route",
         ))
     }
 }
 
-impl Session {
+impl<C: Codec> Session<C> {
+    pub(super) fn new(
+        shared: Arc<Shared<C>>,
+        cookie_id: Option<String>,
+        ip: String,
+        user_agent: String,
+    ) -> Self {
+        Session {
+            shared,
+            state: Arc::new(Mutex::new(State {
+                cookie_id,
+                ip,
+                user_agent,
+                ..State::default()
+            })),
+        }
+    }
+
     /// The client the layer uses, for calls beyond this session (listing a user's devices).
     pub fn client(&self) -> &SessionClient {
         &self.shared.client
@@ -330,13 +234,91 @@ impl Session {
         Ok(all)
     }
 
-    /// One attribute.
-    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, Error> {
-        Ok(self.attributes().await?.remove(key))
+    /// The value of `key`, decoded with the layer's codec; `None` when the session has no
+    /// such key (or there is no session). A value that does not decode as `T` is
+    /// [`SessionError::Decode`], naming the key.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::layer::SessionError> {
+    /// #[derive(serde::Deserialize)]
+    /// struct Cart { items: Vec<String> }
+    ///
+    /// let cart: Option<Cart> = session.get("cart").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
+        match self.get_raw(key).await? {
+            None => Ok(None),
+            Some(bytes) => self
+                .shared
+                .codec
+                .decode(&bytes)
+                .map(Some)
+                .map_err(|source| SessionError::Decode {
+                    key: key.to_string(),
+                    source,
+                }),
+        }
     }
 
-    /// Sets an attribute; written back after the handler, with the request's other changes.
-    pub async fn insert(&self, key: impl Into<String>, value: impl Into<Bytes>) {
+    /// Sets `key` to `value`, encoded with the layer's codec now and written back after the
+    /// handler, with the request's other changes. A value the codec cannot encode is
+    /// [`SessionError::Encode`], and nothing is set.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::layer::SessionError> {
+    /// #[derive(serde::Serialize)]
+    /// struct Cart { items: Vec<String> }
+    ///
+    /// session.insert("cart", &Cart { items: vec!["apple".into()] }).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn insert<T: Serialize + ?Sized>(
+        &self,
+        key: impl Into<String>,
+        value: &T,
+    ) -> Result<(), SessionError> {
+        let key = key.into();
+        match self.shared.codec.encode(value) {
+            Ok(bytes) => {
+                self.insert_raw(key, bytes).await;
+                Ok(())
+            }
+            Err(source) => Err(SessionError::Encode { key, source }),
+        }
+    }
+
+    /// The bytes of `key` as stored, without the codec.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::Error> {
+    /// let theme = session.get_raw("theme").await?; // Option<Bytes>
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_raw(&self, key: &str) -> Result<Option<Bytes>, Error> {
+        let mut st = self.state.lock().await;
+        if let Some(v) = st.set.get(key) {
+            return Ok(Some(v.clone()));
+        }
+        if st.remove.contains(key) {
+            return Ok(None);
+        }
+        self.load(&mut st).await?;
+        Ok(st
+            .current
+            .as_ref()
+            .and_then(|s| s.attributes.get(key).cloned()))
+    }
+
+    /// Sets `key` to these bytes as they are, without the codec; written back after the
+    /// handler.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) {
+    /// session.insert_raw("theme", "dark").await;
+    /// # }
+    /// ```
+    pub async fn insert_raw(&self, key: impl Into<String>, value: impl Into<Bytes>) {
         let mut st = self.state.lock().await;
         let key = key.into();
         st.remove.remove(&key);
@@ -344,6 +326,12 @@ impl Session {
     }
 
     /// Removes an attribute; written back after the handler.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) {
+    /// session.remove("cart").await;
+    /// # }
+    /// ```
     pub async fn remove(&self, key: &str) {
         let mut st = self.state.lock().await;
         st.set.remove(key);
@@ -404,6 +392,7 @@ impl Session {
             user_id: user.map(str::to_string),
             attributes: st.set.clone(),
             idle_timeout: self.shared.idle_timeout,
+            absolute_timeout: self.shared.absolute_timeout,
             ip: st.ip.clone(),
             user_agent: st.user_agent.clone(),
             ..NewSession::default()
@@ -496,7 +485,7 @@ impl Session {
     }
 
     /// After the handler: writes back, and says what `Set-Cookie` to send, if any.
-    async fn finish(&self) -> Result<Option<String>, Error> {
+    pub(super) async fn finish(&self) -> Result<Option<String>, Error> {
         let mut st = self.state.lock().await;
         if !st.set.is_empty() || !st.remove.is_empty() {
             self.load(&mut st).await?;
@@ -517,27 +506,20 @@ impl Session {
                 self.create(&mut st, None).await?;
             }
         }
+        let cookie = &self.shared.cookie;
         Ok(match &st.current {
-            Some(s) if st.new_id => Some(self.cookie(Some(&s.id))),
-            None if st.clear_cookie => Some(self.cookie(None)),
+            // A new ID, or (persistent) the live session this request used and slid: every
+            // call that sets `current` (Get, Update, Regenerate, Create) moved its expiry.
+            Some(s) if st.new_id || cookie.persistent => {
+                let max_age = cookie.persistent.then(|| {
+                    s.expires_at
+                        .duration_since(s.last_access_at)
+                        .unwrap_or_default()
+                });
+                Some(cookie.set(&s.id, max_age))
+            }
+            None if st.clear_cookie => Some(cookie.clear()),
             _ => None,
         })
-    }
-
-    /// The `Set-Cookie` value carrying `id`, or clearing the cookie.
-    fn cookie(&self, id: Option<&str>) -> String {
-        let mut c = Cookie::build((
-            self.shared.cookie_name.clone(),
-            id.unwrap_or_default().to_string(),
-        ))
-        .path("/")
-        .http_only(true)
-        .secure(self.shared.secure)
-        .same_site(SameSite::Lax)
-        .build();
-        if id.is_none() {
-            c.make_removal();
-        }
-        c.to_string()
     }
 }
