@@ -1,6 +1,6 @@
 //! `SessiondLayer` in an axum app against a real sessiond on an ephemeral loopback port: what
 //! it does to the cookie (and each cookie option's `Set-Cookie`), that no handler's write is
-//! dropped when its session is gone, typed values and per-session timeouts.
+//! dropped when its session is gone, typed values, per-session timeouts, and the login example.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -301,6 +301,11 @@ async fn a_login_whose_session_ended_during_the_request_starts_one_for_the_user(
     assert_eq!(s.text("pending"), Some("from-login"));
     d.stop().await.unwrap();
 }
+
+/// The login example itself (its `main` is not used here).
+#[path = "../examples/login.rs"]
+#[allow(dead_code)]
+mod login;
 
 /// A response's status, `Set-Cookie` values and body.
 struct Reply {
@@ -675,5 +680,60 @@ async fn per_session_timeouts_reach_the_server() {
     );
     let lifetime = s.absolute_expires_at.unwrap().seconds - s.created_at.unwrap().seconds;
     assert_eq!(lifetime, 7200);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_login_example_regenerates_binds_and_rejects_anonymous_requests() {
+    let d = daemon().await;
+    let client = SessionClient::connect(&d.grpc_addr.to_string())
+        .await
+        .unwrap();
+    let app = login::app(client.clone());
+    let jar = |id: &str| Some(format!("{DEFAULT_COOKIE}={id}"));
+    let alice = Some(r#"{"user":"alice","password":"wonderland"}"#);
+
+    // No session, then an anonymous one: 401 from the extractor.
+    let r = send(&app, "GET", "/me", None, None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = send(&app, "POST", "/cart/apple", None, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let anon = only_cookie(&r).value().to_string();
+    let r = send(&app, "GET", "/me", jar(&anon), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.set_cookie.is_empty());
+    let r = send(&app, "POST", "/logout", jar(&anon), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(client.peek(&anon).await.is_ok(), "logout needs a login");
+
+    // Wrong password: nothing changes.
+    let wrong = Some(r#"{"user":"alice","password":"nope"}"#);
+    let r = send(&app, "POST", "/login", jar(&anon), wrong).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.set_cookie.is_empty());
+    assert_eq!(client.peek(&anon).await.unwrap().user_id, None);
+
+    // Login: a new ID bound to alice, the old one dead, the cart carried.
+    let r = send(&app, "POST", "/login", jar(&anon), alice).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let id = only_cookie(&r).value().to_string();
+    assert_ne!(id, anon);
+    assert_eq!(client.peek(&anon).await, Err(Error::NotFound));
+    assert_eq!(
+        client.peek(&id).await.unwrap().user_id.as_deref(),
+        Some("alice")
+    );
+    let r = send(&app, "GET", "/me", jar(&id), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, r#"{"user":"alice","cart":{"items":["apple"]}}"#);
+    let r = send(&app, "GET", "/me", jar(&anon), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "the pre-login ID");
+
+    // Logout: the session ends, the cookie is cleared, and /me is 401 again.
+    let r = send(&app, "POST", "/logout", jar(&id), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(only_cookie(&r).value(), "");
+    let r = send(&app, "GET", "/me", jar(&id), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     d.stop().await.unwrap();
 }
