@@ -75,6 +75,13 @@ pub use session::{Session, SessionError};
 use crate::SessionClient;
 
 /// The default cookie name: `__Host-` pins the cookie to this host, `Path=/` and `Secure`.
+///
+/// ```
+/// use sessiond_client::layer::DEFAULT_COOKIE;
+/// // What a test client sends to name a session:
+/// let header = format!("{DEFAULT_COOKIE}=ID");
+/// assert!(header.starts_with("__Host-sid="));
+/// ```
 pub const DEFAULT_COOKIE: &str = "__Host-sid";
 
 /// Sessions in sessiond for every request under it: see the module docs.
@@ -156,6 +163,16 @@ impl<S, C: Codec> Layer<S> for SessiondLayer<C> {
 }
 
 /// The service [`SessiondLayer`] wraps around the app; made by the layer, never by hand.
+///
+/// ```no_run
+/// use axum::Router;
+/// use sessiond_client::{layer::SessiondService, SessionClient, SessiondLayer};
+/// use tower::Layer;
+///
+/// # async fn f(client: SessionClient) {
+/// let service: SessiondService<Router> = SessiondLayer::new(client).layer(Router::new());
+/// # }
+/// ```
 pub struct SessiondService<S, C = Json> {
     inner: S,
     shared: Arc<Shared<C>>,

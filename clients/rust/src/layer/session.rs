@@ -171,6 +171,14 @@ impl<C: Codec> Session<C> {
     }
 
     /// The client the layer uses, for calls beyond this session (listing a user's devices).
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::Error> {
+    /// if let Some(user) = session.user().await? {
+    ///     let devices = session.client().list_user_sessions(&user).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn client(&self) -> &SessionClient {
         &self.shared.client
     }
@@ -200,6 +208,14 @@ impl<C: Codec> Session<C> {
     /// Whether the request's cookie named a session that has expired or been ended: the
     /// answer to give is 401. The layer leaves the cookie alone (see the module docs); a
     /// handler that writes anyway gets a new session and its cookie.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::Error> {
+    /// if session.is_gone().await? {
+    ///     // answer 401: "your session has expired"
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn is_gone(&self) -> Result<bool, Error> {
         let mut st = self.state.lock().await;
         self.load(&mut st).await?;
@@ -207,6 +223,13 @@ impl<C: Codec> Session<C> {
     }
 
     /// The session's ID, if it has one.
+    /// The session's ID, if it has one. Never log it: it is the user's credential.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::Error> {
+    /// let me = session.id().await?; // to mark "this device" in a list of sessions
+    /// # Ok(()) }
+    /// ```
     pub async fn id(&self) -> Result<Option<String>, Error> {
         let mut st = self.state.lock().await;
         self.load(&mut st).await?;
@@ -214,6 +237,12 @@ impl<C: Codec> Session<C> {
     }
 
     /// The logged-in user, if any.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::Error> {
+    /// let who = session.user().await?.unwrap_or_else(|| "guest".into());
+    /// # Ok(()) }
+    /// ```
     pub async fn user(&self) -> Result<Option<String>, Error> {
         let mut st = self.state.lock().await;
         self.load(&mut st).await?;
@@ -221,6 +250,12 @@ impl<C: Codec> Session<C> {
     }
 
     /// Every attribute, this request's unsent writes included.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::Error> {
+    /// let keys: Vec<String> = session.attributes().await?.into_keys().collect();
+    /// # Ok(()) }
+    /// ```
     pub async fn attributes(&self) -> Result<HashMap<String, Bytes>, Error> {
         let mut st = self.state.lock().await;
         self.load(&mut st).await?;
@@ -342,6 +377,22 @@ impl<C: Codec> Session<C> {
     /// attributes and returns what to set and remove; it is re-run on a fresh read whenever
     /// another request changed the session in between (compare-and-set on its version).
     /// Creates the session first if there is none.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::Error> {
+    /// use bytes::Bytes;
+    /// // Two tabs adding at once both count: a lost race re-runs the closure.
+    /// let s = session
+    ///     .modify(|now| {
+    ///         let n: u64 = now
+    ///             .get("cart:apple")
+    ///             .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+    ///             .unwrap_or(0);
+    ///         (vec![("cart:apple".to_string(), Bytes::from((n + 1).to_string()))], vec![])
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn modify<F>(&self, f: F) -> Result<crate::Session, Error>
     where
         F: Fn(&HashMap<String, Bytes>) -> (Vec<(String, Bytes)>, Vec<String>),
@@ -410,6 +461,14 @@ impl<C: Codec> Session<C> {
     /// once), bound to `user`, keeping its data and this request's writes; the cookie is
     /// replaced. Without a live session (none, or one that ended meanwhile), starts one for
     /// `user` with this request's writes.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::Error> {
+    /// // After checking the credentials:
+    /// let s = session.regenerate(Some("alice")).await?;
+    /// assert_eq!(s.user_id.as_deref(), Some("alice"));
+    /// # Ok(()) }
+    /// ```
     pub async fn regenerate(&self, user: Option<&str>) -> Result<crate::Session, Error> {
         let mut st = self.state.lock().await;
         self.load(&mut st).await?;
@@ -435,6 +494,12 @@ impl<C: Codec> Session<C> {
 
     /// Logout: ends this session. The cookie is cleared if it named the session and the
     /// session was still live; a cookie that already named a dead session is left alone.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::Error> {
+    /// session.destroy().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn destroy(&self) -> Result<(), Error> {
         let mut st = self.state.lock().await;
         let target = match &st.current {
@@ -453,6 +518,14 @@ impl<C: Codec> Session<C> {
 
     /// "Log out all my devices": ends every session of this session's user, this one
     /// included; `None` when nobody is logged in.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::Error> {
+    /// if let Some(n) = session.destroy_all_for_user().await? {
+    ///     println!("ended {n} sessions");
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn destroy_all_for_user(&self) -> Result<Option<u32>, Error> {
         let mut st = self.state.lock().await;
         self.load(&mut st).await?;
