@@ -65,15 +65,21 @@ struct Credentials {
     password: String,
 }
 
-/// Anyone may fill a cart; it is carried into the account at login.
+/// Anyone may fill a cart; it is carried into the account at login. A compare-and-set on
+/// the cart (`modify_value`), so two tabs adding at once both count; a value only this
+/// request writes would take `get` and `insert`.
 async fn add_to_cart(
     session: Session,
     Path(item): Path<String>,
 ) -> Result<Json<Cart>, SessionError> {
-    let mut cart: Cart = session.get("cart").await?.unwrap_or_default();
-    cart.items.push(item);
-    session.insert("cart", &cart).await?;
-    Ok(Json(cart))
+    let cart = session
+        .modify_value("cart", |cart: Option<Cart>| {
+            let mut cart = cart.unwrap_or_default();
+            cart.items.push(item.clone());
+            Some(cart)
+        })
+        .await?;
+    Ok(Json(cart.unwrap_or_default()))
 }
 
 /// Checks the credentials, then regenerates: the pre-login ID dies at once (so an ID planted

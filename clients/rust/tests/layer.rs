@@ -737,3 +737,54 @@ async fn the_login_example_regenerates_binds_and_rejects_anonymous_requests() {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     d.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn concurrent_typed_modifies_lose_no_add() {
+    let d = daemon().await;
+    let client = SessionClient::connect(&d.grpc_addr.to_string())
+        .await
+        .unwrap();
+    let app = login::app(client.clone());
+    let r = send(&app, "POST", "/cart/first", None, None).await;
+    let id = only_cookie(&r).value().to_string();
+
+    // Eight tabs add at once; each add is a compare-and-set on the typed cart.
+    let mut tabs = tokio::task::JoinSet::new();
+    for tab in 0..8 {
+        let (app, jar) = (app.clone(), Some(format!("{DEFAULT_COOKIE}={id}")));
+        tabs.spawn(async move {
+            send(&app, "POST", &format!("/cart/tab{tab}"), jar, None)
+                .await
+                .status
+        });
+    }
+    while let Some(status) = tabs.join_next().await {
+        assert_eq!(status.unwrap(), StatusCode::OK);
+    }
+    let stored = client.peek(&id).await.unwrap();
+    let cart: login::Cart = serde_json::from_slice(&stored.attributes["cart"]).unwrap();
+    let mut items = cart.items;
+    items.sort();
+    let mut want: Vec<String> = (0..8).map(|t| format!("tab{t}")).collect();
+    want.insert(0, "first".into());
+    want.sort();
+    assert_eq!(items, want);
+
+    // A value that does not decode stops the change before anything is written.
+    let before = client.peek(&id).await.unwrap().version;
+    client
+        .update(&id, [("cart", "not json")], [] as [&str; 0], None)
+        .await
+        .unwrap();
+    let r = send(
+        &app,
+        "POST",
+        "/cart/more",
+        Some(format!("{DEFAULT_COOKIE}={id}")),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(client.peek(&id).await.unwrap().version, before + 1);
+    d.stop().await.unwrap();
+}

@@ -2,6 +2,7 @@
 //! their write-back after the handler, and what the response does to the cookie.
 
 use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
@@ -397,6 +398,68 @@ impl<C: Codec> Session<C> {
     where
         F: Fn(&HashMap<String, Bytes>) -> (Vec<(String, Bytes)>, Vec<String>),
     {
+        let Ok(s) = self.cas(|now| Ok::<_, Infallible>(f(now))).await?;
+        Ok(s)
+    }
+
+    /// Changes the value of `key` now, atomically against concurrent requests, through the
+    /// layer's codec: `f` gets the current value (`None` when absent) and returns the new one
+    /// (`None` removes the key). Like [`modify`](Session::modify), it is re-run on a fresh
+    /// read whenever another request changed the session in between, so two tabs adding to
+    /// one cart at once both count. Returns what `f` returned last. A current value that does
+    /// not decode is [`SessionError::Decode`], and nothing is written.
+    ///
+    /// ```no_run
+    /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::layer::SessionError> {
+    /// let cart = session
+    ///     .modify_value("cart", |cart: Option<Vec<String>>| {
+    ///         let mut cart = cart.unwrap_or_default();
+    ///         cart.push("apple".into());
+    ///         Some(cart)
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn modify_value<T, F>(&self, key: &str, f: F) -> Result<Option<T>, SessionError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Fn(Option<T>) -> Option<T>,
+    {
+        let codec = &self.shared.codec;
+        let mut last = None;
+        let outcome = self
+            .cas(|now| {
+                let current = match now.get(key).map(|v| codec.decode::<T>(v)).transpose() {
+                    Ok(v) => v,
+                    Err(source) => {
+                        return Err(SessionError::Decode {
+                            key: key.to_string(),
+                            source,
+                        })
+                    }
+                };
+                last = f(current);
+                match &last {
+                    None => Ok((vec![], vec![key.to_string()])),
+                    Some(v) => match codec.encode(v) {
+                        Ok(bytes) => Ok((vec![(key.to_string(), bytes)], vec![])),
+                        Err(source) => Err(SessionError::Encode {
+                            key: key.to_string(),
+                            source,
+                        }),
+                    },
+                }
+            })
+            .await?;
+        outcome.map(|_| last)
+    }
+
+    /// The compare-and-set loop of [`modify`](Session::modify): `f` may refuse (its error is
+    /// returned inside, and nothing is written).
+    async fn cas<E, F>(&self, mut f: F) -> Result<Result<crate::Session, E>, Error>
+    where
+        F: FnMut(&HashMap<String, Bytes>) -> Result<(Vec<(String, Bytes)>, Vec<String>), E>,
+    {
         let mut st = self.state.lock().await;
         self.load(&mut st).await?;
         let id = match &st.current {
@@ -406,18 +469,20 @@ impl<C: Codec> Session<C> {
         let mut conflict = Error::Conflict { current_version: 0 };
         for _ in 0..MAX_CAS_ATTEMPTS {
             let attempt = match self.client().peek(&id).await {
-                Ok(now) => {
-                    let (set, remove) = f(&now.attributes);
-                    self.client()
-                        .update(&id, set, remove, Some(now.version))
-                        .await
-                }
+                Ok(now) => match f(&now.attributes) {
+                    Ok((set, remove)) => {
+                        self.client()
+                            .update(&id, set, remove, Some(now.version))
+                            .await
+                    }
+                    Err(refused) => return Ok(Err(refused)),
+                },
                 Err(e) => Err(e),
             };
             match attempt {
                 Ok(s) => {
                     st.current = Some(s.clone());
-                    return Ok(s);
+                    return Ok(Ok(s));
                 }
                 Err(e @ Error::Conflict { .. }) => conflict = e,
                 Err(Error::NotFound) => {
