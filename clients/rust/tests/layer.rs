@@ -788,3 +788,28 @@ async fn concurrent_typed_modifies_lose_no_add() {
     assert_eq!(client.peek(&id).await.unwrap().version, before + 1);
     d.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_malformed_cookie_names_no_session_instead_of_failing_every_request() {
+    let d = daemon().await;
+    let client = SessionClient::connect(&d.grpc_addr.to_string())
+        .await
+        .unwrap();
+    let app = app(client.clone());
+    for garbage in ["garbage", "a%20b", &"x".repeat(43)] {
+        let r = call(&app, "GET", "/read", Some(garbage)).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "gone=true\n"));
+        assert_eq!(r.cookie, CookieChange::Untouched);
+        let r = call(&app, "POST", "/logout", Some(garbage)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.cookie, CookieChange::Untouched);
+        // A write starts a session and replaces the cookie.
+        let r = call(&app, "POST", "/set/theme/dark", Some(garbage)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let CookieChange::Set(id) = r.cookie else {
+            panic!("{:?}", r.cookie)
+        };
+        assert_eq!(client.peek(&id).await.unwrap().text("theme"), Some("dark"));
+    }
+    d.stop().await.unwrap();
+}

@@ -184,7 +184,10 @@ impl<C: Codec> Session<C> {
         &self.shared.client
     }
 
-    /// Loads the cookie's session once (a sliding `Get`).
+    /// Loads the cookie's session once (a sliding `Get`). A cookie that is not a well-formed
+    /// ID (sessiond answers INVALID_ARGUMENT: a cookie from another app under the same name,
+    /// or tampered with) names no session, like a dead one; as an error it would fail every
+    /// request of that browser until the cookie expired.
     async fn load(&self, st: &mut State) -> Result<(), Error> {
         if st.loaded {
             return Ok(());
@@ -196,7 +199,7 @@ impl<C: Codec> Session<C> {
                     st.current = Some(s);
                     st.from_cookie = true;
                 }
-                Err(Error::NotFound) => st.gone = true,
+                Err(Error::NotFound | Error::InvalidArgument(_)) => st.gone = true,
                 Err(e) => {
                     st.loaded = false;
                     return Err(e);
@@ -573,8 +576,11 @@ impl<C: Codec> Session<C> {
             None => None,
         };
         if let Some((id, from_cookie)) = target {
-            if self.client().destroy(&id).await? && from_cookie {
-                st.clear_cookie = true;
+            match self.client().destroy(&id).await {
+                Ok(existed) => st.clear_cookie = existed && from_cookie,
+                // A malformed cookie (see `load`): there is nothing to end.
+                Err(Error::InvalidArgument(_)) if !st.loaded => {}
+                Err(e) => return Err(e),
             }
         }
         st.end();
