@@ -52,6 +52,7 @@
 
 mod codec;
 mod config;
+mod error;
 mod session;
 
 use std::future::Future;
@@ -70,7 +71,8 @@ pub use codec::{Codec, CodecError, Json};
 pub use config::{Builder, ConfigError};
 /// The cookie's `SameSite` attribute, for [`Builder::same_site`].
 pub use cookie::SameSite;
-pub use session::{Session, SessionError};
+pub use error::SessionError;
+pub use session::Session;
 
 use crate::SessionClient;
 
