@@ -8,8 +8,10 @@ use super::codec::CodecError;
 use crate::Error;
 
 /// What a [`Session`](super::Session) call can fail with: sessiond's answer, or a value the
-/// codec could not turn into bytes or back. Messages name the attribute key, never the
-/// session ID.
+/// codec could not turn into bytes or back. Messages name the attribute key and the type,
+/// never the session ID or a value: a codec's own message can quote the stored data (serde's
+/// "invalid type: string \"alice@example.com\"..."), so it is only the error's `source()`,
+/// for a caller that chooses to show it.
 ///
 /// As an axum response (`IntoResponse`), it is a 503 when sessiond could not be used and a
 /// 500 otherwise, with a short body that gives nothing away; log the error itself if you
@@ -32,19 +34,23 @@ pub enum SessionError {
     Store(#[from] Error),
     /// The stored value of `key` is not what the caller asked for (another type, another
     /// codec, or bytes written raw).
-    #[error("session value {key:?} does not decode: {source}")]
+    #[error("session value {key:?} does not decode as {type_name}")]
     Decode {
         /// The attribute.
         key: String,
-        /// The codec's reason.
+        /// The type asked for (`std::any::type_name`).
+        type_name: &'static str,
+        /// The codec's reason; it may quote the stored value.
         source: CodecError,
     },
     /// The value for `key` cannot be encoded (for JSON: a map whose keys are not strings).
-    #[error("session value {key:?} does not encode: {source}")]
+    #[error("session value {key:?} does not encode as {type_name}")]
     Encode {
         /// The attribute.
         key: String,
-        /// The codec's reason.
+        /// The value's type (`std::any::type_name`).
+        type_name: &'static str,
+        /// The codec's reason; it may quote the value.
         source: CodecError,
     },
 }

@@ -243,6 +243,7 @@ impl<C: Codec> Session<C> {
                 .map(Some)
                 .map_err(|source| SessionError::Decode {
                     key: key.to_string(),
+                    type_name: std::any::type_name::<T>(),
                     source,
                 }),
         }
@@ -271,7 +272,11 @@ impl<C: Codec> Session<C> {
                 self.insert_raw(key, bytes).await;
                 Ok(())
             }
-            Err(source) => Err(SessionError::Encode { key, source }),
+            Err(source) => Err(SessionError::Encode {
+                key,
+                type_name: std::any::type_name::<T>(),
+                source,
+            }),
         }
     }
 
@@ -385,6 +390,7 @@ impl<C: Codec> Session<C> {
                     Err(source) => {
                         return Err(SessionError::Decode {
                             key: key.to_string(),
+                            type_name: std::any::type_name::<T>(),
                             source,
                         })
                     }
@@ -396,6 +402,7 @@ impl<C: Codec> Session<C> {
                         Ok(bytes) => Ok((vec![(key.to_string(), bytes)], vec![])),
                         Err(source) => Err(SessionError::Encode {
                             key: key.to_string(),
+                            type_name: std::any::type_name::<T>(),
                             source,
                         }),
                     },
