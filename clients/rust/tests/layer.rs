@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use sessiond::clock::Clock;
 use sessiond::config::Config;
 use sessiond::server::Daemon;
-use sessiond_client::layer::{ConfigError, SameSite, Session, SessionError, DEFAULT_COOKIE};
+use sessiond_client::layer::{
+    Codec, CodecError, ConfigError, SameSite, Session, SessionError, DEFAULT_COOKIE,
+};
 use sessiond_client::{Error, SessionClient, SessiondLayer};
 use tower::ServiceExt;
 
@@ -833,5 +835,64 @@ async fn a_malformed_cookie_names_no_session_instead_of_failing_every_request() 
         };
         assert_eq!(client.peek(&id).await.unwrap().text("theme"), Some("dark"));
     }
+    d.stop().await.unwrap();
+}
+
+/// A codec of our own: JSON behind a version tag, as an app that may change formats would.
+#[derive(Clone, Default)]
+struct Tagged;
+
+impl Codec for Tagged {
+    fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<bytes::Bytes, CodecError> {
+        let mut out = b"v1:".to_vec();
+        out.extend(serde_json::to_vec(value)?);
+        Ok(out.into())
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
+        let json = bytes.strip_prefix(b"v1:").ok_or("no v1: tag")?;
+        Ok(serde_json::from_slice(json)?)
+    }
+}
+
+#[tokio::test]
+async fn a_codec_of_our_own_stores_the_values_and_types_the_extractor() {
+    let d = daemon().await;
+    let client = SessionClient::connect(&d.grpc_addr.to_string())
+        .await
+        .unwrap();
+    let layer = SessiondLayer::builder(client.clone())
+        .codec(Tagged)
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route(
+            "/count",
+            post(|s: Session<Tagged>| async move {
+                let n = s.get::<u32>("n").await?.unwrap_or(0) + 1;
+                s.insert("n", &n).await?;
+                Ok::<_, SessionError>(n.to_string())
+            }),
+        )
+        // The default-codec extractor under a Tagged layer is a mistake the app hears of.
+        .route("/json", get(|_: Session| async { "unreachable" }))
+        .layer(layer);
+
+    let r = send(&app, "POST", "/count", None, None).await;
+    let id = only_cookie(&r).value().to_string();
+    let r = send(
+        &app,
+        "POST",
+        "/count",
+        Some(format!("{DEFAULT_COOKIE}={id}")),
+        None,
+    )
+    .await;
+    assert_eq!(r.body, "2");
+    assert_eq!(client.peek(&id).await.unwrap().text("n"), Some("v1:2"));
+
+    let r = send(&app, "GET", "/json", None, None).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(r.body.contains("SessiondLayer"), "{}", r.body);
     d.stop().await.unwrap();
 }
