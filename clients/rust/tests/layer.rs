@@ -396,6 +396,13 @@ fn typed_app(client: SessionClient) -> Router {
             ),
         )
         .route(
+            "/debug",
+            get(|s: Session| async move {
+                let _ = s.id().await; // loaded, so the ID is in there to leak
+                format!("{s:?}")
+            }),
+        )
+        .route(
             "/unencodable",
             post(|s: Session| async move {
                 // JSON map keys must be strings.
@@ -439,6 +446,10 @@ async fn typed_values_round_trip_as_json() {
 
     let r = send(&app, "GET", "/cart", jar.clone(), None).await;
     assert_eq!(r.body, format!("{:?}", Some(&want)));
+    // Debug output names nothing of the session.
+    let r = send(&app, "GET", "/debug", jar.clone(), None).await;
+    assert_eq!(r.body, "Session { .. }");
+
     // A key the session does not have is None, not an error.
     let r = send(&app, "GET", "/cart", None, None).await;
     assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "None"));
@@ -590,6 +601,12 @@ async fn combinations_browsers_reject_are_refused_when_the_layer_is_built() {
         .await
         .unwrap();
     let b = || SessiondLayer::builder(client.clone());
+    let ok = b().cookie_name("sid").persistent(true).build().unwrap();
+    let debug = format!("{ok:?}");
+    assert!(
+        debug.contains(r#"name: "sid""#) && debug.contains("persistent: true"),
+        "{debug}"
+    );
     let err = b().domain("example.com").build().err().unwrap();
     assert!(matches!(err, ConfigError::HostPrefix { .. }), "{err}");
     assert_eq!(

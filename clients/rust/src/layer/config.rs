@@ -207,6 +207,16 @@ pub struct Builder<C = Json> {
     absolute_timeout: Option<Duration>,
 }
 
+impl<C> std::fmt::Debug for Builder<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("cookie", &self.cookie)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("absolute_timeout", &self.absolute_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Builder<Json> {
     pub(crate) fn new(client: SessionClient) -> Self {
         Builder {

@@ -103,6 +103,12 @@ pub struct SessiondLayer<C = Json> {
     shared: Arc<Shared<C>>,
 }
 
+impl<C> std::fmt::Debug for SessiondLayer<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.shared.fmt_fields(&mut f.debug_struct("SessiondLayer"))
+    }
+}
+
 impl<C> Clone for SessiondLayer<C> {
     fn clone(&self) -> Self {
         SessiondLayer {
@@ -119,6 +125,16 @@ struct Shared<C> {
     /// The timeouts new sessions ask for (the server's defaults when `None`).
     idle_timeout: Option<Duration>,
     absolute_timeout: Option<Duration>,
+}
+
+impl<C> Shared<C> {
+    /// The settings, for `Debug` (the client and codec print nothing useful).
+    fn fmt_fields(&self, d: &mut std::fmt::DebugStruct<'_, '_>) -> std::fmt::Result {
+        d.field("cookie", &self.cookie)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("absolute_timeout", &self.absolute_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SessiondLayer<Json> {
@@ -178,6 +194,13 @@ impl<S, C: Codec> Layer<S> for SessiondLayer<C> {
 pub struct SessiondService<S, C = Json> {
     inner: S,
     shared: Arc<Shared<C>>,
+}
+
+impl<S, C> std::fmt::Debug for SessiondService<S, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.shared
+            .fmt_fields(&mut f.debug_struct("SessiondService"))
+    }
 }
 
 impl<S: Clone, C> Clone for SessiondService<S, C> {

@@ -78,6 +78,13 @@ pub struct Session<C = Json> {
     state: Arc<Mutex<State>>,
 }
 
+/// Prints nothing of the session: its ID is the user's credential.
+impl<C> std::fmt::Debug for Session<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
 impl<C> Clone for Session<C> {
     fn clone(&self) -> Self {
         Session {
