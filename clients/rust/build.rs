@@ -1,8 +1,23 @@
 //! Compiles sessiond's API with protox (pure Rust): building needs only cargo.
+//!
+//! The crate carries its own copy of the API, `proto/sessiond/v1/session_store.proto`, so the
+//! published package builds on its own. In the repository the build reads the workspace's
+//! `proto/` instead, so a change to the API reaches the client at once; `tests/proto.rs`
+//! fails while the copy differs from it (refresh it with the `cp` that test names).
+
+use std::path::Path;
+
+/// The API, relative to a proto root.
+const API: &str = "sessiond/v1/session_store.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=../../proto");
-    let fds = protox::compile(["sessiond/v1/session_store.proto"], ["../../proto"])?;
+    let root = if Path::new("../../proto").join(API).exists() {
+        "../../proto"
+    } else {
+        "proto"
+    };
+    println!("cargo:rerun-if-changed={root}");
+    let fds = protox::compile([API], [root])?;
     tonic_prost_build::configure()
         .build_server(false)
         .bytes(".sessiond.v1")

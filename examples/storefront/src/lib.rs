@@ -28,26 +28,28 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sessiond_client::layer::Session;
+use sessiond_client::layer::{ConfigError, Session};
 use sessiond_client::{Error, SessionClient, SessiondLayer};
 
 /// The prefix of cart lines among the session's attributes.
 pub const CART_PREFIX: &str = "cart:";
 
-/// The storefront's routes over `client`; new sessions ask for `idle_timeout` if given.
-pub fn app(client: SessionClient, idle_timeout: Option<Duration>) -> Router {
-    let mut layer = SessiondLayer::new(client);
+/// The storefront's routes over `client`; new sessions ask for `idle_timeout` if given (a
+/// zero one is refused).
+pub fn app(client: SessionClient, idle_timeout: Option<Duration>) -> Result<Router, ConfigError> {
+    let mut layer = SessiondLayer::builder(client);
     if let Some(idle) = idle_timeout {
-        layer = layer.with_idle_timeout(idle);
+        layer = layer.idle_timeout(idle);
     }
-    Router::new()
+    let layer = layer.build()?;
+    Ok(Router::new()
         .route("/cart", get(view_cart))
         .route("/cart/items", post(add_to_cart))
         .route("/login", post(login))
         .route("/logout", post(logout))
         .route("/logout-all", post(logout_all))
         .route("/devices", get(devices))
-        .layer(layer)
+        .layer(layer))
 }
 
 /// A handler's failure, as an HTTP answer.

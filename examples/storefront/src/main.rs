@@ -28,7 +28,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(
         listener,
-        storefront::app(client, idle).into_make_service_with_connect_info::<SocketAddr>(),
+        storefront::app(client, idle)?.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .await?;
     Ok(())

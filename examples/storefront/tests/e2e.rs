@@ -35,7 +35,7 @@ async fn rust_storefront(sessiond: SocketAddr) -> String {
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = storefront::app(client, Some(IDLE));
+    let app = storefront::app(client, Some(IDLE)).unwrap();
     tokio::spawn(async move {
         axum::serve(
             listener,
