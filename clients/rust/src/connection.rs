@@ -79,7 +79,9 @@ pub(crate) fn endpoint(url: &str, options: &ClientOptions) -> Result<Endpoint, E
         if let Some(domain) = &options.domain {
             config = config.domain_name(domain);
         }
-        endpoint = endpoint.tls_config(config)?;
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| Error::InvalidArgument(format!("TLS settings: {e}")))?;
     }
     Ok(endpoint)
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sessiond::clock::Clock;
-use sessiond::config::Config;
+use sessiond::config::{ClusterConfig, Config};
 use sessiond::server::Daemon;
 use sessiond_client::{ClientOptions, Error, NewSession, SessionClient, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -369,4 +369,56 @@ async fn bad_options_and_addresses_are_named_without_connecting() {
         SessionClient::connect("127.0.0.1:7420,").await,
         Err(Error::InvalidArgument(m)) if m.contains("empty")
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_move_to_the_leader_a_reply_names() {
+    // A group of one that advertises its client address as a proxy's: every reply names
+    // the proxy as the leader, so a client given the node's own address moves there.
+    let listen = free_addr();
+    let proxy = Proxy::start(listen).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        listen,
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        cluster: Some(ClusterConfig {
+            peer_listen: "127.0.0.1:0".parse().unwrap(),
+            advertise_client: proxy.addr.to_string(),
+            bootstrap: true,
+            ..ClusterConfig::default()
+        }),
+        ..Config::default()
+    };
+    let d = Daemon::start(config, Clock::system()).await.unwrap();
+    let leader = format!("http://{}", proxy.addr);
+    for (transport, connections) in [(Transport::Pipelined, 1), (Transport::Unary, 1)] {
+        let before = proxy.accepted();
+        let c = SessionClient::connect_with(
+            &listen.to_string(),
+            ClientOptions {
+                transport,
+                ..options(connections)
+            },
+        )
+        .await
+        .unwrap();
+        let new = NewSession::default().idempotency_key(format!("leader-{transport:?}"));
+        // The group of one may still be electing itself: poll.
+        let s = eventually("a create once the group has a leader", || {
+            c.create(new.clone())
+        })
+        .await;
+        assert_eq!(c.get(&s.id).await.unwrap().id, s.id);
+        assert_eq!(
+            c.leader().as_deref(),
+            Some(leader.as_str()),
+            "{transport:?}"
+        );
+        assert!(
+            proxy.accepted() > before,
+            "{transport:?}: no call went to the leader"
+        );
+    }
+    d.stop().await.unwrap();
 }
