@@ -97,7 +97,9 @@ impl SessionClient {
                     Ok(Outcome::Error(e)) => Err(pb_error(e)),
                     Ok(outcome) => Ok(outcome),
                     Err(Failed::NotSent(back)) => {
+                        conn.retire();
                         op = back;
+                        last = Some("the Pipeline stream had ended".into());
                         continue;
                     }
                     Err(Failed::InFlight(ended)) => {

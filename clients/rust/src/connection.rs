@@ -30,8 +30,21 @@ pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(50);
 /// notice that sessiond is back.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(2);
 
-/// The per-call timeout, and the connect timeout, by default.
+/// The per-call timeout, by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long connecting to one address (and opening its stream) may take, by default (or
+/// the call timeout, if shorter): short enough that a call whose first seed is on a host
+/// that is down still has time to reach the next.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long connecting to one address may take under `options`.
+pub(crate) fn connect_timeout(options: &ClientOptions) -> Duration {
+    let timeout = options.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    options
+        .connect_timeout
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT.min(timeout))
+}
 
 /// HTTP/2 keepalive pings on an open connection: a peer that vanished without closing it
 /// (a partition, a host that died) is noticed within interval + timeout, and its
@@ -63,7 +76,7 @@ pub(crate) fn endpoint(url: &str, options: &ClientOptions) -> Result<Endpoint, E
     let tls = options.ca_pem.is_some() || url.starts_with("https://");
     let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| Error::InvalidArgument(format!("sessiond address {url:?}: {e}")))?
-        .connect_timeout(options.timeout.unwrap_or(DEFAULT_TIMEOUT))
+        .connect_timeout(connect_timeout(options))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
@@ -327,9 +340,8 @@ async fn open(client: &Shared, url: &str) -> Result<(Conn, Option<String>), Fail
     let (pipe, leader) = match client.options.transport {
         Transport::Unary => (None, None),
         Transport::Pipelined => {
-            let timeout = client.options.timeout.unwrap_or(DEFAULT_TIMEOUT);
             let opened = tokio::time::timeout(
-                timeout,
+                connect_timeout(&client.options),
                 Pipe::open(stub.clone(), client.options.max_in_flight()),
             )
             .await

@@ -46,7 +46,8 @@ use tonic::{Code, Status};
 
 use connection::{Router, Shared, Slot};
 pub use connection::{
-    DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN, DEFAULT_TIMEOUT, LEADER_HEADER,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN, DEFAULT_TIMEOUT,
+    LEADER_HEADER,
 };
 use pb::pipeline_request::Op;
 use pb::pipeline_response::Result as Outcome;
@@ -270,9 +271,12 @@ pub struct ClientOptions {
     /// The name in sessiond's certificate, if not the address's host.
     pub domain: Option<String>,
     /// Per-call deadline, covering any connecting, waiting for a place in a stream and
-    /// retrying (default 5 s); also the connect timeout. A call past it fails with
-    /// [`Error::Other`] `{ code: DeadlineExceeded, .. }`, and its late reply is dropped.
+    /// retrying (default 5 s). A call past it fails with [`Error::Other`]
+    /// `{ code: DeadlineExceeded, .. }`, and its late reply is dropped.
     pub timeout: Option<Duration>,
+    /// How long connecting to one address, and opening its stream, may take (default 1 s,
+    /// or `timeout` if shorter; for [`channel`], `timeout`).
+    pub connect_timeout: Option<Duration>,
     /// Pipelined (the default) or unary calls.
     pub transport: Transport,
     /// How many connections (each with its one stream, when pipelined) the client spreads
@@ -313,6 +317,9 @@ impl ClientOptions {
         }
         if self.timeout == Some(Duration::ZERO) {
             return invalid("ClientOptions.timeout must be more than zero");
+        }
+        if self.connect_timeout == Some(Duration::ZERO) {
+            return invalid("ClientOptions.connect_timeout must be more than zero");
         }
         Ok(())
     }
@@ -366,6 +373,7 @@ pub async fn channel(addr: &str, options: &ClientOptions) -> Result<Channel, Err
     let url = connection::url(addr, options.ca_pem.is_some())?;
     let timeout = options.timeout.unwrap_or(DEFAULT_TIMEOUT);
     Ok(connection::endpoint(&url, options)?
+        .connect_timeout(options.connect_timeout.unwrap_or(timeout))
         .timeout(timeout)
         .connect()
         .await?)
