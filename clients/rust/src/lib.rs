@@ -384,8 +384,9 @@ pub async fn channel(addr: &str, options: &ClientOptions) -> Result<Channel, Err
 /// It connects lazily: making one never fails because sessiond is down, the first call
 /// connects, and a connection that breaks is made again (after a bounded, jittered backoff
 /// when attempts fail), so an app can start before sessiond and recovers when it returns.
-/// Calls from any number of tasks share [`ClientOptions::connections`] connections; see
-/// [`Transport`] for how they travel.
+/// Calls from any number of tasks share a few connections
+/// ([`connections`](ClientOptions#structfield.connections)); see [`Transport`] for how
+/// they travel.
 ///
 /// Given several addresses, it tries them in turn until one answers. In a replicated group,
 /// every reply names the leader (`sessiond-leader`); from then on the client connects to

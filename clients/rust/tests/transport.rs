@@ -180,6 +180,36 @@ async fn two_hundred_tasks_over_two_streams_each_get_their_own_result() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_the_in_flight_bound_wait_for_a_place_and_all_complete() {
+    let d = daemon().await;
+    let c = SessionClient::connect_with(
+        &d.grpc_addr.to_string(),
+        ClientOptions {
+            max_in_flight: Some(1),
+            ..options(1)
+        },
+    )
+    .await
+    .unwrap();
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let s = c
+                    .create(NewSession::default().attribute("n", i.to_string()))
+                    .await?;
+                Ok::<_, Error>((i, c.peek(&s.id).await?))
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (i, s) = task.await.unwrap().unwrap();
+        assert_eq!(s.text("n"), Some(i.to_string().as_str()));
+    }
+    d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_stream_fails_only_the_in_flight_calls_that_cannot_be_sent_again() {
     let d = daemon().await;
     let proxy = Proxy::start(d.grpc_addr).await;
