@@ -63,13 +63,42 @@ where
     }
 }
 
-/// A TCP proxy to `upstream` that can hold the server's bytes back and cut every
-/// connection.
+/// A TCP proxy to `upstream` that can hold back the bytes of either direction and cut
+/// every connection.
 struct Proxy {
     addr: SocketAddr,
+    /// Holds sessiond's replies back.
     frozen: watch::Sender<bool>,
+    /// Holds the client's requests back.
+    frozen_up: watch::Sender<bool>,
+    /// Bytes of requests read while held back.
+    held_up: Arc<AtomicUsize>,
     open: Arc<Mutex<Vec<AbortHandle>>>,
     accepted: Arc<AtomicUsize>,
+}
+
+/// Copies `from` to `to`, holding each chunk while `frozen` says so (counted in `held`).
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+    held: Arc<AtomicUsize>,
+) {
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if *frozen.borrow() {
+            held.fetch_add(n, Ordering::SeqCst);
+        }
+        if frozen.wait_for(|frozen| !frozen).await.is_err()
+            || to.write_all(&buf[..n]).await.is_err()
+        {
+            return;
+        }
+    }
 }
 
 impl Proxy {
@@ -77,33 +106,28 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (frozen, _) = watch::channel(false);
+        let (frozen_up, _) = watch::channel(false);
+        let held_up = Arc::new(AtomicUsize::new(0));
         let open: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let (f, o, a) = (frozen.clone(), open.clone(), accepted.clone());
+        let (f, fu, h, o, a) = (
+            frozen.clone(),
+            frozen_up.clone(),
+            held_up.clone(),
+            open.clone(),
+            accepted.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 a.fetch_add(1, Ordering::SeqCst);
-                let server = TcpStream::connect(upstream).await.unwrap();
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                let up = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
-                });
-                let mut frozen = f.subscribe();
-                let down = tokio::spawn(async move {
-                    let mut buf = vec![0; 64 * 1024];
-                    loop {
-                        let n = match sr.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        if frozen.wait_for(|frozen| !frozen).await.is_err()
-                            || cw.write_all(&buf[..n]).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
+                // sessiond is down: the client sees its connection closed.
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let up = tokio::spawn(relay(cr, sw, fu.subscribe(), h.clone()));
+                let down = tokio::spawn(relay(sr, cw, f.subscribe(), Arc::default()));
                 o.lock()
                     .unwrap()
                     .extend([up.abort_handle(), down.abort_handle()]);
@@ -112,6 +136,8 @@ impl Proxy {
         Proxy {
             addr,
             frozen,
+            frozen_up,
+            held_up,
             open,
             accepted,
         }
@@ -120,6 +146,11 @@ impl Proxy {
     /// Holds sessiond's replies back (`true`) or lets them through.
     fn freeze(&self, on: bool) {
         self.frozen.send_replace(on);
+    }
+
+    /// Holds the client's requests back (`true`) or lets them through.
+    fn freeze_requests(&self, on: bool) {
+        self.frozen_up.send_replace(on);
     }
 
     /// Closes every connection made so far; what it held back is lost.
@@ -271,6 +302,39 @@ async fn a_broken_stream_fails_only_the_in_flight_calls_that_cannot_be_sent_agai
     assert_eq!(c.get(&s1.id).await.unwrap().text("k"), Some("v"));
     assert_eq!(proxy.accepted(), 2);
     d.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_flight_when_sessiond_drains_is_sent_to_the_next_seed() {
+    // sessiond ends a stream on shutdown with UNAVAILABLE "shutting down", and applied none
+    // of the requests it did not answer: even a create without a key can go elsewhere.
+    let (a, b) = (daemon().await, daemon().await);
+    let proxy = Proxy::start(a.grpc_addr).await;
+    let seeds = [proxy.addr.to_string(), b.grpc_addr.to_string()];
+    let c = SessionClient::with_seeds(&seeds, options(1)).unwrap();
+    c.create(NewSession::default()).await.unwrap();
+
+    // A create on its way to A, held back in the proxy, when A starts draining.
+    proxy.freeze_requests(true);
+    let c2 = c.clone();
+    let create =
+        tokio::spawn(async move { c2.create(NewSession::default().attribute("a", "1")).await });
+    eventually("the create is on its way", || async {
+        match proxy.held_up.load(Ordering::SeqCst) {
+            0 => Err(Error::NotFound),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    let stopping = tokio::spawn(a.stop());
+    let s = create.await.unwrap().unwrap();
+    let direct = SessionClient::connect(&b.grpc_addr.to_string())
+        .await
+        .unwrap();
+    assert_eq!(direct.peek(&s.id).await.unwrap().text("a"), Some("1"));
+    proxy.freeze_requests(false);
+    stopping.await.unwrap().unwrap();
+    b.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
