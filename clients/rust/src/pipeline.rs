@@ -41,16 +41,18 @@ pub(crate) enum Failed {
 }
 
 /// The calls waiting on a stream, and whether it has ended.
-#[derive(Default)]
 struct Waiting {
     calls: HashMap<u64, oneshot::Sender<Result<Outcome, Ended>>>,
     ended: Option<Ended>,
+    /// The request side, dropped when the stream ends: a server that drains on shutdown
+    /// reads the request side until the client closes it, so closing it at once lets that
+    /// server finish without waiting out its linger.
+    requests: Option<mpsc::Sender<pb::PipelineRequest>>,
 }
 
 /// A Pipeline stream: requests go in with fresh ids; a reader task hands each response to
 /// the call waiting on that id.
 pub(crate) struct Pipe {
-    requests: mpsc::Sender<pb::PipelineRequest>,
     waiting: Arc<Mutex<Waiting>>,
     open: Arc<AtomicBool>,
     places: Semaphore,
@@ -71,7 +73,11 @@ impl Pipe {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let mut responses = response.into_inner();
-        let waiting: Arc<Mutex<Waiting>> = Arc::default();
+        let waiting = Arc::new(Mutex::new(Waiting {
+            calls: HashMap::new(),
+            ended: None,
+            requests: Some(requests),
+        }));
         let open = Arc::new(AtomicBool::new(true));
         let (w, o) = (waiting.clone(), open.clone());
         tokio::spawn(async move {
@@ -111,6 +117,7 @@ impl Pipe {
             let calls = {
                 let mut w = w.lock().unwrap();
                 w.ended = Some(ended.clone());
+                w.requests = None;
                 std::mem::take(&mut w.calls)
             };
             for (_, waiter) in calls {
@@ -118,7 +125,6 @@ impl Pipe {
             }
         });
         let pipe = Pipe {
-            requests,
             waiting,
             open,
             places: Semaphore::new(max_in_flight),
@@ -138,20 +144,24 @@ impl Pipe {
         let _place = self.places.acquire().await;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        {
+        let requests = {
             let mut waiting = self.waiting.lock().unwrap();
-            if waiting.ended.is_some() {
+            let Some(requests) = waiting.requests.clone() else {
                 return Err(Failed::NotSent(op));
-            }
+            };
             waiting.calls.insert(id, tx);
-        }
+            requests
+        };
         // Unregisters the id however the call ends (its deadline passing drops it).
         let _registered = Registered {
             waiting: &self.waiting,
             id,
         };
         let request = pb::PipelineRequest { id, op: Some(op) };
-        if let Err(mpsc::error::SendError(request)) = self.requests.send(request).await {
+        let sent = requests.send(request).await;
+        // Only the waiting map holds the request side between calls (see `Waiting`).
+        drop(requests);
+        if let Err(mpsc::error::SendError(request)) = sent {
             let op = request.op.expect("the op was set above");
             return Err(Failed::NotSent(op));
         }
