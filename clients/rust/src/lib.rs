@@ -4,6 +4,7 @@
 //! # async fn demo() -> Result<(), sessiond_client::Error> {
 //! use sessiond_client::{NewSession, SessionClient};
 //!
+//! // Lazy: nothing is connected until the first call.
 //! let client = SessionClient::connect("http://127.0.0.1:7420").await?;
 //! let s = client.create(NewSession::default().attribute("cart:apple", "1")).await?;
 //! let s = client.regenerate(&s.id, Some("alice")).await?; // login: new ID, old one dead
@@ -12,23 +13,45 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Retries are made only where they cannot duplicate anything: reads (`get`, `touch`,
-//! `list_user_sessions`) are retried once on `UNAVAILABLE`; a `create` or `regenerate` is
-//! never retried, since a lost reply could otherwise leave two sessions.
+//! Calls from any number of tasks are pipelined over a few long-lived streams (see
+//! [`Transport`]); each is still a plain `async fn` with its own deadline and typed result.
+//! Retries are made only where they cannot duplicate anything: reads, and writes that carry
+//! an idempotency key ([`NewSession::idempotency_key`], [`SessionClient::update_with_key`],
+//! [`SessionClient::regenerate_with_key`]).
 //!
-//! [`layer`] holds [`SessiondLayer`] and the [`Session`](layer::Session) extractor for axum.
+//! # Layout
+//!
+//! - this file: the typed API ([`SessionClient`], [`Session`], [`Error`]);
+//! - `options`: [`ClientOptions`], [`Transport`], [`Bearer`] and a raw [`channel`];
+//! - `call`: one call's deadline, transport and retry rules;
+//! - `connection`: seeds, the leader, lazy connections and their backoff;
+//! - `pipeline`: one Pipeline stream shared by many calls, matched by id;
+//! - [`layer`]: [`SessiondLayer`] and the [`Session`](layer::Session) extractor for axum.
 
+mod call;
+mod connection;
 pub mod layer;
+mod options;
+mod pipeline;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
+
+use connection::{Router, Shared, Slot};
+pub use connection::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN, DEFAULT_TIMEOUT,
+    LEADER_HEADER,
+};
+pub use options::{
+    channel, Bearer, ClientOptions, Stub, Transport, DEFAULT_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT,
+};
+use pb::pipeline_request::Op;
+use pb::pipeline_response::Result as Outcome;
 
 pub use layer::SessiondLayer;
 
@@ -76,15 +99,25 @@ pub enum Error {
     },
 }
 
+/// Metadata of an `ABORTED` version mismatch: the session's version now, in ASCII decimal.
+/// Without it (an older server, or a pipelined reply, which carries no metadata), the
+/// version is read from the status message.
+pub const CURRENT_VERSION_HEADER: &str = "sessiond-current-version";
+
 impl From<Status> for Error {
     fn from(s: Status) -> Self {
         let message = s.message().to_string();
         match s.code() {
             Code::NotFound => Error::NotFound,
             Code::Aborted => Error::Conflict {
-                current_version: message
-                    .rsplit_once("session is at ")
-                    .and_then(|(_, v)| v.trim().parse().ok())
+                current_version: s
+                    .metadata()
+                    .get(CURRENT_VERSION_HEADER)
+                    .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+                    .or_else(|| {
+                        let (_, v) = message.rsplit_once("session is at ")?;
+                        v.trim().parse().ok()
+                    })
                     .unwrap_or(0),
             },
             Code::InvalidArgument => Error::InvalidArgument(message),
@@ -199,110 +232,109 @@ fn duration(d: Duration) -> prost_types::Duration {
     }
 }
 
-/// TLS and credentials for [`SessionClient::connect_with`].
-#[derive(Debug, Clone, Default)]
-pub struct ClientOptions {
-    /// A tenant's bearer token, sent as `authorization: Bearer ...`.
-    pub token: Option<String>,
-    /// PEM CA to verify sessiond's certificate with; set, the connection uses TLS.
-    pub ca_pem: Option<Vec<u8>>,
-    /// PEM certificate and key for mutual TLS.
-    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
-    /// The name in sessiond's certificate, if not the address's host.
-    pub domain: Option<String>,
-    /// Per-call timeout (default 5 s).
-    pub timeout: Option<Duration>,
-}
-
-/// Adds the bearer token to every call.
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Bearer {
-    /// Sends `authorization: Bearer <token>` with every call, or nothing when `None`.
-    pub fn new(token: Option<&str>) -> Result<Bearer, Error> {
-        let value = match token {
-            None => None,
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| Error::InvalidArgument("token must be printable ASCII".into()))?,
-            ),
-        };
-        Ok(Bearer(value))
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(token) = &self.0 {
-            req.metadata_mut().insert("authorization", token.clone());
-        }
-        Ok(req)
-    }
-}
-
-/// The generated stub with a [`Bearer`] on every call: for the calls and fields the typed
-/// [`SessionClient`] leaves out (`DestroyAllSessions`, `drop_attributes`, ...).
-pub type Stub = pb::session_store_client::SessionStoreClient<InterceptedService<Channel, Bearer>>;
-
-/// Opens a connection to sessiond (`host:port`, `http://` or `https://`) with the TLS and
-/// timeouts of `options`; the token is not part of it (see [`Bearer`]).
+/// A handle to sessiond. Cheap to clone: clones share the connections.
 ///
-/// TLS is on with an `https://` address or a `ca_pem`. Besides `ca_pem`, it trusts the roots
-/// of whichever of tonic's `tls-native-roots` and `tls-webpki-roots` features are enabled.
-pub async fn channel(addr: &str, options: &ClientOptions) -> Result<Channel, Error> {
-    let tls = options.ca_pem.is_some() || addr.starts_with("https://");
-    let url = match addr.contains("://") {
-        true => addr.to_string(),
-        false if tls => format!("https://{addr}"),
-        false => format!("http://{addr}"),
-    };
-    let timeout = options.timeout.unwrap_or(Duration::from_secs(5));
-    let mut endpoint = Endpoint::from_shared(url)
-        .map_err(|e| Error::InvalidArgument(e.to_string()))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .tcp_nodelay(true);
-    if tls {
-        let mut config = ClientTlsConfig::new().with_enabled_roots();
-        if let Some(ca) = &options.ca_pem {
-            config = config.ca_certificate(Certificate::from_pem(ca));
-        }
-        if let Some((cert, key)) = &options.identity_pem {
-            config = config.identity(Identity::from_pem(cert, key));
-        }
-        if let Some(domain) = &options.domain {
-            config = config.domain_name(domain);
-        }
-        endpoint = endpoint.tls_config(config)?;
-    }
-    Ok(endpoint.connect().await?)
-}
-
-/// A handle to sessiond. Cheap to clone: clones share one HTTP/2 connection.
+/// It connects lazily: making one never fails because sessiond is down, the first call
+/// connects, and a connection that breaks is made again (after a bounded, jittered backoff
+/// when attempts fail), so an app can start before sessiond and recovers when it returns.
+/// Calls from any number of tasks share a few connections
+/// ([`connections`](ClientOptions#structfield.connections)); see [`Transport`] for how
+/// they travel.
+///
+/// Given several addresses, it tries them in turn until one answers. In a replicated group,
+/// every reply names the leader (`sessiond-leader`); from then on the client connects to
+/// the leader, and follows it when a new connection learns it has changed.
+///
+/// When a connection breaks, only the calls in flight on it fail, and only where a retry
+/// could change something twice: reads (`get`, `peek`, `touch`, `list_user_sessions`,
+/// `get_many`) and writes that carry an idempotency key are sent again on a fresh
+/// connection within their deadline. So are all calls of a stream that the server ended
+/// on shutdown, since it applied none of them. Other writes fail with
+/// [`Error::Unavailable`] saying they may or may not have been applied.
 #[derive(Clone)]
 pub struct SessionClient {
-    stub: Stub,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Shared,
+    slots: Box<[Slot]>,
+    next: AtomicUsize,
 }
 
 impl SessionClient {
-    /// Connects over plaintext (`http://host:port` or `host:port`).
+    /// A client of sessiond at `addr` (`host:port`, `http://host:port`, or several,
+    /// comma-separated), pipelined, over plaintext. It connects on its first call: this
+    /// fails only on a malformed address.
     pub async fn connect(addr: &str) -> Result<Self, Error> {
         Self::connect_with(addr, ClientOptions::default()).await
     }
 
-    /// Connects with TLS and a tenant token as `options` say.
+    /// A client of sessiond at `addr` (one address or several, comma-separated) with the
+    /// transport, TLS and token of `options`. It connects on its first call: this fails
+    /// only on a malformed address or option, naming it.
     pub async fn connect_with(addr: &str, options: ClientOptions) -> Result<Self, Error> {
-        let channel = channel(addr, &options).await?;
+        Self::with_seeds(addr.split(','), options)
+    }
+
+    /// A client that starts from these seed addresses, tried in turn until one answers
+    /// (then the leader, once a reply names it). Nothing is connected until the first call.
+    ///
+    /// ```
+    /// use sessiond_client::{ClientOptions, SessionClient};
+    ///
+    /// // Never fails because the nodes are down: the first call connects.
+    /// let client = SessionClient::with_seeds(
+    ///     ["10.0.0.1:7420", "10.0.0.2:7420", "10.0.0.3:7420"],
+    ///     ClientOptions::default(),
+    /// )?;
+    /// # Ok::<(), sessiond_client::Error>(())
+    /// ```
+    pub fn with_seeds<I, S>(seeds: I, options: ClientOptions) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        options.validate()?;
+        let tls = options.ca_pem.is_some();
+        let seeds = seeds
+            .into_iter()
+            .map(|s| connection::url(s.as_ref(), tls))
+            .collect::<Result<Vec<_>, _>>()?;
+        if seeds.is_empty() {
+            return Err(Error::InvalidArgument(
+                "no sessiond address given: expected at least one host:port".into(),
+            ));
+        }
+        for seed in &seeds {
+            connection::endpoint(seed, &options)?;
+        }
+        let tls = tls || seeds.iter().any(|s| s.starts_with("https://"));
         let bearer = Bearer::new(options.token.as_deref())?;
+        let slots = (0..options.connections())
+            .map(|_| Slot::default())
+            .collect();
         Ok(SessionClient {
-            stub: pb::session_store_client::SessionStoreClient::with_interceptor(channel, bearer),
+            inner: Arc::new(Inner {
+                shared: Shared {
+                    bearer,
+                    router: Router::new(seeds, tls),
+                    options,
+                    connects: Default::default(),
+                },
+                slots,
+                next: AtomicUsize::new(0),
+            }),
         })
     }
 
-    /// Starts a session under a fresh server-generated ID. Never retried here; with an
-    /// [`NewSession::idempotency_key`], the caller may send it again safely.
+    /// The leader's address, once a reply has named one (in a replicated group).
+    pub fn leader(&self) -> Option<String> {
+        self.inner.shared.router.leader()
+    }
+
+    /// Starts a session under a fresh server-generated ID. Sent again after a broken
+    /// connection only with a [`NewSession::idempotency_key`], which makes that safe.
     pub async fn create(&self, new: NewSession) -> Result<Session, Error> {
         let req = pb::CreateRequest {
             user_id: new.user_id.unwrap_or_default(),
@@ -315,7 +347,7 @@ impl SessionClient {
             }),
             idempotency_key: new.idempotency_key.unwrap_or_default(),
         };
-        Ok(self.stub.clone().create(req).await?.into_inner().into())
+        session(self.call(Op::Create(req)).await?)
     }
 
     /// Reads a session and slides its idle deadline.
@@ -333,25 +365,57 @@ impl SessionClient {
             id: id.to_string(),
             peek,
         };
-        retry_read(|| {
-            let (mut stub, req) = (self.stub.clone(), req.clone());
-            async move { Ok(stub.get(req).await?.into_inner().into()) }
-        })
-        .await
+        session(self.call(Op::Get(req)).await?)
+    }
+
+    /// Reads many sessions in one unary call (Pipeline does not carry it): one result per
+    /// ID, in the order asked. With `peek`, the idle deadlines do not slide.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: sessiond_client::SessionClient) -> Result<(), sessiond_client::Error> {
+    /// for (id, result) in ["a", "b"].iter().zip(client.get_many(&["a", "b"], true).await?) {
+    ///     match result {
+    ///         Ok(session) => println!("{} is at version {}", session.id, session.version),
+    ///         Err(e) => println!("no session: {e}"),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_many(
+        &self,
+        ids: &[&str],
+        peek: bool,
+    ) -> Result<Vec<Result<Session, Error>>, Error> {
+        let req = pb::GetManyRequest {
+            ids: ids.iter().map(|s| s.to_string()).collect(),
+            peek,
+        };
+        let results = self.get_many_call(req).await?;
+        Ok(results
+            .into_iter()
+            .map(|r| match r.result {
+                Some(pb::get_result::Result::Session(s)) => Ok(s.into()),
+                Some(pb::get_result::Result::Error(e)) => Err(call::pb_error(e)),
+                None => Err(Error::Other {
+                    code: Code::Internal,
+                    message: "a GetMany result without a session or an error".into(),
+                }),
+            })
+            .collect())
     }
 
     /// Slides the idle deadline; returns the new one.
     pub async fn touch(&self, id: &str) -> Result<SystemTime, Error> {
         let req = pb::TouchRequest { id: id.to_string() };
-        retry_read(|| {
-            let (mut stub, req) = (self.stub.clone(), req.clone());
-            async move { Ok(time(stub.touch(req).await?.into_inner().expires_at)) }
-        })
-        .await
+        match self.call(Op::Touch(req)).await? {
+            Outcome::Touch(t) => Ok(time(t.expires_at)),
+            other => Err(call::unexpected(other)),
+        }
     }
 
     /// Sets and removes attributes in one atomic step. With `expected_version`, only if the
-    /// session is still at that version ([`Error::Conflict`] otherwise).
+    /// session is still at that version ([`Error::Conflict`] otherwise). Not sent again after
+    /// a broken connection: see [`update_with_key`](Self::update_with_key).
     pub async fn update<K, V, R>(
         &self,
         id: &str,
@@ -364,32 +428,68 @@ impl SessionClient {
         V: Into<Bytes>,
         R: Into<String>,
     {
+        self.update_with_key(id, set, remove, expected_version, "")
+            .await
+    }
+
+    /// [`update`](Self::update) with an idempotency key (a fresh UUID per change): sent
+    /// again after a broken connection or a timeout, it is applied once, and a
+    /// compare-and-set that already succeeded returns that success. `""` is no key.
+    pub async fn update_with_key<K, V, R>(
+        &self,
+        id: &str,
+        set: impl IntoIterator<Item = (K, V)>,
+        remove: impl IntoIterator<Item = R>,
+        expected_version: Option<u64>,
+        idempotency_key: &str,
+    ) -> Result<Session, Error>
+    where
+        K: Into<String>,
+        V: Into<Bytes>,
+        R: Into<String>,
+    {
         let req = pb::UpdateRequest {
             id: id.to_string(),
             set: set.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
             remove: remove.into_iter().map(Into::into).collect(),
             expected_version,
-            idempotency_key: String::new(),
+            idempotency_key: idempotency_key.to_string(),
         };
-        Ok(self.stub.clone().update(req).await?.into_inner().into())
+        session(self.call(Op::Update(req)).await?)
     }
 
     /// Moves the session to a fresh ID, keeping its data; with `user_id`, binds it (login).
-    /// The old ID is dead when this returns. Never retried.
+    /// The old ID is dead when this returns. Not sent again after a broken connection: see
+    /// [`regenerate_with_key`](Self::regenerate_with_key).
     pub async fn regenerate(&self, id: &str, user_id: Option<&str>) -> Result<Session, Error> {
+        self.regenerate_with_key(id, user_id, "").await
+    }
+
+    /// [`regenerate`](Self::regenerate) with an idempotency key (a fresh UUID per login):
+    /// sent again after a broken connection or a timeout, it returns the session the first
+    /// one moved to, never a second move. `""` is no key.
+    pub async fn regenerate_with_key(
+        &self,
+        id: &str,
+        user_id: Option<&str>,
+        idempotency_key: &str,
+    ) -> Result<Session, Error> {
         let req = pb::RegenerateRequest {
             id: id.to_string(),
             user_id: user_id.map(str::to_string),
             drop_attributes: false,
-            idempotency_key: String::new(),
+            idempotency_key: idempotency_key.to_string(),
         };
-        Ok(self.stub.clone().regenerate(req).await?.into_inner().into())
+        session(self.call(Op::Regenerate(req)).await?)
     }
 
     /// Ends one session; whether it existed.
     pub async fn destroy(&self, id: &str) -> Result<bool, Error> {
         let req = pb::DestroyRequest { id: id.to_string() };
-        Ok(self.stub.clone().destroy(req).await?.into_inner().existed)
+        match self.call(Op::Destroy(req)).await? {
+            Outcome::Destroy(d) => Ok(d.existed),
+            other => Err(call::unexpected(other)),
+        }
     }
 
     /// A user's live sessions ("active devices"), without their attributes.
@@ -398,14 +498,10 @@ impl SessionClient {
             user_id: user_id.to_string(),
             include_attributes: false,
         };
-        retry_read(|| {
-            let (mut stub, req) = (self.stub.clone(), req.clone());
-            async move {
-                let r = stub.list_user_sessions(req).await?.into_inner();
-                Ok(r.sessions.into_iter().map(Session::from).collect())
-            }
-        })
-        .await
+        match self.call(Op::ListUserSessions(req)).await? {
+            Outcome::ListUserSessions(r) => Ok(r.sessions.into_iter().map(Session::from).collect()),
+            other => Err(call::unexpected(other)),
+        }
     }
 
     /// Ends every session of a user but `except` ("log out everywhere (else)"); how many.
@@ -418,26 +514,18 @@ impl SessionClient {
             user_id: user_id.to_string(),
             except_id: except.unwrap_or_default().to_string(),
         };
-        Ok(self
-            .stub
-            .clone()
-            .destroy_user_sessions(req)
-            .await?
-            .into_inner()
-            .destroyed)
+        match self.call(Op::DestroyUserSessions(req)).await? {
+            Outcome::DestroyUserSessions(r) => Ok(r.destroyed),
+            other => Err(call::unexpected(other)),
+        }
     }
 }
 
-/// Runs a read, once more if sessiond was unavailable: safe, since reads change nothing
-/// but the idle deadline.
-async fn retry_read<T, F, Fut>(mut call: F) -> Result<T, Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, Error>>,
-{
-    match call().await {
-        Err(Error::Unavailable(_)) => call().await,
-        other => other,
+/// The session a Create, Get, Update or Regenerate answered.
+fn session(outcome: Outcome) -> Result<Session, Error> {
+    match outcome {
+        Outcome::Session(s) => Ok(s.into()),
+        other => Err(call::unexpected(other)),
     }
 }
 
@@ -452,6 +540,19 @@ mod tests {
             Error::from(conflict),
             Error::Conflict { current_version: 5 }
         );
+        // The structured version wins over the text, which may not carry one.
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert(CURRENT_VERSION_HEADER, "7".parse().unwrap());
+        let structured = Status::with_metadata(Code::Aborted, "version mismatch", metadata);
+        assert_eq!(
+            Error::from(structured),
+            Error::Conflict { current_version: 7 }
+        );
+        // Metadata that is no number falls back to the text.
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert(CURRENT_VERSION_HEADER, "x".parse().unwrap());
+        let text = Status::with_metadata(Code::Aborted, "session is at 4", metadata);
+        assert_eq!(Error::from(text), Error::Conflict { current_version: 4 });
         assert_eq!(
             Error::from(Status::not_found("session not found")),
             Error::NotFound

@@ -3,7 +3,7 @@
 use sessiond::clock::Clock;
 use sessiond::config::{Config, TenantConfig};
 use sessiond::server::Daemon;
-use sessiond_client::{ClientOptions, Error, NewSession, SessionClient};
+use sessiond_client::{ClientOptions, Error, NewSession, SessionClient, Transport};
 
 async fn daemon(tenants: Vec<TenantConfig>) -> Daemon {
     let config = Config {
@@ -19,11 +19,26 @@ async fn daemon(tenants: Vec<TenantConfig>) -> Daemon {
 }
 
 #[tokio::test]
-async fn every_call_and_its_typed_errors() {
+async fn every_call_and_its_typed_errors_pipelined() {
+    every_call_and_its_typed_errors(Transport::Pipelined).await;
+}
+
+#[tokio::test]
+async fn every_call_and_its_typed_errors_unary() {
+    every_call_and_its_typed_errors(Transport::Unary).await;
+}
+
+async fn every_call_and_its_typed_errors(transport: Transport) {
     let d = daemon(vec![]).await;
-    let c = SessionClient::connect(&d.grpc_addr.to_string())
-        .await
-        .unwrap();
+    let c = SessionClient::connect_with(
+        &d.grpc_addr.to_string(),
+        ClientOptions {
+            transport,
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
     let s = c
         .create(NewSession {
             ip: "10.0.0.1".into(),
@@ -72,6 +87,16 @@ async fn every_call_and_its_typed_errors() {
         Ok(1)
     );
     assert!(c.touch(&phone.id).await.is_ok());
+    let many = c
+        .get_many(&[&phone.id, &s.id, "not-an-id"], true)
+        .await
+        .unwrap();
+    assert_eq!(
+        many[0].as_ref().map(|s| s.id.as_str()),
+        Ok(phone.id.as_str())
+    );
+    assert_eq!(many[1], Err(Error::NotFound));
+    assert!(matches!(&many[2], Err(Error::InvalidArgument(_))));
     assert_eq!(c.destroy(&phone.id).await, Ok(true));
     assert_eq!(c.destroy(&phone.id).await, Ok(false));
     assert!(matches!(
@@ -105,11 +130,20 @@ async fn a_tenant_token_is_sent_and_a_missing_one_is_a_typed_error() {
     .await
     .unwrap();
     with.create(NewSession::default()).await.unwrap();
-    let without = SessionClient::connect(&addr).await.unwrap();
-    assert!(matches!(
-        without.create(NewSession::default()).await,
-        Err(Error::Unauthenticated(_))
-    ));
+    for transport in [Transport::Pipelined, Transport::Unary] {
+        let options = ClientOptions {
+            transport,
+            ..ClientOptions::default()
+        };
+        let without = SessionClient::connect_with(&addr, options).await.unwrap();
+        assert!(
+            matches!(
+                without.create(NewSession::default()).await,
+                Err(Error::Unauthenticated(_))
+            ),
+            "{transport:?}"
+        );
+    }
     d.stop().await.unwrap();
 }
 
