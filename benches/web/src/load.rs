@@ -31,7 +31,6 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::procs;
-use crate::shop::COOKIE;
 
 /// The largest latency the histograms hold, in µs (a minute): anything slower is clamped.
 const MAX_LATENCY_US: u64 = 60_000_000;
@@ -153,8 +152,11 @@ pub struct LoadConfig {
     pub tabs: usize,
     /// Adds each tab makes, one after another, each of its own SKU.
     pub adds_per_tab: usize,
-    /// Processes whose CPU time over the measured window is reported (the app, the store).
+    /// Processes whose CPU time over the measured window is reported (the store, then the
+    /// app's processes).
     pub pids: Vec<u32>,
+    /// The name of the session cookie the app sets (`shop::COOKIE` for the Rust apps).
+    pub cookie: String,
 }
 
 /// Latency and rate of one operation (or all of them) over the measured window.
@@ -212,6 +214,8 @@ pub struct Report {
 /// One connection to the app, as a browser's (or a tab's) keep-alive connection.
 struct Conn {
     addr: SocketAddr,
+    /// The session cookie's name.
+    cookie: Arc<str>,
     sender: SendRequest<Full<Bytes>>,
 }
 
@@ -224,7 +228,7 @@ struct Answer {
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr) -> Result<Conn, LoadError> {
+    async fn open(addr: SocketAddr, cookie: &str) -> Result<Conn, LoadError> {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| LoadError::Connect { addr, source })?;
@@ -232,7 +236,11 @@ impl Conn {
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         // Ends with the connection; its error shows as the next request's.
         tokio::spawn(conn);
-        Ok(Conn { addr, sender })
+        Ok(Conn {
+            addr,
+            cookie: cookie.into(),
+            sender,
+        })
     }
 
     async fn call(
@@ -248,7 +256,7 @@ impl Conn {
             .header(header::HOST, self.addr.to_string())
             .header(header::USER_AGENT, "sessiond-web-bench");
         if let Some(c) = cookie {
-            req = req.header(header::COOKIE, format!("{COOKIE}={c}"));
+            req = req.header(header::COOKIE, format!("{}={c}", self.cookie));
         }
         let body = match body {
             Some(v) => {
@@ -260,7 +268,12 @@ impl Conn {
         let req = req
             .body(body)
             .map_err(|e| LoadError::Answer(format!("cannot build a request: {e}")))?;
-        self.sender.ready().await?;
+        // A server may close an idle keep-alive connection (gunicorn does): open another, as
+        // a browser does.
+        if self.sender.ready().await.is_err() {
+            *self = Conn::open(self.addr, &self.cookie).await?;
+            self.sender.ready().await?;
+        }
         let res = self.sender.send_request(req).await?;
         let status = res.status();
         let set_cookie = res
@@ -268,7 +281,7 @@ impl Conn {
             .get_all(header::SET_COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .find_map(cookie_value);
+            .find_map(|v| cookie_value(v, &self.cookie));
         let bytes = res.into_body().collect().await?.to_bytes();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Ok(Answer {
@@ -280,10 +293,10 @@ impl Conn {
 }
 
 /// The value `Set-Cookie` gives our cookie (`""` when it removes it), if it is about it.
-fn cookie_value(set_cookie: &str) -> Option<String> {
+fn cookie_value(set_cookie: &str, cookie: &str) -> Option<String> {
     let pair = set_cookie.split(';').next()?;
     let (name, value) = pair.split_once('=')?;
-    if name.trim() != COOKIE {
+    if name.trim() != cookie {
         return None;
     }
     let removed = set_cookie
@@ -383,7 +396,7 @@ async fn browser(
     let mut rng = SmallRng::seed_from_u64(b as u64);
     let mut tally = Tally::new();
     let jar = Jar::default();
-    let mut conn = Conn::open(cfg.target).await?;
+    let mut conn = Conn::open(cfg.target, &cfg.cookie).await?;
     // Every browser starts its session with an add, as a shopper does.
     let first = conn
         .call(
@@ -421,7 +434,7 @@ async fn browser(
             }
             Err(_) => {
                 // A broken connection: a browser opens another one.
-                conn = Conn::open(cfg.target).await?;
+                conn = Conn::open(cfg.target, &cfg.cookie).await?;
                 false
             }
         };
@@ -524,7 +537,7 @@ pub async fn lost_adds(cfg: &LoadConfig) -> Result<LostAdds, LoadError> {
 
 async fn tabbed_browser(cfg: LoadConfig, b: usize) -> Result<LostAdds, LoadError> {
     let jar = Jar::default();
-    let mut conn = Conn::open(cfg.target).await?;
+    let mut conn = Conn::open(cfg.target, &cfg.cookie).await?;
     let first = conn
         .call(
             Method::POST,
@@ -544,7 +557,7 @@ async fn tabbed_browser(cfg: LoadConfig, b: usize) -> Result<LostAdds, LoadError
         .map(|t| {
             let (jar, cfg) = (jar.clone(), cfg.clone());
             tokio::spawn(async move {
-                let mut conn = Conn::open(cfg.target).await?;
+                let mut conn = Conn::open(cfg.target, &cfg.cookie).await?;
                 let mut acked = Vec::new();
                 let mut failed = 0u64;
                 for k in 0..cfg.adds_per_tab {
@@ -619,10 +632,13 @@ mod tests {
     #[test]
     fn set_cookie_is_read_for_our_cookie_only() {
         assert_eq!(
-            cookie_value("sid=abc; Path=/; HttpOnly").as_deref(),
+            cookie_value("sid=abc; Path=/; HttpOnly", "sid").as_deref(),
             Some("abc")
         );
-        assert_eq!(cookie_value("sid=; Path=/; Max-Age=0").as_deref(), Some(""));
-        assert_eq!(cookie_value("other=abc; Path=/"), None);
+        assert_eq!(
+            cookie_value("sid=; Path=/; Max-Age=0", "sid").as_deref(),
+            Some("")
+        );
+        assert_eq!(cookie_value("other=abc; Path=/", "sid"), None);
     }
 }

@@ -52,6 +52,7 @@ fn short(target: SocketAddr) -> LoadConfig {
         tabs: 4,
         adds_per_tab: 3,
         pids: vec![std::process::id()],
+        cookie: shop::COOKIE.to_string(),
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use sessiond_web_bench::load::{self, LoadConfig, Mix};
+use sessiond_web_bench::shop;
 
 #[derive(Parser)]
 #[command(about = "HTTP load with a cookie per virtual browser, then a lost-adds check")]
@@ -38,9 +39,13 @@ struct Args {
     /// Adds per tab in the lost-adds check, each of its own SKU.
     #[arg(long, default_value_t = 5)]
     adds_per_tab: usize,
-    /// Comma-separated PIDs (the app, the store) whose CPU over the window is reported.
+    /// Comma-separated PIDs (the store, then the app's processes) whose CPU over the
+    /// window is reported.
     #[arg(long, value_delimiter = ',')]
     pids: Vec<u32>,
+    /// The name of the app's session cookie.
+    #[arg(long, default_value = shop::COOKIE)]
+    cookie: String,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -63,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
         tabs: a.tabs,
         adds_per_tab: a.adds_per_tab,
         pids: a.pids,
+        cookie: a.cookie,
     })
     .await?;
     if a.json {
