@@ -7,9 +7,7 @@
 //! the cookie of every `Set-Cookie` it gets. Latency is measured from just before a request
 //! is written to when its whole answer is read, into one HDR histogram per operation.
 //!
-//! After the measured window comes the lost-adds check: several browsers each open a
-//! number of concurrent "tabs" that share the browser's cookie and add distinct items; the
-//! final cart is compared with the adds the app acknowledged.
+//! After the measured window comes the lost-adds check ([`crate::tabs`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -31,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::procs;
+use crate::tabs::{self, LostAdds};
 
 /// The largest latency the histograms hold, in µs (a minute): anything slower is clamped.
 const MAX_LATENCY_US: u64 = 60_000_000;
@@ -183,19 +182,6 @@ pub struct CpuStats {
     pub per_process: Vec<f64>,
 }
 
-/// The lost-adds check's outcome.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct LostAdds {
-    /// Adds the app answered 200.
-    pub acknowledged: u64,
-    /// Of those, the ones the final carts hold.
-    pub kept: u64,
-    /// Acknowledged but missing: `acknowledged - kept`.
-    pub lost: u64,
-    /// Adds that got an error answer (not counted as acknowledged).
-    pub failed: u64,
-}
-
 /// A run's report (the JSON `web-load --json` prints).
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -212,7 +198,7 @@ pub struct Report {
 }
 
 /// One connection to the app, as a browser's (or a tab's) keep-alive connection.
-struct Conn {
+pub(crate) struct Conn {
     addr: SocketAddr,
     /// The session cookie's name.
     cookie: Arc<str>,
@@ -221,14 +207,14 @@ struct Conn {
 
 /// An answer: its status, its JSON body (`Null` if none), and the cookie it set, if any
 /// (`Some("")` when it cleared it).
-struct Answer {
-    status: StatusCode,
-    body: Value,
-    set_cookie: Option<String>,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) body: Value,
+    pub(crate) set_cookie: Option<String>,
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr, cookie: &str) -> Result<Conn, LoadError> {
+    pub(crate) async fn open(addr: SocketAddr, cookie: &str) -> Result<Conn, LoadError> {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|source| LoadError::Connect { addr, source })?;
@@ -243,7 +229,7 @@ impl Conn {
         })
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &mut self,
         method: Method,
         path: &str,
@@ -312,14 +298,14 @@ fn cookie_value(set_cookie: &str, cookie: &str) -> Option<String> {
 
 /// A browser's cookie jar of one cookie; tabs of one browser share it.
 #[derive(Clone, Default)]
-struct Jar(Arc<Mutex<Option<String>>>);
+pub(crate) struct Jar(Arc<Mutex<Option<String>>>);
 
 impl Jar {
-    fn get(&self) -> Option<String> {
+    pub(crate) fn get(&self) -> Option<String> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn take(&self, set_cookie: Option<String>) {
+    pub(crate) fn take(&self, set_cookie: Option<String>) {
         if let Some(v) = set_cookie {
             *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(v).filter(|v| !v.is_empty());
         }
@@ -499,7 +485,7 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, LoadError> {
         _ => None,
     };
     let lost_adds = if cfg.tab_browsers > 0 && cfg.tabs > 0 && cfg.adds_per_tab > 0 {
-        Some(lost_adds(&cfg).await?)
+        Some(tabs::lost_adds(&cfg).await?)
     } else {
         None
     };
@@ -513,103 +499,6 @@ pub async fn run(cfg: LoadConfig) -> Result<Report, LoadError> {
         errors: all.errors,
         processes,
         lost_adds,
-    })
-}
-
-/// The lost-adds check: `tab_browsers` browsers at once, each with `tabs` concurrent tabs
-/// adding `adds_per_tab` distinct items each; then each browser's cart is read.
-pub async fn lost_adds(cfg: &LoadConfig) -> Result<LostAdds, LoadError> {
-    let browsers: Vec<_> = (0..cfg.tab_browsers)
-        .map(|b| tokio::spawn(tabbed_browser(cfg.clone(), b)))
-        .collect();
-    let mut total = LostAdds::default();
-    for b in browsers {
-        let one = b
-            .await
-            .map_err(|e| LoadError::Answer(format!("a browser task failed: {e}")))??;
-        total.acknowledged += one.acknowledged;
-        total.kept += one.kept;
-        total.lost += one.lost;
-        total.failed += one.failed;
-    }
-    Ok(total)
-}
-
-async fn tabbed_browser(cfg: LoadConfig, b: usize) -> Result<LostAdds, LoadError> {
-    let jar = Jar::default();
-    let mut conn = Conn::open(cfg.target, &cfg.cookie).await?;
-    let first = conn
-        .call(
-            Method::POST,
-            "/cart/items",
-            None,
-            Some(json!({ "sku": "first", "qty": 1 })),
-        )
-        .await?;
-    if first.status != StatusCode::OK {
-        return Err(LoadError::Answer(format!(
-            "the lost-adds check's first add answered {}",
-            first.status
-        )));
-    }
-    jar.take(first.set_cookie);
-    let tabs: Vec<_> = (0..cfg.tabs)
-        .map(|t| {
-            let (jar, cfg) = (jar.clone(), cfg.clone());
-            tokio::spawn(async move {
-                let mut conn = Conn::open(cfg.target, &cfg.cookie).await?;
-                let mut acked = Vec::new();
-                let mut failed = 0u64;
-                for k in 0..cfg.adds_per_tab {
-                    let sku = format!("b{b}-t{t}-{k}");
-                    let body = json!({ "sku": sku, "qty": 1 });
-                    let a = conn
-                        .call(
-                            Method::POST,
-                            "/cart/items",
-                            jar.get().as_deref(),
-                            Some(body),
-                        )
-                        .await?;
-                    jar.take(a.set_cookie);
-                    if a.status == StatusCode::OK {
-                        acked.push(sku);
-                    } else {
-                        failed += 1;
-                    }
-                }
-                Ok::<_, LoadError>((acked, failed))
-            })
-        })
-        .collect();
-    let mut acked = Vec::new();
-    let mut failed = 0;
-    for t in tabs {
-        let (a, f) = t
-            .await
-            .map_err(|e| LoadError::Answer(format!("a tab task failed: {e}")))??;
-        acked.extend(a);
-        failed += f;
-    }
-    let cart = conn
-        .call(Method::GET, "/cart", jar.get().as_deref(), None)
-        .await?;
-    let lines = cart
-        .body
-        .get("cart")
-        .and_then(Value::as_object)
-        .ok_or_else(|| {
-            LoadError::Answer(format!("GET /cart answered {} without a cart", cart.status))
-        })?;
-    let kept = acked
-        .iter()
-        .filter(|sku| lines.get(sku.as_str()).and_then(Value::as_u64) == Some(1))
-        .count() as u64;
-    Ok(LostAdds {
-        acknowledged: acked.len() as u64,
-        kept,
-        lost: acked.len() as u64 - kept,
-        failed,
     })
 }
 
