@@ -1064,10 +1064,11 @@ impl Driver<'_> {
                 let mut window = Duration::ZERO;
                 let started = Instant::now();
                 while !stop.load(Ordering::Acquire) || first_refused.is_some() {
-                    assert!(
-                        started.elapsed() < RECOVERY + Duration::from_secs(30),
-                        "no write succeeded through node {via} after the leader's SIGTERM"
-                    );
+                    if started.elapsed() > RECOVERY + Duration::from_secs(30) {
+                        return Err(format!(
+                            "no write succeeded through node {via} after the leader's SIGTERM"
+                        ));
+                    }
                     let attrs = common::attrs(&[("probe", "transfer")]);
                     let pending = recorder.invoke(Op::Create {
                         attrs: attrs.clone().into_iter().collect(),
@@ -1095,7 +1096,7 @@ impl Driver<'_> {
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                window
+                Ok(window)
             })
         };
         // Let the probe see the group working first.
@@ -1107,7 +1108,28 @@ impl Driver<'_> {
         assert!(status.success(), "the leader's SIGTERM: {output}");
         tokio::time::sleep(Duration::from_millis(500)).await;
         stop.store(true, Ordering::Release);
-        probe.await.unwrap()
+        match probe.await.unwrap() {
+            Ok(window) => window,
+            Err(e) => {
+                self.print_logs(&output);
+                panic!("{e}");
+            }
+        }
+    }
+
+    /// The end of every node's log (and of the terminated leader's, `terminated`), for a
+    /// failure's report.
+    fn print_logs(&self, terminated: &str) {
+        let tail = |log: &str| {
+            let lines: Vec<&str> = log.lines().collect();
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        };
+        for (i, node) in self.cluster.nodes.iter().enumerate() {
+            if let Some(p) = &node.proc {
+                eprintln!("--- node {i} (id {}):\n{}", node.id, tail(&p.output()));
+            }
+        }
+        eprintln!("--- the terminated leader:\n{}", tail(terminated));
     }
 
     /// Ends every fault: links pass, paused nodes go on, dead ones restart on their data.
