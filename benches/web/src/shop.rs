@@ -124,12 +124,12 @@ impl ShopSession for sessiond_client::layer::Session {
     }
 
     async fn line(&self, sku: &str) -> Result<u64, Failure> {
-        let value = self.get(&format!("{CART_PREFIX}{sku}")).await?;
+        let value = self.get_raw(&format!("{CART_PREFIX}{sku}")).await?;
         Ok(value.as_deref().and_then(parse_qty).unwrap_or(0))
     }
 
     async fn set_line(&self, sku: &str, qty: u64) -> Result<(), Failure> {
-        self.insert(format!("{CART_PREFIX}{sku}"), Bytes::from(qty.to_string()))
+        self.insert_raw(format!("{CART_PREFIX}{sku}"), Bytes::from(qty.to_string()))
             .await;
         Ok(())
     }
@@ -224,13 +224,13 @@ fn routes<S: ShopSession>() -> Router {
 }
 
 /// The app on sessiond: `SessiondLayer` over `client`.
-pub fn sessiond_app(client: SessionClient) -> Router {
-    routes::<sessiond_client::layer::Session>().layer(
-        SessiondLayer::new(client)
-            .with_cookie_name(COOKIE)
-            .with_secure(false)
-            .with_idle_timeout(IDLE),
-    )
+pub fn sessiond_app(client: SessionClient) -> Result<Router, sessiond_client::layer::ConfigError> {
+    let layer = SessiondLayer::builder(client)
+        .cookie_name(COOKIE)
+        .secure(false)
+        .idle_timeout(IDLE)
+        .build()?;
+    Ok(routes::<sessiond_client::layer::Session>().layer(layer))
 }
 
 /// The app on Redis: tower-sessions with `tower-sessions-redis-store` over `pool`.

@@ -95,7 +95,7 @@ async fn sessiond_stack_serves_the_mix_and_loses_no_add() {
     let client = SessionClient::connect(&format!("http://{}", daemon.grpc_addr))
         .await
         .unwrap();
-    let app = serve(shop::sessiond_app(client)).await;
+    let app = serve(shop::sessiond_app(client).unwrap()).await;
 
     let report = load::run(short(app)).await.unwrap();
     check_run(&report);

@@ -29,9 +29,13 @@ fn retry_safe(op: &Op) -> bool {
     }
 }
 
-/// The error a failed pipelined operation carries, typed like its unary status.
+/// The error a failed pipelined operation carries, typed like its unary status; a lost
+/// compare-and-set's version from its `current_version`.
 pub(crate) fn pb_error(e: pb::Error) -> Error {
-    Status::new(Code::from_i32(e.code), e.message).into()
+    match (Code::from_i32(e.code), e.current_version) {
+        (Code::Aborted, Some(current_version)) => Error::Conflict { current_version },
+        (code, _) => Status::new(code, e.message).into(),
+    }
 }
 
 /// A reply of the wrong kind for its request: a server bug, reported rather than a panic.

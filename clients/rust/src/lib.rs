@@ -99,9 +99,9 @@ pub enum Error {
     },
 }
 
-/// Metadata of an `ABORTED` version mismatch: the session's version now, in ASCII decimal.
-/// Without it (an older server, or a pipelined reply, which carries no metadata), the
-/// version is read from the status message.
+/// Metadata of an `ABORTED` version mismatch: the session's version now, in ASCII decimal
+/// (a pipelined reply carries it in its error's `current_version`). Without it (an older
+/// server), the version is read from the status message.
 pub const CURRENT_VERSION_HEADER: &str = "sessiond-current-version";
 
 impl From<Status> for Error {

@@ -91,6 +91,7 @@ impl Pipe {
                                 Outcome::Error(pb::Error {
                                     code: Code::Internal as i32,
                                     message: "a Pipeline response without a result".into(),
+                                    current_version: None,
                                 })
                             });
                             let _ = waiter.send(Ok(outcome));

@@ -41,7 +41,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let app = match args.store {
-        Store::Sessiond => shop::sessiond_app(SessionClient::connect(&args.sessiond).await?),
+        Store::Sessiond => shop::sessiond_app(SessionClient::connect(&args.sessiond).await?)?,
         Store::Redis => {
             let config = Config::from_url(&args.redis)
                 .map_err(|e| anyhow::anyhow!("--redis {}: {e}", args.redis))?;
