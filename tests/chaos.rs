@@ -764,6 +764,29 @@ fn key(keyed: bool, n: u64) -> String {
 }
 
 /// A call that gives up after [`CALL`] (DEADLINE_EXCEEDED: indeterminate).
+/// A probe's Create, tagged `tag`, and its operation for the history. Each probe write is
+/// for a user of its own, so probes never meet `max_sessions_per_user`.
+fn probe_create(tag: &str) -> (pb::CreateRequest, Op) {
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+    let attrs = common::attrs(&[("probe", tag)]);
+    let op = Op::Create {
+        attrs: attrs.clone().into_iter().collect(),
+    };
+    let req = pb::CreateRequest {
+        user_id: format!("probe-{}", PROBES.fetch_add(1, Ordering::Relaxed)),
+        attributes: attrs,
+        ..Default::default()
+    };
+    (req, op)
+}
+
+/// Whether `s` is how a group refuses or loses a write while it has no leader: what a
+/// failover may cost a probe (an answer that is definite, a refusal for a limit say, is a
+/// fault of its own).
+fn refusal(s: &Status) -> bool {
+    matches!(failed(s), Outcome::Indeterminate)
+}
+
 async fn within<T>(
     call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> Result<T, Status> {
@@ -1017,15 +1040,8 @@ impl Driver<'_> {
         loop {
             probe.at = via[turn % via.len()];
             turn += 1;
-            let attrs = common::attrs(&[("probe", "1")]);
-            let pending = self.recorder.invoke(Op::Create {
-                attrs: attrs.clone().into_iter().collect(),
-            });
-            let req = pb::CreateRequest {
-                user_id: "probe".into(),
-                attributes: attrs,
-                ..Default::default()
-            };
+            let (req, op) = probe_create("1");
+            let pending = self.recorder.invoke(op);
             match within(probe.node().create(req)).await {
                 Ok(s) => {
                     pending.complete(Outcome::Created {
@@ -1036,6 +1052,7 @@ impl Driver<'_> {
                 }
                 Err(s) => {
                     pending.complete(failed(&s));
+                    assert!(refusal(&s), "a probe's write failed for another reason: {s}");
                     assert!(
                         since.elapsed() < RECOVERY,
                         "no write succeeded within {RECOVERY:?} of the fault: {s}"
@@ -1069,16 +1086,9 @@ impl Driver<'_> {
                             "no write succeeded through node {via} after the leader's SIGTERM"
                         ));
                     }
-                    let attrs = common::attrs(&[("probe", "transfer")]);
-                    let pending = recorder.invoke(Op::Create {
-                        attrs: attrs.clone().into_iter().collect(),
-                    });
+                    let (req, op) = probe_create("transfer");
+                    let pending = recorder.invoke(op);
                     let invoked = Instant::now();
-                    let req = pb::CreateRequest {
-                        user_id: "probe".into(),
-                        attributes: attrs,
-                        ..Default::default()
-                    };
                     match within(c.node().create(req)).await {
                         Ok(s) => {
                             pending.complete(Outcome::Created {
@@ -1091,6 +1101,12 @@ impl Driver<'_> {
                         }
                         Err(s) => {
                             pending.complete(failed(&s));
+                            if !refusal(&s) {
+                                return Err(format!(
+                                    "a probe's write through node {via} failed for another \
+                                     reason: {s}"
+                                ));
+                            }
                             first_refused.get_or_insert(invoked);
                         }
                     }
