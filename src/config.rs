@@ -192,8 +192,9 @@ pub struct ClusterConfig {
     /// How long sending one snapshot to a member, and its installing it, may take.
     #[serde(with = "humantime_serde")]
     pub snapshot_timeout: Duration,
-    /// Take a snapshot after this many log entries since the last one; the log before a
-    /// snapshot is then purged.
+    /// Also take a snapshot after this many log entries since the last one; 0: by size
+    /// alone (`snapshot_log_bytes`, `snapshot_log_percent` and `snapshot_interval`, as on a
+    /// single node). The log a snapshot covers is then purged.
     pub snapshot_every_entries: u64,
     /// Entries a snapshot already holds that are kept in the log anyway, so a member a little
     /// behind catches up from the log rather than by a whole snapshot.
@@ -228,7 +229,7 @@ impl Default for ClusterConfig {
             election_timeout_min: Duration::from_millis(500),
             election_timeout_max: Duration::from_secs(1),
             snapshot_timeout: Duration::from_secs(300),
-            snapshot_every_entries: 10_000,
+            snapshot_every_entries: 0,
             keep_entries_after_snapshot: 1000,
             max_entries_per_append: 300,
             dial_overrides: BTreeMap::new(),
@@ -306,13 +307,8 @@ impl ClusterConfig {
                 ),
             );
         }
-        for (name, n) in [
-            ("snapshot_every_entries", self.snapshot_every_entries),
-            ("max_entries_per_append", self.max_entries_per_append),
-        ] {
-            if n == 0 {
-                return bad(name, "must be at least 1".into());
-            }
+        if self.max_entries_per_append == 0 {
+            return bad("max_entries_per_append", "must be at least 1".into());
         }
         for (name, addr) in [
             ("advertise_peer", &self.advertise_peer),
@@ -1012,8 +1008,8 @@ mod tests {
                 ),
                 ("peer_listen = \"0.0.0.0:7422\"", "cluster.peer_listen"),
                 (
-                    "snapshot_every_entries = 0",
-                    "cluster.snapshot_every_entries",
+                    "max_entries_per_append = 0",
+                    "cluster.max_entries_per_append",
                 ),
                 ("advertise_peer = \"nohost\"", "cluster.advertise_peer"),
                 (

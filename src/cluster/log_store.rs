@@ -124,13 +124,24 @@ pub enum OpenError {
     },
 }
 
+/// An entry the log holds, and where it starts in the count of appended bytes.
+#[derive(Debug)]
+struct Kept {
+    start: u64,
+    entry: pb::Entry,
+}
+
 /// The log's state, as the records so far make it.
 #[derive(Debug, Default)]
 struct Mem {
     vote: Option<pb::Vote>,
     committed: Option<LogId>,
     purged: Option<LogId>,
-    entries: BTreeMap<u64, pb::Entry>,
+    entries: BTreeMap<u64, Kept>,
+    /// The encoded bytes of every entry appended so far, less those truncated away: an
+    /// entry's `start` is this count when it was appended, so the log's size after any index
+    /// is one subtraction (what the snapshot trigger asks for, see [`LogSize`]).
+    appended: u64,
     /// Bytes of the file, counting what is queued for the writer.
     file_bytes: u64,
 }
@@ -143,15 +154,10 @@ impl Mem {
                 if self.purged.is_some_and(|p| e.index <= p.index) {
                     return Ok(());
                 }
-                // An entry replaces the one at its index and everything after it.
-                drop(self.entries.split_off(&e.index));
-                self.entries.insert(e.index, e);
+                self.insert(e);
             }
             Rec::Vote(v) => self.vote = Some(check_vote(Some(v)).map_err(|_| "vote")?),
-            Rec::TruncateAfter(t) => match t.last_kept {
-                Some(id) => drop(self.entries.split_off(&(id.index + 1))),
-                None => self.entries.clear(),
-            },
+            Rec::TruncateAfter(t) => self.truncate_from(t.last_kept.map_or(0, |id| id.index + 1)),
             Rec::Purge(id) => {
                 let id = LogId::from(id);
                 self.entries = self.entries.split_off(&(id.index + 1));
@@ -164,10 +170,35 @@ impl Mem {
         Ok(())
     }
 
+    /// Adds `e`, which replaces the entry at its index and everything after it.
+    fn insert(&mut self, e: pb::Entry) {
+        self.truncate_from(e.index);
+        let start = self.appended;
+        self.appended += e.encoded_len() as u64;
+        self.entries.insert(e.index, Kept { start, entry: e });
+    }
+
+    /// Drops the entries from `index` on.
+    fn truncate_from(&mut self, index: u64) {
+        let tail = self.entries.split_off(&index);
+        if let Some((_, first)) = tail.first_key_value() {
+            self.appended = first.start;
+        }
+    }
+
+    /// The encoded bytes of the entries after `index` (all of them for `None`).
+    fn bytes_after(&self, index: Option<u64>) -> u64 {
+        let from = index.map_or(0, |i| i + 1);
+        self.entries
+            .range(from..)
+            .next()
+            .map_or(0, |(_, k)| self.appended - k.start)
+    }
+
     fn last_log_id(&self) -> Option<LogId> {
         self.entries
             .last_key_value()
-            .map(|(_, e)| e.log_id())
+            .map(|(_, k)| k.entry.log_id())
             .or(self.purged)
     }
 
@@ -184,18 +215,16 @@ impl Mem {
         if let Some(c) = self.committed {
             push(&mut out, Rec::Committed(c.into()));
         }
-        for e in self.entries.values() {
-            push_entry(&mut out, e);
+        for k in self.entries.values() {
+            push_entry(&mut out, &k.entry);
         }
         out
     }
 
     /// Bytes the entries kept need in the file.
     fn live_bytes(&self) -> u64 {
-        self.entries
-            .values()
-            .map(|e| e.encoded_len() as u64 + 16)
-            .sum()
+        let framing = 16 * self.entries.len() as u64;
+        self.bytes_after(None) + framing
     }
 }
 
@@ -294,6 +323,21 @@ pub struct LogReader {
     shared: Arc<Shared>,
 }
 
+/// How large the log is: for the snapshot trigger, which snapshots once the log since the
+/// last snapshot calls for it.
+#[derive(Clone)]
+pub struct LogSize {
+    shared: Arc<Shared>,
+}
+
+impl LogSize {
+    /// The encoded bytes of the entries after `index` that the log holds (every entry for
+    /// `None`): the log a snapshot up to `index` would make redundant.
+    pub fn bytes_after(&self, index: Option<u64>) -> u64 {
+        lock(&self.shared.mem).bytes_after(index)
+    }
+}
+
 /// Stops a log's writer: what is queued is written and fsynced first. Kept by the node, which
 /// closes the log after openraft has stopped, so a restart in the same process finds the
 /// directory free.
@@ -378,6 +422,13 @@ impl LogStore {
             .map_err(io_err(dir))?;
         *lock(&shared.writer) = Some(handle);
         Ok(LogStore { shared })
+    }
+
+    /// A handle that reports this log's size.
+    pub fn size(&self) -> LogSize {
+        LogSize {
+            shared: self.shared.clone(),
+        }
     }
 
     /// A handle that stops this log's writer.
@@ -620,7 +671,11 @@ impl RaftLogReader<TypeConfig> for LogReader {
         range: RB,
     ) -> Result<Vec<pb::Entry>, io::Error> {
         let mem = lock(&self.shared.mem);
-        Ok(mem.entries.range(range).map(|(_, e)| e.clone()).collect())
+        Ok(mem
+            .entries
+            .range(range)
+            .map(|(_, k)| k.entry.clone())
+            .collect())
     }
 
     async fn read_vote(&mut self) -> Result<Option<pb::Vote>, io::Error> {
@@ -700,7 +755,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         let mut mem = lock(&self.shared.mem);
         for e in entries {
-            mem.entries.insert(e.index, e);
+            mem.insert(e);
         }
         self.queue(mem, bytes, false, Done::Flushed(callback))
     }

@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
@@ -28,6 +28,7 @@ use super::node::ClusterNode;
 use crate::api::forward::{Leadership, Route};
 use crate::api::group::Pending;
 use crate::api::Group;
+use crate::persist::snapshot_due;
 use crate::proto::SERVICE_NAME;
 use crate::session::{Millis, SessionKey};
 use crate::store::events::{Event, EventSink};
@@ -198,6 +199,40 @@ pub async fn reaper(
                 break;
             }
             tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// How often [`snapshots`] weighs the log.
+const SNAPSHOT_CHECK: Duration = Duration::from_secs(1);
+
+/// Snapshots this node's applied state once the log since its last snapshot calls for it, by
+/// the single node's rule (`snapshot_log_bytes`, or `snapshot_log_percent` of the last
+/// snapshot's size if that is larger: see [`snapshot_due`]), and at least every `interval`
+/// while entries come in. Every member snapshots on its own, as Raft has it: a snapshot
+/// replaces the log it covers, which is then purged. A snapshot writes the whole state, so a
+/// fixed count of entries would rewrite a large store for every small slice of log; by size,
+/// the work stays in proportion to the writes. Runs until `stop`.
+pub async fn snapshots(
+    node: &ClusterNode,
+    min_bytes: u64,
+    percent: u64,
+    interval: Duration,
+    stop: watch::Receiver<bool>,
+) {
+    let mut ticker = Ticker::new(SNAPSHOT_CHECK, stop);
+    let mut last = Instant::now();
+    while ticker.tick().await {
+        let log = node.log_since_snapshot();
+        let due = snapshot_due(log, node.snapshot_bytes(), min_bytes, percent)
+            || (log > 0 && last.elapsed() >= interval);
+        if !due {
+            continue;
+        }
+        // openraft builds one snapshot at a time: a trigger while one is built is ignored.
+        match node.snapshot_now().await {
+            Ok(()) => last = Instant::now(),
+            Err(e) => tracing::warn!(error = %e, "snapshot not started"),
         }
     }
 }

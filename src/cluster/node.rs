@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 
 pub use super::admin::ProposeError;
 use super::admin::{initialize, move_leader, remove_member};
-use super::log_store::{LogCloser, LogOptions, LogStore, OpenError};
+use super::log_store::{LogCloser, LogOptions, LogSize, LogStore, OpenError};
 use super::network::{Dialer, PeerNetwork};
 use super::pb::cluster_server::ClusterServer;
 use super::peer_service::PeerService;
@@ -140,6 +140,9 @@ pub struct ClusterNode {
     /// Peer TLS, when on: for the daemon's reload on SIGHUP and file changes.
     tls: Option<Arc<ReloadableTls>>,
     log: LogCloser,
+    log_size: LogSize,
+    /// `data_dir/raft`: the log and the snapshot.
+    raft_dir: PathBuf,
     /// Where proposals are recorded, once [`ClusterNode::observe`] was called.
     recorder: OnceLock<ClusterMetrics>,
 }
@@ -188,6 +191,7 @@ impl ClusterNode {
         let options = LogOptions::new(config.fsync.unwrap_or(FsyncPolicy::Always));
         let log = LogStore::open(&dir, options)?;
         let closer = log.closer();
+        let log_size = log.size();
         let sm = match StateMachine::open(&dir, store.clone()) {
             Ok(sm) => sm,
             Err(e) => {
@@ -227,7 +231,7 @@ impl ClusterNode {
         let service = ClusterServer::new(PeerService::new(
             raft.clone(),
             node.clone(),
-            dir,
+            dir.clone(),
             store.clone(),
         ))
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
@@ -251,6 +255,8 @@ impl ClusterNode {
             dialer,
             tls,
             log: closer,
+            log_size,
+            raft_dir: dir,
             recorder: OnceLock::new(),
         })
     }
@@ -393,6 +399,28 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// The encoded bytes of the log entries after this node's last snapshot: what a new
+    /// snapshot would make redundant.
+    pub fn log_since_snapshot(&self) -> u64 {
+        let snapshot = self.raft.metrics().borrow_watched().snapshot;
+        self.log_size.bytes_after(snapshot.map(|s| s.index))
+    }
+
+    /// The size of this node's last snapshot; 0 if it has none.
+    pub fn snapshot_bytes(&self) -> u64 {
+        super::state_machine::snapshot_bytes(&self.raft_dir)
+    }
+
+    /// Starts building a snapshot of the applied state, unless one is being built; the log
+    /// it covers is purged once it is written.
+    pub async fn snapshot_now(&self) -> Result<(), ProposeError> {
+        self.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|f| ProposeError::Fatal(f.to_string()))
+    }
+
     /// The leader this node knows of, and where it is reached.
     pub fn leader(&self) -> Option<(NodeId, Node)> {
         let m = self.raft.metrics();
@@ -522,7 +550,11 @@ fn raft_config(c: &ClusterConfig) -> Result<openraft::Config, ConfigError> {
         election_timeout_max: ms(c.election_timeout_max),
         install_snapshot_timeout: ms(c.snapshot_timeout),
         max_payload_entries: c.max_entries_per_append,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every_entries),
+        // Snapshots by size are `member::snapshots`'s.
+        snapshot_policy: match c.snapshot_every_entries {
+            0 => SnapshotPolicy::Never,
+            n => SnapshotPolicy::LogsSinceLast(n),
+        },
         max_in_snapshot_log_to_keep: c.keep_entries_after_snapshot,
         ..openraft::Config::default()
     }

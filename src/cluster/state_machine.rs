@@ -278,6 +278,11 @@ pub(crate) fn verify_snapshot(path: &Path) -> Result<SnapshotMeta, FormatError> 
     }
 }
 
+/// The size of the snapshot in the Raft directory `dir`; 0 if there is none.
+pub(crate) fn snapshot_bytes(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join(SNAPSHOT_FILE)).map_or(0, |m| m.len())
+}
+
 /// Writes a snapshot of `store` with `meta` to a temporary file, fsynced; returns its path.
 fn write_snapshot(
     dir: &Path,

@@ -377,6 +377,46 @@ async fn a_node_far_behind_is_sent_a_snapshot() {
     c.shutdown().await;
 }
 
+/// The snapshot trigger by size: once the log since the last snapshot reaches
+/// `snapshot_log_bytes`, the node snapshots and purges the log the snapshot covers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_grown_to_the_snapshot_size_is_snapshotted_and_purged() {
+    let config = ClusterConfig {
+        keep_entries_after_snapshot: 0,
+        ..config()
+    };
+    assert_eq!(config.snapshot_every_entries, 0, "by size alone");
+    let c = Cluster::start(config).await;
+    c.write(0..10).await;
+    let l = c.converge().await;
+    let leader = c.nth(l);
+    let before = leader.metrics().borrow_watched().clone();
+    assert_eq!(before.snapshot, None);
+    assert_eq!(leader.snapshot_bytes(), 0);
+    let log = leader.log_since_snapshot();
+    assert!(log > 0, "ten creates are in the log");
+
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let hour = Duration::from_secs(3600);
+    let trigger = super::member::snapshots(leader, log, 0, hour, stop);
+    let snapshotted = wait_for(leader, "a snapshot and a purge", |m| {
+        m.snapshot >= before.last_applied && m.purged == m.snapshot
+    });
+    let m = tokio::select! {
+        () = trigger => panic!("the trigger stopped by itself"),
+        m = snapshotted => m,
+    };
+    drop(stop_tx);
+    assert!(m.snapshot >= before.last_applied, "{m:?}");
+    assert!(leader.snapshot_bytes() > 0);
+    assert_eq!(
+        leader.log_since_snapshot(),
+        0,
+        "what the snapshot covers is purged"
+    );
+    c.shutdown().await;
+}
+
 /// A CA made in the test (rcgen), and a certificate and key it signed for `name`, as PEM.
 fn ca_and_cert(name: &str) -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};

@@ -537,6 +537,12 @@ fn start_background(
             m.node.observe(telemetry.cluster(), stop.clone()),
         ));
         // A member's expiry is the leader's proposal, and its snapshots are the group's.
+        let (node, stopped) = (m.node.clone(), stop.clone());
+        let (min_bytes, percent) = (config.snapshot_log_bytes, config.snapshot_log_percent);
+        let interval = config.snapshot_interval;
+        background.push(tokio::spawn(async move {
+            member::snapshots(&node, min_bytes, percent, interval, stopped).await;
+        }));
         background.push(tokio::spawn(member::reaper(
             m.node.clone(),
             tenants.all()[0].store.clone(),

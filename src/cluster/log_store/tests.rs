@@ -38,6 +38,53 @@ async fn indexes(log: &mut LogStore) -> Vec<u64> {
         .collect()
 }
 
+/// The encoded size of `entries`, as the log counts them.
+fn size(entries: &[pb::Entry]) -> u64 {
+    entries.iter().map(|e| e.encoded_len() as u64).sum()
+}
+
+#[tokio::test]
+async fn the_log_size_after_an_index_follows_appends_truncations_purges_and_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path());
+    let size_of = log.size();
+    let first: Vec<pb::Entry> = (1..=10)
+        .map(|i| entry(1, i, vec![create(i as u32)]))
+        .collect();
+    append(&mut log, first.clone()).await;
+    assert_eq!(size_of.bytes_after(None), size(&first));
+    assert_eq!(size_of.bytes_after(Some(4)), size(&first[4..]));
+    assert_eq!(size_of.bytes_after(Some(10)), 0);
+    // A new leader's longer entries replace 9 and 10: the size follows the new tail.
+    log.truncate_after(Some(LogId::new(1, 8))).await.unwrap();
+    assert_eq!(size_of.bytes_after(Some(4)), size(&first[4..8]));
+    let tail = vec![
+        entry(2, 9, vec![create(900), create(901)]),
+        entry(2, 10, vec![create(1000), create(1001), create(1002)]),
+    ];
+    append(&mut log, tail.clone()).await;
+    assert_eq!(
+        size_of.bytes_after(Some(4)),
+        size(&first[4..8]) + size(&tail)
+    );
+    // A purge leaves the size after a later index alone.
+    log.purge(LogId::new(1, 6)).await.unwrap();
+    assert_eq!(
+        size_of.bytes_after(Some(6)),
+        size(&first[6..8]) + size(&tail)
+    );
+    assert_eq!(size_of.bytes_after(None), size_of.bytes_after(Some(6)));
+    log.closer().close();
+    drop(log);
+
+    let log = open(dir.path());
+    assert_eq!(
+        log.size().bytes_after(Some(8)),
+        size(&tail),
+        "the size is rebuilt at replay"
+    );
+}
+
 #[tokio::test]
 async fn a_reopened_log_has_every_append_vote_truncate_purge_and_commit() {
     let dir = tempfile::tempdir().unwrap();
