@@ -1052,7 +1052,10 @@ impl Driver<'_> {
                 }
                 Err(s) => {
                     pending.complete(failed(&s));
-                    assert!(refusal(&s), "a probe's write failed for another reason: {s}");
+                    assert!(
+                        refusal(&s),
+                        "a probe's write failed for another reason: {s}"
+                    );
                     assert!(
                         since.elapsed() < RECOVERY,
                         "no write succeeded within {RECOVERY:?} of the fault: {s}"

@@ -235,6 +235,96 @@ async fn a_pipeline_through_a_follower_keeps_its_order_while_its_writes_commit_t
     assert_eq!(seen, sent);
 }
 
+/// A group's Pipeline answers a read that none of the stream's earlier writes still in
+/// flight changes without waiting for them, but a read still sees every earlier write of the
+/// stream to what it reads: a Get after an Update of its session, a Get after a
+/// DestroyUserSessions of its user, a ListUserSessions after a Create for its user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_read_sees_the_streams_earlier_writes_to_what_it_reads() {
+    use pb::pipeline_request::Op;
+    use pb::pipeline_response::Result as Res;
+    use tokio_stream::StreamExt as _;
+
+    let cluster = Cluster::start(3, "always").await;
+    let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+    const ROUNDS: u64 = 10;
+    let mut requests = Vec::new();
+    for n in 0..ROUNDS {
+        let (a, _) = create_until_served(&cluster, leader, "ann", Duration::ZERO).await;
+        let (b, _) = create_until_served(&cluster, leader, "bob", Duration::ZERO).await;
+        let gone = format!("gone-{n}");
+        let (c, _) = create_until_served(&cluster, leader, &gone, Duration::ZERO).await;
+        let base = n * 10;
+        let get = |id: &str| {
+            Op::Get(pb::GetRequest {
+                id: id.into(),
+                peek: true,
+            })
+        };
+        let ops = [
+            Op::Update(pb::UpdateRequest {
+                id: a.id.clone(),
+                set: common::attrs(&[("step", "one")]),
+                ..Default::default()
+            }),
+            get(&b.id),
+            get(&a.id),
+            Op::DestroyUserSessions(pb::DestroyUserSessionsRequest {
+                user_id: gone,
+                except_id: String::new(),
+            }),
+            get(&c.id),
+            Op::Create(pb::CreateRequest {
+                user_id: format!("new-{n}"),
+                ..Default::default()
+            }),
+            Op::ListUserSessions(pb::ListUserSessionsRequest {
+                user_id: format!("new-{n}"),
+                include_attributes: false,
+            }),
+        ];
+        for (k, op) in ops.into_iter().enumerate() {
+            requests.push(pb::PipelineRequest {
+                id: base + k as u64,
+                op: Some(op),
+            });
+        }
+    }
+    let sent = requests.len();
+    let mut client = cluster.client(leader).await;
+    let mut responses = client
+        .pipeline(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(r) = responses.next().await {
+        let r = r.unwrap();
+        assert!(seen.insert(r.id), "reply {} came twice", r.id);
+        match (r.id % 10, r.result) {
+            (0, Some(Res::Session(s))) => assert_eq!(s.version, 2),
+            (1, Some(Res::Session(s))) => assert_eq!(s.version, 1, "b is untouched"),
+            (2, Some(Res::Session(s))) => {
+                assert_eq!(s.version, 2, "the Get sees the Update before it");
+                assert!(s.attributes.contains_key("step"));
+            }
+            (3, Some(Res::DestroyUserSessions(d))) => assert_eq!(d.destroyed, 1),
+            (4, Some(Res::Error(e))) => assert_eq!(
+                e.code,
+                Code::NotFound as i32,
+                "the Get sees the DestroyUserSessions before it: {}",
+                e.message
+            ),
+            (5, Some(Res::Session(s))) => assert_eq!(s.version, 1),
+            (6, Some(Res::ListUserSessions(l))) => {
+                assert_eq!(l.sessions.len(), 1, "the list sees the Create before it")
+            }
+            (_, other) => panic!("reply {}: {other:?}", r.id),
+        }
+    }
+    assert_eq!(seen.len(), sent);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_replica_reports_the_same_digest_and_a_write_changes_it_a_read_does_not() {
     let cluster = Cluster::start(3, "always").await;

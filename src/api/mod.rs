@@ -175,8 +175,6 @@ struct Caller {
     tenant: Arc<Tenant>,
     peer: Option<IpAddr>,
     edge: Arc<Edge>,
-    /// On a group's Pipeline stream: its writes submitted and not yet settled.
-    unsettled: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl Caller {
@@ -196,7 +194,6 @@ impl Caller {
             tenant,
             peer,
             edge: edge.clone(),
-            unsettled: None,
         })
     }
 

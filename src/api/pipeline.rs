@@ -5,8 +5,16 @@
 //! `request_timeout`. When the daemon starts draining, a stream reads no further request,
 //! answers the ones it took and ends with UNAVAILABLE "shutting down", so an open stream
 //! never holds the drain until `shutdown_grace` runs out.
+//!
+//! In a group, a write's reply waits for its commit, a round trip to the other members.
+//! Replies then go two ways: the ordered lane answers, in the stream's order, each write and
+//! each read of something a write still in that lane changes; a read that nothing in the lane
+//! changes (a Get of another session) is answered at once, under the lease, instead of
+//! waiting behind writes it cannot observe. Every read still sees each earlier write of the
+//! stream to what it reads; replies carry their request's id, and may come out of order.
 
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -30,6 +38,84 @@ struct Applied {
     deadline: Option<Instant>,
     /// Its share of `max_concurrent_requests`, held until its reply is ready.
     permit: Option<OwnedSemaphorePermit>,
+    /// In a group: what it changes, or for a read what it depends on.
+    touches: Touches,
+}
+
+/// The sessions an operation changes, or for a read the sessions it depends on: what
+/// decides whether a read may be answered before the stream's earlier writes settle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Touches {
+    /// No session anyone holds an ID of yet (a Create), or nothing at all.
+    Nothing,
+    /// One session, by ID.
+    One(String),
+    /// Any session: DestroyUserSessions, whose sessions are not known up front; for
+    /// ListUserSessions, every change.
+    All,
+}
+
+impl Touches {
+    fn of(op: &Op) -> Touches {
+        match op {
+            Op::Create(_) => Touches::Nothing,
+            Op::Get(r) => Touches::One(r.id.clone()),
+            Op::Touch(r) => Touches::One(r.id.clone()),
+            Op::Update(r) => Touches::One(r.id.clone()),
+            Op::Regenerate(r) => Touches::One(r.id.clone()),
+            Op::Destroy(r) => Touches::One(r.id.clone()),
+            Op::ListUserSessions(_) | Op::DestroyUserSessions(_) => Touches::All,
+        }
+    }
+}
+
+/// What a group's Pipeline stream has in its ordered lane: operations whose replies wait,
+/// in the stream's order, for their writes (or the writes before them) to settle.
+#[derive(Default)]
+struct Lane {
+    /// Operations in the lane.
+    queued: usize,
+    /// Of those, the ones that may change any session.
+    all: usize,
+    /// The sessions the others change, with how many of them change each.
+    sessions: HashMap<String, usize>,
+}
+
+impl Lane {
+    /// Whether a read that depends on `touches` sees everything the stream asked for before
+    /// it without waiting for the lane: no operation in the lane changes what it reads.
+    fn clear_for(&self, touches: &Touches) -> bool {
+        match touches {
+            Touches::Nothing => true,
+            Touches::One(id) => self.all == 0 && !self.sessions.contains_key(id),
+            Touches::All => self.queued == 0,
+        }
+    }
+
+    fn hold(&mut self, touches: &Touches) {
+        self.queued += 1;
+        match touches {
+            Touches::Nothing => {}
+            Touches::One(id) => *self.sessions.entry(id.clone()).or_default() += 1,
+            Touches::All => self.all += 1,
+        }
+    }
+
+    fn release(&mut self, touches: &Touches) {
+        self.queued -= 1;
+        match touches {
+            Touches::Nothing => {}
+            Touches::One(id) => {
+                if let Some(n) = self.sessions.get_mut(id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.sessions.remove(id);
+                    }
+                }
+            }
+            Touches::All => self.all -= 1,
+        }
+    }
 }
 
 impl Applied {
@@ -58,9 +144,10 @@ enum Wait {
     /// nothing (failed, or replied from this node's state), which may be an update of a
     /// session the stream has just created, say.
     Later(Op),
-    /// In a group: a read (Get, Touch, ListUserSessions), served once every earlier
-    /// operation of the stream has its reply, under a lease taken after it arrived. A run of
-    /// reads waiting together takes one lease for all of them.
+    /// In a group: a read (Get, Touch, ListUserSessions), served under a lease taken after
+    /// it arrived, once every earlier write of the stream to what it reads has its reply (at
+    /// once if there is none: see the module docs). A run of reads served together takes
+    /// one lease for all of them.
     Read(Op),
 }
 
@@ -120,13 +207,10 @@ impl Caller {
 
     /// Serves one Pipeline stream: the stream of its replies.
     pub(super) fn serve_pipeline(
-        mut self,
+        self,
         requests: tonic::Streaming<pb::PipelineRequest>,
     ) -> ReceiverStream<Result<pb::PipelineResponse, Status>> {
         let (tx, rx) = mpsc::channel(PIPELINE_WINDOW);
-        if self.group().is_some() {
-            self.unsettled = Some(Default::default());
-        }
         if self.tenant.durable_log.is_none() && self.group().is_none() {
             // Replies need not wait for the disk: one task applies each request in order and
             // sends its reply.
@@ -137,61 +221,160 @@ impl Caller {
         // requests in order (in a group: plans and submits its writes in order), the second
         // holds each reply until its change is durable (one fsync covers everything applied
         // meanwhile) or committed, and sends it. Both channels are bounded.
-        let (applied_tx, mut applied) = mpsc::channel(PIPELINE_WINDOW);
+        let (applied_tx, applied) = mpsc::channel(PIPELINE_WINDOW);
         self.clone()
             .apply_stream(requests, Sink::Staged(applied_tx));
-        tokio::spawn(async move {
-            // A step taken from the channel that did not belong to the run of reads before it.
-            let mut held = None;
-            loop {
-                let step = match held.take() {
+        if self.group().is_none() {
+            tokio::spawn(self.settle_in_order(applied, tx, None));
+            return ReceiverStream::new(rx);
+        }
+        // In a group a write's reply waits for its commit, a round trip to the others. A read
+        // that no write still settling in the lane changes is answered at once, under the
+        // lease, instead of waiting behind writes to other sessions.
+        let (ordered_tx, ordered) = mpsc::channel(PIPELINE_WINDOW);
+        let lane = Arc::new(Mutex::new(Lane::default()));
+        tokio::spawn(
+            self.clone()
+                .settle_in_order(ordered, tx.clone(), Some(lane.clone())),
+        );
+        tokio::spawn(self.answer_clear_reads(applied, ordered_tx, tx, lane));
+        ReceiverStream::new(rx)
+    }
+
+    /// The ordered lane: sends each step's reply in the stream's order, once its change is
+    /// durable or committed (a run of reads waiting together shares one lease); releases
+    /// each from `lane`, if any, as it is answered.
+    async fn settle_in_order(
+        self,
+        mut steps: mpsc::Receiver<Step>,
+        tx: mpsc::Sender<Result<pb::PipelineResponse, Status>>,
+        lane: Option<Arc<Mutex<Lane>>>,
+    ) {
+        // A step taken from the channel that did not belong to the run of reads before it.
+        let mut held = None;
+        loop {
+            let step = match held.take() {
+                Some(step) => step,
+                None => match steps.recv().await {
                     Some(step) => step,
-                    None => match applied.recv().await {
-                        Some(step) => step,
-                        None => return,
-                    },
-                };
-                let replies = match step {
-                    Step::Reply(a) if a.is_read() => {
-                        // The reads queued behind it share one lease, taken now: after each
-                        // of them arrived, and after the stream's earlier writes settled.
-                        let mut run = vec![a];
-                        while run.len() < PIPELINE_WINDOW {
-                            match applied.try_recv() {
-                                Ok(Step::Reply(a)) if a.is_read() => run.push(a),
-                                Ok(other) => {
-                                    held = Some(other);
-                                    break;
-                                }
-                                Err(_) => break,
+                    None => return,
+                },
+            };
+            let replies = match step {
+                Step::Reply(a) if a.is_read() => {
+                    // The reads queued behind it share one lease, taken now: after each of
+                    // them arrived, and after the stream's earlier writes settled.
+                    let mut run = vec![a];
+                    while run.len() < PIPELINE_WINDOW {
+                        match steps.try_recv() {
+                            Ok(Step::Reply(a)) if a.is_read() => run.push(a),
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
                             }
+                            Err(_) => break,
                         }
-                        let deadline = run.iter().filter_map(|a| a.deadline).min();
-                        let lease = self.run_lease(deadline).await;
-                        let mut replies = Vec::with_capacity(run.len());
-                        for a in run {
-                            replies.push(Ok(self.finish(a, Some(&lease)).await));
-                        }
-                        replies
                     }
-                    Step::Reply(a) => vec![Ok(self.finish(a, None).await)],
-                    Step::End(status) => vec![Err(status)],
-                };
-                for reply in replies {
-                    // A failed send means the client went away: stop quietly.
-                    if tx.send(reply).await.is_err() {
-                        return;
+                    self.serve_reads(run, lane.as_deref()).await
+                }
+                Step::Reply(a) => {
+                    let touches = a.touches.clone();
+                    let reply = self.finish(a, None).await;
+                    if let Some(lane) = &lane {
+                        locked(lane).release(&touches);
                     }
+                    vec![Ok(reply)]
+                }
+                Step::End(status) => vec![Err(status)],
+            };
+            for reply in replies {
+                // A failed send means the client went away: stop quietly.
+                if tx.send(reply).await.is_err() {
+                    return;
                 }
             }
-        });
-        ReceiverStream::new(rx)
+        }
+    }
+
+    /// In a group: answers each read that nothing in `lane` changes at once (a run of them
+    /// under one lease), and hands every other step to the ordered lane, holding what it
+    /// changes in `lane` until it is answered there.
+    async fn answer_clear_reads(
+        self,
+        mut steps: mpsc::Receiver<Step>,
+        ordered: mpsc::Sender<Step>,
+        tx: mpsc::Sender<Result<pb::PipelineResponse, Status>>,
+        lane: Arc<Mutex<Lane>>,
+    ) {
+        let clear = |a: &Applied| a.is_read() && locked(&lane).clear_for(&a.touches);
+        let mut held = None;
+        loop {
+            let step = match held.take() {
+                Some(step) => step,
+                None => match steps.recv().await {
+                    Some(step) => step,
+                    None => return,
+                },
+            };
+            let first = match step {
+                Step::Reply(a) if clear(&a) => a,
+                other => {
+                    if let Step::Reply(a) = &other {
+                        locked(&lane).hold(&a.touches);
+                    }
+                    if ordered.send(other).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let mut run = vec![first];
+            while run.len() < PIPELINE_WINDOW {
+                match steps.try_recv() {
+                    Ok(Step::Reply(a)) if clear(&a) => run.push(a),
+                    Ok(other) => {
+                        held = Some(other);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            for reply in self.serve_reads(run, None).await {
+                if tx.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Serves a run of reads under one lease, taken now, within the earliest of their
+    /// deadlines; releases each from `lane`, if any.
+    async fn serve_reads(
+        &self,
+        run: Vec<Applied>,
+        lane: Option<&Mutex<Lane>>,
+    ) -> Vec<Result<pb::PipelineResponse, Status>> {
+        let deadline = run.iter().filter_map(|a| a.deadline).min();
+        let lease = self.run_lease(deadline).await;
+        let mut replies = Vec::with_capacity(run.len());
+        for a in run {
+            let touches = a.touches.clone();
+            replies.push(Ok(self.finish(a, Some(&lease)).await));
+            if let Some(lane) = lane {
+                locked(lane).release(&touches);
+            }
+        }
+        replies
     }
 
     /// Applies one pipelined request, if the budget has a permit for it; its response, and
     /// the log position the response must wait for if it changed anything.
     async fn pipelined(&self, request: pb::PipelineRequest) -> Applied {
         let op = request.op.as_ref().map_or("none", op_name);
+        let touches = match (&request.op, self.group()) {
+            (Some(op), Some(_)) => Touches::of(op),
+            _ => Touches::Nothing,
+        };
         let deadline = self.edge.request_timeout.map(|t| Instant::now() + t);
         let permit = match &self.edge.budget {
             Some(budget) => match budget.try_take() {
@@ -207,6 +390,7 @@ impl Caller {
                         op,
                         deadline,
                         permit: None,
+                        touches,
                     };
                 }
             },
@@ -239,6 +423,7 @@ impl Caller {
             op,
             deadline,
             permit,
+            touches,
         }
     }
 
@@ -269,12 +454,8 @@ impl Caller {
             Ok(plan) if !plan.effects.is_empty() => plan,
             _ => return (Outcome::Error(pb::Error::default()), Wait::Later(op)),
         };
-        let unsettled = self.unsettled.as_deref();
         match group.submit(plan.effects).await {
             Ok(pending) => {
-                if let Some(n) = unsettled {
-                    n.fetch_add(1, Ordering::AcqRel);
-                }
                 let replan = !matches!(op, Op::DestroyUserSessions(_));
                 (
                     plan.reply,
@@ -320,11 +501,7 @@ impl Caller {
                 op,
                 replan,
             } => {
-                let applied = pending.await;
-                if let Some(n) = &self.unsettled {
-                    n.fetch_sub(1, Ordering::AcqRel);
-                }
-                let applied = applied?;
+                let applied = pending.await?;
                 if !replan || applied.first() == Some(&crate::store::Applied::Done) {
                     return Ok(planned);
                 }
@@ -366,6 +543,7 @@ impl Caller {
             op,
             deadline,
             permit,
+            touches: _,
         } = applied;
         if !matches!(wait, Wait::Nothing) {
             let planned = response
@@ -451,6 +629,11 @@ impl Caller {
     }
 }
 
+fn locked(lane: &Mutex<Lane>) -> MutexGuard<'_, Lane> {
+    lane.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// How long a stream ended by shutdown keeps its request side open, reading and dropping
 /// what the client still sends, so the client reads the final status before the
 /// connection closes. Closing at once would leave the client's requests in flight unread,
@@ -464,4 +647,52 @@ async fn linger(mut requests: tonic::Streaming<pb::PipelineRequest>) {
         while let Ok(Some(_)) = requests.message().await {}
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(id: &str) -> Touches {
+        Touches::One(id.into())
+    }
+
+    #[test]
+    fn a_read_waits_for_the_lane_only_behind_a_change_to_what_it_reads() {
+        let mut lane = Lane::default();
+        assert!(lane.clear_for(&one("a")) && lane.clear_for(&Touches::All));
+        lane.hold(&one("a"));
+        lane.hold(&Touches::Nothing);
+        assert!(
+            !lane.clear_for(&one("a")),
+            "a Get of a session being updated waits"
+        );
+        assert!(lane.clear_for(&one("b")), "a Get of another does not");
+        assert!(
+            !lane.clear_for(&Touches::All),
+            "a listing waits for any change"
+        );
+        lane.hold(&one("a"));
+        lane.release(&one("a"));
+        assert!(
+            !lane.clear_for(&one("a")),
+            "one of two changes to a is left"
+        );
+        lane.release(&one("a"));
+        assert!(lane.clear_for(&one("a")));
+        lane.hold(&Touches::All);
+        assert!(
+            !lane.clear_for(&one("b")),
+            "behind DestroyUserSessions every read waits"
+        );
+        lane.release(&Touches::All);
+        assert!(lane.clear_for(&one("b")));
+        assert!(
+            !lane.clear_for(&Touches::All),
+            "the Create is still in the lane"
+        );
+        lane.release(&Touches::Nothing);
+        assert!(lane.clear_for(&Touches::All));
+        assert!(lane.sessions.is_empty());
+    }
 }
