@@ -250,6 +250,8 @@ def table(cols, cells):
 w = table([names[v] for v in variants], lambda name: [fmt(med_of[(name, v)]) for v in variants])
 errs = [str([sum(r["errors"].values()) for r in runs[v]]) for v in variants]
 print(f"{'errors per run':<30}" + "".join(f"{e:>{w}}" for e in errs))
+if not pairs:  # ONLY= one server, or servers with no pair to compare
+    raise SystemExit(0)
 print(f"\nratios of the medians (throughput: above 1 is better for the first; latency, CPU, memory: below 1)")
 ratio = lambda name, a, b: med_of[(name, a)] / med_of[(name, b)] if med_of[(name, b)] else nan
 table([f"{names[a]}/{names[b]}" for a, b in pairs], lambda name: [f"{ratio(name, a, b):.2f}" for a, b in pairs])
