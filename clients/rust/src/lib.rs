@@ -1,4 +1,4 @@
-//! A typed client for [sessiond](../../README.md), and an axum/tower session layer over it.
+//! A typed client for sessiond, the session-store daemon, and an axum/tower session layer.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), sessiond_client::Error> {
