@@ -252,29 +252,12 @@ impl Caller {
     ) {
         // A step taken from the channel that did not belong to the run of reads before it.
         let mut held = None;
-        loop {
-            let step = match held.take() {
-                Some(step) => step,
-                None => match steps.recv().await {
-                    Some(step) => step,
-                    None => return,
-                },
-            };
+        while let Some(step) = next_step(&mut steps, &mut held).await {
             let replies = match step {
                 Step::Reply(a) if a.is_read() => {
                     // The reads queued behind it share one lease, taken now: after each of
                     // them arrived, and after the stream's earlier writes settled.
-                    let mut run = vec![a];
-                    while run.len() < PIPELINE_WINDOW {
-                        match steps.try_recv() {
-                            Ok(Step::Reply(a)) if a.is_read() => run.push(a),
-                            Ok(other) => {
-                                held = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
+                    let run = run_of(a, &mut steps, &mut held, Applied::is_read);
                     self.serve_reads(run, lane.as_deref()).await
                 }
                 Step::Reply(a) => {
@@ -308,14 +291,7 @@ impl Caller {
     ) {
         let clear = |a: &Applied| a.is_read() && locked(&lane).clear_for(&a.touches);
         let mut held = None;
-        loop {
-            let step = match held.take() {
-                Some(step) => step,
-                None => match steps.recv().await {
-                    Some(step) => step,
-                    None => return,
-                },
-            };
+        while let Some(step) = next_step(&mut steps, &mut held).await {
             let first = match step {
                 Step::Reply(a) if clear(&a) => a,
                 other => {
@@ -328,17 +304,7 @@ impl Caller {
                     continue;
                 }
             };
-            let mut run = vec![first];
-            while run.len() < PIPELINE_WINDOW {
-                match steps.try_recv() {
-                    Ok(Step::Reply(a)) if clear(&a) => run.push(a),
-                    Ok(other) => {
-                        held = Some(other);
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
+            let run = run_of(first, &mut steps, &mut held, clear);
             for reply in self.serve_reads(run, None).await {
                 if tx.send(reply).await.is_err() {
                     return;
@@ -627,6 +593,36 @@ impl Caller {
             }
         });
     }
+}
+
+/// The next step: the one held back, else the channel's next; `None` once it is closed.
+async fn next_step(steps: &mut mpsc::Receiver<Step>, held: &mut Option<Step>) -> Option<Step> {
+    match held.take() {
+        Some(step) => Some(step),
+        None => steps.recv().await,
+    }
+}
+
+/// `first` and the replies queued right behind it that `joins` takes, up to the window; the
+/// first step that does not join is held back in `held`.
+fn run_of(
+    first: Applied,
+    steps: &mut mpsc::Receiver<Step>,
+    held: &mut Option<Step>,
+    joins: impl Fn(&Applied) -> bool,
+) -> Vec<Applied> {
+    let mut run = vec![first];
+    while run.len() < PIPELINE_WINDOW {
+        match steps.try_recv() {
+            Ok(Step::Reply(a)) if joins(&a) => run.push(a),
+            Ok(other) => {
+                *held = Some(other);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    run
 }
 
 fn locked(lane: &Mutex<Lane>) -> MutexGuard<'_, Lane> {

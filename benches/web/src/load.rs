@@ -29,7 +29,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::procs;
-use crate::tabs::{self, LostAdds};
+pub use self::tabs::LostAdds;
+
+mod tabs;
 
 /// The largest latency the histograms hold, in µs (a minute): anything slower is clamped.
 const MAX_LATENCY_US: u64 = 60_000_000;

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
-use crate::connection::{Conn, Router, Slot, DEFAULT_TIMEOUT, LEADER_HEADER};
+use crate::connection::{Conn, Router, Slot, DEFAULT_TIMEOUT};
 use crate::pipeline::Failed;
+use crate::LEADER_HEADER;
 use crate::{pb, Error, SessionClient};
 use pb::pipeline_request::Op;
 use pb::pipeline_response::Result as Outcome;

@@ -19,10 +19,6 @@ use tonic::Code;
 use crate::pipeline::Pipe;
 use crate::{pb, Bearer, ClientOptions, Error, Stub, Transport};
 
-/// Response metadata naming the leader's client address (`host:port`): on every reply of a
-/// node in a replicated group (for a Pipeline stream, in the stream's response headers).
-pub const LEADER_HEADER: &str = "sessiond-leader";
-
 /// The first wait after a failed connection attempt, by default.
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(50);
 

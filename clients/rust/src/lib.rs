@@ -45,7 +45,6 @@ use tonic::{Code, Status};
 use connection::{Router, Shared, Slot};
 pub use connection::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN, DEFAULT_TIMEOUT,
-    LEADER_HEADER,
 };
 pub use options::{
     channel, Bearer, ClientOptions, Stub, Transport, DEFAULT_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT,
@@ -98,6 +97,10 @@ pub enum Error {
         message: String,
     },
 }
+
+/// Response metadata naming the leader's client address (`host:port`): on every reply of a
+/// node in a replicated group (for a Pipeline stream, in the stream's response headers).
+pub const LEADER_HEADER: &str = "sessiond-leader";
 
 /// Metadata of an `ABORTED` version mismatch: the session's version now, in ASCII decimal
 /// (a pipelined reply carries it in its error's `current_version`). Without it (an older

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
-use crate::connection::LEADER_HEADER;
+use crate::LEADER_HEADER;
 use crate::{pb, Stub};
 use pb::pipeline_request::Op;
 use pb::pipeline_response::Result as Outcome;

@@ -8,7 +8,7 @@ use http::{Method, StatusCode};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::load::{Conn, Jar, LoadConfig, LoadError};
+use super::{Conn, Jar, LoadConfig, LoadError};
 
 /// The lost-adds check's outcome.
 #[derive(Clone, Debug, Default, Serialize)]
