@@ -53,7 +53,7 @@ from django.http import HttpRequest
 
 from . import aio
 from .client import Session, SessionClient
-from .errors import NotFound
+from .errors import InvalidArgument, NotFound
 
 __all__ = ["SessionStore", "client", "async_client", "other_devices", "logout_other_devices"]
 
@@ -62,6 +62,9 @@ DEFAULT_MAX_IDLE_TIMEOUT = 7 * 24 * 3600
 
 # A session ID as sessiond issues them: 43 chars of URL-safe base64 without padding.
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+# What a read of a browser's key may raise that means "no such session": unknown, or not an
+# ID sessiond could have issued (such as base64 with stray bits).
+_NO_SESSION = (NotFound, InvalidArgument)
 
 
 def _target() -> Tuple[str, Optional[str]]:
@@ -168,7 +171,7 @@ class SessionStore(SessionBase):
     def load(self) -> Dict[str, Any]:
         try:
             return self._adopt(client().get(self.session_key))
-        except NotFound:
+        except _NO_SESSION:
             return self._forget()
 
     def exists(self, session_key: Optional[str]) -> bool:
@@ -176,7 +179,7 @@ class SessionStore(SessionBase):
             return False
         try:
             client().get(session_key, peek=True)
-        except NotFound:
+        except _NO_SESSION:
             return False
         return True
 
@@ -232,7 +235,7 @@ class SessionStore(SessionBase):
     async def aload(self) -> Dict[str, Any]:
         try:
             return self._adopt(await async_client().get(self.session_key))
-        except NotFound:
+        except _NO_SESSION:
             return self._forget()
 
     async def aexists(self, session_key: Optional[str]) -> bool:
@@ -240,7 +243,7 @@ class SessionStore(SessionBase):
             return False
         try:
             await async_client().get(session_key, peek=True)
-        except NotFound:
+        except _NO_SESSION:
             return False
         return True
 
