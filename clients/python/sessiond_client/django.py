@@ -140,9 +140,11 @@ class SessionStore(SessionBase):
         return {}
 
     def _created(self, remote: Session, user: str, stored: Dict[str, bytes]) -> None:
+        """After Create: the new ID, holding `stored` and bound to `user`."""
         self._session_key = remote.id
         self._bound = user
         self._stored = stored
+        self.modified = True  # the browser needs the new cookie
 
     def _moved(self, remote: Session) -> None:
         """After Regenerate: the new ID and binding; the data is the same."""
@@ -196,7 +198,6 @@ class SessionStore(SessionBase):
         if must_create or self.session_key is None:
             remote = client().create(user, encoded, idle_timeout=self._idle_timeout())
             self._created(remote, user, encoded)
-            self.modified = True
             return
         try:
             if user != self._bound:
@@ -257,7 +258,6 @@ class SessionStore(SessionBase):
         if must_create or self.session_key is None:
             remote = await async_client().create(user, encoded, idle_timeout=self._idle_timeout())
             self._created(remote, user, encoded)
-            self.modified = True
             return
         try:
             if user != self._bound:
