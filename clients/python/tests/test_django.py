@@ -13,6 +13,7 @@ from datetime import timedelta
 import pytest
 from django.contrib import messages
 from django.contrib.auth import authenticate, get_user_model, login, logout
+from django.contrib.sessions.backends.base import UpdateError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect
 from django.test import Client
@@ -191,6 +192,20 @@ def test_save_sends_only_the_changed_keys(client: SessionClient):
     assert remote.attributes == {"b": b"[1,2,3]", "c": b'{"x":null}', "other": b'"theirs"'}
 
 
+def test_a_session_ended_meanwhile_is_not_brought_back(client: SessionClient):
+    store = SessionStore()
+    store["a"] = 1
+    store.create()
+    key = store.session_key
+    loaded = SessionStore(key)
+    assert loaded["a"] == 1
+    client.destroy(key)  # a logout in another tab
+    loaded["b"] = 2
+    with pytest.raises(UpdateError):
+        loaded.save()
+    assert not loaded.exists(key)
+
+
 def test_create_never_takes_the_callers_key(client: SessionClient):
     for chosen in ("A" * 43, "B" * 43):  # the second is not even canonical base64
         store = SessionStore(chosen)
@@ -286,6 +301,11 @@ def test_async_methods(client: SessionClient):
         assert not await loaded.aexists(key)
         assert await loaded.aexists(loaded.session_key)
         assert client.get(loaded.session_key).attributes["n"] == b"2"
+
+        user = f"async-{next(_user_ids)}"
+        await loaded.aset("_auth_user_id", user)  # as alogin() stores it
+        await loaded.asave()
+        assert [s.id for s in client.list_user_sessions(user)] == [loaded.session_key]
 
         moved = loaded.session_key
         await loaded.aflush()
