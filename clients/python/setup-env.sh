@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) the Python venv at <repo>/target/python-venv with grpcio,
-# grpcio-tools, flask, pytest and the test tools (flask-login for the login tests, build for
-# the packaging test), then installs sessiond-client from clients/python in
-# editable mode; installing it generates the gRPC stubs from proto/ (see setup.py).
+# grpcio-tools, flask, pytest and the test tools (flask-login for the login tests, django and
+# pytest-django for the Django engine's tests, build for the packaging test), then installs
+# sessiond-client from clients/python in editable mode; installing it generates the gRPC
+# stubs from proto/ (see setup.py).
 #
 # Idempotent and quiet: a second run with nothing changed installs nothing. Prints the
 # venv's python path as its last line:  PY="$(bash clients/python/setup-env.sh | tail -n1)"
@@ -20,6 +21,8 @@ requirements=(
   "grpcio-tools>=1.66,<2"
   "flask>=3.1,<4"
   "flask-login>=0.6.3,<1"
+  "django>=5.2,<5.3"
+  "pytest-django>=4.9,<5"
   "pytest>=8,<10"
   "build>=1.2,<2"
 )

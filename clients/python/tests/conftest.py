@@ -118,6 +118,33 @@ def start_sessiond(workdir: Path, *extra: str) -> Daemon:
     return Daemon(process=proc, addr=proc.value)
 
 
+def pytest_configure(config):
+    """Django for test_django.py (pytest-django sets it up from here): an in-memory SQLite
+    database for the auth users and the sessiond engine; the test module points it at its
+    daemon and its views."""
+    from django.conf import settings
+
+    settings.configure(
+        INSTALLED_APPS=[
+            "django.contrib.contenttypes",
+            "django.contrib.auth",
+            "django.contrib.sessions",
+            "django.contrib.messages",
+        ],
+        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        MIDDLEWARE=[
+            "django.contrib.sessions.middleware.SessionMiddleware",
+            "django.contrib.auth.middleware.AuthenticationMiddleware",
+            "django.contrib.messages.middleware.MessageMiddleware",
+        ],
+        SESSION_ENGINE="sessiond_client.django",
+        MESSAGE_STORAGE="django.contrib.messages.storage.session.SessionStorage",
+        PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"],  # fast
+        SECRET_KEY="test-only",
+        USE_TZ=True,
+    )
+
+
 @pytest.fixture(scope="session")
 def workdir():
     with tempfile.TemporaryDirectory(prefix="sessiond-pytest-") as d:
