@@ -292,8 +292,9 @@ class SessionStore(SessionBase):
 
 def other_devices(request: HttpRequest) -> List[Session]:
     """The live sessions of the request's user other than this one (ListUserSessions),
-    oldest first; [] if nobody is logged in. Each has its client's IP and User-Agent and
-    its times; do not show a session's `id`: it is that device's credential."""
+    oldest first; [] if nobody is logged in. Each has its creation and last-access times
+    (no IP or User-Agent: a Django session store never sees the request); do not show a
+    session's `id`: it is that device's credential."""
     user = request.session.get(USER_KEY)
     if user is None:
         return []
