@@ -536,7 +536,8 @@ fn start_background(
         background.push(tokio::spawn(
             m.node.observe(telemetry.cluster(), stop.clone()),
         ));
-        // A member's expiry is the leader's proposal, and its snapshots are the group's.
+        // A member's expiry is the leader's proposal; its snapshots are its own Raft
+        // snapshots, by the single node's rule (not the single node's snapshotter below).
         let (node, stopped) = (m.node.clone(), stop.clone());
         let (min_bytes, percent) = (config.snapshot_log_bytes, config.snapshot_log_percent);
         let interval = config.snapshot_interval;
