@@ -22,7 +22,9 @@
 # CLUSTER: also a run with the load on a follower, which forwards everything to the leader),
 # CLUSTER_TOML (lines added to each node's [cluster] section, e.g.
 # 'max_entries_per_append = 1000'), RUN_TIMEOUT (600s: the most one run may take), ONLY (the
-# servers to run, of sessiond,cluster,via-follower,redis,redis+replica; e.g. to profile one).
+# servers to run, of sessiond,cluster,via-follower,redis,redis+replica; e.g. to profile one),
+# PIN (1: a diagnostic run with every server pinned to CPU 0 and the load generator to CPU 1,
+# so neither is charged for the other's work; sessiond then runs one worker thread).
 # Everything it starts listens on 127.0.0.1 on free ports, and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +43,8 @@ CLUSTER=${CLUSTER:-}
 VIA_FOLLOWER=${VIA_FOLLOWER:-0}
 CLUSTER_TOML=${CLUSTER_TOML:-}
 RUN_TIMEOUT=${RUN_TIMEOUT:-600s}
+SERVER_PIN=(); LOAD_PIN=()
+if [ "${PIN:-0}" = "1" ]; then SERVER_PIN=(taskset -c 0); LOAD_PIN=(taskset -c 1); fi
 if [ -n "$CLUSTER" ] && ! [ "$CLUSTER" -ge 2 ] 2>/dev/null; then
   echo "compare.sh: CLUSTER is a number of nodes, at least 2" >&2; exit 2
 fi
@@ -104,7 +108,7 @@ pid_list() { local IFS=,; echo "${PIDS[*]}"; }
 # bench TARGET OUT ARGS...: one sessiond-bench run with the settings of this comparison.
 bench() {
   local target=$1 out=$2; shift 2
-  timeout --kill-after=10s "$RUN_TIMEOUT" "$BIN/sessiond-bench" --target "$target" \
+  timeout --kill-after=10s "$RUN_TIMEOUT" "${LOAD_PIN[@]}" "$BIN/sessiond-bench" --target "$target" \
     --sessions "$SESSIONS" --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
     --duration "$DURATION" --warmup "$WARMUP" --pids "$(pid_list)" "${RATE_FLAG[@]}" --json "$@" >"$out"
 }
@@ -113,7 +117,7 @@ bench() {
 run_sessiond() {
   local gp ap dir
   read -r gp ap < <(free_ports 2); dir="$WORK/sd-$RANDOM"
-  "$BIN/sessiond" --listen "127.0.0.1:$gp" --admin-listen "127.0.0.1:$ap" \
+  "${SERVER_PIN[@]}" "$BIN/sessiond" --listen "127.0.0.1:$gp" --admin-listen "127.0.0.1:$ap" \
     --data-dir "$dir" --fsync "$1" >"$WORK/sessiond.log" 2>&1 &
   PIDS+=($!)
   wait_port "$gp"
@@ -135,7 +139,7 @@ run_cluster() {
       "data_dir = \"$dir/n$i/data\"" "fsync = \"$1\"" "[cluster]" \
       "peer_listen = \"127.0.0.1:${peer[i]}\"" "$CLUSTER_TOML" >"$dir/n$i/sessiond.toml"
     local boot=(); [ "$i" -eq 0 ] && boot=(--bootstrap)
-    "$BIN/sessiond" --config "$dir/n$i/sessiond.toml" "${boot[@]}" >"$WORK/cluster-n$i.log" 2>&1 &
+    "${SERVER_PIN[@]}" "$BIN/sessiond" --config "$dir/n$i/sessiond.toml" "${boot[@]}" >"$WORK/cluster-n$i.log" 2>&1 &
     PIDS+=($!)
   done
   for i in $(seq 0 $((CLUSTER - 1))); do wait_port "${grpc[i]}"; wait_port "${peer[i]}"; done
@@ -165,12 +169,12 @@ run_redis() {
   local rp rp2 dir aof
   read -r rp rp2 < <(free_ports 2); dir="$WORK/redis-$RANDOM"; mkdir -p "$dir/primary" "$dir/replica"
   if [ "$1" = "off" ]; then aof=(--appendonly no); else aof=(--appendonly yes --appendfsync "$1"); fi
-  redis-server --port "$rp" --bind 127.0.0.1 --dir "$dir/primary" --save '' "${aof[@]}" \
+  "${SERVER_PIN[@]}" redis-server --port "$rp" --bind 127.0.0.1 --dir "$dir/primary" --save '' "${aof[@]}" \
     --daemonize no --protected-mode yes >"$WORK/redis.log" 2>&1 &
   PIDS+=($!)
   wait_port "$rp"
   if [ "${4:-}" = "replica" ]; then
-    redis-server --port "$rp2" --bind 127.0.0.1 --dir "$dir/replica" --save '' "${aof[@]}" \
+    "${SERVER_PIN[@]}" redis-server --port "$rp2" --bind 127.0.0.1 --dir "$dir/replica" --save '' "${aof[@]}" \
       --replicaof 127.0.0.1 "$rp" --daemonize no --protected-mode yes >"$WORK/redis-replica.log" 2>&1 &
     PIDS+=($!)
     wait_port "$rp2"
@@ -228,6 +232,10 @@ rows = [
     ("p99.9 latency (us)", lambda x: x["overall"]["p999_us"]),
     ("server CPU (cores busy)", lambda x: (x["server"] or {}).get("cpu_per_second", nan)),
     ("all servers' CPU (cores busy)", lambda x: (x.get("processes") or {}).get("cpu_per_second", nan)),
+    # What a user pays for: CPU time per logical session operation (a Redis "operation" is
+    # the commands one session operation takes there), in microseconds.
+    ("server CPU per op (us)", lambda x: (x["server"] or {}).get("cpu_per_second", nan) * 1e6 / x["overall"]["ops_per_second"]),
+    ("all servers' CPU per op (us)", lambda x: (x.get("processes") or {}).get("cpu_per_second", nan) * 1e6 / x["overall"]["ops_per_second"]),
     ("memory per session (bytes)", lambda x: (x["memory_after_populate"] or {}).get("bytes_per_session", nan)),
 ]
 ops = sorted(set.intersection(*(set(runs[v][0]["operations"]) for v in variants)))
@@ -239,7 +247,7 @@ pairs = [(a, b) for a, b in [("sessiond", "redis"), ("cluster", "sessiond"), ("c
                              ("via-follower", "cluster"), ("redis+replica", "redis")]
          if a in variants and b in variants]
 med_of = {(name, v): med(runs[v], f) for name, f in rows for v in variants}
-fmt = lambda x: f"{x:.2f}" if abs(x) < 10 else f"{x:.0f}"
+fmt = lambda x: f"{x:.2f}" if abs(x) < 10 else f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
 print(f"\n== {label}: medians of {rounds} rounds, each running {', '.join(names[v] for v in variants)} in turn ==")
 def table(cols, cells):
     w = max(13, *(len(c) + 2 for c in cols))
@@ -259,7 +267,7 @@ PY
 }
 
 echo "compare.sh: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%Y-%m-%dT%H:%MZ)," \
-  "sessions=$SESSIONS concurrency=$CONCURRENCY connections=$CONNECTIONS duration=$DURATION rounds=$ROUNDS${CLUSTER:+ cluster=$CLUSTER}"
+  "${LOAD_PIN[*]:+pinned (servers CPU 0, load CPU 1) }sessions=$SESSIONS concurrency=$CONCURRENCY connections=$CONNECTIONS duration=$DURATION rounds=$ROUNDS${CLUSTER:+ cluster=$CLUSTER}"
 case "$MODE" in
   mix)
     FSYNC=${FSYNC:-everysec}

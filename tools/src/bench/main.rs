@@ -182,6 +182,16 @@ async fn run(args: Args) -> Result<(), String> {
     let measure_from = Instant::now() + args.warmup;
     let stop_at = measure_from + args.duration;
     let schedule = args.rate.map(|rate| Schedule::start(rate, stop_at));
+    // A marker on stderr when the measured window opens, for a profiler to start on
+    // (benches/profile.sh); the report itself is on stdout.
+    let window = args.duration;
+    tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        eprintln!(
+            "sessiond-bench: measuring for {}",
+            humantime::format_duration(window)
+        );
+    });
     let mut workers = Vec::new();
     for w in 0..args.concurrency.max(1) {
         let (backend, pool, args, mix) = (backend.clone(), pool.clone(), args.clone(), mix.clone());
