@@ -1,0 +1,124 @@
+"""The conformance suite's fixtures: one sessiond on an ephemeral loopback port, and every
+adapter's storefront started against it by the contract's environment (PORT=0, the
+`listening on` line). Every process started here is stopped at the end.
+
+SESSIOND_BIN and STOREFRONT_BIN name the sessiond and axum storefront binaries (default:
+<repo>/target/debug/...); the Python storefronts run on this interpreter, the Express one
+on `node` (NODE overrides it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "clients" / "python" / "tests"))
+
+from harness import Daemon, Storefront, start_sessiond, start_storefront_process  # noqa: E402
+from sessiond_client import SessionClient  # noqa: E402
+
+EXPRESS_SERVER = REPO / "examples" / "storefront-express" / "server.js"
+
+
+def axum() -> List[str]:
+    path = Path(os.environ.get("STOREFRONT_BIN", REPO / "target" / "debug" / "storefront"))
+    if not path.is_file():
+        pytest.exit(f"storefront binary not found at {path}: build it or set STOREFRONT_BIN", 2)
+    return [str(path)]
+
+
+def flask() -> List[str]:
+    return [sys.executable, str(REPO / "examples" / "storefront-flask" / "app.py")]
+
+
+def django() -> List[str]:
+    return [sys.executable, str(REPO / "examples" / "storefront-django" / "serve.py")]
+
+
+def express() -> List[str]:
+    if not EXPRESS_SERVER.is_file():
+        pytest.skip("the Express storefront (examples/storefront-express/server.js) does not exist yet")
+    return [os.environ.get("NODE", "node"), str(EXPRESS_SERVER)]
+
+
+# Every adapter's storefront: its name and the command that starts it.
+ADAPTERS: Dict[str, Callable[[], List[str]]] = {
+    "axum": axum,
+    "flask": flask,
+    "django": django,
+    "express": express,
+}
+
+
+def express_exists() -> bool:
+    return EXPRESS_SERVER.is_file()
+
+
+@pytest.fixture(scope="session")
+def workdir():
+    with tempfile.TemporaryDirectory(prefix="sessiond-conformance-") as d:
+        yield Path(d)
+
+
+@pytest.fixture(scope="session")
+def sessiond(workdir) -> Daemon:
+    d = start_sessiond(workdir / "sessiond")
+    yield d
+    for c in d.clients:
+        c.close()
+    d.process.stop()
+
+
+@pytest.fixture(scope="session")
+def client(sessiond) -> SessionClient:
+    """A gRPC client, only to check what the storefronts stored (and to peek at expiry)."""
+    return sessiond.client()
+
+
+@pytest.fixture(scope="session")
+def launch(sessiond, workdir):
+    """launch(adapter, **env) starts one more storefront of that adapter against the
+    suite's sessiond (skipping the test if the adapter does not exist yet); all are
+    stopped at the end."""
+    started: List[Storefront] = []
+
+    def start(adapter: str, **env: str) -> Storefront:
+        args = ADAPTERS[adapter]()
+        front = start_storefront_process(args, workdir, sessiond.addr, **env)
+        started.append(front)
+        return front
+
+    yield start
+    for front in started:
+        front.process.stop()
+
+
+@pytest.fixture(scope="session")
+def running(launch):
+    """running(adapter): the adapter's shared storefront (started on first use)."""
+    fronts: Dict[str, Storefront] = {}
+
+    def get(adapter: str) -> Storefront:
+        if adapter not in fronts:
+            fronts[adapter] = launch(adapter)
+        return fronts[adapter]
+
+    return get
+
+
+@pytest.fixture(params=list(ADAPTERS))
+def adapter(request) -> str:
+    """Each adapter's name in turn: a case that takes it runs once per adapter."""
+    return request.param
+
+
+@pytest.fixture
+def storefront(adapter, running) -> Storefront:
+    """The adapter's shared storefront."""
+    return running(adapter)
