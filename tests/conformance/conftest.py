@@ -2,62 +2,25 @@
 adapter's storefront started against it by the contract's environment (PORT=0, the
 `listening on` line). Every process started here is stopped at the end.
 
-SESSIOND_BIN and STOREFRONT_BIN name the sessiond and axum storefront binaries (default:
-<repo>/target/debug/...); the Python storefronts run on this interpreter, the Express one
-on `node` (NODE overrides it).
+SESSIOND_BIN names the sessiond binary (default: <repo>/target/debug/sessiond); adapters.py
+says how each storefront starts.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "clients" / "python" / "tests"))
 
+from adapters import ADAPTERS  # noqa: E402
 from harness import Daemon, Storefront, start_sessiond, start_storefront_process  # noqa: E402
 from sessiond_client import SessionClient  # noqa: E402
-
-EXPRESS_SERVER = REPO / "examples" / "storefront-express" / "server.js"
-
-
-def axum() -> List[str]:
-    path = Path(os.environ.get("STOREFRONT_BIN", REPO / "target" / "debug" / "storefront"))
-    if not path.is_file():
-        pytest.exit(f"storefront binary not found at {path}: build it or set STOREFRONT_BIN", 2)
-    return [str(path)]
-
-
-def flask() -> List[str]:
-    return [sys.executable, str(REPO / "examples" / "storefront-flask" / "app.py")]
-
-
-def django() -> List[str]:
-    return [sys.executable, str(REPO / "examples" / "storefront-django" / "serve.py")]
-
-
-def express() -> List[str]:
-    if not EXPRESS_SERVER.is_file():
-        pytest.skip("the Express storefront (examples/storefront-express/server.js) does not exist yet")
-    return [os.environ.get("NODE", "node"), str(EXPRESS_SERVER)]
-
-
-# Every adapter's storefront: its name and the command that starts it.
-ADAPTERS: Dict[str, Callable[[], List[str]]] = {
-    "axum": axum,
-    "flask": flask,
-    "django": django,
-    "express": express,
-}
-
-
-def express_exists() -> bool:
-    return EXPRESS_SERVER.is_file()
 
 
 @pytest.fixture(scope="session")
