@@ -99,6 +99,11 @@ def test_one_session_through_every_adapter(cast: Dict[str, str], running, client
     phone.post("/login", {"user": user})
     bystander = fronts["login"].browser()
     bystander.post("/login", {"user": f"bob-{time.monotonic_ns()}"})
+    # A login on axum is a login on Django too (and on the others): the user is sessiond's.
+    r = fronts["login"].browser().post("/cart/items", {"sku": "fig", "qty": 1}, sid=phone.sid)
+    assert (r.status, r.json) == (200, {"cart": {"fig": 1}})
+    for front in every:
+        assert front.browser().get("/cart", sid=phone.sid).json == {"cart": {"fig": 1}, "user": user}
     for front in every:  # both devices, through any storefront
         r = front.browser().get("/devices", sid=tab.sid)
         devices = sorted(r.json["devices"], key=lambda d: d["user_agent"])
