@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -19,7 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "clients" / "python" / "tests"))
 
 from adapters import ADAPTERS  # noqa: E402
-from harness import Daemon, Storefront, start_sessiond, start_storefront_process  # noqa: E402
+from harness import (  # noqa: E402
+    Daemon,
+    Storefront,
+    start_sessiond,
+    start_storefront_process,
+    start_tenant_sessiond,
+)
 from sessiond_client import SessionClient  # noqa: E402
 
 
@@ -38,6 +44,22 @@ def sessiond(workdir) -> Daemon:
     d.process.stop()
 
 
+# The tenant of `tenant_sessiond`, and the limit it enforces.
+TENANT_TOKEN = "conformance-tenant-token"
+TENANT_MAX_SESSIONS_PER_USER = 2
+
+
+@pytest.fixture(scope="session")
+def tenant_sessiond(workdir) -> Daemon:
+    """A multi-tenant sessiond: one tenant (TENANT_TOKEN), at most
+    TENANT_MAX_SESSIONS_PER_USER sessions per user."""
+    d = start_tenant_sessiond(workdir / "tenant", TENANT_TOKEN, TENANT_MAX_SESSIONS_PER_USER)
+    yield d
+    for c in d.clients:
+        c.close()
+    d.process.stop()
+
+
 @pytest.fixture(scope="session")
 def client(sessiond) -> SessionClient:
     """A gRPC client, only to check what the storefronts stored (and to peek at expiry)."""
@@ -46,14 +68,14 @@ def client(sessiond) -> SessionClient:
 
 @pytest.fixture(scope="session")
 def launch(sessiond, workdir):
-    """launch(adapter, **env) starts one more storefront of that adapter against the
-    suite's sessiond (skipping the test if the adapter does not exist yet); all are
-    stopped at the end."""
+    """launch(adapter, sessiond_addr=None, **env) starts one more storefront of that
+    adapter against the suite's sessiond, or the one at sessiond_addr, with more environment
+    (skipping the test if the adapter does not exist yet); all are stopped at the end."""
     started: List[Storefront] = []
 
-    def start(adapter: str, **env: str) -> Storefront:
+    def start(adapter: str, sessiond_addr: Optional[str] = None, **env: str) -> Storefront:
         args = ADAPTERS[adapter]()
-        front = start_storefront_process(args, workdir, sessiond.addr, **env)
+        front = start_storefront_process(args, workdir, sessiond_addr or sessiond.addr, **env)
         started.append(front)
         return front
 

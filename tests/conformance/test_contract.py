@@ -4,11 +4,13 @@ storefronts; the gRPC client only checks what they stored."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
 import pytest
 
+from conftest import TENANT_MAX_SESSIONS_PER_USER, TENANT_TOKEN
 from contract import (
     EXPIRED,
     NOT_LOGGED_IN,
@@ -255,6 +257,34 @@ def test_idle_timeout_expires_sessions(adapter, launch, client):
     r = b.get("/cart")
     assert (r.status, r.json) == (401, EXPIRED)
     assert r.set_cookies == []
+
+
+def test_tenant_token_and_limit(adapter, launch, tenant_sessiond):
+    """SESSIOND_TOKEN reaches a multi-tenant sessiond; a limit it enforces (sessions per
+    user) is 429 with sessiond's message."""
+    front = launch(adapter, tenant_sessiond.addr, SESSIOND_TOKEN=TENANT_TOKEN)
+    b = front.browser()
+    r = b.post("/cart/items", {"sku": "fig", "qty": 3})
+    assert (r.status, r.json) == (200, {"cart": {"fig": 3}})
+    assert cart_lines(tenant_sessiond.client().get(b.sid, peek=True).attributes) == {"cart:fig": b"3"}
+    user = unique("popular")
+    for _ in range(TENANT_MAX_SESSIONS_PER_USER):
+        assert front.browser().post("/login", {"user": user}).status == 200
+    r = front.browser().post("/login", {"user": user})
+    assert r.status == 429 and "max_sessions_per_user" in r.json["error"], (r.status, r.json)
+
+
+def test_sessiond_down_is_503(adapter, launch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    front = launch(adapter, f"127.0.0.1:{port}")
+    b = front.browser()
+    r = b.post("/cart/items", {"sku": "apple", "qty": 1})
+    assert r.status == 503 and isinstance(r.json.get("error"), str), (r.status, r.json)
+    r = b.get("/cart", sid="A" * 43)
+    assert r.status == 503 and isinstance(r.json.get("error"), str), (r.status, r.json)
+    assert r.set_cookies == []  # an outage is not an expiry: the cookie is kept
 
 
 def test_exits_on_sigterm(adapter, launch):

@@ -7,14 +7,19 @@ process started here is killed at the end of the test session.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from harness import REPO, Storefront, start_sessiond, start_storefront_process
+from harness import (
+    REPO,
+    Storefront,
+    start_sessiond,
+    start_storefront_process,
+    start_tenant_sessiond,
+)
 from sessiond_client import SessionClient
 
 STOREFRONT_APP = REPO / "examples" / "storefront-flask" / "app.py"
@@ -70,17 +75,7 @@ def sessiond(workdir):
 def tenant_sessiond(workdir):
     """A multi-tenant sessiond with one tenant "t" (TENANT_TOKEN), at most
     TENANT_MAX_SESSIONS_PER_USER sessions per user."""
-    dir_ = workdir / "tenant"
-    dir_.mkdir()
-    config = dir_ / "sessiond-test.toml"
-    config.write_text(
-        "[[tenants]]\n"
-        'name = "t"\n'
-        f'token_sha256 = "{hashlib.sha256(TENANT_TOKEN.encode()).hexdigest()}"\n'
-        f"max_sessions_per_user = {TENANT_MAX_SESSIONS_PER_USER}\n"
-    )
-    d = start_sessiond(dir_, "--config", str(config))
-    d.token = TENANT_TOKEN
+    d = start_tenant_sessiond(workdir / "tenant", TENANT_TOKEN, TENANT_MAX_SESSIONS_PER_USER)
     yield d
     for c in d.clients:
         c.close()

@@ -8,6 +8,7 @@ SESSIOND_BIN names the sessiond binary (default: <repo>/target/debug/sessiond).
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -110,6 +111,22 @@ def start_sessiond(workdir: Path, *extra: str) -> Daemon:
     env.setdefault("RUST_LOG", "info")
     proc = Process(args, cwd=workdir, env=env, marker="grpc=")
     return Daemon(process=proc, addr=proc.value)
+
+
+def start_tenant_sessiond(workdir: Path, token: str, max_sessions_per_user: int) -> Daemon:
+    """A multi-tenant sessiond with one tenant "t" (bearer `token`), allowing at most
+    `max_sessions_per_user` sessions per user; its clients send the token."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "sessiond-test.toml"
+    config.write_text(
+        "[[tenants]]\n"
+        'name = "t"\n'
+        f'token_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+        f"max_sessions_per_user = {max_sessions_per_user}\n"
+    )
+    d = start_sessiond(workdir, "--config", str(config))
+    d.token = token
+    return d
 
 
 # --- storefronts as real servers ---------------------------------------------------------
