@@ -39,9 +39,7 @@ def workdir():
 def sessiond(workdir) -> Daemon:
     d = start_sessiond(workdir / "sessiond")
     yield d
-    for c in d.clients:
-        c.close()
-    d.process.stop()
+    d.stop()
 
 
 # The tenant of `tenant_sessiond`, and the limit it enforces.
@@ -55,9 +53,7 @@ def tenant_sessiond(workdir) -> Daemon:
     TENANT_MAX_SESSIONS_PER_USER sessions per user."""
     d = start_tenant_sessiond(workdir / "tenant", TENANT_TOKEN, TENANT_MAX_SESSIONS_PER_USER)
     yield d
-    for c in d.clients:
-        c.close()
-    d.process.stop()
+    d.stop()
 
 
 @pytest.fixture(scope="session")

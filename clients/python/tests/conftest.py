@@ -66,9 +66,7 @@ def sessiond(workdir):
     """A single-tenant, in-memory sessiond."""
     d = start_sessiond(workdir / "single")
     yield d
-    for c in d.clients:
-        c.close()
-    d.process.stop()
+    d.stop()
 
 
 @pytest.fixture(scope="session")
@@ -77,9 +75,7 @@ def tenant_sessiond(workdir):
     TENANT_MAX_SESSIONS_PER_USER sessions per user."""
     d = start_tenant_sessiond(workdir / "tenant", TENANT_TOKEN, TENANT_MAX_SESSIONS_PER_USER)
     yield d
-    for c in d.clients:
-        c.close()
-    d.process.stop()
+    d.stop()
 
 
 @pytest.fixture(scope="session")

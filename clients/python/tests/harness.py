@@ -14,13 +14,14 @@ import json
 import os
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import pytest
 
-from sessiond_client import SessionClient
+from sessiond_client import NotFound, SessionClient
 
 REPO = Path(__file__).resolve().parent.parent.parent.parent
 START_TIMEOUT = 60.0
@@ -97,6 +98,12 @@ class Daemon:
         self.clients.append(c)
         return c
 
+    def stop(self) -> None:
+        """Closes the clients made here and stops the daemon."""
+        for c in self.clients:
+            c.close()
+        self.process.stop()
+
 
 def start_sessiond(workdir: Path, *extra: str) -> Daemon:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +134,19 @@ def start_tenant_sessiond(workdir: Path, token: str, max_sessions_per_user: int)
     d = start_sessiond(workdir, "--config", str(config))
     d.token = token
     return d
+
+
+def wait_until_expired(client: SessionClient, sid: str, within: float = 30.0) -> None:
+    """Polls sessiond until the session has expired, with peek (which does not slide the
+    idle deadline); fails if it is still there after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            client.get(sid, peek=True)
+        except NotFound:
+            return
+        assert time.monotonic() < deadline, f"the session outlived its idle timeout by {within} s"
+        time.sleep(0.05)
 
 
 # --- storefronts as real servers ---------------------------------------------------------
