@@ -203,7 +203,13 @@ def login(request: HttpRequest) -> HttpResponse:
     name = body.get("user") if body is not None else None
     if not isinstance(name, str) or not name:
         return error(400, "user must not be empty")
-    if request.sessiond is None:
+    if request.session.get(auth.SESSION_KEY) not in (None, name):
+        # Another user is logged in to this session: Django's login() would flush it (its
+        # guard against handing one user's session to the next) and leave a new one to the
+        # engine. End it here instead, so that the new one is made with the client's IP and
+        # User-Agent.
+        auth.logout(request)
+    if request.session.session_key is None:
         start_session(request)
     user, _ = User.objects.get_or_create(username=name)
     # Django's login(): cycle_key() (Regenerate: a fresh ID, the cart carried, the old ID
