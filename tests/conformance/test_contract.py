@@ -160,6 +160,31 @@ def test_login_regenerates_and_carries_the_cart(storefront, client):
     assert b.get("/cart").json == {"cart": {"apple": 3}, "user": user}
 
 
+# django.contrib.auth's login() flushes a session that another user is logged in to (its
+# guard against handing one user's session to the next): the new one starts empty.
+DJANGO_SWITCH = "Django's login() does not carry the cart from another user's session"
+
+
+def test_login_as_another_user(adapter, storefront, client, request):
+    if adapter == "django":
+        request.applymarker(pytest.mark.xfail(reason=DJANGO_SWITCH, strict=True))
+    first, second = unique("fay"), unique("gus")
+    b = storefront.browser("Shared/1.0")
+    b.post("/cart/items", {"sku": "apple", "qty": 1})
+    b.post("/login", {"user": first})
+    before = b.sid
+    r = b.post("/login", {"user": second})
+    assert r.status == 200 and r.json["user"] == second
+    assert b.sid != before
+    assert_sets_session(r.set_cookies, b.sid)
+    with pytest.raises(NotFound):
+        client.get(before, peek=True)
+    stored = client.get(b.sid, peek=True)
+    assert stored.user_id == second
+    assert b.get("/devices").json["devices"][0]["user_agent"] == "Shared/1.0"
+    assert r.json["cart"] == {"apple": 1}
+
+
 def test_login_without_cookie(storefront, client):
     user = unique("bea")
     b = storefront.browser("Fresh/1.0")
