@@ -67,17 +67,17 @@ class StorefrontSessionMiddleware(SessionMiddleware):
     def process_request(self, request: HttpRequest) -> Optional[HttpResponse]:
         super().process_request(request)
         request.sessiond = None
-        request.session_gone = False
+        request.answered_early = False  # refused here: Django's session is left alone
         sid = request.COOKIES.get(settings.SESSION_COOKIE_NAME)
         if sid is None:
             return None
         try:
             request.sessiond = client().get(sid)
         except (NotFound, InvalidArgument):  # gone, or never an ID sessiond issued
-            request.session_gone = True
+            request.answered_early = True
             return error(401, "session expired")
         except SessiondError as err:
-            request.session_gone = True  # not gone, but nothing to save or clear either
+            request.answered_early = True
             return failure(err)
         return None
 
@@ -89,8 +89,8 @@ class StorefrontSessionMiddleware(SessionMiddleware):
         return None
 
     def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
-        if getattr(request, "session_gone", False):
-            return response
+        if getattr(request, "answered_early", False):
+            return response  # no cookie to send, and none to clear
         try:
             return super().process_response(request, response)
         except SessiondError as err:
