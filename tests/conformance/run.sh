@@ -2,7 +2,7 @@
 # Runs the storefront conformance suite: the HTTP contract and the mixed run, against every
 # adapter's storefront (axum, Flask, Django, Express) behind one sessiond.
 #
-#   bash tests/conformance/run.sh [pytest args...]   (paths relative to the repository root)
+#   bash tests/conformance/run.sh [pytest args...]   (-k django, -x, ...)
 #
 # Sets up target/python-venv (clients/python/setup-env.sh; SESSIOND_PY names another
 # interpreter with the same packages), builds sessiond and the axum storefront unless
@@ -40,5 +40,4 @@ install_node_packages() {
 install_node_packages
 
 cd "$root"
-[ "$#" -gt 0 ] || set -- tests/conformance
-exec "$py" -m pytest -q -p no:cacheprovider -rsx "$@"
+exec "$py" -m pytest -q -p no:cacheprovider -rsx tests/conformance "$@"
