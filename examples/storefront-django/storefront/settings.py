@@ -24,7 +24,7 @@ INSTALLED_APPS = [
     "storefront",
 ]
 MIDDLEWARE = [
-    "storefront.views.StorefrontSessionMiddleware",
+    "storefront.middleware.StorefrontSessionMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
 ]
 ROOT_URLCONF = "storefront.urls"
