@@ -264,10 +264,11 @@ def test_made_up_cookie(storefront):
     assert_dead_everywhere(storefront, "A" * 43)
 
 
-def test_idle_timeout_expires_sessions(adapter, launch, client):
+def test_idle_timeout_expires_sessions(adapter, launch, sessiond, client):
     """STOREFRONT_IDLE_TIMEOUT_SECONDS=1: the session ends after a second unused; the next
-    request gets 401 and no Set-Cookie. Polls with peek, which does not slide the deadline."""
-    front = launch(adapter, STOREFRONT_IDLE_TIMEOUT_SECONDS="1")
+    request gets 401 and no Set-Cookie. Polls with peek, which does not slide the deadline.
+    (SESSIOND_ADDR in its http://host:port form, here.)"""
+    front = launch(adapter, f"http://{sessiond.addr}", STOREFRONT_IDLE_TIMEOUT_SECONDS="1")
     b = front.browser()
     b.post("/cart/items", {"sku": "apple", "qty": 1})
     sid = b.sid
