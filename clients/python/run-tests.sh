@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the Python client's tests: the client against a real sessiond, the Flask session
-# interface, and the Flask storefront's HTTP contract end to end.
+# interface, the Django session engine, and what is particular to the Flask storefront (the
+# HTTP contract all storefronts share: tests/conformance/run.sh).
 #
 #   bash clients/python/run-tests.sh [pytest args...]   (paths relative to clients/python)
 #

@@ -1,4 +1,5 @@
-"""Fixtures: real sessiond daemons (and the Flask storefront) on ephemeral loopback ports.
+"""Fixtures: real sessiond daemons (and the Flask storefront) on ephemeral loopback ports,
+started by harness.py.
 
 SESSIOND_BIN names the sessiond binary (default: <repo>/target/debug/sessiond). Every
 process started here is killed at the end of the test session.
@@ -6,116 +7,25 @@ process started here is killed at the end of the test session.
 
 from __future__ import annotations
 
-import hashlib
-import http.client
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import pytest
 
+from harness import (
+    REPO,
+    Storefront,
+    start_sessiond,
+    start_storefront_process,
+    start_tenant_sessiond,
+)
 from sessiond_client import SessionClient
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent.parent
 STOREFRONT_APP = REPO / "examples" / "storefront-flask" / "app.py"
-START_TIMEOUT = 60.0
 
 TENANT_TOKEN = "test-tenant-token"
 TENANT_MAX_SESSIONS_PER_USER = 3
-
-
-def sessiond_bin() -> Path:
-    path = Path(os.environ.get("SESSIOND_BIN", REPO / "target" / "debug" / "sessiond"))
-    if not path.is_file():
-        pytest.exit(f"sessiond binary not found at {path}: build it or set SESSIOND_BIN", 2)
-    return path
-
-
-class Process:
-    """A child process whose output is collected by reader threads, started on a line that
-    says where it listens (found by `marker`)."""
-
-    def __init__(self, args: Sequence[str], cwd: Path, env: Dict[str, str], marker: str):
-        self.args = list(args)
-        self.output: List[str] = []
-        self.proc = subprocess.Popen(
-            self.args,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-        found = threading.Event()
-        self.value: Optional[str] = None
-        lock = threading.Lock()
-
-        def read(stream):
-            for line in stream:
-                with lock:
-                    self.output.append(line)
-                    if self.value is None and marker in line:
-                        self.value = line.split(marker, 1)[1].split()[0]
-                        found.set()
-            found.set()  # EOF: wake the waiter (it checks self.value)
-
-        self._threads = [
-            threading.Thread(target=read, args=(s,), daemon=True)
-            for s in (self.proc.stdout, self.proc.stderr)
-        ]
-        for t in self._threads:
-            t.start()
-        if not found.wait(START_TIMEOUT) or self.value is None:
-            # Give the other stream a moment to hit EOF too before reporting.
-            self.stop()
-            raise RuntimeError(f"{self.args[0]} did not start:\n{self.text()}")
-
-    def text(self) -> str:
-        return "".join(self.output)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        for t in self._threads:
-            t.join(timeout=5)
-
-
-@dataclass
-class Daemon:
-    process: Process
-    addr: str  # host:port of the gRPC listener
-    token: Optional[str] = None
-    clients: List[SessionClient] = field(default_factory=list)
-
-    def client(self, token: Optional[str] = "default", **kw) -> SessionClient:
-        c = SessionClient(self.addr, token=self.token if token == "default" else token, **kw)
-        self.clients.append(c)
-        return c
-
-
-def start_sessiond(workdir: Path, *extra: str) -> Daemon:
-    workdir.mkdir(parents=True, exist_ok=True)
-    args = [
-        str(sessiond_bin()),
-        "--listen", "127.0.0.1:0",
-        "--admin-listen", "127.0.0.1:0",
-        "--no-persist",
-        *extra,
-    ]
-    env = dict(os.environ)
-    env.setdefault("RUST_LOG", "info")
-    proc = Process(args, cwd=workdir, env=env, marker="grpc=")
-    return Daemon(process=proc, addr=proc.value)
 
 
 def pytest_configure(config):
@@ -156,30 +66,16 @@ def sessiond(workdir):
     """A single-tenant, in-memory sessiond."""
     d = start_sessiond(workdir / "single")
     yield d
-    for c in d.clients:
-        c.close()
-    d.process.stop()
+    d.stop()
 
 
 @pytest.fixture(scope="session")
 def tenant_sessiond(workdir):
     """A multi-tenant sessiond with one tenant "t" (TENANT_TOKEN), at most
     TENANT_MAX_SESSIONS_PER_USER sessions per user."""
-    dir_ = workdir / "tenant"
-    dir_.mkdir()
-    config = dir_ / "sessiond-test.toml"
-    config.write_text(
-        "[[tenants]]\n"
-        'name = "t"\n'
-        f'token_sha256 = "{hashlib.sha256(TENANT_TOKEN.encode()).hexdigest()}"\n'
-        f"max_sessions_per_user = {TENANT_MAX_SESSIONS_PER_USER}\n"
-    )
-    d = start_sessiond(dir_, "--config", str(config))
-    d.token = TENANT_TOKEN
+    d = start_tenant_sessiond(workdir / "tenant", TENANT_TOKEN, TENANT_MAX_SESSIONS_PER_USER)
     yield d
-    for c in d.clients:
-        c.close()
-    d.process.stop()
+    d.stop()
 
 
 @pytest.fixture(scope="session")
@@ -190,79 +86,10 @@ def client(sessiond) -> SessionClient:
 # --- the Flask storefront as a real server ----------------------------------------------
 
 
-def start_storefront(workdir: Path, sessiond_addr: str, **env_extra: str) -> "Storefront":
-    env = dict(os.environ)
-    env.update({"SESSIOND_ADDR": sessiond_addr, "PORT": "0", "PYTHONUNBUFFERED": "1"})
-    env.pop("SESSIOND_TOKEN", None)
-    env.pop("STOREFRONT_IDLE_TIMEOUT_SECONDS", None)
-    env.update(env_extra)
-    proc = Process(
-        [sys.executable, str(STOREFRONT_APP)], cwd=workdir, env=env, marker="listening on "
+def start_storefront(workdir: Path, sessiond_addr: str, **env_extra: str) -> Storefront:
+    return start_storefront_process(
+        [sys.executable, str(STOREFRONT_APP)], workdir, sessiond_addr, **env_extra
     )
-    first_stdout = proc.value
-    assert first_stdout.startswith("http://127.0.0.1:"), proc.text()
-    return Storefront(proc, int(first_stdout.rsplit(":", 1)[1]))
-
-
-@dataclass
-class Storefront:
-    process: Process
-    port: int
-
-    def browser(self, user_agent: str = "pytest-browser/1.0") -> "Browser":
-        return Browser(self.port, user_agent)
-
-
-@dataclass
-class Reply:
-    status: int
-    json: object
-    set_cookies: List[str]
-    headers: http.client.HTTPMessage
-
-
-class Browser:
-    """A minimal cookie-keeping HTTP client for the storefront: it remembers `__Host-sid`
-    (as a browser would, even over plain HTTP on loopback in these tests)."""
-
-    COOKIE = "__Host-sid"
-
-    def __init__(self, port: int, user_agent: str):
-        self.port = port
-        self.user_agent = user_agent
-        self.sid: Optional[str] = None
-
-    def request(self, method: str, path: str, body: object = None, sid: Optional[str] = "keep") -> Reply:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        headers = {"User-Agent": self.user_agent}
-        cookie = self.sid if sid == "keep" else sid
-        if cookie:
-            headers["Cookie"] = f"{self.COOKIE}={cookie}"
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        try:
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-        finally:
-            conn.close()
-        set_cookies = resp.headers.get_all("Set-Cookie") or []
-        for header in set_cookies:
-            name, _, rest = header.partition("=")
-            if name == self.COOKIE:
-                value = rest.split(";", 1)[0]
-                self.sid = value or None
-        ctype = resp.headers.get("Content-Type", "")
-        payload = json.loads(raw) if "json" in ctype else raw
-        return Reply(resp.status, payload, set_cookies, resp.headers)
-
-    def get(self, path: str, **kw) -> Reply:
-        return self.request("GET", path, **kw)
-
-    def post(self, path: str, body: object = None, **kw) -> Reply:
-        return self.request("POST", path, body, **kw)
 
 
 @pytest.fixture(scope="session")

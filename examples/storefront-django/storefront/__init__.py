@@ -1,0 +1,1 @@
+"""The Django storefront (see serve.py): settings, the user model, the views."""
