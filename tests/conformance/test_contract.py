@@ -89,14 +89,7 @@ def test_bad_values_are_400(storefront):
     assert r.set_cookies == [] and anonymous.sid is None
 
 
-# The axum storefront takes the body with axum's Json<AddItem> extractor, whose rejection
-# of a body of the wrong shape is 422 in text/plain (400 only for malformed JSON).
-AXUM_SHAPE = "axum's Json extractor answers a body of the wrong shape with 422 text/plain"
-
-
-def test_bad_shapes_are_400(adapter, storefront, request):
-    if adapter == "axum":
-        request.applymarker(pytest.mark.xfail(reason=AXUM_SHAPE, strict=True))
+def test_bad_shapes_are_400(storefront):
     b = storefront.browser()
     for body in (
         {"sku": "apple"},

@@ -17,11 +17,12 @@ new server-generated ID, never one under the browser's key.
   two requests changing different keys of one session never undo each other. A session
   ended while the request ran is not brought back: `save()` raises Django's `UpdateError`
   (a 400 `SessionInterrupted` from SessionMiddleware), as Django's own engines do.
-- The user is bound at `save()`: whenever the `_auth_user_id` that
-  `django.contrib.auth` stores differs from the user sessiond has the session bound to
-  (after a login, or a logout without `flush()`), `save()` first regenerates the session
-  bound to that user. So `login()` moves the session twice (its `cycle_key()`, then the
-  binding save), and it works for `alogin()`, custom auth code and anything else that sets
+- The user is bound at `save()`: when the request changed the `_auth_user_id` that
+  `django.contrib.auth` stores (a login, or a logout without `flush()`) and it differs from
+  the user sessiond has the session bound to, `save()` first regenerates the session bound
+  to that user. A session bound by another adapter (which stores no `_auth_user_id`) keeps
+  its user when Django writes to it. So `login()` moves the session twice (its
+  `cycle_key()`, then the binding save), and it works for `alogin()`, custom auth code and anything else that sets
   `_auth_user_id`, with no signal to connect. `other_devices()` and
   `logout_other_devices()` list and end the user's other sessions.
 - Each key is one sessiond attribute holding its value's compact JSON, as Django's
@@ -168,6 +169,13 @@ class SessionStore(SessionBase):
         user = data.get(USER_KEY)
         return "" if user is None else str(user)
 
+    def _binds(self, data: Dict[str, Any], encoded: Dict[str, bytes]) -> bool:
+        """Whether save() must move the session to bind `_auth_user_id`'s user: only when this
+        request changed that key (a login, or a logout without flush()) and the binding
+        differs. A session another adapter logged in has no `_auth_user_id`; writing to it
+        here leaves its binding alone."""
+        return encoded.get(USER_KEY) != self._stored.get(USER_KEY) and self._user_of(data) != self._bound
+
     # --- SessionBase ------------------------------------------------------------------
 
     def load(self) -> Dict[str, Any]:
@@ -200,7 +208,7 @@ class SessionStore(SessionBase):
             self._created(remote, user, encoded)
             return
         try:
-            if user != self._bound:
+            if self._binds(data, encoded):
                 self._moved(client().regenerate(self.session_key, user_id=user))
             if changed or removed:
                 client().update(self.session_key, set=changed, remove=removed)
@@ -260,7 +268,7 @@ class SessionStore(SessionBase):
             self._created(remote, user, encoded)
             return
         try:
-            if user != self._bound:
+            if self._binds(data, encoded):
                 self._moved(await async_client().regenerate(self.session_key, user_id=user))
             if changed or removed:
                 await async_client().update(self.session_key, set=changed, remove=removed)

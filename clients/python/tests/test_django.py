@@ -192,6 +192,20 @@ def test_save_sends_only_the_changed_keys(client: SessionClient):
     assert remote.attributes == {"b": b"[1,2,3]", "c": b'{"x":null}', "other": b'"theirs"'}
 
 
+def test_a_session_another_adapter_logged_in_keeps_its_user(client: SessionClient):
+    """A session bound by another adapter has no `_auth_user_id`; a Django write to it is
+    a plain Update, with no move and no unbinding."""
+    anonymous = client.create(attributes={"cart:apple": b"1"})
+    bound = client.regenerate(anonymous.id, user_id="ann")  # the axum storefront's login
+    store = SessionStore(bound.id)
+    store["theme"] = "dark"
+    store.save()
+    assert store.session_key == bound.id
+    remote = client.get(bound.id)
+    assert (remote.user_id, remote.version) == ("ann", bound.version + 1)
+    assert remote.attributes == {"cart:apple": b"1", "theme": b'"dark"'}
+
+
 def test_a_session_ended_meanwhile_is_not_brought_back(client: SessionClient):
     store = SessionStore()
     store["a"] = 1

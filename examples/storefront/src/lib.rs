@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, UNIX_EPOCH};
 
+use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -113,14 +114,30 @@ async fn view_cart(session: Session) -> Reply {
     })))
 }
 
+/// A request body as `T`, if it is a JSON object of that shape (serde would also take an
+/// array of the fields in order, which the contract does not allow).
+fn object<T: serde::de::DeserializeOwned>(body: Result<Json<Value>, JsonRejection>) -> Option<T> {
+    match body {
+        Ok(Json(v @ Value::Object(_))) => serde_json::from_value(v).ok(),
+        _ => None,
+    }
+}
+
 #[derive(Deserialize)]
 struct AddItem {
     sku: String,
     qty: u64,
 }
 
-async fn add_to_cart(session: Session, Json(item): Json<AddItem>) -> Reply {
+async fn add_to_cart(session: Session, body: Result<Json<Value>, JsonRejection>) -> Reply {
     live(&session).await?;
+    // A body of the wrong shape is the client's mistake like any other: 400 with the contract's
+    // JSON error, not the extractor's 415/422 in plain text.
+    let Some(item) = object::<AddItem>(body) else {
+        return Err(Failure::Bad(
+            "expected a JSON object {\"sku\": string, \"qty\": integer}",
+        ));
+    };
     if item.sku.is_empty() || item.sku.len() > 64 || item.qty == 0 || item.qty > 1000 {
         return Err(Failure::Bad("sku must be 1-64 bytes and qty 1-1000"));
     }
@@ -143,8 +160,11 @@ struct Login {
     user: String,
 }
 
-async fn login(session: Session, Json(body): Json<Login>) -> Reply {
+async fn login(session: Session, body: Result<Json<Value>, JsonRejection>) -> Reply {
     live(&session).await?;
+    let Some(body) = object::<Login>(body) else {
+        return Err(Failure::Bad("expected a JSON object {\"user\": string}"));
+    };
     if body.user.is_empty() {
         return Err(Failure::Bad("user must not be empty"));
     }
