@@ -585,4 +585,3 @@ function handle(state) {
 }
 
 module.exports = { sessiond, Session, Cookie, passportUser, DEFAULT_NAME };
-module.exports.default = sessiond;
