@@ -82,6 +82,8 @@ export interface SessiondHandle {
   readonly userId: string | null;
   /** The session as sessiond last answered, or null. */
   readonly remote: StoredSession | null;
+  /** Ends every session of the bound user, this one included; how many, or null when none is bound. */
+  destroyAllForUser(): Promise<number | null>;
 }
 
 export interface SessiondOptions {

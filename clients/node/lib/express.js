@@ -331,6 +331,17 @@ async function destroy(state) {
   if (state.cookieLive) state.clearCookie = true;
 }
 
+async function destroyAllForUser(state) {
+  if (!state.id || !state.userId) return null;
+  const n = await state.client.destroyUserSessions(state.userId);
+  if (state.req.session && state.req.session[STATE] === state) delete state.req.session;
+  state.destroyed = true;
+  state.id = null;
+  state.remote = null;
+  if (state.cookieLive) state.clearCookie = true;
+  return n;
+}
+
 async function reload(state) {
   if (!state.id) throw new NotFound('failed to load session: it is not in sessiond');
   let remote;
@@ -580,6 +591,13 @@ function handle(state) {
     /** The session as sessiond last answered (expiresAt, version, ...), or null. */
     get remote() {
       return state.id ? state.remote : null;
+    },
+    /**
+     * Ends every session of the bound user, this one included ("log out all my devices"),
+     * as destroy() ends this one: resolves with how many ended, or null when no user is bound.
+     */
+    destroyAllForUser() {
+      return serial(state, () => destroyAllForUser(state));
     },
   });
 }
