@@ -304,19 +304,34 @@ function blank(state) {
 }
 
 async function regenerate(state) {
-  const old = state.id;
+  const before = {
+    session: state.req.session,
+    id: state.id,
+    remote: state.remote,
+    userId: state.userId,
+    userAtLoad: state.userAtLoad,
+    baseline: state.baseline,
+    cookie: state.cookie,
+  };
   state.id = null;
   state.remote = null;
   const session = blank(state);
-  if (!old) return;
+  if (!before.id) return;
   try {
-    const remote = await state.client.regenerate(old, { userId: userNow(state, session), dropAttributes: true });
+    const remote = await state.client.regenerate(before.id, { userId: userNow(state, session), dropAttributes: true });
     adopt(state, remote);
     state.saved = true;
   } catch (err) {
-    if (!(err instanceof NotFound)) throw err;
-    // Ended meanwhile: the blank session is new, made in sessiond when it is saved.
-    state.userId = '';
+    if (err instanceof NotFound) {
+      // Ended meanwhile: the blank session is new, made in sessiond when it is saved.
+      state.userId = '';
+      return;
+    }
+    // Nothing moved (or nobody can tell): the request keeps the session it had.
+    Object.assign(state, { id: before.id, remote: before.remote, userId: before.userId });
+    Object.assign(state, { userAtLoad: before.userAtLoad, baseline: before.baseline, cookie: before.cookie });
+    state.req.session = before.session;
+    throw err;
   }
 }
 

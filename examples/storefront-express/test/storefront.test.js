@@ -163,3 +163,10 @@ test('sessiond unreachable: 503, no crash, and SIGTERM ends the process', async 
   down.proc.kill('SIGTERM');
   assert.equal(await exited, 0);
 });
+
+test('STOREFRONT_IDLE_TIMEOUT_SECONDS is the idle timeout of new sessions', async () => {
+  const short = await startStorefront(daemon.addr, { STOREFRONT_IDLE_TIMEOUT_SECONDS: '120' });
+  const b = new Browser(short.url);
+  await b.post('/cart/items', { sku: 'a', qty: 1 });
+  assert.equal((await client.get(b.cookie)).idleTimeout, 120000);
+});
