@@ -3,17 +3,28 @@
 // is the `sessiond-client/express` entry point.
 
 const { SessionClient } = require('./client');
-const errors = require('./errors');
+const {
+  Code,
+  CURRENT_VERSION_HEADER,
+  SessiondError,
+  NotFound,
+  Conflict,
+  InvalidArgument,
+  ResourceExhausted,
+  Unauthenticated,
+  Unavailable,
+} = require('./errors');
 
+// Shorthand properties only, so that ESM's `import { ... } from 'sessiond-client'` sees them.
 module.exports = {
   SessionClient,
-  SessiondError: errors.SessiondError,
-  NotFound: errors.NotFound,
-  Conflict: errors.Conflict,
-  InvalidArgument: errors.InvalidArgument,
-  ResourceExhausted: errors.ResourceExhausted,
-  Unauthenticated: errors.Unauthenticated,
-  Unavailable: errors.Unavailable,
-  Code: errors.Code,
-  CURRENT_VERSION_HEADER: errors.CURRENT_VERSION_HEADER,
+  SessiondError,
+  NotFound,
+  Conflict,
+  InvalidArgument,
+  ResourceExhausted,
+  Unauthenticated,
+  Unavailable,
+  Code,
+  CURRENT_VERSION_HEADER,
 };

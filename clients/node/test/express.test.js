@@ -349,3 +349,35 @@ test('sessiond down at start-up: requests fail with 503, then work once it is up
   assert.equal(up.status, 200);
   assert.deepEqual((await b.get('/data')).body.data, { a: 1 });
 });
+
+test('a response written with writeHead and write waits for the save, and carries the cookie', async () => {
+  const { url } = await serve({}, (app) => {
+    dataRoutes(app);
+    app.get('/stream', (req, res) => {
+      req.session.streamed = true;
+      res.writeHead(200, { 'content-type': 'text/plain' });
+      res.write('a');
+      res.write('b');
+      res.end('c');
+    });
+  });
+  const b = new Browser(url);
+  const r = await b.get('/stream');
+  assert.equal(r.text, 'abc');
+  assert.equal(r.setCookies.length, 1);
+  assert.deepEqual((await b.get('/data')).body.data, { streamed: true });
+});
+
+test('a save that fails answers 503 instead of the response', async () => {
+  const { url } = await serve({}, (app) => {
+    app.post('/big', (req, res) => {
+      // Past the daemon's max_value_bytes (64 KiB): INVALID_ARGUMENT.
+      req.session.big = 'x'.repeat(100 * 1024);
+      res.json({ ok: true });
+    });
+  });
+  const r = await new Browser(url).post('/big');
+  assert.equal(r.status, 503);
+  assert.deepEqual(r.body, { error: 'session store unavailable' });
+  assert.deepEqual(r.setCookies, []);
+});
