@@ -18,7 +18,9 @@
 //   A write whose session ended meanwhile is not dropped: a new session carries this
 //   request's writes (not the dead session's data or user), and its cookie is set.
 // - `regenerate()` is sessiond's `Regenerate` at once (the old ID is dead when the callback
-//   runs), with the attributes dropped, as express-session gives a blank session.
+//   runs), and the route sees a blank session, as with express-session. The keys it does not
+//   put back are removed at the save; keys put back unchanged are not rewritten, so a
+//   concurrent change to them (another tab's add to the cart) is not lost.
 // - The user is bound where it changes. `userOf(session)` (default: Passport's
 //   `session.passport.user`, when a string or a number) is read when the session is loaded;
 //   when its answer differs at save() (Passport's `req.login` and `req.logout` both end in
@@ -296,6 +298,11 @@ async function save(state, explicit) {
 /** A blank Session for the request, in place of the current one (which keeps its data). */
 function blank(state) {
   state.baseline = new Map();
+  return fresh(state);
+}
+
+/** A new Session object with no data and a new cookie, in place of the request's one. */
+function fresh(state) {
   state.cookie = new Cookie(state.opts.cookie);
   const session = new Session(state);
   state.req.session = session;
@@ -303,6 +310,12 @@ function blank(state) {
   return session;
 }
 
+/**
+ * Moves the session to a fresh ID now; the route then sees a blank session. In sessiond the
+ * new ID carries the data until the save, which removes every key the route did not put
+ * back: a key put back unchanged (Passport's keepSessionInfo) is not written again, so a
+ * change another request made to it meanwhile is kept, and the move is one atomic step.
+ */
 async function regenerate(state) {
   const before = {
     session: state.req.session,
@@ -310,26 +323,29 @@ async function regenerate(state) {
     remote: state.remote,
     userId: state.userId,
     userAtLoad: state.userAtLoad,
-    baseline: state.baseline,
     cookie: state.cookie,
   };
+  // The baseline stays: it is what sessiond holds under the new ID too.
+  const session = fresh(state);
+  if (!before.id) return;
   state.id = null;
   state.remote = null;
-  const session = blank(state);
-  if (!before.id) return;
   try {
-    const remote = await state.client.regenerate(before.id, { userId: userNow(state, session), dropAttributes: true });
-    adopt(state, remote);
+    const remote = await state.client.regenerate(before.id, { userId: userNow(state, session) });
+    state.id = remote.id;
+    state.remote = remote;
+    state.userId = remote.userId;
     state.saved = true;
   } catch (err) {
     if (err instanceof NotFound) {
       // Ended meanwhile: the blank session is new, made in sessiond when it is saved.
       state.userId = '';
+      state.baseline = new Map();
       return;
     }
     // Nothing moved (or nobody can tell): the request keeps the session it had.
     Object.assign(state, { id: before.id, remote: before.remote, userId: before.userId });
-    Object.assign(state, { userAtLoad: before.userAtLoad, baseline: before.baseline, cookie: before.cookie });
+    Object.assign(state, { userAtLoad: before.userAtLoad, cookie: before.cookie });
     state.req.session = before.session;
     throw err;
   }

@@ -381,3 +381,29 @@ test('a save that fails answers 503 instead of the response', async () => {
   assert.deepEqual(r.body, { error: 'session store unavailable' });
   assert.deepEqual(r.setCookies, []);
 });
+
+test('regenerate gives a blank session: keys not put back are removed, keys put back unchanged keep a concurrent change', async () => {
+  const { url } = await serve({}, (app) => {
+    dataRoutes(app);
+    app.post('/regenerate', async (req, res) => {
+      const prev = { ...req.session };
+      // Another request writes `cart` after this one loaded the session.
+      await client.update(req.sessionID, { set: { cart: '5' } });
+      await req.session.regenerate();
+      if (req.body.keep) Object.assign(req.session, prev);
+      res.json({ blank: Object.keys(prev).length > 0 });
+    });
+  });
+  const b = new Browser(url);
+  await b.post('/set', { cart: 1, note: 'n' });
+  const first = b.cookie;
+  await b.post('/regenerate', { keep: true });
+  assert.notEqual(b.cookie, first);
+  await assert.rejects(client.get(first), NotFound);
+  assert.deepEqual((await b.get('/data')).body.data, { cart: 5, note: 'n' });
+
+  const second = b.cookie;
+  await b.post('/regenerate', { keep: false });
+  assert.notEqual(b.cookie, second);
+  assert.deepEqual((await b.get('/data')).body.data, {});
+});
