@@ -128,10 +128,18 @@ function reserved(key) {
   return RESERVED.has(key) || METHODS.has(key);
 }
 
-/** Calls `cb(err)` when given (express-session's style), else returns the promise. */
+/**
+ * Calls `cb(err)` when given (express-session's style), else returns the promise. Code
+ * written for express-session calls `req.session.save()` without a callback and without
+ * awaiting it: its failure must not be an unhandled rejection that ends the process (the
+ * response's own save still reports it).
+ */
 function run(cb, fn) {
   const p = fn();
-  if (typeof cb !== 'function') return p;
+  if (typeof cb !== 'function') {
+    p.catch(() => {});
+    return p;
+  }
   p.then(
     () => cb(),
     (err) => cb(err),
@@ -496,7 +504,7 @@ function holdResponse(state, res) {
             Object.assign(res, original);
             failed(res, err);
           },
-        );
+        ).catch((err) => res.destroy(err));
       }
       held.push([name, args]);
       return name === 'write' ? true : res;

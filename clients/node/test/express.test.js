@@ -54,6 +54,11 @@ function dataRoutes(app) {
     res.json({ data: { ...req.session }, id: req.sessionID, user: req.sessiond.userId });
   });
   app.get('/noop', (req, res) => res.json({}));
+  app.post('/save-and-forget', (req, res) => {
+    Object.assign(req.session, req.body);
+    req.session.save();
+    res.json({});
+  });
 }
 
 test('keys are stored as one attribute each, holding compact JSON, and only changes are written', async () => {
@@ -343,6 +348,8 @@ test('sessiond down at start-up: requests fail with 503, then work once it is up
   assert.equal(down.status, 503);
   assert.deepEqual(down.body, { error: 'session store unavailable' });
   assert.deepEqual(down.setCookies, []);
+  // express-session code saves without a callback: its failure ends nothing but the response.
+  assert.equal((await b.post('/save-and-forget', { a: 1 })).status, 503);
 
   proxy.to(daemon.addr);
   const up = await b.post('/set', { a: 1 });
