@@ -164,7 +164,13 @@ function main() {
     console.error('PORT must be a port number (0 = ephemeral)');
     process.exit(2);
   }
-  const client = new SessionClient(addr, { token: env('SESSIOND_TOKEN') });
+  let client;
+  try {
+    client = new SessionClient(addr, { token: env('SESSIOND_TOKEN') });
+  } catch (err) {
+    console.error(`SESSIOND_ADDR or SESSIOND_TOKEN: ${err.details || err.message}`);
+    process.exit(2);
+  }
   const app = createApp(client, { idleTimeoutMs: idleSeconds === null ? undefined : idleSeconds * 1000 });
   const server = app.listen(port, '127.0.0.1', () => {
     process.stdout.write(`listening on http://127.0.0.1:${server.address().port}\n`);
