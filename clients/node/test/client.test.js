@@ -145,7 +145,7 @@ test('a broken stream fails its calls in flight; reads and keyed writes are sent
 test('a call past its deadline fails with DEADLINE_EXCEEDED', async () => {
   const proxy = await startProxy(daemon.addr);
   closers.push(() => proxy.close());
-  const c = open(proxy.addr, { connections: 1, timeout: 300 });
+  const c = open(proxy.addr, { connections: 1, timeout: 1000 });
   const s = await c.create({});
   proxy.hold();
   const late = await c.get(s.id).catch((e) => e);
