@@ -7,7 +7,9 @@ const assert = require('node:assert/strict');
 const { retrySafe } = require('../lib/client');
 const { backoff, resolveOptions } = require('../lib/connection');
 const { Cookie, read } = require('../lib/cookie');
-const { Conflict } = require('sessiond-client');
+const { Metadata } = require('@grpc/grpc-js');
+const { Conflict, Code } = require('sessiond-client');
+const { fromServiceError, CURRENT_VERSION_HEADER } = require('../lib/errors');
 
 test('only reads and writes with an idempotency key are sent twice', () => {
   for (const read of ['get', 'touch', 'listUserSessions']) assert.equal(retrySafe(read, {}), true);
@@ -54,4 +56,12 @@ test('the cookie: maxAge and expires move together; reading a Cookie header', ()
   assert.match(c.serializeClear('sid'), /^sid=; Path=\/; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0; HttpOnly/);
   assert.equal(read('a=1; __Host-sid=xyz; b=2', '__Host-sid'), 'xyz');
   assert.equal(read('a=1', '__Host-sid'), null);
+});
+
+test("a unary conflict's version comes from the sessiond-current-version metadata", () => {
+  const metadata = new Metadata();
+  metadata.set(CURRENT_VERSION_HEADER, '9');
+  const err = fromServiceError({ code: Code.ABORTED, details: 'version mismatch: expected 1, session is at 2', metadata });
+  assert.ok(err instanceof Conflict);
+  assert.equal(err.currentVersion, 9);
 });

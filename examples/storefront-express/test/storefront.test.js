@@ -4,9 +4,11 @@
 
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const os = require('node:os');
 const path = require('node:path');
 
-const { SessionClient, NotFound } = require('sessiond-client');
+const { SessionClient, NotFound, ResourceExhausted } = require('sessiond-client');
 const { startSessiond, startProcess, stopProcess, Browser, startProxy } = require('../../../clients/node/test/helpers');
 
 const SERVER = path.join(__dirname, '..', 'server.js');
@@ -169,4 +171,23 @@ test('STOREFRONT_IDLE_TIMEOUT_SECONDS is the idle timeout of new sessions', asyn
   const b = new Browser(short.url);
   await b.post('/cart/items', { sku: 'a', qty: 1 });
   assert.equal((await client.get(b.cookie)).idleTimeout, 120000);
+});
+
+test('a sessiond limit is 429 with its message', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'storefront-express-'));
+  closers.push(async () => fs.rmSync(dir, { recursive: true, force: true }));
+  const config = path.join(dir, 'one-session.toml');
+  fs.writeFileSync(config, 'max_sessions = 1\n');
+  const small = await startSessiond('--config', config);
+  closers.push(() => small.stop());
+  const direct = new SessionClient(small.addr);
+  closers.push(async () => direct.close());
+  const front = await startStorefront(small.addr);
+
+  assert.equal((await new Browser(front.url).post('/cart/items', { sku: 'a', qty: 1 })).status, 200);
+  await assert.rejects(direct.create({}), ResourceExhausted);
+  const refused = await new Browser(front.url).post('/cart/items', { sku: 'a', qty: 1 });
+  assert.equal(refused.status, 429);
+  assert.match(refused.body.error, /max_sessions/);
+  assert.deepEqual(refused.setCookies, []);
 });
