@@ -5,6 +5,7 @@
 // sent again when that connection fails (call.rs in the Rust client is the model).
 
 const { Slot, resolveOptions, metadata } = require('./connection');
+const { Router, LEADER_HEADER } = require('./router');
 const { Ended, NotSent } = require('./pipeline');
 const proto = require('./proto');
 const {
@@ -57,12 +58,14 @@ function checkId(id, name = 'id') {
 
 class SessionClient {
   /**
-   * `address` is host:port, http://host:port or https://host:port. Making a client never
-   * fails because sessiond is down: the first call connects.
+   * `address` is host:port, http://host:port or https://host:port, or several of them (an
+   * array, or separated by commas): seeds tried in turn until one answers; once a reply names
+   * the leader, new connections go there. Making a client never fails because sessiond is
+   * down: the first call connects.
    */
   constructor(address, options = {}) {
     const o = resolveOptions(address, options);
-    this._shared = { options: o, connects: 0, closed: false };
+    this._shared = { options: o, connects: 0, closed: false, router: new Router(o.seeds) };
     this._slots = Array.from({ length: o.connections }, () => new Slot(this._shared));
     this._next = 0;
   }
@@ -189,7 +192,7 @@ class SessionClient {
       const conn = await this._conn();
       if (conn.pipe === null) {
         try {
-          return await unary(conn, name, request, this._shared.options, signal);
+          return await unary(conn, name, request, this._shared, signal);
         } catch (err) {
           if (!(err instanceof Unavailable && safe)) throw err;
           last = err.details;
@@ -235,15 +238,27 @@ class SessionClient {
   }
 }
 
-/** Runs the operation as its unary RPC; an UNAVAILABLE retires the connection. */
-function unary(conn, name, request, options, signal) {
+/**
+ * Runs the operation as its unary RPC. An UNAVAILABLE retires the connection, and so does a
+ * reply naming another node as the leader: the next call makes a fresh one.
+ */
+function unary(conn, name, request, shared, signal) {
   return new Promise((resolve, reject) => {
-    const call = conn.stub[OPS[name][0]](request, metadata(options), (err, response) => {
+    let headers = null;
+    const follow = (md) => {
+      const [leader] = md ? md.get(LEADER_HEADER) : [];
+      if (leader !== undefined && shared.router.leaderSays(conn.target, String(leader))) conn.retire();
+    };
+    const call = conn.stub[OPS[name][0]](request, metadata(shared.options), (err, response) => {
       signal.removeEventListener('abort', onAbort);
+      follow(err ? err.metadata : headers);
       if (!err) return resolve(response);
       const error = fromServiceError(err);
       if (error instanceof Unavailable) conn.retire();
       reject(error);
+    });
+    call.on('metadata', (md) => {
+      headers = md;
     });
     const onAbort = () => call.cancel();
     signal.addEventListener('abort', onAbort, { once: true });

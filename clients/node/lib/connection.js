@@ -12,6 +12,7 @@ const grpc = require('@grpc/grpc-js');
 const { SessionStore } = require('./proto');
 const { Pipe } = require('./pipeline');
 const { Code, Unavailable, InvalidArgument, fromServiceError } = require('./errors');
+const { parseAddress } = require('./router');
 
 /** The per-call deadline, by default (ms). */
 const DEFAULT_TIMEOUT = 5000;
@@ -51,18 +52,20 @@ function resolveOptions(address, options = {}) {
   const invalid = (m) => {
     throw new InvalidArgument(m);
   };
-  if (typeof address !== 'string' || !address.trim()) {
-    invalid('a sessiond address is empty: expected host:port or http(s)://host:port');
-  }
-  let target = address.trim().replace(/\/+$/, '');
+  const addresses = Array.isArray(address) ? address : typeof address === 'string' ? address.split(',') : [];
+  if (addresses.length === 0) invalid('a sessiond address is empty: expected host:port or http(s)://host:port');
   let tls = o.ca !== null;
-  const scheme = /^([a-z]+):\/\//i.exec(target);
-  if (scheme) {
-    if (scheme[1] === 'https') tls = true;
-    else if (scheme[1] !== 'http') invalid(`sessiond address ${JSON.stringify(address)}: scheme must be http or https`);
-    target = target.slice(scheme[0].length);
+  const seeds = [];
+  for (const a of addresses) {
+    let parsed;
+    try {
+      parsed = parseAddress(a);
+    } catch (err) {
+      invalid(err.message);
+    }
+    tls = tls || parsed.tls;
+    if (!seeds.includes(parsed.target)) seeds.push(parsed.target);
   }
-  if (!/^[^\s/]+:\d+$/.test(target)) invalid(`sessiond address ${JSON.stringify(address)}: expected host:port`);
   if (!['pipelined', 'unary'].includes(o.transport)) invalid("options.transport must be 'pipelined' or 'unary'");
   if (!Number.isInteger(o.connections) || o.connections < 1) invalid('options.connections must be at least 1');
   if (!Number.isInteger(o.maxInFlight) || o.maxInFlight < 1) invalid('options.maxInFlight must be at least 1');
@@ -72,7 +75,7 @@ function resolveOptions(address, options = {}) {
   if ((o.cert === null) !== (o.key === null)) invalid('options.cert and options.key go together (mutual TLS)');
   if (o.token !== null && !/^[\x20-\x7e]+$/.test(o.token)) invalid('options.token must be printable ASCII');
   o.connectTimeout = o.connectTimeout ?? Math.min(DEFAULT_CONNECT_TIMEOUT, o.timeout);
-  o.target = target;
+  o.seeds = seeds;
   o.tls = tls;
   return o;
 }
@@ -95,8 +98,8 @@ function pem(value) {
   return value === null ? null : Buffer.from(value);
 }
 
-/** A channel of its own (no subchannel shared with other connections), with its stub. */
-function stub(o) {
+/** A channel to `target` of its own (no subchannel shared with other connections), with its stub. */
+function stub(o, target) {
   const credentials = o.tls
     ? grpc.credentials.createSsl(pem(o.ca), pem(o.key), pem(o.cert))
     : grpc.credentials.createInsecure();
@@ -110,14 +113,19 @@ function stub(o) {
     'grpc.max_reconnect_backoff_ms': Math.max(o.reconnectMax, 1),
   };
   if (o.serverName !== null) channelOptions['grpc.ssl_target_name_override'] = o.serverName;
-  return new SessionStore(o.target, credentials, channelOptions);
+  return new SessionStore(target, credentials, channelOptions);
 }
 
 /** One connection: a channel and, pipelined, its stream. */
 class Conn {
-  constructor(stub, pipe) {
+  constructor(target, stub, pipe, leader) {
+    /** Where it goes (host:port). */
+    this.target = target;
     this.stub = stub;
     this.pipe = pipe;
+    /** The leader its stream's response headers named, if any. */
+    this.leader = leader;
+    /** No new call should start here: it broke, or the leader is elsewhere. */
     this.stale = false;
   }
 
@@ -134,6 +142,75 @@ class Conn {
   close() {
     if (this.pipe) this.pipe.close();
     this.stub.close();
+  }
+}
+
+/** No candidate answered: why, naming each one tried. */
+class Unreachable extends Error {}
+
+/** Codes of a stream that could not be opened because nothing answered in time. */
+const UNREACHABLE_CODES = [Code.UNAVAILABLE, Code.UNKNOWN, Code.CANCELLED, Code.DEADLINE_EXCEEDED];
+
+/**
+ * Connects to the first candidate that answers; if it names another node as the leader,
+ * moves there (once) when it can, keeping the first in case the leader cannot be reached.
+ */
+async function connect(shared) {
+  const { router } = shared;
+  const candidates = router.candidates();
+  const errors = [];
+  let fallback = null;
+  let followed = false;
+  for (let i = 0; i < candidates.length; i++) {
+    const target = candidates[i];
+    let conn;
+    try {
+      conn = await open(shared, target);
+    } catch (err) {
+      if (!(err instanceof Unreachable)) {
+        // sessiond answered, and said no (a wrong token, say): no backoff helps that.
+        if (fallback) return fallback;
+        throw err;
+      }
+      router.unreachable(target);
+      errors.push(`${target}: ${err.message}`);
+      continue;
+    }
+    router.answered(target);
+    const moved = conn.leader !== null && router.leaderSays(target, conn.leader);
+    if (!moved || followed) {
+      if (fallback && fallback !== conn) fallback.close();
+      return conn;
+    }
+    // A follower: it would forward every call. Try the leader next, and nothing after it.
+    followed = true;
+    if (fallback) fallback.close();
+    fallback = conn;
+    candidates.splice(i + 1, candidates.length, router.leader);
+  }
+  if (fallback) return fallback;
+  throw new Unreachable(errors.join('; '));
+}
+
+/** Opens one connection to `target`: its channel, and its stream when pipelined. */
+async function open(shared, target) {
+  const o = shared.options;
+  const s = stub(o, target);
+  try {
+    if (o.transport === 'pipelined') {
+      const pipe = await Pipe.open(s, metadata(o), o.maxInFlight, o.connectTimeout);
+      return new Conn(target, s, pipe, pipe.leader);
+    }
+    await new Promise((resolve, reject) => {
+      s.waitForReady(Date.now() + o.connectTimeout, (err) => (err ? reject(err) : resolve()));
+    });
+    return new Conn(target, s, null, null);
+  } catch (err) {
+    s.close();
+    if (err.code === undefined || UNREACHABLE_CODES.includes(err.code)) {
+      throw new Unreachable(err.details || err.message);
+    }
+    throw fromServiceError(err);
   }
 }
 
@@ -177,38 +254,30 @@ class Slot {
     const back = shared.connects !== this.connectsAtFailure;
     if (this.retryAt > now && !back) {
       throw new Unavailable(
-        `cannot reach sessiond (${this.lastError}); the next attempt is in ${this.retryAt - now} ms`,
+        `cannot reach sessiond (${this.lastError}); the next attempt is in ${Math.ceil(this.retryAt - now)} ms`,
       );
     }
     if (shared.closed) throw new Unavailable('the client is closed');
-    const s = stub(shared.options);
-    let pipe = null;
+    let conn;
     try {
-      if (shared.options.transport === 'pipelined') {
-        pipe = await Pipe.open(s, metadata(shared.options), shared.options.maxInFlight, shared.options.connectTimeout);
-      }
+      conn = await connect(shared);
     } catch (err) {
-      s.close();
-      if (![Code.UNAVAILABLE, Code.UNKNOWN, Code.CANCELLED, Code.DEADLINE_EXCEEDED].includes(err.code)) {
-        // sessiond answered, and said no (a wrong token, say): no backoff helps that.
-        throw fromServiceError(err);
-      }
+      if (!(err instanceof Unreachable)) throw err;
       this.failures += 1;
       this.retryAt = Date.now() + backoff(shared.options, this.failures);
-      this.lastError = `${shared.options.target}: ${err.details || err.message}`;
+      this.lastError = err.message;
       this.connectsAtFailure = shared.connects;
-      throw new Unavailable(`cannot reach sessiond (${this.lastError})`);
+      throw new Unavailable(`cannot reach sessiond (${err.message})`);
     }
     if (shared.closed) {
-      s.close();
-      if (pipe) pipe.close();
+      conn.close();
       throw new Unavailable('the client is closed');
     }
     shared.connects += 1;
     this.failures = 0;
     this.retryAt = 0;
-    this.current = new Conn(s, pipe);
-    return this.current;
+    this.current = conn;
+    return conn;
   }
 
   close() {

@@ -81,8 +81,12 @@ export interface RegenerateOptions {
 }
 
 export class SessionClient {
-  /** `address`: host:port, http://host:port or https://host:port. Never fails because sessiond is down. */
-  constructor(address: string, options?: ClientOptions);
+  /**
+   * `address`: host:port, http://host:port or https://host:port, or several (an array, or
+   * comma-separated): seeds tried in turn; the leader once a reply names it. Never fails
+   * because sessiond is down.
+   */
+  constructor(address: string | string[], options?: ClientOptions);
   create(options?: CreateOptions): Promise<Session>;
   get(id: string, options?: { peek?: boolean }): Promise<Session>;
   /** Resolves with the new deadline. */

@@ -10,6 +10,7 @@
 // on shutdown).
 
 const { status: Code } = require('@grpc/grpc-js');
+const { LEADER_HEADER } = require('./router');
 
 /** The stream ended with calls in flight: why, and whether the server applied none of them. */
 class Ended extends Error {
@@ -42,10 +43,12 @@ class Pipe {
         }));
       }, openTimeoutMs);
       timer.unref();
-      call.on('metadata', () => {
+      call.on('metadata', (md) => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
+        const [leader] = md.get(LEADER_HEADER);
+        pipe.leader = leader === undefined ? null : String(leader);
         resolve(pipe);
       });
       call.on('error', (err) => {
@@ -69,6 +72,8 @@ class Pipe {
     this._free = maxInFlight;
     this._queue = [];
     this.ended = null;
+    /** The leader the stream's response headers named, if any. */
+    this.leader = null;
   }
 
   /** Whether the stream still takes calls. */

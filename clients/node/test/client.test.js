@@ -162,6 +162,15 @@ test('down at first: calls fail fast with Unavailable, and work once sessiond an
   assert.equal((await c.create({})).version, 1);
 });
 
+test('several addresses: the seeds are tried in turn until one answers', async () => {
+  const refusing = await startProxy(null);
+  closers.push(() => refusing.close());
+  for (const transport of ['pipelined', 'unary']) {
+    const c = open(`${refusing.addr},${daemon.addr}`, { transport });
+    assert.equal((await c.create({})).version, 1);
+  }
+});
+
 test('options that cannot work are named', () => {
   assert.throws(() => new SessionClient(''), /address is empty/);
   assert.throws(() => new SessionClient('ftp://h:1'), /scheme must be http or https/);

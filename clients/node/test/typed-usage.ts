@@ -55,6 +55,9 @@ app.post('/logout', async (req, res) => {
   res.json({});
 });
 
+const seeded = new SessionClient(['db1:7420', 'https://db2:7420'], { ca: Buffer.from('pem') });
+void seeded;
+
 async function direct(): Promise<void> {
   const s = await client.create({ userId: 'alice', attributes: { a: 'b' }, idleTimeout: 60_000 });
   try {

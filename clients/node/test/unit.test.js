@@ -6,6 +6,7 @@ const assert = require('node:assert/strict');
 
 const { retrySafe } = require('../lib/client');
 const { backoff, resolveOptions } = require('../lib/connection');
+const { Router } = require('../lib/router');
 const { Cookie, read } = require('../lib/cookie');
 const { Metadata } = require('@grpc/grpc-js');
 const { Conflict, Code } = require('sessiond-client');
@@ -33,11 +34,38 @@ test('backoff doubles up to its cap, jittered down by up to half', () => {
   }
 });
 
-test('addresses: host:port, http:// and https:// (TLS)', () => {
-  assert.deepEqual([resolveOptions('h:1').target, resolveOptions('h:1').tls], ['h:1', false]);
-  assert.deepEqual([resolveOptions('http://h:1/').target, resolveOptions('http://h:1/').tls], ['h:1', false]);
+test('addresses: host:port, http:// and https:// (TLS), one or several', () => {
+  assert.deepEqual(resolveOptions('h:1').seeds, ['h:1']);
+  assert.equal(resolveOptions('h:1').tls, false);
+  assert.deepEqual(resolveOptions('http://h:1/').seeds, ['h:1']);
   assert.equal(resolveOptions('https://h:1').tls, true);
   assert.equal(resolveOptions('h:1', { ca: 'pem' }).tls, true);
+  assert.deepEqual(resolveOptions('a:1, http://b:2,a:1').seeds, ['a:1', 'b:2']);
+  assert.deepEqual(resolveOptions(['a:1', 'b:2']).seeds, ['a:1', 'b:2']);
+});
+
+test('seeds are a fail-over list until a reply names the leader', () => {
+  const r = new Router(['10.0.0.1:7420', '10.0.0.2:7420', '10.0.0.3:7420']);
+  assert.deepEqual(r.candidates(), ['10.0.0.1:7420', '10.0.0.2:7420', '10.0.0.3:7420']);
+  // The second seed answered: it comes first from now on.
+  r.answered('10.0.0.2:7420');
+  assert.equal(r.candidates()[0], '10.0.0.2:7420');
+  // A follower names the leader: calls move there, and the seeds stay behind it.
+  assert.equal(r.leaderSays('10.0.0.2:7420', '10.0.0.3:7420'), true);
+  assert.deepEqual(r.candidates(), ['10.0.0.3:7420', '10.0.0.2:7420', '10.0.0.1:7420']);
+  // The leader naming itself: nothing moves.
+  assert.equal(r.leaderSays('10.0.0.3:7420', 'http://10.0.0.3:7420'), false);
+  // It changes: follow it, even to an address that is no seed.
+  assert.equal(r.leaderSays('10.0.0.3:7420', '10.0.0.9:7420'), true);
+  assert.equal(r.candidates()[0], '10.0.0.9:7420');
+  assert.equal(r.candidates().length, 4);
+  // The leader cannot be reached: back to the seeds.
+  r.unreachable('10.0.0.9:7420');
+  assert.equal(r.leader, null);
+  assert.equal(r.candidates()[0], '10.0.0.2:7420');
+  // A header that is no address is ignored.
+  assert.equal(r.leaderSays('10.0.0.2:7420', 'not an address\n'), false);
+  assert.equal(r.leader, null);
 });
 
 test("a conflict's version from the message when the server sent no field", () => {
