@@ -192,7 +192,7 @@ class SessionClient {
       const conn = await this._conn();
       if (conn.pipe === null) {
         try {
-          return await unary(conn, name, request, this._shared, signal);
+          return await conn.run(() => unary(conn, name, request, this._shared, signal));
         } catch (err) {
           if (!(err instanceof Unavailable && safe)) throw err;
           last = err.details;
@@ -201,7 +201,7 @@ class SessionClient {
       }
       let r;
       try {
-        r = await conn.pipe.call({ [name]: request }, signal);
+        r = await conn.run(() => conn.pipe.call({ [name]: request }, signal));
       } catch (err) {
         if (err instanceof NotSent) {
           conn.retire();

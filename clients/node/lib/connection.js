@@ -1,6 +1,6 @@
 'use strict';
-// Where calls go and how connections come and go: one lazily made connection per slot, made
-// again with a bounded, jittered backoff after a failure.
+// How connections come and go: one lazily made connection per slot, to the target the
+// router picks (router.js), made again with a bounded, jittered backoff after a failure.
 //
 // A slot holds at most one Conn: a grpc-js channel and, on the pipelined transport, its Pipe.
 // A call that finds its slot without a usable connection makes one, unless the last attempt
@@ -127,19 +127,34 @@ class Conn {
     this.leader = leader;
     /** No new call should start here: it broke, or the leader is elsewhere. */
     this.stale = false;
+    /** Calls running on it. */
+    this.active = 0;
   }
 
   get usable() {
     return !this.stale && (this.pipe === null || this.pipe.open);
   }
 
+  /** Runs `fn` as one of its calls: a retired connection closes when its last call is done. */
+  async run(fn) {
+    this.active += 1;
+    try {
+      return await fn();
+    } finally {
+      this.active -= 1;
+      if (this.stale && this.active === 0) this.close();
+    }
+  }
+
   /** Lets the calls in flight finish, but starts no new one here; closes it once idle. */
   retire() {
     this.stale = true;
-    if (this.pipe === null || !this.pipe.open || this.pipe.inFlight === 0) this.close();
+    if (this.active === 0) this.close();
   }
 
   close() {
+    if (this.closed) return;
+    this.closed = true;
     if (this.pipe) this.pipe.close();
     this.stub.close();
   }

@@ -81,11 +81,6 @@ class Pipe {
     return this.ended === null;
   }
 
-  /** How many calls are waiting for their response. */
-  get inFlight() {
-    return this._waiting.size;
-  }
-
   /** Ends the stream (closing the client). */
   close() {
     this._call.end();
