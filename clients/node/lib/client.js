@@ -30,6 +30,9 @@ const OPS = {
   destroy: ['Destroy', 'destroy'],
   listUserSessions: ['ListUserSessions', 'listUserSessions'],
   destroyUserSessions: ['DestroyUserSessions', 'destroyUserSessions'],
+  // Not in the Pipeline: always unary.
+  getMany: ['GetMany', null],
+  destroyAllSessions: ['DestroyAllSessions', null],
 };
 
 /** Whether sending the operation twice changes nothing a caller could tell. */
@@ -38,6 +41,7 @@ function retrySafe(name, request) {
     case 'get':
     case 'touch':
     case 'listUserSessions':
+    case 'getMany':
       return true;
     case 'create':
     case 'update':
@@ -151,6 +155,26 @@ class SessionClient {
     return r.destroyed;
   }
 
+  /**
+   * Reads many sessions in one call (unary: GetMany is not in the Pipeline): one result per
+   * ID, in order, each `{ session }` or `{ error }` (NotFound, InvalidArgument, ...).
+   */
+  async getMany(ids, options = {}) {
+    for (const id of ids) checkId(id, 'ids[]');
+    const r = await this._call('getMany', { ids: [...ids], peek: Boolean(options.peek) });
+    return r.results.map((x) =>
+      x.result === 'session' ? { session: proto.session(x.session) } : { error: fromStatus(x.error.code, x.error.message) },
+    );
+  }
+
+  /**
+   * Ends every session of the caller's tenant (a leaked secret). `confirm` must be exactly
+   * 'destroy all sessions'. Resolves with how many ended.
+   */
+  async destroyAllSessions(confirm) {
+    return Number((await this._call('destroyAllSessions', { confirm: String(confirm) })).destroyed);
+  }
+
   /** Runs one operation within the client's timeout: its answer, or its typed error. */
   async _call(name, request) {
     const { timeout } = this._shared.options;
@@ -190,7 +214,7 @@ class SessionClient {
     let last = '';
     for (let attempt = 0; attempt < MAX_ATTEMPTS && !signal.aborted; attempt++) {
       const conn = await this._conn();
-      if (conn.pipe === null) {
+      if (conn.pipe === null || OPS[name][1] === null) {
         try {
           return await conn.run(() => unary(conn, name, request, this._shared, signal));
         } catch (err) {

@@ -98,6 +98,10 @@ export class SessionClient {
   listUserSessions(userId: string, options?: { includeAttributes?: boolean }): Promise<Session[]>;
   /** How many sessions ended. */
   destroyUserSessions(userId: string, options?: { exceptId?: string }): Promise<number>;
+  /** One result per ID, in order (unary: GetMany is not in the Pipeline). */
+  getMany(ids: Iterable<string>, options?: { peek?: boolean }): Promise<Array<{ session: Session } | { error: SessiondError }>>;
+  /** Ends every session of the tenant; `confirm` must be 'destroy all sessions'. How many ended. */
+  destroyAllSessions(confirm: 'destroy all sessions'): Promise<number>;
   close(): void;
 }
 

@@ -179,7 +179,7 @@ test('options that cannot work are named', () => {
   assert.throws(() => new SessionClient('h:1', { transport: 'carrier pigeon' }), /transport/);
 });
 
-test('a tenant token: without it UNAUTHENTICATED, with it served', async () => {
+test('a tenant token: without it UNAUTHENTICATED, with it served; GetMany and DestroyAllSessions', async () => {
   const token = 'node-test-token';
   const config = path.join(dir, 'tenants.toml');
   const hash = crypto.createHash('sha256').update(token).digest('hex');
@@ -191,6 +191,18 @@ test('a tenant token: without it UNAUTHENTICATED, with it served', async () => {
     await assert.rejects(open(tenant.addr, { transport, token: 'wrong' }).create({}), Unauthenticated);
     assert.equal((await open(tenant.addr, { transport, token }).create({})).version, 1);
   }
+  // The tenant's own daemon, so ending all its sessions touches no other test.
+  const c = open(tenant.addr, { token });
+  const live = await c.create({ attributes: { a: 'b' } });
+  const dead = await c.create({});
+  await c.destroy(dead.id);
+  const many = await c.getMany([live.id, dead.id, 'bad'], { peek: true });
+  assert.equal(many[0].session.attributes.a.toString(), 'b');
+  assert.ok(many[1].error instanceof NotFound);
+  assert.ok(many[2].error instanceof InvalidArgument);
+  await assert.rejects(c.destroyAllSessions('yes'), InvalidArgument);
+  assert.equal(await c.destroyAllSessions('destroy all sessions'), 3);
+  await assert.rejects(c.get(live.id), NotFound);
 });
 
 test('mutual TLS: a CA to trust sessiond, and a client certificate', async () => {

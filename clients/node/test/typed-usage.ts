@@ -76,7 +76,10 @@ async function direct(): Promise<void> {
   const list = await client.listUserSessions('alice');
   const existed: boolean = await client.destroy(list[0].id);
   const at: Date | null = await client.touch(fresh.id);
-  void [n, existed, at];
+  const many = await client.getMany([fresh.id], { peek: true });
+  for (const r of many) if ('session' in r) void r.session.expiresAt;
+  const all: number = await client.destroyAllSessions('destroy all sessions');
+  void [n, existed, at, all];
   client.close();
 }
 void direct;
