@@ -5,9 +5,8 @@
 #
 #   bash clients/node/run-tests.sh [node --test args...]
 #
-# Installs each package's node_modules with `npm ci` from its committed lockfile, only when
-# node_modules is missing or the lockfile (or, for the storefront, the client it copies)
-# changed since the last install. Uses SESSIOND_BIN if set, else brings
+# Installs each package's node_modules with `npm ci` from its committed lockfile
+# (setup-env.sh, only when something changed). Uses SESSIOND_BIN if set, else brings
 # target/debug/sessiond up to date with cargo. Every daemon and app the tests start listens
 # on ephemeral loopback ports and is stopped at the end.
 set -euo pipefail
@@ -16,28 +15,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 storefront="$root/examples/storefront-express"
 
-command -v node >/dev/null || { echo "run-tests.sh: node (>= 18) is not installed" >&2; exit 1; }
-command -v npm >/dev/null || { echo "run-tests.sh: npm is not installed" >&2; exit 1; }
-
-# npm ci in $1 unless its stamp matches the hash of the files after it.
-install() {
-  local dir="$1"
-  shift
-  local stamp="$dir/node_modules/.sessiond-stamp"
-  local want have
-  want="$(cat "$@" | sha256sum | cut -d' ' -f1)"
-  have="$(cat "$stamp" 2>/dev/null || true)"
-  if [ "$have" != "$want" ]; then
-    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
-    echo "$want" >"$stamp"
-  fi
-}
-
-install "$here" "$here/package-lock.json"
-# The storefront installs a copy of the client (install-links), so a change to the client's
-# files is a reason to install again.
-install "$storefront" "$storefront/package-lock.json" "$here/package.json" \
-  $(cd "$here" && find lib proto -type f | LC_ALL=C sort | sed "s|^|$here/|")
+bash "$here/setup-env.sh"
 
 bin="${SESSIOND_BIN:-$root/target/debug/sessiond}"
 if [ -z "${SESSIOND_BIN:-}" ]; then

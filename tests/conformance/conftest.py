@@ -65,8 +65,8 @@ def client(sessiond) -> SessionClient:
 @pytest.fixture(scope="session")
 def launch(sessiond, workdir):
     """launch(adapter, sessiond_addr=None, **env) starts one more storefront of that
-    adapter against the suite's sessiond, or the one at sessiond_addr, with more environment
-    (skipping the test if the adapter does not exist yet); all are stopped at the end."""
+    adapter against the suite's sessiond, or the one at sessiond_addr, with more environment;
+    all are stopped at the end."""
     started: List[Storefront] = []
 
     def start(adapter: str, sessiond_addr: Optional[str] = None, **env: str) -> Storefront:

@@ -7,7 +7,7 @@
 # Sets up target/python-venv (clients/python/setup-env.sh; SESSIOND_PY names another
 # interpreter with the same packages), builds sessiond and the axum storefront unless
 # SESSIOND_BIN and STOREFRONT_BIN name them, installs the Express storefront's node packages
-# if it exists, and runs pytest. Every process the suite starts listens on ephemeral
+# (clients/node/setup-env.sh), and runs pytest. Every process the suite starts listens on ephemeral
 # loopback ports and is stopped at the end.
 set -euo pipefail
 
@@ -26,18 +26,8 @@ for bin in "$SESSIOND_BIN" "$STOREFRONT_BIN"; do
   [ -x "$bin" ] || { echo "run.sh: $bin is not an executable" >&2; exit 1; }
 done
 
-# The Express storefront's packages: `npm ci` where its lockfile is (its own directory, or
-# the Node client's it depends on). Nothing to do until the storefront exists.
-install_node_packages() {
-  [ -f "$root/examples/storefront-express/server.js" ] || return 0
-  local dir
-  for dir in "$root/examples/storefront-express" "$root/clients/node"; do
-    if [ -f "$dir/package-lock.json" ]; then
-      (cd "$dir" && npm ci --silent --no-audit --no-fund)
-    fi
-  done
-}
-install_node_packages
+# The Express storefront's packages (npm ci from the committed lockfiles, when changed).
+bash "$root/clients/node/setup-env.sh"
 
 cd "$root"
 exec "$py" -m pytest -q -p no:cacheprovider -rsx tests/conformance "$@"

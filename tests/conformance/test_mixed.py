@@ -5,10 +5,7 @@ works only through the shared session encoding (README.md, "The interop contract
 - a login on the Django one;
 - items added on Flask and seen on axum;
 - four tabs adding concurrently through all four, with no item lost;
-- "log out all devices" on one of them, killing the sessions seen through the others.
-
-While the Express storefront does not exist yet, the four-adapter run is skipped (saying
-so) and the same scenario runs on the three that exist, Flask standing in for Express."""
+- "log out all devices" on one of them, killing the sessions seen through the others."""
 
 from __future__ import annotations
 
@@ -18,16 +15,12 @@ from typing import Dict
 
 import pytest
 
-from adapters import express_exists
 from contract import EXPIRED, assert_dead_everywhere, cart_lines
 from sessiond_client import NotFound
 
 # Who does what in the scenario: the adapter for each role.
 FOUR = {"fill": "express", "login": "django", "add": "flask", "view": "axum"}
-WITHOUT_EXPRESS = {**FOUR, "fill": "flask"}
 CASTS = [pytest.param(FOUR, id="express+django+flask+axum")]
-if not express_exists():
-    CASTS.append(pytest.param(WITHOUT_EXPRESS, id="flask+django+flask+axum"))
 
 TAB_ADDS = 10  # adds per tab in the concurrent part
 
