@@ -111,11 +111,12 @@ fn main() -> ExitCode {
     if flags.repair {
         return repair(&config);
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.worker_threads > 0 {
-        runtime.worker_threads(config.worker_threads);
-    }
-    let runtime = match runtime.enable_all().build() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers(cpus))
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sessiond: cannot start the async runtime: {e}");
