@@ -71,23 +71,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# N distinct free loopback ports (all held open while choosing, so none repeats).
-free_ports() {
-  python3 -c 'import socket,sys
-socks=[socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks: s.bind(("127.0.0.1",0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
-}
-
-wait_port() {
-  for _ in $(seq 1 200); do
-    python3 -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('127.0.0.1',$1)))" && return 0
-    sleep 0.05
-  done
-  echo "compare.sh: nothing listens on port $1; server output:" >&2
-  cat "$WORK"/*.log >&2 || true
-  return 1
-}
+# free_ports, wait_port.
+source benches/ports.sh
 
 # Stops every server of the run (SIGTERM; SIGKILL after 10 s) and deletes the data in DIR.
 stop_all() {

@@ -48,6 +48,7 @@ WORK=$(mktemp -d)
 OUT=${KEEP:-$WORK}
 mkdir -p "$OUT"
 SERVER=""
+source benches/ports.sh  # free_ports, wait_port
 cleanup() {
   [ -n "$SERVER" ] && kill -KILL "$SERVER" 2>/dev/null
   wait 2>/dev/null || true
@@ -58,19 +59,12 @@ trap 'exit 130' INT TERM
 
 # start_sessiond: a fresh sessiond with its own data directory; sets SERVER and GRPC, ADMIN.
 start_sessiond() {
-  read -r GRPC ADMIN < <(python3 -c 'import socket
-s=[socket.socket() for _ in range(2)]
-for x in s: x.bind(("127.0.0.1",0))
-print(*(x.getsockname()[1] for x in s))')
+  read -r GRPC ADMIN < <(free_ports 2)
   rm -rf "$WORK/data"
   "${SERVER_PIN[@]}" "$BIN/sessiond" --listen "127.0.0.1:$GRPC" --admin-listen "127.0.0.1:$ADMIN" \
     --data-dir "$WORK/data" --fsync "$FSYNC" >"$WORK/sessiond.log" 2>&1 &
   SERVER=$!
-  for _ in $(seq 1 200); do
-    python3 -c "import socket,sys; sys.exit(socket.socket().connect_ex(('127.0.0.1',$GRPC)))" && return 0
-    sleep 0.05
-  done
-  echo "profile.sh: sessiond did not start:" >&2; cat "$WORK/sessiond.log" >&2; return 1
+  wait_port "$GRPC"
 }
 
 stop_sessiond() { kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=""; }

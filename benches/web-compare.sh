@@ -75,17 +75,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# N distinct free loopback ports (all held open while choosing, so none repeats).
-free_ports() {
-  python3 -c 'import socket,sys
-socks=[socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks: s.bind(("127.0.0.1",0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
-}
+# free_ports.
+source benches/ports.sh
 
-# wait_port PORT PID: until something listens on PORT; fails at once if PID has exited (a
+# wait_port_of PORT PID: until something listens on PORT; fails at once if PID has exited (a
 # free port taken meanwhile by another program: the caller tries another), or after 20 s.
-wait_port() {
+wait_port_of() {
   local deadline=$((SECONDS + 20))
   while [ "$SECONDS" -lt "$deadline" ]; do
     kill -0 "$2" 2>/dev/null || return 1
@@ -102,7 +97,7 @@ wait_port() {
 started() {
   local pid=$!
   PIDS+=("$pid")
-  wait_port "$1" "$pid" && return 0
+  wait_port_of "$1" "$pid" && return 0
   kill -KILL "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   unset 'PIDS[-1]'

@@ -169,12 +169,12 @@ class SessionStore(SessionBase):
         user = data.get(USER_KEY)
         return "" if user is None else str(user)
 
-    def _binds(self, data: Dict[str, Any], encoded: Dict[str, bytes]) -> bool:
-        """Whether save() must move the session to bind `_auth_user_id`'s user: only when this
-        request changed that key (a login, or a logout without flush()) and the binding
-        differs. A session another adapter logged in has no `_auth_user_id`; writing to it
+    def _binds(self, user: str, encoded: Dict[str, bytes]) -> bool:
+        """Whether save() must move the session to bind `user` (`_auth_user_id`'s): only
+        when this request changed that key (a login, or a logout without flush()) and the
+        binding differs. A session another adapter logged in has no `_auth_user_id`; writing to it
         here leaves its binding alone."""
-        return encoded.get(USER_KEY) != self._stored.get(USER_KEY) and self._user_of(data) != self._bound
+        return encoded.get(USER_KEY) != self._stored.get(USER_KEY) and user != self._bound
 
     # --- SessionBase ------------------------------------------------------------------
 
@@ -208,7 +208,7 @@ class SessionStore(SessionBase):
             self._created(remote, user, encoded)
             return
         try:
-            if self._binds(data, encoded):
+            if self._binds(user, encoded):
                 self._moved(client().regenerate(self.session_key, user_id=user))
             if changed or removed:
                 client().update(self.session_key, set=changed, remove=removed)
@@ -268,7 +268,7 @@ class SessionStore(SessionBase):
             self._created(remote, user, encoded)
             return
         try:
-            if self._binds(data, encoded):
+            if self._binds(user, encoded):
                 self._moved(await async_client().regenerate(self.session_key, user_id=user))
             if changed or removed:
                 await async_client().update(self.session_key, set=changed, remove=removed)
