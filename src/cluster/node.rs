@@ -371,7 +371,8 @@ impl ClusterNode {
     > {
         let started = Instant::now();
         let recorder = self.recorder.get().cloned();
-        let (responder, _log_id, rx) = openraft::impls::ProgressResponder::new();
+        // Completion only: a commit notice nobody waits for makes openraft log a warning.
+        let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
         self.raft
             .client_write_ff(Proposal(effects), Some(responder))
             .await

@@ -318,6 +318,15 @@ impl Cluster {
         self.nodes[i].proc.take().expect("running").terminate()
     }
 
+    /// What node `i` has logged so far (empty once it is killed).
+    pub fn output(&self, i: usize) -> String {
+        self.nodes[i]
+            .proc
+            .as_ref()
+            .map(|p| p.output())
+            .unwrap_or_default()
+    }
+
     /// A client of node `i`'s session store.
     pub async fn client(&self, i: usize) -> SessionStoreClient<Channel> {
         let proc = self.nodes[i].proc.as_ref().expect("running");
