@@ -71,8 +71,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# free_ports, wait_port.
+# free_ports, wait_port; start_group.
 source benches/ports.sh
+source benches/group.sh
 
 # Stops every server of the run (SIGTERM; SIGKILL after 10 s) and deletes the data in DIR.
 stop_all() {
@@ -110,39 +111,16 @@ run_sessiond() {
   stop_all "$dir"
 }
 
-# run_cluster FSYNC MIX OUT [follower]: a group of CLUSTER nodes on loopback, the first
-# bootstrapped and the others added with `sessionctl cluster add` (learner, catch up, voter),
-# the load on the leader, or on a follower, which forwards to it.
+# run_cluster FSYNC MIX OUT [follower]: a group of CLUSTER nodes (benches/group.sh), the load
+# on the leader, or on a follower, which forwards to it.
 run_cluster() {
-  local dir="$WORK/cluster-$RANDOM" ports i peer1 leader target
-  local -a grpc=() admin=() peer=()
-  read -r -a ports < <(free_ports $((3 * CLUSTER)))
-  for i in $(seq 0 $((CLUSTER - 1))); do
-    grpc+=("${ports[3 * i]}"); admin+=("${ports[3 * i + 1]}"); peer+=("${ports[3 * i + 2]}")
-    mkdir -p "$dir/n$i"
-    printf '%s\n' "listen = \"127.0.0.1:${grpc[i]}\"" "admin_listen = \"127.0.0.1:${admin[i]}\"" \
-      "data_dir = \"$dir/n$i/data\"" "fsync = \"$1\"" "[cluster]" \
-      "peer_listen = \"127.0.0.1:${peer[i]}\"" "$CLUSTER_TOML" >"$dir/n$i/sessiond.toml"
-    local boot=(); [ "$i" -eq 0 ] && boot=(--bootstrap)
-    "${SERVER_PIN[@]}" "$BIN/sessiond" --config "$dir/n$i/sessiond.toml" "${boot[@]}" >"$WORK/cluster-n$i.log" 2>&1 &
-    PIDS+=($!)
-  done
-  for i in $(seq 0 $((CLUSTER - 1))); do wait_port "${grpc[i]}"; wait_port "${peer[i]}"; done
-  peer1="127.0.0.1:${peer[0]}"
-  for i in $(seq 1 $((CLUSTER - 1))); do
-    timeout 150s "$BIN/sessionctl" cluster --peer "$peer1" --wait 120s add --node "127.0.0.1:${peer[i]}" >/dev/null
-  done
-  leader=$(timeout 30s "$BIN/sessionctl" --json cluster --peer "$peer1" status |
-    python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["leader"]["client_addr"] if s["leader"] and len(s["voters"]) == int(sys.argv[1]) else "")' "$CLUSTER")
-  [ -n "$leader" ] || { echo "compare.sh: the group has no leader with $CLUSTER voters" >&2; cat "$WORK"/cluster-n*.log >&2; return 1; }
-  for i in $(seq 0 $((CLUSTER - 1))); do
-    case "${4:-leader}:127.0.0.1:${grpc[i]}" in
-      "leader:$leader") target=$i; break ;;
-      follower:"$leader") ;;
-      follower:*) target=$i; break ;;
-    esac
-  done
-  bench "grpc://127.0.0.1:${grpc[target]}" "$3" --admin-addr "127.0.0.1:${admin[target]}" \
+  local dir="$WORK/cluster-$RANDOM" target
+  start_group "$1" "$dir"
+  target=$LEADER
+  [ "${4:-leader}" = "follower" ] && target=$(((LEADER + 1) % CLUSTER))
+  # The node under load first: sessiond-bench's "server" is the first of --pids.
+  PIDS=("${GROUP_PID[target]}" $(printf '%s\n' "${GROUP_PID[@]}" | grep -vx "${GROUP_PID[target]}"))
+  bench "grpc://127.0.0.1:${GROUP_GRPC[target]}" "$3" --admin-addr "127.0.0.1:${GROUP_ADMIN[target]}" \
     --mix "$2" "${PIPELINE_FLAG[@]}"
   stop_all "$dir"
 }

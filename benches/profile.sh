@@ -10,13 +10,16 @@
 #
 #   RATE=30000 bash benches/profile.sh      # open loop at 30,000 ops/s (e.g. half load)
 #   bash benches/profile.sh                 # closed loop
+#   CLUSTER=3 bash benches/profile.sh       # the leader of a 3-node group (load on the leader)
 #
 # Environment: RATE (ops/s offered; unset = closed loop), PIPELINE (1, the default: Pipeline
 # streams; 0: unary calls), DURATION (10s), WARMUP (2s), SESSIONS (100000), CONCURRENCY (50),
 # CONNECTIONS (4), FSYNC (everysec), MIX (the default mix of benches/compare.sh), BIN (a
 # directory holding prebuilt sessiond and sessiond-bench), PIN (1: sessiond on CPU 0, the
 # load generator on CPU 1), KEEP (a directory to keep perf.data and the reports in),
-# SYMBOLS (the number of hottest symbols listed, 25).
+# SYMBOLS (the number of hottest symbols listed, 25), CLUSTER (N >= 2: profile the leader of a
+# group of N nodes on loopback instead of a single node), CLUSTER_TOML (lines added to each
+# node's [cluster] section).
 # Needs perf (Debian's linux-perf, installed here if missing) and root for the uprobe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,33 +44,50 @@ if ! command -v perf >/dev/null 2>&1; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null
 fi
 if [ -z "${BIN:-}" ]; then
-  cargo build --release --locked --bin sessiond --bin sessiond-bench >&2
+  cargo build --release --locked --bin sessiond --bin sessiond-bench --bin sessionctl >&2
   BIN=target/release
 fi
 WORK=$(mktemp -d)
 OUT=${KEEP:-$WORK}
 mkdir -p "$OUT"
+CLUSTER=${CLUSTER:-}
+CLUSTER_TOML=${CLUSTER_TOML:-}
 SERVER=""
+PIDS=()
 source benches/ports.sh  # free_ports, wait_port
+source benches/group.sh  # start_group
 cleanup() {
-  [ -n "$SERVER" ] && kill -KILL "$SERVER" 2>/dev/null
+  local p
+  for p in "${PIDS[@]:-}"; do if [ -n "$p" ]; then kill -KILL "$p" 2>/dev/null || true; fi; done
   wait 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# start_sessiond: a fresh sessiond with its own data directory; sets SERVER and GRPC, ADMIN.
+# start_sessiond: a fresh sessiond (or, with CLUSTER, group) with its own data directory; sets
+# SERVER (the process profiled: the single node, or the group's leader) and GRPC, ADMIN (its
+# ports).
 start_sessiond() {
-  read -r GRPC ADMIN < <(free_ports 2)
   rm -rf "$WORK/data"
+  if [ -n "$CLUSTER" ]; then
+    start_group "$FSYNC" "$WORK/data"
+    SERVER=${GROUP_PID[LEADER]}; GRPC=${GROUP_GRPC[LEADER]}; ADMIN=${GROUP_ADMIN[LEADER]}
+    return
+  fi
+  read -r GRPC ADMIN < <(free_ports 2)
   "${SERVER_PIN[@]}" "$BIN/sessiond" --listen "127.0.0.1:$GRPC" --admin-listen "127.0.0.1:$ADMIN" \
     --data-dir "$WORK/data" --fsync "$FSYNC" >"$WORK/sessiond.log" 2>&1 &
-  SERVER=$!
+  SERVER=$!; PIDS+=($!)
   wait_port "$GRPC"
 }
 
-stop_sessiond() { kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=""; }
+stop_sessiond() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  PIDS=(); SERVER=""
+}
 
 # measure REPORT CMD...: one bench run; CMD (given the server's PID as its last argument)
 # runs once the measured window opens, for the window's length.
@@ -98,7 +118,7 @@ libc=$(ldd "$BIN/sessiond" | awk '/libc.so/ {print $3}')
 count_mallocs() { perf stat -x, -e "$probe" -o "$OUT/mallocs.csv" -p "$1" -- sleep "$seconds"; }
 
 echo "profile.sh: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%Y-%m-%dT%H:%MZ)," \
-  "${RATE:+rate=$RATE ops/s }${PIPELINE_FLAG[*]:+pipelined }${LOAD_PIN[*]:+pinned }fsync=$FSYNC duration=$DURATION" >&2
+  "${RATE:+rate=$RATE ops/s }${PIPELINE_FLAG[*]:+pipelined }${LOAD_PIN[*]:+pinned }${CLUSTER:+cluster=$CLUSTER (the leader) }fsync=$FSYNC duration=$DURATION" >&2
 echo "profile.sh: run 1, perf record" >&2
 measure "$OUT/profile.json" record
 perf report -i "$OUT/perf.data" --no-children --sort sym -g none --stdio --percent-limit 0 2>/dev/null >"$OUT/symbols.txt"

@@ -55,6 +55,8 @@ OWNERS = [
     ("gRPC framing and codecs (tonic)", r"tonic::codec|tonic::"),
     ("tower layers and http types", r"tower::|tower_http::|\bhttp::|http_body"),
     ("the API layer (sessiond::api: calls, Pipeline dispatch)", r"sessiond::api|sessiond::server"),
+    ("the group's adapters (sessiond::cluster: Raft log, peers, state machine)", r"sessiond::cluster"),
+    ("the Raft engine (openraft)", r"openraft::"),
     ("HTTP/2 (h2, hyper: frames, flow control, socket I/O)", r"\bh2::|\bhyper::|hyper_util::"),
     ("tokio: channels and sync", r"tokio::sync"),
     ("tokio: scheduler, timers, I/O driver", r"tokio::|mio::"),
