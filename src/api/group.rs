@@ -28,13 +28,14 @@ pub type Pending = BoxFuture<'static, Result<Vec<Applied>, Status>>;
 /// A replicated group, as the edge uses it.
 #[tonic::async_trait]
 pub trait Group: Send + Sync + 'static {
-    /// Proposes `effects` as one entry; answers with what applying each did on this node,
+    /// Proposes `effects` (in one entry, perhaps with other writes' effects: each effect is
+    /// applied on its own all the same); answers with what applying each did on this node,
     /// once the group has committed the entry and this node has applied it. Fails with
     /// UNAVAILABLE when this node cannot lead the write (no leader, no quorum, not the
     /// leader), saying which.
     async fn propose(&self, effects: Vec<Effect>) -> Result<Vec<Applied>, Status>;
 
-    /// Submits `effects` as one entry behind every entry this node submitted before, and
+    /// Submits `effects` behind every write this node submitted before, and
     /// returns once it is queued; the [`Pending`] answers as [`Group::propose`] does. A
     /// Pipeline stream's writes go this way, so they commit in the stream's order.
     async fn submit(&self, effects: Vec<Effect>) -> Result<Pending, Status>;

@@ -9,7 +9,7 @@
 //!
 //! - `pb_impl` (crate-private): openraft's traits on our protobuf messages, so the
 //!   leader encodes an entry once, and the same bytes go to the peers and into every log. The
-//!   entry payload is a [`Proposal`]: the [`Effect`]s of one write, each encoded as the
+//!   entry payload is a [`Proposal`]: the [`Effect`]s of one or more writes, each encoded as the
 //!   single-node log already encodes it (`persist::records`).
 //! - [`log_store`]: the durable Raft log ([`openraft::storage::RaftLogStorage`]), one
 //!   append-only file in the framed, checksummed format of `persist::format`, written by one
@@ -21,6 +21,7 @@
 //!   configured), client and server,
 //!   and the admin calls `sessionctl cluster` and the tests make (`Init`, `AddLearner`,
 //!   `ChangeMembership`, `RemoveMember`, `MoveLeader`, `Status`, `Digest`).
+//! - [`coalesce`]: the writes waiting to be proposed go to the group as one entry.
 //! - [`node`]: [`ClusterNode`], which starts all of the above from a `[cluster]` config section
 //!   and offers what the daemon needs: propose, lease reads, leader, membership, shutdown.
 //! - [`metrics_watch`]: the task that follows openraft's metrics into the daemon's
@@ -70,6 +71,7 @@
 //! [`Store`]: crate::store::Store
 
 pub mod admin;
+pub mod coalesce;
 pub mod log_store;
 pub mod member;
 pub mod metrics_watch;
@@ -107,7 +109,8 @@ pub type Node = pb::Node;
 /// What applying one effect did: changed the store, or was overtaken (see `store::plan`).
 pub type Outcome = crate::store::Applied;
 
-/// The effects of one write, proposed as one log entry and applied in order.
+/// The effects of one or more writes (see [`coalesce`]), proposed as one log entry and applied
+/// in order, each on its own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Proposal(pub Vec<Effect>);
 
@@ -121,19 +124,34 @@ impl fmt::Display for Proposal {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied(pub Vec<Outcome>);
 
-openraft::declare_raft_types!(
-    /// sessiond's choice of openraft's types: protobuf messages for everything that is stored
-    /// or sent, so no serde format sits between the engine and the disk.
-    pub TypeConfig:
-        D = Proposal,
-        R = Applied,
-        NodeId = NodeId,
-        Node = Node,
-        Term = u64,
-        LeaderId = pb::LeaderId,
-        Vote = pb::Vote,
-        Entry = pb::Entry,
-);
+/// sessiond's choice of openraft's types: protobuf messages for everything that is stored or
+/// sent, so no serde format sits between the engine and the disk, and the responder of
+/// coalesced writes. (Written out rather than with `declare_raft_types!`, which takes no
+/// generic responder.)
+#[derive(Debug, Clone, Copy, Default, Eq, PartialEq, Ord, PartialOrd)]
+pub struct TypeConfig {}
+
+impl openraft::RaftTypeConfig for TypeConfig {
+    type D = Proposal;
+    type R = Applied;
+    type NodeId = NodeId;
+    type Node = Node;
+    type Term = u64;
+    type LeaderId = pb::LeaderId;
+    type Vote = pb::Vote;
+    type Payload = openraft::EntryPayload<Proposal, NodeId, Node>;
+    type Entry = pb::Entry;
+    type Responder<T>
+        = coalesce::Fanout<T>
+    where
+        T: openraft::OptionalSend + 'static;
+    type Batch<T>
+        = openraft::impls::InlineBatch<T>
+    where
+        T: openraft::OptionalSend + 'static;
+    type AsyncRuntime = openraft::impls::TokioRuntime;
+    type ErrorSource = openraft::impls::BoxedErrorSource;
+}
 
 /// The openraft handle of a node.
 pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachine>;

@@ -20,19 +20,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::errors::RaftError;
 use openraft::{ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use super::admin::ProposeError;
 use super::admin::{initialize, move_leader, remove_member};
+use super::coalesce::Coalescer;
 use super::log_store::{LogCloser, LogOptions, LogSize, LogStore, OpenError};
 use super::network::{Dialer, PeerNetwork};
 use super::pb::cluster_server::ClusterServer;
 use super::peer_service::PeerService;
 use super::state_machine::StateMachine;
-use super::{Applied, Metrics, Node, NodeId, Proposal, Raft, TypeConfig};
+use super::{Applied, Metrics, Node, NodeId, Raft, TypeConfig};
 use crate::config::{ClusterConfig, ConfigError};
 use crate::observe::ClusterMetrics;
 use crate::observe::ConnMetrics;
@@ -145,6 +145,8 @@ pub struct ClusterNode {
     raft_dir: PathBuf,
     /// Where proposals are recorded, once [`ClusterNode::observe`] was called.
     recorder: OnceLock<ClusterMetrics>,
+    /// Where writes are proposed: together, when several wait.
+    coalescer: Coalescer,
 }
 
 impl ClusterNode {
@@ -243,6 +245,8 @@ impl ClusterNode {
             http2_preface: true,
             metrics: ConnMetrics::noop(),
         };
+        let (coalescer, coalescing) = Coalescer::new(raft.clone());
+        tokio::spawn(coalescing);
         tracing::info!(node_id = id, peer = %peer_addr, tls = tls.is_some(), "cluster node started");
         Ok(ClusterNode {
             id,
@@ -258,6 +262,7 @@ impl ClusterNode {
             log_size,
             raft_dir: dir,
             recorder: OnceLock::new(),
+            coalescer,
         })
     }
 
@@ -330,19 +335,13 @@ impl ClusterNode {
         &self.store
     }
 
-    /// Proposes `effects` as one entry, and returns once a majority has it and this node has
-    /// applied it, with one outcome per effect. Only the leader takes proposals.
+    /// Proposes `effects`, and returns once a majority has them and this node has applied
+    /// them, with one outcome per effect. Only the leader takes proposals.
     ///
     /// Each proposal is recorded in the metrics given to `ClusterNode::observe`, if any
     /// (one whose caller goes away before it returns is not).
     pub async fn propose(&self, effects: Vec<Effect>) -> Result<Applied, ProposeError> {
-        let started = Instant::now();
-        let result = self.raft.client_write(Proposal(effects)).await;
-        let result = result.map(|r| r.data).map_err(ProposeError::from);
-        if let Some(m) = self.recorder.get() {
-            m.proposal(ProposeError::counted(&result), started.elapsed());
-        }
-        result
+        self.submit(effects).await?.await
     }
 
     /// Reports this node in `metrics`: from now on every [`ClusterNode::propose`] is recorded
@@ -358,10 +357,11 @@ impl ClusterNode {
         super::metrics_watch::watch(self.metrics(), metrics, stop)
     }
 
-    /// Submits `effects` as one entry behind every entry submitted before it, and returns
-    /// once it is queued: the returned future answers as [`ClusterNode::propose`] does. A
-    /// Pipeline stream submits its writes this way, so they commit in the stream's order
-    /// without waiting for each other.
+    /// Submits `effects` behind every write submitted before it, and returns once it is
+    /// queued: the returned future answers as [`ClusterNode::propose`] does. A Pipeline stream
+    /// submits its writes this way, so they commit in the stream's order without waiting for
+    /// each other. Writes that wait together are proposed as one entry (see
+    /// [`super::coalesce`]).
     pub async fn submit(
         &self,
         effects: Vec<Effect>,
@@ -371,20 +371,13 @@ impl ClusterNode {
     > {
         let started = Instant::now();
         let recorder = self.recorder.get().cloned();
-        // Completion only: a commit notice nobody waits for makes openraft log a warning.
-        let (responder, rx) = openraft::impls::ProgressResponder::complete_only();
-        self.raft
-            .client_write_ff(Proposal(effects), Some(responder))
-            .await
-            .map_err(|f| ProposeError::Fatal(f.to_string()))?;
+        let reply = self.coalescer.submit(effects).await?;
         Ok(async move {
-            let result = match rx.await {
-                Ok(Ok(resp)) => Ok(resp.data),
-                Ok(Err(e)) => Err(ProposeError::from(RaftError::APIError(e))),
-                Err(_) => Err(ProposeError::Indeterminate(
+            let result = reply.await.unwrap_or_else(|_| {
+                Err(ProposeError::Indeterminate(
                     "this node's Raft stopped before answering".into(),
-                )),
-            };
+                ))
+            });
             if let Some(m) = recorder {
                 m.proposal(ProposeError::counted(&result), started.elapsed());
             }

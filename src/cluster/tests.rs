@@ -594,3 +594,59 @@ async fn a_lone_leader_reports_itself_and_its_proposals_in_the_metrics() {
     assert_eq!(get("sessiond_cluster_proposal_seconds_count"), Some(1.0));
     node.shutdown().await;
 }
+
+/// Writes submitted while the engine is busy go as fewer entries than writes, and each write
+/// still hears its own outcomes, in its own order: a stale one among them is stale alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_submitted_together_share_entries_and_each_gets_its_own_outcomes() {
+    use crate::store::Applied as Outcome;
+
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = ClusterNode::start(&config(), dir.path(), store())
+        .await
+        .unwrap();
+    let me = node.id();
+    node.initialize(BTreeMap::from([(me, node.node().clone())]))
+        .await
+        .unwrap();
+    let before = wait_for(&node, "leading", |m| m.state == ServerState::Leader)
+        .await
+        .last_log_index
+        .unwrap_or(0);
+
+    const WRITES: u32 = 200;
+    // Every tenth write updates a session that does not exist (overtaken, on its own); the
+    // odd ones create a session and update it; the others create one.
+    let write = |n: u32| match (n % 10, n % 2) {
+        (0, _) => (vec![update(10_000 + n, 2, "cart")], vec![Outcome::Stale]),
+        (_, 1) => (
+            vec![create(n), update(n, 2, "cart")],
+            vec![Outcome::Done, Outcome::Done],
+        ),
+        _ => (vec![create(n)], vec![Outcome::Done]),
+    };
+    let mut pending = Vec::new();
+    for n in 0..WRITES {
+        pending.push(node.submit(write(n).0).await.unwrap());
+    }
+    for (n, p) in pending.into_iter().enumerate() {
+        let applied = p.await.unwrap();
+        assert_eq!(applied.0, write(n as u32).1, "write {n}");
+    }
+    let after = node
+        .raft()
+        .metrics()
+        .borrow_watched()
+        .last_log_index
+        .unwrap();
+    assert!(
+        after - before < u64::from(WRITES),
+        "{WRITES} writes took {} entries",
+        after - before
+    );
+    let stored = sessions(node.store());
+    assert_eq!(stored.len(), (WRITES - WRITES / 10) as usize);
+    assert!(stored.iter().any(|s| s.attributes.contains_key("cart")));
+    node.shutdown().await;
+}
