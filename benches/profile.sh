@@ -11,6 +11,7 @@
 #   RATE=30000 bash benches/profile.sh      # open loop at 30,000 ops/s (e.g. half load)
 #   bash benches/profile.sh                 # closed loop
 #   CLUSTER=3 bash benches/profile.sh       # the leader of a 3-node group (load on the leader)
+#   CLUSTER=3 ROLE=follower bash benches/profile.sh   # one of its followers
 #
 # Environment: RATE (ops/s offered; unset = closed loop), PIPELINE (1, the default: Pipeline
 # streams; 0: unary calls), DURATION (10s), WARMUP (2s), SESSIONS (100000), CONCURRENCY (50),
@@ -19,7 +20,8 @@
 # load generator on CPU 1), KEEP (a directory to keep perf.data and the reports in),
 # SYMBOLS (the number of hottest symbols listed, 25), CLUSTER (N >= 2: profile the leader of a
 # group of N nodes on loopback instead of a single node), CLUSTER_TOML (lines added to each
-# node's [cluster] section).
+# node's [cluster] section), ROLE (with CLUSTER: leader, the default, or follower: profile a
+# follower while the load goes to the leader).
 # Needs perf (Debian's linux-perf, installed here if missing) and root for the uprobe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +54,7 @@ OUT=${KEEP:-$WORK}
 mkdir -p "$OUT"
 CLUSTER=${CLUSTER:-}
 CLUSTER_TOML=${CLUSTER_TOML:-}
+ROLE=${ROLE:-leader}
 SERVER=""
 PIDS=()
 source benches/ports.sh  # free_ports, wait_port
@@ -66,13 +69,14 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # start_sessiond: a fresh sessiond (or, with CLUSTER, group) with its own data directory; sets
-# SERVER (the process profiled: the single node, or the group's leader) and GRPC, ADMIN (its
-# ports).
+# SERVER (the process profiled: the single node, or the group's leader or a follower, by ROLE)
+# and GRPC, ADMIN (the ports the load goes to).
 start_sessiond() {
   rm -rf "$WORK/data"
   if [ -n "$CLUSTER" ]; then
     start_group "$FSYNC" "$WORK/data"
     SERVER=${GROUP_PID[LEADER]}; GRPC=${GROUP_GRPC[LEADER]}; ADMIN=${GROUP_ADMIN[LEADER]}
+    [ "$ROLE" = "follower" ] && SERVER=${GROUP_PID[(LEADER + 1) % CLUSTER]}
     return
   fi
   read -r GRPC ADMIN < <(free_ports 2)
@@ -118,7 +122,7 @@ libc=$(ldd "$BIN/sessiond" | awk '/libc.so/ {print $3}')
 count_mallocs() { perf stat -x, -e "$probe" -o "$OUT/mallocs.csv" -p "$1" -- sleep "$seconds"; }
 
 echo "profile.sh: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%Y-%m-%dT%H:%MZ)," \
-  "${RATE:+rate=$RATE ops/s }${PIPELINE_FLAG[*]:+pipelined }${LOAD_PIN[*]:+pinned }${CLUSTER:+cluster=$CLUSTER (the leader) }fsync=$FSYNC duration=$DURATION" >&2
+  "${RATE:+rate=$RATE ops/s }${PIPELINE_FLAG[*]:+pipelined }${LOAD_PIN[*]:+pinned }${CLUSTER:+cluster=$CLUSTER (the $ROLE) }fsync=$FSYNC duration=$DURATION" >&2
 echo "profile.sh: run 1, perf record" >&2
 measure "$OUT/profile.json" record
 perf report -i "$OUT/perf.data" --no-children --sort sym -g none --stdio --percent-limit 0 2>/dev/null >"$OUT/symbols.txt"
