@@ -17,16 +17,10 @@ storefront="$root/examples/storefront-express"
 
 bash "$here/setup-env.sh"
 
-bin="${SESSIOND_BIN:-$root/target/debug/sessiond}"
-if [ -z "${SESSIOND_BIN:-}" ]; then
-  # Up to date with the source (a no-op when it already is).
-  (cd "$root" && cargo build --quiet --bin sessiond)
-elif [ ! -x "$bin" ]; then
-  echo "run-tests.sh: SESSIOND_BIN=$bin is not an executable" >&2
-  exit 1
-fi
+source "$root/tests/bins.sh"
+need_bins SESSIOND_BIN=sessiond
 
 (cd "$here" && node_modules/.bin/tsc -p test/tsconfig.json)
 
 [ "$#" -gt 0 ] || set -- "$here/test/" "$storefront/test/"
-SESSIOND_BIN="$bin" exec node --test "$@"
+exec node --test "$@"

@@ -15,15 +15,9 @@ root="$(cd "$here/../.." && pwd)"
 
 py="$(bash "$here/setup-env.sh" | tail -n 1)"
 
-bin="${SESSIOND_BIN:-$root/target/debug/sessiond}"
-if [ -z "${SESSIOND_BIN:-}" ]; then
-  # Up to date with the source (a no-op when it already is).
-  (cd "$root" && cargo build --quiet --bin sessiond)
-elif [ ! -x "$bin" ]; then
-  echo "run-tests.sh: SESSIOND_BIN=$bin is not an executable" >&2
-  exit 1
-fi
+source "$root/tests/bins.sh"
+need_bins SESSIOND_BIN=sessiond
 
 cd "$here"
 [ "$#" -gt 0 ] || set -- tests
-SESSIOND_BIN="$bin" exec "$py" -m pytest -q -p no:cacheprovider "$@"
+exec "$py" -m pytest -q -p no:cacheprovider "$@"

@@ -16,15 +16,8 @@ root="$(cd "$here/../.." && pwd)"
 
 py="${SESSIOND_PY:-$(bash "$root/clients/python/setup-env.sh" | tail -n 1)}"
 
-# Up to date with the source (a no-op when they already are), unless given.
-if [ -z "${SESSIOND_BIN:-}" ] || [ -z "${STOREFRONT_BIN:-}" ]; then
-  (cd "$root" && cargo build --quiet --bin sessiond --bin storefront)
-fi
-export SESSIOND_BIN="${SESSIOND_BIN:-$root/target/debug/sessiond}"
-export STOREFRONT_BIN="${STOREFRONT_BIN:-$root/target/debug/storefront}"
-for bin in "$SESSIOND_BIN" "$STOREFRONT_BIN"; do
-  [ -x "$bin" ] || { echo "run.sh: $bin is not an executable" >&2; exit 1; }
-done
+source "$root/tests/bins.sh"
+need_bins SESSIOND_BIN=sessiond STOREFRONT_BIN=storefront
 
 # The Express storefront's packages (npm ci from the committed lockfiles, when changed).
 bash "$root/clients/node/setup-env.sh"
