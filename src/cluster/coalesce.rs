@@ -13,6 +13,8 @@
 //! Under a light load the task finds one write waiting and proposes it at once: coalescing
 //! never holds a write back to wait for company.
 
+use std::sync::{Arc, Mutex};
+
 use openraft::errors::RaftError;
 use openraft::raft::responder::Responder;
 use openraft::raft::ClientWriteResult;
@@ -94,18 +96,36 @@ async fn run(raft: Raft, mut queue: mpsc::Receiver<Waiting>) {
             replies.push((next.effects.len(), next.reply));
             effects.extend(next.effects);
         }
-        let respond = Fanout(Box::new(move |result| fan_out(result, replies)));
-        // A stopped Raft drops the responder unanswered: each waiter then hears that it
-        // stopped (see `ClusterNode::submit`).
-        let _ = raft.client_write_ff(Proposal(effects), Some(respond)).await;
+        // The replies go to whichever answers first: the responder, or a refusal of the
+        // proposal itself (a stopped engine: nothing was applied).
+        let replies = Arc::new(Mutex::new(Some(replies)));
+        let theirs = replies.clone();
+        let respond = Fanout(Box::new(move |result| {
+            if let Some(replies) = take(&theirs) {
+                fan_out(result, replies);
+            }
+        }));
+        if let Err(fatal) = raft.client_write_ff(Proposal(effects), Some(respond)).await {
+            let refused = ProposeError::Fatal(fatal.to_string());
+            for (_, reply) in take(&replies).into_iter().flatten() {
+                let _ = reply.send(Err(refused.clone()));
+            }
+        }
+        // A Raft that stops after taking the proposal drops the responder unanswered: each
+        // waiter then hears that it stopped before answering (see `ClusterNode::submit`).
     }
 }
 
+/// The replies of one entry, each waiting for its slice of the outcomes.
+type Replies = Vec<(usize, oneshot::Sender<Result<Applied, ProposeError>>)>;
+
+/// Takes the replies out of `slot`, once.
+fn take(slot: &Mutex<Option<Replies>>) -> Option<Replies> {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+}
+
 /// Gives each write its slice of the entry's outcomes, or each the entry's failure.
-fn fan_out(
-    result: ClientWriteResult<TypeConfig>,
-    replies: Vec<(usize, oneshot::Sender<Result<Applied, ProposeError>>)>,
-) {
+fn fan_out(result: ClientWriteResult<TypeConfig>, replies: Replies) {
     match result {
         Ok(response) => {
             let mut outcomes = response.data.0.into_iter();

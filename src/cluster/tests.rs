@@ -649,4 +649,10 @@ async fn writes_submitted_together_share_entries_and_each_gets_its_own_outcomes(
     assert_eq!(stored.len(), (WRITES - WRITES / 10) as usize);
     assert!(stored.iter().any(|s| s.attributes.contains_key("cart")));
     node.shutdown().await;
+    // A stopped engine refuses the write outright: nothing was applied, and it says so.
+    let refused = node.propose(vec![create(WRITES + 1)]).await;
+    assert!(
+        matches!(refused, Err(ProposeError::Fatal(_))),
+        "{refused:?}"
+    );
 }
