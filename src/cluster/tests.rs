@@ -519,16 +519,27 @@ async fn a_node_keeps_its_random_id_across_restarts() {
     c.shutdown().await;
 }
 
+/// A node of its own, not yet initialized, in a directory of its own (kept while it runs),
+/// holding the turn of in-process clusters.
+async fn lone_node() -> (
+    tokio::sync::MutexGuard<'static, ()>,
+    tempfile::TempDir,
+    ClusterNode,
+) {
+    let turn = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = ClusterNode::start(&config(), dir.path(), store())
+        .await
+        .unwrap();
+    (turn, dir, node)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_leader_reports_itself_and_its_proposals_in_the_metrics() {
     use crate::observe::exposition::sample;
     use crate::observe::Telemetry;
 
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let node = ClusterNode::start(&config(), dir.path(), store())
-        .await
-        .unwrap();
+    let (_turn, _dir, node) = lone_node().await;
     let telemetry = Telemetry::new();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(node.observe(telemetry.cluster(), stopped));
@@ -601,11 +612,7 @@ async fn a_lone_leader_reports_itself_and_its_proposals_in_the_metrics() {
 async fn writes_submitted_together_share_entries_and_each_gets_its_own_outcomes() {
     use crate::store::Applied as Outcome;
 
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let node = ClusterNode::start(&config(), dir.path(), store())
-        .await
-        .unwrap();
+    let (_turn, _dir, node) = lone_node().await;
     let me = node.id();
     node.initialize(BTreeMap::from([(me, node.node().clone())]))
         .await
