@@ -13,7 +13,7 @@
 //! Under a light load the task finds one write waiting and proposes it at once: coalescing
 //! never holds a write back to wait for company.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use openraft::errors::RaftError;
 use openraft::raft::responder::Responder;
@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::admin::ProposeError;
 use super::{Applied, Proposal, Raft, TypeConfig};
+use crate::observe::ClusterMetrics;
 use crate::store::Effect;
 
 /// The most writes one entry carries.
@@ -35,7 +36,7 @@ pub const MAX_BYTES: usize = 64 * 1024;
 const QUEUE: usize = 4 * 1024;
 
 /// What a submitted write resolves to: its outcomes, once applied on this node.
-pub type Reply = oneshot::Receiver<Result<Applied, ProposeError>>;
+pub(crate) type Reply = oneshot::Receiver<Result<Applied, ProposeError>>;
 
 /// A write waiting to be proposed.
 struct Waiting {
@@ -46,18 +47,22 @@ struct Waiting {
 
 /// The submitting side. Dropping it ends the task once the writes queued are proposed.
 #[derive(Clone)]
-pub struct Coalescer(mpsc::Sender<Waiting>);
+pub(crate) struct Coalescer(mpsc::Sender<Waiting>);
 
 impl Coalescer {
-    /// The coalescer of `raft`'s proposals, and the task (spawn it) that proposes them.
-    pub fn new(raft: Raft) -> (Coalescer, impl std::future::Future<Output = ()> + Send) {
+    /// The coalescer of `raft`'s proposals, and the task (spawn it) that proposes them,
+    /// counting each entry that commits in `recorder`'s metrics once they are set.
+    pub(crate) fn new(
+        raft: Raft,
+        recorder: Arc<OnceLock<ClusterMetrics>>,
+    ) -> (Coalescer, impl std::future::Future<Output = ()> + Send) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        (Coalescer(tx), run(raft, rx))
+        (Coalescer(tx), run(raft, rx, recorder))
     }
 
     /// Queues `effects` behind every write submitted before; the reply answers once they are
     /// applied on this node (one outcome per effect), or with why they were not.
-    pub async fn submit(&self, effects: Vec<Effect>) -> Result<Reply, ProposeError> {
+    pub(crate) async fn submit(&self, effects: Vec<Effect>) -> Result<Reply, ProposeError> {
         let (reply, rx) = oneshot::channel();
         let weight = effects.iter().map(weight).sum();
         self.0
@@ -73,7 +78,11 @@ impl Coalescer {
 }
 
 /// Proposes what waits, batch after batch, until every [`Coalescer`] is dropped.
-async fn run(raft: Raft, mut queue: mpsc::Receiver<Waiting>) {
+async fn run(
+    raft: Raft,
+    mut queue: mpsc::Receiver<Waiting>,
+    recorder: Arc<OnceLock<ClusterMetrics>>,
+) {
     let mut carried: Option<Waiting> = None;
     loop {
         let first = match carried.take() {
@@ -100,7 +109,11 @@ async fn run(raft: Raft, mut queue: mpsc::Receiver<Waiting>) {
         // proposal itself (a stopped engine: nothing was applied).
         let replies = Arc::new(Mutex::new(Some(replies)));
         let theirs = replies.clone();
-        let respond = Fanout(Box::new(move |result| {
+        let recorder = recorder.clone();
+        let respond = Fanout(Box::new(move |result: ClientWriteResult<TypeConfig>| {
+            if let (Ok(_), Some(m)) = (&result, recorder.get()) {
+                m.entry_committed();
+            }
             if let Some(replies) = take(&theirs) {
                 fan_out(result, replies);
             }

@@ -144,7 +144,7 @@ pub struct ClusterNode {
     /// `data_dir/raft`: the log and the snapshot.
     raft_dir: PathBuf,
     /// Where proposals are recorded, once [`ClusterNode::observe`] was called.
-    recorder: OnceLock<ClusterMetrics>,
+    recorder: Arc<OnceLock<ClusterMetrics>>,
     /// Where writes are proposed: together, when several wait.
     coalescer: Coalescer,
 }
@@ -245,7 +245,8 @@ impl ClusterNode {
             http2_preface: true,
             metrics: ConnMetrics::noop(),
         };
-        let (coalescer, coalescing) = Coalescer::new(raft.clone());
+        let recorder = Arc::new(OnceLock::new());
+        let (coalescer, coalescing) = Coalescer::new(raft.clone(), recorder.clone());
         tokio::spawn(coalescing);
         tracing::info!(node_id = id, peer = %peer_addr, tls = tls.is_some(), "cluster node started");
         Ok(ClusterNode {
@@ -261,7 +262,7 @@ impl ClusterNode {
             log: closer,
             log_size,
             raft_dir: dir,
-            recorder: OnceLock::new(),
+            recorder,
             coalescer,
         })
     }

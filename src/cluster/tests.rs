@@ -603,6 +603,7 @@ async fn a_lone_leader_reports_itself_and_its_proposals_in_the_metrics() {
         Some(1.0)
     );
     assert_eq!(get("sessiond_cluster_proposal_seconds_count"), Some(1.0));
+    assert_eq!(get("sessiond_cluster_write_entries_total"), Some(1.0));
     node.shutdown().await;
 }
 

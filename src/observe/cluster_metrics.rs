@@ -144,6 +144,7 @@ struct Handles {
     leader_changes: Counter,
     proposals: [Counter; RESULTS.len()],
     proposal_seconds: Histogram,
+    write_entries: Counter,
     /// What the scrape writes by hand, and what counting elections and leader changes
     /// remembers. Only the metrics watch writes it, and no lock is held across an await.
     labelled: Mutex<Labelled>,
@@ -180,6 +181,7 @@ impl ClusterMetrics {
                 leader_changes: counter!(CLUSTER_LEADER_CHANGES),
                 proposals: RESULTS.map(|r| counter!(CLUSTER_PROPOSALS, RESULT => r)),
                 proposal_seconds: histogram!(CLUSTER_PROPOSAL_SECONDS),
+                write_entries: counter!(CLUSTER_WRITE_ENTRIES),
                 labelled: Mutex::new(Labelled::default()),
             }),
         }
@@ -227,6 +229,11 @@ impl ClusterMetrics {
         if result == ProposalResult::Ok {
             self.inner.proposal_seconds.record(took.as_secs_f64());
         }
+    }
+
+    /// Records one committed log entry of writes proposed here (see `cluster::coalesce`).
+    pub(crate) fn entry_committed(&self) {
+        self.inner.write_entries.increment(1);
     }
 
     /// Writes the families whose label values come and go, in the text exposition format.

@@ -146,6 +146,9 @@ pub(crate) mod names {
     pub(crate) const RESULT: &str = "result";
     /// Time from proposing to applied on this node, for proposals that committed.
     pub(crate) const CLUSTER_PROPOSAL_SECONDS: &str = "sessiond_cluster_proposal_seconds";
+    /// Log entries of writes proposed on this node that committed (several writes waiting
+    /// together share one).
+    pub(crate) const CLUSTER_WRITE_ENTRIES: &str = "sessiond_cluster_write_entries_total";
     /// Prefix of the process metrics (RSS, open fds, CPU seconds, ...).
     pub(crate) const PROCESS_PREFIX: &str = "sessiond_";
     /// The label naming the tenant on every per-tenant metric.
@@ -426,6 +429,10 @@ fn describe() {
         "Times this node learned of a leader other than the last one it knew."
     );
     describe_counter!(CLUSTER_PROPOSALS, "Proposals made on this node, by result.");
+    describe_counter!(
+        CLUSTER_WRITE_ENTRIES,
+        "Log entries of writes proposed on this node that committed; several writes waiting together share one."
+    );
     describe_histogram!(
         CLUSTER_PROPOSAL_SECONDS,
         Unit::Seconds,
