@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::admin::ProposeError;
 use super::{Applied, Proposal, Raft, TypeConfig};
 use crate::observe::ClusterMetrics;
-use crate::store::Effect;
+use crate::store::{attribute_bytes, size_of, Effect};
 
 /// The most writes one entry carries.
 pub const MAX_WRITES: usize = 256;
@@ -165,25 +165,18 @@ impl<T: Send + 'static> Responder<TypeConfig, T> for Fanout<T> {
     }
 }
 
-/// About how many bytes `effect` takes in an entry: its keys and values, and a fixed part.
+/// About how many bytes `effect` takes in an entry, by the store's own measure of sessions
+/// and attributes, and a fixed part for the rest.
 fn weight(effect: &Effect) -> usize {
     const FIXED: usize = 64;
-    let attributes = |a: &crate::session::Attributes| -> usize {
-        a.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
-    };
     FIXED
         + match effect {
-            Effect::Create { session, .. } | Effect::Regenerate { session, .. } => {
-                attributes(&session.attributes)
-                    + session.user.as_ref().map_or(0, |u| u.len())
-                    + session.client.ip.len()
-                    + session.client.user_agent.len()
-            }
+            Effect::Create { session, .. } | Effect::Regenerate { session, .. } => size_of(session),
             Effect::Update { set, remove, .. } => {
                 set.iter()
-                    .map(|(k, v)| k.len() + v.len() + 4)
+                    .map(|(k, v)| attribute_bytes(k, v.len()))
                     .sum::<usize>()
-                    + remove.iter().map(|k| k.len() + 2).sum::<usize>()
+                    + remove.iter().map(String::len).sum::<usize>()
             }
             Effect::Touch { .. } | Effect::End { .. } => 0,
         }

@@ -49,6 +49,7 @@ use governor::{Quota, RateLimiter};
 
 pub use self::apply::Applied;
 use self::entry::Entry;
+pub(crate) use self::entry::{attribute_bytes, size_of};
 pub use self::entry::{ATTRIBUTE_OVERHEAD_BYTES, SESSION_OVERHEAD_BYTES, TOUCH_REPORT_FRACTION};
 pub use self::error::StoreError;
 pub use self::events::Effect;
