@@ -9,9 +9,13 @@ for s in socks: s.bind(("127.0.0.1",0))
 print(" ".join(str(s.getsockname()[1]) for s in socks))' "$1"
 }
 
-# wait_port PORT: until something listens on PORT (about 10 s at most).
+# wait_port PORT [PID [SECONDS]]: until something listens on PORT, for SECONDS (10) at most.
+# With PID, fails at once if that process has exited (a free port taken meanwhile by another
+# program: the caller can try another).
 wait_port() {
-  for _ in $(seq 1 200); do
+  local deadline=$((SECONDS + ${3:-10}))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    if [ -n "${2:-}" ]; then kill -0 "$2" 2>/dev/null || return 1; fi
     python3 -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('127.0.0.1',$1)))" && return 0
     sleep 0.05
   done

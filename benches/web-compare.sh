@@ -75,29 +75,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# free_ports.
+# free_ports, wait_port.
 source benches/ports.sh
-
-# wait_port_of PORT PID: until something listens on PORT; fails at once if PID has exited (a
-# free port taken meanwhile by another program: the caller tries another), or after 20 s.
-wait_port_of() {
-  local deadline=$((SECONDS + 20))
-  while [ "$SECONDS" -lt "$deadline" ]; do
-    kill -0 "$2" 2>/dev/null || return 1
-    python3 -c "import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(('127.0.0.1',$1)))" && return 0
-    sleep 0.05
-  done
-  echo "web-compare.sh: nothing listens on port $1; output:" >&2
-  cat "$WORK"/*.log >&2 || true
-  return 1
-}
 
 # started PORT: after a process was started in the background, wait for it to listen on PORT;
 # on failure, forget it and fail (the caller tries again on other ports).
 started() {
   local pid=$!
   PIDS+=("$pid")
-  wait_port_of "$1" "$pid" && return 0
+  wait_port "$1" "$pid" 20 && return 0
   kill -KILL "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   unset 'PIDS[-1]'
