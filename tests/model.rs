@@ -188,7 +188,7 @@ fn same(real: &sessiond::session::Session, id: &str, m: &M, with_attrs: bool) {
     assert_eq!(real.last_access_at, m.last);
     assert_eq!(real.absolute_expires_at, m.absolute);
     if with_attrs {
-        let attrs: BTreeMap<_, _> = real.attributes.clone().into_iter().collect();
+        let attrs: BTreeMap<_, _> = real.attributes.to_map().into_iter().collect();
         assert_eq!(attrs, m.attrs);
     } else {
         assert!(real.attributes.is_empty());

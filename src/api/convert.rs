@@ -1,4 +1,5 @@
-//! proto <-> domain. The only place that knows both shapes.
+//! proto -> domain: requests into what the Store takes. (Replies carrying a session are
+//! encoded straight from the store's session, by [`reply`](crate::proto::reply).)
 
 use std::time::Duration;
 
@@ -6,24 +7,8 @@ use tonic::Status;
 
 use super::pb;
 use super::status::invalid;
-use crate::session::{ClientInfo, Millis, Session};
+use crate::session::ClientInfo;
 use crate::store::{Change, NewSession, Rotation};
-
-/// Wall-clock milliseconds as a protobuf timestamp.
-pub fn timestamp(ms: Millis) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-/// Milliseconds as a protobuf duration.
-pub fn duration(ms: Millis) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
 
 fn std_duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
     d.map(|d| Duration::try_from(d).map_err(|_| invalid(field, "must be a positive duration")))
@@ -36,26 +21,6 @@ fn client(c: Option<pb::ClientInfo>) -> ClientInfo {
         user_agent: c.user_agent,
     })
     .unwrap_or_default()
-}
-
-/// A Session for the wire.
-pub fn session(s: Session) -> pb::Session {
-    let expires_at = s.expires_at();
-    pb::Session {
-        id: s.key.encode(),
-        user_id: s.user.as_deref().unwrap_or_default().to_owned(),
-        attributes: s.attributes,
-        version: s.version,
-        created_at: Some(timestamp(s.created_at)),
-        last_access_at: Some(timestamp(s.last_access_at)),
-        expires_at: Some(timestamp(expires_at)),
-        absolute_expires_at: Some(timestamp(s.absolute_expires_at)),
-        idle_timeout: Some(duration(s.idle_timeout)),
-        client: Some(pb::ClientInfo {
-            ip: s.client.ip,
-            user_agent: s.client.user_agent,
-        }),
-    }
 }
 
 /// A CreateRequest for the Store.

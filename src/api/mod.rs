@@ -32,6 +32,7 @@ use crate::tenant::Tenant;
 use crate::transport::ConnInfo;
 
 pub use crate::proto::pb;
+use crate::proto::{reply, serve};
 
 /// The encoded descriptor set of the public API, served by gRPC reflection.
 pub(crate) const FILE_DESCRIPTOR_SET: &[u8] =
@@ -233,25 +234,25 @@ impl Caller {
     // way: a unary call in `durable_reply`, a pipelined one in `finish`, within its own
     // `request_timeout`.
 
-    async fn create(&self, r: pb::CreateRequest) -> Result<pb::Session, Status> {
+    async fn create(&self, r: pb::CreateRequest) -> Result<serve::Session, Status> {
         match self.group() {
             None => {
                 let new = convert::new_session(r)?;
-                Ok(convert::session(self.tenant.store.create(new)?))
+                Ok(serve::Session::from(self.tenant.store.create(new)?))
             }
             Some(group) => group::write(group, || self.plan_create(&r)).await,
         }
     }
 
-    async fn get(&self, id: &str, peek: bool) -> Result<pb::Session, Status> {
+    async fn get(&self, id: &str, peek: bool) -> Result<serve::Session, Status> {
         self.read_lease().await?;
         self.get_leased(id, peek)
     }
 
     /// `get` once the caller holds the lease (see `read_lease`).
-    fn get_leased(&self, id: &str, peek: bool) -> Result<pb::Session, Status> {
+    fn get_leased(&self, id: &str, peek: bool) -> Result<serve::Session, Status> {
         self.lookup(self.tenant.store.get(id, peek))
-            .map(convert::session)
+            .map(serve::Session::from)
     }
 
     async fn touch(&self, r: &pb::TouchRequest) -> Result<pb::TouchResponse, Status> {
@@ -263,26 +264,26 @@ impl Caller {
     fn touch_leased(&self, r: &pb::TouchRequest) -> Result<pb::TouchResponse, Status> {
         let at = self.lookup(self.tenant.store.touch(&r.id))?;
         Ok(pb::TouchResponse {
-            expires_at: Some(convert::timestamp(at)),
+            expires_at: Some(reply::timestamp(at)),
         })
     }
 
-    async fn update(&self, mut r: pb::UpdateRequest) -> Result<pb::Session, Status> {
+    async fn update(&self, mut r: pb::UpdateRequest) -> Result<serve::Session, Status> {
         match self.group() {
             None => {
                 let id = std::mem::take(&mut r.id);
                 let updated = self.tenant.store.update(&id, convert::change(r));
-                self.lookup(updated).map(convert::session)
+                self.lookup(updated).map(serve::Session::from)
             }
             Some(group) => group::write(group, || self.plan_update(&r)).await,
         }
     }
 
-    async fn regenerate(&self, r: &pb::RegenerateRequest) -> Result<pb::Session, Status> {
+    async fn regenerate(&self, r: &pb::RegenerateRequest) -> Result<serve::Session, Status> {
         match self.group() {
             None => {
                 let moved = self.tenant.store.regenerate(&r.id, convert::rotation(r));
-                self.lookup(moved).map(convert::session)
+                self.lookup(moved).map(serve::Session::from)
             }
             Some(group) => group::write(group, || self.plan_regenerate(r)).await,
         }
@@ -305,24 +306,28 @@ impl Caller {
     // to propose and the reply once they are applied. A unary call and a Pipeline stream
     // take the same ones.
 
-    fn plan_create(&self, r: &pb::CreateRequest) -> Result<Plan<pb::Session>, Status> {
+    fn plan_create(&self, r: &pb::CreateRequest) -> Result<Plan<serve::Session>, Status> {
         let new = convert::new_session(r.clone())?;
-        Ok(self.tenant.store.plan_create(new)?.map(convert::session))
+        Ok(self
+            .tenant
+            .store
+            .plan_create(new)?
+            .map(serve::Session::from))
     }
 
-    fn plan_update(&self, r: &pb::UpdateRequest) -> Result<Plan<pb::Session>, Status> {
+    fn plan_update(&self, r: &pb::UpdateRequest) -> Result<Plan<serve::Session>, Status> {
         let mut r = r.clone();
         let id = std::mem::take(&mut r.id);
         let planned = self.tenant.store.plan_update(&id, convert::change(r));
-        Ok(self.lookup(planned)?.map(convert::session))
+        Ok(self.lookup(planned)?.map(serve::Session::from))
     }
 
-    fn plan_regenerate(&self, r: &pb::RegenerateRequest) -> Result<Plan<pb::Session>, Status> {
+    fn plan_regenerate(&self, r: &pb::RegenerateRequest) -> Result<Plan<serve::Session>, Status> {
         let planned = self
             .tenant
             .store
             .plan_regenerate(&r.id, convert::rotation(r));
-        Ok(self.lookup(planned)?.map(convert::session))
+        Ok(self.lookup(planned)?.map(serve::Session::from))
     }
 
     fn plan_destroy(&self, r: &pb::DestroyRequest) -> Result<Plan<pb::DestroyResponse>, Status> {
@@ -361,7 +366,7 @@ impl Caller {
     async fn list_user(
         &self,
         r: &pb::ListUserSessionsRequest,
-    ) -> Result<pb::ListUserSessionsResponse, Status> {
+    ) -> Result<serve::ListUserSessionsResponse, Status> {
         self.read_lease().await?;
         self.list_user_leased(r)
     }
@@ -370,7 +375,7 @@ impl Caller {
     fn list_user_leased(
         &self,
         r: &pb::ListUserSessionsRequest,
-    ) -> Result<pb::ListUserSessionsResponse, Status> {
+    ) -> Result<serve::ListUserSessionsResponse, Status> {
         let store = &self.tenant.store;
         let listed = store.list_user(&r.user_id, false)?;
         let mut out = Bounded::new(self.edge.max_message_bytes, listed.len());
@@ -385,9 +390,9 @@ impl Caller {
             } else {
                 s
             };
-            out.push(convert::session(s))?;
+            out.push(serve::Session::from(s))?;
         }
-        Ok(pb::ListUserSessionsResponse {
+        Ok(serve::ListUserSessionsResponse {
             sessions: out.items,
         })
     }
@@ -447,14 +452,14 @@ type Reply<T> = Result<Response<T>, Status>;
 pub(crate) const PIPELINE_WINDOW: usize = 256;
 
 #[tonic::async_trait]
-impl pb::session_store_server::SessionStore for SessionStoreService {
-    async fn create(&self, req: Request<pb::CreateRequest>) -> Reply<pb::Session> {
+impl serve::session_store_server::SessionStore for SessionStoreService {
+    async fn create(&self, req: Request<pb::CreateRequest>) -> Reply<serve::Session> {
         let caller = self.caller(&req)?;
         let created = caller.create(req.into_inner()).await;
         caller.durable_reply(created).await
     }
 
-    async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::Session> {
+    async fn get(&self, req: Request<pb::GetRequest>) -> Reply<serve::Session> {
         let r = req.get_ref();
         let session = self.caller(&req)?.get(&r.id, r.peek).await?;
         Ok(Response::new(session))
@@ -466,13 +471,13 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         ))
     }
 
-    async fn update(&self, req: Request<pb::UpdateRequest>) -> Reply<pb::Session> {
+    async fn update(&self, req: Request<pb::UpdateRequest>) -> Reply<serve::Session> {
         let caller = self.caller(&req)?;
         let updated = caller.update(req.into_inner()).await;
         caller.durable_reply(updated).await
     }
 
-    async fn regenerate(&self, req: Request<pb::RegenerateRequest>) -> Reply<pb::Session> {
+    async fn regenerate(&self, req: Request<pb::RegenerateRequest>) -> Reply<serve::Session> {
         let caller = self.caller(&req)?;
         let moved = caller.regenerate(req.get_ref()).await;
         caller.durable_reply(moved).await
@@ -487,7 +492,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
     async fn list_user_sessions(
         &self,
         req: Request<pb::ListUserSessionsRequest>,
-    ) -> Reply<pb::ListUserSessionsResponse> {
+    ) -> Reply<serve::ListUserSessionsResponse> {
         Ok(Response::new(
             self.caller(&req)?.list_user(req.get_ref()).await?,
         ))
@@ -502,7 +507,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
         caller.durable_reply(destroyed).await
     }
 
-    async fn get_many(&self, req: Request<pb::GetManyRequest>) -> Reply<pb::GetManyResponse> {
+    async fn get_many(&self, req: Request<pb::GetManyRequest>) -> Reply<serve::GetManyResponse> {
         let caller = self.caller(&req)?;
         let r = req.into_inner();
         if r.ids.len() > self.edge.max_batch_ids {
@@ -515,7 +520,7 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
                 ),
             ));
         }
-        let mut out: Bounded<pb::GetResult> =
+        let mut out: Bounded<serve::GetResult> =
             Bounded::new(self.edge.max_message_bytes, r.ids.len());
         // A repeated ID is looked up once: later positions repeat the first answer, whose
         // attribute values are shared, not copied.
@@ -528,17 +533,17 @@ impl pb::session_store_server::SessionStore for SessionStoreService {
             }
             first.insert(id, i);
             let result = match caller.get(id, r.peek).await {
-                Ok(s) => pb::get_result::Result::Session(s),
-                Err(e) => pb::get_result::Result::Error(status::error(&e)),
+                Ok(s) => serve::get_result::Result::Session(s),
+                Err(e) => serve::get_result::Result::Error(status::error(&e)),
             };
-            out.push(pb::GetResult {
+            out.push(serve::GetResult {
                 result: Some(result),
             })?;
         }
-        Ok(Response::new(pb::GetManyResponse { results: out.items }))
+        Ok(Response::new(serve::GetManyResponse { results: out.items }))
     }
 
-    type PipelineStream = ReceiverStream<Result<pb::PipelineResponse, Status>>;
+    type PipelineStream = ReceiverStream<Result<serve::PipelineResponse, Status>>;
 
     async fn pipeline(
         &self,

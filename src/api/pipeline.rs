@@ -24,12 +24,13 @@ use tonic::{Code, Status};
 
 use super::group::Pending;
 use super::{pb, status, Caller, PIPELINE_WINDOW};
+use crate::proto::serve;
 use pb::pipeline_request::Op;
-use pb::pipeline_response::Result as Outcome;
+use serve::pipeline_response::Result as Outcome;
 
 /// One pipelined operation, applied, on its way to its reply.
 struct Applied {
-    response: pb::PipelineResponse,
+    response: serve::PipelineResponse,
     /// What its reply waits for.
     wait: Wait,
     /// Its name as a metrics label.
@@ -163,7 +164,7 @@ enum Step {
 /// Where the applying stage sends its steps: straight to the client when replies need not
 /// wait for the disk, or to the stage that waits for it.
 enum Sink {
-    Direct(mpsc::Sender<Result<pb::PipelineResponse, Status>>),
+    Direct(mpsc::Sender<Result<serve::PipelineResponse, Status>>),
     Staged(mpsc::Sender<Step>),
 }
 
@@ -209,7 +210,7 @@ impl Caller {
     pub(super) fn serve_pipeline(
         self,
         requests: tonic::Streaming<pb::PipelineRequest>,
-    ) -> ReceiverStream<Result<pb::PipelineResponse, Status>> {
+    ) -> ReceiverStream<Result<serve::PipelineResponse, Status>> {
         let (tx, rx) = mpsc::channel(PIPELINE_WINDOW);
         if self.tenant.durable_log.is_none() && self.group().is_none() {
             // Replies need not wait for the disk: one task applies each request in order and
@@ -247,7 +248,7 @@ impl Caller {
     async fn settle_in_order(
         self,
         mut steps: mpsc::Receiver<Step>,
-        tx: mpsc::Sender<Result<pb::PipelineResponse, Status>>,
+        tx: mpsc::Sender<Result<serve::PipelineResponse, Status>>,
         lane: Option<Arc<Mutex<Lane>>>,
     ) {
         // A step taken from the channel that did not belong to the run of reads before it.
@@ -286,7 +287,7 @@ impl Caller {
         self,
         mut steps: mpsc::Receiver<Step>,
         ordered: mpsc::Sender<Step>,
-        tx: mpsc::Sender<Result<pb::PipelineResponse, Status>>,
+        tx: mpsc::Sender<Result<serve::PipelineResponse, Status>>,
         lane: Arc<Mutex<Lane>>,
     ) {
         let clear = |a: &Applied| a.is_read() && locked(&lane).clear_for(&a.touches);
@@ -319,7 +320,7 @@ impl Caller {
         &self,
         run: Vec<Applied>,
         lane: Option<&Mutex<Lane>>,
-    ) -> Vec<Result<pb::PipelineResponse, Status>> {
+    ) -> Vec<Result<serve::PipelineResponse, Status>> {
         let deadline = run.iter().filter_map(|a| a.deadline).min();
         let lease = self.run_lease(deadline).await;
         let mut replies = Vec::with_capacity(run.len());
@@ -348,7 +349,7 @@ impl Caller {
                 None => {
                     self.edge.metrics.shed_op(op);
                     return Applied {
-                        response: pb::PipelineResponse {
+                        response: serve::PipelineResponse {
                             id: request.id,
                             result: Some(Outcome::Error(status::error(&budget.exhausted()))),
                         },
@@ -381,7 +382,7 @@ impl Caller {
             ),
         };
         Applied {
-            response: pb::PipelineResponse {
+            response: serve::PipelineResponse {
                 id: request.id,
                 result: Some(result),
             },
@@ -502,7 +503,7 @@ impl Caller {
         &self,
         applied: Applied,
         lease: Option<&Result<(), Status>>,
-    ) -> pb::PipelineResponse {
+    ) -> serve::PipelineResponse {
         let Applied {
             mut response,
             wait,

@@ -363,8 +363,8 @@ pub(crate) fn digest(store: &Store) -> (u64, [u8; 32]) {
         bytes(&s.version.to_le_bytes());
         bytes(s.user.as_deref().unwrap_or("").as_bytes());
         bytes(&[u8::from(s.user.is_some())]);
-        let mut attrs: Vec<_> = s.attributes.iter().collect();
-        attrs.sort_unstable_by_key(|(k, _)| k.as_str());
+        let mut attrs: Vec<_> = s.attributes.slices().collect();
+        attrs.sort_unstable_by_key(|(k, _)| *k);
         bytes(&(attrs.len() as u64).to_le_bytes());
         for (k, v) in attrs {
             bytes(k.as_bytes());

@@ -32,7 +32,9 @@ pub(crate) fn session(n: u32) -> Session {
     Session {
         key: SessionKey::from_bytes(key),
         user: Some(format!("user-{}", n % 7).into()),
-        attributes: [("n".to_string(), Bytes::from(n.to_string()))].into(),
+        attributes: [("n".to_string(), Bytes::from(n.to_string()))]
+            .into_iter()
+            .collect(),
         version: 1,
         created_at: T0,
         last_access_at: T0,

@@ -18,7 +18,7 @@ pub fn stored(s: Session) -> pb::StoredSession {
     pb::StoredSession {
         key: bytes::Bytes::copy_from_slice(s.key.as_bytes()),
         user: s.user.as_deref().unwrap_or_default().to_owned(),
-        attributes: s.attributes,
+        attributes: s.attributes.to_map(),
         version: s.version,
         created_at: s.created_at,
         last_access_at: s.last_access_at,
@@ -43,7 +43,7 @@ pub fn session(p: pb::StoredSession) -> Option<Session> {
     Some(Session {
         key: key(&p.key)?,
         user: (!p.user.is_empty()).then(|| Arc::from(p.user)),
-        attributes: p.attributes,
+        attributes: p.attributes.into(),
         version: p.version,
         created_at: p.created_at,
         last_access_at: p.last_access_at,

@@ -20,13 +20,13 @@ use tonic_health::ServingStatus;
 
 use crate::api::budget::Budget;
 use crate::api::forward::{ForwardLayer, Leadership};
-use crate::api::pb::session_store_server::SessionStoreServer;
 use crate::api::{Group, SessionStoreService, Settings, FILE_DESCRIPTOR_SET};
 use crate::clock::Clock;
 use crate::cluster::member;
 use crate::config::{Config, TenantConfig};
 use crate::observe::{ReaperMetrics, SnapshotMetrics, Telemetry};
 use crate::persist::{snapshotter, Persistence};
+use crate::proto::serve::session_store_server::SessionStoreServer;
 use crate::store::events::{EventSink, Fanout};
 use crate::store::{reaper, MemoryPool, Store};
 use crate::tenant::guessing::GuessWatch;

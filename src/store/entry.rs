@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::packed::{Packed, PackedClient};
+use super::packed::PackedClient;
 use crate::session::{deadline, Attributes, ClientInfo, Millis, Session, SessionKey};
 
 /// Fixed per-session overhead counted towards `max_session_bytes` and the bytes gauge:
@@ -46,7 +46,7 @@ pub(crate) fn size_of(s: &Session) -> usize {
     session_bytes(
         s.user.as_deref(),
         &s.client,
-        s.attributes.iter().map(|(k, v)| (k.as_str(), v.len())),
+        s.attributes.slices().map(|(k, v)| (k, v.len())),
     )
 }
 
@@ -54,7 +54,7 @@ pub(crate) fn size_of(s: &Session) -> usize {
 /// read lock.
 pub(crate) struct Entry {
     pub(crate) user: Option<Arc<str>>,
-    pub(crate) attrs: Packed,
+    pub(crate) attrs: Attributes,
     pub(crate) version: u64,
     pub(crate) created_at: Millis,
     last_access: AtomicU64,
@@ -69,8 +69,8 @@ pub(crate) struct Entry {
 /// The attributes an Update leaves, worked out before anything changes: evaluation checks
 /// their shape against the limits, and apply stores them.
 pub(crate) struct Reshaped {
-    /// The attributes after the update, packed.
-    pub(crate) attrs: Packed,
+    /// The attributes after the update.
+    pub(crate) attrs: Attributes,
     /// How many.
     pub(crate) count: usize,
     /// The session's size after the update.
@@ -82,7 +82,7 @@ impl Entry {
     pub(crate) fn new(s: &Session, user: Option<Arc<str>>, bytes: usize) -> Self {
         Entry {
             user,
-            attrs: Packed::pack(s.attributes.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
+            attrs: s.attributes.clone(),
             version: s.version,
             created_at: s.created_at,
             last_access: AtomicU64::new(s.last_access_at),
@@ -137,7 +137,7 @@ impl Entry {
             key,
             user: self.user.clone(),
             attributes: if with_attributes {
-                self.attrs.unpack()
+                self.attrs.clone()
             } else {
                 Attributes::new()
             },
@@ -162,8 +162,8 @@ impl Entry {
                 .iter()
                 .map(|(k, v)| attribute_bytes(k, v.len()))
                 .sum::<usize>();
-        let mut kept: Vec<(&str, Bytes)> = Vec::with_capacity(self.attrs.len());
-        for (k, v) in self.attrs.iter() {
+        let mut kept: Vec<(&str, &[u8])> = Vec::with_capacity(self.attrs.len());
+        for (k, v) in self.attrs.slices() {
             if removed(k) {
                 bytes -= attribute_bytes(k, v.len());
             } else {
@@ -171,9 +171,9 @@ impl Entry {
             }
         }
         let count = kept.len() + set.len();
-        let attrs = Packed::pack(
+        let attrs = Attributes::pack(
             kept.iter()
-                .map(|(k, v)| (*k, v.as_ref()))
+                .copied()
                 .chain(set.iter().map(|(k, v)| (k.as_str(), v.as_ref()))),
         );
         Reshaped {

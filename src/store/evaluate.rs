@@ -9,7 +9,7 @@
 //! atomic itself and produces a `Touch` effect only when the log's quarter-window throttle
 //! says so (see [`Entry::slide_and_report`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -165,7 +165,7 @@ impl Store {
         )?;
         let user = l.check_user(req.user)?;
         l.check_client(&req.client)?;
-        let mut attrs = Attributes::with_capacity(req.attributes.len());
+        let mut attrs: HashMap<_, bytes::Bytes> = HashMap::with_capacity(req.attributes.len());
         let mut bytes = session_bytes(user.as_deref(), &req.client, []);
         for (k, v) in req.attributes {
             l.check_attribute(&k, &v)?;
@@ -178,7 +178,7 @@ impl Store {
         l.check_shape(attrs.len(), bytes)?;
         Ok(Checked {
             user,
-            attrs,
+            attrs: attrs.into(),
             bytes,
             idle,
             absolute,

@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::packed::MAX_KEY_BYTES;
 use super::StoreError;
+use crate::session::MAX_KEY_BYTES;
 use crate::session::{ClientInfo, Millis};
 
 /// The highest `create_rate`: one session per nanosecond.

@@ -261,21 +261,15 @@ impl Store {
 
     /// Calls `f` with every session in memory (live or awaiting the reaper). For snapshots,
     /// which run beside live traffic: a shard's lock is held only to list its keys (32
-    /// bytes each), then each session is copied under its own brief read lock, and `f` runs
-    /// with no lock held. Holding a shard while `f` encodes and writes would stall every
+    /// bytes each), then each session is copied under its own brief read lock (its
+    /// attributes are shared, not copied), and `f` runs with no lock held. Holding a shard while `f` encodes and writes would stall every
     /// writer to it, and the runtime thread each writer blocks, for the whole shard.
     pub fn for_each_session(&self, mut f: impl FnMut(Session)) {
         let keys: Vec<SessionKey> = self.inner.sessions.iter().map(|e| *e.key()).collect();
         for key in keys {
-            let Some((mut session, attrs)) = self
-                .inner
-                .sessions
-                .get(&key)
-                .map(|e| (e.snapshot(key, false), e.attrs.clone()))
-            else {
+            let Some(session) = self.inner.sessions.get(&key).map(|e| e.snapshot(key, true)) else {
                 continue;
             };
-            session.attributes = attrs.unpack();
             f(session);
         }
     }

@@ -121,7 +121,7 @@ impl Store {
         let version = entry.version + 1;
         let mut reply = entry.snapshot(key, false);
         drop(entry);
-        reply.attributes = shape.attrs.unpack();
+        reply.attributes = shape.attrs;
         reply.version = version;
         reply.last_access_at = reply.last_access_at.max(now);
         Ok(Plan {

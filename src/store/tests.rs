@@ -590,7 +590,7 @@ fn concurrent_partial_writes_and_cas_lose_nothing() {
                         let n: u64 = cur
                             .attributes
                             .get("counter")
-                            .map_or(0, |v| std::str::from_utf8(v).unwrap().parse().unwrap());
+                            .map_or(0, |v| std::str::from_utf8(&v).unwrap().parse().unwrap());
                         let next = (n + 1).to_string();
                         match st.update(
                             &sid,

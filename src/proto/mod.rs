@@ -6,17 +6,29 @@
 
 use tonic::server::NamedService;
 
-/// The generated protobuf types and service stubs.
+pub mod reply;
+
+/// The generated protobuf types and client stub, as clients see them.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("sessiond.v1");
+}
+
+/// The server's side of the API: the service trait, and the messages that carry a
+/// [`Session`], whose `Session` is [`reply::Session`] (encoded straight from the store's
+/// session). Every other message is [`pb`]'s.
+#[allow(missing_docs, clippy::all)]
+pub mod serve {
+    include!(concat!(env!("OUT_DIR"), "/serve/sessiond.v1.rs"));
+
+    pub use super::reply::Session;
 }
 
 /// The service's name as the generated server registers it: the first segment of each of
 /// its paths (`/sessiond.v1.SessionStore/Get`) and the name health checks and reflection
 /// know it by. The name does not depend on the implementation, hence `()`.
 pub const SERVICE_NAME: &str =
-    <pb::session_store_server::SessionStoreServer<()> as NamedService>::NAME;
+    <serve::session_store_server::SessionStoreServer<()> as NamedService>::NAME;
 
 /// The method a request path calls, if the path is one of this service's
 /// (`/{SERVICE_NAME}/{method}`). Compared in place, with no allocation: it runs for every

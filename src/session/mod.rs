@@ -1,14 +1,16 @@
 //! Session IDs and session data: pure values and their invariants, no I/O and no gRPC.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use bytes::Bytes;
 use rand::RngCore as _;
+
+mod attributes;
+
+pub use attributes::{Attributes, MAX_KEY_BYTES};
 
 /// Bytes in a session ID: 256 bits, of which 14 name the [`Slot`] and 242 are CSPRNG output,
 /// far past OWASP ASVS's 128-bit floor.
@@ -146,6 +148,13 @@ impl SessionKey {
         URL_SAFE_NO_PAD.encode(self.0)
     }
 
+    /// The text form written into `out`, without allocating: for encoding replies.
+    pub fn encode_into<'a>(&self, out: &'a mut [u8; ID_CHARS]) -> &'a str {
+        // 43 characters always hold 32 bytes of unpadded base64, whose alphabet is ASCII.
+        let n = URL_SAFE_NO_PAD.encode_slice(self.0, out).unwrap_or(0);
+        std::str::from_utf8(&out[..n]).unwrap_or_default()
+    }
+
     /// A short, non-reversible name for logs: enough to correlate lines, useless to an attacker.
     pub(crate) fn fingerprint(&self) -> Fingerprint {
         // The random tail is uniform, so a slice of it hashed with a fixed mixer is as good as
@@ -251,9 +260,6 @@ pub struct ClientInfo {
 /// Milliseconds since the Unix epoch. Deadlines are wall-clock times so they survive restarts.
 pub type Millis = u64;
 
-/// Attribute map of a session. `Bytes` values are shared, not copied, on reads.
-pub type Attributes = HashMap<String, Bytes>;
-
 /// A snapshot of one session, as the Store hands it out. Its `Debug` shows attribute keys
 /// but never their values.
 #[derive(Clone, PartialEq, Eq)]
@@ -280,12 +286,10 @@ pub struct Session {
 
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut keys: Vec<&str> = self.attributes.keys().map(String::as_str).collect();
-        keys.sort_unstable();
         f.debug_struct("Session")
             .field("key", &self.key)
             .field("user", &self.user)
-            .field("attribute_keys", &keys)
+            .field("attribute_keys", &self.attributes)
             .field("version", &self.version)
             .field("created_at", &self.created_at)
             .field("last_access_at", &self.last_access_at)
@@ -326,6 +330,7 @@ mod tests {
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
         assert_eq!(SessionKey::parse(&text), Ok(a));
+        assert_eq!(a.encode_into(&mut [0; ID_CHARS]), text);
     }
 
     #[test]
