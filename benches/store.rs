@@ -1,6 +1,7 @@
 //! Store operations at 1M and 10M live sessions of about 1 KiB (8 attributes of 128 bytes),
-//! in process and without gRPC: the ceiling the daemon's network path is measured against;
-//! and the reaper's cost while 100k sessions expire per second.
+//! in process and without gRPC: the ceiling the daemon's network path is measured against
+//! (and a Get's reply encoded for the wire, as the server does it and through the generated
+//! message); and the reaper's cost while 100k sessions expire per second.
 //!
 //! Run: `cargo bench --bench store`. `SESSIOND_BENCH_SESSIONS` (comma-separated) changes the
 //! populations.
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use prost::Message as _;
 use sessiond::clock::Clock;
 use sessiond::store::events::Discard;
 use sessiond::store::{Change, NewSession, Rotation, Store};
@@ -71,6 +73,31 @@ fn store_ops_at(c: &mut Criterion, n: usize) {
         })
     });
 
+    // A Get as the server answers it: the read, then its reply encoded for the wire, straight
+    // from the store's session; and, for reference, through the generated message (a map of
+    // the attributes, and a `String` per key), the way replies were built before.
+    let mut buf = bytes::BytesMut::with_capacity(4096);
+    group.bench_function("get_reply_encoded", |b| {
+        b.iter(|| {
+            i = (i + 7919) % ids.len();
+            let s = store.get(&ids[i], false).expect("get");
+            buf.clear();
+            sessiond::api::serve::Session::from(s)
+                .encode(&mut buf)
+                .expect("room");
+            buf.len()
+        })
+    });
+    group.bench_function("get_reply_encoded_via_generated_message", |b| {
+        b.iter(|| {
+            i = (i + 7919) % ids.len();
+            let s = store.get(&ids[i], false).expect("get");
+            buf.clear();
+            generated(s).encode(&mut buf).expect("room");
+            buf.len()
+        })
+    });
+
     let value = Bytes::from(vec![b'y'; 128]);
     group.bench_function("update_one_attribute", |b| {
         b.iter(|| {
@@ -126,6 +153,33 @@ fn store_ops_at(c: &mut Criterion, n: usize) {
         store.stats().sessions,
         store.stats().bytes
     );
+}
+
+/// `s` as the generated `Session` message, built field by field.
+fn generated(s: sessiond::session::Session) -> sessiond::api::pb::Session {
+    use sessiond::api::pb;
+    let time = |ms: u64| prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    };
+    pb::Session {
+        id: s.key.encode(),
+        user_id: s.user.as_deref().unwrap_or_default().to_owned(),
+        attributes: s.attributes.to_map(),
+        version: s.version,
+        created_at: Some(time(s.created_at)),
+        last_access_at: Some(time(s.last_access_at)),
+        expires_at: Some(time(s.expires_at())),
+        absolute_expires_at: Some(time(s.absolute_expires_at)),
+        idle_timeout: Some(prost_types::Duration {
+            seconds: (s.idle_timeout / 1000) as i64,
+            nanos: ((s.idle_timeout % 1000) * 1_000_000) as i32,
+        }),
+        client: Some(pb::ClientInfo {
+            ip: s.client.ip,
+            user_agent: s.client.user_agent,
+        }),
+    }
 }
 
 /// Sessions expiring per second of the mass-expiry bench.

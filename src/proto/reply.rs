@@ -40,11 +40,24 @@ const SECOND: u32 = 2;
 /// field and leaves it empty, and an empty one encodes as an empty message; prost needs
 /// both (and `Default`) of any message type.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Session(Option<session::Session>);
+pub struct Session {
+    session: Option<session::Session>,
+    /// The encoded length of the attributes, worked out once: prost asks a nested message
+    /// for its length at every level before it encodes it (twice, in a Pipeline response).
+    attributes_len: usize,
+}
 
 impl From<session::Session> for Session {
     fn from(s: session::Session) -> Self {
-        Session(Some(s))
+        let attributes_len = s
+            .attributes
+            .raw()
+            .map(|(key, value)| delimited_len(ATTRIBUTES, pair_len(key, value)))
+            .sum();
+        Session {
+            session: Some(s),
+            attributes_len,
+        }
     }
 }
 
@@ -66,14 +79,14 @@ pub fn duration(ms: Millis) -> prost_types::Duration {
 
 impl prost::Message for Session {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        let Some(s) = &self.0 else { return };
+        let Some(s) = &self.session else { return };
         let mut id = [0; ID_CHARS];
         put(ID, s.key.encode_into(&mut id).as_bytes(), buf);
         put(USER_ID, user(s).as_bytes(), buf);
-        for (key, value) in s.attributes.slices() {
+        for (key, value) in s.attributes.raw() {
             encode_key(ATTRIBUTES, WireType::LengthDelimited, buf);
-            encode_varint(pair_len(key.as_bytes(), value) as u64, buf);
-            put(FIRST, key.as_bytes(), buf);
+            encode_varint(pair_len(key, value) as u64, buf);
+            put(FIRST, key, buf);
             put(SECOND, value, buf);
         }
         if s.version != 0 {
@@ -92,12 +105,7 @@ impl prost::Message for Session {
     }
 
     fn encoded_len(&self) -> usize {
-        let Some(s) = &self.0 else { return 0 };
-        let attributes: usize = s
-            .attributes
-            .slices()
-            .map(|(key, value)| delimited_len(ATTRIBUTES, pair_len(key.as_bytes(), value)))
-            .sum();
+        let Some(s) = &self.session else { return 0 };
         let version = if s.version != 0 {
             encoding::uint64::encoded_len(VERSION, &s.version)
         } else {
@@ -106,7 +114,7 @@ impl prost::Message for Session {
         let client = pair_len(s.client.ip.as_bytes(), s.client.user_agent.as_bytes());
         put_len(ID, ID_CHARS)
             + put_len(USER_ID, user(s).len())
-            + attributes
+            + self.attributes_len
             + version
             + encoding::message::encoded_len(CREATED_AT, &timestamp(s.created_at))
             + encoding::message::encoded_len(LAST_ACCESS_AT, &timestamp(s.last_access_at))
@@ -127,7 +135,7 @@ impl prost::Message for Session {
     }
 
     fn clear(&mut self) {
-        self.0 = None;
+        *self = Session::default();
     }
 }
 

@@ -56,25 +56,24 @@ impl Attributes {
 
     /// The attributes, in the order they were packed; values are slices of the buffer.
     pub fn iter(&self) -> impl Iterator<Item = (&str, Bytes)> + '_ {
-        self.spans()
-            .map(|(key, value)| (self.key(key), self.0.slice(value)))
+        self.raw()
+            .map(|(key, value)| (text(key), self.0.slice_ref(value)))
     }
 
     /// The keys.
     pub fn keys(&self) -> impl Iterator<Item = &str> + '_ {
-        self.spans().map(|(key, _)| self.key(key))
+        self.raw().map(|(key, _)| text(key))
     }
 
-    /// Each attribute's key and value as borrowed slices, for encoding without touching the
-    /// buffer's reference count.
+    /// Each attribute's key and value as borrowed slices, without touching the buffer's
+    /// reference count.
     pub(crate) fn slices(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
-        self.spans()
-            .map(|(key, value)| (self.key(key), &self.0[value]))
+        self.raw().map(|(key, value)| (text(key), value))
     }
 
     /// The value of `key`.
     pub fn get(&self, key: &str) -> Option<Bytes> {
-        self.find(key).map(|value| self.0.slice(value))
+        self.find(key).map(|value| self.0.slice_ref(value))
     }
 
     /// Whether `key` is set.
@@ -84,7 +83,7 @@ impl Attributes {
 
     /// How many.
     pub fn len(&self) -> usize {
-        self.spans().count()
+        self.raw().count()
     }
 
     /// Whether there are none.
@@ -97,33 +96,31 @@ impl Attributes {
         self.iter().map(|(k, v)| (k.to_owned(), v)).collect()
     }
 
-    fn find(&self, key: &str) -> Option<std::ops::Range<usize>> {
-        self.spans()
-            .find(|(k, _)| &self.0[k.clone()] == key.as_bytes())
+    fn find(&self, key: &str) -> Option<&[u8]> {
+        self.raw()
+            .find(|(k, _)| *k == key.as_bytes())
             .map(|(_, value)| value)
     }
 
-    fn key(&self, span: std::ops::Range<usize>) -> &str {
-        // Packed from `&str` keys only, so always UTF-8.
-        std::str::from_utf8(&self.0[span]).unwrap_or_default()
-    }
-
-    /// Where each attribute's key and value sit in the buffer.
-    fn spans(&self) -> impl Iterator<Item = (std::ops::Range<usize>, std::ops::Range<usize>)> + '_ {
-        let mut at = 0;
+    /// Each attribute's key (its UTF-8 bytes) and value, in one walk of the buffer: for
+    /// encoding, and under every other reader.
+    pub(crate) fn raw(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        let mut rest: &[u8] = &self.0;
         std::iter::from_fn(move || {
-            let b = &self.0;
-            if at + HEADER > b.len() {
-                return None;
-            }
-            let k = usize::from(u16::from_le_bytes([b[at], b[at + 1]]));
-            let v = u32::from_le_bytes([b[at + 2], b[at + 3], b[at + 4], b[at + 5]]) as usize;
-            let key_at = at + HEADER;
-            let value_at = key_at + k;
-            at = value_at + v;
-            Some((key_at..value_at, value_at..at))
+            let ([k0, k1, v0, v1, v2, v3], after) = rest.split_first_chunk::<HEADER>()?;
+            let key_len = usize::from(u16::from_le_bytes([*k0, *k1]));
+            let value_len = u32::from_le_bytes([*v0, *v1, *v2, *v3]) as usize;
+            let (key, after) = after.split_at_checked(key_len)?;
+            let (value, after) = after.split_at_checked(value_len)?;
+            rest = after;
+            Some((key, value))
         })
     }
+}
+
+/// A key as packed: from a `&str`, so always UTF-8.
+fn text(key: &[u8]) -> &str {
+    std::str::from_utf8(key).unwrap_or_default()
 }
 
 /// A map's entries, whose keys are distinct by construction.
@@ -146,7 +143,7 @@ impl std::ops::Index<&str> for Attributes {
 
     fn index(&self, key: &str) -> &[u8] {
         match self.find(key) {
-            Some(value) => &self.0[value],
+            Some(value) => value,
             None => panic!("no attribute {key:?}"),
         }
     }
