@@ -200,6 +200,9 @@ rows = [
     ("server CPU per op (us)", lambda x: (x["server"] or {}).get("cpu_per_second", nan) * 1e6 / x["overall"]["ops_per_second"]),
     ("all servers' CPU per op (us)", lambda x: (x.get("processes") or {}).get("cpu_per_second", nan) * 1e6 / x["overall"]["ops_per_second"]),
     ("memory per session (bytes)", lambda x: (x["memory_after_populate"] or {}).get("bytes_per_session", nan)),
+    # The load generator shares the two cores with the server (unless PIN=1), so its own cost
+    # per operation, which differs by protocol, bounds the closed loop too.
+    ("load generator CPU per op (us)", lambda x: (x.get("load_generator") or {}).get("cpu_per_second", nan) * 1e6 / x["overall"]["ops_per_second"]),
 ]
 ops = sorted(set.intersection(*(set(runs[v][0]["operations"]) for v in variants)))
 rows += [(f"  {op} ops/s", (lambda op: lambda x: x["operations"][op]["ops_per_second"])(op)) for op in ops]

@@ -248,12 +248,14 @@ async fn run(args: Args) -> Result<(), String> {
     tokio::time::sleep_until(measure_from.into()).await;
     let before = backend.server_stats(&args).await;
     let procs_before = procs::cpu_seconds(&args.pids);
+    let own_before = procs::cpu_seconds(&[std::process::id()]);
     let mut merged = Tally::new(measure_from);
     for w in workers {
         merged.add(w.await.map_err(|e| e.to_string())?);
     }
     let after = backend.server_stats(&args).await;
     let procs_after = procs::cpu_seconds(&args.pids);
+    let own_after = procs::cpu_seconds(&[std::process::id()]);
     let report = report::build(
         &args,
         merged,
@@ -261,6 +263,7 @@ async fn run(args: Args) -> Result<(), String> {
         before,
         after,
         procs_before.zip(procs_after),
+        own_before.zip(own_after).map(|(a, b)| b[0] - a[0]),
         memory_after_populate,
     );
     if args.json {

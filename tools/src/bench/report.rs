@@ -67,7 +67,9 @@ impl Tally {
 
 /// The report of a run: the settings, the merged tally over `--duration`, the server's CPU
 /// from `before` to `after` (CPU seconds, RSS bytes), the CPU seconds of each of `--pids`
-/// at the same two moments, and the memory the population took.
+/// at the same two moments, the CPU seconds this load generator spent between them (on the
+/// same cores, unless pinned apart), and the memory the population took.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn build(
     args: &Args,
     tally: Tally,
@@ -75,6 +77,7 @@ pub(crate) fn build(
     before: Option<(f64, f64)>,
     after: Option<(f64, f64)>,
     procs: Option<(Vec<f64>, Vec<f64>)>,
+    own_cpu_seconds: Option<f64>,
     memory_after_populate: Option<Value>,
 ) -> Value {
     let secs = args.duration.as_secs_f64();
@@ -120,6 +123,7 @@ pub(crate) fn build(
         "errors": tally.errors,
         "server": server,
         "processes": processes,
+        "load_generator": own_cpu_seconds.map(|cpu| json!({"cpu_seconds": cpu, "cpu_per_second": cpu / secs})),
         "memory_after_populate": memory_after_populate,
     })
 }
@@ -166,6 +170,7 @@ pub(crate) fn print_table(r: &Value) {
         }
     }
     println!("server  {}", r["server"]);
+    println!("load generator  {}", r["load_generator"]);
     if !r["processes"].is_null() {
         println!("processes  {}", r["processes"]);
     }
