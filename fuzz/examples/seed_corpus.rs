@@ -168,7 +168,7 @@ fn session(user: Option<&str>) -> Session {
     Session {
         key: SessionKey::generate(),
         user: user.map(Arc::from),
-        attributes: attributes(&[("cart", "fig")]),
+        attributes: attributes(&[("cart", "fig")]).into(),
         version: 1,
         created_at: now - 60_000,
         last_access_at: now - 30_000,

@@ -426,10 +426,12 @@ impl Model {
                 ..
             } => match self.sessions.get_mut(&key) {
                 Some(s) if s.version.checked_add(1) == Some(version) => {
+                    let mut attributes = s.attributes.to_map();
                     for r in &remove {
-                        s.attributes.remove(r);
+                        attributes.remove(r);
                     }
-                    s.attributes.extend(set);
+                    attributes.extend(set);
+                    s.attributes = attributes.into();
                     s.version = version;
                     s.last_access_at = s.last_access_at.max(at);
                     true

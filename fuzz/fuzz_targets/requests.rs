@@ -31,8 +31,8 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use sessiond::api::pb::pipeline_request::Op;
-use sessiond::api::pb::session_store_server::SessionStore;
-use sessiond::api::{convert, pb, SessionStoreService};
+use sessiond::api::serve::session_store_server::SessionStore;
+use sessiond::api::{pb, serve, SessionStoreService};
 use sessiond::clock::Clock;
 use sessiond::observe::GuessMetrics;
 use sessiond::session::{ClientInfo, Millis, SessionKey};
@@ -201,7 +201,10 @@ impl Harness {
 
     /// The session under `id` as the wire would show it, read without sliding anything.
     fn peek(&self, id: &str) -> Option<pb::Session> {
-        self.store.get(id, true).ok().map(convert::session)
+        self.store
+            .get(id, true)
+            .ok()
+            .map(|s| wire(&serve::Session::from(s)))
     }
 
     /// IDs of `user`'s live sessions, from the run's own record of every ID handed out.
@@ -255,7 +258,7 @@ impl Harness {
 
     fn create(&mut self, r: pb::CreateRequest) {
         let (user, attributes) = (r.user_id.clone(), r.attributes.clone());
-        match call(self.service.create(self.request(r))) {
+        match decoded::<pb::Session>(call(self.service.create(self.request(r)))) {
             Ok(s) => {
                 self.check_session(&s);
                 assert_eq!(s.version, 1);
@@ -269,7 +272,7 @@ impl Harness {
 
     fn get(&mut self, r: pb::GetRequest) {
         let before = self.peek(&r.id);
-        match call(self.service.get(self.request(r.clone()))) {
+        match decoded::<pb::Session>(call(self.service.get(self.request(r.clone())))) {
             Ok(s) => {
                 self.check_session(&s);
                 let b = before.expect("Get found a session a peek did not");
@@ -306,7 +309,7 @@ impl Harness {
             r.remove.clone(),
             r.expected_version,
         );
-        match call(self.service.update(self.request(r))) {
+        match decoded::<pb::Session>(call(self.service.update(self.request(r)))) {
             Ok(s) => {
                 self.check_session(&s);
                 let b = before.expect("Update found a session a peek did not");
@@ -338,7 +341,7 @@ impl Harness {
     fn regenerate(&mut self, r: pb::RegenerateRequest) {
         let before = self.peek(&r.id);
         let (old, user, drop_attributes) = (r.id.clone(), r.user_id.clone(), r.drop_attributes);
-        match call(self.service.regenerate(self.request(r))) {
+        match decoded::<pb::Session>(call(self.service.regenerate(self.request(r)))) {
             Ok(s) => {
                 self.check_session(&s);
                 let b = before.expect("Regenerate found a session a peek did not");
@@ -384,7 +387,9 @@ impl Harness {
 
     fn list_user_sessions(&mut self, r: pb::ListUserSessionsRequest) {
         let (user, with_attributes) = (r.user_id.clone(), r.include_attributes);
-        match call(self.service.list_user_sessions(self.request(r))) {
+        match decoded::<pb::ListUserSessionsResponse>(call(
+            self.service.list_user_sessions(self.request(r)),
+        )) {
             Ok(l) => {
                 for s in &l.sessions {
                     self.check_session(s);
@@ -423,7 +428,7 @@ impl Harness {
     fn get_many(&mut self, mut r: pb::GetManyRequest) {
         r.ids = r.ids.into_iter().map(|id| self.resolve(id)).collect();
         let ids = r.ids.clone();
-        match call(self.service.get_many(self.request(r))) {
+        match decoded::<pb::GetManyResponse>(call(self.service.get_many(self.request(r)))) {
             Ok(m) => {
                 assert!(ids.len() <= MAX_BATCH_IDS);
                 assert_eq!(m.results.len(), ids.len());
@@ -548,6 +553,19 @@ fn call<T>(fut: impl Future<Output = Result<Response<T>, Status>>) -> Result<T, 
         Poll::Ready(r) => r.map(Response::into_inner),
         Poll::Pending => panic!("a unary call without a durable log waited"),
     }
+}
+
+/// A reply as a client reads it: encoded, and decoded as the client's message, so the checks
+/// read what the wire carries (the server encodes sessions its own way, `api::serve`).
+fn decoded<U: prost::Message + Default>(
+    reply: Result<impl prost::Message, Status>,
+) -> Result<U, Status> {
+    reply.map(|r| wire(&r))
+}
+
+/// `reply` encoded, and decoded as `U`.
+fn wire<U: prost::Message + Default>(reply: &impl prost::Message) -> U {
+    U::decode(reply.encode_to_vec().as_slice()).expect("a reply decodes as the client's message")
 }
 
 /// A timestamp in milliseconds, wide enough for any value.
