@@ -158,23 +158,17 @@ fn store_ops_at(c: &mut Criterion, n: usize) {
 /// `s` as the generated `Session` message, built field by field.
 fn generated(s: sessiond::session::Session) -> sessiond::api::pb::Session {
     use sessiond::api::pb;
-    let time = |ms: u64| prost_types::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    };
+    use sessiond::api::reply::{duration, timestamp};
     pb::Session {
         id: s.key.encode(),
         user_id: s.user.as_deref().unwrap_or_default().to_owned(),
         attributes: s.attributes.to_map(),
         version: s.version,
-        created_at: Some(time(s.created_at)),
-        last_access_at: Some(time(s.last_access_at)),
-        expires_at: Some(time(s.expires_at())),
-        absolute_expires_at: Some(time(s.absolute_expires_at)),
-        idle_timeout: Some(prost_types::Duration {
-            seconds: (s.idle_timeout / 1000) as i64,
-            nanos: ((s.idle_timeout % 1000) * 1_000_000) as i32,
-        }),
+        created_at: Some(timestamp(s.created_at)),
+        last_access_at: Some(timestamp(s.last_access_at)),
+        expires_at: Some(timestamp(s.expires_at())),
+        absolute_expires_at: Some(timestamp(s.absolute_expires_at)),
+        idle_timeout: Some(duration(s.idle_timeout)),
         client: Some(pb::ClientInfo {
             ip: s.client.ip,
             user_agent: s.client.user_agent,

@@ -32,7 +32,7 @@ use crate::tenant::Tenant;
 use crate::transport::ConnInfo;
 
 pub use crate::proto::pb;
-use crate::proto::reply;
+pub use crate::proto::reply;
 pub use crate::proto::serve;
 
 /// The encoded descriptor set of the public API, served by gRPC reflection.
