@@ -5,7 +5,7 @@
 //! `proto/` instead, so a change to the API reaches the client at once; `tests/proto.rs`
 //! fails while the copy differs from it (refresh it with the `cp` that test names).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The API, relative to a proto root.
 const API: &str = "sessiond/v1/session_store.proto";
@@ -18,9 +18,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     println!("cargo:rerun-if-changed={root}");
     let fds = protox::compile([API], [root])?;
+    // `pb`: the generated types and client stub, as any caller of the raw stub sees them.
     tonic_prost_build::configure()
         .build_server(false)
         .bytes(".sessiond.v1")
+        .compile_fds(fds.clone())?;
+    // `wire`: the typed client's own copy, whose `Session` is `reply::Session` (attributes
+    // decoded into one packed buffer, not a hash map).
+    let wire = PathBuf::from(std::env::var("OUT_DIR")?).join("wire");
+    std::fs::create_dir_all(&wire)?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .build_transport(false)
+        .bytes(".sessiond.v1")
+        .out_dir(&wire)
+        .extern_path(".sessiond.v1.Session", "crate::reply::Session")
         .compile_fds(fds)?;
     Ok(())
 }

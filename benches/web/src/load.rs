@@ -28,8 +28,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::procs;
 pub use self::tabs::LostAdds;
+use crate::procs;
 
 mod tabs;
 

@@ -115,7 +115,7 @@ impl ShopSession for sessiond_client::layer::Session {
         Ok(self
             .attributes()
             .await?
-            .iter()
+            .slices()
             .filter_map(|(k, v)| {
                 let sku = k.strip_prefix(CART_PREFIX)?;
                 Some((sku.to_string(), parse_qty(v)?))

@@ -10,9 +10,9 @@ use tonic::{Code, Status};
 use crate::connection::{Conn, Router, Slot, DEFAULT_TIMEOUT};
 use crate::pipeline::Failed;
 use crate::LEADER_HEADER;
-use crate::{pb, Error, SessionClient};
-use pb::pipeline_request::Op;
-use pb::pipeline_response::Result as Outcome;
+use crate::{wire, Error, SessionClient};
+use wire::pipeline_request::Op;
+use wire::pipeline_response::Result as Outcome;
 
 /// The most times one call is sent or tried (a first time and two retries), all within its
 /// deadline.
@@ -32,7 +32,7 @@ fn retry_safe(op: &Op) -> bool {
 
 /// The error a failed pipelined operation carries, typed like its unary status; a lost
 /// compare-and-set's version from its `current_version`.
-pub(crate) fn pb_error(e: pb::Error) -> Error {
+pub(crate) fn pb_error(e: wire::Error) -> Error {
     match (Code::from_i32(e.code), e.current_version) {
         (Code::Aborted, Some(current_version)) => Error::Conflict { current_version },
         (code, _) => Status::new(code, e.message).into(),
@@ -146,8 +146,8 @@ impl SessionClient {
     /// GetMany, always unary, within the client's timeout; retried as a read.
     pub(crate) async fn get_many_call(
         &self,
-        req: pb::GetManyRequest,
-    ) -> Result<Vec<pb::GetResult>, Error> {
+        req: wire::GetManyRequest,
+    ) -> Result<Vec<wire::GetResult>, Error> {
         let attempts = async {
             let mut last = String::new();
             for _ in 0..MAX_ATTEMPTS - 1 {
@@ -231,24 +231,24 @@ mod tests {
 
     #[test]
     fn only_reads_and_keyed_writes_are_sent_twice() {
-        assert!(retry_safe(&Op::Get(pb::GetRequest::default())));
-        assert!(retry_safe(&Op::Touch(pb::TouchRequest::default())));
+        assert!(retry_safe(&Op::Get(wire::GetRequest::default())));
+        assert!(retry_safe(&Op::Touch(wire::TouchRequest::default())));
         assert!(retry_safe(&Op::ListUserSessions(
-            pb::ListUserSessionsRequest::default()
+            wire::ListUserSessionsRequest::default()
         )));
-        assert!(!retry_safe(&Op::Create(pb::CreateRequest::default())));
-        assert!(retry_safe(&Op::Create(pb::CreateRequest {
+        assert!(!retry_safe(&Op::Create(wire::CreateRequest::default())));
+        assert!(retry_safe(&Op::Create(wire::CreateRequest {
             idempotency_key: "k".into(),
             ..Default::default()
         })));
-        assert!(!retry_safe(&Op::Update(pb::UpdateRequest::default())));
-        assert!(retry_safe(&Op::Regenerate(pb::RegenerateRequest {
+        assert!(!retry_safe(&Op::Update(wire::UpdateRequest::default())));
+        assert!(retry_safe(&Op::Regenerate(wire::RegenerateRequest {
             idempotency_key: "k".into(),
             ..Default::default()
         })));
-        assert!(!retry_safe(&Op::Destroy(pb::DestroyRequest::default())));
+        assert!(!retry_safe(&Op::Destroy(wire::DestroyRequest::default())));
         assert!(!retry_safe(&Op::DestroyUserSessions(
-            pb::DestroyUserSessionsRequest::default()
+            wire::DestroyUserSessionsRequest::default()
         )));
     }
 }

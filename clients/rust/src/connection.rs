@@ -13,11 +13,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 
 use crate::pipeline::Pipe;
-use crate::{pb, Bearer, ClientOptions, Error, Stub, Transport};
+use crate::{wire, Bearer, ClientOptions, Error, Transport};
+
+/// The typed client's stub: [`Stub`](crate::Stub)'s calls over the client's own messages
+/// (see `reply`).
+pub(crate) type WireStub =
+    wire::session_store_client::SessionStoreClient<InterceptedService<Channel, Bearer>>;
 
 /// The first wait after a failed connection attempt, by default.
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(50);
@@ -168,7 +174,7 @@ pub(crate) struct Conn {
     /// Where it goes.
     pub(crate) url: String,
     /// The unary calls' stub (GetMany, and every call on the unary transport).
-    pub(crate) stub: Stub,
+    pub(crate) stub: WireStub,
     /// The stream, on the pipelined transport.
     pub(crate) pipe: Option<Pipe>,
     /// No new call should start here: it broke, or the leader is elsewhere.
@@ -329,7 +335,7 @@ async fn open(client: &Shared, url: &str) -> Result<(Conn, Option<String>), Fail
         .connect()
         .await
         .map_err(|e| Failure::Unreachable(source_chain(&e)))?;
-    let stub = pb::session_store_client::SessionStoreClient::with_interceptor(
+    let stub = wire::session_store_client::SessionStoreClient::with_interceptor(
         channel,
         client.bearer.clone(),
     );

@@ -22,17 +22,22 @@
 //! # Layout
 //!
 //! - this file: the typed API ([`SessionClient`], [`Session`], [`Error`]);
+//! - [`attributes`]: [`Attributes`], a session's data packed into one buffer;
+//! - `reply`: the `Session` message as the client decodes it (attributes packed), and
+//!   `wire`, the client's own copy of the generated messages that use it;
 //! - `options`: [`ClientOptions`], [`Transport`], [`Bearer`] and a raw [`channel`];
 //! - `call`: one call's deadline, transport and retry rules;
 //! - `connection`: seeds, the leader, lazy connections and their backoff;
 //! - `pipeline`: one Pipeline stream shared by many calls, matched by id;
 //! - [`layer`]: [`SessiondLayer`] and the [`Session`](layer::Session) extractor for axum.
 
+pub mod attributes;
 mod call;
 mod connection;
 pub mod layer;
 mod options;
 mod pipeline;
+mod reply;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
@@ -49,15 +54,24 @@ pub use connection::{
 pub use options::{
     channel, Bearer, ClientOptions, Stub, Transport, DEFAULT_CONNECTIONS, DEFAULT_MAX_IN_FLIGHT,
 };
-use pb::pipeline_request::Op;
-use pb::pipeline_response::Result as Outcome;
+use wire::pipeline_request::Op;
+use wire::pipeline_response::Result as Outcome;
 
+pub use attributes::Attributes;
 pub use layer::SessiondLayer;
 
 /// The generated protobuf types and client stub.
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("sessiond.v1");
+}
+
+/// The typed client's copy of the generated messages and stub: the same wire format as
+/// [`pb`]'s, but a `Session` decodes its attributes into one packed buffer
+/// ([`reply::Session`]) instead of a hash map.
+#[allow(missing_docs, clippy::all)]
+mod wire {
+    include!(concat!(env!("OUT_DIR"), "/wire/sessiond.v1.rs"));
 }
 
 /// What `DestroyAllSessions`'s `confirm` must say, word for word: the daemon refuses to end
@@ -146,7 +160,7 @@ pub struct Session {
     /// The bound user, `None` when anonymous.
     pub user_id: Option<String>,
     /// The data.
-    pub attributes: HashMap<String, Bytes>,
+    pub attributes: Attributes,
     /// 1 at creation, +1 per change: the `expected_version` of a compare-and-set.
     pub version: u64,
     /// When it was created (or bound to its user).
@@ -165,7 +179,7 @@ impl Session {
     /// An attribute as text, if present and UTF-8.
     pub fn text(&self, key: &str) -> Option<&str> {
         self.attributes
-            .get(key)
+            .get_ref(key)
             .and_then(|v| std::str::from_utf8(v).ok())
     }
 }
@@ -175,13 +189,31 @@ fn time(t: Option<prost_types::Timestamp>) -> SystemTime {
     UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
 }
 
+/// A session the raw stub ([`pb`]) returned.
 impl From<pb::Session> for Session {
     fn from(s: pb::Session) -> Self {
         let client = s.client.unwrap_or_default();
         Session {
             id: s.id,
             user_id: (!s.user_id.is_empty()).then_some(s.user_id),
-            attributes: s.attributes,
+            attributes: s.attributes.into(),
+            version: s.version,
+            created_at: time(s.created_at),
+            last_access_at: time(s.last_access_at),
+            expires_at: time(s.expires_at),
+            ip: client.ip,
+            user_agent: client.user_agent,
+        }
+    }
+}
+
+impl From<reply::Session> for Session {
+    fn from(s: reply::Session) -> Self {
+        let client = s.client.unwrap_or_default();
+        Session {
+            id: s.id,
+            user_id: (!s.user_id.is_empty()).then_some(s.user_id),
+            attributes: s.attributes.finish(),
             version: s.version,
             created_at: time(s.created_at),
             last_access_at: time(s.last_access_at),
@@ -339,12 +371,12 @@ impl SessionClient {
     /// Starts a session under a fresh server-generated ID. Sent again after a broken
     /// connection only with a [`NewSession::idempotency_key`], which makes that safe.
     pub async fn create(&self, new: NewSession) -> Result<Session, Error> {
-        let req = pb::CreateRequest {
+        let req = wire::CreateRequest {
             user_id: new.user_id.unwrap_or_default(),
             attributes: new.attributes,
             idle_timeout: new.idle_timeout.map(duration),
             absolute_timeout: new.absolute_timeout.map(duration),
-            client: Some(pb::ClientInfo {
+            client: Some(wire::ClientInfo {
                 ip: new.ip,
                 user_agent: new.user_agent,
             }),
@@ -364,7 +396,7 @@ impl SessionClient {
     }
 
     async fn read(&self, id: &str, peek: bool) -> Result<Session, Error> {
-        let req = pb::GetRequest {
+        let req = wire::GetRequest {
             id: id.to_string(),
             peek,
         };
@@ -389,7 +421,7 @@ impl SessionClient {
         ids: &[&str],
         peek: bool,
     ) -> Result<Vec<Result<Session, Error>>, Error> {
-        let req = pb::GetManyRequest {
+        let req = wire::GetManyRequest {
             ids: ids.iter().map(|s| s.to_string()).collect(),
             peek,
         };
@@ -397,8 +429,8 @@ impl SessionClient {
         Ok(results
             .into_iter()
             .map(|r| match r.result {
-                Some(pb::get_result::Result::Session(s)) => Ok(s.into()),
-                Some(pb::get_result::Result::Error(e)) => Err(call::pb_error(e)),
+                Some(wire::get_result::Result::Session(s)) => Ok(s.into()),
+                Some(wire::get_result::Result::Error(e)) => Err(call::pb_error(e)),
                 None => Err(Error::Other {
                     code: Code::Internal,
                     message: "a GetMany result without a session or an error".into(),
@@ -409,7 +441,7 @@ impl SessionClient {
 
     /// Slides the idle deadline; returns the new one.
     pub async fn touch(&self, id: &str) -> Result<SystemTime, Error> {
-        let req = pb::TouchRequest { id: id.to_string() };
+        let req = wire::TouchRequest { id: id.to_string() };
         match self.call(Op::Touch(req)).await? {
             Outcome::Touch(t) => Ok(time(t.expires_at)),
             other => Err(call::unexpected(other)),
@@ -451,7 +483,7 @@ impl SessionClient {
         V: Into<Bytes>,
         R: Into<String>,
     {
-        let req = pb::UpdateRequest {
+        let req = wire::UpdateRequest {
             id: id.to_string(),
             set: set.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
             remove: remove.into_iter().map(Into::into).collect(),
@@ -477,7 +509,7 @@ impl SessionClient {
         user_id: Option<&str>,
         idempotency_key: &str,
     ) -> Result<Session, Error> {
-        let req = pb::RegenerateRequest {
+        let req = wire::RegenerateRequest {
             id: id.to_string(),
             user_id: user_id.map(str::to_string),
             drop_attributes: false,
@@ -488,7 +520,7 @@ impl SessionClient {
 
     /// Ends one session; whether it existed.
     pub async fn destroy(&self, id: &str) -> Result<bool, Error> {
-        let req = pb::DestroyRequest { id: id.to_string() };
+        let req = wire::DestroyRequest { id: id.to_string() };
         match self.call(Op::Destroy(req)).await? {
             Outcome::Destroy(d) => Ok(d.existed),
             other => Err(call::unexpected(other)),
@@ -497,7 +529,7 @@ impl SessionClient {
 
     /// A user's live sessions ("active devices"), without their attributes.
     pub async fn list_user_sessions(&self, user_id: &str) -> Result<Vec<Session>, Error> {
-        let req = pb::ListUserSessionsRequest {
+        let req = wire::ListUserSessionsRequest {
             user_id: user_id.to_string(),
             include_attributes: false,
         };
@@ -513,7 +545,7 @@ impl SessionClient {
         user_id: &str,
         except: Option<&str>,
     ) -> Result<u32, Error> {
-        let req = pb::DestroyUserSessionsRequest {
+        let req = wire::DestroyUserSessionsRequest {
             user_id: user_id.to_string(),
             except_id: except.unwrap_or_default().to_string(),
         };

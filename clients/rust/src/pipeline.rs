@@ -18,10 +18,11 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
+use crate::connection::WireStub;
+use crate::wire;
 use crate::LEADER_HEADER;
-use crate::{pb, Stub};
-use pb::pipeline_request::Op;
-use pb::pipeline_response::Result as Outcome;
+use wire::pipeline_request::Op;
+use wire::pipeline_response::Result as Outcome;
 
 /// How a stream ended for the calls still waiting on it.
 #[derive(Debug, Clone)]
@@ -47,7 +48,7 @@ struct Waiting {
     /// The request side, dropped when the stream ends: a server that drains on shutdown
     /// reads the request side until the client closes it, so closing it at once lets that
     /// server finish without waiting out its linger.
-    requests: Option<mpsc::Sender<pb::PipelineRequest>>,
+    requests: Option<mpsc::Sender<wire::PipelineRequest>>,
 }
 
 /// A Pipeline stream: requests go in with fresh ids; a reader task hands each response to
@@ -62,7 +63,7 @@ pub(crate) struct Pipe {
 impl Pipe {
     /// Opens a stream on `stub`'s connection; with the leader its response headers name.
     pub(crate) async fn open(
-        mut stub: Stub,
+        mut stub: WireStub,
         max_in_flight: usize,
     ) -> Result<(Pipe, Option<String>), Status> {
         let (requests, rx) = mpsc::channel(max_in_flight);
@@ -88,7 +89,7 @@ impl Pipe {
                         let waiter = w.lock().unwrap().calls.remove(&r.id);
                         if let Some(waiter) = waiter {
                             let outcome = r.result.unwrap_or_else(|| {
-                                Outcome::Error(pb::Error {
+                                Outcome::Error(wire::Error {
                                     code: Code::Internal as i32,
                                     message: "a Pipeline response without a result".into(),
                                     current_version: None,
@@ -158,7 +159,7 @@ impl Pipe {
             waiting: &self.waiting,
             id,
         };
-        let request = pb::PipelineRequest { id, op: Some(op) };
+        let request = wire::PipelineRequest { id, op: Some(op) };
         let sent = requests.send(request).await;
         // Only the waiting map holds the request side between calls (see `Waiting`).
         drop(requests);

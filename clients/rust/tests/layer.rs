@@ -62,8 +62,8 @@ fn routes() -> Router {
                     .attributes()
                     .await
                     .map_err(failed)?
-                    .into_iter()
-                    .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                    .iter()
+                    .map(|(k, v)| (k.to_owned(), String::from_utf8_lossy(&v).into_owned()))
                     .collect();
                 let gone = session.is_gone().await.map_err(failed)?;
                 let mut text = format!("gone={gone}\n");

@@ -18,7 +18,7 @@
 //! clearing the cookie would delete the new one. The cookie is `__Host-sid`,
 //! `HttpOnly; Secure; SameSite=Lax; Path=/`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
@@ -30,7 +30,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sessiond_client::layer::{ConfigError, Session};
-use sessiond_client::{Error, SessionClient, SessiondLayer};
+use sessiond_client::{Attributes, Error, SessionClient, SessiondLayer};
 
 /// The prefix of cart lines among the session's attributes.
 pub const CART_PREFIX: &str = "cart:";
@@ -94,9 +94,9 @@ async fn live(session: &Session) -> Result<(), Failure> {
     }
 }
 
-fn cart_of(attributes: &HashMap<String, Bytes>) -> BTreeMap<String, u64> {
+fn cart_of(attributes: &Attributes) -> BTreeMap<String, u64> {
     attributes
-        .iter()
+        .slices()
         .filter_map(|(k, v)| {
             let sku = k.strip_prefix(CART_PREFIX)?;
             let qty = std::str::from_utf8(v).ok()?.parse().ok()?;
@@ -145,7 +145,7 @@ async fn add_to_cart(session: Session, body: Result<Json<Value>, JsonRejection>)
     let s = session
         .modify(|attributes| {
             let now: u64 = attributes
-                .get(&key)
+                .get_ref(&key)
                 .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
                 .unwrap_or(0);
             let next = (now + item.qty).to_string();

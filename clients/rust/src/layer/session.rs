@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 use super::codec::{Codec, Json};
 use super::error::SessionError;
 use super::Shared;
-use crate::{Error, NewSession, SessionClient};
+use crate::{Attributes, Error, NewSession, SessionClient};
 
 /// Compare-and-set attempts [`Session::modify`] makes before giving up with the conflict.
 const MAX_CAS_ATTEMPTS: usize = 32;
@@ -212,20 +212,25 @@ impl<C: Codec> Session<C> {
     ///
     /// ```no_run
     /// # async fn f(session: sessiond_client::layer::Session) -> Result<(), sessiond_client::Error> {
-    /// let keys: Vec<String> = session.attributes().await?.into_keys().collect();
+    /// let keys: Vec<String> = session.attributes().await?.keys().map(String::from).collect();
     /// # Ok(()) }
     /// ```
-    pub async fn attributes(&self) -> Result<HashMap<String, Bytes>, Error> {
+    pub async fn attributes(&self) -> Result<Attributes, Error> {
         let mut st = self.state.lock().await;
         self.load(&mut st).await?;
-        let mut all = st
+        let stored = st
             .current
             .as_ref()
             .map(|s| s.attributes.clone())
             .unwrap_or_default();
-        all.retain(|k, _| !st.remove.contains(k));
-        all.extend(st.set.iter().map(|(k, v)| (k.clone(), v.clone())));
-        Ok(all)
+        if st.set.is_empty() && st.remove.is_empty() {
+            return Ok(stored);
+        }
+        let kept = stored
+            .slices()
+            .filter(|(k, _)| !st.remove.contains(*k) && !st.set.contains_key(*k));
+        let written = st.set.iter().map(|(k, v)| (k.as_str(), v.as_ref()));
+        Ok(kept.chain(written).collect())
     }
 
     /// The value of `key`, decoded with the layer's codec; `None` when the session has no
@@ -303,10 +308,7 @@ impl<C: Codec> Session<C> {
             return Ok(None);
         }
         self.load(&mut st).await?;
-        Ok(st
-            .current
-            .as_ref()
-            .and_then(|s| s.attributes.get(key).cloned()))
+        Ok(st.current.as_ref().and_then(|s| s.attributes.get(key)))
     }
 
     /// Sets `key` to these bytes as they are, without the codec; written back after the
@@ -349,7 +351,7 @@ impl<C: Codec> Session<C> {
     /// let s = session
     ///     .modify(|now| {
     ///         let n: u64 = now
-    ///             .get("cart:apple")
+    ///             .get_ref("cart:apple")
     ///             .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
     ///             .unwrap_or(0);
     ///         (vec![("cart:apple".to_string(), Bytes::from((n + 1).to_string()))], vec![])
@@ -359,7 +361,7 @@ impl<C: Codec> Session<C> {
     /// ```
     pub async fn modify<F>(&self, f: F) -> Result<crate::Session, Error>
     where
-        F: Fn(&HashMap<String, Bytes>) -> (Vec<(String, Bytes)>, Vec<String>),
+        F: Fn(&Attributes) -> (Vec<(String, Bytes)>, Vec<String>),
     {
         let Ok(s) = self.cas(|now| Ok::<_, Infallible>(f(now))).await?;
         Ok(s)
@@ -392,7 +394,7 @@ impl<C: Codec> Session<C> {
         let mut last = None;
         let outcome = self
             .cas(|now| {
-                let current = match now.get(key).map(|v| codec.decode::<T>(v)).transpose() {
+                let current = match now.get_ref(key).map(|v| codec.decode::<T>(v)).transpose() {
                     Ok(v) => v,
                     Err(source) => {
                         return Err(SessionError::Decode {
@@ -423,7 +425,7 @@ impl<C: Codec> Session<C> {
     /// returned inside, and nothing is written).
     async fn cas<E, F>(&self, mut f: F) -> Result<Result<crate::Session, E>, Error>
     where
-        F: FnMut(&HashMap<String, Bytes>) -> Result<(Vec<(String, Bytes)>, Vec<String>), E>,
+        F: FnMut(&Attributes) -> Result<(Vec<(String, Bytes)>, Vec<String>), E>,
     {
         let mut st = self.state.lock().await;
         self.load(&mut st).await?;
