@@ -192,18 +192,7 @@ fn time(t: Option<prost_types::Timestamp>) -> SystemTime {
 /// A session the raw stub ([`pb`]) returned.
 impl From<pb::Session> for Session {
     fn from(s: pb::Session) -> Self {
-        let client = s.client.unwrap_or_default();
-        Session {
-            id: s.id,
-            user_id: (!s.user_id.is_empty()).then_some(s.user_id),
-            attributes: s.attributes.into(),
-            version: s.version,
-            created_at: time(s.created_at),
-            last_access_at: time(s.last_access_at),
-            expires_at: time(s.expires_at),
-            ip: client.ip,
-            user_agent: client.user_agent,
-        }
+        reply::Session::from(s).into()
     }
 }
 

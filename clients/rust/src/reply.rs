@@ -49,6 +49,31 @@ pub(crate) struct Session {
     pub(crate) client: Option<pb::ClientInfo>,
 }
 
+/// The generated message's fields, its attributes packed.
+impl From<pb::Session> for Session {
+    fn from(s: pb::Session) -> Self {
+        let mut packer = Packer::default();
+        for (k, v) in &s.attributes {
+            packer.push(k, v);
+        }
+        Session {
+            id: s.id,
+            user_id: s.user_id,
+            attributes: Packing {
+                packer,
+                entry: Entry::default(),
+            },
+            version: s.version,
+            created_at: s.created_at,
+            last_access_at: s.last_access_at,
+            expires_at: s.expires_at,
+            absolute_expires_at: s.absolute_expires_at,
+            idle_timeout: s.idle_timeout,
+            client: s.client,
+        }
+    }
+}
+
 /// The attributes as they are decoded: the buffer so far, and the entry being read.
 #[derive(Clone, Default)]
 pub(crate) struct Packing {
