@@ -13,17 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
 
 use crate::pipeline::Pipe;
-use crate::{wire, Bearer, ClientOptions, Error, Transport};
-
-/// The typed client's stub: [`Stub`](crate::Stub)'s calls over the client's own messages
-/// (see `reply`).
-pub(crate) type WireStub =
-    wire::session_store_client::SessionStoreClient<InterceptedService<Channel, Bearer>>;
+use crate::{wire, Bearer, ClientOptions, Error, Transport, WireStub};
 
 /// The first wait after a failed connection attempt, by default.
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(50);

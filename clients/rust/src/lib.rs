@@ -74,6 +74,11 @@ mod wire {
     include!(concat!(env!("OUT_DIR"), "/wire/sessiond.v1.rs"));
 }
 
+/// The typed client's stub: [`Stub`]'s calls over [`wire`]'s messages.
+type WireStub = wire::session_store_client::SessionStoreClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
 /// What `DestroyAllSessions`'s `confirm` must say, word for word: the daemon refuses to end
 /// every session of a tenant on anything less deliberate.
 pub const DESTROY_ALL_CONFIRMATION: &str = "destroy all sessions";

@@ -18,9 +18,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
-use crate::connection::WireStub;
-use crate::wire;
 use crate::LEADER_HEADER;
+use crate::{wire, WireStub};
 use wire::pipeline_request::Op;
 use wire::pipeline_response::Result as Outcome;
 
