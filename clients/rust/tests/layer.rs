@@ -83,6 +83,23 @@ fn routes() -> Router {
             ),
         )
         .route(
+            "/swap",
+            // Writes, then reads every attribute in the same request: `key=value` lines in
+            // key order, the unsent writes included.
+            post(|session: Session| async move {
+                session.insert_raw("theme", "dark").await;
+                session.insert_raw("cart:apple", "2").await;
+                session.remove("cart:pear").await;
+                let all = session.attributes().await.map_err(failed)?;
+                let mut lines: Vec<String> = all
+                    .slices()
+                    .map(|(k, v)| format!("{k}={}", String::from_utf8_lossy(v)))
+                    .collect();
+                lines.sort();
+                Ok::<_, (StatusCode, String)>(lines.join("\n"))
+            }),
+        )
+        .route(
             "/read-end-set/{key}/{value}",
             post(
                 |session: Session, Path((key, value)): Path<(String, String)>| async move {
@@ -194,6 +211,30 @@ async fn started(app: &Router) -> String {
         CookieChange::Set(id) => id,
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn attributes_include_the_requests_unsent_writes_and_removals() {
+    let d = daemon().await;
+    let client = SessionClient::connect(&d.grpc_addr.to_string())
+        .await
+        .unwrap();
+    let app = app(client.clone());
+    let id = started(&app).await; // cart:apple=1
+    let r = call(&app, "POST", "/set/cart:pear/3", Some(&id)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+
+    let r = call(&app, "POST", "/swap", Some(&id)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, "cart:apple=2\ntheme=dark");
+    // And that is what was written back.
+    let stored = client.peek(&id).await.unwrap();
+    assert_eq!(
+        stored.attributes,
+        [("cart:apple", "2"), ("theme", "dark")]
+            .into_iter()
+            .collect()
+    );
 }
 
 #[tokio::test]
