@@ -232,14 +232,21 @@ impl Packer {
     }
 }
 
+/// A map's entries, whose keys are distinct.
+impl From<&HashMap<String, Bytes>> for Packer {
+    fn from(map: &HashMap<String, Bytes>) -> Self {
+        let mut packer = Packer::default();
+        for (k, v) in map {
+            packer.push(k, v);
+        }
+        packer
+    }
+}
+
 /// A map's entries.
 impl From<HashMap<String, Bytes>> for Attributes {
     fn from(map: HashMap<String, Bytes>) -> Self {
-        let mut packer = Packer::default();
-        for (k, v) in &map {
-            packer.push(k, v);
-        }
-        Attributes(packer.0.freeze())
+        Attributes(Packer::from(&map).0.freeze())
     }
 }
 

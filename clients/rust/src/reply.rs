@@ -27,9 +27,12 @@ const EXPIRES_AT: u32 = 7;
 const ABSOLUTE_EXPIRES_AT: u32 = 8;
 const IDLE_TIMEOUT: u32 = 9;
 const CLIENT: u32 = 10;
-/// A map entry's key (field 1) and value (field 2), length-delimited, as their one-byte keys.
-const KEY_TAG: u8 = (1 << 3) | WireType::LengthDelimited as u8;
-const VALUE_TAG: u8 = (2 << 3) | WireType::LengthDelimited as u8;
+/// A map entry's key and value.
+const KEY: u32 = 1;
+const VALUE: u32 = 2;
+/// The one-byte keys of [`KEY`] and [`VALUE`], length-delimited.
+const KEY_TAG: u8 = (KEY << 3) as u8 | WireType::LengthDelimited as u8;
+const VALUE_TAG: u8 = (VALUE << 3) as u8 | WireType::LengthDelimited as u8;
 
 /// The most a reply's attributes buffer reserves at once, before it knows their size.
 const MAX_RESERVE: usize = 64 * 1024;
@@ -52,15 +55,11 @@ pub(crate) struct Session {
 /// The generated message's fields, its attributes packed.
 impl From<pb::Session> for Session {
     fn from(s: pb::Session) -> Self {
-        let mut packer = Packer::default();
-        for (k, v) in &s.attributes {
-            packer.push(k, v);
-        }
         Session {
             id: s.id,
             user_id: s.user_id,
             attributes: Packing {
-                packer,
+                packer: Packer::from(&s.attributes),
                 entry: Entry::default(),
             },
             version: s.version,
@@ -112,6 +111,18 @@ struct Entry {
     value: Vec<u8>,
 }
 
+impl Session {
+    /// The timestamp fields and their field numbers, in field order.
+    fn times(&self) -> [(u32, &Option<prost_types::Timestamp>); 4] {
+        [
+            (CREATED_AT, &self.created_at),
+            (LAST_ACCESS_AT, &self.last_access_at),
+            (EXPIRES_AT, &self.expires_at),
+            (ABSOLUTE_EXPIRES_AT, &self.absolute_expires_at),
+        ]
+    }
+}
+
 impl prost::Message for Session {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         put(ID, self.id.as_bytes(), buf);
@@ -119,19 +130,13 @@ impl prost::Message for Session {
         for (key, value) in entries(self.attributes.packer.packed()) {
             encode_key(ATTRIBUTES, WireType::LengthDelimited, buf);
             encode_varint(entry_len(key, value) as u64, buf);
-            put(1, key, buf);
-            put(2, value, buf);
+            put(KEY, key, buf);
+            put(VALUE, value, buf);
         }
         if self.version != 0 {
             encoding::uint64::encode(VERSION, &self.version, buf);
         }
-        let times = [
-            (CREATED_AT, &self.created_at),
-            (LAST_ACCESS_AT, &self.last_access_at),
-            (EXPIRES_AT, &self.expires_at),
-            (ABSOLUTE_EXPIRES_AT, &self.absolute_expires_at),
-        ];
-        for (tag, time) in times {
+        for (tag, time) in self.times() {
             if let Some(t) = time {
                 encoding::message::encode(tag, t, buf);
             }
@@ -153,18 +158,14 @@ impl prost::Message for Session {
         } else {
             0
         };
-        let times: usize = [
-            (CREATED_AT, &self.created_at),
-            (LAST_ACCESS_AT, &self.last_access_at),
-            (EXPIRES_AT, &self.expires_at),
-            (ABSOLUTE_EXPIRES_AT, &self.absolute_expires_at),
-        ]
-        .into_iter()
-        .map(|(tag, t)| {
-            t.as_ref()
-                .map_or(0, |t| encoding::message::encoded_len(tag, t))
-        })
-        .sum();
+        let times: usize = self
+            .times()
+            .into_iter()
+            .map(|(tag, t)| {
+                t.as_ref()
+                    .map_or(0, |t| encoding::message::encoded_len(tag, t))
+            })
+            .sum();
         put_len(ID, self.id.len())
             + put_len(USER_ID, self.user_id.len())
             + attributes
@@ -290,7 +291,7 @@ fn delimited_len(tag: u32, len: usize) -> usize {
 
 /// A map entry of two [`put`]s.
 fn entry_len(key: &[u8], value: &[u8]) -> usize {
-    put_len(1, key.len()) + put_len(2, value.len())
+    put_len(KEY, key.len()) + put_len(VALUE, value.len())
 }
 
 #[cfg(test)]
@@ -412,16 +413,16 @@ mod tests {
     #[test]
     fn unusual_entries_decode_as_the_generated_message_decodes_them() {
         let mut reversed = Vec::new();
-        put(2, b"v", &mut reversed);
-        put(1, b"k", &mut reversed);
+        put(VALUE, b"v", &mut reversed);
+        put(KEY, b"k", &mut reversed);
         let mut unknown = Vec::new();
-        put(1, b"k", &mut unknown);
+        put(KEY, b"k", &mut unknown);
         encoding::uint64::encode(9, &5, &mut unknown);
-        put(2, b"v", &mut unknown);
+        put(VALUE, b"v", &mut unknown);
         let mut repeated = Vec::new();
-        put(1, b"old", &mut repeated);
-        put(2, b"v", &mut repeated);
-        put(1, b"k", &mut repeated);
+        put(KEY, b"old", &mut repeated);
+        put(VALUE, b"v", &mut repeated);
+        put(KEY, b"k", &mut repeated);
         for body in [reversed, unknown, repeated, Vec::new()] {
             let bytes = one_entry(&body);
             let expected = pb::Session::decode(&bytes[..]).unwrap();
@@ -447,7 +448,7 @@ mod tests {
     #[test]
     fn a_key_that_is_not_utf8_is_a_decode_error() {
         let mut entry = Vec::new();
-        put(1, &[0xff, 0xfe], &mut entry);
+        put(KEY, &[0xff, 0xfe], &mut entry);
         let bytes = one_entry(&entry);
         assert!(Session::decode(&bytes[..]).is_err());
         // As the generated message refuses it.
