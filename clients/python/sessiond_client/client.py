@@ -29,7 +29,8 @@ from google.protobuf.duration_pb2 import Duration
 
 from ._proto import session_store_pb2 as pb
 from ._proto import session_store_pb2_grpc as pb_grpc
-from .errors import SessiondError, Unavailable, code_from_number, from_rpc_error, from_status
+from ._coalesce import GetCoalescer
+from .errors import SessiondError, code_from_number, from_rpc_error, from_status
 
 __all__ = ["Session", "SessionClient", "to_unix_ms"]
 
@@ -268,6 +269,11 @@ class SessionClient:
     retries: how many times the idempotent reads (get, touch, list_user_sessions, get_many)
     are retried on UNAVAILABLE. Writes are never retried.
     channel: a grpc.Channel of your own (an intercepted one, say); target is then unused.
+    coalesce_gets: gets that threads start while another get of this client is on the wire
+    wait for it, then go out together as one GetMany of at most max_coalesced_gets IDs
+    (a gRPC call costs a Python process far more CPU than the read it carries). A get with
+    nothing in flight is a plain Get. Each get keeps its own result, error and deadline
+    (its timeout counts from when it was called); see sessiond_client._coalesce.
 
     Thread-safe: share one client per process. Fork-safe: the channel is made on first use
     in each process, so a client made before a fork (gunicorn --preload, multiprocessing)
@@ -288,7 +294,11 @@ class SessionClient:
         retry_backoff: float = 0.05,
         options: Optional[Sequence[tuple]] = None,
         channel: Optional[grpc.Channel] = None,
+        coalesce_gets: bool = True,
+        max_coalesced_gets: int = 64,
     ):
+        if max_coalesced_gets < 1:
+            raise ValueError(f"max_coalesced_gets must be at least 1, not {max_coalesced_gets}")
         self._opts = _Options(
             target, token, root_certificates, private_key, certificate_chain, options
         )
@@ -303,6 +313,9 @@ class SessionClient:
         self.timeout = timeout
         self.retries = retries
         self.retry_backoff = retry_backoff
+        self.coalesce_gets = coalesce_gets
+        self.max_coalesced_gets = max_coalesced_gets
+        self._gets: Optional[Tuple[int, GetCoalescer]] = None
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -320,20 +333,56 @@ class SessionClient:
                 self._pid = pid
             return self._stub_
 
-    def _run(self, call: _Call) -> Any:
+    def _invoke(self, call: _Call, timeout: Optional[float] = None) -> Any:
+        """Sends one call, retrying a safe one on UNAVAILABLE; returns its parsed result or
+        raises the grpc.RpcError of its last attempt. timeout: per attempt (default: the
+        client's)."""
         method = getattr(self._stub(), call.rpc)
         attempts = 1 + (self.retries if call.retry else 0)
+        timeout = self.timeout if timeout is None else timeout
         for attempt in range(attempts):
             try:
-                resp = method(call.request, timeout=self.timeout, metadata=self._metadata)
+                resp = method(call.request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as err:
-                exc = from_rpc_error(err)
-                if isinstance(exc, Unavailable) and attempt + 1 < attempts:
+                code = err.code() if hasattr(err, "code") else None
+                if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
                     time.sleep(self.retry_backoff * (2**attempt))
                     continue
-                raise exc from err
+                raise
             return call.parse(resp)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _run(self, call: _Call) -> Any:
+        try:
+            return self._invoke(call)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def _get_one(self, session_id: str, peek: bool) -> Session:
+        return self._run(_Api.get(session_id, peek=peek))
+
+    def _get_many(
+        self, session_ids: List[str], peek: bool, timeout: float
+    ) -> List[Union[Session, SessiondError]]:
+        return self._invoke(_Api.get_many(session_ids, peek=peek), timeout)
+
+    def _coalescer(self) -> Optional[GetCoalescer]:
+        """This process's GetCoalescer (a fork starts a fresh one), or None if it is off."""
+        if not self.coalesce_gets:
+            return None
+        pid = os.getpid()
+        mine = self._gets
+        if mine is not None and mine[0] == pid:
+            return mine[1]
+        with self._lock:
+            if self._gets is None or self._gets[0] != pid:
+                self._gets = (
+                    pid,
+                    GetCoalescer(
+                        self._get_one, self._get_many, lambda: self.timeout, self.max_coalesced_gets
+                    ),
+                )
+            return self._gets[1]
 
     def close(self) -> None:
         """Closes this process's channel (a later call opens a new one)."""
@@ -379,8 +428,15 @@ class SessionClient:
         )
 
     def get(self, session_id: str, *, peek: bool = False) -> Session:
-        """Reads a session (sliding its idle deadline unless `peek`). Raises NotFound."""
-        return self._run(_Api.get(session_id, peek=peek))
+        """Reads a session (sliding its idle deadline unless `peek`). Raises NotFound.
+
+        Gets that other threads start while one is on the wire are sent together as one
+        GetMany (see `coalesce_gets`); each still returns its own session or raises its
+        own error."""
+        gets = self._coalescer() if isinstance(session_id, str) else None
+        if gets is None:
+            return self._get_one(session_id, peek)
+        return gets.get(session_id, peek)
 
     def touch(self, session_id: str) -> datetime:
         """Slides the idle deadline; returns the new expires_at."""

@@ -37,6 +37,7 @@ def test_a_client_used_before_fork_works_in_the_child_and_the_parent(sessiond):
     before = client.create(attributes={"from": "parent"})
     assert client.get(before.id).attributes == {"from": b"parent"}
     parent_channel = client._channel
+    parent_gets = client._coalescer()  # its state (a get in flight, say) stays the parent's
 
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -47,7 +48,14 @@ def test_a_client_used_before_fork_works_in_the_child_and_the_parent(sessiond):
             seen = client.get(before.id, peek=True).attributes["from"].decode()
             made = client.create(attributes={"from": "child"})
             own = client._channel is not parent_channel
-            report = {"seen": seen, "made": made.id, "pid": os.getpid(), "own_channel": own}
+            own_gets = client._coalescer() is not parent_gets
+            report = {
+                "seen": seen,
+                "made": made.id,
+                "pid": os.getpid(),
+                "own_channel": own,
+                "own_gets": own_gets,
+            }
             os.write(write_end, json.dumps(report).encode())
             client.close()
             code = 0
@@ -63,6 +71,7 @@ def test_a_client_used_before_fork_works_in_the_child_and_the_parent(sessiond):
     assert exit_code == 0, report
     assert report["seen"] == "parent" and report["pid"] != os.getpid()
     assert report["own_channel"] is True  # the child did not talk over the parent's connection
+    assert report["own_gets"] is True  # nor wait behind a get the parent had in flight
 
     # The parent's channel is untouched by the child's: it goes on working.
     assert client.get(report["made"], peek=True).attributes == {"from": b"child"}

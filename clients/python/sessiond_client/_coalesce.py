@@ -1,0 +1,183 @@
+"""Concurrent `get`s of one sync client, sent together as one GetMany.
+
+A gRPC call from Python costs the calling process far more CPU than the server spends
+answering it, and the cost is per call, not per session read. So while one get of a client
+is on the wire, the gets that other threads start queue behind it; when it returns, the
+first of them sends every queued ID (up to `max_batch`) in one GetMany, and each thread
+gets its own session or its own error. A get that finds nothing in flight goes out at once
+as a plain Get, so a single-threaded caller sees no change.
+
+One batch is in flight at a time: the thread whose get leads a batch sends it, then hands
+the lead to the next queued get before it returns. Each waiter keeps its own deadline: a
+batch is sent with what is left of its oldest get's timeout.
+
+Where a batch cannot answer for its gets they fall back to their own Get, with the client's
+retries: a per-ID UNAVAILABLE (a cluster node lost its lease mid-batch), or the whole
+GetMany refused as too large (RESOURCE_EXHAUSTED: more bytes than max_message_bytes) or too
+long (INVALID_ARGUMENT: more IDs than the server's max_batch_ids). Any other failure of the
+GetMany (UNAVAILABLE after the retries, DEADLINE_EXCEEDED) is raised in every waiter, each
+as its own exception.
+"""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+from typing import Any, Callable, List
+
+import grpc
+
+from .errors import Unavailable, from_rpc_error
+
+# A waiter's result when its batch could not answer for it: it sends its own Get.
+_ALONE = object()
+# GetMany failures that say nothing about the IDs in it, only about the batch's size.
+_BATCH_TOO_BIG = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+class _Failed:
+    """The GetMany itself failed: each waiter raises its own exception for it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: grpc.RpcError):
+        self.error = error
+
+
+class _Waiter:
+    """One thread's get: what it asks, and (once `done` is released) its answer or the lead."""
+
+    __slots__ = ("session_id", "peek", "deadline", "done", "result", "lead")
+
+    def __init__(self, session_id: str, peek: bool, deadline: float):
+        self.session_id = session_id
+        self.peek = peek
+        self.deadline = deadline
+        self.done = _thread.allocate_lock()
+        self.done.acquire()
+        self.result: Any = _ALONE  # until its batch answers for it
+        self.lead = False
+
+
+class GetCoalescer:
+    """Gets of one client (in one process), coalesced.
+
+    get_one(session_id, peek) is the client's own Get (with its retries; raises a
+    SessiondError). get_many(ids, peek, timeout) sends one GetMany (with the client's
+    retries) and returns a Session or a SessiondError per ID, or raises grpc.RpcError.
+    """
+
+    def __init__(
+        self,
+        get_one: Callable[[str, bool], Any],
+        get_many: Callable[[List[str], bool, float], List[Any]],
+        timeout: Callable[[], float],
+        max_batch: int,
+    ):
+        self._get_one = get_one
+        self._get_many = get_many
+        self._timeout = timeout
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._queue: List[_Waiter] = []
+        self._busy = False  # a batch is being sent; False means the queue is empty
+
+    def get(self, session_id: str, peek: bool) -> Any:
+        me = _Waiter(session_id, peek, time.monotonic() + self._timeout())
+        with self._lock:
+            self._queue.append(me)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            try:
+                me.done.acquire()
+            except BaseException:  # interrupted (KeyboardInterrupt in the main thread)
+                self._abandon(me)
+                raise
+            if not me.lead:
+                return self._finish(me)
+        # Leading: `me` is first in the queue (the queue was empty, or `me` was promoted
+        # from its head), so the batch taken holds it.
+        batch = self._take()
+        try:
+            self._send(batch)
+        finally:
+            self._hand_off()
+            for waiter in batch:
+                if waiter is not me:
+                    waiter.done.release()
+        return self._finish(me)
+
+    def _take(self) -> List[_Waiter]:
+        """Up to max_batch queued gets with the head's `peek`, the head first."""
+        with self._lock:
+            peek = self._queue[0].peek
+            batch: List[_Waiter] = []
+            rest: List[_Waiter] = []
+            for waiter in self._queue:
+                if waiter.peek == peek and len(batch) < self._max_batch:
+                    batch.append(waiter)
+                else:
+                    rest.append(waiter)
+            self._queue = rest
+            return batch
+
+    def _hand_off(self) -> None:
+        """The next queued get leads the next batch; with none queued, nothing is busy."""
+        with self._lock:
+            if not self._queue:
+                self._busy = False
+                return
+            head = self._queue[0]
+            head.lead = True
+        head.done.release()
+
+    def _abandon(self, me: _Waiter) -> None:
+        """Takes back a get whose thread stopped waiting: out of the queue, and if it had
+        just been given the lead, the lead passes on (a get already in a batch is answered
+        to no one)."""
+        with self._lock:
+            if me not in self._queue:
+                return
+            self._queue.remove(me)
+            promoted = me.lead
+        if promoted:
+            self._hand_off()
+
+    def _send(self, batch: List[_Waiter]) -> None:
+        """Sets the result of every waiter the batch answers for: a Session or the exception
+        to raise. The others keep _ALONE. Raises nothing but an interrupt (whose waiters
+        then go alone too)."""
+        if len(batch) == 1:  # a plain Get, sent while this batch holds the lead
+            alone = batch[0]
+            try:
+                alone.result = self._get_one(alone.session_id, alone.peek)
+            except BaseException as err:  # raised by _finish, in this same thread
+                alone.result = err
+            return
+        try:
+            remaining = max(0.0, min(w.deadline for w in batch) - time.monotonic())
+            results = self._get_many([w.session_id for w in batch], batch[0].peek, remaining)
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None
+            failed: Any = _ALONE if code in _BATCH_TOO_BIG else _Failed(err)
+            for waiter in batch:
+                waiter.result = failed
+            return
+        except Exception:  # not the server's answer: each get finds out on its own
+            return
+        for waiter, result in zip(batch, results):
+            if not isinstance(result, Unavailable):
+                waiter.result = result
+
+    def _finish(self, me: _Waiter) -> Any:
+        result = me.result
+        if result is _ALONE:
+            return self._get_one(me.session_id, me.peek)
+        if isinstance(result, _Failed):
+            raise from_rpc_error(result.error) from result.error
+        if isinstance(result, BaseException):  # this get's own (a SessiondError per ID)
+            raise result
+        return result
+
