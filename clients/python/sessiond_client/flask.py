@@ -41,12 +41,14 @@ then it reads as that JSON (`"2"` stored raw reads as `2`).
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterator, Mapping, NamedTuple, Optional, Set, Union
 
 from flask import Flask, Request, Response
 from flask import session as _current_session
+from flask.json.provider import DefaultJSONProvider
 from flask.json.tag import TaggedJSONSerializer
 from flask.sessions import SessionInterface, SessionMixin, session_json_serializer
 
@@ -76,6 +78,15 @@ def _truncate_utf8(text: str, limit: int) -> str:
     return raw[:limit].decode("utf-8", errors="ignore")
 
 
+def _tagged_json_loads(text: str) -> Any:
+    """Flask's session_json_serializer.loads under DefaultJSONProvider, at a third of the
+    cost for the usual value: text with no object in it has no tag to undo, so json.loads
+    alone reads it. Text with a "{" goes through the serializer."""
+    if "{" in text:
+        return session_json_serializer.loads(text)
+    return json.loads(text)
+
+
 class SessiondSession(SessionMixin):
     """One request's view of a sessiond session. Created by SessiondSessionInterface."""
 
@@ -87,8 +98,10 @@ class SessiondSession(SessionMixin):
         sid: Optional[str],
         ip: str = "",
         user_agent: str = "",
+        loads: Optional[Callable[[str], Any]] = None,
     ):
         self._interface = interface
+        self._loads = loads or interface.serializer.loads  # a stored value's text -> value
         self._client: SessionClient = interface.client
         self._cookie_sid = sid  # the ID the request's cookie named
         self._sid = sid  # the live ID now (None: no session)
@@ -162,7 +175,7 @@ class SessiondSession(SessionMixin):
         except UnicodeDecodeError:
             return value  # raw bytes, as stored by earlier versions
         try:
-            return self._interface.serializer.loads(text)
+            return self._loads(text)
         except ValueError:
             return text  # raw UTF-8 text, as stored by earlier versions
 
@@ -517,7 +530,18 @@ class SessiondSessionInterface(SessionInterface):
     def open_session(self, app: Flask, request: Request) -> SessiondSession:
         sid = request.cookies.get(self.cookie(app).name) or None
         ua = _truncate_utf8(request.headers.get("User-Agent", ""), MAX_USER_AGENT_BYTES)
-        return SessiondSession(self, sid, ip=request.remote_addr or "", user_agent=ua)
+        return SessiondSession(
+            self, sid, ip=request.remote_addr or "", user_agent=ua, loads=self._value_loads(app)
+        )
+
+    def _value_loads(self, app: Flask) -> Callable[[str], Any]:
+        """How this app's stored values are read: the serializer's loads, or, with Flask's
+        defaults (tagged JSON through DefaultJSONProvider), _tagged_json_loads."""
+        if self.serializer is session_json_serializer and (
+            type(app.json).loads is DefaultJSONProvider.loads
+        ):
+            return _tagged_json_loads
+        return self.serializer.loads
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         if not isinstance(session, SessiondSession):  # pragma: no cover - a foreign session

@@ -287,3 +287,28 @@ def test_a_remember_me_cookie_logs_in_with_a_fresh_bound_session(login_app, clie
     assert r.json == {"user": "bob", "sessiond_user": "bob"}
     assert later.sid and later.sid != tab.sid
     assert client.get(later.sid, peek=True).user_id == "bob"
+
+
+def test_values_read_by_the_fast_path_equal_what_flasks_serializer_reads(client):
+    from flask.sessions import session_json_serializer
+
+    from sessiond_client.flask import _tagged_json_loads
+
+    app = make_app(client)
+    values = [
+        "3", 3, 2.5, None, True, "Zoë", "a{b", [1, "two", None], [[1], []], {"a": 1},
+        (1, "two"), b"\x00\xff", uuid.UUID(int=7), {"list": [(1,), {"x": b"y"}]},
+        datetime(2026, 12, 1, 3, 4, 5, tzinfo=timezone.utc),
+    ]
+    with app.app_context():
+        assert app.session_interface._value_loads(app) is _tagged_json_loads
+        for value in values:
+            text = session_json_serializer.dumps(value)
+            assert _tagged_json_loads(text) == session_json_serializer.loads(text) == value, text
+
+        class Provider(type(app.json)):
+            def loads(self, s, **kwargs):
+                return "custom"
+
+        app.json = Provider(app)  # an app's own JSON provider is used as it is
+        assert app.session_interface._value_loads(app) == session_json_serializer.loads
