@@ -1,4 +1,5 @@
-"""Concurrent `get`s of one sync client, sent together as one GetMany.
+"""Concurrent `get`s of one client, sent together as one GetMany: threads of the sync client
+(GetCoalescer), tasks of the asyncio client (AsyncGetCoalescer).
 
 A gRPC call from Python costs the calling process far more CPU than the server spends
 answering it, and the cost is per call, not per session read. So while one get of a client
@@ -7,9 +8,11 @@ first of them sends every queued ID (up to `max_batch`) in one GetMany, and each
 gets its own session or its own error. A get that finds nothing in flight goes out at once
 as a plain Get, so a single-threaded caller sees no change.
 
-One batch is in flight at a time: the thread whose get leads a batch sends it, then hands
-the lead to the next queued get before it returns. Each waiter keeps its own deadline: a
-batch is sent with what is left of its oldest get's timeout.
+One batch is in flight at a time. In the sync client the thread whose get leads a batch sends
+it, then hands the lead to the next queued get before it returns; in the asyncio client a
+task of the coalescer's own sends the batches, so a cancelled caller strands no one. Each
+waiter keeps its own deadline: a batch is sent with what is left of its oldest get's
+timeout.
 
 Where a batch cannot answer for its gets they fall back to their own Get, with the client's
 retries: a per-ID UNAVAILABLE (a cluster node lost its lease mid-batch), or the whole
@@ -22,9 +25,10 @@ as its own exception.
 from __future__ import annotations
 
 import _thread
+import asyncio
 import threading
 import time
-from typing import Any, Callable, List
+from typing import Any, Awaitable, Callable, List, Optional, Tuple
 
 import grpc
 
@@ -58,6 +62,48 @@ class _Waiter:
         self.done.acquire()
         self.result: Any = _ALONE  # until its batch answers for it
         self.lead = False
+
+
+def _take(queue: List[Any], max_batch: int) -> Tuple[List[Any], List[Any]]:
+    """(batch, rest): up to max_batch queued gets with the head's `peek`, the head first."""
+    peek = queue[0].peek
+    batch: List[Any] = []
+    rest: List[Any] = []
+    for waiter in queue:
+        if waiter.peek == peek and len(batch) < max_batch:
+            batch.append(waiter)
+        else:
+            rest.append(waiter)
+    return batch, rest
+
+
+def _time_left(batch: List[Any]) -> float:
+    """What is left of the batch's oldest get's timeout."""
+    return max(0.0, min(w.deadline for w in batch) - time.monotonic())
+
+
+def _failed(batch: List[Any], err: grpc.RpcError) -> None:
+    """The GetMany failed: a size refusal sends each get alone, anything else fails each."""
+    code = err.code() if hasattr(err, "code") else None
+    result: Any = _ALONE if code in _BATCH_TOO_BIG else _Failed(err)
+    for waiter in batch:
+        waiter.result = result
+
+
+def _answered(batch: List[Any], results: List[Any]) -> None:
+    """The GetMany's answer for each get; a per-ID UNAVAILABLE sends that get alone."""
+    for waiter, result in zip(batch, results):
+        if not isinstance(result, Unavailable):
+            waiter.result = result
+
+
+def _outcome(result: Any) -> Any:
+    """A get's result to return, raising its error; _ALONE is left to the caller."""
+    if isinstance(result, _Failed):
+        raise from_rpc_error(result.error) from result.error
+    if isinstance(result, BaseException):  # this get's own (a SessiondError per ID)
+        raise result
+    return result
 
 
 class GetCoalescer:
@@ -110,17 +156,8 @@ class GetCoalescer:
         return self._finish(me)
 
     def _take(self) -> List[_Waiter]:
-        """Up to max_batch queued gets with the head's `peek`, the head first."""
         with self._lock:
-            peek = self._queue[0].peek
-            batch: List[_Waiter] = []
-            rest: List[_Waiter] = []
-            for waiter in self._queue:
-                if waiter.peek == peek and len(batch) < self._max_batch:
-                    batch.append(waiter)
-                else:
-                    rest.append(waiter)
-            self._queue = rest
+            batch, self._queue = _take(self._queue, self._max_batch)
             return batch
 
     def _hand_off(self) -> None:
@@ -157,27 +194,103 @@ class GetCoalescer:
                 alone.result = err
             return
         try:
-            remaining = max(0.0, min(w.deadline for w in batch) - time.monotonic())
-            results = self._get_many([w.session_id for w in batch], batch[0].peek, remaining)
+            ids = [w.session_id for w in batch]
+            results = self._get_many(ids, batch[0].peek, _time_left(batch))
         except grpc.RpcError as err:
-            code = err.code() if hasattr(err, "code") else None
-            failed: Any = _ALONE if code in _BATCH_TOO_BIG else _Failed(err)
-            for waiter in batch:
-                waiter.result = failed
+            _failed(batch, err)
             return
         except Exception:  # not the server's answer: each get finds out on its own
             return
-        for waiter, result in zip(batch, results):
-            if not isinstance(result, Unavailable):
-                waiter.result = result
+        _answered(batch, results)
 
     def _finish(self, me: _Waiter) -> Any:
-        result = me.result
-        if result is _ALONE:
+        if me.result is _ALONE:
             return self._get_one(me.session_id, me.peek)
-        if isinstance(result, _Failed):
-            raise from_rpc_error(result.error) from result.error
-        if isinstance(result, BaseException):  # this get's own (a SessiondError per ID)
-            raise result
-        return result
+        return _outcome(me.result)
 
+
+class _AsyncWaiter:
+    """One task's get: what it asks, its answer once its batch is sent, and the future the
+    task awaits."""
+
+    __slots__ = ("session_id", "peek", "deadline", "future", "result")
+
+    def __init__(self, session_id: str, peek: bool, deadline: float, future: "asyncio.Future[Any]"):
+        self.session_id = session_id
+        self.peek = peek
+        self.deadline = deadline
+        self.future = future
+        self.result: Any = _ALONE
+
+
+class AsyncGetCoalescer:
+    """Gets of one asyncio client (in one event loop of one process), coalesced.
+
+    get_one(session_id, peek) and get_many(ids, peek, timeout) are coroutines, as for
+    GetCoalescer.
+    """
+
+    def __init__(
+        self,
+        get_one: Callable[[str, bool], Awaitable[Any]],
+        get_many: Callable[[List[str], bool, float], Awaitable[List[Any]]],
+        timeout: Callable[[], float],
+        max_batch: int,
+    ):
+        self._get_one = get_one
+        self._get_many = get_many
+        self._timeout = timeout
+        self._max_batch = max_batch
+        self._queue: List[_AsyncWaiter] = []
+        self._sender: Optional["asyncio.Task[None]"] = None  # sends batches while any queue
+
+    async def get(self, session_id: str, peek: bool) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self._timeout()
+        me = _AsyncWaiter(session_id, peek, deadline, loop.create_future())
+        self._queue.append(me)
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_all())
+        result = await me.future
+        if result is _ALONE:
+            return await self._get_one(session_id, peek)
+        return _outcome(result)
+
+    async def _send_all(self) -> None:
+        try:
+            while True:
+                # Cancelled callers' gets are dropped unsent.
+                self._queue = [w for w in self._queue if not w.future.done()]
+                if not self._queue:
+                    return
+                batch, self._queue = _take(self._queue, self._max_batch)
+                try:
+                    await self._send(batch)
+                finally:
+                    for waiter in batch:
+                        if not waiter.future.done():
+                            waiter.future.set_result(waiter.result)
+        finally:
+            self._sender = None
+            for waiter in self._queue:  # only if this task itself was cancelled
+                if not waiter.future.done():
+                    waiter.future.set_result(_ALONE)
+
+    async def _send(self, batch: List[_AsyncWaiter]) -> None:
+        if len(batch) == 1:  # a plain Get
+            alone = batch[0]
+            try:
+                alone.result = await self._get_one(alone.session_id, alone.peek)
+            except Exception as err:  # raised by the get that asked
+                alone.result = err
+            return
+        try:
+            results = await self._get_many(
+                [w.session_id for w in batch], batch[0].peek, _time_left(batch)
+            )
+        except grpc.RpcError as err:
+            _failed(batch, err)
+            return
+        except Exception:  # not the server's answer: each get finds out on its own
+            return
+        _answered(batch, results)

@@ -23,9 +23,10 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Unio
 import grpc
 import grpc.aio
 
+from ._coalesce import AsyncGetCoalescer
 from ._proto import session_store_pb2_grpc as pb_grpc
 from .client import Seconds, Session, Value, _Api, _Call, _Options
-from .errors import SessiondError, Unavailable, from_rpc_error
+from .errors import SessiondError, from_rpc_error
 
 __all__ = ["SessionClient"]
 
@@ -53,7 +54,11 @@ class SessionClient:
         retry_backoff: float = 0.05,
         options: Optional[Sequence[tuple]] = None,
         channel: Optional[grpc.aio.Channel] = None,
+        coalesce_gets: bool = True,
+        max_coalesced_gets: int = 64,
     ):
+        if max_coalesced_gets < 1:
+            raise ValueError(f"max_coalesced_gets must be at least 1, not {max_coalesced_gets}")
         self._opts = _Options(
             target, token, root_certificates, private_key, certificate_chain, options
         )
@@ -66,6 +71,9 @@ class SessionClient:
         self.timeout = timeout
         self.retries = retries
         self.retry_backoff = retry_backoff
+        self.coalesce_gets = coalesce_gets
+        self.max_coalesced_gets = max_coalesced_gets
+        self._gets: Optional[Tuple[Tuple[int, asyncio.AbstractEventLoop], AsyncGetCoalescer]] = None
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -82,22 +90,52 @@ class SessionClient:
             self._owner = owner
         return self._stub_
 
-    async def _run(self, call: _Call) -> Any:
+    async def _invoke(self, call: _Call, timeout: Optional[float] = None) -> Any:
+        """Sends one call, retrying a safe one on UNAVAILABLE; returns its parsed result or
+        raises the grpc.RpcError of its last attempt. timeout: per attempt (default: the
+        client's)."""
         method = getattr(self._stub(), call.rpc)
         attempts = 1 + (self.retries if call.retry else 0)
+        timeout = self.timeout if timeout is None else timeout
         for attempt in range(attempts):
             try:
-                resp = await method(
-                    call.request, timeout=self.timeout, metadata=self._opts.metadata
-                )
+                resp = await method(call.request, timeout=timeout, metadata=self._opts.metadata)
             except grpc.RpcError as err:
-                exc = from_rpc_error(err)
-                if isinstance(exc, Unavailable) and attempt + 1 < attempts:
+                code = err.code() if hasattr(err, "code") else None
+                if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
                     await asyncio.sleep(self.retry_backoff * (2**attempt))
                     continue
-                raise exc from err
+                raise
             return call.parse(resp)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _run(self, call: _Call) -> Any:
+        try:
+            return await self._invoke(call)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def _get_one(self, session_id: str, peek: bool) -> Session:
+        return await self._run(_Api.get(session_id, peek=peek))
+
+    async def _get_many(
+        self, session_ids: List[str], peek: bool, timeout: float
+    ) -> List[Union[Session, SessiondError]]:
+        return await self._invoke(_Api.get_many(session_ids, peek=peek), timeout)
+
+    def _coalescer(self) -> Optional[AsyncGetCoalescer]:
+        """This loop's AsyncGetCoalescer (in this process), or None if it is off."""
+        if not self.coalesce_gets:
+            return None
+        owner = (os.getpid(), asyncio.get_running_loop())
+        if self._gets is None or self._gets[0] != owner:
+            self._gets = (
+                owner,
+                AsyncGetCoalescer(
+                    self._get_one, self._get_many, lambda: self.timeout, self.max_coalesced_gets
+                ),
+            )
+        return self._gets[1]
 
     async def close(self) -> None:
         """Closes the channel (a later call opens a new one, unless it was passed in)."""
@@ -141,8 +179,12 @@ class SessionClient:
         )
 
     async def get(self, session_id: str, *, peek: bool = False) -> Session:
-        """Reads a session (sliding its idle deadline unless `peek`). Raises NotFound."""
-        return await self._run(_Api.get(session_id, peek=peek))
+        """Reads a session (sliding its idle deadline unless `peek`). Raises NotFound. Gets
+        that other tasks start while one is on the wire go out together as one GetMany."""
+        gets = self._coalescer() if isinstance(session_id, str) else None
+        if gets is None:
+            return await self._get_one(session_id, peek)
+        return await gets.get(session_id, peek)
 
     async def touch(self, session_id: str) -> datetime:
         """Slides the idle deadline; returns the new expires_at."""

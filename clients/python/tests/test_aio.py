@@ -150,3 +150,67 @@ def test_one_client_serves_one_loop_after_another(sessiond):
     s = asyncio.run(c.create())
     assert asyncio.run(c.get(s.id)).id == s.id
     asyncio.run(c.close())
+
+
+class Gate(grpc.aio.UnaryUnaryClientInterceptor):
+    """Records each call's method and holds the first one until `open` is set, so the gets
+    started meanwhile queue behind it."""
+
+    def __init__(self):
+        self.calls = []
+        self.open = asyncio.Event()
+        self.holding = asyncio.Event()
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        self.calls.append(method.rsplit("/", 1)[1])
+        if len(self.calls) == 1:
+            self.holding.set()
+            await self.open.wait()
+        return await continuation(details, request)
+
+
+def test_gets_from_many_tasks_go_out_together_and_a_cancelled_one_strands_no_one(sessiond):
+    async def main():
+        setup = SessionClient(sessiond.addr)
+        sessions = [await setup.create(attributes={"n": str(i)}) for i in range(4)]
+        gate = Gate()
+        channel = grpc.aio.insecure_channel(sessiond.addr, interceptors=[gate])
+        c = SessionClient("unused", channel=channel)
+        first = asyncio.ensure_future(c.get(sessions[0].id))
+        await asyncio.wait_for(gate.holding.wait(), 30)
+        rest = [asyncio.ensure_future(c.get(s.id)) for s in sessions[1:]]
+        unknown = asyncio.ensure_future(c.get(UNKNOWN_ID))
+        dropped = asyncio.ensure_future(c.get(sessions[1].id))
+        await asyncio.sleep(0)  # every get has queued (each ran to its await)
+        dropped.cancel()
+        gate.open.set()
+        got = await asyncio.wait_for(asyncio.gather(first, *rest), 30)
+        assert [s.attributes for s in got] == [{"n": str(i).encode()} for i in range(4)]
+        with pytest.raises(NotFound):
+            await unknown
+        with pytest.raises(asyncio.CancelledError):
+            await dropped
+        assert gate.calls == ["Get", "GetMany"]  # the cancelled get was not sent
+        await c.close()
+        await setup.close()
+
+    asyncio.run(main())
+
+
+def test_with_coalescing_off_every_get_is_its_own_call(sessiond):
+    async def main():
+        s = await SessionClient(sessiond.addr).create()
+        gate = Gate()
+        channel = grpc.aio.insecure_channel(sessiond.addr, interceptors=[gate])
+        c = SessionClient("unused", channel=channel, coalesce_gets=False)
+        first = asyncio.ensure_future(c.get(s.id))
+        await asyncio.wait_for(gate.holding.wait(), 30)
+        others = await asyncio.wait_for(asyncio.gather(*(c.get(s.id) for _ in range(3))), 30)
+        assert not first.done()  # the others did not wait for it
+        gate.open.set()
+        assert (await first).id == s.id and all(o.id == s.id for o in others)
+        assert gate.calls == ["Get"] * 4
+        await c.close()
+
+    asyncio.run(main())

@@ -201,7 +201,8 @@ def test_many_threads_each_get_their_own_session(sessiond):
     results: Dict[int, List[bool]] = {}
 
     def reader(i):
-        results[i] = [client.get(sessions[i].id).attributes == {"i": str(i).encode()} for _ in range(40)]
+        want = {"i": str(i).encode()}
+        results[i] = [client.get(sessions[i].id).attributes == want for _ in range(40)]
 
     threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
     for t in threads:
