@@ -16,10 +16,11 @@ timeout.
 
 Where a batch cannot answer for its gets they fall back to their own Get, with the client's
 retries: a per-ID UNAVAILABLE (a cluster node lost its lease mid-batch), or the whole
-GetMany refused as too large (RESOURCE_EXHAUSTED: more bytes than max_message_bytes) or too
-long (INVALID_ARGUMENT: more IDs than the server's max_batch_ids). Any other failure of the
-GetMany (UNAVAILABLE after the retries, DEADLINE_EXCEEDED) is raised in every waiter, each
-as its own exception.
+GetMany refused as too large (RESOURCE_EXHAUSTED: a reply larger than max_message_bytes, or
+than the channel's receive limit) or too long (INVALID_ARGUMENT: more IDs than the server's
+max_batch_ids; later batches are then half as long). Any other failure of the GetMany
+(UNAVAILABLE after the retries, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED from a server shedding
+load) is raised in every waiter, each as its own exception.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from .errors import Unavailable, from_rpc_error
 
 # A waiter's result when its batch could not answer for it: it sends its own Get.
 _ALONE = object()
-# GetMany failures that say nothing about the IDs in it, only about the batch's size.
-_BATCH_TOO_BIG = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 class _Failed:
@@ -82,12 +81,18 @@ def _time_left(batch: List[Any]) -> float:
     return max(0.0, min(w.deadline for w in batch) - time.monotonic())
 
 
-def _failed(batch: List[Any], err: grpc.RpcError) -> None:
-    """The GetMany failed: a size refusal sends each get alone, anything else fails each."""
+def _failed(batch: List[Any], err: grpc.RpcError) -> bool:
+    """The GetMany failed. Refused for its size, each get goes alone; any other failure (a
+    load-shedding RESOURCE_EXHAUSTED among them: no call of N gets there) fails each get.
+    True if the server found the batch too long, so later ones should be shorter."""
     code = err.code() if hasattr(err, "code") else None
-    result: Any = _ALONE if code in _BATCH_TOO_BIG else _Failed(err)
+    details = (err.details() if hasattr(err, "details") else "") or ""
+    too_long = code == grpc.StatusCode.INVALID_ARGUMENT  # over max_batch_ids
+    too_large = code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than" in details
+    result: Any = _ALONE if too_long or too_large else _Failed(err)
     for waiter in batch:
         waiter.result = result
+    return too_long
 
 
 def _answered(batch: List[Any], results: List[Any]) -> None:
@@ -197,7 +202,8 @@ class GetCoalescer:
             ids = [w.session_id for w in batch]
             results = self._get_many(ids, batch[0].peek, _time_left(batch))
         except grpc.RpcError as err:
-            _failed(batch, err)
+            if _failed(batch, err):
+                self._max_batch = max(1, len(batch) // 2)
             return
         except Exception:  # not the server's answer: each get finds out on its own
             return
@@ -289,7 +295,8 @@ class AsyncGetCoalescer:
                 [w.session_id for w in batch], batch[0].peek, _time_left(batch)
             )
         except grpc.RpcError as err:
-            _failed(batch, err)
+            if _failed(batch, err):
+                self._max_batch = max(1, len(batch) // 2)
             return
         except Exception:  # not the server's answer: each get finds out on its own
             return

@@ -175,6 +175,32 @@ def test_gets_over_the_servers_batch_limit_fall_back_to_their_own_get(workdir):
     assert gate.calls[:2] == ["Get", "GetMany"] and sorted(gate.calls[2:]) == ["Get"] * 3
     for i in range(4):
         assert out[f"s{i}" if i else "first"].attributes == {"n": str(i).encode()}
+    assert client._coalescer()._max_batch == 1  # half of the 3 the server refused
+
+
+def test_gets_whose_get_many_reply_is_too_large_fall_back_to_their_own_get(workdir):
+    config = workdir / "small-messages.toml"
+    config.write_text("max_message_bytes = 1024\n")
+    daemon = start_sessiond(workdir / "small-messages", "--config", str(config))
+    try:
+        setup = daemon.client()
+        big = "x" * 600  # one session's reply fits in 1024 bytes, two do not
+        sessions = [setup.create(attributes={"v": big, "n": str(i)}) for i in range(3)]
+        client, gate = gated_client(daemon.addr)
+        threads = Threads()
+        threads.start({"first": lambda: client.get(sessions[0].id)})
+        assert gate.holding.wait(WAIT)
+        threads.start({f"s{i}": (lambda i=i: client.get(sessions[i].id)) for i in range(1, 3)})
+        wait_queued(client, 2)
+        gate.open.set()
+        out = threads.join()
+    finally:
+        daemon.stop()
+
+    assert gate.calls == ["Get", "GetMany", "Get", "Get"]
+    for i in (1, 2):
+        assert out[f"s{i}"].attributes["n"] == str(i).encode()
+    assert client._coalescer()._max_batch == 64  # a size refusal does not shorten batches
 
 
 def test_with_coalescing_off_every_get_is_its_own_call(sessiond):
