@@ -29,7 +29,7 @@ import _thread
 import asyncio
 import threading
 import time
-from typing import Any, Awaitable, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import grpc
 
@@ -111,7 +111,36 @@ def _outcome(result: Any) -> Any:
     return result
 
 
-class GetCoalescer:
+def check_max_batch(max_coalesced_gets: int) -> int:
+    """max_coalesced_gets, if a client may have it (ValueError otherwise)."""
+    if max_coalesced_gets < 1:
+        raise ValueError(f"max_coalesced_gets must be at least 1, not {max_coalesced_gets}")
+    return max_coalesced_gets
+
+
+class _Coalescer:
+    """What both coalescers hold: the client's own Get and GetMany, its timeout, the longest
+    batch to send, and the gets queued."""
+
+    def __init__(
+        self,
+        get_one: Callable[[str, bool], Any],
+        get_many: Callable[[List[str], bool, float], Any],
+        timeout: Callable[[], float],
+        max_batch: int,
+    ):
+        self._get_one = get_one
+        self._get_many = get_many
+        self._timeout = timeout
+        self._max_batch = check_max_batch(max_batch)
+        self._queue: List[Any] = []
+
+    def _failed(self, batch: List[Any], err: grpc.RpcError) -> None:
+        if _failed(batch, err):  # too long for the server: later batches are half as long
+            self._max_batch = max(1, len(batch) // 2)
+
+
+class GetCoalescer(_Coalescer):
     """Gets of one client (in one process), coalesced.
 
     get_one(session_id, peek) is the client's own Get (with its retries; raises a
@@ -119,19 +148,9 @@ class GetCoalescer:
     retries) and returns a Session or a SessiondError per ID, or raises grpc.RpcError.
     """
 
-    def __init__(
-        self,
-        get_one: Callable[[str, bool], Any],
-        get_many: Callable[[List[str], bool, float], List[Any]],
-        timeout: Callable[[], float],
-        max_batch: int,
-    ):
-        self._get_one = get_one
-        self._get_many = get_many
-        self._timeout = timeout
-        self._max_batch = max_batch
+    def __init__(self, *args: Any):
+        super().__init__(*args)
         self._lock = threading.Lock()
-        self._queue: List[_Waiter] = []
         self._busy = False  # a batch is being sent; False means the queue is empty
 
     def get(self, session_id: str, peek: bool) -> Any:
@@ -202,8 +221,7 @@ class GetCoalescer:
             ids = [w.session_id for w in batch]
             results = self._get_many(ids, batch[0].peek, _time_left(batch))
         except grpc.RpcError as err:
-            if _failed(batch, err):
-                self._max_batch = max(1, len(batch) // 2)
+            self._failed(batch, err)
             return
         except Exception:  # not the server's answer: each get finds out on its own
             return
@@ -229,25 +247,15 @@ class _AsyncWaiter:
         self.result: Any = _ALONE
 
 
-class AsyncGetCoalescer:
+class AsyncGetCoalescer(_Coalescer):
     """Gets of one asyncio client (in one event loop of one process), coalesced.
 
     get_one(session_id, peek) and get_many(ids, peek, timeout) are coroutines, as for
-    GetCoalescer.
+    GetCoalescer (the same arguments).
     """
 
-    def __init__(
-        self,
-        get_one: Callable[[str, bool], Awaitable[Any]],
-        get_many: Callable[[List[str], bool, float], Awaitable[List[Any]]],
-        timeout: Callable[[], float],
-        max_batch: int,
-    ):
-        self._get_one = get_one
-        self._get_many = get_many
-        self._timeout = timeout
-        self._max_batch = max_batch
-        self._queue: List[_AsyncWaiter] = []
+    def __init__(self, *args: Any):
+        super().__init__(*args)
         self._sender: Optional["asyncio.Task[None]"] = None  # sends batches while any queue
 
     async def get(self, session_id: str, peek: bool) -> Any:
@@ -291,12 +299,10 @@ class AsyncGetCoalescer:
                 alone.result = err
             return
         try:
-            results = await self._get_many(
-                [w.session_id for w in batch], batch[0].peek, _time_left(batch)
-            )
+            ids = [w.session_id for w in batch]
+            results = await self._get_many(ids, batch[0].peek, _time_left(batch))
         except grpc.RpcError as err:
-            if _failed(batch, err):
-                self._max_batch = max(1, len(batch) // 2)
+            self._failed(batch, err)
             return
         except Exception:  # not the server's answer: each get finds out on its own
             return

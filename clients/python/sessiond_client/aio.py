@@ -23,7 +23,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Unio
 import grpc
 import grpc.aio
 
-from ._coalesce import AsyncGetCoalescer
+from ._coalesce import AsyncGetCoalescer, check_max_batch
 from ._proto import session_store_pb2_grpc as pb_grpc
 from .client import Seconds, Session, Value, _Api, _Call, _Options
 from .errors import SessiondError, from_rpc_error
@@ -57,8 +57,7 @@ class SessionClient:
         coalesce_gets: bool = True,
         max_coalesced_gets: int = 64,
     ):
-        if max_coalesced_gets < 1:
-            raise ValueError(f"max_coalesced_gets must be at least 1, not {max_coalesced_gets}")
+        check_max_batch(max_coalesced_gets)
         self._opts = _Options(
             target, token, root_certificates, private_key, certificate_chain, options
         )

@@ -29,7 +29,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from ._proto import session_store_pb2 as pb
 from ._proto import session_store_pb2_grpc as pb_grpc
-from ._coalesce import GetCoalescer
+from ._coalesce import GetCoalescer, check_max_batch
 from .errors import SessiondError, code_from_number, from_rpc_error, from_status
 
 __all__ = ["Session", "SessionClient", "to_unix_ms"]
@@ -297,8 +297,7 @@ class SessionClient:
         coalesce_gets: bool = True,
         max_coalesced_gets: int = 64,
     ):
-        if max_coalesced_gets < 1:
-            raise ValueError(f"max_coalesced_gets must be at least 1, not {max_coalesced_gets}")
+        check_max_batch(max_coalesced_gets)
         self._opts = _Options(
             target, token, root_certificates, private_key, certificate_chain, options
         )

@@ -6,12 +6,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Callable, Dict, List
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List
 
 import grpc
 import pytest
 
-from harness import start_sessiond
+from harness import Daemon, start_sessiond
 from sessiond_client import InvalidArgument, NotFound, Session, SessionClient, Unavailable
 
 UNKNOWN_ID = "A" * 43  # well-formed, never issued
@@ -87,25 +89,46 @@ def wait_queued(client: SessionClient, n: int) -> None:
         time.sleep(0.001)
 
 
+@contextmanager
+def configured_sessiond(workdir: Path, setting: str) -> Iterator[Daemon]:
+    """A sessiond of its own with one setting in its config file, stopped afterwards."""
+    name = setting.split()[0]
+    config = workdir / f"{name}.toml"
+    config.write_text(setting + "\n")
+    daemon = start_sessiond(workdir / name, "--config", str(config))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def gated_round(addr: str, first: str, others: Dict[str, str], **kwargs):
+    """A gated client's get of `first` held in flight while one get per entry of `others`
+    (name -> session ID) queues behind it, then let go: (client, gate, what each returned
+    or raised, by name, the first as "first")."""
+    client, gate = gated_client(addr, **kwargs)
+    threads = Threads()
+    threads.start({"first": lambda: client.get(first)})
+    assert gate.holding.wait(WAIT)
+    threads.start({name: (lambda sid=sid: client.get(sid)) for name, sid in others.items()})
+    wait_queued(client, len(others))
+    gate.open.set()
+    return client, gate, threads.join()
+
+
 def test_gets_started_while_one_is_in_flight_go_out_as_one_get_many(sessiond):
     setup = sessiond.client()
     sessions = [setup.create(attributes={"n": str(i)}) for i in range(6)]
-    client, gate = gated_client(sessiond.addr)
-
-    threads = Threads()
-    threads.start({"first": lambda: client.get(sessions[0].id)})
-    assert gate.holding.wait(WAIT)
-    threads.start(
+    client, gate, out = gated_round(
+        sessiond.addr,
+        sessions[0].id,
         {
-            **{f"s{i}": (lambda i=i: client.get(sessions[i].id)) for i in range(1, 6)},
-            "unknown": lambda: client.get(UNKNOWN_ID),
-            "malformed": lambda: client.get("not-an-id"),
-            "again": lambda: client.get(sessions[1].id),
-        }
+            **{f"s{i}": sessions[i].id for i in range(1, 6)},
+            "unknown": UNKNOWN_ID,
+            "malformed": "not-an-id",
+            "again": sessions[1].id,
+        },
     )
-    wait_queued(client, 8)
-    gate.open.set()
-    out = threads.join()
 
     assert gate.calls == ["Get", "GetMany"]
     assert out["first"].id == sessions[0].id
@@ -139,14 +162,14 @@ def test_a_batch_holds_one_kind_of_get_peek_or_not(sessiond):
 
 
 def test_a_failed_get_many_fails_every_get_in_it_each_with_its_own_error():
-    client, gate = gated_client(closed_address(), timeout=2, retries=1, retry_backoff=0.01)
-    threads = Threads()
-    threads.start({"first": lambda: client.get(UNKNOWN_ID)})
-    assert gate.holding.wait(WAIT)
-    threads.start({f"g{i}": (lambda: client.get(UNKNOWN_ID)) for i in range(4)})
-    wait_queued(client, 4)
-    gate.open.set()
-    out = threads.join()
+    client, gate, out = gated_round(
+        closed_address(),
+        UNKNOWN_ID,
+        {f"g{i}": UNKNOWN_ID for i in range(4)},
+        timeout=2,
+        retries=1,
+        retry_backoff=0.01,
+    )
 
     assert gate.calls == ["Get", "Get", "GetMany", "GetMany"]  # each retried once
     errors = [out[k] for k in ("first", "g0", "g1", "g2", "g3")]
@@ -155,22 +178,11 @@ def test_a_failed_get_many_fails_every_get_in_it_each_with_its_own_error():
 
 
 def test_gets_over_the_servers_batch_limit_fall_back_to_their_own_get(workdir):
-    config = workdir / "small-batches.toml"
-    config.write_text("max_batch_ids = 2\n")
-    daemon = start_sessiond(workdir / "small-batches", "--config", str(config))
-    try:
+    with configured_sessiond(workdir, "max_batch_ids = 2") as daemon:
         setup = daemon.client()
         sessions = [setup.create(attributes={"n": str(i)}) for i in range(4)]
-        client, gate = gated_client(daemon.addr)
-        threads = Threads()
-        threads.start({"first": lambda: client.get(sessions[0].id)})
-        assert gate.holding.wait(WAIT)
-        threads.start({f"s{i}": (lambda i=i: client.get(sessions[i].id)) for i in range(1, 4)})
-        wait_queued(client, 3)
-        gate.open.set()
-        out = threads.join()
-    finally:
-        daemon.stop()
+        others = {f"s{i}": sessions[i].id for i in range(1, 4)}
+        client, gate, out = gated_round(daemon.addr, sessions[0].id, others)
 
     assert gate.calls[:2] == ["Get", "GetMany"] and sorted(gate.calls[2:]) == ["Get"] * 3
     for i in range(4):
@@ -179,23 +191,12 @@ def test_gets_over_the_servers_batch_limit_fall_back_to_their_own_get(workdir):
 
 
 def test_gets_whose_get_many_reply_is_too_large_fall_back_to_their_own_get(workdir):
-    config = workdir / "small-messages.toml"
-    config.write_text("max_message_bytes = 1024\n")
-    daemon = start_sessiond(workdir / "small-messages", "--config", str(config))
-    try:
+    with configured_sessiond(workdir, "max_message_bytes = 1024") as daemon:
         setup = daemon.client()
         big = "x" * 600  # one session's reply fits in 1024 bytes, two do not
         sessions = [setup.create(attributes={"v": big, "n": str(i)}) for i in range(3)]
-        client, gate = gated_client(daemon.addr)
-        threads = Threads()
-        threads.start({"first": lambda: client.get(sessions[0].id)})
-        assert gate.holding.wait(WAIT)
-        threads.start({f"s{i}": (lambda i=i: client.get(sessions[i].id)) for i in range(1, 3)})
-        wait_queued(client, 2)
-        gate.open.set()
-        out = threads.join()
-    finally:
-        daemon.stop()
+        others = {f"s{i}": sessions[i].id for i in range(1, 3)}
+        client, gate, out = gated_round(daemon.addr, sessions[0].id, others)
 
     assert gate.calls == ["Get", "GetMany", "Get", "Get"]
     for i in (1, 2):
