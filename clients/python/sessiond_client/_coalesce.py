@@ -33,7 +33,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import grpc
 
-from .errors import Unavailable, from_rpc_error
+from .errors import Unavailable, from_rpc_error, rpc_code
 
 # A waiter's result when its batch could not answer for it: it sends its own Get.
 _ALONE = object()
@@ -85,7 +85,7 @@ def _failed(batch: List[Any], err: grpc.RpcError) -> bool:
     """The GetMany failed. Refused for its size, each get goes alone; any other failure (a
     load-shedding RESOURCE_EXHAUSTED among them: no call of N gets there) fails each get.
     True if the server found the batch too long, so later ones should be shorter."""
-    code = err.code() if hasattr(err, "code") else None
+    code = rpc_code(err)
     details = (err.details() if hasattr(err, "details") else "") or ""
     too_long = code == grpc.StatusCode.INVALID_ARGUMENT  # over max_batch_ids
     too_large = code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than" in details

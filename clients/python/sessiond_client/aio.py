@@ -26,7 +26,7 @@ import grpc.aio
 from ._coalesce import AsyncGetCoalescer, check_max_batch
 from ._proto import session_store_pb2_grpc as pb_grpc
 from .client import Seconds, Session, Value, _Api, _Call, _Options
-from .errors import SessiondError, from_rpc_error
+from .errors import SessiondError, from_rpc_error, rpc_code
 
 __all__ = ["SessionClient"]
 
@@ -100,8 +100,7 @@ class SessionClient:
             try:
                 resp = await method(call.request, timeout=timeout, metadata=self._opts.metadata)
             except grpc.RpcError as err:
-                code = err.code() if hasattr(err, "code") else None
-                if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
+                if rpc_code(err) == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
                     await asyncio.sleep(self.retry_backoff * (2**attempt))
                     continue
                 raise

@@ -30,7 +30,7 @@ from google.protobuf.duration_pb2 import Duration
 from ._proto import session_store_pb2 as pb
 from ._proto import session_store_pb2_grpc as pb_grpc
 from ._coalesce import GetCoalescer, check_max_batch
-from .errors import SessiondError, code_from_number, from_rpc_error, from_status
+from .errors import SessiondError, code_from_number, from_rpc_error, from_status, rpc_code
 
 __all__ = ["Session", "SessionClient", "to_unix_ms"]
 
@@ -343,8 +343,7 @@ class SessionClient:
             try:
                 resp = method(call.request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as err:
-                code = err.code() if hasattr(err, "code") else None
-                if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
+                if rpc_code(err) == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
                     time.sleep(self.retry_backoff * (2**attempt))
                     continue
                 raise

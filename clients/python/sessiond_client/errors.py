@@ -130,9 +130,14 @@ def _metadata_version(err: grpc.RpcError) -> Optional[int]:
     return None
 
 
+def rpc_code(err: grpc.RpcError) -> grpc.StatusCode:
+    """A failed call's status code; UNKNOWN for an error that is not a grpc.Call."""
+    return err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+
+
 def from_rpc_error(err: grpc.RpcError) -> SessiondError:
     """The typed exception for a failed call (sync or grpc.aio)."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    code = rpc_code(err)
     details = err.details() if hasattr(err, "details") else str(err)
     version = _metadata_version(err) if code == grpc.StatusCode.ABORTED else None
     exc = from_status(code, details or "", version)

@@ -303,25 +303,20 @@ mod tests {
 
     use super::*;
 
+    fn at(seconds: i64, nanos: i32) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp { seconds, nanos })
+    }
+
     fn generated(attributes: HashMap<String, Bytes>, user: &str) -> pb::Session {
         pb::Session {
             id: "AAAAbbbbCCCCddddEEEEffffGGGGhhhhIIIIjjjjKKK".into(),
             user_id: user.into(),
             attributes,
             version: 7,
-            created_at: Some(prost_types::Timestamp {
-                seconds: 1_700_000_000,
-                nanos: 123_000_000,
-            }),
-            last_access_at: Some(prost_types::Timestamp {
-                seconds: 1_700_000_100,
-                nanos: 0,
-            }),
+            created_at: at(1_700_000_000, 123_000_000),
+            last_access_at: at(1_700_000_100, 0),
             expires_at: None,
-            absolute_expires_at: Some(prost_types::Timestamp {
-                seconds: 1_700_086_400,
-                nanos: 5,
-            }),
+            absolute_expires_at: at(1_700_086_400, 5),
             idle_timeout: Some(prost_types::Duration {
                 seconds: 1800,
                 nanos: 0,
