@@ -9,6 +9,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 
+use super::lease::Lease;
 use super::{Metrics, Node, NodeId, Raft, TypeConfig};
 use crate::api::status::GroupFailure;
 use crate::observe::ProposalResult;
@@ -153,6 +154,7 @@ pub(crate) async fn remove_member(raft: &Raft, id: NodeId) -> Result<(), Propose
 /// within `timeout`. Only the leader can: openraft would ignore the request on a follower.
 pub(crate) async fn move_leader(
     raft: &Raft,
+    lease: &Lease,
     to: NodeId,
     timeout: Duration,
 ) -> Result<NodeId, ProposeError> {
@@ -168,6 +170,8 @@ pub(crate) async fn move_leader(
     if to == m.id {
         return Ok(to);
     }
+    // From here on this node may lose its leadership before its lease runs out.
+    lease.give_up().await?;
     raft.trigger()
         .transfer_leader(to)
         .await

@@ -22,6 +22,8 @@
 //!   and the admin calls `sessionctl cluster` and the tests make (`Init`, `AddLearner`,
 //!   `ChangeMembership`, `RemoveMember`, `MoveLeader`, `Status`, `Digest`).
 //! - [`coalesce`]: the writes waiting to be proposed go to the group as one entry.
+//! - `lease` (crate-private): lease reads checked on the engine's metrics, without a trip
+//!   through its core task while the lease holds.
 //! - [`node`]: [`ClusterNode`], which starts all of the above from a `[cluster]` config section
 //!   and offers what the daemon needs: propose, lease reads, leader, membership, shutdown.
 //! - [`metrics_watch`]: the task that follows openraft's metrics into the daemon's
@@ -72,6 +74,7 @@
 
 pub mod admin;
 pub mod coalesce;
+mod lease;
 pub mod log_store;
 pub mod member;
 pub mod metrics_watch;

@@ -20,13 +20,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::{ChangeMembers, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use super::admin::ProposeError;
 use super::admin::{initialize, move_leader, remove_member};
 use super::coalesce::Coalescer;
+use super::lease::Lease;
 use super::log_store::{LogCloser, LogOptions, LogSize, LogStore, OpenError};
 use super::network::{Dialer, PeerNetwork};
 use super::pb::cluster_server::ClusterServer;
@@ -147,6 +148,8 @@ pub struct ClusterNode {
     recorder: Arc<OnceLock<ClusterMetrics>>,
     /// Where writes are proposed: together, when several wait.
     coalescer: Coalescer,
+    /// Where reads check the lease.
+    lease: Arc<Lease>,
 }
 
 impl ClusterNode {
@@ -230,8 +233,10 @@ impl ClusterNode {
                 return Err(StartError::Raft(e.to_string()));
             }
         };
+        let lease = Arc::new(Lease::new(raft.clone()));
         let service = ClusterServer::new(PeerService::new(
             raft.clone(),
+            lease.clone(),
             node.clone(),
             dir.clone(),
             store.clone(),
@@ -264,6 +269,7 @@ impl ClusterNode {
             raft_dir: dir,
             recorder,
             coalescer,
+            lease,
         })
     }
 
@@ -390,8 +396,7 @@ impl ClusterNode {
     /// (renewed by a quorum's heartbeat acknowledgements) holds, and it has applied every
     /// entry committed before the call. A stale lease fails at once with `Unavailable`.
     pub async fn lease_read(&self) -> Result<(), ProposeError> {
-        self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await?;
-        Ok(())
+        self.lease.read().await
     }
 
     /// The encoded bytes of the log entries after this node's last snapshot: what a new
@@ -414,6 +419,12 @@ impl ClusterNode {
             .snapshot()
             .await
             .map_err(|f| ProposeError::Fatal(f.to_string()))
+    }
+
+    /// Where this node's reads check the lease.
+    #[cfg(test)]
+    pub(crate) fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     /// The leader this node knows of, and where it is reached.
@@ -453,7 +464,7 @@ impl ClusterNode {
     /// Hands leadership to voter `to` and returns once another node leads (or the transfer
     /// timed out: then `Unavailable`). Call it on the leader.
     pub async fn transfer_leader(&self, to: NodeId) -> Result<(), ProposeError> {
-        move_leader(&self.raft, to, self.transfer_timeout).await?;
+        move_leader(&self.raft, &self.lease, to, self.transfer_timeout).await?;
         Ok(())
     }
 

@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -25,6 +26,7 @@ use openraft::ServerState;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::admin::{self, ProposeError};
+use super::lease::Lease;
 use super::network::TARGET_HEADER;
 use super::pb::cluster_server::Cluster;
 use super::pb_impl::{check_vote, Malformed};
@@ -37,6 +39,8 @@ use crate::store::Store;
 /// The peer service of one node.
 pub struct PeerService {
     raft: Raft,
+    /// The lease its reads check, which a leadership transfer gives up.
+    lease: Arc<Lease>,
     /// This node's advertised addresses, which `Status` reports.
     node: Node,
     /// The Raft directory: where incoming snapshots are received.
@@ -48,9 +52,16 @@ pub struct PeerService {
 impl PeerService {
     /// The service for `raft`, advertised as `node`, receiving snapshots into `dir`; `store`
     /// is its state machine's.
-    pub fn new(raft: Raft, node: Node, dir: PathBuf, store: Store) -> Self {
+    pub(crate) fn new(
+        raft: Raft,
+        lease: Arc<Lease>,
+        node: Node,
+        dir: PathBuf,
+        store: Store,
+    ) -> Self {
         PeerService {
             raft,
+            lease,
             node,
             dir,
             store,
@@ -231,7 +242,7 @@ impl Cluster for PeerService {
         let to = request.into_inner().to_node_id;
         // As long as a graceful shutdown waits for its transfer: a few election timeouts.
         let timeout = Duration::from_millis(self.raft.config().election_timeout_max * 3);
-        let leader_id = admin::move_leader(&self.raft, to, timeout).await?;
+        let leader_id = admin::move_leader(&self.raft, &self.lease, to, timeout).await?;
         Ok(Response::new(pb::MoveLeaderResponse { leader_id }))
     }
 

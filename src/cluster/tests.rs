@@ -315,6 +315,58 @@ async fn graceful_shutdown_of_the_leader_hands_leadership_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_reads_on_its_lease_until_it_gives_leadership_up_for_the_term() {
+    use openraft::type_config::TypeConfigExt;
+    let c = Cluster::start(config()).await;
+    c.write(0..1).await;
+    let l = c.leader().await;
+    let leader = c.nth(l);
+    wait_for(
+        leader,
+        "a quorum acknowledgement and an entry of the term applied",
+        |m| {
+            m.last_quorum_acked.is_some()
+                && m.last_applied
+                    .is_some_and(|a| a.leader_id == m.current_term)
+        },
+    )
+    .await;
+    let now = super::TypeConfig::now();
+    assert!(
+        leader.lease().holds(now),
+        "the leader's metrics show its lease"
+    );
+    for f in (0..3).filter(|&i| i != l) {
+        assert!(!c.nth(f).lease().holds(now), "node {f} follows: no lease");
+    }
+
+    // Asking to hand over ends reads from the metrics for the term; the engine still answers
+    // them while it leads, and writes go on.
+    leader.lease().give_up().await.unwrap();
+    assert!(!leader.lease().holds(super::TypeConfig::now()));
+    leader.lease_read().await.unwrap();
+    c.write(1..2).await;
+
+    // Leadership moves away and back: a new term, read from the metrics again.
+    let other = c.nth((l + 1) % 3).id();
+    leader.transfer_leader(other).await.unwrap();
+    assert!(!leader.lease().holds(super::TypeConfig::now()));
+    let successor = c.leader().await;
+    c.nth(successor).transfer_leader(leader.id()).await.unwrap();
+    c.write(2..3).await;
+    wait_for(leader, "a lease in the new term", |m| {
+        m.state == ServerState::Leader
+            && m.last_quorum_acked.is_some()
+            && m.last_applied
+                .is_some_and(|a| a.leader_id == m.current_term)
+    })
+    .await;
+    assert!(leader.lease().holds(super::TypeConfig::now()));
+    assert_eq!(sessions(leader.store()).len(), 3);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_recovers_from_its_data_dir_and_catches_up() {
     let mut c = Cluster::start(config()).await;
     c.write(0..5).await;
