@@ -60,7 +60,7 @@ use prost::Message;
 use super::pb::log_record::Op as Rec;
 use super::pb_impl::check_vote;
 use super::{pb, LogId, TypeConfig};
-use crate::persist::format::{self, frame, scan, write_header, End, FormatError};
+use crate::persist::format::{self, frame, frame_with, scan, write_header, End, FormatError};
 use crate::persist::log::FsyncPolicy;
 
 /// Magic of the Raft log file.
@@ -236,9 +236,7 @@ fn push(out: &mut Vec<u8>, rec: Rec) {
 /// Frames an entry's record onto `out` without copying the entry: the record's encoding is its
 /// field 1, the entry.
 fn push_entry(out: &mut Vec<u8>, e: &pb::Entry) {
-    let mut payload = Vec::with_capacity(e.encoded_len() + 8);
-    prost::encoding::message::encode(1, e, &mut payload);
-    frame(&payload, out);
+    frame_with(out, |out| prost::encoding::message::encode(1, e, out));
 }
 
 /// Where the writer answers a caller that awaits its write.
@@ -414,6 +412,7 @@ impl LogStore {
             dirty: false,
             last_sync: Instant::now(),
             failed: None,
+            joined: Vec::new(),
             _lock: lock_file,
         };
         let handle = std::thread::Builder::new()
@@ -533,8 +532,14 @@ struct Writer {
     last_sync: Instant,
     /// Why the log stopped writing, once it has.
     failed: Option<String>,
+    /// Where a pass joins its writes, kept between passes so a busy log does not grow a new
+    /// buffer for each.
+    joined: Vec<u8>,
     _lock: File,
 }
+
+/// The most a kept [`Writer::joined`] buffer holds on to between passes.
+const KEEP_JOINED_BYTES: usize = 4 << 20;
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
@@ -568,7 +573,10 @@ impl Writer {
 
     /// Writes one batch and answers it; true once closed.
     fn pass(&mut self, batch: &mut Vec<Op>) -> bool {
-        let mut bytes = Vec::new();
+        // A lone write goes to the file as it came; several are joined into one write.
+        let mut lone = None;
+        let mut bytes = std::mem::take(&mut self.joined);
+        bytes.clear();
         let mut dones = Vec::new();
         let mut sync = false;
         let mut close = None;
@@ -579,7 +587,14 @@ impl Writer {
                     sync: s,
                     done,
                 } => {
-                    bytes.extend_from_slice(&b);
+                    match lone.take() {
+                        None if bytes.is_empty() => lone = Some(b),
+                        None => bytes.extend_from_slice(&b),
+                        Some(first) => {
+                            bytes.extend_from_slice(&first);
+                            bytes.extend_from_slice(&b);
+                        }
+                    }
                     sync |=
                         s || (self.policy == FsyncPolicy::Always && !matches!(done, Done::Nothing));
                     dones.push(done);
@@ -588,6 +603,7 @@ impl Writer {
                     // The image is the state after every request before it: what they would
                     // have written is in it.
                     bytes.clear();
+                    lone = None;
                     if self.failed.is_none() {
                         if let Err(e) = self.compact(&image) {
                             self.fail("rewrite", &e);
@@ -601,11 +617,15 @@ impl Writer {
                 }
             }
         }
-        if self.failed.is_none() && !bytes.is_empty() {
-            match self.file.write_all(&bytes) {
+        let out = lone.as_deref().unwrap_or(&bytes);
+        if self.failed.is_none() && !out.is_empty() {
+            match self.file.write_all(out) {
                 Ok(()) => self.dirty = true,
                 Err(e) => self.fail("write", &e),
             }
+        }
+        if bytes.capacity() <= KEEP_JOINED_BYTES {
+            self.joined = bytes;
         }
         let due = self.policy == FsyncPolicy::Everysec
             && self.last_sync.elapsed() >= Duration::from_secs(1);
@@ -748,8 +768,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = pb::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut bytes = Vec::new();
         let entries: Vec<pb::Entry> = entries.into_iter().collect();
+        // A frame's header and the entry's field key and length: at most 8 + 1 + 10 bytes.
+        let mut bytes = Vec::with_capacity(entries.iter().map(|e| e.encoded_len() + 19).sum());
         for e in &entries {
             push_entry(&mut bytes, e);
         }
