@@ -9,7 +9,7 @@ use std::sync::Arc;
 use prost::Message;
 
 use super::pb;
-use crate::session::{ClientInfo, Session, SessionKey, ID_BYTES};
+use crate::session::{Attributes, ClientInfo, Session, SessionKey, ID_BYTES};
 use crate::store::events::{Effect, EndCause};
 use crate::store::{IdempotencyRecord, IdempotentOp};
 
@@ -18,7 +18,11 @@ pub fn stored(s: Session) -> pb::StoredSession {
     pb::StoredSession {
         key: bytes::Bytes::copy_from_slice(s.key.as_bytes()),
         user: s.user.as_deref().unwrap_or_default().to_owned(),
-        attributes: s.attributes.to_map(),
+        attributes: s
+            .attributes
+            .shared()
+            .map(|(key, value)| pb::Attribute { key, value })
+            .collect(),
         version: s.version,
         created_at: s.created_at,
         last_access_at: s.last_access_at,
@@ -27,6 +31,29 @@ pub fn stored(s: Session) -> pb::StoredSession {
         client_ip: s.client.ip,
         client_user_agent: s.client.user_agent,
     }
+}
+
+/// A record's attributes as a map holds them: each key once, with the last value given for
+/// it; `None` if a key is not UTF-8. (Our own records never repeat a key.)
+fn last_of_each(attributes: &[pb::Attribute]) -> Option<Vec<(&str, &bytes::Bytes)>> {
+    /// Up to this many attributes a scan finds a repeated key faster than a hash table.
+    const SCAN: usize = 32;
+    let entries = attributes
+        .iter()
+        .map(|a| Some((std::str::from_utf8(&a.key).ok()?, &a.value)));
+    if attributes.len() > SCAN {
+        let map: std::collections::HashMap<_, _> = entries.collect::<Option<_>>()?;
+        return Some(map.into_iter().collect());
+    }
+    let mut out: Vec<(&str, &bytes::Bytes)> = Vec::with_capacity(attributes.len());
+    for entry in entries {
+        let (key, value) = entry?;
+        match out.iter_mut().find(|(k, _)| *k == key) {
+            Some(seen) => seen.1 = value,
+            None => out.push((key, value)),
+        }
+    }
+    Some(out)
 }
 
 fn key(bytes: &[u8]) -> Option<SessionKey> {
@@ -43,7 +70,11 @@ pub fn session(p: pb::StoredSession) -> Option<Session> {
     Some(Session {
         key: key(&p.key)?,
         user: (!p.user.is_empty()).then(|| Arc::from(p.user)),
-        attributes: p.attributes.into(),
+        attributes: Attributes::pack(
+            last_of_each(&p.attributes)?
+                .iter()
+                .map(|&(k, v)| (k, &v[..])),
+        ),
         version: p.version,
         created_at: p.created_at,
         last_access_at: p.last_access_at,
@@ -71,7 +102,13 @@ pub fn encode(effect: &Effect) -> Vec<u8> {
             ..
         } => Op::Update(pb::Update {
             key: key(k),
-            set: set.iter().cloned().collect(),
+            set: set
+                .iter()
+                .map(|(k, v)| pb::Attribute {
+                    key: bytes::Bytes::copy_from_slice(k.as_bytes()),
+                    value: v.clone(),
+                })
+                .collect(),
             remove: remove.clone(),
             version: *version,
             at: *at,
@@ -121,7 +158,10 @@ pub fn decode(payload: bytes::Bytes) -> Option<Effect> {
             }
             Effect::Update {
                 key: key(&u.key)?,
-                set: u.set.into_iter().collect(),
+                set: last_of_each(&u.set)?
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.clone()))
+                    .collect(),
                 remove: u.remove,
                 version: u.version,
                 at: u.at,

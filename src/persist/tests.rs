@@ -1,6 +1,6 @@
 //! Durability unit tests: a real log on a temporary directory, a manual clock, no gRPC.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -675,4 +675,115 @@ fn idempotency_records_round_trip_through_log_records_and_snapshot_frames() {
         let bytes = Bytes::from(records::encode(&effect));
         assert_eq!(records::decode(bytes), Some(effect));
     }
+}
+
+/// A session's attributes written as the `map<string, bytes>` the records once declared:
+/// the same bytes on the wire as today's repeated `Attribute`.
+fn with_map_attributes(key: &crate::session::SessionKey, map: &HashMap<String, Vec<u8>>) -> Bytes {
+    use prost::encoding::{bytes as pbytes, hash_map, string, uint64};
+    let mut buf = Vec::new();
+    pbytes::encode(1, &Bytes::copy_from_slice(key.as_bytes()), &mut buf);
+    hash_map::encode(
+        string::encode,
+        string::encoded_len,
+        pbytes::encode,
+        pbytes::encoded_len,
+        3,
+        map,
+        &mut buf,
+    );
+    uint64::encode(4, &3, &mut buf);
+    uint64::encode(6, &T0, &mut buf);
+    uint64::encode(7, &60_000, &mut buf);
+    uint64::encode(8, &(T0 + 3_600_000), &mut buf);
+    Bytes::from(buf)
+}
+
+#[test]
+fn attributes_written_as_a_map_read_back_the_same() {
+    let key = crate::session::SessionKey::generate();
+    let map = HashMap::from([
+        ("cart".to_string(), b"[1,2,3]".to_vec()),
+        ("user".to_string(), b"ada".to_vec()),
+        ("empty".to_string(), Vec::new()),
+    ]);
+    let Some(records::SnapshotEntry::Session(s)) =
+        records::decode_snapshot_entry(with_map_attributes(&key, &map))
+    else {
+        panic!("a session written with a map of attributes no longer decodes");
+    };
+    let read: HashMap<String, Vec<u8>> = s
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.to_owned(), v.to_vec()))
+        .collect();
+    assert_eq!(read, map);
+    assert_eq!((s.key, s.version), (key, 3));
+    // And today's encoding reads as the same map would.
+    let again = records::stored(s.clone()).encode_to_vec();
+    let Some(records::SnapshotEntry::Session(s2)) = records::decode_snapshot_entry(again.into())
+    else {
+        panic!("round trip");
+    };
+    assert_eq!(s2, s);
+}
+
+#[test]
+fn a_record_repeating_a_key_keeps_its_last_value_and_one_with_a_key_not_utf8_is_damage() {
+    let key = crate::session::SessionKey::generate();
+    let attribute = |k: &[u8], v: &[u8]| pb::Attribute {
+        key: Bytes::copy_from_slice(k),
+        value: Bytes::copy_from_slice(v),
+    };
+    let stored = |attributes: Vec<pb::Attribute>| {
+        Bytes::from(
+            pb::StoredSession {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                attributes,
+                version: 1,
+                last_access_at: T0,
+                idle_timeout: 60_000,
+                absolute_expires_at: T0 + 3_600_000,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+    };
+    // Few keys (a scan) and many (a hash table) alike.
+    for n in [2usize, 40] {
+        let mut attributes: Vec<pb::Attribute> = (0..n)
+            .map(|i| attribute(format!("k{i}").as_bytes(), b"first"))
+            .collect();
+        attributes.push(attribute(b"k1", b"last"));
+        let Some(records::SnapshotEntry::Session(s)) =
+            records::decode_snapshot_entry(stored(attributes))
+        else {
+            panic!("{n} keys: did not decode");
+        };
+        assert_eq!(s.attributes.len(), n, "{n} keys: each key once");
+        assert_eq!(&s.attributes["k1"][..], b"last");
+        assert_eq!(&s.attributes["k0"][..], b"first");
+    }
+    assert!(records::decode_snapshot_entry(stored(vec![attribute(b"\xff\xfe", b"v")])).is_none());
+    let update = |set: Vec<pb::Attribute>| pb::Record {
+        op: Some(pb::record::Op::Update(pb::Update {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            set,
+            version: 2,
+            at: T0,
+            ..Default::default()
+        })),
+        idempotency_key: String::new(),
+    };
+    let decoded = records::decode(Bytes::from(
+        update(vec![attribute(b"a", b"1"), attribute(b"a", b"2")]).encode_to_vec(),
+    ));
+    let Some(crate::store::events::Effect::Update { set, .. }) = decoded else {
+        panic!("the update did not decode");
+    };
+    assert_eq!(set, vec![("a".to_string(), Bytes::from_static(b"2"))]);
+    assert!(records::decode(Bytes::from(
+        update(vec![attribute(b"\xff", b"1")]).encode_to_vec()
+    ))
+    .is_none());
 }

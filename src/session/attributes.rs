@@ -91,6 +91,12 @@ impl Attributes {
         self.0.is_empty()
     }
 
+    /// Each attribute's key and value as slices of the buffer (no copy).
+    pub(crate) fn shared(&self) -> impl Iterator<Item = (Bytes, Bytes)> + '_ {
+        self.raw()
+            .map(|(key, value)| (self.0.slice_ref(key), self.0.slice_ref(value)))
+    }
+
     /// As a map.
     pub fn to_map(&self) -> HashMap<String, Bytes> {
         self.iter().map(|(k, v)| (k.to_owned(), v)).collect()
