@@ -171,7 +171,10 @@ pub(crate) async fn move_leader(
         return Ok(to);
     }
     // From here on this node may lose its leadership before its lease runs out.
-    lease.give_up().await?;
+    lease
+        .give_up()
+        .await
+        .map_err(|e| ProposeError::Fatal(e.to_string()))?;
     raft.trigger()
         .transfer_leader(to)
         .await

@@ -31,11 +31,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{Fatal, LinearizableReadError, RaftError};
 use openraft::type_config::alias::{InstantOf, WatchReceiverOf};
 use openraft::type_config::TypeConfigExt;
 use openraft::{ReadPolicy, ServerState};
 
-use super::admin::ProposeError;
 use super::{Metrics, Raft, TypeConfig};
 
 /// A node's lease reads.
@@ -63,7 +63,9 @@ impl Lease {
     /// Returns once a read of this node's Store is linearizable: this node leads, its lease
     /// holds, and it has applied every entry a client was told of. A stale lease fails at
     /// once with `Unavailable`.
-    pub(crate) async fn read(&self) -> Result<(), ProposeError> {
+    pub(crate) async fn read(
+        &self,
+    ) -> Result<(), RaftError<TypeConfig, LinearizableReadError<TypeConfig>>> {
         if self.holds(TypeConfig::now()) {
             return Ok(());
         }
@@ -86,12 +88,11 @@ impl Lease {
 
     /// Stops serving reads from the metrics for the rest of this node's current term: call it
     /// before asking the engine to transfer leadership.
-    pub(crate) async fn give_up(&self) -> Result<(), ProposeError> {
+    pub(crate) async fn give_up(&self) -> Result<(), Fatal<TypeConfig>> {
         let term = self
             .raft
             .with_raft_state(|st| st.vote_ref().leader_id.as_ref().map_or(0, |l| l.term))
-            .await
-            .map_err(|e| ProposeError::Fatal(e.to_string()))?;
+            .await?;
         self.handed_over_in.fetch_max(term, Ordering::AcqRel);
         Ok(())
     }

@@ -396,7 +396,7 @@ impl ClusterNode {
     /// (renewed by a quorum's heartbeat acknowledgements) holds, and it has applied every
     /// entry committed before the call. A stale lease fails at once with `Unavailable`.
     pub async fn lease_read(&self) -> Result<(), ProposeError> {
-        self.lease.read().await
+        Ok(self.lease.read().await?)
     }
 
     /// The encoded bytes of the log entries after this node's last snapshot: what a new
