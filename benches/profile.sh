@@ -76,8 +76,8 @@ start_sessiond() {
   if [ -n "$CLUSTER" ]; then
     start_group "$FSYNC" "$WORK/data"
     SERVER=${GROUP_PID[LEADER]}; GRPC=${GROUP_GRPC[LEADER]}; ADMIN=${GROUP_ADMIN[LEADER]}
-    [ "$ROLE" = "follower" ] && SERVER=${GROUP_PID[(LEADER + 1) % CLUSTER]}
-    return
+    if [ "$ROLE" = "follower" ]; then SERVER=${GROUP_PID[(LEADER + 1) % CLUSTER]}; fi
+    return 0
   fi
   read -r GRPC ADMIN < <(free_ports 2)
   "${SERVER_PIN[@]}" "$BIN/sessiond" --listen "127.0.0.1:$GRPC" --admin-listen "127.0.0.1:$ADMIN" \
