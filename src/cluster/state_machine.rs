@@ -38,6 +38,7 @@ use prost::Message;
 
 use super::pb_impl::effects;
 use super::{pb, Applied, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::persist::cache::DropBehind;
 use crate::persist::format::{
     self, frame, scan, write_header, End, FormatError, FRAME_HEADER_BYTES, HEADER_BYTES,
 };
@@ -292,7 +293,7 @@ fn write_snapshot(
 ) -> io::Result<PathBuf> {
     let (file, tmp) = temp_file(dir, "snapshot")?;
     let written = (|| {
-        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let mut w = BufWriter::with_capacity(1 << 20, DropBehind::new(file));
         write_header(&mut w, RAFT_SNAPSHOT_MAGIC)?;
         let mut buf = Vec::new();
         frame(&meta_to_pb(meta).encode_to_vec(), &mut buf);
@@ -305,8 +306,7 @@ fn write_snapshot(
             frame(&records::stored(s).encode_to_vec(), &mut buf);
             w.write_all(&buf)?;
         }
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        w.into_inner().map_err(|e| e.into_error())?.finish()?;
         tracing::info!(sessions, bytes, last_log_id = ?meta.last_log_id, "Raft snapshot written");
         Ok(())
     })();

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::cache::Behind;
 use super::format::{frame, write_header, LOG_MAGIC};
 use super::records;
 use crate::observe::LogMetrics;
@@ -156,6 +157,7 @@ impl Log {
             written_seq: 0,
             dirty: false,
             failing: None,
+            behind: Behind::default(),
         };
         let handle = std::thread::Builder::new()
             .name("sessiond-log".into())
@@ -354,6 +356,8 @@ struct Flusher {
     /// Written since the last fsync.
     dirty: bool,
     failing: Option<Failing>,
+    /// The segment's synced bytes leave the page cache.
+    behind: Behind,
 }
 
 impl Flusher {
@@ -439,6 +443,7 @@ impl Flusher {
                             self.metrics.fsync.record(started.elapsed().as_secs_f64());
                             self.dirty = false;
                             self.settle();
+                            self.behind.synced(&self.file, self.safe_len);
                             last_sync = Instant::now();
                         }
                         Err(e) => self.fail("fsync", &e),
@@ -583,6 +588,7 @@ impl Flusher {
         self.seq += 1;
         self.file = file;
         self.safe_len = bytes;
+        self.behind = Behind::default();
         self.publish_length();
         Ok(self.seq)
     }

@@ -11,6 +11,7 @@
 //! every change logged in segments before N (and perhaps some of N's). Recovery loads the
 //! newest snapshot and replays segments N, N+1, ... over it.
 
+pub(crate) mod cache;
 pub mod format;
 pub mod log;
 pub mod records;
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 
+use self::cache::DropBehind;
 use self::format::{frame, scan, write_header, End, FormatError, SNAPSHOT_MAGIC};
 use self::log::{create_private, segment_name, sync_dir, Log};
 use crate::observe::LogMetrics;
@@ -362,7 +364,8 @@ pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStat
     let tmp = dir.join(format!("{}.tmp", snapshot_name(seq)));
     // A leftover of an earlier attempt that failed is incomplete: start afresh.
     let _ = std::fs::remove_file(&tmp);
-    let mut w = BufWriter::with_capacity(1 << 20, create_private(&tmp, false)?);
+    let file = DropBehind::new(create_private(&tmp, false)?);
+    let mut w = BufWriter::with_capacity(1 << 20, file);
     write_header(&mut w, SNAPSHOT_MAGIC)?;
     let (sessions, written) = match write_sessions(store, &mut w) {
         Ok(counts) => counts,
@@ -372,8 +375,7 @@ pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStat
         }
     };
     let bytes = format::HEADER_BYTES + written;
-    let file = w.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
+    w.into_inner().map_err(|e| e.into_error())?.finish()?;
     std::fs::rename(&tmp, dir.join(snapshot_name(seq)))?;
     sync_dir(dir)?;
     // Only now is everything before `seq` redundant.
