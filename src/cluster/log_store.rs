@@ -60,6 +60,7 @@ use prost::Message;
 use super::pb::log_record::Op as Rec;
 use super::pb_impl::check_vote;
 use super::{pb, LogId, TypeConfig};
+use crate::persist::cache::Behind;
 use crate::persist::format::{self, frame, frame_with, scan, write_header, End, FormatError};
 use crate::persist::log::FsyncPolicy;
 
@@ -142,8 +143,11 @@ struct Mem {
     /// entry's `start` is this count when it was appended, so the log's size after any index
     /// is one subtraction (what the snapshot trigger asks for, see [`LogSize`]).
     appended: u64,
-    /// Bytes of the file, counting what is queued for the writer.
+    /// Bytes of the file, counting what is queued for the writer and `unsent`.
     file_bytes: u64,
+    /// Records made but not yet queued: the committed log ID's, which wait for nothing, go to
+    /// the writer with the next request instead of waking it on their own.
+    unsent: Vec<u8>,
 }
 
 impl Mem {
@@ -349,7 +353,15 @@ impl LogCloser {
     pub fn close(&self) {
         let (tx, rx) = mpsc::channel();
         let sent = {
-            let _mem = lock(&self.shared.mem);
+            let mut mem = lock(&self.shared.mem);
+            if !mem.unsent.is_empty() {
+                let bytes = std::mem::take(&mut mem.unsent);
+                let _ = self.shared.send(Op::Write {
+                    bytes,
+                    sync: false,
+                    done: Done::Nothing,
+                });
+            }
             self.shared.send(Op::Close(tx)).is_ok()
         };
         lock(&self.shared.tx).take();
@@ -397,7 +409,8 @@ impl LogStore {
             .append(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        mem.file_bytes = file.metadata().map_err(io_err(&path))?.len();
+        let file_bytes = file.metadata().map_err(io_err(&path))?.len();
+        mem.file_bytes = file_bytes;
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             mem: Mutex::new(mem),
@@ -413,6 +426,8 @@ impl LogStore {
             last_sync: Instant::now(),
             failed: None,
             joined: Vec::new(),
+            len: file_bytes,
+            behind: Behind::default(),
             _lock: lock_file,
         };
         let handle = std::thread::Builder::new()
@@ -449,15 +464,20 @@ impl LogStore {
         Ok(rx)
     }
 
-    /// Queues `bytes` with `done` and releases `mem`.
+    /// Queues `bytes` with `done`, behind the records not yet sent, and releases `mem`.
     fn queue(
         &self,
         mut mem: MutexGuard<'_, Mem>,
-        bytes: Vec<u8>,
+        mut bytes: Vec<u8>,
         sync: bool,
         done: Done,
     ) -> io::Result<()> {
         mem.file_bytes += bytes.len() as u64;
+        if !mem.unsent.is_empty() {
+            let mut all = std::mem::take(&mut mem.unsent);
+            all.extend_from_slice(&bytes);
+            bytes = all;
+        }
         let result = self.shared.send(Op::Write { bytes, sync, done });
         drop(mem);
         result
@@ -535,6 +555,11 @@ struct Writer {
     /// Where a pass joins its writes, kept between passes so a busy log does not grow a new
     /// buffer for each.
     joined: Vec<u8>,
+    /// The file's length.
+    len: u64,
+    /// Its synced bytes leave the page cache: entries are read from memory, the file only at
+    /// start-up.
+    behind: Behind,
     _lock: File,
 }
 
@@ -620,7 +645,10 @@ impl Writer {
         let out = lone.as_deref().unwrap_or(&bytes);
         if self.failed.is_none() && !out.is_empty() {
             match self.file.write_all(out) {
-                Ok(()) => self.dirty = true,
+                Ok(()) => {
+                    self.dirty = true;
+                    self.len += out.len() as u64;
+                }
                 Err(e) => self.fail("write", &e),
             }
         }
@@ -634,6 +662,7 @@ impl Writer {
                 Ok(()) => {
                     self.dirty = false;
                     self.last_sync = Instant::now();
+                    self.behind.synced(&self.file, self.len);
                 }
                 Err(e) => self.fail("fsync", &e),
             }
@@ -665,6 +694,8 @@ impl Writer {
             .append(true)
             .open(self.dir.join(LOG_FILE))?;
         self.dirty = false;
+        self.len = image.len() as u64;
+        self.behind.replaced(&self.file, self.len);
         Ok(())
     }
 
@@ -748,11 +779,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let Some(id) = committed else {
             return Ok(());
         };
-        let mut bytes = Vec::new();
-        push(&mut bytes, Rec::Committed(id.into()));
         let mut mem = lock(&self.shared.mem);
         mem.committed = Some(id);
-        self.queue(mem, bytes, false, Done::Nothing)
+        // Nothing waits for it (a committed ID lost only means more is applied again at the
+        // next start), so it rides with the next request: an append, as a rule.
+        let before = mem.unsent.len();
+        push(&mut mem.unsent, Rec::Committed(id.into()));
+        mem.file_bytes += (mem.unsent.len() - before) as u64;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -812,6 +846,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     to_bytes = image.len(),
                     "rewriting the Raft log without its purged entries"
                 );
+                // The image holds the committed ID too.
+                mem.unsent.clear();
                 mem.file_bytes = image.len() as u64;
                 self.shared.send(Op::Compact { image })?;
                 // Answered once the rewrite is done: it is ahead in the queue.

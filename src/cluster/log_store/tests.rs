@@ -291,3 +291,27 @@ fn entries_keep_their_log_ids() {
     let e = entry(3, 7, vec![create(1)]);
     assert_eq!(e.log_id(), LogId::new(3, 7));
 }
+
+#[tokio::test]
+async fn a_committed_id_rides_with_the_next_append_instead_of_waking_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(LOG_FILE);
+    let mut log = open(dir.path());
+    append(&mut log, vec![entry(1, 1, vec![create(1)])]).await;
+    let before = std::fs::metadata(&path).unwrap().len();
+    log.save_committed(Some(LogId::new(1, 1))).await.unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(LogId::new(1, 1)));
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        before,
+        "nothing written yet"
+    );
+
+    append(&mut log, vec![entry(1, 2, vec![create(2)])]).await;
+    // What the file holds now, replayed as a start-up would: the ID, then the entry.
+    let mut replayed = Mem::default();
+    replay(&path, &mut replayed).unwrap();
+    assert_eq!(replayed.committed, Some(LogId::new(1, 1)));
+    assert_eq!(replayed.last_log_id(), Some(LogId::new(1, 2)));
+    log.closer().close();
+}
