@@ -562,6 +562,14 @@ fn raft_config(c: &ClusterConfig) -> Result<openraft::Config, ConfigError> {
             n => SnapshotPolicy::LogsSinceLast(n),
         },
         max_in_snapshot_log_to_keep: c.keep_entries_after_snapshot,
+        // A leader that restarts stands for election like any other node. Restored at once in
+        // its old term (openraft's default), it would count the log committed only up to the
+        // committed ID it last saved, which may be behind what its clients were told (the ID
+        // is saved lazily, see `log_store`), and it proposes no new first entry: a read or a
+        // plan right after the restart could miss acknowledged writes. A new term starts with
+        // a blank entry, and once that is applied so is everything committed before it, which
+        // is what `lease` and the engine's reads check.
+        enable_leader_restore: Some(false),
         ..openraft::Config::default()
     }
     .validate()

@@ -85,27 +85,38 @@ impl Cluster {
 
     /// The leader every running node agrees on.
     async fn leader(&self) -> usize {
-        let first = self.up().next().unwrap();
-        let m = wait_for(&first.node, "a leader", |m| m.current_leader.is_some()).await;
-        let mut id = m.current_leader.unwrap();
-        // Every running member follows the same leader, which knows it leads.
-        for member in self.up() {
-            let m = wait_for(&member.node, "agreement on the leader", |m| {
-                m.current_leader.is_some()
-            })
-            .await;
-            if m.current_leader != Some(id) {
-                let m =
-                    wait_for(&member.node, "one leader", |m| m.current_leader == Some(id)).await;
-                id = m.current_leader.unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(i) = self.agreed_leader().await {
+                return i;
             }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the running nodes agree on no leader within {WAIT:?}"
+            );
         }
-        let i = self.index_of(id);
-        wait_for(self.nth(i), "the leader to lead", |m| {
-            m.state == ServerState::Leader
-        })
-        .await;
-        i
+    }
+
+    /// The leader that the first running node names, once it says it leads and every running
+    /// node follows it in its term; `None` if that does not happen within a short wait (a
+    /// node just restarted names the leader of its saved vote, who may lead no longer).
+    async fn agreed_leader(&self) -> Option<usize> {
+        let first = &self.up().next().unwrap().node;
+        let named = briefly(first, "a leader", |m| m.current_leader.is_some()).await?;
+        let id = named.current_leader?;
+        let i = self
+            .members
+            .iter()
+            .position(|m| m.as_ref().is_some_and(|m| m.node.id() == id))?;
+        let leads = briefly(self.nth(i), "to lead", |m| m.state == ServerState::Leader).await?;
+        let term = leads.current_term;
+        for member in self.up() {
+            briefly(&member.node, "to follow the leader", move |m| {
+                m.current_leader == Some(id) && m.current_term == term
+            })
+            .await?;
+        }
+        Some(i)
     }
 
     fn index_of(&self, id: NodeId) -> usize {
@@ -160,6 +171,16 @@ impl Cluster {
             }
         }
     }
+}
+
+/// [`wait_for`] within a short bound: `None` if `f` does not hold by then.
+async fn briefly(
+    node: &ClusterNode,
+    what: &str,
+    f: impl Fn(&Metrics) -> bool + Send,
+) -> Option<Metrics> {
+    let step = Duration::from_secs(2);
+    node.raft().wait(Some(step)).metrics(f, what).await.ok()
 }
 
 async fn wait_for(node: &ClusterNode, what: &str, f: impl Fn(&Metrics) -> bool + Send) -> Metrics {
@@ -715,4 +736,31 @@ async fn writes_submitted_together_share_entries_and_each_gets_its_own_outcomes(
         matches!(refused, Err(ProposeError::Fatal(_))),
         "{refused:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_restarted_whole_elects_a_leader_in_a_new_term() {
+    let mut c = Cluster::start(config()).await;
+    c.write(0..3).await;
+    c.converge().await;
+    // The last node to stop may still lead in its term (nobody is left to hand over to).
+    let mut last_term = 0;
+    let mut stopped = Vec::new();
+    for i in 0..3 {
+        last_term = last_term.max(c.nth(i).metrics().borrow_watched().current_term);
+        stopped.push(c.stop(i).await);
+    }
+    for (i, (dir, addr)) in stopped.iter().enumerate() {
+        c.restart(i, dir, *addr).await;
+    }
+    let l = c.converge().await;
+    // Restored at once in its old term, a leader would count as committed only what it saved
+    // as committed, and would propose no new first entry for its reads to wait on.
+    let term = c.nth(l).metrics().borrow_watched().current_term;
+    assert!(
+        term > last_term,
+        "leads in term {term}, as before the restart ({last_term})"
+    );
+    assert_eq!(sessions(c.nth(l).store()).len(), 3);
+    c.shutdown().await;
 }
