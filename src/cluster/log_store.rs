@@ -47,6 +47,7 @@ use std::io::{self, Write};
 use std::ops::RangeBounds;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -285,6 +286,9 @@ enum Op {
     },
     /// Replace the file with this image.
     Compact { image: Vec<u8> },
+    /// Nothing to write: an append written in place made the file dirty, and under
+    /// `everysec` the writer fsyncs it within the second.
+    Nudge,
     /// Write and fsync what is queued, answer, and stop.
     Close(mpsc::Sender<()>),
 }
@@ -297,6 +301,14 @@ struct Shared {
     tx: Mutex<Option<mpsc::Sender<Op>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     options: LogOptions,
+    /// The Raft directory.
+    dir: PathBuf,
+    /// The file, which the writer and the appends written in place share.
+    out: Mutex<Out>,
+    /// Writes and rewrites queued for the writer and not yet in the file: raised under `mem`'s
+    /// lock as they are queued, lowered by the writer once they are written. While it is
+    /// above zero, an append goes through the queue too, behind them.
+    queued: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -307,10 +319,41 @@ impl Shared {
     /// Queues `op`. Called with `mem` locked, so requests queue in the order of the changes.
     fn send(&self, op: Op) -> io::Result<()> {
         let closed = || io::Error::other("the Raft log is closed");
-        match &*lock(&self.tx) {
-            Some(tx) => tx.send(op).map_err(|_| closed()),
-            None => Err(closed()),
+        let counted = matches!(op, Op::Write { .. } | Op::Compact { .. });
+        let tx = lock(&self.tx);
+        let Some(tx) = &*tx else {
+            return Err(closed());
+        };
+        if counted {
+            self.queued.fetch_add(1, Ordering::SeqCst);
         }
+        tx.send(op).map_err(|_| {
+            if counted {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+            closed()
+        })
+    }
+
+    /// Whether an append may be written in place, on the caller's thread, instead of being
+    /// handed to the writer: not under `always`, whose appends wait for an fsync the writer
+    /// shares among them, and only while nothing is queued for the writer, so the file
+    /// keeps the order of the changes. Asked with `mem` locked.
+    fn in_place(&self) -> bool {
+        self.options.fsync != FsyncPolicy::Always && self.queued.load(Ordering::SeqCst) == 0
+    }
+
+    /// Writes `bytes` in place (see [`Shared::in_place`]). Called with `mem` locked.
+    fn write_in_place(&self, bytes: &[u8]) -> Result<(), String> {
+        let mut out = lock(&self.out);
+        let was_dirty = out.dirty;
+        let result = out.write(bytes, &self.dir);
+        let nudge = !was_dirty && out.dirty && self.options.fsync == FsyncPolicy::Everysec;
+        drop(out);
+        if nudge {
+            let _ = self.send(Op::Nudge);
+        }
+        result
     }
 }
 
@@ -412,21 +455,28 @@ impl LogStore {
         let file_bytes = file.metadata().map_err(io_err(&path))?.len();
         mem.file_bytes = file_bytes;
         let (tx, rx) = mpsc::channel();
+        let sync_file = file.try_clone().map_err(io_err(&path))?;
         let shared = Arc::new(Shared {
             mem: Mutex::new(mem),
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(None),
             options,
+            dir: dir.to_owned(),
+            out: Mutex::new(Out {
+                file,
+                len: file_bytes,
+                dirty: false,
+                failed: None,
+            }),
+            queued: AtomicUsize::new(0),
         });
         let writer = Writer {
+            shared: shared.clone(),
             dir: dir.to_owned(),
-            file,
             policy: options.fsync,
-            dirty: false,
+            sync_file,
             last_sync: Instant::now(),
-            failed: None,
             joined: Vec::new(),
-            len: file_bytes,
             behind: Behind::default(),
             _lock: lock_file,
         };
@@ -542,22 +592,61 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The one thread that writes the log file.
-struct Writer {
-    dir: PathBuf,
+/// The log file, and what is known of it, shared by the writer thread and the appends written
+/// in place (see [`LogStore::append`]). Locked only around a write, never around an fsync.
+struct Out {
     file: File,
-    policy: FsyncPolicy,
+    /// The file's length.
+    len: u64,
     /// Written since the last fsync.
     dirty: bool,
-    last_sync: Instant,
     /// Why the log stopped writing, once it has.
     failed: Option<String>,
+}
+
+impl Out {
+    /// Appends `bytes`, unless the log has stopped writing; why not, if not.
+    fn write(&mut self, bytes: &[u8], dir: &Path) -> Result<(), String> {
+        if let Some(why) = &self.failed {
+            return Err(why.clone());
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        match self.file.write_all(bytes) {
+            Ok(()) => {
+                self.dirty = true;
+                self.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => Err(self.fail(dir, "write", &e)),
+        }
+    }
+
+    /// The log stops writing: says why, and returns it.
+    fn fail(&mut self, dir: &Path, op: &str, e: &io::Error) -> String {
+        let why = format!(
+            "the Raft log cannot {op} {}: {e}; this node stops taking part until it is restarted",
+            dir.join(LOG_FILE).display()
+        );
+        tracing::error!(error = %e, op, "Raft log {op} failed: the node stops");
+        self.failed = Some(why.clone());
+        why
+    }
+}
+
+/// The one thread that writes the log file, but for the appends written in place.
+struct Writer {
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    policy: FsyncPolicy,
+    /// A second handle on the file, to fsync it without holding [`Shared::out`].
+    sync_file: File,
+    last_sync: Instant,
     /// Where a pass joins its writes, kept between passes so a busy log does not grow a new
     /// buffer for each.
     joined: Vec<u8>,
-    /// The file's length.
-    len: u64,
-    /// Its synced bytes leave the page cache: entries are read from memory, the file only at
+    /// The synced bytes leave the page cache: entries are read from memory, the file only at
     /// start-up.
     behind: Behind,
     _lock: File,
@@ -570,7 +659,8 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {
         let mut batch = Vec::new();
         loop {
-            let first = if self.policy == FsyncPolicy::Everysec && self.dirty {
+            let dirty = lock(&self.shared.out).dirty;
+            let first = if self.policy == FsyncPolicy::Everysec && dirty {
                 let wait = Duration::from_secs(1).saturating_sub(self.last_sync.elapsed());
                 match rx.recv_timeout(wait) {
                     Ok(op) => Some(op),
@@ -605,6 +695,9 @@ impl Writer {
         let mut dones = Vec::new();
         let mut sync = false;
         let mut close = None;
+        let mut taken = 0;
+        let shared = self.shared.clone();
+        let mut out = lock(&shared.out);
         for op in batch.drain(..) {
             match op {
                 Op::Write {
@@ -612,6 +705,7 @@ impl Writer {
                     sync: s,
                     done,
                 } => {
+                    taken += 1;
                     match lone.take() {
                         None if bytes.is_empty() => lone = Some(b),
                         None => bytes.extend_from_slice(&b),
@@ -625,16 +719,18 @@ impl Writer {
                     dones.push(done);
                 }
                 Op::Compact { image } => {
+                    taken += 1;
                     // The image is the state after every request before it: what they would
                     // have written is in it.
                     bytes.clear();
                     lone = None;
-                    if self.failed.is_none() {
-                        if let Err(e) = self.compact(&image) {
-                            self.fail("rewrite", &e);
+                    if out.failed.is_none() {
+                        if let Err(e) = self.compact(&mut out, &image) {
+                            out.fail(&self.dir, "rewrite", &e);
                         }
                     }
                 }
+                Op::Nudge => {}
                 Op::Close(reply) => {
                     close = Some(reply);
                     sync = true;
@@ -642,32 +738,33 @@ impl Writer {
                 }
             }
         }
-        let out = lone.as_deref().unwrap_or(&bytes);
-        if self.failed.is_none() && !out.is_empty() {
-            match self.file.write_all(out) {
-                Ok(()) => {
-                    self.dirty = true;
-                    self.len += out.len() as u64;
-                }
-                Err(e) => self.fail("write", &e),
-            }
-        }
+        let _ = out.write(lone.as_deref().unwrap_or(&bytes), &self.dir);
+        // Everything queued before is in the file: appends may be written in place again.
+        self.shared.queued.fetch_sub(taken, Ordering::SeqCst);
         if bytes.capacity() <= KEEP_JOINED_BYTES {
             self.joined = bytes;
         }
         let due = self.policy == FsyncPolicy::Everysec
             && self.last_sync.elapsed() >= Duration::from_secs(1);
-        if self.failed.is_none() && self.dirty && (sync || due) {
-            match self.file.sync_data() {
+        let fsync = out.failed.is_none() && out.dirty && (sync || due);
+        if fsync {
+            out.dirty = false;
+        }
+        let len = out.len;
+        drop(out);
+        if fsync {
+            match self.sync_file.sync_data() {
                 Ok(()) => {
-                    self.dirty = false;
                     self.last_sync = Instant::now();
-                    self.behind.synced(&self.file, self.len);
+                    self.behind.synced(&self.sync_file, len);
                 }
-                Err(e) => self.fail("fsync", &e),
+                Err(e) => {
+                    lock(&self.shared.out).fail(&self.dir, "fsync", &e);
+                }
             }
         }
-        let result = match &self.failed {
+        let failed = lock(&self.shared.out).failed.clone();
+        let result = match &failed {
             None => Ok(()),
             Some(why) => Err(why.as_str()),
         };
@@ -683,35 +780,28 @@ impl Writer {
         }
     }
 
-    fn compact(&mut self, image: &[u8]) -> io::Result<()> {
+    fn compact(&mut self, out: &mut Out, image: &[u8]) -> io::Result<()> {
         let tmp = self.dir.join(LOG_TMP);
         let mut f = create_file(&tmp)?;
         f.write_all(image)?;
         f.sync_all()?;
         std::fs::rename(&tmp, self.dir.join(LOG_FILE))?;
         sync_dir(&self.dir)?;
-        self.file = OpenOptions::new()
+        out.file = OpenOptions::new()
             .append(true)
             .open(self.dir.join(LOG_FILE))?;
-        self.dirty = false;
-        self.len = image.len() as u64;
-        self.behind.replaced(&self.file, self.len);
+        self.sync_file = out.file.try_clone()?;
+        out.dirty = false;
+        out.len = image.len() as u64;
+        self.behind.replaced(&self.sync_file, out.len);
         Ok(())
     }
 
-    fn fail(&mut self, op: &str, e: &io::Error) {
-        let why = format!(
-            "the Raft log cannot {op} {}: {e}; this node stops taking part until it is restarted",
-            self.dir.join(LOG_FILE).display()
-        );
-        tracing::error!(error = %e, op, "Raft log {op} failed: the node stops");
-        self.failed = Some(why);
-    }
-
-    fn finish(mut self) {
-        if self.dirty && self.failed.is_none() {
-            let _ = self.file.sync_data();
-            self.dirty = false;
+    fn finish(self) {
+        let mut out = lock(&self.shared.out);
+        if out.dirty && out.failed.is_none() {
+            let _ = out.file.sync_data();
+            out.dirty = false;
         }
     }
 }
@@ -804,7 +894,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<pb::Entry> = entries.into_iter().collect();
         // A frame's header and the entry's field key and length: at most 8 + 1 + 10 bytes.
-        let mut bytes = Vec::with_capacity(entries.iter().map(|e| e.encoded_len() + 19).sum());
+        let mut bytes: Vec<u8> =
+            Vec::with_capacity(entries.iter().map(|e| e.encoded_len() + 19).sum());
         for e in &entries {
             push_entry(&mut bytes, e);
         }
@@ -812,7 +903,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             mem.insert(e);
         }
-        self.queue(mem, bytes, false, Done::Flushed(callback))
+        if !self.shared.in_place() {
+            return self.queue(mem, bytes, false, Done::Flushed(callback));
+        }
+        // Written here, the entries are as durable as `everysec` and `no` make them (in the
+        // page cache; the writer fsyncs within the second) without a hand-off to the writer
+        // thread and back.
+        mem.file_bytes += bytes.len() as u64;
+        if !mem.unsent.is_empty() {
+            let mut all = std::mem::take(&mut mem.unsent);
+            all.extend_from_slice(&bytes);
+            bytes = all;
+        }
+        let result = self.shared.write_in_place(&bytes);
+        drop(mem);
+        callback.io_completed(result.map_err(io::Error::other));
+        Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {

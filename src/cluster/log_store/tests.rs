@@ -87,7 +87,17 @@ async fn the_log_size_after_an_index_follows_appends_truncations_purges_and_a_re
 
 #[tokio::test]
 async fn a_reopened_log_has_every_append_vote_truncate_purge_and_commit() {
+    // Under `always` every write goes through the writer thread; under the others an append
+    // is written in place whenever nothing is queued for the writer, between the votes,
+    // truncations and purges that are.
+    for policy in [FsyncPolicy::Always, FsyncPolicy::Everysec, FsyncPolicy::No] {
+        reopened_log_has_everything(policy).await;
+    }
+}
+
+async fn reopened_log_has_everything(policy: FsyncPolicy) {
     let dir = tempfile::tempdir().unwrap();
+    let open = |dir: &Path| LogStore::open(dir, LogOptions::new(policy)).unwrap();
     let mut log = open(dir.path());
     append(&mut log, vec![membership(1, 1, &[1, 2, 3])]).await;
     append(
@@ -314,4 +324,25 @@ async fn a_committed_id_rides_with_the_next_append_instead_of_waking_the_writer(
     assert_eq!(replayed.committed, Some(LogId::new(1, 1)));
     assert_eq!(replayed.last_log_id(), Some(LogId::new(1, 2)));
     log.closer().close();
+}
+
+#[tokio::test]
+async fn under_everysec_an_append_is_written_in_place_while_the_writer_is_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(LOG_FILE);
+    let mut log = LogStore::open(dir.path(), LogOptions::new(FsyncPolicy::Everysec)).unwrap();
+    log.save_vote(&vote(1, 1)).await.unwrap();
+    let before = std::fs::metadata(&path).unwrap().len();
+    let (tx, mut rx) = TypeConfig::oneshot();
+    log.append(vec![entry(1, 1, vec![create(1)])], IOFlushed::signal(tx))
+        .await
+        .unwrap();
+    // As `append` returns, the entry is in the file and openraft has been told: no hand-off
+    // to the writer thread.
+    assert!(std::fs::metadata(&path).unwrap().len() > before);
+    assert!(matches!(rx.try_recv(), Ok(Ok(()))), "answered in place");
+    log.closer().close();
+    let mut log = LogStore::open(dir.path(), LogOptions::new(FsyncPolicy::Everysec)).unwrap();
+    assert_eq!(indexes(&mut log).await, vec![1]);
+    assert_eq!(log.read_vote().await.unwrap(), Some(vote(1, 1)));
 }
