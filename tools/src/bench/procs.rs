@@ -6,8 +6,9 @@
 /// architecture sessiond builds for.
 const USER_HZ: f64 = 100.0;
 
-/// User plus system CPU seconds of each process in `pids`, all threads included; `None` if
-/// any of them cannot be read (not Linux, or the process has gone).
+/// User plus system CPU seconds of each process in `pids`, all threads included, and the
+/// children it has waited for (Redis's AOF-rewrite and RDB forks: the work is the server's);
+/// `None` if any of them cannot be read (not Linux, or the process has gone).
 pub(crate) fn cpu_seconds(pids: &[u32]) -> Option<Vec<f64>> {
     pids.iter().map(|&pid| one(pid)).collect()
 }
@@ -15,12 +16,15 @@ pub(crate) fn cpu_seconds(pids: &[u32]) -> Option<Vec<f64>> {
 fn one(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name, in parentheses, may hold spaces: count fields after its end.
-    // After it come state (field 3), ..., utime (field 14) and stime (field 15).
+    // After it come state (field 3), ..., utime (field 14), stime (15), and the waited-for
+    // children's cutime (16) and cstime (17).
     let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: f64 = fields.next()?.parse().ok()?;
-    let stime: f64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) / USER_HZ)
+    let fields = rest.split_whitespace().skip(11).take(4);
+    let mut ticks = 0.0;
+    for field in fields {
+        ticks += field.parse::<f64>().ok()?;
+    }
+    Some(ticks / USER_HZ)
 }
 
 #[cfg(test)]

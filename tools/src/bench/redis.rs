@@ -253,7 +253,11 @@ impl Redis {
             })
         };
         Some((
-            field("used_cpu_sys")? + field("used_cpu_user")?,
+            // The children are the AOF-rewrite and RDB forks: their work is the server's.
+            field("used_cpu_sys")?
+                + field("used_cpu_user")?
+                + field("used_cpu_sys_children")?
+                + field("used_cpu_user_children")?,
             field("used_memory_rss")?,
         ))
     }
