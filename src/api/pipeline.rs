@@ -133,17 +133,13 @@ enum Wait {
     /// The single-node log, durable up to this position.
     Log(u64),
     /// In a group: the commit of a write submitted in the stream's order. `op` is planned
-    /// again if the write comes back overtaken (unless `replan` is false: DestroyUserSessions,
-    /// whose overtaken ends ended their sessions anyway).
-    Group {
-        pending: Pending,
-        op: Op,
-        replan: bool,
-    },
+    /// again if the write comes back overtaken.
+    Group { pending: Pending, op: Op },
     /// In a group: a write run through the unary path once every earlier operation of the
     /// stream has its reply, so it sees the stream's own writes: one whose plan proposed
     /// nothing (failed, or replied from this node's state), which may be an update of a
-    /// session the stream has just created, say.
+    /// session the stream has just created, say; and DestroyUserSessions, planned under the
+    /// lease.
     Later(Op),
     /// In a group: a read (Get, Touch, ListUserSessions), served under a lease taken after
     /// it arrived, once every earlier write of the stream to what it reads has its reply (at
@@ -406,9 +402,12 @@ impl Caller {
             Op::Update(r) => self.plan_update(r).map(|p| p.map(Outcome::Session)),
             Op::Regenerate(r) => self.plan_regenerate(r).map(|p| p.map(Outcome::Session)),
             Op::Destroy(r) => self.plan_destroy(r).map(|p| p.map(Outcome::Destroy)),
-            Op::DestroyUserSessions(r) => self
-                .plan_destroy_user(r)
-                .map(|p| p.map(Outcome::DestroyUserSessions)),
+            Op::DestroyUserSessions(_) => {
+                // Its plan lists the user's sessions, a read: on a leader that has not yet
+                // applied what was committed before its term it would miss some. The unary
+                // path plans it under the lease, in the second stage.
+                return (Outcome::Error(pb::Error::default()), Wait::Later(op));
+            }
             Op::Get(_) | Op::Touch(_) | Op::ListUserSessions(_) => {
                 // The reply is made in the second stage, under the lease.
                 return (Outcome::Error(pb::Error::default()), Wait::Read(op));
@@ -422,17 +421,7 @@ impl Caller {
             _ => return (Outcome::Error(pb::Error::default()), Wait::Later(op)),
         };
         match group.submit(plan.effects).await {
-            Ok(pending) => {
-                let replan = !matches!(op, Op::DestroyUserSessions(_));
-                (
-                    plan.reply,
-                    Wait::Group {
-                        pending,
-                        op,
-                        replan,
-                    },
-                )
-            }
+            Ok(pending) => (plan.reply, Wait::Group { pending, op }),
             Err(e) => (Outcome::Error(status::error(&e)), Wait::Nothing),
         }
     }
@@ -463,13 +452,9 @@ impl Caller {
                 self.durable_up_to(Some(position)).await?;
                 Ok(planned)
             }
-            Wait::Group {
-                pending,
-                op,
-                replan,
-            } => {
+            Wait::Group { pending, op } => {
                 let applied = pending.await?;
-                if !replan || applied.first() == Some(&crate::store::Applied::Done) {
+                if applied.first() == Some(&crate::store::Applied::Done) {
                     return Ok(planned);
                 }
                 // Overtaken: the unary path plans again until it is not.
