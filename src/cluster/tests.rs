@@ -119,13 +119,6 @@ impl Cluster {
         Some(i)
     }
 
-    fn index_of(&self, id: NodeId) -> usize {
-        self.members
-            .iter()
-            .position(|m| m.as_ref().is_some_and(|m| m.node.id() == id))
-            .expect("a running member")
-    }
-
     /// Waits until every running member has applied every write made through
     /// [`Cluster::propose`]; returns the leader.
     async fn converge(&self) -> usize {
