@@ -101,12 +101,16 @@ bench() {
 
 # run_sessiond FSYNC MIX OUT
 run_sessiond() {
-  local gp ap dir
-  read -r gp ap < <(free_ports 2); dir="$WORK/sd-$RANDOM"
-  "${SERVER_PIN[@]}" "$BIN/sessiond" --listen "127.0.0.1:$gp" --admin-listen "127.0.0.1:$ap" \
-    --data-dir "$dir" --fsync "$1" >"$WORK/sessiond.log" 2>&1 &
-  PIDS+=($!)
-  wait_port "$gp"
+  local gp ap dir try
+  # A free port can be taken before sessiond binds it (by a connection's ephemeral port):
+  # then sessiond exits at once, and the next try draws other ports.
+  for try in 1 2 3 4 5; do
+    read -r gp ap < <(free_ports 2); dir="$WORK/sd-$RANDOM"
+    "${SERVER_PIN[@]}" "$BIN/sessiond" --listen "127.0.0.1:$gp" --admin-listen "127.0.0.1:$ap" \
+      --data-dir "$dir" --fsync "$1" >"$WORK/sessiond.log" 2>&1 &
+    if wait_port "$gp" "$!"; then PIDS+=($!); break; fi
+    [ "$try" -lt 5 ] || { echo "sessiond did not start: $(tail -1 "$WORK/sessiond.log")" >&2; return 1; }
+  done
   bench "grpc://127.0.0.1:$gp" "$3" --admin-addr "127.0.0.1:$ap" --mix "$2" "${PIPELINE_FLAG[@]}"
   stop_all "$dir"
 }
