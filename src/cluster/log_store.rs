@@ -152,6 +152,17 @@ struct Mem {
 }
 
 impl Mem {
+    /// `bytes` as they go to the file: counted in its size, behind the records not yet sent.
+    fn outgoing(&mut self, bytes: Vec<u8>) -> Vec<u8> {
+        self.file_bytes += bytes.len() as u64;
+        if self.unsent.is_empty() {
+            return bytes;
+        }
+        let mut all = std::mem::take(&mut self.unsent);
+        all.extend_from_slice(&bytes);
+        all
+    }
+
     /// Applies one record, at replay or as it is made.
     fn apply(&mut self, rec: Rec) -> Result<(), &'static str> {
         match rec {
@@ -472,8 +483,6 @@ impl LogStore {
         });
         let writer = Writer {
             shared: shared.clone(),
-            dir: dir.to_owned(),
-            policy: options.fsync,
             sync_file,
             last_sync: Instant::now(),
             joined: Vec::new(),
@@ -518,16 +527,11 @@ impl LogStore {
     fn queue(
         &self,
         mut mem: MutexGuard<'_, Mem>,
-        mut bytes: Vec<u8>,
+        bytes: Vec<u8>,
         sync: bool,
         done: Done,
     ) -> io::Result<()> {
-        mem.file_bytes += bytes.len() as u64;
-        if !mem.unsent.is_empty() {
-            let mut all = std::mem::take(&mut mem.unsent);
-            all.extend_from_slice(&bytes);
-            bytes = all;
-        }
+        let bytes = mem.outgoing(bytes);
         let result = self.shared.send(Op::Write { bytes, sync, done });
         drop(mem);
         result
@@ -638,8 +642,6 @@ impl Out {
 /// The one thread that writes the log file, but for the appends written in place.
 struct Writer {
     shared: Arc<Shared>,
-    dir: PathBuf,
-    policy: FsyncPolicy,
     /// A second handle on the file, to fsync it without holding [`Shared::out`].
     sync_file: File,
     last_sync: Instant,
@@ -660,7 +662,7 @@ impl Writer {
         let mut batch = Vec::new();
         loop {
             let dirty = lock(&self.shared.out).dirty;
-            let first = if self.policy == FsyncPolicy::Everysec && dirty {
+            let first = if self.shared.options.fsync == FsyncPolicy::Everysec && dirty {
                 let wait = Duration::from_secs(1).saturating_sub(self.last_sync.elapsed());
                 match rx.recv_timeout(wait) {
                     Ok(op) => Some(op),
@@ -714,8 +716,9 @@ impl Writer {
                             bytes.extend_from_slice(&b);
                         }
                     }
-                    sync |=
-                        s || (self.policy == FsyncPolicy::Always && !matches!(done, Done::Nothing));
+                    sync |= s
+                        || (self.shared.options.fsync == FsyncPolicy::Always
+                            && !matches!(done, Done::Nothing));
                     dones.push(done);
                 }
                 Op::Compact { image } => {
@@ -726,7 +729,7 @@ impl Writer {
                     lone = None;
                     if out.failed.is_none() {
                         if let Err(e) = self.compact(&mut out, &image) {
-                            out.fail(&self.dir, "rewrite", &e);
+                            out.fail(&self.shared.dir, "rewrite", &e);
                         }
                     }
                 }
@@ -738,13 +741,13 @@ impl Writer {
                 }
             }
         }
-        let _ = out.write(lone.as_deref().unwrap_or(&bytes), &self.dir);
+        let _ = out.write(lone.as_deref().unwrap_or(&bytes), &self.shared.dir);
         // Everything queued before is in the file: appends may be written in place again.
         self.shared.queued.fetch_sub(taken, Ordering::SeqCst);
         if bytes.capacity() <= KEEP_JOINED_BYTES {
             self.joined = bytes;
         }
-        let due = self.policy == FsyncPolicy::Everysec
+        let due = self.shared.options.fsync == FsyncPolicy::Everysec
             && self.last_sync.elapsed() >= Duration::from_secs(1);
         let fsync = out.failed.is_none() && out.dirty && (sync || due);
         if fsync {
@@ -759,7 +762,7 @@ impl Writer {
                     self.behind.synced(&self.sync_file, len);
                 }
                 Err(e) => {
-                    lock(&self.shared.out).fail(&self.dir, "fsync", &e);
+                    lock(&self.shared.out).fail(&self.shared.dir, "fsync", &e);
                 }
             }
         }
@@ -781,15 +784,15 @@ impl Writer {
     }
 
     fn compact(&mut self, out: &mut Out, image: &[u8]) -> io::Result<()> {
-        let tmp = self.dir.join(LOG_TMP);
+        let tmp = self.shared.dir.join(LOG_TMP);
         let mut f = create_file(&tmp)?;
         f.write_all(image)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join(LOG_FILE))?;
-        sync_dir(&self.dir)?;
+        std::fs::rename(&tmp, self.shared.dir.join(LOG_FILE))?;
+        sync_dir(&self.shared.dir)?;
         out.file = OpenOptions::new()
             .append(true)
-            .open(self.dir.join(LOG_FILE))?;
+            .open(self.shared.dir.join(LOG_FILE))?;
         self.sync_file = out.file.try_clone()?;
         out.dirty = false;
         out.len = image.len() as u64;
@@ -894,8 +897,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<pb::Entry> = entries.into_iter().collect();
         // A frame's header and the entry's field key and length: at most 8 + 1 + 10 bytes.
-        let mut bytes: Vec<u8> =
-            Vec::with_capacity(entries.iter().map(|e| e.encoded_len() + 19).sum());
+        let mut bytes = Vec::with_capacity(entries.iter().map(|e| e.encoded_len() + 19).sum());
         for e in &entries {
             push_entry(&mut bytes, e);
         }
@@ -909,12 +911,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Written here, the entries are as durable as `everysec` and `no` make them (in the
         // page cache; the writer fsyncs within the second) without a hand-off to the writer
         // thread and back.
-        mem.file_bytes += bytes.len() as u64;
-        if !mem.unsent.is_empty() {
-            let mut all = std::mem::take(&mut mem.unsent);
-            all.extend_from_slice(&bytes);
-            bytes = all;
-        }
+        let bytes = mem.outgoing(bytes);
         let result = self.shared.write_in_place(&bytes);
         drop(mem);
         callback.io_completed(result.map_err(io::Error::other));

@@ -19,10 +19,10 @@ fn one(pid: u32) -> Option<f64> {
     // After it come state (field 3), ..., utime (field 14), stime (15), and the waited-for
     // children's cutime (16) and cstime (17).
     let rest = &stat[stat.rfind(')')? + 1..];
-    let fields = rest.split_whitespace().skip(11).take(4);
+    let mut fields = rest.split_whitespace().skip(11);
     let mut ticks = 0.0;
-    for field in fields {
-        ticks += field.parse::<f64>().ok()?;
+    for _ in 0..4 {
+        ticks += fields.next()?.parse::<f64>().ok()?;
     }
     Some(ticks / USER_HZ)
 }
