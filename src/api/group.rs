@@ -42,6 +42,10 @@ pub trait Group: Send + Sync + 'static {
 
     /// Returns once this node may serve a linearizable read: it leads, and its lease holds.
     async fn lease_read(&self) -> Result<(), Status>;
+
+    /// Whether this node may serve a linearizable read now, without waiting: what
+    /// [`Group::lease_read`] checks first. `false` asks nothing of the group.
+    fn lease_holds(&self) -> bool;
 }
 
 /// How many times a write is planned again after newer writes overtook it, before the

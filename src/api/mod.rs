@@ -353,11 +353,18 @@ impl Caller {
         self.edge.group.as_deref()
     }
 
+    /// Whether a read may be served now without waiting: always on a single node; in a group,
+    /// while this node's lease holds.
+    fn lease_holds(&self) -> bool {
+        self.group().is_none_or(|group| group.lease_holds())
+    }
+
     /// In a group, waits until this node may serve a linearizable read.
     async fn read_lease(&self) -> Result<(), Status> {
+        // The lease is checked here first: asking the group costs a boxed future.
         match self.group() {
-            Some(group) => group.lease_read().await,
-            None => Ok(()),
+            Some(group) if !group.lease_holds() => group.lease_read().await,
+            _ => Ok(()),
         }
     }
 

@@ -14,6 +14,7 @@
 //! stream to what it reads; replies carry their request's id, and may come out of order.
 
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -45,12 +46,13 @@ struct Applied {
 
 /// The sessions an operation changes, or for a read the sessions it depends on: what
 /// decides whether a read may be answered before the stream's earlier writes settle.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Touches {
     /// No session anyone holds an ID of yet (a Create), or nothing at all.
     Nothing,
-    /// One session, by ID.
-    One(String),
+    /// One session, by a hash of its ID (no copy of the ID per operation). Two IDs that share
+    /// a hash only make a read wait in the lane when it need not have: never the other way.
+    One(u64),
     /// Any session: DestroyUserSessions, whose sessions are not known up front; for
     /// ListUserSessions, every change.
     All,
@@ -60,13 +62,19 @@ impl Touches {
     fn of(op: &Op) -> Touches {
         match op {
             Op::Create(_) => Touches::Nothing,
-            Op::Get(r) => Touches::One(r.id.clone()),
-            Op::Touch(r) => Touches::One(r.id.clone()),
-            Op::Update(r) => Touches::One(r.id.clone()),
-            Op::Regenerate(r) => Touches::One(r.id.clone()),
-            Op::Destroy(r) => Touches::One(r.id.clone()),
+            Op::Get(r) => Touches::one(&r.id),
+            Op::Touch(r) => Touches::one(&r.id),
+            Op::Update(r) => Touches::one(&r.id),
+            Op::Regenerate(r) => Touches::one(&r.id),
+            Op::Destroy(r) => Touches::one(&r.id),
             Op::ListUserSessions(_) | Op::DestroyUserSessions(_) => Touches::All,
         }
+    }
+
+    fn one(id: &str) -> Touches {
+        let mut hasher = DefaultHasher::new();
+        id.hash(&mut hasher);
+        Touches::One(hasher.finish())
     }
 }
 
@@ -78,8 +86,9 @@ struct Lane {
     queued: usize,
     /// Of those, the ones that may change any session.
     all: usize,
-    /// The sessions the others change, with how many of them change each.
-    sessions: HashMap<String, usize>,
+    /// The sessions the others change (by [`Touches::One`]'s hash), with how many of them
+    /// change each.
+    sessions: HashMap<u64, usize>,
 }
 
 impl Lane {
@@ -97,7 +106,7 @@ impl Lane {
         self.queued += 1;
         match touches {
             Touches::Nothing => {}
-            Touches::One(id) => *self.sessions.entry(id.clone()).or_default() += 1,
+            Touches::One(id) => *self.sessions.entry(*id).or_default() += 1,
             Touches::All => self.all += 1,
         }
     }
@@ -158,10 +167,19 @@ enum Step {
 }
 
 /// Where the applying stage sends its steps: straight to the client when replies need not
-/// wait for the disk, or to the stage that waits for it.
+/// wait for the disk, to the stage that waits for it, or in a group to the ordered lane,
+/// unless the step is a read that may be answered at once.
 enum Sink {
     Direct(mpsc::Sender<Result<serve::PipelineResponse, Status>>),
     Staged(mpsc::Sender<Step>),
+    Group {
+        /// The ordered lane: steps whose replies wait, in the stream's order.
+        ordered: mpsc::Sender<Step>,
+        /// The client: where reads answered at once go.
+        replies: mpsc::Sender<Result<serve::PipelineResponse, Status>>,
+        /// What the steps in the ordered lane change.
+        lane: Arc<Mutex<Lane>>,
+    },
 }
 
 /// An operation's name as a metrics label: its unary RPC's name.
@@ -218,23 +236,26 @@ impl Caller {
         // requests in order (in a group: plans and submits its writes in order), the second
         // holds each reply until its change is durable (one fsync covers everything applied
         // meanwhile) or committed, and sends it. Both channels are bounded.
-        let (applied_tx, applied) = mpsc::channel(PIPELINE_WINDOW);
-        self.clone()
-            .apply_stream(requests, Sink::Staged(applied_tx));
+        let (staged, steps) = mpsc::channel(PIPELINE_WINDOW);
         if self.group().is_none() {
-            tokio::spawn(self.settle_in_order(applied, tx, None));
+            tokio::spawn(self.clone().settle_in_order(steps, tx, None));
+            self.apply_stream(requests, Sink::Staged(staged));
             return ReceiverStream::new(rx);
         }
         // In a group a write's reply waits for its commit, a round trip to the others. A read
-        // that no write still settling in the lane changes is answered at once, under the
-        // lease, instead of waiting behind writes to other sessions.
-        let (ordered_tx, ordered) = mpsc::channel(PIPELINE_WINDOW);
+        // that no write still settling in the lane changes is answered at once by the first
+        // stage, under the lease, instead of waiting behind writes to other sessions.
         let lane = Arc::new(Mutex::new(Lane::default()));
         tokio::spawn(
             self.clone()
-                .settle_in_order(ordered, tx.clone(), Some(lane.clone())),
+                .settle_in_order(steps, tx.clone(), Some(lane.clone())),
         );
-        tokio::spawn(self.answer_clear_reads(applied, ordered_tx, tx, lane));
+        let sink = Sink::Group {
+            ordered: staged,
+            replies: tx,
+            lane,
+        };
+        self.apply_stream(requests, sink);
         ReceiverStream::new(rx)
     }
 
@@ -249,85 +270,55 @@ impl Caller {
     ) {
         // A step taken from the channel that did not belong to the run of reads before it.
         let mut held = None;
+        // The run of reads being served, kept so a stream allocates it once.
+        let mut run = Vec::new();
         while let Some(step) = next_step(&mut steps, &mut held).await {
-            let replies = match step {
+            let sent = match step {
                 Step::Reply(a) if a.is_read() => {
                     // The reads queued behind it share one lease, taken now: after each of
                     // them arrived, and after the stream's earlier writes settled.
-                    let run = run_of(a, &mut steps, &mut held, Applied::is_read);
-                    self.serve_reads(run, lane.as_deref()).await
+                    run_of(a, &mut steps, &mut held, Applied::is_read, &mut run);
+                    self.serve_reads(&mut run, lane.as_deref(), &tx).await
                 }
                 Step::Reply(a) => {
-                    let touches = a.touches.clone();
+                    let touches = a.touches;
                     let reply = self.finish(a, None).await;
                     if let Some(lane) = &lane {
                         locked(lane).release(&touches);
                     }
-                    vec![Ok(reply)]
+                    tx.send(Ok(reply)).await.is_ok()
                 }
-                Step::End(status) => vec![Err(status)],
+                Step::End(status) => tx.send(Err(status)).await.is_ok(),
             };
-            for reply in replies {
-                // A failed send means the client went away: stop quietly.
-                if tx.send(reply).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-
-    /// In a group: answers each read that nothing in `lane` changes at once (a run of them
-    /// under one lease), and hands every other step to the ordered lane, holding what it
-    /// changes in `lane` until it is answered there.
-    async fn answer_clear_reads(
-        self,
-        mut steps: mpsc::Receiver<Step>,
-        ordered: mpsc::Sender<Step>,
-        tx: mpsc::Sender<Result<serve::PipelineResponse, Status>>,
-        lane: Arc<Mutex<Lane>>,
-    ) {
-        let clear = |a: &Applied| a.is_read() && locked(&lane).clear_for(&a.touches);
-        let mut held = None;
-        while let Some(step) = next_step(&mut steps, &mut held).await {
-            let first = match step {
-                Step::Reply(a) if clear(&a) => a,
-                other => {
-                    if let Step::Reply(a) = &other {
-                        locked(&lane).hold(&a.touches);
-                    }
-                    if ordered.send(other).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let run = run_of(first, &mut steps, &mut held, clear);
-            for reply in self.serve_reads(run, None).await {
-                if tx.send(reply).await.is_err() {
-                    return;
-                }
+            // A failed send means the client went away: stop quietly.
+            if !sent {
+                return;
             }
         }
     }
 
     /// Serves a run of reads under one lease, taken now, within the earliest of their
-    /// deadlines; releases each from `lane`, if any.
+    /// deadlines, and sends their replies, leaving `run` empty; releases each from `lane`,
+    /// if any. `false` once the client has gone.
     async fn serve_reads(
         &self,
-        run: Vec<Applied>,
+        run: &mut Vec<Applied>,
         lane: Option<&Mutex<Lane>>,
-    ) -> Vec<Result<serve::PipelineResponse, Status>> {
+        tx: &mpsc::Sender<Result<serve::PipelineResponse, Status>>,
+    ) -> bool {
         let deadline = run.iter().filter_map(|a| a.deadline).min();
         let lease = self.run_lease(deadline).await;
-        let mut replies = Vec::with_capacity(run.len());
-        for a in run {
-            let touches = a.touches.clone();
-            replies.push(Ok(self.finish(a, Some(&lease)).await));
+        for a in run.drain(..) {
+            let touches = a.touches;
+            let reply = self.finish(a, Some(&lease)).await;
             if let Some(lane) = lane {
                 locked(lane).release(&touches);
             }
+            if tx.send(Ok(reply)).await.is_err() {
+                return false;
+            }
         }
-        replies
+        true
     }
 
     /// Applies one pipelined request, if the budget has a permit for it; its response, and
@@ -539,6 +530,25 @@ impl Caller {
                 };
                 tx.send(reply).await.is_ok()
             }
+            Sink::Group {
+                ordered,
+                replies,
+                lane,
+            } => {
+                let Step::Reply(applied) = step else {
+                    return ordered.send(step).await.is_ok();
+                };
+                // A read of what nothing in the lane changes sees every write the stream
+                // asked for before it (each was answered once applied here): with the lease
+                // holding now, after it arrived, it is answered at once.
+                let clear = applied.is_read() && locked(lane).clear_for(&applied.touches);
+                if clear && self.lease_holds() {
+                    let reply = self.finish(applied, Some(&Ok(()))).await;
+                    return replies.send(Ok(reply)).await.is_ok();
+                }
+                locked(lane).hold(&applied.touches);
+                ordered.send(Step::Reply(applied)).await.is_ok()
+            }
         }
     }
 
@@ -589,15 +599,17 @@ async fn next_step(steps: &mut mpsc::Receiver<Step>, held: &mut Option<Step>) ->
     }
 }
 
-/// `first` and the replies queued right behind it that `joins` takes, up to the window; the
-/// first step that does not join is held back in `held`.
+/// Fills `run` (left empty by the run before) with `first` and the replies queued right
+/// behind it that `joins` takes, up to the window; the first step that does not join is held
+/// back in `held`.
 fn run_of(
     first: Applied,
     steps: &mut mpsc::Receiver<Step>,
     held: &mut Option<Step>,
     joins: impl Fn(&Applied) -> bool,
-) -> Vec<Applied> {
-    let mut run = vec![first];
+    run: &mut Vec<Applied>,
+) {
+    run.push(first);
     while run.len() < PIPELINE_WINDOW {
         match steps.try_recv() {
             Ok(Step::Reply(a)) if joins(&a) => run.push(a),
@@ -608,7 +620,6 @@ fn run_of(
             Err(_) => break,
         }
     }
-    run
 }
 
 fn locked(lane: &Mutex<Lane>) -> MutexGuard<'_, Lane> {
@@ -636,7 +647,7 @@ mod tests {
     use super::*;
 
     fn one(id: &str) -> Touches {
-        Touches::One(id.into())
+        Touches::one(id)
     }
 
     #[test]

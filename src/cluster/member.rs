@@ -77,6 +77,10 @@ impl Group for Member {
     async fn lease_read(&self) -> Result<(), Status> {
         Ok(self.node.lease_read().await?)
     }
+
+    fn lease_holds(&self) -> bool {
+        self.node.lease_holds()
+    }
 }
 
 impl Leadership for Member {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
+use openraft::type_config::TypeConfigExt;
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -397,6 +398,12 @@ impl ClusterNode {
     /// entry committed before the call. A stale lease fails at once with `Unavailable`.
     pub async fn lease_read(&self) -> Result<(), ProposeError> {
         Ok(self.lease.read().await?)
+    }
+
+    /// Whether a read of this node's Store is linearizable now, by the lease alone: what
+    /// [`ClusterNode::lease_read`] checks before it asks the engine.
+    pub fn lease_holds(&self) -> bool {
+        self.lease.holds(TypeConfig::now())
     }
 
     /// The encoded bytes of the log entries after this node's last snapshot: what a new
