@@ -19,15 +19,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::Read;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::{Stream, StreamExt};
 use http::Uri;
 use hyper_util::rt::TokioIo;
+use openraft::base::{BoxFuture, BoxStream};
+use openraft::network::stream_append_sequential;
+use openraft::raft::StreamAppendResult;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
 
 use openraft::errors::{
     NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
@@ -43,7 +50,7 @@ use openraft::{AnyError, RaftNetworkFactory, RaftNetworkV2};
 use tonic::transport::{Channel, Endpoint};
 
 use super::pb::cluster_client::ClusterClient;
-use super::pb_impl::{check_vote, Malformed};
+use super::pb_impl::{check_vote, stream_append_result, Malformed};
 use super::state_machine::SnapshotFile;
 use super::{pb, NodeId, TypeConfig};
 use crate::tls::ReloadableTls;
@@ -213,6 +220,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     async fn new_client(&mut self, target: NodeId, node: &pb::Node) -> PeerClient {
         PeerClient {
             target,
+            streams: true,
             client: self
                 .channel(target, &node.peer_addr)
                 .map(ClusterClient::new),
@@ -223,6 +231,10 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
 /// Sends one peer its RPCs.
 pub struct PeerClient {
     target: NodeId,
+    /// Whether replication goes over an AppendStream; `false` once the peer answered
+    /// UNIMPLEMENTED (an earlier version, during a rolling upgrade): one AppendEntries call
+    /// per batch then, each waiting for the one before.
+    streams: bool,
     /// The client, or why there is none (an address that does not parse).
     client: Result<ClusterClient<Channel>, String>,
 }
@@ -273,8 +285,148 @@ fn request<T>(target: NodeId, msg: T, option: &RPCOption) -> tonic::Request<T> {
     req
 }
 
+/// How many requests of an AppendStream may wait for their answers. openraft builds each
+/// request when the stream asks for it, from every entry not yet sent: while requests wait,
+/// the entries proposed meanwhile gather into the next one, as they did behind each unary call.
+const APPEND_WINDOW: u64 = 1;
+
+/// The requests an AppendStream has sent, and the answers that came back.
+#[derive(Default)]
+struct Sent {
+    count: AtomicU64,
+    answered: AtomicU64,
+    /// Wakes the reader of answers when a request goes out while it waits without a deadline.
+    more: Notify,
+    /// Wakes the sender when an answer leaves room in the window.
+    room: Notify,
+    /// Cancelled when the stream of answers is dropped.
+    dropped: CancellationToken,
+}
+
+impl Sent {
+    fn unanswered(&self) -> u64 {
+        self.count.load(Ordering::Acquire) - self.answered.load(Ordering::Acquire)
+    }
+}
+
+/// What openraft's replication reads from an AppendStream: each request's answer, in order.
+type Answers<'s> = BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>;
+
+fn timed_out(target: NodeId, option: &RPCOption) -> RPCError<TypeConfig> {
+    RPCError::Timeout(Timeout {
+        action: RPCTypes::AppendEntries,
+        id: target,
+        target,
+        timeout: option.soft_ttl(),
+    })
+}
+
+impl PeerClient {
+    /// Opens an AppendStream that carries `input` to the peer; the stream of its answers.
+    /// While requests are unanswered, each answer must come within openraft's deadline
+    /// ([`RPCOption::soft_ttl`]), as each unary call's must: a peer that stops answering
+    /// (paused, cut off without a reset) ends the stream with a timeout. An idle stream, with
+    /// every request answered, waits for the next without one.
+    async fn open_stream<S>(
+        &mut self,
+        input: S,
+        option: RPCOption,
+    ) -> Result<Answers<'static>, RPCError<TypeConfig>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        let target = self.target;
+        let ttl = option.soft_ttl();
+        let sent = Arc::new(Sent::default());
+        let requests =
+            futures_util::stream::unfold((input, sent.clone()), |(mut input, sent)| async move {
+                let next = async {
+                    while sent.unanswered() >= APPEND_WINDOW {
+                        sent.room.notified().await;
+                    }
+                    input.next().await
+                };
+                // Once the answers are dropped (openraft ended the session, or stopped), the
+                // requests end too, so the stream closes instead of waiting on an answer nobody
+                // reads.
+                let next = tokio::select! {
+                    next = next => next?,
+                    _ = sent.dropped.cancelled() => return None,
+                };
+                sent.count.fetch_add(1, Ordering::AcqRel);
+                sent.more.notify_one();
+                Some((pb::AppendEntriesRequest::from(next), (input, sent)))
+            });
+        let mut request = tonic::Request::new(requests);
+        request.metadata_mut().insert(TARGET_HEADER, target.into());
+        let mut client = self.client()?;
+        let answers = match tokio::time::timeout(ttl, client.append_stream(request)).await {
+            Err(_) => return Err(timed_out(target, &option)),
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                self.streams = false;
+                return Err(RPCError::Network(NetworkError::new(&s)));
+            }
+            Ok(Err(s)) => return Err(rpc_error(target, RPCTypes::AppendEntries, &option, s)),
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let dropped = sent.dropped.clone().drop_guard();
+        let answers = futures_util::stream::unfold(Some((answers, dropped)), move |state| {
+            let (sent, option) = (sent.clone(), option.clone());
+            async move {
+                let (mut answers, dropped) = state?;
+                let next = loop {
+                    if sent.unanswered() > 0 {
+                        match tokio::time::timeout(ttl, answers.message()).await {
+                            Ok(next) => break next,
+                            Err(_) => return Some((Err(timed_out(target, &option)), None)),
+                        }
+                    }
+                    // `message` keeps what it has read across a cancel.
+                    tokio::select! {
+                        next = answers.message() => break next,
+                        _ = sent.more.notified() => {}
+                    }
+                };
+                match next {
+                    Ok(Some(answer)) => match stream_append_result(answer) {
+                        Ok(result) => {
+                            sent.answered.fetch_add(1, Ordering::AcqRel);
+                            sent.room.notify_one();
+                            Some((Ok(result), Some((answers, dropped))))
+                        }
+                        Err(e) => Some((Err(malformed(e)), None)),
+                    },
+                    Ok(None) => None,
+                    Err(s) => Some((
+                        Err(rpc_error(target, RPCTypes::AppendEntries, &option, s)),
+                        None,
+                    )),
+                }
+            }
+        });
+        Ok(Box::pin(answers))
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = SnapshotFile;
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<Answers<'s>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        if !self.streams {
+            return stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let answers: Answers<'s> = self.open_stream(input, option).await?;
+            Ok(answers)
+        })
+    }
 
     async fn append_entries(
         &mut self,

@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use openraft::async_runtime::WatchReceiver;
 use openraft::type_config::TypeConfigExt;
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pub use super::admin::ProposeError;
 use super::admin::{initialize, move_leader, remove_member};
@@ -119,7 +120,6 @@ enum PeerServer {
     Bound(Box<(tokio::net::TcpListener, ClusterServer<PeerService>, Accept)>),
     /// Served by [`ClusterNode::serve_peer`].
     Serving {
-        stop: oneshot::Sender<()>,
         task: JoinHandle<()>,
         connections: Connections,
     },
@@ -151,6 +151,9 @@ pub struct ClusterNode {
     coalescer: Coalescer,
     /// Where reads check the lease.
     lease: Arc<Lease>,
+    /// Cancelled when the node stops: the peer server stops taking calls, and the replication
+    /// streams it serves end.
+    stopping: CancellationToken,
 }
 
 impl ClusterNode {
@@ -235,12 +238,14 @@ impl ClusterNode {
             }
         };
         let lease = Arc::new(Lease::new(raft.clone()));
+        let stopping = CancellationToken::new();
         let service = ClusterServer::new(PeerService::new(
             raft.clone(),
             lease.clone(),
             node.clone(),
             dir.clone(),
             store.clone(),
+            stopping.clone(),
         ))
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
@@ -271,6 +276,7 @@ impl ClusterNode {
             recorder,
             coalescer,
             lease,
+            stopping,
         })
     }
 
@@ -286,26 +292,20 @@ impl ClusterNode {
             return;
         };
         let (listener, service, accept) = *bound;
-        let (stop, stopped) = oneshot::channel::<()>();
+        let stopping = self.stopping.clone();
         let connections = Connections::new();
         let incoming = crate::transport::incoming(listener, accept, connections.clone());
         let routes = beside.add_service(service);
         let task = tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
                 .add_routes(routes)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = stopped.await;
-                })
+                .serve_with_incoming_shutdown(incoming, stopping.cancelled_owned())
                 .await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "the cluster peer server failed");
             }
         });
-        *server = PeerServer::Serving {
-            stop,
-            task,
-            connections,
-        };
+        *server = PeerServer::Serving { task, connections };
     }
 
     /// How this node dials its peers.
@@ -490,13 +490,8 @@ impl ClusterNode {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
             PeerServer::Stopped,
         );
-        if let PeerServer::Serving {
-            stop,
-            task,
-            connections,
-        } = server
-        {
-            let _ = stop.send(());
+        self.stopping.cancel();
+        if let PeerServer::Serving { task, connections } = server {
             // The server stops accepting and lets its connections finish their calls; a
             // peer that keeps its connection open is cut.
             if tokio::time::timeout(self.transfer_timeout, task)

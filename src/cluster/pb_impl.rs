@@ -14,7 +14,8 @@ use std::fmt;
 use bytes::Bytes;
 use openraft::entry::RaftEntry;
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, StreamAppendError, StreamAppendResult,
+    TransferLeaderRequest, VoteRequest, VoteResponse,
 };
 use openraft::vote::{LeaderIdCompare, RaftLeaderId, RaftVote};
 use openraft::EntryPayload;
@@ -354,6 +355,31 @@ impl TryFrom<pb::AppendEntriesResponse> for AppendEntriesResponse<TypeConfig> {
             (None, false) => AppendEntriesResponse::Success,
         })
     }
+}
+
+impl From<StreamAppendResult<TypeConfig>> for pb::AppendStreamResponse {
+    fn from(r: StreamAppendResult<TypeConfig>) -> Self {
+        let mut out = pb::AppendStreamResponse::default();
+        match r {
+            Ok(matched) => out.matched = matched.map(Into::into),
+            Err(StreamAppendError::Conflict(id)) => out.conflict = Some(id.into()),
+            Err(StreamAppendError::HigherVote(v)) => out.higher_vote = Some(v),
+        }
+        out
+    }
+}
+
+/// An AppendStream answer as openraft's result.
+pub(crate) fn stream_append_result(
+    r: pb::AppendStreamResponse,
+) -> Result<StreamAppendResult<TypeConfig>, Malformed> {
+    if let Some(v) = r.higher_vote {
+        return Ok(Err(StreamAppendError::HigherVote(check_vote(Some(v))?)));
+    }
+    if let Some(id) = r.conflict {
+        return Ok(Err(StreamAppendError::Conflict(id.into())));
+    }
+    Ok(Ok(r.matched.map(Into::into)))
 }
 
 impl From<TransferLeaderRequest<TypeConfig>> for pb::TransferLeaderRequest {

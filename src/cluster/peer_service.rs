@@ -18,11 +18,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::TransferLeaderRequest;
 use openraft::storage::Snapshot;
 use openraft::ServerState;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::admin::{self, ProposeError};
@@ -47,6 +49,9 @@ pub struct PeerService {
     dir: PathBuf,
     /// The Store committed entries are applied to: what `Digest` hashes.
     store: Store,
+    /// Cancelled when the node stops: the replication streams served end then, instead of
+    /// holding the server's shutdown open.
+    stopping: CancellationToken,
 }
 
 impl PeerService {
@@ -58,6 +63,7 @@ impl PeerService {
         node: Node,
         dir: PathBuf,
         store: Store,
+        stopping: CancellationToken,
     ) -> Self {
         PeerService {
             raft,
@@ -65,6 +71,7 @@ impl PeerService {
             node,
             dir,
             store,
+            stopping,
         }
     }
 }
@@ -91,6 +98,10 @@ impl PeerService {
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// openraft stopped on this node: nothing it can answer.
 fn stopped(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("this node's Raft has stopped: {e}"))
@@ -112,6 +123,46 @@ impl Cluster for PeerService {
         }
         .map_err(stopped)?;
         Ok(Response::new(resp.into()))
+    }
+
+    type AppendStreamStream = BoxStream<'static, Result<pb::AppendStreamResponse, Status>>;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<pb::AppendEntriesRequest>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        self.check_target(&request)?;
+        // A malformed request or a broken stream ends the input there; the engine answers what
+        // came before it, and then the stream ends with why.
+        let broken = Arc::new(std::sync::Mutex::new(None::<Status>));
+        // Both directions end when the node stops: the engine's reader then drops the request
+        // stream, and with both halves gone the stream is reset, so the server's shutdown does
+        // not wait on a leader that keeps it open.
+        let input = {
+            let broken = broken.clone();
+            let requests = request.into_inner();
+            let requests = requests.take_until(self.stopping.clone().cancelled_owned());
+            requests.scan((), move |(), next| {
+                let request = next.and_then(|r| Ok(r.try_into()?));
+                std::future::ready(match request {
+                    Ok(request) => Some(request),
+                    Err(status) => {
+                        *lock(&broken) = Some(status);
+                        None
+                    }
+                })
+            })
+        };
+        let answers = self.raft.stream_append(input).map(|answer| match answer {
+            Ok(result) => Ok(pb::AppendStreamResponse::from(result)),
+            Err(fatal) => Err(stopped(fatal)),
+        });
+        let end = futures_util::stream::once(async move { lock(&broken).take() })
+            .filter_map(|status| std::future::ready(status.map(Err)));
+        let answers = answers
+            .chain(end)
+            .take_until(self.stopping.clone().cancelled_owned());
+        Ok(Response::new(answers.boxed()))
     }
 
     async fn append_entries(

@@ -757,3 +757,51 @@ async fn a_group_restarted_whole_elects_a_leader_in_a_new_term() {
     assert_eq!(sessions(c.nth(l).store()).len(), 3);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_stream_answers_each_request_and_ends_at_a_malformed_one() {
+    use super::network::TARGET_HEADER;
+    use super::pb::{self, cluster_client::ClusterClient};
+
+    let c = Cluster::start(config()).await;
+    let l = c.leader().await;
+    let leader_vote = c.nth(l).metrics().borrow_watched().vote;
+    let follower = c.nth((l + 1) % 3);
+    let mut client = ClusterClient::connect(format!("http://{}", follower.peer_addr()))
+        .await
+        .unwrap();
+    let stream_to = |target: NodeId, requests: Vec<pb::AppendEntriesRequest>| {
+        let mut request = tonic::Request::new(tokio_stream::iter(requests));
+        request
+            .metadata_mut()
+            .insert(TARGET_HEADER, target.to_string().parse().unwrap());
+        request
+    };
+    let heartbeat = pb::AppendEntriesRequest {
+        vote: Some(leader_vote),
+        ..Default::default()
+    };
+    let malformed = pb::AppendEntriesRequest::default();
+
+    let mut answers = client
+        .append_stream(stream_to(follower.id(), vec![heartbeat.clone(), malformed]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers.message().await.unwrap().expect("an answer");
+    assert_eq!(
+        first,
+        pb::AppendStreamResponse::default(),
+        "the leader's own vote, nothing to append: accepted, matching up to no entry"
+    );
+    let end = answers.message().await.unwrap_err();
+    assert_eq!(end.code(), tonic::Code::InvalidArgument);
+    assert!(end.message().contains("vote"), "{end}");
+
+    let wrong = client
+        .append_stream(stream_to(follower.id() ^ 1, vec![heartbeat]))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::FailedPrecondition, "{wrong}");
+    c.shutdown().await;
+}
