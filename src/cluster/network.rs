@@ -6,6 +6,11 @@
 //! gives it ([`RPCOption::soft_ttl`]). A peer that cannot be reached is reported as
 //! `Unreachable`, which makes openraft back off before it tries again.
 //!
+//! Replication goes over one `AppendStream` per follower and session of openraft's
+//! replication: appends are messages on a long-lived bidirectional stream, each sent once the
+//! one before is answered ([`APPEND_WINDOW`]) and each answer due within the deadline. A peer
+//! of an earlier version, which answers `UNIMPLEMENTED`, is sent unary `AppendEntries` calls.
+//!
 //! A peer is dialled at the address its membership records, or at the one
 //! `cluster.dial_overrides` puts in its place, through a [`Dialer`]: over mutual TLS with the
 //! cluster CA when peer TLS is on. The follower's forwarding of client calls to the leader

@@ -1,7 +1,9 @@
 //! The peer service: the server side of the Raft RPCs, and the admin calls.
 //!
 //! Handlers only convert the request, call openraft, and map the result; a malformed request
-//! is refused with `INVALID_ARGUMENT` before it reaches the engine. A snapshot arrives as a
+//! is refused with `INVALID_ARGUMENT` before it reaches the engine. An `AppendStream` hands
+//! its requests to openraft's pipelined `stream_append` and sends back each answer in order; a
+//! malformed request ends it, after the answers to those before. A snapshot arrives as a
 //! stream of chunks: it is written to a temporary file in the Raft directory, every frame's
 //! checksum is verified, and only then is it handed to openraft to install, so a transfer cut
 //! short or damaged on the way is refused instead of stopping the node.
