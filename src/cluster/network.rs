@@ -590,3 +590,56 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_know_append_stream_is_sent_unary_calls() {
+        // A server with no services answers every call UNIMPLEMENTED, as a member of an
+        // earlier version answers AppendStream.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(tonic::service::Routes::default())
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let mut peer = PeerClient {
+            target: 7,
+            streams: true,
+            client: Ok(ClusterClient::new(channel)),
+        };
+        let heartbeat = || {
+            futures_util::stream::iter(vec![AppendEntriesRequest {
+                vote: pb::Vote::default(),
+                prev_log_id: None,
+                entries: Vec::new(),
+                leader_commit: None,
+            }])
+        };
+        let option = RPCOption::new(Duration::from_secs(5));
+
+        let refused = matches!(
+            peer.stream_append(heartbeat(), option.clone()).await,
+            Err(RPCError::Network(_))
+        );
+        assert!(refused, "refused");
+        assert!(!peer.streams, "the peer is sent unary calls from now on");
+
+        // The next session is one AppendEntries call per request: this peer knows none.
+        let mut answers = peer
+            .stream_append(heartbeat(), option)
+            .await
+            .unwrap_or_else(|_| panic!("a session of unary calls opens without calling"));
+        let answer = answers.next().await.expect("one answer");
+        match answer {
+            Err(RPCError::Network(e)) => assert!(e.to_string().contains("not implemented"), "{e}"),
+            other => panic!("expected the unary call's refusal, got {other:?}"),
+        }
+    }
+}
