@@ -60,7 +60,7 @@ use prost::Message;
 
 use super::pb::log_record::Op as Rec;
 use super::pb_impl::check_vote;
-use super::{pb, LogId, TypeConfig};
+use super::{lock, pb, LogId, TypeConfig};
 use crate::persist::cache::Behind;
 use crate::persist::format::{self, frame, frame_with, scan, write_header, End, FormatError};
 use crate::persist::log::FsyncPolicy;
@@ -320,10 +320,6 @@ struct Shared {
     /// lock as they are queued, lowered by the writer once they are written. While it is
     /// above zero, an append goes through the queue too, behind them.
     queued: AtomicUsize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Shared {

@@ -57,7 +57,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::pb::cluster_client::ClusterClient;
 use super::pb_impl::{check_vote, stream_append_result, Malformed};
 use super::state_machine::SnapshotFile;
-use super::{pb, NodeId, TypeConfig};
+use super::{lock, pb, NodeId, TypeConfig};
 use crate::tls::ReloadableTls;
 
 /// A snapshot is sent in chunks of at most this many bytes (openraft may ask for fewer): well
@@ -201,10 +201,7 @@ impl PeerNetwork {
     /// The channel to `target` recorded at `addr`: the one made before, unless the address
     /// changed.
     fn channel(&self, target: NodeId, addr: &str) -> Result<Channel, String> {
-        let mut channels = self
-            .channels
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut channels = lock(&self.channels);
         if let Some((known, ch)) = channels.get(&target) {
             if known == addr {
                 return Ok(ch.clone());

@@ -35,7 +35,7 @@ use super::network::{Dialer, PeerNetwork};
 use super::pb::cluster_server::ClusterServer;
 use super::peer_service::PeerService;
 use super::state_machine::StateMachine;
-use super::{Applied, Metrics, Node, NodeId, Raft, TypeConfig};
+use super::{lock, Applied, Metrics, Node, NodeId, Raft, TypeConfig};
 use crate::config::{ClusterConfig, ConfigError};
 use crate::observe::ClusterMetrics;
 use crate::observe::ConnMetrics;
@@ -284,10 +284,7 @@ impl ClusterNode {
     /// session store there, for the calls other members forward). Only the first call
     /// serves; later ones do nothing.
     pub fn serve_peer(&self, beside: tonic::service::Routes) {
-        let mut server = self
-            .server
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut server = lock(&self.server);
         let PeerServer::Bound(bound) = std::mem::replace(&mut *server, PeerServer::Stopped) else {
             return;
         };
@@ -483,13 +480,7 @@ impl ClusterNode {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "Raft shutdown");
         }
-        let server = std::mem::replace(
-            &mut *self
-                .server
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-            PeerServer::Stopped,
-        );
+        let server = std::mem::replace(&mut *lock(&self.server), PeerServer::Stopped);
         self.stopping.cancel();
         if let PeerServer::Serving { task, connections } = server {
             // The server stops accepting and lets its connections finish their calls; a

@@ -35,7 +35,7 @@ use super::network::TARGET_HEADER;
 use super::pb::cluster_server::Cluster;
 use super::pb_impl::{check_vote, Malformed};
 use super::state_machine::{temp_file, verify_snapshot, SnapshotFile};
-use super::Role;
+use super::{lock, Role};
 use super::{pb, Node, Raft};
 use crate::session::Session;
 use crate::store::Store;
@@ -98,10 +98,6 @@ impl PeerService {
             ))),
         }
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// openraft stopped on this node: nothing it can answer.

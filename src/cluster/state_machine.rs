@@ -28,7 +28,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use futures_util::{Stream, StreamExt};
 use openraft::entry::RaftEntry;
@@ -37,7 +37,7 @@ use openraft::OptionalSend;
 use prost::Message;
 
 use super::pb_impl::effects;
-use super::{pb, Applied, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use super::{lock, pb, Applied, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::persist::cache::DropBehind;
 use crate::persist::format::{
     self, frame, scan, write_header, End, FormatError, FRAME_HEADER_BYTES, HEADER_BYTES,
@@ -91,10 +91,6 @@ struct Shared {
     /// key gone and its new key unlisted; written after the listed sessions, these keep the
     /// snapshot from missing the session altogether (see `Store::apply_committed`).
     moves: Mutex<Option<Vec<Session>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// openraft's state machine over the node's Store.
