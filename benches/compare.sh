@@ -121,11 +121,12 @@ run_cluster() {
   local dir="$WORK/cluster-$RANDOM" target
   start_group "$1" "$dir"
   target=$LEADER
-  [ "${4:-leader}" = "follower" ] && target=$(((LEADER + 1) % CLUSTER))
+  local follow=()
+  [ "${4:-leader}" = "follower" ] && { target=$(((LEADER + 1) % CLUSTER)); follow=(--no-follow-leader); }
   # The node under load first: sessiond-bench's "server" is the first of --pids.
   PIDS=("${GROUP_PID[target]}" $(printf '%s\n' "${GROUP_PID[@]}" | grep -vx "${GROUP_PID[target]}"))
   bench "grpc://127.0.0.1:${GROUP_GRPC[target]}" "$3" --admin-addr "127.0.0.1:${GROUP_ADMIN[target]}" \
-    --mix "$2" "${PIPELINE_FLAG[@]}"
+    --mix "$2" "${PIPELINE_FLAG[@]}" "${follow[@]}"
   stop_all "$dir"
 }
 

@@ -99,6 +99,8 @@ pub(crate) fn endpoint(url: &str, options: &ClientOptions) -> Result<Endpoint, E
 pub(crate) struct Router {
     seeds: Vec<String>,
     tls: bool,
+    /// Whether calls move to the leader a reply names (`ClientOptions::follow_leader`).
+    follow: bool,
     state: Mutex<RouterState>,
 }
 
@@ -111,11 +113,13 @@ struct RouterState {
 }
 
 impl Router {
-    /// Routes over `seeds` (already URLs); `tls` picks the scheme for a leader's `host:port`.
-    pub(crate) fn new(seeds: Vec<String>, tls: bool) -> Router {
+    /// Routes over `seeds` (already URLs); `tls` picks the scheme for a leader's `host:port`;
+    /// without `follow`, calls stay on the seeds whatever the replies name.
+    pub(crate) fn new(seeds: Vec<String>, tls: bool, follow: bool) -> Router {
         Router {
             seeds,
             tls,
+            follow,
             state: Mutex::default(),
         }
     }
@@ -152,8 +156,11 @@ impl Router {
     }
 
     /// A reply from `on` named `header` as the leader: records it. Whether calls should
-    /// move: the leader is known and is not `on`.
+    /// move: the leader is known and is not `on`, and the client follows the leader.
     pub(crate) fn leader_says(&self, on: &str, header: &str) -> bool {
+        if !self.follow {
+            return false;
+        }
         let Ok(leader) = url(header, self.tls) else {
             return false;
         };
@@ -383,6 +390,7 @@ mod tests {
         Router::new(
             seeds.iter().map(|s| url(s, false).unwrap()).collect(),
             false,
+            true,
         )
     }
 
@@ -428,9 +436,18 @@ mod tests {
 
     #[test]
     fn a_tls_client_reaches_the_leader_over_tls() {
-        let r = Router::new(vec![url("db1:7420", true).unwrap()], true);
+        let r = Router::new(vec![url("db1:7420", true).unwrap()], true, true);
         assert!(r.leader_says("https://db1:7420", "db2:7420"));
         assert_eq!(r.leader().as_deref(), Some("https://db2:7420"));
+    }
+
+    #[test]
+    fn a_client_that_does_not_follow_the_leader_stays_on_its_seeds() {
+        let seeds = vec![url("10.0.0.2:7420", false).unwrap()];
+        let r = Router::new(seeds, false, false);
+        assert!(!r.leader_says("http://10.0.0.2:7420", "10.0.0.3:7420"));
+        assert_eq!(r.leader(), None);
+        assert_eq!(r.candidates(), ["http://10.0.0.2:7420"]);
     }
 
     #[test]

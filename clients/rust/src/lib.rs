@@ -347,7 +347,7 @@ impl SessionClient {
             inner: Arc::new(Inner {
                 shared: Shared {
                     bearer,
-                    router: Router::new(seeds, tls),
+                    router: Router::new(seeds, tls, options.follow_leader.unwrap_or(true)),
                     options,
                     connects: Default::default(),
                 },

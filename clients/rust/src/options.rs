@@ -76,6 +76,11 @@ pub struct ClientOptions {
     /// The longest wait between connection attempts (default 2 s). While a connection
     /// waits, its calls fail at once with [`Error::Unavailable`].
     pub reconnect_max: Option<Duration>,
+    /// Whether calls move to the leader that a reply names (default `true`). `false` keeps
+    /// every call on the given addresses, which forward to the leader when they are
+    /// followers: for a client that must talk to one node (measuring forwarding, or a
+    /// node-local sidecar). [`SessionClient::leader`] then stays `None`.
+    pub follow_leader: Option<bool>,
 }
 
 impl ClientOptions {

@@ -25,7 +25,13 @@ impl Backend {
             return Ok(Backend::Redis(redis));
         }
         let addr = args.target.strip_prefix("grpc://").unwrap_or(&args.target);
-        let grpc = Grpc::connect(addr, args.connections, args.pipeline).await?;
+        let grpc = Grpc::connect(
+            addr,
+            args.connections,
+            args.pipeline,
+            !args.no_follow_leader,
+        )
+        .await?;
         Ok(Backend::Grpc(grpc))
     }
 
@@ -39,12 +45,13 @@ impl Backend {
     ) -> Result<String, String> {
         let attrs = attributes(args, user as u64);
         match self {
-            Backend::Grpc(g) => g.create(conn, user, attrs).await,
+            Backend::Grpc(g) => g.create(user, attrs).await,
             Backend::Redis(r) => r.create(conn, user, attrs, rng).await,
         }
     }
 
-    /// Runs `op` on the session in pool slot `slot` over connection `conn`.
+    /// Runs `op` on the session in pool slot `slot`; `conn` picks Redis's connection
+    /// (sessiond's client spreads its calls over its connections itself).
     pub(crate) async fn run(
         &self,
         op: Op,
@@ -64,7 +71,7 @@ impl Backend {
             Op::List => {
                 let user = pool.get(slot).map_or(0, |(_, u)| u);
                 return match self {
-                    Backend::Grpc(g) => g.list(conn, user).await,
+                    Backend::Grpc(g) => g.list(user).await,
                     Backend::Redis(r) => r.list(conn, user).await,
                 };
             }
@@ -78,7 +85,7 @@ impl Backend {
             return Ok(());
         };
         let outcome = match self {
-            Backend::Grpc(g) => g.apply(op, conn, id, args.value_bytes).await?,
+            Backend::Grpc(g) => g.apply(op, &id, args.value_bytes).await?,
             Backend::Redis(r) => r.apply(op, conn, id, user, args.value_bytes, rng).await?,
         };
         match outcome {

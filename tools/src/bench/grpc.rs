@@ -1,218 +1,99 @@
-//! The sessiond backend: its operations over unary RPCs or, with `--pipeline`, one Pipeline
-//! stream per connection; server CPU and RSS from the admin endpoint.
+//! The sessiond backend: its operations through sessiond's Rust client
+//! ([`sessiond_client::SessionClient`]), as an app server sends them: over Pipeline
+//! streams with `--pipeline`, else unary RPCs. Server CPU and RSS from the admin endpoint.
 
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sessiond_client::pb;
-use sessiond_client::pb::session_store_client::SessionStoreClient;
-use tonic::transport::{Channel, Endpoint};
+use sessiond_client::{ClientOptions, Error, NewSession, SessionClient, Transport};
 
 use crate::workload::{Op, OpResult, Slot};
 
-/// One connection to sessiond: unary RPCs, or one Pipeline stream.
-#[derive(Clone)]
-enum GrpcConn {
-    Unary(SessionStoreClient<Channel>),
-    Pipe(Arc<PipeConn>),
-}
+/// A call's deadline: long, so that an open loop past the server's capacity shows up as
+/// latency, not as errors.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Callers waiting for pipeline responses, by request id.
-type Waiting =
-    Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<pb::pipeline_response::Result>>>>;
+/// The most calls in flight on one connection's stream.
+const MAX_IN_FLIGHT: usize = 1024;
 
-/// A Pipeline stream: requests go in with fresh ids; a reader task hands each response to
-/// the caller waiting on that id.
-struct PipeConn {
-    tx: tokio::sync::mpsc::Sender<pb::PipelineRequest>,
-    waiting: Waiting,
-    next: std::sync::atomic::AtomicU64,
-}
-
-impl PipeConn {
-    async fn open(mut client: SessionStoreClient<Channel>) -> Result<PipeConn, String> {
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let mut responses = client
-            .pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|e| format!("pipeline: {e}"))?
-            .into_inner();
-        let waiting: Waiting = Arc::default();
-        let routes = waiting.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(r)) = responses.message().await {
-                let waiter = routes.lock().unwrap().remove(&r.id);
-                if let (Some(w), Some(result)) = (waiter, r.result) {
-                    let _ = w.send(result);
-                }
-            }
-        });
-        Ok(PipeConn {
-            tx,
-            waiting,
-            next: std::sync::atomic::AtomicU64::new(0),
-        })
-    }
-}
-
-impl GrpcConn {
-    /// Runs one operation, unary or pipelined, as the pipeline's result type.
-    async fn call(
-        &self,
-        op: pb::pipeline_request::Op,
-    ) -> Result<pb::pipeline_response::Result, String> {
-        use pb::pipeline_request::Op as Req;
-        use pb::pipeline_response::Result as Res;
-        let code = |e: tonic::Status| format!("{:?}", e.code());
-        let result = match self {
-            GrpcConn::Pipe(p) => {
-                let id = p.next.fetch_add(1, Ordering::Relaxed);
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                p.waiting.lock().unwrap().insert(id, tx);
-                p.tx.send(pb::PipelineRequest { id, op: Some(op) })
-                    .await
-                    .map_err(|_| "pipeline closed".to_string())?;
-                rx.await.map_err(|_| "pipeline closed".to_string())?
-            }
-            GrpcConn::Unary(c) => {
-                let mut c = c.clone();
-                match op {
-                    Req::Create(r) => Res::Session(c.create(r).await.map_err(code)?.into_inner()),
-                    Req::Get(r) => Res::Session(c.get(r).await.map_err(code)?.into_inner()),
-                    Req::Touch(r) => Res::Touch(c.touch(r).await.map_err(code)?.into_inner()),
-                    Req::Update(r) => Res::Session(c.update(r).await.map_err(code)?.into_inner()),
-                    Req::Regenerate(r) => {
-                        Res::Session(c.regenerate(r).await.map_err(code)?.into_inner())
-                    }
-                    Req::Destroy(r) => Res::Destroy(c.destroy(r).await.map_err(code)?.into_inner()),
-                    Req::ListUserSessions(r) => Res::ListUserSessions(
-                        c.list_user_sessions(r).await.map_err(code)?.into_inner(),
-                    ),
-                    Req::DestroyUserSessions(r) => Res::DestroyUserSessions(
-                        c.destroy_user_sessions(r).await.map_err(code)?.into_inner(),
-                    ),
-                }
-            }
-        };
-        match result {
-            Res::Error(e) => Err(format!("{:?}", tonic::Code::from_i32(e.code))),
-            ok => Ok(ok),
-        }
-    }
-}
-
-/// sessiond's connections, shared by the workers.
+/// The client, shared by the workers.
 #[derive(Clone)]
 pub(crate) struct Grpc {
-    conns: Vec<GrpcConn>,
+    client: SessionClient,
 }
 
 impl Grpc {
-    /// `connections` connections to `addr` (plaintext), each with its Pipeline stream if
-    /// `pipeline`.
+    /// A client of sessiond at `addr` (plaintext) over `connections` connections, each with
+    /// its Pipeline stream if `pipeline`. With `follow_leader` false, calls stay on `addr`
+    /// even when it is a follower (which forwards them to the leader).
     pub(crate) async fn connect(
         addr: &str,
         connections: usize,
         pipeline: bool,
+        follow_leader: bool,
     ) -> Result<Grpc, String> {
-        let mut conns = Vec::new();
-        for _ in 0..connections.max(1) {
-            let ch = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| e.to_string())?
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .map_err(|e| format!("cannot connect to sessiond at {addr}: {e}"))?;
-            let client = SessionStoreClient::new(ch);
-            conns.push(if pipeline {
-                GrpcConn::Pipe(Arc::new(PipeConn::open(client).await?))
+        let options = ClientOptions {
+            connections: Some(connections.max(1)),
+            transport: if pipeline {
+                Transport::Pipelined
             } else {
-                GrpcConn::Unary(client)
-            });
+                Transport::Unary
+            },
+            timeout: Some(CALL_TIMEOUT),
+            max_in_flight: Some(MAX_IN_FLIGHT),
+            follow_leader: Some(follow_leader),
+            ..ClientOptions::default()
+        };
+        let client = SessionClient::connect_with(addr, options)
+            .await
+            .map_err(|e| format!("sessiond at {addr}: {e}"))?;
+        // Connect now, so that the first measured call does not pay for it.
+        match client.peek("no-such-session").await {
+            Ok(_) | Err(Error::NotFound) | Err(Error::InvalidArgument(_)) => Ok(Grpc { client }),
+            Err(e) => Err(format!("cannot connect to sessiond at {addr}: {e}")),
         }
-        Ok(Grpc { conns })
-    }
-
-    fn conn(&self, conn: usize) -> &GrpcConn {
-        &self.conns[conn % self.conns.len()]
     }
 
     /// Creates a session for `user`; returns its ID.
     pub(crate) async fn create(
         &self,
-        conn: usize,
         user: usize,
         attrs: Vec<(String, Bytes)>,
     ) -> Result<String, String> {
-        let req = pb::CreateRequest {
-            user_id: format!("user{user}"),
+        let new = NewSession {
+            user_id: Some(format!("user{user}")),
             attributes: attrs.into_iter().collect(),
-            ..Default::default()
+            ..NewSession::default()
         };
-        match self
-            .conn(conn)
-            .call(pb::pipeline_request::Op::Create(req))
-            .await?
-        {
-            pb::pipeline_response::Result::Session(s) => Ok(s.id),
-            _ => Err("unexpected result".into()),
-        }
+        Ok(self.client.create(new).await.map_err(code)?.id)
     }
 
     /// Runs a Get, Update, Destroy or Regenerate on session `id`.
-    pub(crate) async fn apply(
-        &self,
-        op: Op,
-        conn: usize,
-        id: String,
-        value_bytes: usize,
-    ) -> Result<Slot, String> {
-        use pb::pipeline_request::Op as Req;
-        let c = self.conn(conn);
+    pub(crate) async fn apply(&self, op: Op, id: &str, value_bytes: usize) -> Result<Slot, String> {
+        let c = &self.client;
         match op {
-            Op::Get => c
-                .call(Req::Get(pb::GetRequest { id, peek: false }))
-                .await
-                .map(|_| Slot::Kept),
+            Op::Get => c.get(id).await.map(|_| Slot::Kept),
             Op::Update => {
-                let req = pb::UpdateRequest {
-                    id,
-                    set: [("attr3".to_string(), Bytes::from(vec![b'u'; value_bytes]))].into(),
-                    ..Default::default()
-                };
-                c.call(Req::Update(req)).await.map(|_| Slot::Kept)
+                let set = [("attr3", Bytes::from(vec![b'u'; value_bytes]))];
+                c.update(id, set, None::<String>, None)
+                    .await
+                    .map(|_| Slot::Kept)
             }
-            Op::Destroy => {
-                c.call(Req::Destroy(pb::DestroyRequest { id })).await?;
-                Ok(Slot::Ended)
-            }
-            Op::Regenerate => {
-                let req = pb::RegenerateRequest {
-                    id,
-                    ..Default::default()
-                };
-                match c.call(Req::Regenerate(req)).await? {
-                    pb::pipeline_response::Result::Session(s) => Ok(Slot::Moved(s.id)),
-                    _ => Ok(Slot::Kept),
-                }
-            }
+            Op::Destroy => c.destroy(id).await.map(|_| Slot::Ended),
+            Op::Regenerate => c.regenerate(id, None).await.map(|s| Slot::Moved(s.id)),
             Op::Create | Op::List => unreachable!("not an operation on one session"),
         }
+        .map_err(code)
     }
 
     /// Lists `user`'s sessions, without attributes.
-    pub(crate) async fn list(&self, conn: usize, user: usize) -> OpResult {
-        let req = pb::ListUserSessionsRequest {
-            user_id: format!("user{user}"),
-            include_attributes: false,
-        };
-        self.conn(conn)
-            .call(pb::pipeline_request::Op::ListUserSessions(req))
+    pub(crate) async fn list(&self, user: usize) -> OpResult {
+        let user = format!("user{user}");
+        self.client
+            .list_user_sessions(&user)
             .await
             .map(drop)
+            .map_err(code)
     }
 
     /// Server CPU seconds and RSS bytes, from the admin endpoint at `admin_addr`.
@@ -224,5 +105,18 @@ impl Grpc {
             sessiond_tools::admin::sample(&body, "sessiond_process_cpu_seconds_total")?,
             sessiond_tools::admin::sample(&body, "sessiond_process_resident_memory_bytes")?,
         ))
+    }
+}
+
+/// An error's name in the error counts: its gRPC code.
+fn code(e: Error) -> String {
+    match e {
+        Error::NotFound => "NotFound".into(),
+        Error::Conflict { .. } => "Aborted".into(),
+        Error::InvalidArgument(_) => "InvalidArgument".into(),
+        Error::ResourceExhausted(_) => "ResourceExhausted".into(),
+        Error::Unauthenticated(_) => "Unauthenticated".into(),
+        Error::Unavailable(_) => "Unavailable".into(),
+        Error::Other { code, .. } => format!("{code:?}"),
     }
 }

@@ -96,6 +96,10 @@ pub(crate) struct Args {
     /// RPCs.
     #[arg(long)]
     pub(crate) pipeline: bool,
+    /// Keep sessiond's calls on `--target` even when it is a follower of a replicated group
+    /// (which forwards them to the leader), instead of moving to the leader it names.
+    #[arg(long)]
+    pub(crate) no_follow_leader: bool,
     /// How Redis updates one attribute.
     #[arg(long, value_enum, default_value_t = RedisUpdate::Blob)]
     pub(crate) redis_update: RedisUpdate,
