@@ -7,7 +7,7 @@
 //! histograms (one per worker, merged at the end, so recording takes no lock).
 //!
 //! One logical operation against Redis costs what a session library spends on it:
-//! - Get (sliding): GET, then EXPIRE;
+//! - Get (sliding): GET and decoding the blob into the attributes, then EXPIRE;
 //! - Update one attribute: GET, then SET ... EX of the whole blob (`--redis-update blob`),
 //!   or HSET then EXPIRE on a hash (`--redis-update hset`);
 //! - Create: SET ... EX NX, then SADD to the user's set;
