@@ -24,7 +24,8 @@
 # 'max_entries_per_append = 1000'), RUN_TIMEOUT (600s: the most one run may take), ONLY (the
 # servers to run, of sessiond,cluster,via-follower,redis,redis+replica; e.g. to profile one),
 # PIN (1: a diagnostic run with every server pinned to CPU 0 and the load generator to CPU 1,
-# so neither is charged for the other's work; sessiond then runs one worker thread).
+# so neither is charged for the other's work; sessiond then runs one worker thread),
+# LOAD_THREADS (sessiond-bench's worker threads; unset: its default, one per CPU less one).
 # Everything it starts listens on 127.0.0.1 on free ports, and is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,7 @@ CONNECTIONS=${CONNECTIONS:-4}
 REDIS_UPDATE=${REDIS_UPDATE:-blob}
 PIPELINE_FLAG=(); [ "${PIPELINE:-0}" = "1" ] && PIPELINE_FLAG=(--pipeline)
 RATE_FLAG=(); [ -n "${RATE:-}" ] && RATE_FLAG=(--rate "$RATE")
+THREADS_FLAG=(); [ -n "${LOAD_THREADS:-}" ] && THREADS_FLAG=(--threads "$LOAD_THREADS")
 CLUSTER=${CLUSTER:-}
 VIA_FOLLOWER=${VIA_FOLLOWER:-0}
 CLUSTER_TOML=${CLUSTER_TOML:-}
@@ -96,7 +98,7 @@ bench() {
   local target=$1 out=$2; shift 2
   timeout --kill-after=10s "$RUN_TIMEOUT" "${LOAD_PIN[@]}" "$BIN/sessiond-bench" --target "$target" \
     --sessions "$SESSIONS" --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
-    --duration "$DURATION" --warmup "$WARMUP" --pids "$(pid_list)" "${RATE_FLAG[@]}" --json "$@" >"$out"
+    --duration "$DURATION" --warmup "$WARMUP" --pids "$(pid_list)" "${RATE_FLAG[@]}" "${THREADS_FLAG[@]}" --json "$@" >"$out"
 }
 
 # run_sessiond FSYNC MIX OUT

@@ -12,6 +12,8 @@
 #   bash benches/profile.sh                 # closed loop
 #   CLUSTER=3 bash benches/profile.sh       # the leader of a 3-node group (load on the leader)
 #   CLUSTER=3 ROLE=follower bash benches/profile.sh   # one of its followers
+#   SIDE=client bash benches/profile.sh     # the client side: sessiond-bench, which calls
+#                                           # through sessiond-client as an app does
 #
 # Environment: RATE (ops/s offered; unset = closed loop), PIPELINE (1, the default: Pipeline
 # streams; 0: unary calls), DURATION (10s), WARMUP (2s), SESSIONS (100000), CONCURRENCY (50),
@@ -21,7 +23,9 @@
 # SYMBOLS (the number of hottest symbols listed, 25), CLUSTER (N >= 2: profile the leader of a
 # group of N nodes on loopback instead of a single node), CLUSTER_TOML (lines added to each
 # node's [cluster] section), ROLE (with CLUSTER: leader, the default, or follower: profile a
-# follower while the load goes to the leader).
+# follower while the load goes to the leader), SIDE (server, the default, or client: sample
+# the load generator, i.e. sessiond-client and the generator's own bookkeeping, instead),
+# LOAD_THREADS (sessiond-bench's worker threads; unset: its default).
 # Needs perf (Debian's linux-perf, installed here if missing) and root for the uprobe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +41,7 @@ MIX=${MIX:-get=80,update=12,create=4,destroy=2,regenerate=1,list=1}
 SYMBOLS=${SYMBOLS:-25}
 PIPELINE_FLAG=(--pipeline); [ "${PIPELINE:-1}" = "0" ] && PIPELINE_FLAG=()
 RATE_FLAG=(); [ -n "$RATE" ] && RATE_FLAG=(--rate "$RATE")
+THREADS_FLAG=(); [ -n "${LOAD_THREADS:-}" ] && THREADS_FLAG=(--threads "$LOAD_THREADS")
 SERVER_PIN=(); LOAD_PIN=()
 if [ "${PIN:-0}" = "1" ]; then SERVER_PIN=(taskset -c 0); LOAD_PIN=(taskset -c 1); fi
 seconds=$(python3 -c 'import re,sys; m=re.fullmatch(r"(\d+)(ms|s|m)?", sys.argv[1]); n=int(m[1]); print({"ms":n/1000,"m":n*60}.get(m[2], n))' "$DURATION")
@@ -55,6 +60,11 @@ mkdir -p "$OUT"
 CLUSTER=${CLUSTER:-}
 CLUSTER_TOML=${CLUSTER_TOML:-}
 ROLE=${ROLE:-leader}
+SIDE=${SIDE:-server}
+case "$SIDE" in server|client) ;; *) echo "profile.sh: SIDE is server or client" >&2; exit 2 ;; esac
+# The generator exits as its window ends, and perf must be done by then: it sends its
+# workload a SIGTERM that reaches this script if the process it samples exits first.
+[ "$SIDE" = "client" ] && seconds=$(python3 -c "print(max(float('$seconds') - 1, 0.5))")
 SERVER=""
 PIDS=()
 source benches/ports.sh  # free_ports, wait_port
@@ -101,7 +111,7 @@ measure() {
   "${LOAD_PIN[@]}" "$BIN/sessiond-bench" --target "grpc://127.0.0.1:$GRPC" --admin-addr "127.0.0.1:$ADMIN" \
     --sessions "$SESSIONS" --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" \
     --duration "$DURATION" --warmup "$WARMUP" --pids "$SERVER" --mix "$MIX" \
-    "${PIPELINE_FLAG[@]}" "${RATE_FLAG[@]}" --json >"$report" 2>"$WORK/bench.err" &
+    "${PIPELINE_FLAG[@]}" "${RATE_FLAG[@]}" "${THREADS_FLAG[@]}" --json >"$report" 2>"$WORK/bench.err" &
   local bench=$!
   for _ in $(seq 1 3000); do
     grep -q '^sessiond-bench: measuring' "$WORK/bench.err" && break
@@ -110,7 +120,7 @@ measure() {
   done
   grep -q '^sessiond-bench: measuring' "$WORK/bench.err" ||
     { echo "profile.sh: the load never reached its measured window:" >&2; cat "$WORK/bench.err" >&2; return 1; }
-  "$@" "$SERVER"
+  if [ "$SIDE" = "client" ]; then "$@" "$bench"; else "$@" "$SERVER"; fi
   wait "$bench" || { echo "profile.sh: sessiond-bench failed:" >&2; cat "$WORK/bench.err" >&2; return 1; }
   stop_sessiond
 }
@@ -134,4 +144,4 @@ perf probe -q -x "$libc" --add malloc 2>/dev/null || perf probe -l 2>/dev/null |
   { echo "profile.sh: cannot place a uprobe on malloc (needs root and uprobes)" >&2; exit 1; }
 measure "$OUT/mallocs.json" count_mallocs
 
-python3 benches/profile_report.py "$OUT" "$SYMBOLS"
+python3 benches/profile_report.py "$OUT" "$SYMBOLS" "$SIDE"

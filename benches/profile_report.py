@@ -1,6 +1,6 @@
 """The report of benches/profile.sh: sessiond's CPU per operation, split three ways.
 
-    python3 benches/profile_report.py DIR [SYMBOLS]
+    python3 benches/profile_report.py DIR [SYMBOLS] [server|client]
 
 DIR holds what profile.sh leaves there (KEEP=DIR): profile.json and mallocs.json
 (sessiond-bench's reports), symbols.txt and threads.txt (perf report), stacks.txt (perf
@@ -11,6 +11,9 @@ script with call stacks) and mallocs.csv (perf stat's malloc count).
    stack, so a malloc or a memcpy inside prost's decoding counts as protobuf, and a
    sendmsg in the kernel as whoever wrote to the socket.
 3. By thread, and the hottest functions.
+
+With `client`, the samples are the load generator's (profile.sh's SIDE=client), and the CPU
+per operation is the generator's.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ KINDS = [
     ("hash maps and hashing", r"hashbrown|hash_one|::hash::|sip::"),
     ("bytes (reference counts)", r"bytes::"),
     ("sessiond (other)", r"sessiond::"),
+    ("the client (sessiond_client)", r"sessiond_client::"),
+    ("the load generator (sessiond_bench)", r"sessiond_bench::"),
     ("other (iterators, UTF-8 checks, std)", r"."),
 ]
 
@@ -58,6 +63,8 @@ OWNERS = [
     ("the group's adapters (sessiond::cluster: Raft log, peers, state machine)", r"sessiond::cluster"),
     ("the Raft engine (openraft)", r"openraft::"),
     ("HTTP/2 (h2, hyper: frames, flow control, socket I/O)", r"\bh2::|\bhyper::|hyper_util::"),
+    ("the client (sessiond_client: calls, Pipeline plumbing, replies)", r"sessiond_client::"),
+    ("the load generator's bookkeeping (pool, histograms, mix)", r"sessiond_bench::"),
     ("tokio: channels and sync", r"tokio::sync"),
     ("tokio: scheduler, timers, I/O driver", r"tokio::|mio::"),
 ]
@@ -95,10 +102,13 @@ def stacks(path: Path):
 def main() -> None:
     out = Path(sys.argv[1])
     top = int(sys.argv[2]) if len(sys.argv) > 2 else 25
+    side = sys.argv[3] if len(sys.argv) > 3 else "server"
     profile = json.loads((out / "profile.json").read_text())
     ops = profile["overall"]["ops_per_second"]
-    cpu_us = profile["server"]["cpu_per_second"] * 1e6 / ops
-    print(f"\n== sessiond: {ops:,.0f} ops/s, {cpu_us:.1f} us of server CPU per operation ==")
+    who = "load_generator" if side == "client" else "server"
+    cpu_us = profile[who]["cpu_per_second"] * 1e6 / ops
+    name = "the client side (sessiond-bench)" if side == "client" else "sessiond"
+    print(f"\n== {name}: {ops:,.0f} ops/s, {cpu_us:.1f} us of {side} CPU per operation ==")
 
     kinds: Counter = Counter()
     symbols = []

@@ -79,6 +79,11 @@ pub(crate) struct Args {
     /// Connections the workers share.
     #[arg(long, default_value_t = 4)]
     pub(crate) connections: usize,
+    /// The generator's own worker threads; 0: one per CPU less one, at least one. Two
+    /// threads on two cores spend about half the generator's CPU waking each other, and
+    /// the generator shares the machine with the server it measures.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) threads: usize,
     /// Measured run time.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) duration: Duration,
@@ -113,10 +118,31 @@ pub(crate) struct Args {
     pub(crate) pids: Vec<u32>,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+impl Args {
+    /// The runtime's worker threads: `--threads`, or when that is 0, one per CPU less one
+    /// (at least one), as sessiond's own default.
+    fn worker_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .saturating_sub(1)
+                .max(1),
+            n => n,
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match run(args).await {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads())
+        .enable_all()
+        .build();
+    let result = match runtime {
+        Ok(runtime) => runtime.block_on(run(args)),
+        Err(e) => Err(format!("cannot start the async runtime: {e}")),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sessiond-bench: {e}");
