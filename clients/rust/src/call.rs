@@ -127,7 +127,9 @@ impl SessionClient {
                         }
                     }
                 },
-                None => unary(&conn, op, &self.inner.shared.router).await,
+                // Boxed: a unary call's future is a few KiB, and inline every call's
+                // future (pipelined ones too) would carry room for it.
+                None => Box::pin(unary(&conn, op, &self.inner.shared.router)).await,
             };
             match (result, spare) {
                 (Err(Error::Unavailable(why)), Some(spare)) if safe => {

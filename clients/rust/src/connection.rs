@@ -232,7 +232,9 @@ impl Slot {
                 (at - now).as_millis()
             )));
         }
-        match connect(client).await {
+        // Boxed: connecting is rare, and its future is large; inline, every call's future
+        // would carry room for it.
+        match Box::pin(connect(client)).await {
             Ok(conn) => {
                 client.connects.fetch_add(1, Ordering::AcqRel);
                 *down = Down::default();
