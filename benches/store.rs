@@ -147,6 +147,23 @@ fn store_ops_at(c: &mut Criterion, n: usize) {
             BatchSize::SmallInput,
         )
     });
+    // A snapshot's body (every session copied out and encoded), into a sink: its CPU, without
+    // the disk. Per session, so the figure compares across populations.
+    group.sample_size(10);
+    group.bench_function("snapshot_body_per_session", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut done = 0u64;
+            while done < iters {
+                let started = std::time::Instant::now();
+                let (sessions, _) =
+                    sessiond::persist::write_sessions(&store, &mut std::io::sink()).expect("sink");
+                total += started.elapsed();
+                done += sessions.max(1);
+            }
+            total.mul_f64(iters as f64 / done as f64)
+        })
+    });
     group.finish();
     println!(
         "store holds {} sessions, ~{} bytes by its own accounting",

@@ -40,7 +40,7 @@ use super::pb_impl::effects;
 use super::{lock, pb, Applied, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::persist::cache::DropBehind;
 use crate::persist::format::{
-    self, frame, scan, write_header, End, FormatError, FRAME_HEADER_BYTES, HEADER_BYTES,
+    self, frame, frame_with, scan, write_header, End, FormatError, FRAME_HEADER_BYTES, HEADER_BYTES,
 };
 use crate::persist::{records, write_sessions};
 use crate::session::Session;
@@ -299,7 +299,7 @@ fn write_snapshot(
         let (sessions, bytes) = listed?;
         for s in moved {
             buf.clear();
-            frame(&records::stored(s).encode_to_vec(), &mut buf);
+            frame_with(&mut buf, |out| records::encode_stored(&s, out));
             w.write_all(&buf)?;
         }
         w.into_inner().map_err(|e| e.into_error())?.finish()?;

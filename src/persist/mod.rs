@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 
 use self::cache::DropBehind;
-use self::format::{frame, scan, write_header, End, FormatError, SNAPSHOT_MAGIC};
+use self::format::{frame, frame_with, scan, write_header, End, FormatError, SNAPSHOT_MAGIC};
 use self::log::{create_private, segment_name, sync_dir, Log};
 use crate::observe::LogMetrics;
 use crate::store::Store;
@@ -398,8 +398,8 @@ pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStat
 /// Writes every session of `store` to `w` as snapshot frames (the body of a snapshot file,
 /// after its header), beside live traffic as [`Store::for_each_session`] allows, then the
 /// store's idempotency records. Returns the sessions and bytes written. The cluster's
-/// snapshots share this body.
-pub(crate) fn write_sessions(store: &Store, w: &mut impl Write) -> io::Result<(u64, u64)> {
+/// snapshots share this body. Public for the benches.
+pub fn write_sessions(store: &Store, w: &mut impl Write) -> io::Result<(u64, u64)> {
     let mut sessions = 0u64;
     let mut bytes = 0u64;
     let (mut payload, mut buf) = (Vec::new(), Vec::new());
@@ -408,12 +408,8 @@ pub(crate) fn write_sessions(store: &Store, w: &mut impl Write) -> io::Result<(u
         if failed.is_some() {
             return;
         }
-        payload.clear();
         buf.clear();
-        records::stored(s)
-            .encode(&mut payload)
-            .expect("a Vec grows to fit");
-        frame(&payload, &mut buf);
+        frame_with(&mut buf, |out| records::encode_stored(&s, out));
         bytes += buf.len() as u64;
         sessions += 1;
         if let Err(e) = w.write_all(&buf) {

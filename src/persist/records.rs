@@ -33,6 +33,47 @@ pub fn stored(s: Session) -> pb::StoredSession {
     }
 }
 
+/// Appends `s` encoded as a [`pb::StoredSession`] to `buf`: the bytes
+/// `stored(s.clone()).encode(buf)` writes, without building the message. A snapshot writes
+/// one per session, and the message costs a vector of attributes and a reference count per
+/// key and per value; this walks the packed attributes once.
+pub(crate) fn encode_stored(s: &Session, buf: &mut Vec<u8>) {
+    use prost::encoding::{encode_key, encode_varint, uint64, WireType};
+    fn put(tag: u32, bytes: &[u8], buf: &mut Vec<u8>) {
+        if !bytes.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, buf);
+            encode_varint(bytes.len() as u64, buf);
+            buf.extend_from_slice(bytes);
+        }
+    }
+    fn put_len(bytes: &[u8]) -> usize {
+        match bytes.len() {
+            0 => 0,
+            n => prost::encoding::key_len(1) + prost::encoding::encoded_len_varint(n as u64) + n,
+        }
+    }
+    fn put_u64(tag: u32, n: u64, buf: &mut Vec<u8>) {
+        if n != 0 {
+            uint64::encode(tag, &n, buf);
+        }
+    }
+    put(1, s.key.as_bytes(), buf);
+    put(2, s.user.as_deref().unwrap_or_default().as_bytes(), buf);
+    for (key, value) in s.attributes.raw() {
+        encode_key(3, WireType::LengthDelimited, buf);
+        encode_varint((put_len(key) + put_len(value)) as u64, buf);
+        put(1, key, buf);
+        put(2, value, buf);
+    }
+    put_u64(4, s.version, buf);
+    put_u64(5, s.created_at, buf);
+    put_u64(6, s.last_access_at, buf);
+    put_u64(7, s.idle_timeout, buf);
+    put_u64(8, s.absolute_expires_at, buf);
+    put(9, s.client.ip.as_bytes(), buf);
+    put(10, s.client.user_agent.as_bytes(), buf);
+}
+
 /// A record's attributes as a map holds them: each key once, with the last value given for
 /// it; `None` if a key is not UTF-8. (Our own records never repeat a key.)
 fn last_of_each(attributes: &[pb::Attribute]) -> Option<Vec<(&str, &bytes::Bytes)>> {

@@ -787,3 +787,30 @@ fn a_record_repeating_a_key_keeps_its_last_value_and_one_with_a_key_not_utf8_is_
     ))
     .is_none());
 }
+
+#[test]
+fn a_snapshot_entry_written_directly_is_the_messages_own_encoding() {
+    let store = Store::new(Limits::default(), 4, Clock::manual(T0), Box::new(Discard));
+    let clock = Clock::manual(T0);
+    let mut ids = workload(&store, &clock);
+    // The workload's sessions, and the edges proto3 leaves out: an anonymous session with
+    // no attributes, and one whose value is empty (with the client's IP and User-Agent).
+    ids.push(store.create(Default::default()).unwrap().key.encode());
+    let empty_value = NewSession {
+        attributes: attrs(&[("flag", "")]),
+        client: crate::session::ClientInfo {
+            ip: "203.0.113.7".into(),
+            user_agent: "curl/8".into(),
+        },
+        ..Default::default()
+    };
+    ids.push(store.create(empty_value).unwrap().key.encode());
+    let mut seen = 0;
+    store.for_each_session(|s| {
+        let mut direct = Vec::new();
+        records::encode_stored(&s, &mut direct);
+        assert_eq!(direct, records::stored(s.clone()).encode_to_vec(), "{s:?}");
+        seen += 1;
+    });
+    assert!(seen >= 3, "only {seen} sessions");
+}
