@@ -42,6 +42,7 @@ use crate::persist::cache::DropBehind;
 use crate::persist::format::{
     self, frame, frame_with, scan, write_header, End, FormatError, FRAME_HEADER_BYTES, HEADER_BYTES,
 };
+use crate::persist::snapshotter::in_background;
 use crate::persist::{records, write_sessions};
 use crate::session::Session;
 use crate::store::events::EndCause;
@@ -356,7 +357,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     ) -> Result<Snapshot<u64, u64, pb::Node, SnapshotFile>, io::Error> {
         let shared = self.shared.clone();
         let meta = self.meta.clone();
-        tokio::task::spawn_blocking(move || {
+        // At the lowest CPU priority, as a single node's snapshots: serving comes first.
+        in_background(move || {
             let written = write_snapshot(&shared.dir, &shared.store, &shared.moves, &meta);
             // A failed build keeps no moves either.
             lock(&shared.moves).take();

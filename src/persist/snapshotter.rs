@@ -46,20 +46,7 @@ pub(crate) async fn run(
         let (dir, log2, store) = (dir.clone(), log.clone(), store.clone());
         let started = Instant::now();
         appended_at_last = log.appended();
-        let (done, written_out) = tokio::sync::oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name("sessiond-snapshot".into())
-            .spawn(move || {
-                lower_priority();
-                let _ = done.send(snapshot(&dir, &log2, &store));
-            });
-        let outcome = match thread {
-            Ok(_) => written_out
-                .await
-                .map_err(|_| "the snapshot thread panicked".to_string()),
-            Err(e) => Err(format!("cannot start a snapshot thread: {e}")),
-        };
-        match outcome {
+        match in_background(move || snapshot(&dir, &log2, &store)).await {
             Ok(Ok(s)) => {
                 metrics.written.increment(1);
                 last = Instant::now();
@@ -78,6 +65,24 @@ pub(crate) async fn run(
             Err(e) => tracing::error!(error = %e, "snapshot task failed"),
         }
     }
+}
+
+/// Runs `work` (a snapshot) on a thread of its own at the lowest CPU priority, off the async
+/// threads; its result, or why it has none (the thread could not start, or panicked).
+pub(crate) async fn in_background<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("sessiond-snapshot".into())
+        .spawn(move || {
+            lower_priority();
+            let _ = done.send(work());
+        })
+        .map_err(|e| format!("cannot start a snapshot thread: {e}"))?;
+    result
+        .await
+        .map_err(|_| "the snapshot thread panicked".to_string())
 }
 
 /// Lowers the calling thread's scheduling priority to the lowest (nice 19), for background
