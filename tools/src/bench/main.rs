@@ -39,14 +39,14 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde_json::json;
 
 use crate::backend::Backend;
 use crate::redis::RedisUpdate;
 use crate::report::Tally;
 use crate::schedule::{Schedule, OPEN_LOOP_IN_FLIGHT};
-use crate::workload::{parse_mix, pick, Pool};
+use crate::workload::{draw, parse_mix, Pool};
 
 /// Session-shaped load against sessiond (grpc://) or Redis (redis://).
 #[derive(Parser, Clone)]
@@ -229,22 +229,25 @@ async fn run(args: Args) -> Result<(), String> {
         workers.push(tokio::spawn(async move {
             let mut rng = SmallRng::seed_from_u64(1000 + w as u64);
             let mut tally = Tally::new(measure_from);
-            // Closed loop: one request at a time, the next sent as soon as the last answers.
+            // Closed loop: one request at a time, the next sent as soon as the last answers,
+            // awaited in place (the generator's own cost is charged to the machine the
+            // servers share, so it allocates nothing per request here).
+            let Some(schedule) = schedule else {
+                while Instant::now() < stop_at {
+                    let t0 = Instant::now();
+                    let (op, slot, mut op_rng) = draw(&mix, total, pool.slots.len(), &mut rng);
+                    let result = backend.run(op, w, &pool, slot, &args, &mut op_rng).await;
+                    tally.record(op, t0, result);
+                }
+                return tally;
+            };
             // Open loop: a request whenever the schedule releases one, up to
             // OPEN_LOOP_IN_FLIGHT outstanding, each timed from when it was due.
-            let cap = if schedule.is_some() {
-                OPEN_LOOP_IN_FLIGHT
-            } else {
-                1
-            };
             let mut in_flight = FuturesUnordered::new();
-            let mut scheduled = schedule.is_some();
+            let mut scheduled = true;
             loop {
-                let now = Instant::now();
-                let due = match &schedule {
-                    None if in_flight.is_empty() && now < stop_at => Some(now),
-                    None => None,
-                    Some(schedule) if scheduled && in_flight.len() < cap => tokio::select! {
+                let due = if scheduled && in_flight.len() < OPEN_LOOP_IN_FLIGHT {
+                    tokio::select! {
                         biased;
                         Some((op, t0, result)) = in_flight.next(), if !in_flight.is_empty() => {
                             tally.record(op, t0, result);
@@ -254,13 +257,12 @@ async fn run(args: Args) -> Result<(), String> {
                             scheduled = due.is_some();
                             due
                         }
-                    },
-                    Some(_) => None,
+                    }
+                } else {
+                    None
                 };
                 if let Some(t0) = due {
-                    let op = pick(&mix, rng.random_range(0..total));
-                    let slot = rng.random_range(0..pool.slots.len());
-                    let mut op_rng = SmallRng::seed_from_u64(rng.random());
+                    let (op, slot, mut op_rng) = draw(&mix, total, pool.slots.len(), &mut rng);
                     let (backend, pool, args) = (&backend, &pool, &args);
                     in_flight.push(async move {
                         let result = backend.run(op, w, pool, slot, args, &mut op_rng).await;

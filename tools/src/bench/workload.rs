@@ -5,6 +5,8 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 use crate::Args;
 
@@ -79,6 +81,19 @@ pub(crate) fn pick(mix: &[(Op, u32)], mut roll: u32) -> Op {
         roll -= w;
     }
     mix.last().map_or(Op::Get, |(op, _)| *op)
+}
+
+/// A worker's next request: an operation by the mix's weights (`total` their sum), a pool
+/// slot out of `slots`, and the request's own random source.
+pub(crate) fn draw(
+    mix: &[(Op, u32)],
+    total: u32,
+    slots: usize,
+    rng: &mut SmallRng,
+) -> (Op, usize, SmallRng) {
+    let op = pick(mix, rng.random_range(0..total));
+    let slot = rng.random_range(0..slots);
+    (op, slot, SmallRng::seed_from_u64(rng.random()))
 }
 
 /// The live session IDs the workers draw from; a destroyed slot is refilled by a create.
