@@ -45,3 +45,10 @@ pub mod tenant;
 pub(crate) mod ticker;
 pub mod tls;
 pub(crate) mod transport;
+
+/// Locks `m` whether or not a panic poisoned it: how every mutex of the crate is taken. No
+/// holder leaves its data half-changed across a panic, so poisoning is ignored rather than
+/// spread to every later caller.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -40,6 +40,7 @@ use tonic::transport::server::Connected;
 use tonic::Status;
 use tower::{Layer, Service};
 
+use crate::lock;
 use crate::observe::ConnMetrics;
 use crate::proto;
 use crate::tenant::Tenants;
@@ -226,8 +227,7 @@ struct Tracked {
 
 impl Tracked {
     fn release(&self) {
-        // A poisoned lock only means another connection's drop panicked; the map is intact.
-        let mut live = self.registry.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live = lock(&self.registry.live);
         live.remove(&self.id);
         if live.is_empty() {
             self.registry.emptied.notify_waiters();
@@ -243,11 +243,7 @@ impl Connections {
 
     fn track(&self, state: Arc<ConnState>) -> Tracked {
         let id = self.shared.next.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, state);
+        lock(&self.shared.live).insert(id, state);
         Tracked {
             registry: self.shared.clone(),
             id,
@@ -256,11 +252,7 @@ impl Connections {
 
     /// Connections open now.
     pub(crate) fn open(&self) -> usize {
-        self.shared
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        lock(&self.shared.live).len()
     }
 
     /// Makes every open connection's reads and writes fail, waking the tasks that serve them
@@ -268,7 +260,7 @@ impl Connections {
     /// connections were open.
     pub(crate) fn cut(&self) -> usize {
         self.shared.cut.cancel();
-        let live = self.shared.live.lock().unwrap_or_else(|e| e.into_inner());
+        let live = lock(&self.shared.live);
         for state in live.values() {
             state.cut.store(true, Ordering::Release);
             state.waker.wake();

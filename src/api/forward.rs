@@ -39,6 +39,7 @@ use tonic::transport::Channel;
 use tonic::Status;
 use tower::{Layer, Service, ServiceExt as _};
 
+use crate::lock;
 use crate::proto::SERVICE_NAME;
 
 /// Response metadata naming the leader's client address (`host:port`), on every reply of the
@@ -135,7 +136,7 @@ pub struct Forward<S> {
 
 impl Shared {
     fn channel(&self, leader: &str) -> Result<Channel, Status> {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let mut channels = lock(&self.channels);
         if let Some(c) = channels.get(leader) {
             return Ok(c.clone());
         }

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -25,6 +25,7 @@ use tonic::{Code, Status};
 
 use super::group::Pending;
 use super::{pb, status, Caller, PIPELINE_WINDOW};
+use crate::lock;
 use crate::proto::serve;
 use pb::pipeline_request::Op;
 use serve::pipeline_response::Result as Outcome;
@@ -284,7 +285,7 @@ impl Caller {
                     let touches = a.touches;
                     let reply = self.finish(a, None).await;
                     if let Some(lane) = &lane {
-                        locked(lane).release(&touches);
+                        lock(lane).release(&touches);
                     }
                     tx.send(Ok(reply)).await.is_ok()
                 }
@@ -312,7 +313,7 @@ impl Caller {
             let touches = a.touches;
             let reply = self.finish(a, Some(&lease)).await;
             if let Some(lane) = lane {
-                locked(lane).release(&touches);
+                lock(lane).release(&touches);
             }
             if tx.send(Ok(reply)).await.is_err() {
                 return false;
@@ -541,12 +542,12 @@ impl Caller {
                 // A read of what nothing in the lane changes sees every write the stream
                 // asked for before it (each was answered once applied here): with the lease
                 // holding now, after it arrived, it is answered at once.
-                let clear = applied.is_read() && locked(lane).clear_for(&applied.touches);
+                let clear = applied.is_read() && lock(lane).clear_for(&applied.touches);
                 if clear && self.lease_holds() {
                     let reply = self.finish(applied, Some(&Ok(()))).await;
                     return replies.send(Ok(reply)).await.is_ok();
                 }
-                locked(lane).hold(&applied.touches);
+                lock(lane).hold(&applied.touches);
                 ordered.send(Step::Reply(applied)).await.is_ok()
             }
         }
@@ -620,11 +621,6 @@ fn run_of(
             Err(_) => break,
         }
     }
-}
-
-fn locked(lane: &Mutex<Lane>) -> MutexGuard<'_, Lane> {
-    lane.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// How long a stream ended by shutdown keeps its request side open, reading and dropping

@@ -21,7 +21,7 @@ use openraft::raft::ClientWriteResult;
 use tokio::sync::{mpsc, oneshot};
 
 use super::admin::ProposeError;
-use super::{Applied, Proposal, Raft, TypeConfig};
+use super::{lock, Applied, Proposal, Raft, TypeConfig};
 use crate::observe::ClusterMetrics;
 use crate::store::{attribute_bytes, size_of, Effect};
 
@@ -134,7 +134,7 @@ type Replies = Vec<(usize, oneshot::Sender<Result<Applied, ProposeError>>)>;
 
 /// Takes the replies out of `slot`, once.
 fn take(slot: &Mutex<Option<Replies>>) -> Option<Replies> {
-    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+    lock(slot).take()
 }
 
 /// Gives each write its slice of the entry's outcomes, or each the entry's failure.

@@ -90,17 +90,11 @@ mod testing;
 mod tests;
 
 use std::fmt;
-use std::sync::{Mutex, MutexGuard};
 
+use crate::lock;
 use crate::store::Effect;
 
 pub use self::node::{ClusterNode, ProposeError, StartError};
-
-/// Locks `m` whether or not a panic poisoned it: how every mutex of the cluster's modules is
-/// taken.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 pub use self::pb_impl::Malformed;
 pub use crate::observe::Role;
 

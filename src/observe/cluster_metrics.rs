@@ -17,13 +17,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::formatting::{write_help_line, write_type_line};
 
 use super::names::*;
+use crate::lock;
 /// A node's ID in its cluster: a random u64, carried here as a label, never as a value.
 type NodeId = u64;
 
@@ -204,7 +205,7 @@ impl ClusterMetrics {
         h.voters.set(view.voters as f64);
         h.learners.set(view.learners as f64);
 
-        let mut l = h.labelled.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut l = lock(&h.labelled);
         if l.term.is_some_and(|t| view.term > t) {
             h.elections.increment(1);
         }
@@ -239,11 +240,7 @@ impl ClusterMetrics {
     /// Writes the families whose label values come and go, in the text exposition format.
     /// Nothing before the metrics watch's first report.
     pub(super) fn render_into(&self, out: &mut String) {
-        let l = self
-            .inner
-            .labelled
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let l = lock(&self.inner.labelled);
         let Some(node_id) = l.node_id else {
             return;
         };

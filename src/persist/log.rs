@@ -45,6 +45,7 @@ use tokio::sync::watch;
 use super::cache::Behind;
 use super::format::{frame, write_header, LOG_MAGIC};
 use super::records;
+use crate::lock;
 use crate::observe::LogMetrics;
 use crate::store::events::{Event, EventSink, Refused};
 
@@ -290,10 +291,6 @@ const RETRY_FIRST: Duration = Duration::from_millis(50);
 
 /// The longest wait between retries; the wait doubles up to it.
 const RETRY_MAX: Duration = Duration::from_secs(5);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Opens a new data file for writing, readable by its owner only: it holds sessions in the
 /// clear, like the directory around it.

@@ -16,6 +16,7 @@ use crate::clock::Clock;
 use crate::cluster::member::{self, touch_queue, Member, TouchQueue};
 use crate::cluster::node::{ClusterNode, PeerPort};
 use crate::config::{ClusterConfig, Config};
+use crate::lock;
 use crate::observe::Telemetry;
 use crate::proto::serve::session_store_server::SessionStoreServer;
 use crate::store::events::{EventSink, Fanout};
@@ -158,10 +159,7 @@ pub(super) struct MemberTasks {
 impl MemberTasks {
     pub(super) fn start(m: &Membership, servers: &Servers) -> MemberTasks {
         let (stop_touches, stop) = watch::channel(false);
-        let queue = m
-            .touches
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let queue = lock(&m.touches)
             .take()
             .expect("a member's tasks start once");
         MemberTasks {

@@ -22,10 +22,11 @@
 //! `max_idempotency_keys` bounds it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use super::events::Effect;
 use super::{Store, StoreError};
+use crate::lock;
 use crate::session::{Millis, Session, SessionKey};
 
 /// Which write an idempotency key was used for.
@@ -124,11 +125,6 @@ pub(crate) enum Idem<'s> {
         /// A live write's reservation of it.
         held: Option<Reserved<'s>>,
     },
-}
-
-fn lock(keys: &Mutex<Keys>) -> MutexGuard<'_, Keys> {
-    // A panic elsewhere cannot leave the maps half-changed in a way that matters here.
-    keys.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Store {

@@ -32,6 +32,7 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, MutexGuard};
 
 use super::{PerUserPolicy, Store, StoreError};
+use crate::lock;
 use crate::session::{Millis, SessionKey};
 
 /// Stripes of user latches; per-store, so a few dozen mutexes.
@@ -76,11 +77,7 @@ impl Store {
                 (first, second) = (second, first);
             }
         }
-        let take = |i: usize| {
-            latches[i]
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
+        let take = |i: usize| lock(&latches[i]);
         [first.map(take), second.map(take)]
     }
 

@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use crate::lock;
 use crate::session::{Millis, SessionKey};
 
 /// Slot number -> keys filed under it.
@@ -206,12 +207,6 @@ impl Wheel {
         let i = usize::from(b[8]) | usize::from(b[9]) << 8;
         i % self.parts.len()
     }
-}
-
-/// Locks a part. No code path panics while holding one, but if one ever did, the wheel's data
-/// (a list of keys to re-check) is still valid, so poisoning is ignored rather than spread.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
