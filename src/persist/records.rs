@@ -38,32 +38,11 @@ pub fn stored(s: Session) -> pb::StoredSession {
 /// one per session, and the message costs a vector of attributes and a reference count per
 /// key and per value; this walks the packed attributes once.
 pub(crate) fn encode_stored(s: &Session, buf: &mut Vec<u8>) {
-    use prost::encoding::{encode_key, encode_varint, uint64, WireType};
-    fn put(tag: u32, bytes: &[u8], buf: &mut Vec<u8>) {
-        if !bytes.is_empty() {
-            encode_key(tag, WireType::LengthDelimited, buf);
-            encode_varint(bytes.len() as u64, buf);
-            buf.extend_from_slice(bytes);
-        }
-    }
-    fn put_len(bytes: &[u8]) -> usize {
-        match bytes.len() {
-            0 => 0,
-            n => prost::encoding::key_len(1) + prost::encoding::encoded_len_varint(n as u64) + n,
-        }
-    }
-    fn put_u64(tag: u32, n: u64, buf: &mut Vec<u8>) {
-        if n != 0 {
-            uint64::encode(tag, &n, buf);
-        }
-    }
+    use crate::proto::fields::{put, put_pair, put_u64};
     put(1, s.key.as_bytes(), buf);
     put(2, s.user.as_deref().unwrap_or_default().as_bytes(), buf);
     for (key, value) in s.attributes.raw() {
-        encode_key(3, WireType::LengthDelimited, buf);
-        encode_varint((put_len(key) + put_len(value)) as u64, buf);
-        put(1, key, buf);
-        put(2, value, buf);
+        put_pair(3, key, value, buf);
     }
     put_u64(4, s.version, buf);
     put_u64(5, s.created_at, buf);

@@ -6,6 +6,7 @@
 
 use tonic::server::NamedService;
 
+pub(crate) mod fields;
 pub mod reply;
 
 /// The generated protobuf types and client stub, as clients see them.

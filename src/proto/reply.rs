@@ -13,9 +13,10 @@
 //! [`pb::Session`](super::pb::Session) as before.
 
 use bytes::{Buf, BufMut};
-use prost::encoding::{self, encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+use prost::encoding::{self, WireType};
 use prost::DecodeError;
 
+use super::fields::{delimited_len, pair_len, put, put_len, put_pair, put_u64};
 use crate::session::{self, ClientInfo, Millis, ID_CHARS};
 
 // Field numbers, as `proto/sessiond/v1/session_store.proto` gives them.
@@ -29,9 +30,6 @@ const EXPIRES_AT: u32 = 7;
 const ABSOLUTE_EXPIRES_AT: u32 = 8;
 const IDLE_TIMEOUT: u32 = 9;
 const CLIENT: u32 = 10;
-/// A map entry's key and value; and `ClientInfo`'s `ip` and `user_agent`.
-const FIRST: u32 = 1;
-const SECOND: u32 = 2;
 
 /// A `Session` reply. Encodes like [`pb::Session`](super::pb::Session) built from the same
 /// session.
@@ -84,24 +82,16 @@ impl prost::Message for Session {
         put(ID, s.key.encode_into(&mut id).as_bytes(), buf);
         put(USER_ID, user(s).as_bytes(), buf);
         for (key, value) in s.attributes.raw() {
-            encode_key(ATTRIBUTES, WireType::LengthDelimited, buf);
-            encode_varint(pair_len(key, value) as u64, buf);
-            put(FIRST, key, buf);
-            put(SECOND, value, buf);
+            put_pair(ATTRIBUTES, key, value, buf);
         }
-        if s.version != 0 {
-            encoding::uint64::encode(VERSION, &s.version, buf);
-        }
+        put_u64(VERSION, s.version, buf);
         encoding::message::encode(CREATED_AT, &timestamp(s.created_at), buf);
         encoding::message::encode(LAST_ACCESS_AT, &timestamp(s.last_access_at), buf);
         encoding::message::encode(EXPIRES_AT, &timestamp(s.expires_at()), buf);
         encoding::message::encode(ABSOLUTE_EXPIRES_AT, &timestamp(s.absolute_expires_at), buf);
         encoding::message::encode(IDLE_TIMEOUT, &duration(s.idle_timeout), buf);
         let ClientInfo { ip, user_agent } = &s.client;
-        encode_key(CLIENT, WireType::LengthDelimited, buf);
-        encode_varint(pair_len(ip.as_bytes(), user_agent.as_bytes()) as u64, buf);
-        put(FIRST, ip.as_bytes(), buf);
-        put(SECOND, user_agent.as_bytes(), buf);
+        put_pair(CLIENT, ip.as_bytes(), user_agent.as_bytes(), buf);
     }
 
     fn encoded_len(&self) -> usize {
@@ -141,34 +131,6 @@ impl prost::Message for Session {
 
 fn user(s: &session::Session) -> &str {
     s.user.as_deref().unwrap_or_default()
-}
-
-/// A string or bytes field, left out when empty as proto3 leaves out defaults.
-fn put(tag: u32, bytes: &[u8], buf: &mut impl BufMut) {
-    if !bytes.is_empty() {
-        encode_key(tag, WireType::LengthDelimited, buf);
-        encode_varint(bytes.len() as u64, buf);
-        buf.put_slice(bytes);
-    }
-}
-
-/// What [`put`] writes for `len` bytes.
-fn put_len(tag: u32, len: usize) -> usize {
-    if len == 0 {
-        0
-    } else {
-        delimited_len(tag, len)
-    }
-}
-
-/// A length-delimited field of `len` bytes, whatever `len`.
-fn delimited_len(tag: u32, len: usize) -> usize {
-    key_len(tag) + encoded_len_varint(len as u64) + len
-}
-
-/// A two-field message (a map entry, a `ClientInfo`) of two [`put`]s.
-fn pair_len(first: &[u8], second: &[u8]) -> usize {
-    put_len(FIRST, first.len()) + put_len(SECOND, second.len())
 }
 
 #[cfg(test)]
