@@ -241,40 +241,32 @@ async fn run(args: Args) -> Result<(), String> {
                 }
                 return tally;
             };
-            // Open loop: a request whenever the schedule releases one, up to
-            // OPEN_LOOP_IN_FLIGHT outstanding, each timed from when it was due.
-            let mut in_flight = FuturesUnordered::new();
-            let mut scheduled = true;
-            loop {
-                let due = if scheduled && in_flight.len() < OPEN_LOOP_IN_FLIGHT {
-                    tokio::select! {
-                        biased;
-                        Some((op, t0, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                            tally.record(op, t0, result);
-                            continue;
-                        }
-                        due = schedule.next() => {
-                            scheduled = due.is_some();
-                            due
+            // Open loop: OPEN_LOOP_IN_FLIGHT lanes, each taking the next request the schedule
+            // releases whenever it is free and awaiting it in place, as the closed loop does
+            // (a request allocates nothing of the generator's); each is timed from when it
+            // was due. The lanes share the worker's tally, never across an await.
+            let shared = Mutex::new(tally);
+            let (backend, pool, args, mix, tally) = (&backend, &pool, &args, &mix, &shared);
+            let mut lanes = (0..OPEN_LOOP_IN_FLIGHT)
+                .map(|_| {
+                    let mut rng = SmallRng::from_rng(&mut rng);
+                    let schedule = &schedule;
+                    async move {
+                        while let Some(t0) = schedule.next().await {
+                            let (op, slot, mut op_rng) =
+                                draw(mix, total, pool.slots.len(), &mut rng);
+                            let result = backend.run(op, w, pool, slot, args, &mut op_rng).await;
+                            tally
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .record(op, t0, result);
                         }
                     }
-                } else {
-                    None
-                };
-                if let Some(t0) = due {
-                    let (op, slot, mut op_rng) = draw(&mix, total, pool.slots.len(), &mut rng);
-                    let (backend, pool, args) = (&backend, &pool, &args);
-                    in_flight.push(async move {
-                        let result = backend.run(op, w, pool, slot, args, &mut op_rng).await;
-                        (op, t0, result)
-                    });
-                    continue;
-                }
-                match in_flight.next().await {
-                    Some((op, t0, result)) => tally.record(op, t0, result),
-                    None => return tally,
-                }
-            }
+                })
+                .collect::<FuturesUnordered<_>>();
+            while lanes.next().await.is_some() {}
+            drop(lanes);
+            shared.into_inner().unwrap_or_else(|e| e.into_inner())
         }));
     }
     tokio::time::sleep_until(measure_from.into()).await;
