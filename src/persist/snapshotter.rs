@@ -85,13 +85,43 @@ pub(crate) async fn in_background<T: Send + 'static>(
         .map_err(|_| "the snapshot thread panicked".to_string())
 }
 
-/// Lowers the calling thread's scheduling priority to the lowest (nice 19), for background
-/// work that must not take the cores from serving: a snapshot of a large store encodes for
-/// seconds, and at normal priority it would queue requests behind it for whole time slices.
+/// Lowers the calling thread's scheduling priority to the lowest, for background work that
+/// must not take the cores from serving: a snapshot of a large store encodes for seconds.
+///
+/// On Linux the thread runs under `SCHED_IDLE`: any thread of normal priority that wakes up
+/// preempts it at once. At nice 19 (the fallback) it keeps a small share, but once the
+/// scheduler picks it, a request can wait out its time slice, milliseconds on a busy machine.
 fn lower_priority() {
-    // On Linux, PRIO_PROCESS with a thread ID sets that one thread's nice value.
     #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
-        tracing::debug!(error = %e, "cannot lower the snapshot thread's priority");
+    {
+        let idle = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler reads the parameter struct, which outlives the call; pid
+        // 0 is the calling thread.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) } == 0 {
+            return;
+        }
+        // On Linux, PRIO_PROCESS with a thread ID sets that one thread's nice value.
+        if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+            tracing::debug!(error = %e, "cannot lower the snapshot thread's priority");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_background_snapshot_runs_at_idle_priority_and_serving_threads_do_not() {
+        // SAFETY: sched_getscheduler only reads the calling thread's policy.
+        let policy = || unsafe { libc::sched_getscheduler(0) };
+        let background = in_background(policy).await.expect("the thread ran");
+        assert_eq!(background, libc::SCHED_IDLE, "the snapshot thread's policy");
+        assert_ne!(
+            policy(),
+            libc::SCHED_IDLE,
+            "the caller's own policy was changed"
+        );
     }
 }
