@@ -219,6 +219,7 @@ async fn unary(conn: &Conn, op: Op, router: &Router) -> Result<Outcome, Error> {
         }
         Err(status) => {
             follow(conn, status.metadata(), router);
+            let status = unsent_as_unavailable(status);
             if status.code() == Code::Unavailable {
                 conn.retire();
             }
@@ -227,9 +228,52 @@ async fn unary(conn: &Conn, op: Op, router: &Router) -> Result<Outcome, Error> {
     }
 }
 
+/// A call the transport cancelled (its connection closed before the request went out:
+/// hyper's "operation was canceled") is the connection failing, not the server cancelling
+/// the call: it reads as `UNAVAILABLE`, which retires the connection and lets a read go to
+/// the next one. A status the server sent has no source error; the transport's has one (a
+/// deadline that expired, also `CANCELLED` with a source, stays as it is).
+fn unsent_as_unavailable(status: Status) -> Status {
+    let mut source = std::error::Error::source(&status);
+    let transport = source.is_some();
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return status;
+        }
+        source = e.source();
+    }
+    if status.code() == Code::Cancelled && transport {
+        Status::unavailable(format!(
+            "the connection to sessiond closed: {}",
+            status.message()
+        ))
+    } else {
+        status
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_the_transport_cancelled_is_unavailable_and_a_servers_cancel_or_a_deadline_is_not() {
+        let mut unsent = Status::cancelled("operation was canceled");
+        unsent.set_source(Arc::new(std::io::Error::other("connection closed")));
+        let unsent = unsent_as_unavailable(unsent);
+        assert_eq!(unsent.code(), Code::Unavailable);
+        assert!(
+            unsent.message().contains("operation was canceled"),
+            "{unsent:?}"
+        );
+
+        let by_server = unsent_as_unavailable(Status::cancelled("cancelled by the server"));
+        assert_eq!(by_server.code(), Code::Cancelled);
+
+        let mut deadline = Status::cancelled("Timeout expired");
+        deadline.set_source(Arc::new(tonic::TimeoutExpired(())));
+        assert_eq!(unsent_as_unavailable(deadline).code(), Code::Cancelled);
+    }
 
     #[test]
     fn only_reads_and_keyed_writes_are_sent_twice() {

@@ -406,9 +406,10 @@ async fn the_client_recovers_when_sessiond_restarts_at_the_same_address() {
         .unwrap();
         let s = c.create(NewSession::default()).await.unwrap();
         first.stop().await.unwrap();
+        let stopped = c.get(&s.id).await;
         assert!(
-            matches!(c.get(&s.id).await, Err(Error::Unavailable(_))),
-            "{transport:?}"
+            matches!(stopped, Err(Error::Unavailable(_))),
+            "{transport:?}: {stopped:?}"
         );
 
         // A new (empty, in-memory) daemon at the same address.
