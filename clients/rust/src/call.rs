@@ -160,7 +160,7 @@ impl SessionClient {
                     Err(s) => s.metadata(),
                 };
                 follow(&conn, metadata, &self.inner.shared.router);
-                match result {
+                match result.map_err(unsent_as_unavailable) {
                     Ok(r) => return Ok(r.into_inner().results),
                     Err(s) if s.code() == Code::Unavailable => {
                         if conn.pipe.is_none() {
