@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 
 use self::cache::DropBehind;
-use self::format::{frame, frame_with, scan, write_header, End, FormatError, SNAPSHOT_MAGIC};
+use self::format::{frame_with, scan, write_header, End, FormatError, SNAPSHOT_MAGIC};
 use self::log::{create_private, segment_name, sync_dir, Log};
 use crate::observe::LogMetrics;
 use crate::store::Store;
@@ -402,7 +402,7 @@ pub fn snapshot(dir: &Path, log: &Log, store: &Store) -> io::Result<SnapshotStat
 pub fn write_sessions(store: &Store, w: &mut impl Write) -> io::Result<(u64, u64)> {
     let mut sessions = 0u64;
     let mut bytes = 0u64;
-    let (mut payload, mut buf) = (Vec::new(), Vec::new());
+    let mut buf = Vec::new();
     let mut failed = None;
     store.for_each_session(|s| {
         if failed.is_some() {
@@ -420,12 +420,12 @@ pub fn write_sessions(store: &Store, w: &mut impl Write) -> io::Result<(u64, u64
     // so every keyed change the sessions above hold has its record here.
     if failed.is_none() {
         for r in store.idempotency_records() {
-            payload.clear();
             buf.clear();
-            records::stored_idempotency(&r)
-                .encode(&mut payload)
-                .expect("a Vec grows to fit");
-            frame(&payload, &mut buf);
+            frame_with(&mut buf, |out| {
+                records::stored_idempotency(&r)
+                    .encode(out)
+                    .expect("a Vec grows to fit")
+            });
             bytes += buf.len() as u64;
             if let Err(e) = w.write_all(&buf) {
                 failed = Some(e);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::format::frame;
 use super::log::FsyncPolicy;
 use super::*;
 use crate::clock::Clock;
