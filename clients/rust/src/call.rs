@@ -235,21 +235,19 @@ async fn unary(conn: &Conn, op: Op, router: &Router) -> Result<Outcome, Error> {
 /// deadline that expired, also `CANCELLED` with a source, stays as it is).
 fn unsent_as_unavailable(status: Status) -> Status {
     let mut source = std::error::Error::source(&status);
-    let transport = source.is_some();
+    if status.code() != Code::Cancelled || source.is_none() {
+        return status;
+    }
     while let Some(e) = source {
         if e.is::<tonic::TimeoutExpired>() {
             return status;
         }
         source = e.source();
     }
-    if status.code() == Code::Cancelled && transport {
-        Status::unavailable(format!(
-            "the connection to sessiond closed: {}",
-            status.message()
-        ))
-    } else {
-        status
-    }
+    Status::unavailable(format!(
+        "the connection to sessiond closed: {}",
+        status.message()
+    ))
 }
 
 #[cfg(test)]
